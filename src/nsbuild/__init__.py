@@ -1,0 +1,3 @@
+"""nsbuild: rootless, hermetic builds in Linux namespaces."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from nsbuild.cli import entry
+
+entry()

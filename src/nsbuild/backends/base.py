@@ -1,0 +1,266 @@
+"""The Backend interface: where a build runs, seen only through four verbs.
+
+The build driver never touches an environment by host path. It asks a backend
+to run a command (as a user, with a network mode), to copy a file or tree in,
+to copy a result out, and to close. Everything else a backend may offer is
+declared in `capabilities` and used only when declared, so a backend that
+cannot, say, restrict the network per phase still works and the driver can
+say plainly which guarantee was not given.
+
+    backend = nsbuild.backends.open_backend("local", BackendOptions(env="bookworm"))
+    with backend:
+        backend.copy_in(Path("hello_2.10-3.dsc"), "/build/hello_2.10-3.dsc")
+        status = backend.run(["dpkg-source", "-x", "hello_2.10-3.dsc"], cwd="/build")
+        backend.copy_out("/build/hello_2.10-3_amd64.deb", Path("out/hello_2.10-3_amd64.deb"))
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tarfile
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from nsbuild.errors import NsbuildError
+
+Network = Literal["none", "allow", "host"]
+# A stream argument: None inherits nsbuild's own, an int is a host fd, or an
+# open file object with a real fd.
+Stream = int | IO[Any] | None
+# For `stderr`: send it where stdout goes.
+STDOUT = -2
+
+
+class BackendError(NsbuildError):
+    """The backend itself failed (not the command it ran)."""
+
+    exit_status = 125
+
+
+class CopyRefused(BackendError):
+    """A copy out was refused: a symlink, a special file, or a path escaping the
+    directory the caller allowed."""
+
+    exit_status = 1
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can guarantee. The driver adapts to each `False` and says so."""
+
+    # run(network=...) is enforced command by command: the build can run
+    # without network right after the dependencies were installed with it.
+    network_per_phase: bool = False
+    # revert(): back to a fresh copy of the environment.
+    revert: bool = False
+    # Commands may run as root inside (needed to install build dependencies).
+    root_inside: bool = False
+    # A second, unprivileged user exists or can be created for the build.
+    unprivileged_user: bool = False
+    # A host directory is shared with the inside, so copies are cheap.
+    shared_dir: bool = False
+    # keep_layer()/use_layer(): the installed state can be kept and reused.
+    dependency_layers: bool = False
+
+    def limitations(self) -> list[str]:
+        """Plain sentences naming the guarantees this backend cannot give."""
+        out = []
+        if not self.network_per_phase:
+            out.append("network during build: not restricted by this backend")
+        if not self.root_inside:
+            out.append("build dependencies: cannot be installed (no root inside)")
+        if not self.unprivileged_user:
+            out.append("build user: the package builds as root inside")
+        return out
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to open a backend. Each backend reads the fields it understands."""
+
+    # Environment name (local backend) as known to `nsbuild env`.
+    env: str | None = None
+    # Arguments of a backend that drives something external (e.g. a virt server argv).
+    args: tuple[str, ...] = ()
+    # Host names the trusted phase may reach besides the environment's own mirrors.
+    allow: tuple[str, ...] = ()
+    # Where per-run network records also go, one JSON line each (None: memory only).
+    net_log: str | None = None
+    # Persistent caches to use in trusted runs, by name ("apt-lists",
+    # "apt-archives"); a backend without them ignores the request.
+    caches: tuple[str, ...] = ()
+    debug: bool = False
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """An open environment. Use as a context manager: `close()` always runs."""
+
+    name: str = "backend"
+    capabilities: Capabilities = Capabilities()
+    # A writable directory inside that exists after open, owned by root.
+    # Results may be copied out only from under it.
+    work_dir: str = "/build"
+
+    @abstractmethod
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        user: str = "root",
+        network: Network = "none",
+        cwd: str = "/",
+        env: Mapping[str, str] | None = None,
+        stdin: Stream = None,
+        stdout: Stream = None,
+        stderr: Stream = None,
+    ) -> int:
+        """Run `argv` inside; return its exit status (128+N if killed by signal N).
+
+        `env` adds to (and overrides) the environment's own variables. Raises
+        BackendError only when the command could not be started at all."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Tear everything down. Idempotent; safe after a failed open."""
+
+    # -- copies: generic implementations over run() and tar; override when the
+    # backend has a faster way (a shared directory, a protocol verb). --
+
+    def copy_in(self, host_path: Path, guest_path: str) -> None:
+        """Copy a host file or directory tree to `guest_path` (parents are made).
+        Symlinks in the tree are copied as symlinks, never followed."""
+        guest_path = _normal(guest_path)
+        parent, base = posixpath.split(guest_path)
+        with tempfile.TemporaryFile() as tmp:
+            with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                tar.add(str(host_path), arcname=base, recursive=True)
+            tmp.seek(0)
+            script = 'mkdir -p -- "$1" && exec tar -C "$1" --no-same-owner -xf -'
+            argv = ["sh", "-c", script, "copy-in", parent]
+            status = self.run(argv, stdin=tmp, stderr=STDOUT, stdout=_devnull())
+        if status != 0:
+            raise BackendError(
+                f"{self.name}: copying {host_path} in to {guest_path} failed "
+                f"(tar exit status {status})"
+            )
+
+    def copy_out(self, guest_path: str, host_path: Path, *, within: str | None = None) -> None:
+        """Copy the regular file `guest_path` to `host_path`.
+
+        Refused (CopyRefused) when the path leaves `within` (default: work_dir),
+        when any part of it is a symlink, or when it is not a regular file. The
+        inside is never trusted: the check is repeated on the host on what
+        actually arrives."""
+        within = _normal(within or self.work_dir)
+        guest_path = _normal(guest_path)
+        if not guest_path.startswith(within.rstrip("/") + "/"):
+            raise CopyRefused(f"refusing to copy {guest_path}: outside {within}")
+        rel = guest_path[len(within.rstrip("/")) + 1 :]
+        # Every component must be a real directory or, last, a regular file;
+        # then tar (which stores a symlink as a link, never its target) streams
+        # the file out. Paths travel as arguments, never inside the script.
+        script = (
+            'set -f; dir=$1; p=$1; IFS=/; for part in $2; do p="$p/$part"; '
+            'if [ -L "$p" ]; then echo "$p is a symlink" >&2; exit 3; fi; done; '
+            'if [ ! -f "$p" ]; then echo "$p is not a regular file" >&2; exit 4; fi; '
+            'exec tar -C "$dir" --no-recursion -cf - -- "$2"'
+        )
+        argv = ["sh", "-c", script, "copy-out", within, rel]
+        with tempfile.TemporaryFile() as tmp, tempfile.TemporaryFile() as err:
+            status = self.run(argv, stdout=tmp, stderr=err)
+            err.seek(0)
+            why = err.read().decode(errors="replace").strip()
+            if status in (3, 4):
+                raise CopyRefused(f"refusing to copy {guest_path}: {why}")
+            if status != 0:
+                raise BackendError(
+                    f"{self.name}: copying {guest_path} out failed: "
+                    f"{why or f'exit status {status}'}"
+                )
+            tmp.seek(0)
+            _extract_one(tmp, rel, guest_path, host_path)
+
+    def check_output(self, argv: Sequence[str], **kwargs: Any) -> tuple[int, str]:
+        """run() with stdout captured: (status, text)."""
+        with tempfile.TemporaryFile() as tmp:
+            status = self.run(argv, stdout=tmp, **kwargs)
+            tmp.seek(0)
+            return status, tmp.read().decode(errors="replace")
+
+    # -- optional, declared in capabilities --
+
+    def revert(self) -> None:
+        """Start over from a fresh copy of the environment."""
+        raise BackendError(f"backend {self.name} cannot revert")
+
+    def base_id(self) -> str | None:
+        """An id that changes whenever the environment's base changes (keys caches)."""
+        return None
+
+    def keep_layer(self, dest: Path) -> None:
+        """Store what was changed since open/revert as a reusable layer at `dest`.
+        The work directory is kept; the next call must be use_layer() or revert()."""
+        raise BackendError(f"backend {self.name} cannot keep dependency layers")
+
+    def use_layer(self, layer: Path) -> None:
+        """Start over from a fresh session with `layer` (made by keep_layer) below it."""
+        raise BackendError(f"backend {self.name} cannot use dependency layers")
+
+    def network_records(self) -> list[dict[str, Any]]:
+        """Network attempts seen so far (allowed and denied), as net log records."""
+        return []
+
+    def describe(self) -> str:
+        """One line for the build log header."""
+        return self.name
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _normal(path: str) -> str:
+    if not path.startswith("/") or "\0" in path:
+        raise CopyRefused(f"not an absolute path: {path!r}")
+    if any(p == ".." for p in path.split("/")):
+        raise CopyRefused(f"refusing a path with '..': {path}")
+    return posixpath.normpath(path)
+
+
+def _extract_one(stream: IO[bytes], rel: str, guest_path: str, host_path: Path) -> None:
+    """Take exactly one regular file named `rel` out of a tar stream."""
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            member = tar.next()
+            if member is None or member.name.rstrip("/") != rel:
+                raise CopyRefused(f"refusing to copy {guest_path}: unexpected archive content")
+            if not member.isreg():
+                raise CopyRefused(f"refusing to copy {guest_path}: not a regular file")
+            data = tar.extractfile(member)
+            assert data is not None
+            host_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = host_path.with_name(f".{host_path.name}.part")
+            with open(tmp, "wb") as out:
+                while block := data.read(1 << 20):
+                    out.write(block)
+            os.replace(tmp, host_path)
+    except tarfile.TarError as e:
+        raise BackendError(f"copying {guest_path} out: bad archive from inside: {e}") from None
+
+
+_DEVNULL: IO[bytes] | None = None
+
+
+def _devnull() -> IO[bytes]:
+    global _DEVNULL
+    if _DEVNULL is None:
+        _DEVNULL = open(os.devnull, "wb")  # lives as long as the process
+    return _DEVNULL

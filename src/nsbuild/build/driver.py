@@ -1,0 +1,662 @@
+"""The build driver: one source package, four phases, through a backend.
+
+    Prepare                     fresh session; the source package copied in
+    Install build dependencies  trusted: only apt and dpkg run, network `allow`
+                                (the environment's mirrors), or a cached layer
+    Build                       untrusted: dpkg-buildpackage as an unprivileged
+                                user, network `none`, fixed path /build/PKG-VERSION
+    Collect                     .changes and everything it lists, copied out
+
+The driver knows the environment only as a `Backend` picked by name from the
+registry: it never imports a backend module and never touches the
+environment by host path. Results are gathered in a temporary directory and
+moved to the output directory only when the build succeeded; the .build log
+and the network log are kept in any case (a failed build's log is the point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from nsbuild.backends import STDOUT, Backend, BackendOptions, Network, open_backend
+from nsbuild.build.cache import DepCache, layer_key
+from nsbuild.build.dsc import SourcePackage, load_dsc, source_from_tree
+from nsbuild.build.errors import (
+    BuildFailed,
+    BuildInputError,
+    BuildInterrupted,
+    UnsatisfiableDependencies,
+)
+from nsbuild.build.log import BuildLog
+from nsbuild.errors import NsbuildError
+
+BUILD_USER = "nsbuild"
+BUILD_UID = 2000
+# apt without its binary caches: they would be rebuilt anyway and only bloat
+# a kept dependency layer.
+APT_OPTS = (
+    "-o", "Dir::Cache::pkgcache=",
+    "-o", "Dir::Cache::srcpkgcache=",
+    "-o", "Acquire::Languages=none",
+    "-o", "APT::Install-Recommends=false",
+    "-o", "APT::Get::Assume-Yes=true",
+    "-o", "Dpkg::Use-Pty=false",
+    "-o", "quiet=1",
+)  # fmt: skip
+APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true"}
+PHASES = ("Prepare", "Install build dependencies", "Build", "Collect")
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    input: Path  # a .dsc, or a source tree with debian/
+    env: str | None = None
+    out: Path | None = None
+    arch_any: bool = True
+    arch_all: bool = True
+    source: bool = False
+    jobs: int | None = None
+    extra_packages: tuple[Path, ...] = ()
+    use_cache: bool = True
+    shell_on_failure: bool = False
+    backend: str = "local"
+    backend_args: tuple[str, ...] = ()
+    debug: bool = False
+
+
+@dataclass
+class Artifact:
+    name: str
+    path: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass
+class BuildResult:
+    package: str = ""
+    version: str = ""
+    architecture: str = ""
+    environment: str = ""
+    backend: str = ""
+    status: str = "error"
+    exit_status: int = 2
+    message: str = ""
+    phases: list[tuple[str, float]] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+    log: str | None = None
+    network_log: str | None = None
+    network_records: list[dict[str, Any]] = field(default_factory=list)
+    dependency_layer: dict[str, object] | None = None
+    limitations: list[str] = field(default_factory=list)
+
+    def denied(self) -> list[dict[str, Any]]:
+        return [r for r in self.network_records if r.get("decision") != "allow"]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "status": self.status,
+            "exit_status": self.exit_status,
+            "message": self.message,
+            "package": self.package,
+            "version": self.version,
+            "architecture": self.architecture,
+            "environment": self.environment,
+            "backend": self.backend,
+            "phases": [{"name": n, "seconds": round(s, 3)} for n, s in self.phases],
+            "artifacts": [a.to_json() for a in self.artifacts],
+            "log": self.log,
+            "network_log": self.network_log,
+            "network": {
+                "attempts": len(self.network_records),
+                "denied": [
+                    {k: r.get(k) for k in ("time", "kind", "host", "port", "decision", "rule")}
+                    for r in self.denied()
+                ],
+            },
+            "dependency_layer": self.dependency_layer,
+            "limitations": self.limitations,
+        }
+
+
+class Progress:
+    """Phase lines on stderr: what runs now, and how long each phase took."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream
+
+    def say(self, text: str) -> None:
+        if self.stream is not None:
+            print(f"nsbuild: {text}", file=self.stream, flush=True)
+
+
+def build(request: BuildRequest, progress: IO[str] | None = sys.stderr) -> BuildResult:
+    """Build one package. Returns the result (status 0) or raises an NsbuildError
+    whose `result` attribute carries the partial BuildResult."""
+    return _Build(request, Progress(progress)).run()
+
+
+class _Build:
+    def __init__(self, request: BuildRequest, progress: Progress) -> None:
+        self.req = request
+        self.progress = progress
+        self.result = BuildResult(backend=request.backend)
+        self.log: BuildLog | None = None
+        self.times: dict[str, float] = {}
+        self.space = 0
+
+    # -- the whole run --
+
+    def run(self) -> BuildResult:
+        with ExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsbuild-build-")))
+            try:
+                pkg, out = self._check_input(tmp)
+                self._run(stack, pkg, out, tmp)
+            except KeyboardInterrupt:
+                self._finish("interrupted", 130, "interrupted (SIGINT)")
+                err: NsbuildError = BuildInterrupted("interrupted; everything was torn down")
+                err.result = self.result  # type: ignore[attr-defined]
+                raise err from None
+            except NsbuildError as e:
+                status = {1: "failed", 3: "dependency-failed"}.get(e.exit_status, "error")
+                self._finish(status, e.exit_status, str(e))
+                e.result = self.result  # type: ignore[attr-defined]
+                raise
+        return self.result
+
+    def _check_input(self, tmp: Path) -> tuple[SourcePackage, Path]:
+        src = self.req.input
+        if src.is_dir():
+            made = tmp / "source"
+            made.mkdir()
+            pkg = source_from_tree(src, made)
+            default_out = src.absolute().parent
+        else:
+            pkg = load_dsc(src)
+            default_out = pkg.directory
+        out = (self.req.out or default_out).absolute()
+        if out.exists() and not out.is_dir():
+            raise BuildInputError(f"--out {out}: not a directory")
+        for extra in self.req.extra_packages:
+            if not extra.is_file() or not extra.name.endswith((".deb", ".udeb")):
+                raise BuildInputError(f"--extra-package {extra}: not a .deb file")
+        if not (self.req.arch_any or self.req.arch_all or self.req.source):
+            raise BuildInputError("nothing to build: give --arch-any, --arch-all or --source")
+        self.result.package, self.result.version = pkg.source, pkg.version
+        return pkg, out
+
+    def _run(self, stack: ExitStack, pkg: SourcePackage, out: Path, tmp: Path) -> None:
+        env_name = self.req.env or pkg.distribution() or "unstable"
+        self.result.environment = env_name
+        results = tmp / "results"
+        results.mkdir()
+        # SIGTERM takes the same path as Ctrl-C: tear down, then exit.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        stack.callback(signal.signal, signal.SIGTERM, previous)
+
+        t0 = time.monotonic()
+        self.progress.say(f"[1/4] {PHASES[0]}: {pkg.source} {pkg.version} in {env_name}")
+        backend = open_backend(
+            self.req.backend,
+            BackendOptions(
+                env=env_name,
+                args=self.req.backend_args,
+                caches=("apt-lists", "apt-archives") if self.req.use_cache else (),
+                debug=self.req.debug,
+            ),
+        )
+        stack.callback(backend.close)
+        self.backend = backend
+        self.result.limitations = backend.capabilities.limitations()
+        arch = self._arch(backend)
+        self.result.architecture = arch
+        name = f"{pkg.source}_{pkg.upstream_less_epoch}_{arch}"
+        self.base_name = name
+        self.log = BuildLog(tmp / f"{name}.build")
+        self.tmp = tmp
+        self.out = out
+        self._header(pkg, arch, env_name, backend)
+        self.build_user = self._prepare(backend, pkg)
+        self._phase_done(0, t0)
+
+        t1 = time.monotonic()
+        self.progress.say(f"[2/4] {PHASES[1]}")
+        self._install_deps(stack, backend, pkg, arch)
+        self._phase_done(1, t1)
+
+        t2 = time.monotonic()
+        self.progress.say(f"[3/4] {PHASES[2]}: dpkg-buildpackage")
+        status = self._build(backend, pkg)
+        self._phase_done(2, t2)
+        if status != 0:
+            if self.req.shell_on_failure:
+                self._shell(backend, pkg)
+            raise BuildFailed(
+                f"{pkg.source} {pkg.version}: dpkg-buildpackage failed "
+                f"(exit status {status}); see the log"
+            )
+
+        t3 = time.monotonic()
+        self.progress.say(f"[4/4] {PHASES[3]}")
+        self._collect(backend, pkg, results)
+        self._phase_done(3, t3)
+        self._finish("successful", 0, "")
+        # Only now does anything but the logs reach --out.
+        out.mkdir(parents=True, exist_ok=True)
+        for art in self.result.artifacts:
+            dest = out / art.name
+            shutil.move(str(results / art.name), dest)
+            art.path = str(dest)
+
+    # -- phases --
+
+    def _arch(self, backend: Backend) -> str:
+        status, text = backend.check_output(["dpkg", "--print-architecture"])
+        arch = text.strip()
+        if status != 0 or not re.fullmatch(r"[a-z0-9-]+", arch):
+            raise NsbuildError(f"cannot learn the environment's architecture: {text.strip()}")
+        return arch
+
+    def _header(self, pkg: SourcePackage, arch: str, env_name: str, backend: Backend) -> None:
+        assert self.log is not None
+        self.log.header(
+            f"{pkg.source} {pkg.version} ({arch})",
+            [
+                ("Package", pkg.source),
+                ("Version", pkg.version),
+                ("Source Version", pkg.version),
+                ("Distribution", env_name),
+                ("Machine Architecture", os.uname().machine),
+                ("Host Architecture", arch),
+                ("Build Architecture", arch),
+                ("Build Type", self._build_type()),
+                ("Backend", backend.describe()),
+                *(("Limitation", text) for text in self.result.limitations),
+            ],
+        )
+
+    def _build_type(self) -> str:
+        parts = [
+            p
+            for p, on in (
+                ("source", self.req.source),
+                ("any", self.req.arch_any),
+                ("all", self.req.arch_all),
+            )
+            if on
+        ]
+        return ",".join(parts)
+
+    def _cmd(self, backend: Backend, argv: Sequence[str], **kw: Any) -> int:
+        """Run a command with its output in the log, after a line naming it."""
+        assert self.log is not None
+        self.log.line(f"$ {' '.join(argv)}")
+        return backend.run(argv, stdout=self.log.file, stderr=STDOUT, **kw)
+
+    def _prepare(self, backend: Backend, pkg: SourcePackage) -> str:
+        assert self.log is not None
+        self.log.section("Prepare")
+        work = backend.work_dir
+        user = "root"
+        if backend.capabilities.unprivileged_user:
+            user = BUILD_USER
+            # A build user with no home (as sbuild does: nothing leaks in from
+            # one), added by hand: the environment need not have useradd.
+            script = (
+                f"grep -q '^{user}:' /etc/passwd || {{ "
+                f"echo '{user}:x:{BUILD_UID}:{BUILD_UID}:nsbuild build user:"
+                f"/nonexistent:/bin/sh' >> /etc/passwd && "
+                f"echo '{user}:x:{BUILD_UID}:' >> /etc/group; }}"
+            )
+            if self._cmd(backend, ["sh", "-c", script]) != 0:
+                raise NsbuildError("cannot create the build user inside; see the log")
+        else:
+            self.log.line("Warning: the backend cannot give an unprivileged user; building as root")
+        for path in pkg.paths():
+            # The file the user named, even when it is a link (dpkg-source -b
+            # links orig tarballs).
+            backend.copy_in(path.resolve(), f"{work}/{path.name}")
+        for extra in self.req.extra_packages:
+            backend.copy_in(extra.resolve(), f"{work}/extra/{extra.name}")
+        self.log.line(f"Copied {len(pkg.paths())} source files to {work}")
+        return user
+
+    def _deps(self, pkg: SourcePackage) -> tuple[str, str]:
+        deps = ["build-essential", "fakeroot"]
+        conflicts = []
+        if pkg.build_depends:
+            deps.append(pkg.build_depends)
+        if pkg.build_conflicts:
+            conflicts.append(pkg.build_conflicts)
+        if self.req.arch_any:
+            deps += [pkg.build_depends_arch] if pkg.build_depends_arch else []
+            conflicts += [pkg.build_conflicts_arch] if pkg.build_conflicts_arch else []
+        if self.req.arch_all:
+            deps += [pkg.build_depends_indep] if pkg.build_depends_indep else []
+            conflicts += [pkg.build_conflicts_indep] if pkg.build_conflicts_indep else []
+        return ", ".join(deps), ", ".join(conflicts)
+
+    def _install_deps(
+        self, stack: ExitStack, backend: Backend, pkg: SourcePackage, arch: str
+    ) -> None:
+        assert self.log is not None
+        log = self.log
+        log.section("Install package build dependencies")
+        start = time.monotonic()
+        caps = backend.capabilities
+        if not caps.root_inside:
+            log.line("Warning: the backend has no root inside; build dependencies not installed")
+            return
+        deps, conflicts = self._deps(pkg)
+        log.line(f"Build-Depends: {deps}")
+        if conflicts:
+            log.line(f"Build-Conflicts: {conflicts}")
+        network: Network = "allow" if caps.network_per_phase else "host"
+        status = self._cmd(backend, ["apt-get", *APT_OPTS, "update"], network=network, env=APT_ENV)
+        if status != 0:
+            raise UnsatisfiableDependencies(
+                f"apt-get update failed (exit status {status}); see the log"
+            )
+        satisfy = ["apt-get", *APT_OPTS]
+        extras = [f"{backend.work_dir}/extra/{p.name}" for p in self.req.extra_packages]
+        for e in extras:
+            satisfy += ["--with-source", e]
+        satisfy += ["satisfy", deps]
+        if conflicts:
+            satisfy.append(f"Conflicts: {conflicts}")
+        resolution = self._resolve(backend, satisfy, network)
+        log.line(f"Resolved: {len(resolution)} package actions")
+        for line in resolution:
+            log.line(f"  {line}")
+
+        cache = DepCache()
+        base = backend.base_id()
+        key = None
+        if caps.dependency_layers and base:
+            extra_sums = [_sha256(p) for p in self.req.extra_packages]
+            key = layer_key(base, arch, resolution, extra_sums)
+        if key and self.req.use_cache:
+            layer = stack.enter_context(cache.use(key))
+            if layer is not None:
+                backend.use_layer(layer.path)
+                log.line(f"Using cached dependency layer {key[:16]} ({layer.path})")
+                self.progress.say(f"      using cached dependency layer {key[:16]}")
+                self.result.dependency_layer = {"key": key, "cached": True}
+                self.times["install"] = time.monotonic() - start
+                return
+
+        status = self._cmd(backend, satisfy, network=network, env=APT_ENV)
+        if status != 0:
+            raise UnsatisfiableDependencies(
+                f"installing build dependencies failed (exit status {status}); see the log"
+            )
+        self._cmd(backend, ["apt-get", *APT_OPTS, "clean"])
+        self.times["install"] = time.monotonic() - start
+        if key and self.req.use_cache:
+            staging = cache.staging()
+            backend.keep_layer(staging / "layer")
+            meta: dict[str, object] = {
+                "environment": self.result.environment,
+                "base": base,
+                "architecture": arch,
+                "packages": resolution,
+                "extra_packages": [p.name for p in self.req.extra_packages],
+            }
+            published = cache.commit(staging, key, meta)
+            if published is None:
+                # Another build stored the same layer first; ours serves this
+                # build from where it is, then goes.
+                stack.callback(cache.discard, staging)
+                backend.use_layer(staging / "layer")
+            else:
+                # Held like a reused layer: gc must not take it mid-build.
+                held = stack.enter_context(cache.use(key))
+                backend.use_layer(held.path if held else published.path)
+            log.line(f"Stored dependency layer {key[:16]}")
+            self.result.dependency_layer = {"key": key, "cached": False}
+
+    def _resolve(self, backend: Backend, satisfy: list[str], network: Network) -> list[str]:
+        """apt's own answer to "what would satisfy these?", without installing.
+        Unmet dependencies end the build with exit status 3."""
+        assert self.log is not None
+        argv = [satisfy[0], "-s", *satisfy[1:]]
+        self.log.line(f"$ {' '.join(argv)}")
+        status, text = backend.check_output(argv, stderr=STDOUT, env=APT_ENV, network=network)
+        actions = []
+        for line in text.splitlines():
+            m = re.match(r"^(Inst|Remv) (\S+)(?: \[([^\]]*)\])?(?: \((\S+)[^)]*\[(\S+)\]\))?", line)
+            if m:
+                verb, name, _old, new, a = m.groups()
+                actions.append(
+                    f"{'install' if verb == 'Inst' else 'remove'} {name}"
+                    + (f" {new} {a}" if new else "")
+                )
+        unmet = _unmet(text)
+        if status != 0 or unmet or "E: " in text:
+            self.log.write(text)
+            if not unmet:
+                unmet = [ln[3:] for ln in text.splitlines() if ln.startswith("E: ")]
+            listing = "; ".join(unmet) or f"apt-get exit status {status}"
+            raise UnsatisfiableDependencies(
+                f"unsatisfiable build dependencies: {listing}", tuple(unmet)
+            )
+        return sorted(actions)
+
+    def _build(self, backend: Backend, pkg: SourcePackage) -> int:
+        assert self.log is not None
+        log = self.log
+        log.section("Build")
+        work = backend.work_dir
+        user = self.build_user
+        tree = f"{work}/{pkg.source}-{pkg.upstream_less_epoch}"
+        self.tree = tree
+        start = time.monotonic()
+        if user != "root":
+            if self._cmd(backend, ["chown", "-R", f"{user}:{user}", work]) != 0:
+                raise NsbuildError("cannot hand the build directory to the build user")
+        status = self._cmd(
+            backend,
+            ["dpkg-source", "--no-check", "-x", pkg.dsc.name, tree],
+            user=user, cwd=work,
+        )  # fmt: skip
+        if status != 0:
+            return status
+        status, text = backend.check_output(
+            ["dpkg-parsechangelog", "-STimestamp"], user=user, cwd=tree
+        )
+        epoch = text.strip()
+        if status != 0 or not epoch.isdigit():
+            log.line(f"cannot read the changelog's date: {text.strip()}")
+            return status or 1
+        env = {
+            "SOURCE_DATE_EPOCH": epoch,
+            "DEB_BUILD_OPTIONS": self._build_options(),
+            "HOME": "/nonexistent",
+            "USER": user,
+            "LOGNAME": user,
+            "LC_ALL": "C.UTF-8",
+            "TZ": "UTC",
+        }
+        for name in ("DEB_BUILD_PROFILES",):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        log.line(f"SOURCE_DATE_EPOCH={epoch}")
+        log.line(f"DEB_BUILD_OPTIONS={env['DEB_BUILD_OPTIONS']}")
+        argv = ["dpkg-buildpackage", "-us", "-uc", f"--build={self._build_type()}"]
+        # The package's own code runs here: unprivileged, no network.
+        status = self._cmd(backend, argv, user=user, cwd=tree, network="none", env=env)
+        self.times["build"] = time.monotonic() - start
+        _, text = backend.check_output(["du", "-sk", tree])
+        with contextlib.suppress(ValueError, IndexError):
+            self.space = int(text.split()[0]) * 1024
+        log.line()
+        log.line(f"dpkg-buildpackage exit status: {status}")
+        return status
+
+    def _build_options(self) -> str:
+        opts = [
+            o
+            for o in os.environ.get("DEB_BUILD_OPTIONS", "").split()
+            if not o.startswith("parallel=")
+        ]
+        jobs = self.req.jobs or os.cpu_count() or 1
+        return " ".join([*opts, f"parallel={jobs}"])
+
+    def _collect(self, backend: Backend, pkg: SourcePackage, results: Path) -> None:
+        assert self.log is not None
+        self.log.section("Collect")
+        work = backend.work_dir
+        prefix = f"{pkg.source}_{pkg.upstream_less_epoch}_"
+        status, text = backend.check_output(["ls", "-1", work])
+        changes = [n for n in text.split() if n.startswith(prefix) and n.endswith(".changes")]
+        if status != 0 or len(changes) != 1:
+            raise BuildFailed(f"no single {prefix}*.changes after the build (found {changes})")
+        names = [changes[0]]
+        backend.copy_out(f"{work}/{changes[0]}", results / changes[0])
+        listed = _changes_files(results / changes[0])
+        for fname, size, sha in listed:
+            if "/" in fname or fname.startswith("."):
+                raise BuildFailed(f"{changes[0]} lists a file with a path: {fname!r}")
+            backend.copy_out(f"{work}/{fname}", results / fname)
+            got = results / fname
+            if got.stat().st_size != size or (sha and _sha256(got) != sha):
+                raise BuildFailed(f"{fname}: does not match its checksum in {changes[0]}")
+            names.append(fname)
+        for n in names:
+            p = results / n
+            art = Artifact(n, str(p), p.stat().st_size, _sha256(p))
+            self.result.artifacts.append(art)
+            self.log.line(f"{n} {art.size} {art.sha256}")
+
+    def _shell(self, backend: Backend, pkg: SourcePackage) -> None:
+        self.progress.say(f"build failed: opening a shell in {self.tree} (exit it to clean up)")
+        backend.run(
+            ["/bin/bash", "-i"],
+            user=self.build_user,
+            cwd=self.tree,
+            network="none",
+            env={"PS1": "(nsbuild: failed build) \\w\\$ "},
+        )
+
+    def _phase_done(self, index: int, start: float) -> None:
+        took = time.monotonic() - start
+        self.result.phases.append((PHASES[index], took))
+        self.progress.say(f"      {PHASES[index]}: {took:.1f}s")
+
+    # -- the end, whatever it is --
+
+    def _finish(self, status: str, exit_status: int, message: str) -> None:
+        res = self.result
+        res.status, res.exit_status, res.message = status, exit_status, message
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            with contextlib.suppress(Exception):
+                res.network_records = backend.network_records()
+        if self.log is None:
+            return
+        if status == "interrupted":
+            # Nothing reaches --out from an interrupted build, not even its log.
+            self.log.close()
+            return
+        log = self.log
+        log.section("Summary")
+        if message:
+            log.line(message)
+            log.line()
+        times = dict(res.phases)
+        fields = [
+            ("Build Architecture", res.architecture),
+            ("Build Type", self._build_type()),
+            ("Build-Space", str(self.space // 1024) if self.space else "n/a"),
+            ("Build-Time", str(int(self.times.get("build", 0)))),
+            ("Distribution", res.environment),
+            ("Host Architecture", res.architecture),
+            ("Install-Time", str(int(self.times.get("install", 0)))),
+            ("Job", self.req.input.name),
+            ("Machine Architecture", os.uname().machine),
+            ("Package", res.package),
+            ("Package-Time", str(int(sum(times.values())))),
+            ("Source-Version", res.version),
+            ("Space", str(self.space // 1024) if self.space else "n/a"),
+            ("Status", status),
+            ("Version", res.version),
+        ]
+        if res.dependency_layer:
+            state = "cached" if res.dependency_layer["cached"] else "stored"
+            fields.append(("Dependency-Layer", f"{state} {str(res.dependency_layer['key'])[:16]}"))
+        denied = res.denied()
+        fields.append(("Network-Denied", str(len(denied))))
+        log.fields(fields)
+        for name, took in res.phases:
+            log.line(f"Phase {name}: {took:.1f}s")
+        log.line("-" * 80)
+        log.close()
+        # The log and the network log reach --out whatever the outcome.
+        self.out.mkdir(parents=True, exist_ok=True)
+        dest = self.out / log.path.name
+        shutil.move(str(log.path), dest)
+        res.log = str(dest)
+        netlog = self.out / f"{self.base_name}.network.jsonl"
+        tmpnet = self.tmp / netlog.name
+        tmpnet.write_text("".join(json.dumps(r) + "\n" for r in res.network_records))
+        shutil.move(str(tmpnet), netlog)
+        res.network_log = str(netlog)
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _unmet(text: str) -> list[str]:
+    """The dependencies apt names after "The following packages have unmet dependencies"."""
+    out: list[str] = []
+    lines = text.splitlines()
+    try:
+        i = next(n for n, ln in enumerate(lines) if "have unmet dependencies" in ln)
+    except StopIteration:
+        return out
+    for line in lines[i + 1 :]:
+        if not line.startswith(" "):
+            break
+        m = re.search(r"(?:Depends|Conflicts|Breaks|PreDepends): (.*)$", line)
+        if m:
+            out.append(m.group(1).strip())
+    return out
+
+
+def _changes_files(path: Path) -> list[tuple[str, int, str | None]]:
+    from debian.deb822 import Changes
+
+    with open(path, encoding="utf-8") as f:
+        changes = Changes(f)
+    sha = {e["name"]: e["sha256"] for e in changes.get("Checksums-Sha256", [])}
+    return [(e["name"], int(e["size"]), sha.get(e["name"])) for e in changes.get("Files", [])]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+__all__ = ["BuildRequest", "BuildResult", "build"]

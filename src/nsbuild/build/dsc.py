@@ -1,0 +1,299 @@
+"""Reading and checking a source package before anything else happens.
+
+Everything here runs on the host and never executes the package's code: the
+.dsc is parsed with python-debian (imported lazily, so `nsbuild run` never pays
+for it), every file it lists is checked for presence, size and checksum, and the
+changelog is read straight out of the debian tarball to learn the target
+distribution. `nsbuild build DIR` first makes a source package with
+`dpkg-source -b`, which only packs files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from nsbuild.build.errors import BuildInputError
+
+# Policy 5.6.1 / 5.6.12: names and versions as dpkg accepts them.
+_SOURCE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_VERSION_RE = re.compile(r"^(?:[0-9]+:)?[0-9][A-Za-z0-9.+~:-]*$")
+_HASHES = (("Checksums-Sha256", "sha256"), ("Checksums-Sha1", "sha1"), ("Files", "md5"))
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    name: str
+    size: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class SourcePackage:
+    """A checked source package: the .dsc and the files it lists, all present."""
+
+    dsc: Path
+    source: str
+    version: str
+    format: str
+    architecture: tuple[str, ...]
+    binaries: tuple[str, ...]
+    files: tuple[SourceFile, ...]
+    # Raw relationship fields, exactly as the .dsc spells them ("" when absent).
+    build_depends: str
+    build_depends_arch: str
+    build_depends_indep: str
+    build_conflicts: str
+    build_conflicts_arch: str
+    build_conflicts_indep: str
+
+    @property
+    def upstream_less_epoch(self) -> str:
+        """The version as it appears in file names: no epoch."""
+        return self.version.split(":", 1)[1] if ":" in self.version else self.version
+
+    @property
+    def directory(self) -> Path:
+        return self.dsc.parent
+
+    def paths(self) -> tuple[Path, ...]:
+        """The .dsc first, then every file it lists."""
+        return (self.dsc, *(self.directory / f.name for f in self.files))
+
+    def distribution(self) -> str | None:
+        """The distribution of the newest changelog entry, read from the tarball
+        that carries debian/ without unpacking anything; None when not found."""
+        text = _changelog_text(self)
+        if text is None:
+            return None
+        m = re.match(r"^\S+ \([^)]*\) ([^;]+);", text.lstrip())
+        return m.group(1).split()[0] if m else None
+
+
+def load_dsc(path: str | os.PathLike[str]) -> SourcePackage:
+    """Parse and verify `path`. Raises BuildInputError naming the first problem."""
+    dsc = Path(path).absolute()
+    try:
+        raw = dsc.read_bytes()
+    except OSError as e:
+        raise BuildInputError(f"cannot read {dsc}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BuildInputError(f"{dsc}: not UTF-8 text (byte {e.start})") from None
+    fields = _parse(dsc, text)
+
+    for name in ("Format", "Source", "Version"):
+        if not fields.get(name, "").strip():
+            raise BuildInputError(f"{dsc}: malformed .dsc: no {name} field")
+    source = fields["Source"].strip()
+    version = fields["Version"].strip()
+    if not _SOURCE_RE.match(source):
+        raise BuildInputError(f"{dsc}: malformed .dsc: bad Source {source!r}")
+    if not _VERSION_RE.match(version):
+        raise BuildInputError(f"{dsc}: malformed .dsc: bad Version {version!r}")
+
+    files = _file_list(dsc, fields)
+    for f in files:
+        _verify(dsc, f, fields)
+
+    def rel(name: str) -> str:
+        return " ".join(fields.get(name, "").split())
+
+    return SourcePackage(
+        dsc=dsc,
+        source=source,
+        version=version,
+        format=fields["Format"].strip(),
+        architecture=tuple(fields.get("Architecture", "any").split()),
+        binaries=tuple(b.strip() for b in fields.get("Binary", "").split(",") if b.strip()),
+        files=tuple(SourceFile(name, size, sha) for name, size, sha in files),
+        build_depends=rel("Build-Depends"),
+        build_depends_arch=rel("Build-Depends-Arch"),
+        build_depends_indep=rel("Build-Depends-Indep"),
+        build_conflicts=rel("Build-Conflicts"),
+        build_conflicts_arch=rel("Build-Conflicts-Arch"),
+        build_conflicts_indep=rel("Build-Conflicts-Indep"),
+    )
+
+
+def _parse(dsc: Path, text: str) -> dict[str, str]:
+    from debian.deb822 import Deb822
+
+    body = _strip_signature(dsc, text)
+    paragraphs = list(Deb822.iter_paragraphs(io.StringIO(body), use_apt_pkg=False))
+    if not paragraphs:
+        raise BuildInputError(f"{dsc}: malformed .dsc: no fields found")
+    if len(paragraphs) > 1:
+        raise BuildInputError(f"{dsc}: malformed .dsc: more than one paragraph")
+    return {k: str(v) for k, v in paragraphs[0].items()}
+
+
+def _strip_signature(dsc: Path, text: str) -> str:
+    """The signed body of a clearsigned .dsc (or the text as is when unsigned).
+    The signature is not verified here: trust in the source is the caller's."""
+    lines = text.splitlines()
+    if not lines or lines[0] != "-----BEGIN PGP SIGNED MESSAGE-----":
+        if any(line.startswith("-----BEGIN PGP") for line in lines):
+            raise BuildInputError(f"{dsc}: malformed .dsc: PGP armor in the wrong place")
+        return text
+    try:
+        start = lines.index("", 1) + 1  # armor headers end at the first blank line
+        end = lines.index("-----BEGIN PGP SIGNATURE-----", start)
+    except ValueError:
+        raise BuildInputError(f"{dsc}: malformed .dsc: broken PGP signature block") from None
+    # Dash-escaped lines ("- foo") stand for "foo" (RFC 4880, 7.1).
+    return "\n".join(ln[2:] if ln.startswith("- ") else ln for ln in lines[start:end]) + "\n"
+
+
+def _entries(dsc: Path, fields: dict[str, str], field: str) -> list[tuple[str, int, str]]:
+    out = []
+    for line in fields.get(field, "").splitlines():
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise BuildInputError(f"{dsc}: malformed .dsc: bad {field} line {line.strip()!r}")
+        digest, size, name = parts
+        # A listed file must sit next to the .dsc: a name with a path in it could
+        # make us read (and copy into the sandbox) anything on the host.
+        if "/" in name or name in (".", "..") or name.startswith("."):
+            raise BuildInputError(f"{dsc}: malformed .dsc: file name {name!r} is not plain")
+        out.append((name, int(size), digest.lower()))
+    return out
+
+
+def _file_list(dsc: Path, fields: dict[str, str]) -> list[tuple[str, int, str | None]]:
+    listings = {f: _entries(dsc, fields, f) for f, _ in _HASHES if fields.get(f, "").strip()}
+    if not listings:
+        raise BuildInputError(f"{dsc}: malformed .dsc: no Checksums-Sha256 or Files field")
+    names: list[str] | None = None
+    for field, entries in listings.items():
+        these = sorted(n for n, _, _ in entries)
+        if len(set(these)) != len(these):
+            raise BuildInputError(f"{dsc}: malformed .dsc: a file is listed twice in {field}")
+        if names is not None and these != names:
+            raise BuildInputError(f"{dsc}: malformed .dsc: checksum fields list different files")
+        names = these
+    first = next(iter(listings.values()))
+    sha256 = {n: d for n, _, d in listings.get("Checksums-Sha256", [])}
+    return [(n, size, sha256.get(n)) for n, size, _ in first]
+
+
+def _verify(dsc: Path, entry: tuple[str, int, str | None], fields: dict[str, str]) -> None:
+    name, size, _ = entry
+    path = dsc.parent / name
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise BuildInputError(f"{dsc}: listed file {name} is missing") from None
+    except OSError as e:
+        raise BuildInputError(f"{dsc}: cannot read listed file {name}: {e.strerror}") from None
+    if st.st_size != size:
+        raise BuildInputError(
+            f"{dsc}: size mismatch for {name}: .dsc says {size}, file has {st.st_size}"
+        )
+    # Check the strongest digest present; Files (md5) only when nothing better is.
+    for field, algo in _HASHES:
+        expected = {n: d for n, _, d in _entries(dsc, fields, field)}.get(name)
+        if expected is None:
+            continue
+        actual = _digest(path, algo)
+        if actual != expected:
+            raise BuildInputError(
+                f"{dsc}: checksum mismatch for {name} ({field}): "
+                f"expected {expected}, file has {actual}"
+            )
+        return
+
+
+def _digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _changelog_text(pkg: SourcePackage) -> str | None:
+    for f in pkg.files:
+        path = pkg.directory / f.name
+        if ".debian.tar." in f.name or (
+            pkg.format.startswith("3.0 (native)") and ".tar." in f.name
+        ):
+            try:
+                with tarfile.open(path) as tar:
+                    for member in tar:
+                        parts = member.name.split("/")
+                        if member.isfile() and parts[-2:] == ["debian", "changelog"]:
+                            fh = tar.extractfile(member)
+                            if fh is not None:
+                                return fh.read(65536).decode("utf-8", "replace")
+            except (OSError, tarfile.TarError):
+                return None
+        elif f.name.endswith(".diff.gz"):
+            import gzip
+
+            try:
+                lines = gzip.open(path, "rt", errors="replace").read().splitlines()
+            except OSError:
+                return None
+            for i, line in enumerate(lines):
+                if line.startswith("+++ ") and line.split()[1].endswith("/debian/changelog"):
+                    hunk = [ln[1:] for ln in lines[i + 2 : i + 40] if ln.startswith("+")]
+                    return "\n".join(hunk)
+    return None
+
+
+def source_from_tree(tree: str | os.PathLike[str], workdir: Path) -> SourcePackage:
+    """Make a source package from an unpacked tree with debian/, in `workdir`.
+
+    dpkg-source writes into its current directory and looks for the upstream
+    tarball there, so the tree's neighbouring orig tarballs are linked in first."""
+    tree = Path(tree).absolute()
+    changelog = tree / "debian" / "changelog"
+    if not (tree / "debian" / "control").is_file() or not changelog.is_file():
+        raise BuildInputError(f"{tree}: not a source tree (no debian/control or debian/changelog)")
+    fields = {}
+    for name in ("Source", "Version"):
+        try:
+            fields[name] = subprocess.run(
+                ["dpkg-parsechangelog", "-l", str(changelog), f"-S{name}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise BuildInputError(f"{changelog}: cannot parse: {_stderr(e)}") from None
+    source, version = fields["Source"], fields["Version"]
+    if not source or not version:
+        raise BuildInputError(f"{changelog}: no Source or Version in the newest entry")
+    upstream = version.split(":", 1)[-1].rsplit("-", 1)[0]
+    for orig in tree.parent.glob(f"{source}_{upstream}.orig*.tar.*"):
+        os.symlink(orig, workdir / orig.name)
+    try:
+        subprocess.run(
+            ["dpkg-source", "-b", str(tree)],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise BuildInputError(f"{tree}: dpkg-source -b failed: {_stderr(e)}") from None
+    nover = version.split(":", 1)[-1]
+    dsc = workdir / f"{source}_{nover}.dsc"
+    return load_dsc(dsc)
+
+
+def _stderr(e: BaseException) -> str:
+    if isinstance(e, subprocess.CalledProcessError):
+        lines = (e.stderr or "").strip().splitlines()
+        return lines[-1] if lines else f"exit status {e.returncode}"
+    return str(e)

@@ -1,0 +1,369 @@
+"""Command-line front end: the only place that maps errors to exit statuses.
+
+Exit statuses: the command's own; 126 not executable; 127 not found; 128+N
+killed by signal N; 125 nsbuild's own setup failure; 2 usage or configuration
+error. Subcommands of other layers are imported only when used, so
+`nsbuild run` imports the standard library alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+# Subcommand -> module providing `register(subparsers)`; imported on demand.
+_LAZY_COMMANDS = {
+    "env": "nsbuild.envs.cli",
+    "session": "nsbuild.envs.cli",
+    "shell": "nsbuild.envs.cli",
+    "gc": "nsbuild.envs.cli",
+    "build": "nsbuild.build.cli",
+}
+_HELP_ONLY = {
+    "env": "manage environments (chroots)",
+    "session": "long-lived copy-on-write sessions",
+    "shell": "interactive shell in a throw-away environment",
+    "gc": "remove what crashed runs left behind",
+    "build": "build a Debian source package",
+}
+
+
+class BadOption(ValueError):
+    """A value that does not parse; argparse reports it (ArgumentTypeError's role)."""
+
+
+def _split_bind(spec: str) -> tuple[str, str]:
+    src, sep, dst = spec.partition(":")
+    if not src:
+        raise BadOption(f"bad bind {spec!r}: expected SRC[:DST]")
+    src = os.path.abspath(src)
+    return src, (dst if sep and dst else src)
+
+
+def _env_pair(spec: str) -> tuple[str, str]:
+    k, sep, v = spec.partition("=")
+    if not sep or not k:
+        raise BadOption(f"bad --setenv {spec!r}: expected NAME=VALUE")
+    return k, v
+
+
+def _choice(option: str, *choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise BadOption(f"bad {option} {value!r}: expected {', '.join(choices)}")
+        return value
+
+    return check
+
+
+# The sandbox options, once: they feed both argparse and the fast path of
+# `nsbuild run` (which must not import argparse, re and enum: ~15 ms).
+# name: (kind, default, convert, metavar, help); kind is flag, value or append.
+OptionTable = dict[str, tuple[str, object, "Callable[[str], object] | None", str, str]]
+SANDBOX_OPTIONS: OptionTable = {
+    "--bind": ("append", [], _split_bind, "SRC[:DST]", "bind a host path read-write"),
+    "--ro-bind": ("append", [], _split_bind, "SRC[:DST]", "bind a host path read-only"),
+    "--tmpfs": ("append", [], None, "DST", "mount an empty tmpfs"),
+    "--chdir": ("value", None, None, "DIR", "working directory inside"),
+    "--hostname": ("value", "nsbuild", None, "NAME", "host name inside (default: nsbuild)"),
+    "--setenv": ("append", [], _env_pair, "NAME=VALUE", "set a variable"),
+    "--unsetenv": ("append", [], None, "NAME", "unset a variable"),
+    "--clearenv": ("flag", False, None, "", "start from an empty environment"),
+    "--user": ("value", None, None, "NAME|UID[:GID]",
+               "run as this user of the sandbox's /etc/passwd (default: root)"),
+    "--net": ("value", None, _choice("--net", "none", "allow", "host"), "none|allow|host",
+              "network: none (loopback only, default), allow (only the --allow list, "
+              "through an egress engine), host (the host's network: explicit opt-in)"),
+    "--allow": ("append", [], None, "HOST[:PORT]",
+                "let --net allow reach HOST (wildcards *.example.org) on PORT (default 80 "
+                "and 443); repeatable; implies --net allow"),
+    "--allow-from-env": ("flag", False, None, "",
+                         "allow the environment's mirrors; implies --net allow"),
+    "--egress-engine": ("value", "proxy", _choice("--egress-engine", "proxy", "nftables"),
+                        "proxy|nftables", "proxy: rootless HTTP/CONNECT proxy (default); "
+                        "nftables: kernel-enforced for every protocol (root only)"),
+    "--net-log": ("value", None, None, "FILE",
+                  "write one JSON line per network attempt to FILE"),
+}
+RUN_OPTIONS: OptionTable = {
+    "--debug": ("flag", False, None, "", "print each setup step"),
+    "--root": ("value", None, None, "DIR", "run on this directory tree (a chroot)"),
+    "--env": ("value", None, None, "NAME", "run in a throw-away copy of environment NAME"),
+}
+
+
+def _dest(name: str) -> str:
+    return "env_name" if name == "--env" else name[2:].replace("-", "_")
+
+
+def add_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
+    import argparse
+
+    def checked(convert: Callable[[str], object]) -> Callable[[str], object]:
+        def inner(value: str) -> object:
+            try:
+                return convert(value)
+            except BadOption as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+
+        return inner
+
+    for name, (kind, default, convert, metavar, text) in table.items():
+        if name == "--debug":
+            # Also accepted after the subcommand; must not reset the global one.
+            p.add_argument(name, action="store_true", default=argparse.SUPPRESS, help=text)
+        elif kind == "flag":
+            p.add_argument(name, dest=_dest(name), action="store_true", help=text)
+        else:
+            extra: dict[str, Any] = {"type": checked(convert)} if convert else {}
+            p.add_argument(name, dest=_dest(name), metavar=metavar, help=text,
+                           action="append" if kind == "append" else "store",
+                           default=list(default) if isinstance(default, list) else default,
+                           **extra)
+
+
+def add_sandbox_options(p: argparse.ArgumentParser) -> None:
+    """Options every command that runs something in a sandbox accepts."""
+    add_options(p, SANDBOX_OPTIONS)
+
+
+class _Args:
+    """What argparse.Namespace would hold, built without argparse."""
+
+    def __init__(self, **kw: object) -> None:
+        self.__dict__.update(kw)
+
+    def __getattr__(self, name: str) -> Any:  # typed like argparse.Namespace
+        raise AttributeError(name)
+
+
+def _fast_run_args(args: list[str]) -> _Args | None:
+    """Parse `[--debug] run [OPTIONS] [--] CMD...` without argparse; None means
+    "anything unusual": argparse then parses (and reports errors) as usual."""
+    debug = False
+    while args and args[0] == "--debug":
+        debug, args = True, args[1:]
+    if not args or args[0] != "run":
+        return None
+    args = [*args[:1], *(["--debug"] if debug else []), *args[1:]]
+    table = {**RUN_OPTIONS, **SANDBOX_OPTIONS}
+    values: dict[str, object] = {_dest(n): (list(d) if isinstance(d, list) else d)
+                                 for n, (_k, d, _c, _m, _h) in table.items()}
+    i = 1
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        name, eq, value = args[i].partition("=")
+        opt = table.get(name)
+        if opt is None:
+            return None
+        kind, _default, convert, _m, _h = opt
+        if kind == "flag":
+            if eq:
+                return None
+            values[_dest(name)] = True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                return None
+            value, i = args[i + 1], i + 1
+        i += 1
+        try:
+            parsed = convert(value) if convert else value
+        except BadOption:
+            return None
+        if kind == "append":
+            values[_dest(name)].append(parsed)  # type: ignore[attr-defined]
+        else:
+            values[_dest(name)] = parsed
+    return _Args(argv=args[i:], func=cmd_run, **values)
+
+
+def _build_parser(command: str | None) -> argparse.ArgumentParser:
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            # One line, exit 2 (argparse would print the whole usage first).
+            sys.stderr.write(f"nsbuild: {message} (see '{self.prog} --help')\n")
+            raise SystemExit(2)
+
+    parser = _Parser(prog="nsbuild", description="Rootless, hermetic builds in Linux "
+                     "namespaces.")
+    parser.add_argument("--debug", action="store_true", help="print each setup step")
+    from nsbuild import __version__
+
+    parser.add_argument("--version", action="version", version=f"nsbuild {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a command in a fresh sandbox",
+                         description="Run CMD in fresh user, mount, PID, IPC, UTS and "
+                         "network namespaces, on a read-only view of the host or on --root.")
+    add_options(run, RUN_OPTIONS)
+    add_sandbox_options(run)
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    run.set_defaults(func=cmd_run)
+
+    registered: set[str] = set()
+    for name, module in _LAZY_COMMANDS.items():
+        if command in (None, name) and module not in registered and _try_register(module, sub):
+            registered.add(module)
+    for name, text in _HELP_ONLY.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=text + " (not available)")
+    return parser
+
+
+def _try_register(module: str, sub: argparse._SubParsersAction) -> bool:  # type: ignore[type-arg]
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return False
+        raise
+    register = getattr(mod, "register", None)
+    if register is None:
+        return False
+    register(sub)
+    return True
+
+
+def _environment(args: argparse.Namespace, base: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    env = {} if args.clearenv else dict(base)
+    for k in args.unsetenv:
+        env.pop(k, None)
+    env.update(args.setenv)
+    return tuple(env.items())
+
+
+def extra_mounts(args: argparse.Namespace) -> list[object]:
+    from nsbuild.sandbox.spec import Bind, Tmpfs
+
+    mounts: list[object] = [Bind(s, d) for s, d in args.bind]
+    mounts += [Bind(s, d, readonly=True) for s, d in args.ro_bind]
+    mounts += [Tmpfs(d, 0o1777) for d in args.tmpfs]
+    return mounts
+
+
+def warn_host_net(opts: object) -> None:
+    if getattr(opts, "mode", None) == "host":
+        sys.stderr.write("nsbuild: warning: --net host: the sandbox shares the host's "
+                         "network, its loopback services and abstract sockets\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise _usage("run: no command given (nsbuild run [OPTIONS] -- CMD [ARG...])")
+    if args.env_name and args.root:
+        raise _usage("run: --env and --root exclude each other")
+    from nsbuild.net import network, options_from_args
+
+    opts = options_from_args(args)  # bad network options fail before anything runs
+    warn_host_net(opts)
+    if args.env_name:
+        from nsbuild.envs.session import throwaway
+
+        with throwaway(args.env_name) as session:
+            return _run_sandboxed(args, argv, opts, network, session)
+    return _run_sandboxed(args, argv, opts, network, None)
+
+
+def _run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
+                   network: Any, session: Any) -> int:
+    from nsbuild.sandbox import (
+        Bind,
+        Dev,
+        Mount,
+        Proc,
+        Sandbox,
+        Sys,
+        Tmpfs,
+        caller_idmap,
+        host_view,
+        run,
+    )
+
+    cwd = os.getcwd()
+    root: Any
+    mounts: list[Mount]
+    if session is not None:
+        # An environment: its own clean, reproducible variables, not the host's.
+        root, mounts, base_env, mirrors = (session.root, list(session.mounts),
+                                           dict(session.env), session.config.mirrors)
+        workdir = args.chdir or "/"
+    elif args.root:
+        root = Bind(os.path.abspath(args.root), "/")
+        mounts = [Proc(), Dev(), Sys(), Tmpfs("/tmp", 0o1777), Tmpfs("/run")]
+        base_env, mirrors, workdir = dict(os.environ), (), args.chdir or "/"
+    else:
+        root, mounts = Tmpfs("/"), list(host_view(cwd))
+        base_env, mirrors, workdir = dict(os.environ), (), args.chdir or cwd
+    mounts += extra_mounts(args)  # type: ignore[arg-type]
+    with network(opts, mirrors=mirrors, debug=args.debug) as plan:
+        spec = Sandbox(
+            argv=tuple(argv),
+            idmap=caller_idmap(),
+            root=root,
+            mounts=(*mounts, *plan.mounts),
+            cwd=workdir,
+            env=_environment(args, base_env) + tuple(plan.env),
+            user=args.user,
+            hostname=args.hostname,
+            share_net=plan.share_net,
+            inside_sockets=plan.inside_sockets,
+            cgroup=plan.cgroup,
+            debug=args.debug,
+        )
+        status = run(spec, on_start=lambda proc: plan.serve(proc.sockets))
+    summary = plan.denied_summary()
+    if summary:
+        sys.stderr.write(f"nsbuild: {summary}\n")
+    return status
+
+
+def _usage(msg: str) -> Exception:
+    from nsbuild.errors import NsbuildError
+
+    return NsbuildError(msg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace | _Args | None = _fast_run_args(args_list)
+    if args is None:
+        command = next((a for a in args_list if not a.startswith("-")), None)
+        parser = _build_parser(command)
+        args = parser.parse_args(args_list)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+    from nsbuild.errors import NsbuildError
+
+    try:
+        status: int = args.func(args)
+        return status
+    except NsbuildError as e:
+        sys.stderr.write(f"nsbuild: {e}\n")
+        return e.exit_status
+    except ValueError as e:  # SpecError and friends: bad input
+        sys.stderr.write(f"nsbuild: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    """Console-script entry: exit without the interpreter's teardown, which
+    costs milliseconds on every `nsbuild run` and has nothing left to do."""
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -1,0 +1,177 @@
+"""`nsbuild gc`: remove what crashed or finished runs left behind.
+
+(Named cleanup, not gc, so that `nsbuild.envs.gc` stays the function.)
+
+Removed:
+- throw-away sessions whose owner process is gone (SIGKILL, crash);
+- anything under a `.tmp-PID-START-...` name whose maker is gone (a half-made
+  session or base, a half-deleted one, a half-written tarball);
+- bases that no configured environment and no remaining session refers to.
+
+Never removed: persistent sessions, sessions of live owners, bases in use
+(their lock is taken exclusively, without waiting, before deleting). Deleting
+goes through `remove_tree`, which refuses to cross a mount point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nsbuild.envs.config import Config, load_config
+from nsbuild.envs.errors import EnvError
+from nsbuild.envs.owner import tmp_name, tmp_owner
+from nsbuild.envs.paths import Layout
+from nsbuild.envs.remove import remove_tree
+from nsbuild.envs.session import RECORD, Session
+from nsbuild.envs.store import base_complete, layout_for, tarball_digest, try_lock_for_delete
+
+
+@dataclass
+class GcReport:
+    removed: list[str] = field(default_factory=list)  # human descriptions
+    kept: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _entries(directory: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+
+
+def _dead_tmp(name: str) -> bool:
+    owner = tmp_owner(name)
+    return owner is not None and not owner.alive()
+
+
+def _remove(path: Path, what: str, report: GcReport, dry_run: bool) -> None:
+    if dry_run:
+        report.removed.append(f"{what} (dry run)")
+        return
+    try:
+        remove_tree(path)
+        report.removed.append(what)
+    except EnvError as e:
+        report.errors.append(str(e))
+
+
+def _sessions(layout: Layout, report: GcReport, dry_run: bool) -> set[str]:
+    """Remove dead sessions; return the bases the remaining ones use."""
+    in_use: set[str] = set()
+    for name in _entries(layout.sessions):
+        path = layout.sessions / name
+        if name.startswith("."):
+            if _dead_tmp(name):
+                _remove(path, f"unfinished session {path}", report, dry_run)
+            continue
+        try:
+            session = Session.load(path)
+        except EnvError as e:
+            if not (path / RECORD).exists():
+                report.errors.append(f"{path}: not a session (no {RECORD}); left alone")
+            else:
+                report.errors.append(str(e))
+            continue
+        if session.alive():
+            report.kept.append(f"session {session.id} ({session.kind})")
+            if session.base:
+                in_use.add(session.base)
+            continue
+        pid = session.owner.pid if session.owner else "?"
+        _remove(path, f"session {session.id} (owner pid {pid} gone)", report, dry_run)
+    return in_use
+
+
+def _configured_bases(config: Config, layout: Layout, report: GcReport) -> set[str]:
+    digests: set[str] = set()
+    for env in config:
+        if env.type == "tarball" and env.path and layout_for(env) == layout:
+            try:
+                digests.add(tarball_digest(layout, env.path))
+            except EnvError as e:
+                report.errors.append(f"environment {env.name!r}: {e}")
+    return digests
+
+
+def _still_used(layout: Layout, digest: str) -> bool:
+    """Look again, under the base's exclusive lock, for sessions made meanwhile."""
+    for name in _entries(layout.sessions):
+        if not name.startswith("."):
+            with contextlib.suppress(EnvError):
+                if Session.load(layout.sessions / name).base == digest:
+                    return True
+    return False
+
+
+def _bases(layout: Layout, keep: set[str], report: GcReport, dry_run: bool) -> None:
+    for name in _entries(layout.bases):
+        path = layout.bases / name
+        if name.startswith("."):
+            if _dead_tmp(name):
+                _remove(path, f"unfinished base {path}", report, dry_run)
+            continue
+        if name in keep:
+            continue
+        try:
+            with try_lock_for_delete(layout, name):
+                if _still_used(layout, name) or not base_complete(layout, name):
+                    continue
+                if dry_run:
+                    report.removed.append(f"unused base {path} (dry run)")
+                    continue
+                doomed = layout.bases / tmp_name()
+                os.rename(path, doomed)
+            _remove(doomed, f"unused base {name[:12]}", report, dry_run)
+            with contextlib.suppress(FileNotFoundError):
+                layout.base_lock(name).unlink()
+        except BlockingIOError:
+            report.kept.append(f"base {name[:12]} (in use)")
+
+
+def _leftover_files(layout: Layout, report: GcReport, dry_run: bool) -> None:
+    for directory in (layout.tarballs, layout.digests):
+        for name in _entries(directory):
+            if name.startswith(".") and _dead_tmp(name.rsplit(".", 1)[0]):
+                _remove(directory / name, f"unfinished file {directory / name}", report, dry_run)
+
+
+def gc(dry_run: bool = False) -> GcReport:
+    report = GcReport()
+    config = load_config()
+    layouts = [Layout.default()]
+    for env in config:
+        if env.unpack and Layout(env.unpack) not in layouts:
+            layouts.append(Layout(env.unpack))
+    for layout in layouts:
+        keep = _sessions(layout, report, dry_run)
+        keep |= _configured_bases(config, layout, report)
+        _bases(layout, keep, report, dry_run)
+        _leftover_files(layout, report, dry_run)
+    return report
+
+
+def remove_unused_base(layout: Layout, digest: str) -> bool:
+    """Remove one base now if nothing uses it (after `env remove` or `env update`)."""
+    report = GcReport()
+    keep = {s.base for s in map(Session.load, _session_dirs(layout)) if s.alive() and s.base}
+    if digest in keep:
+        return False
+    _bases_only(layout, digest, report)
+    return any(digest[:12] in r for r in report.removed)
+
+
+def _session_dirs(layout: Layout) -> list[Path]:
+    return [
+        layout.sessions / n
+        for n in _entries(layout.sessions)
+        if not n.startswith(".") and (layout.sessions / n / RECORD).exists()
+    ]
+
+
+def _bases_only(layout: Layout, digest: str, report: GcReport) -> None:
+    others = {n for n in _entries(layout.bases) if n != digest and not n.startswith(".")}
+    _bases(layout, others, report, dry_run=False)

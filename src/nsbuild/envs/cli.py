@@ -1,0 +1,279 @@
+"""Subcommands of the environments layer: env, session, shell, gc.
+
+`register()` only declares arguments (argparse alone is imported); the work is
+imported inside each handler, so `nsbuild run` without --env never loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nsbuild.envs.session import Session
+
+Subparsers = argparse._SubParsersAction  # type: ignore[type-arg]
+
+
+def _sandbox_options(p: argparse.ArgumentParser) -> None:
+    from nsbuild.cli import add_sandbox_options
+
+    add_sandbox_options(p)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    env = sub.add_parser("env", help="manage environments (chroots)")
+    env_sub = env.add_subparsers(dest="env_command", metavar="ACTION", required=True)
+
+    p = env_sub.add_parser("list", help="environments, their disk use and sessions")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_env_list)
+
+    p = env_sub.add_parser("show", help="one environment's configuration (by name or alias)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_env_show)
+
+    p = env_sub.add_parser("create", help="bootstrap a Debian environment with mmdebstrap")
+    p.add_argument("name")
+    p.add_argument("--suite", required=True, help="e.g. bookworm, trixie, unstable")
+    p.add_argument("--arch", help="architecture (default: the host's)")
+    p.add_argument("--mirror", help="apt mirror URL (default: deb.debian.org)")
+    p.add_argument("--variant", default="buildd", help="mmdebstrap variant (default: buildd)")
+    p.add_argument(
+        "--include", action="append", default=[], metavar="PKG,...", help="extra packages"
+    )
+    p.add_argument("--alias", action="append", default=[], help="another name for it")
+    p.set_defaults(func=cmd_env_create)
+
+    p = env_sub.add_parser("update", help="upgrade an environment's packages (apt)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_env_update)
+
+    p = env_sub.add_parser("remove", help="forget an environment and free its disk")
+    p.add_argument("name")
+    p.add_argument("--keep-tarball", action="store_true")
+    p.set_defaults(func=cmd_env_remove)
+
+    session = sub.add_parser("session", help="long-lived copy-on-write sessions")
+    s_sub = session.add_subparsers(dest="session_command", metavar="ACTION", required=True)
+
+    p = s_sub.add_parser("begin", help="start a session; prints its id")
+    p.add_argument("name", help="environment name or alias")
+    p.set_defaults(func=cmd_session_begin)
+
+    p = s_sub.add_parser("run", help="run a command in a session")
+    p.add_argument("id")
+    _sandbox_options(p)
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    p.set_defaults(func=cmd_session_run)
+
+    p = s_sub.add_parser("shell", help="interactive shell in a session")
+    p.add_argument("id")
+    _sandbox_options(p)
+    p.set_defaults(func=cmd_session_shell)
+
+    p = s_sub.add_parser("end", help="end sessions and delete their files")
+    p.add_argument("ids", nargs="+", metavar="id")
+    p.set_defaults(func=cmd_session_end)
+
+    p = s_sub.add_parser("list", help="open sessions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_session_list)
+
+    p = sub.add_parser("shell", help="interactive shell in a throw-away environment")
+    p.add_argument("name", help="environment name or alias")
+    _sandbox_options(p)
+    p.set_defaults(func=cmd_shell)
+
+    p = sub.add_parser("gc", help="remove what crashed runs left behind")
+    p.add_argument("--dry-run", action="store_true", help="only say what would go")
+    p.set_defaults(func=cmd_gc)
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def cmd_env_list(args: argparse.Namespace) -> int:
+    from nsbuild.envs.usage import env_usage
+
+    rows = env_usage()
+    if args.json:
+        json.dump([r.to_json() for r in rows], sys.stdout, indent=1)
+        print()
+        return 0
+    if not rows:
+        print("no environments; create one with: nsbuild env create NAME --suite SUITE")
+        return 0
+    for r in rows:
+        aliases = f" (aliases: {', '.join(r.env.aliases)})" if r.env.aliases else ""
+        sizes = (
+            f"tarball {_human(r.tarball_bytes)}, unpacked {_human(r.base_bytes)}"
+            if r.env.type == "tarball"
+            else r.env.type
+        )
+        print(f"{r.env.name}{aliases}: {r.status}; {sizes}")
+        for s in r.sessions:
+            print(f"  session {s.id} ({s.kind}): {_human(s.bytes)}")
+    return 0
+
+
+def cmd_env_show(args: argparse.Namespace) -> int:
+    from nsbuild.envs.config import load_config
+
+    env = load_config().get(args.name)
+    print(f"# {env.source}")
+    sys.stdout.write(env.to_deb822())
+    return 0
+
+
+def cmd_env_create(args: argparse.Namespace) -> int:
+    from nsbuild.envs.create import create_env
+
+    include = [p for item in args.include for p in item.split(",") if p]
+    env = create_env(
+        args.name,
+        args.suite,
+        architecture=args.arch,
+        variant=args.variant,
+        mirror=args.mirror,
+        include=include,
+        aliases=args.alias,
+    )
+    print(f"created environment {env.name!r}: {env.path} ({env.source})")
+    return 0
+
+
+def cmd_env_update(args: argparse.Namespace) -> int:
+    from nsbuild.envs.create import update_env
+
+    env = update_env(args.name)
+    print(f"updated environment {env.name!r}: {env.path}")
+    return 0
+
+
+def cmd_env_remove(args: argparse.Namespace) -> int:
+    from nsbuild.envs.create import remove_env
+
+    for line in remove_env(args.name, keep_tarball=args.keep_tarball):
+        print(line)
+    return 0
+
+
+def cmd_session_begin(args: argparse.Namespace) -> int:
+    from nsbuild.envs.session import begin_session
+
+    print(begin_session(args.name).id)
+    return 0
+
+
+def _run_in(session: Session, args: argparse.Namespace, argv: list[str]) -> int:
+    """Run like `nsbuild run --env`: the same options, network policy and log."""
+    from nsbuild import cli
+    from nsbuild.net import network, options_from_args
+
+    opts = options_from_args(args)  # bad network options fail before anything runs
+    cli.warn_host_net(opts)
+    with session.in_use():
+        status: int = cli._run_sandboxed(args, argv, opts, network, session)
+        return status
+
+
+def _shell_argv() -> list[str]:
+    return ["/bin/bash", "-l"] if sys.stdin.isatty() else ["/bin/sh"]
+
+
+def _with_term(args: argparse.Namespace) -> None:
+    # An interactive shell needs to know the terminal; nothing else leaks in.
+    term = os.environ.get("TERM")
+    if term and not any(k == "TERM" for k, _ in args.setenv):
+        args.setenv.append(("TERM", term))
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    """The command after `--`; sandbox options given between ID and `--` apply too
+    (argparse's REMAINDER would otherwise take them for the command)."""
+    from nsbuild.envs.errors import EnvError
+
+    rest: list[str] = args.argv
+    if "--" in rest:
+        cut = rest.index("--")
+        late, rest = rest[:cut], rest[cut + 1 :]
+        if late:
+            parser = argparse.ArgumentParser(prog="nsbuild session run", add_help=False)
+            _sandbox_options(parser)
+            defaults = argparse.Namespace()
+            parser.parse_args([], namespace=defaults)
+            parsed = parser.parse_args(late)
+            for key, value in vars(parsed).items():
+                if value != getattr(defaults, key):
+                    current = getattr(args, key, None)
+                    merged = current + value if isinstance(value, list) and current else value
+                    setattr(args, key, merged)
+    if not rest:
+        raise EnvError("no command given (nsbuild session run ID [OPTIONS] -- CMD [ARG...])")
+    return rest
+
+
+def cmd_session_run(args: argparse.Namespace) -> int:
+    from nsbuild.envs.session import get_session
+
+    return _run_in(get_session(args.id), args, _command(args))
+
+
+def cmd_session_shell(args: argparse.Namespace) -> int:
+    from nsbuild.envs.session import get_session
+
+    _with_term(args)
+    return _run_in(get_session(args.id), args, _shell_argv())
+
+
+def cmd_session_end(args: argparse.Namespace) -> int:
+    from nsbuild.envs.session import end_session
+
+    for session_id in args.ids:
+        end_session(session_id)
+    return 0
+
+
+def cmd_session_list(args: argparse.Namespace) -> int:
+    from nsbuild.envs.usage import session_usage
+
+    rows = session_usage()
+    if args.json:
+        json.dump([r.to_json() for r in rows], sys.stdout, indent=1)
+        print()
+        return 0
+    for r in rows:
+        state = "" if r.alive else ", owner gone (nsbuild gc removes it)"
+        print(f"{r.id}\t{r.env}\t{r.kind}{state}\t{_human(r.bytes)}")
+    return 0
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    from nsbuild.envs.session import throwaway
+
+    _with_term(args)
+    with throwaway(args.name) as session:
+        return _run_in(session, args, _shell_argv())
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from nsbuild.envs.cleanup import gc
+
+    report = gc(dry_run=args.dry_run)
+    for line in report.removed:
+        print(f"removed {line}")
+    for line in report.errors:
+        print(f"nsbuild: gc: {line}", file=sys.stderr)
+    if not report.removed:
+        print("nothing to remove")
+    return 1 if report.errors else 0

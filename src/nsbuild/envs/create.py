@@ -1,0 +1,215 @@
+"""Make, upgrade and remove environments, without root.
+
+Creation runs mmdebstrap in unshare mode (the tool the Debian world already
+uses; nsbuild writes no bootstrapper) into the cache's tarballs folder, then
+writes the chroot.d entry and unpacks the base once so the first use is fast.
+
+Update runs apt in a throw-away session, packs the result into a new tarball
+and renames it over the old one. Sessions and runs already using the old base
+keep it (their overlay names its directory); gc removes it once unused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from nsbuild.envs.config import NAME_RE, EnvConfig, load_config, remove_entry, write_entry
+from nsbuild.envs.errors import EnvError
+from nsbuild.envs.owner import tmp_name
+from nsbuild.envs.paths import Layout, user_config_dir
+from nsbuild.envs.session import host_resolver_mounts, throwaway
+from nsbuild.envs.store import (
+    copy_tarball_atomically,
+    layout_for,
+    remember_digest,
+    tarball_digest,
+    use_base,
+)
+
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+UPGRADE_SCRIPT = (
+    "set -e; export DEBIAN_FRONTEND=noninteractive; apt-get update; "
+    "apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade; "
+    "apt-get -y autoremove; apt-get clean"
+)
+
+
+def host_architecture() -> str:
+    try:
+        out = subprocess.run(
+            ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise EnvError(f"cannot tell the host architecture (dpkg --print-architecture): {e}") from e
+    return out.stdout.strip()
+
+
+def mmdebstrap_argv(
+    suite: str,
+    output: Path,
+    *,
+    architecture: str,
+    variant: str = "buildd",
+    mirror: str | None = None,
+    include: Sequence[str] = (),
+) -> list[str]:
+    argv = [
+        "mmdebstrap",
+        "--mode=unshare",
+        f"--variant={variant}",
+        f"--architectures={architecture}",
+        "--format=tar",
+        # Device nodes cannot be made in a user namespace; the sandbox brings its own /dev.
+        "--skip=output/mknod",
+    ]
+    if include:
+        argv.append("--include=" + ",".join(include))
+    argv += [suite, str(output)]
+    if mirror:
+        argv.append(mirror)
+    return argv
+
+
+def create_env(
+    name: str,
+    suite: str,
+    *,
+    architecture: str | None = None,
+    variant: str = "buildd",
+    mirror: str | None = None,
+    include: Sequence[str] = (),
+    aliases: Sequence[str] = (),
+    quiet: bool = False,
+) -> EnvConfig:
+    """Bootstrap `suite` with mmdebstrap, declare it as `name`, unpack it once."""
+    if not NAME_RE.match(name):
+        raise EnvError(f"bad environment name {name!r} (letters, digits, . _ + ~ -)")
+    existing = load_config().find(name)
+    if existing is not None:
+        raise EnvError(f"environment {name!r} already exists ({existing.source})")
+    if shutil.which("mmdebstrap") is None:
+        raise EnvError("mmdebstrap not found: install the mmdebstrap package")
+    arch = architecture or host_architecture()
+    layout = Layout.default()
+    layout.ensure()
+    tarball = layout.tarballs / f"{name}.tar"
+    tmp = layout.tarballs / f"{tmp_name()}.tar"
+    argv = mmdebstrap_argv(
+        suite, tmp, architecture=arch, variant=variant, mirror=mirror, include=include
+    )
+    try:
+        status = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL if quiet else None
+        ).returncode
+        if status != 0:
+            raise EnvError(f"mmdebstrap failed with status {status}: {' '.join(argv)}")
+        os.replace(tmp, tarball)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    env = EnvConfig(
+        name=name,
+        type="tarball",
+        path=tarball,
+        aliases=tuple(aliases),
+        description=f"Debian {suite} {variant} {arch}, made by nsbuild env create",
+        suite=suite,
+        architecture=arch,
+        mirrors=(mirror or DEFAULT_MIRROR,),
+    )
+    with use_base(env, quiet=quiet) as base:
+        # Record every archive apt will talk to (mmdebstrap adds -security and
+        # -updates for stable suites): `--net allow` lets exactly these through.
+        mirrors = apt_mirrors(base.root) or env.mirrors
+    write_entry(dataclasses.replace(env, mirrors=mirrors))
+    return load_config().get(name)
+
+
+def apt_mirrors(root: Path) -> tuple[str, ...]:
+    """The archive URLs in a root's apt sources (one-line and deb822 formats)."""
+    found: list[str] = []
+    etc = root / "etc" / "apt"
+    files = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*"))]
+    for file in files:
+        try:
+            text = file.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            if words[:1] in (["deb"], ["deb-src"]):
+                urls = [w for w in words[1:] if "://" in w][:1]
+            elif words[:1] == ["URIs:"]:
+                urls = [w for w in words[1:] if "://" in w]
+            else:
+                continue
+            found += [u for u in urls if u not in found]
+    return tuple(found)
+
+
+def update_env(name: str, quiet: bool = False) -> EnvConfig:
+    """Upgrade with apt in a session, then replace the tarball atomically."""
+    from nsbuild.sandbox import PIPE, run, spawn
+
+    env = load_config().get(name)
+    if env.type != "tarball" or env.path is None:
+        raise EnvError(f"environment {env.name!r} is of Type {env.type}: only tarballs can update")
+    layout = layout_for(env)
+    old = tarball_digest(layout, env.path)
+    with throwaway(env) as session:
+        # Only apt runs here (trusted) and it talks to the mirror.
+        extra = host_resolver_mounts()
+        status = run(session.sandbox(["sh", "-c", UPGRADE_SCRIPT], mounts=extra, share_net=True))
+        if status != 0:
+            raise EnvError(f"upgrading {env.name!r} failed (apt exit status {status})")
+        pack = session.sandbox(
+            ["tar", "--create", "--file=-", "--directory=/", "--one-file-system",
+             "--numeric-owner", "--xattrs", "--sort=name", "."],
+        )  # fmt: skip
+        proc = spawn(pack, stdout=PIPE)
+        assert proc.stdout is not None
+        try:
+            digest = copy_tarball_atomically(proc.stdout, env.path, check=proc.wait)
+        finally:
+            proc.stdout.close()
+            proc.kill()
+            proc.wait()
+    remember_digest(layout, env.path, digest)
+    with use_base(env, quiet=quiet):
+        pass
+    if digest != old:
+        from nsbuild.envs.cleanup import remove_unused_base
+
+        remove_unused_base(layout, old)
+    return env
+
+
+def remove_env(name: str, keep_tarball: bool = False) -> list[str]:
+    """Forget `name`: its chroot.d file, its tarball if nsbuild made it, its unused base."""
+    env = load_config().get(name)
+    if env.name != name:
+        raise EnvError(f"{name!r} is an alias of {env.name!r}: remove it by its name")
+    file = env.source.rsplit(":", 1)[0]
+    if not file.startswith(str(user_config_dir())):
+        raise EnvError(f"environment {name!r} is declared in {file}: remove it there")
+    done = [f"removed {remove_entry(env)}"]
+    layout = layout_for(env)
+    digest: str | None = None
+    if env.type == "tarball" and env.path and env.path.exists():
+        with contextlib.suppress(EnvError):
+            digest = tarball_digest(layout, env.path)
+        if not keep_tarball and env.path.parent == layout.tarballs:
+            env.path.unlink()
+            done.append(f"removed {env.path}")
+    if digest:
+        from nsbuild.envs.cleanup import remove_unused_base
+
+        if remove_unused_base(layout, digest):
+            done.append(f"removed its unpacked base {digest[:12]}")
+    return done

@@ -1,0 +1,21 @@
+"""Errors of the environments layer.
+
+`EnvError` is a usage/configuration error (exit status 2 once cli.main maps
+it). The message is one line that names the file, line or object at fault.
+"""
+
+from __future__ import annotations
+
+from nsbuild.errors import NsbuildError
+
+
+class EnvError(NsbuildError):
+    """An environment, session or store operation failed; the message says why."""
+
+
+class ConfigError(EnvError):
+    """A chroot.d file is malformed: the message names the file and the line."""
+
+
+class UnsafeTarball(EnvError):
+    """A tarball has a member that could write outside its target directory."""

@@ -1,0 +1,62 @@
+"""Network policy: `none` (loopback only), `allow` (an egress allowlist), `host`.
+
+Engines for `allow`: `proxy` (rootless HTTP/CONNECT proxy serving a socket
+that lives inside the sandbox's network namespace) and `nftables` (root: a
+cgroup v2 of the run's own and an nftables table matching it). Every attempt
+goes to a network log.
+
+API (cheap to import; engines load lazily):
+
+    add_arguments(parser)                 # --net --allow --allow-from-env
+                                          # --egress-engine --net-log
+    opts = options_from_args(args)        # NetOptions, or NetError (one line)
+    with network(opts, mirrors=(...), debug=False) as plan:   # NetPlan
+        ... Sandbox(share_net=plan.share_net, inside_sockets=plan.inside_sockets,
+                    mounts=... + plan.mounts, env=... + plan.env, cgroup=plan.cgroup)
+        plan.serve(proc.sockets)
+    plan.denied_summary(); plan.records()
+    gc()                                  # leftovers of dead runs (root engine)
+"""
+
+from __future__ import annotations
+
+from nsbuild.net.errors import NetError
+from nsbuild.net.options import NetOptions, add_arguments, options_from_args
+
+TYPE_CHECKING = False  # no typing import at run time: `nsbuild run` starts here
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from nsbuild.net.plan import NetPlan, Network
+
+__all__ = [
+    "NetError",
+    "NetOptions",
+    "NetPlan",
+    "add_arguments",
+    "gc",
+    "network",
+    "options_from_args",
+]
+
+
+def network(opts: NetOptions, *, mirrors: Sequence[str] = (), debug: bool = False) -> Network:
+    """A context manager yielding the NetPlan; stops serving and cleans up on exit."""
+    from nsbuild.net.plan import Network
+
+    return Network(opts, mirrors=mirrors, debug=debug)
+
+
+def gc() -> list[str]:
+    """Remove nftables tables and cgroups left by dead nsbuild runs; returns what went."""
+    from nsbuild.net.nftables_engine import gc as _gc
+
+    return _gc()
+
+
+def __getattr__(name: str) -> object:
+    if name == "NetPlan":
+        from nsbuild.net.plan import NetPlan
+
+        return NetPlan
+    raise AttributeError(name)

@@ -1,0 +1,196 @@
+"""The egress allowlist: entries `HOST[:PORT]`, parsed strictly, matched exactly.
+
+An entry is a host name (`deb.debian.org`), a wildcard for its subdomains
+(`*.debian.org` matches `a.debian.org` and `a.b.debian.org`, not `debian.org`),
+an IPv4 literal (`127.0.0.1`) or a bracketed IPv6 literal (`[::1]`), with an
+optional port; without a port it allows 80 and 443.
+
+Host names are compared in a canonical form (lower case, no trailing dot),
+and anything a resolver might read in a surprising way (`2130706433`,
+`0x7f.1`, `%2e`, user info, non-ASCII) is refused by `canonical_host`.
+Addresses a *name* resolves to are checked too (`address_refusal`): a name
+that resolves to loopback, link-local, multicast or an unspecified address is
+refused (DNS rebinding); only a literal address entry can allow those.
+
+Stdlib only, no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from nsbuild.net.errors import NetError
+
+DEFAULT_PORTS: tuple[int, ...] = (80, 443)
+_SCHEME_PORTS = {"http": 80, "https": 443}
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def canonical_host(host: str) -> str | IPAddress:
+    """A host name in canonical form, or an IP address; ValueError if neither.
+
+    Only strict dotted-quad IPv4 and bracket-less IPv6 text are addresses; a
+    name whose last label is numeric is refused, so `2130706433` or `127.1`
+    can never reach a resolver that would read it as 127.0.0.1."""
+    if not host or not host.isascii():
+        raise ValueError(f"not an ASCII host name: {host!r}")
+    if ":" in host:
+        try:
+            v6 = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"not an IPv6 address: {host!r}") from None
+        if v6.ipv4_mapped is not None:
+            return v6.ipv4_mapped
+        return v6
+    try:
+        return ipaddress.IPv4Address(host)
+    except ValueError:
+        pass
+    name = host.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(f"not a valid host name: {host!r}")
+    if labels[-1].isdigit() or labels[-1].startswith("0x"):
+        raise ValueError(f"numeric host name that is not a dotted-quad address: {host!r}")
+    return name
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]`, `[v6]:port` -> (host, port or None)."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unclosed '[' in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"unexpected text after ']' in {text!r}")
+        port_text = rest[1:] if rest else None
+        if ":" not in host:
+            raise ValueError(f"brackets are for IPv6 addresses only: {text!r}")
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"write IPv6 addresses in brackets: [{text}]")
+        host, _, port_text_ = text.partition(":")
+        port_text = port_text_ if ":" in text else None
+    port = None if port_text is None else parse_port(port_text)
+    return host, port
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit() or len(text) > 5 or not 1 <= int(text) <= 65535:
+        raise ValueError(f"bad port {text!r}: expected 1-65535")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """One allowlist entry. `host` is canonical; `wildcard` means subdomains of it."""
+
+    host: str
+    ports: tuple[int, ...]
+    wildcard: bool = False
+    source: str = ""  # how the user wrote it, for messages and the network log
+
+    @property
+    def address(self) -> IPAddress | None:
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+    def matches(self, host: str | IPAddress, port: int) -> bool:
+        if port not in self.ports:
+            return False
+        if not isinstance(host, str):
+            return self.address == host
+        if self.wildcard:
+            return host.endswith("." + self.host)
+        return self.address is None and host == self.host
+
+    def describe(self) -> str:
+        shown = f"*.{self.host}" if self.wildcard else self.host
+        if ":" in shown:
+            shown = f"[{shown}]"
+        return f"{shown}:{','.join(map(str, self.ports))}"
+
+
+def parse_rule(text: str, source: str | None = None) -> AllowRule:
+    """Parse one `--allow` entry; NetError names the entry and what is wrong."""
+    try:
+        host, port = split_host_port(text.strip())
+        wildcard = host.startswith("*.")
+        if wildcard:
+            host = host[2:]
+        if "*" in host:
+            raise ValueError("only a leading '*.' wildcard is supported")
+        canon = canonical_host(host)
+        if wildcard and not isinstance(canon, str):
+            raise ValueError("a wildcard needs a host name, not an address")
+        if wildcard and "." not in canon:  # type: ignore[operator]
+            raise ValueError("a wildcard needs at least two labels (*.example.org)")
+    except ValueError as e:
+        raise NetError(f"--allow {text!r}: {e}") from None
+    ports = DEFAULT_PORTS if port is None else (port,)
+    return AllowRule(str(canon), ports, wildcard, source or text)
+
+
+def rule_from_url(url: str) -> AllowRule:
+    """An allowlist rule for a mirror URL (`http://deb.debian.org/debian`)."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _SCHEME_PORTS:
+        raise NetError(f"mirror {url!r}: only http:// and https:// mirrors can be allowed")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        authority = authority.rpartition("@")[2]
+    try:
+        host, port = split_host_port(authority)
+        canon = canonical_host(host)
+    except ValueError as e:
+        raise NetError(f"mirror {url!r}: {e}") from None
+    return AllowRule(str(canon), (port or _SCHEME_PORTS[scheme],), False, f"mirror {url}")
+
+
+def address_refusal(addr: IPAddress) -> str | None:
+    """Why a *name* may not resolve to `addr` (None if it may)."""
+    if addr.is_loopback:
+        return "resolves to a loopback address"
+    if addr.is_unspecified:
+        return "resolves to an unspecified address"
+    if addr.is_link_local:
+        return "resolves to a link-local address"
+    if addr.is_multicast:
+        return "resolves to a multicast address"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return address_refusal(addr.ipv4_mapped)
+    return None
+
+
+@dataclass(frozen=True)
+class Allowlist:
+    rules: tuple[AllowRule, ...]
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> Allowlist:
+        return cls(tuple(parse_rule(e) for e in entries))
+
+    def extend(self, rules: Sequence[AllowRule]) -> Allowlist:
+        return Allowlist(self.rules + tuple(r for r in rules if r not in self.rules))
+
+    def match(self, host: str | IPAddress, port: int) -> AllowRule | None:
+        for rule in self.rules:
+            if rule.matches(host, port):
+                return rule
+        return None
+
+    def describe(self) -> str:
+        return " ".join(r.describe() for r in self.rules) or "(empty)"

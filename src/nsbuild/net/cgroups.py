@@ -1,0 +1,123 @@
+"""cgroup v2 for the nftables engine: find the mount, make and remove a run's cgroup.
+
+A run's cgroup is `<cgroup2 mount>/nsbuild-net.<owner pid>.<n>`, at the top
+of the hierarchy (level 1) so nftables can match it with `socket cgroupv2
+level 1`, and so `gc()` finds leftovers of dead owners in one place.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import time
+
+PREFIX = "nsbuild-net."
+_counter = itertools.count()
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The first cgroup2 mount point, read from mountinfo (not assumed)."""
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        try:
+            sep = fields.index("-")
+        except ValueError:
+            continue
+        if len(fields) > sep + 1 and fields[sep + 1] == "cgroup2":
+            return _unescape(fields[4])
+    return None
+
+
+def _unescape(path: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    while i < len(path):
+        if path[i] == "\\" and i + 4 <= len(path) and path[i + 1 : i + 4].isdigit():
+            out.append(chr(int(path[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(path[i])
+            i += 1
+    return "".join(out)
+
+
+def nft_cgroup_path(cgroup_dir: str) -> str:
+    """The path string nft wants for `socket cgroupv2 ... "PATH"`.
+
+    nft (1.0.x) resolves it as `/sys/fs/cgroup/PATH`, a hard-coded prefix, so
+    give it our directory relative to that prefix; it stays right when the
+    cgroup2 mount is elsewhere (here: /sys/fs/cgroup/unified)."""
+    return os.path.relpath(cgroup_dir, "/sys/fs/cgroup")
+
+
+def create_run_cgroup(mount: str) -> str:
+    name = f"{PREFIX}{os.getpid()}.{next(_counter)}"
+    path = os.path.join(mount, name)
+    try:
+        os.mkdir(path)
+    except FileExistsError:  # a leftover of an earlier process with our pid
+        remove_cgroup(path)
+        os.mkdir(path)
+    return path
+
+
+def owner_pid(name: str) -> int | None:
+    if not name.startswith(PREFIX):
+        return None
+    pid = name[len(PREFIX) :].split(".")[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def remove_cgroup(path: str, timeout: float = 5.0) -> None:
+    """Kill what is left in the cgroup, then remove it (and its children)."""
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            remove_cgroup(entry.path, timeout)
+    kill = os.path.join(path, "cgroup.kill")
+    if os.path.exists(kill):
+        try:
+            with open(kill, "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            # EBUSY while killed processes are still being reaped.
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def stale_cgroups(mount: str) -> list[str]:
+    out = []
+    try:
+        entries = list(os.scandir(mount))
+    except OSError:
+        return []
+    for entry in entries:
+        pid = owner_pid(entry.name)
+        if pid is not None and not pid_alive(pid):
+            out.append(entry.path)
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

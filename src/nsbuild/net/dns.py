@@ -1,0 +1,123 @@
+"""The inside DNS responder: answers every query NXDOMAIN and logs the name.
+
+Its UDP socket lives in the sandbox's network namespace (127.0.0.1:53,
+named by /etc/resolv.conf inside); one daemon thread on the host side serves
+it. Nothing is ever resolved: the point is to tell the user what a build
+tried to reach, and to make resolution fail fast instead of timing out.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+from nsbuild.net.netlog import NetLog
+
+QTYPES = {
+    1: "A",
+    2: "NS",
+    5: "CNAME",
+    12: "PTR",
+    15: "MX",
+    16: "TXT",
+    28: "AAAA",
+    33: "SRV",
+    65: "HTTPS",
+    255: "ANY",
+}
+NXDOMAIN = 3
+FORMERR = 1
+
+
+def parse_question(packet: bytes) -> tuple[int, int, str, int, int]:
+    """(id, flags, name, qtype, end of question) of a query; ValueError if malformed."""
+    if len(packet) < 12:
+        raise ValueError("short DNS header")
+    qid, flags, qdcount = struct.unpack("!HHH", packet[:6])
+    if flags & 0x8000 or qdcount != 1:
+        raise ValueError("not a single-question query")
+    labels, pos = [], 12
+    while True:
+        if pos >= len(packet):
+            raise ValueError("truncated name")
+        length = packet[pos]
+        pos += 1
+        if length == 0:
+            break
+        if length > 63:  # compression pointers make no sense in a question
+            raise ValueError("bad label")
+        labels.append(packet[pos : pos + length])
+        pos += length
+    if pos + 4 > len(packet):
+        raise ValueError("truncated question")
+    qtype = struct.unpack("!H", packet[pos : pos + 2])[0]
+    name = ".".join(label.decode("ascii", "backslashreplace") for label in labels) or "."
+    return qid, flags, name, qtype, pos + 4
+
+
+def answer(packet: bytes, rcode: int = NXDOMAIN) -> tuple[bytes, str | None, int]:
+    """The reply to `packet`: (reply, name or None, qtype)."""
+    try:
+        qid, flags, name, qtype, end = parse_question(packet)
+    except ValueError:
+        if len(packet) < 2:
+            return b"", None, 0
+        qid = struct.unpack("!H", packet[:2])[0]
+        return struct.pack("!HHHHHH", qid, 0x8000 | FORMERR, 0, 0, 0, 0), None, 0
+    # QR=1, keep opcode and RD, RA=1 so resolvers do not retry elsewhere.
+    reply_flags = 0x8000 | (flags & 0x7900) | 0x0080 | rcode
+    header = struct.pack("!HHHHHH", qid, reply_flags, 1, 0, 0, 0)
+    return header + packet[12:end], name, qtype
+
+
+class DnsResponder:
+    """Serve one bound UDP socket from one daemon thread until stop()."""
+
+    def __init__(self, sock: socket.socket, log: NetLog, rule: str) -> None:
+        self._sock = sock
+        self._log = log
+        self._rule = rule
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="nsbuild-dns", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            try:
+                packet, peer = self._sock.recvfrom(4096)
+            except OSError:
+                return
+            if self._stopping:
+                return
+            reply, name, qtype = answer(packet)
+            if name is not None:
+                self._log.add(
+                    engine="dns",
+                    kind="dns",
+                    host=name,
+                    port=53,
+                    decision="nxdomain",
+                    rule=self._rule,
+                    bytes_out=len(packet),
+                    bytes_in=len(reply),
+                    qtype=QTYPES.get(qtype, str(qtype)),
+                )
+            if reply:
+                try:
+                    self._sock.sendto(reply, peer)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        try:
+            # Wakes the blocked recvfrom (Linux sets the shutdown flag even on
+            # an unconnected datagram socket, then reports ENOTCONN).
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(timeout=1.0)
+        self._sock.close()

@@ -1,0 +1,130 @@
+"""The nftables engine's life cycle: cgroup + NFLOG reader + table, then cleanup.
+
+Order matters: the cgroup exists before the ruleset names it (nft resolves
+the path when it loads the rules); the NFLOG group is bound before the rules
+log to it; on exit the table goes first (so nothing is matched against a
+cgroup being removed), then the cgroup (killing stragglers), then the reader.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Generator
+from typing import TYPE_CHECKING
+
+from nsbuild.net import cgroups, nftables
+from nsbuild.net.errors import NetError
+from nsbuild.net.netlog import NetLog
+from nsbuild.sandbox.spec import File
+
+if TYPE_CHECKING:
+    from nsbuild.net.allowlist import Allowlist
+    from nsbuild.net.plan import NetPlan
+
+
+def hosts_file(destinations: list[nftables.Destination], allowlist: Allowlist) -> bytes:
+    """/etc/hosts naming the allowed hosts: the sandbox cannot reach a resolver."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    seen = set()
+    for rule in allowlist.rules:
+        if rule.address is not None:
+            continue
+        for d in destinations:
+            if d.label == rule.describe() and (d.addr, rule.host) not in seen:
+                seen.add((d.addr, rule.host))
+                lines.append(f"{d.addr}\t{rule.host}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def nftables_plan(allowlist: Allowlist, log: NetLog, debug: bool) -> Generator[NetPlan, None, None]:
+    """A generator: the first next() sets up and yields the plan, the second tears down."""
+    from nsbuild.net.nflog import NflogReader
+    from nsbuild.net.options import check_nftables_usable
+    from nsbuild.net.plan import NetPlan
+
+    check_nftables_usable(allowlist)
+    destinations = nftables.resolve_allowlist(allowlist)
+    mount = cgroups.cgroup2_mount()
+    if mount is None:
+        raise NetError("--egress-engine nftables: no cgroup v2 mount")
+    gc()  # leftovers of crashed runs
+    cgroup = cgroups.create_run_cgroup(mount)
+    table = nftables.TABLE_PREFIX + cgroup.rsplit("/", 1)[1][len(cgroups.PREFIX) :].replace(
+        ".", "_"
+    )
+    reader = None
+    applied = False
+    try:
+
+        def seen(proto: str, addr: str, port: int, prefix: str) -> None:
+            if prefix.strip() == table:
+                log.add(
+                    engine="nftables",
+                    kind=proto,
+                    host=addr,
+                    port=port,
+                    decision="deny",
+                    rule="default deny",
+                )
+
+        reader = NflogReader(seen)
+        reader.start()
+        script = nftables.ruleset(
+            table, cgroups.nft_cgroup_path(cgroup), destinations, reader.group
+        )
+        if debug:
+            print(f"nsbuild: nftables ruleset (nft -f):\n{script}", file=sys.stderr, end="")
+        nftables.apply(script)
+        applied = True
+        plan = NetPlan(
+            log,
+            share_net=True,
+            cgroup=cgroup,
+            mounts=(File("/etc/hosts", hosts_file(destinations, allowlist)),),
+        )
+        yield plan
+        for label, (packets, nbytes, received) in nftables.allow_counters(table).items():
+            if packets:
+                dest = next(d for d in destinations if f"{d.label} {d.addr}" == label)
+                log.add(
+                    engine="nftables",
+                    kind="tcp",
+                    host=str(dest.addr),
+                    port=dest.port,
+                    decision="allow",
+                    rule=dest.label,
+                    bytes_out=nbytes,
+                    bytes_in=received,
+                    packets_out=packets,
+                )
+    finally:
+        if applied:
+            nftables.delete_table(table)
+        cgroups.remove_cgroup(cgroup)
+        if reader is not None:
+            reader.stop()
+
+
+def gc() -> list[str]:
+    """Remove nsbuild tables and cgroups whose owner process is dead. Returns what went."""
+    import os
+    import shutil
+
+    removed: list[str] = []
+    if os.geteuid() != 0:
+        return removed
+    if shutil.which("nft") is not None:
+        for table in nftables.list_tables():
+            pid = nftables.owner_pid(table)
+            if pid is not None and not cgroups.pid_alive(pid):
+                nftables.delete_table(table)
+                removed.append(f"nftables table inet {table}")
+    mount = cgroups.cgroup2_mount()
+    if mount is not None:
+        for path in cgroups.stale_cgroups(mount):
+            try:
+                cgroups.remove_cgroup(path)
+                removed.append(f"cgroup {path}")
+            except OSError:
+                pass
+    return removed

@@ -1,0 +1,126 @@
+"""Command-line options of the network policy, validated into a frozen NetOptions.
+
+Every check that can fail does so here, before anything runs: an entry that
+does not parse, the nftables engine without root, without `nft`, or without a
+cgroup v2 mount.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nsbuild.net.errors import NetError
+
+# Cheap at run time (no typing, no dataclasses): this module is on the path of
+# every `nsbuild run`. The allowlist module (ipaddress) loads only when needed.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from dataclasses import dataclass
+
+    from nsbuild.net.allowlist import Allowlist
+else:
+    from nsbuild.sandbox.record import dataclass
+
+MODES = ("none", "allow", "host")
+ENGINES = ("proxy", "nftables")
+
+
+@dataclass(frozen=True)
+class NetOptions:
+    mode: str = "none"
+    allowlist: Allowlist | None = None  # None: empty (with --allow-from-env: mirrors only)
+    allow_from_env: bool = False
+    engine: str = "proxy"
+    log_path: str | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("network")
+    group.add_argument(
+        "--net",
+        choices=MODES,
+        default=None,
+        help="none: loopback only (default); allow: only the --allow list, through an "
+        "egress engine; host: the host's network (explicit opt-in)",
+    )
+    group.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="let --net allow reach HOST (wildcard *.example.org) on PORT "
+        "(default 80 and 443); repeatable; implies --net allow",
+    )
+    group.add_argument(
+        "--allow-from-env",
+        action="store_true",
+        help="allow the environment's mirrors and apt sources; implies --net allow",
+    )
+    group.add_argument(
+        "--egress-engine",
+        choices=ENGINES,
+        default="proxy",
+        help="proxy: rootless HTTP/CONNECT proxy (default); nftables: kernel-enforced "
+        "for every protocol (root only)",
+    )
+    group.add_argument(
+        "--net-log",
+        metavar="FILE",
+        default=None,
+        help="write one JSON line per network attempt (allowed or denied) to FILE",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> NetOptions:
+    allow: list[str] = list(getattr(args, "allow", None) or [])
+    from_env = bool(getattr(args, "allow_from_env", False))
+    mode = getattr(args, "net", None)
+    engine = getattr(args, "egress_engine", None) or "proxy"
+    log_path = getattr(args, "net_log", None)
+    if mode is None:
+        mode = "allow" if allow or from_env else "none"
+    if mode not in MODES:
+        raise NetError(f"--net {mode!r}: expected one of {', '.join(MODES)}")
+    if mode != "allow" and (allow or from_env):
+        flag = "--allow" if allow else "--allow-from-env"
+        raise NetError(f"{flag} needs --net allow (got --net {mode})")
+    if mode == "allow" and not allow and not from_env:
+        raise NetError(
+            "--net allow: nothing is allowed; give --allow HOST[:PORT] or --allow-from-env"
+        )
+    if engine not in ENGINES:
+        raise NetError(f"--egress-engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    allowlist = None
+    if allow:
+        from nsbuild.net.allowlist import Allowlist
+
+        allowlist = Allowlist.parse(allow)
+    if mode == "allow" and engine == "nftables":
+        check_nftables_usable(allowlist)
+    if log_path is not None:
+        parent = os.path.dirname(os.path.abspath(log_path))
+        if not os.path.isdir(parent):
+            raise NetError(f"--net-log {log_path}: directory {parent} does not exist")
+    return NetOptions(mode, allowlist, from_env, engine, log_path)
+
+
+def check_nftables_usable(allowlist: Allowlist | None) -> None:
+    import shutil
+
+    from nsbuild.net.cgroups import cgroup2_mount
+
+    if os.geteuid() != 0:
+        raise NetError("--egress-engine nftables needs root; use --egress-engine proxy")
+    if shutil.which("nft") is None:
+        raise NetError(
+            "--egress-engine nftables: the nft command is missing (apt install nftables)"
+        )
+    if cgroup2_mount() is None:
+        raise NetError("--egress-engine nftables: no cgroup v2 mount in /proc/self/mountinfo")
+    for rule in allowlist.rules if allowlist else ():
+        if rule.wildcard:
+            raise NetError(
+                f"--allow {rule.source!r}: the nftables engine matches addresses, so it "
+                "cannot enforce a wildcard; name the hosts or use --egress-engine proxy"
+            )

@@ -1,0 +1,190 @@
+"""`network(opts)`: turn NetOptions into what the sandbox needs, and serve it.
+
+    with network(opts, mirrors=env_mirrors) as plan:
+        spec = Sandbox(..., share_net=plan.share_net, inside_sockets=plan.inside_sockets,
+                       mounts=base_mounts + plan.mounts, env=base_env + plan.env,
+                       cgroup=plan.cgroup)
+        proc = spawn(spec)
+        plan.serve(proc.sockets)        # right after spawn; background threads
+        status = proc.wait()
+    print(plan.denied_summary())        # when not None
+
+Inside sockets replace the issue's "Unix socket bound into the sandbox": the
+runtime creates the proxy's listening socket and the DNS socket inside the
+sandbox's own network namespace and hands them over; the host side accepts
+on them and connects out from the host namespace. No relay process runs
+inside and no path socket is bound in.
+"""
+
+from __future__ import annotations
+
+from nsbuild.net.errors import NetError
+from nsbuild.net.netlog import NetLog
+from nsbuild.sandbox.spec import File, InsideSocket
+
+# No typing/contextlib at run time: the `none` path runs on every `nsbuild run`.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable, Generator, Sequence
+    from types import TracebackType
+    from typing import Any
+
+    from nsbuild.net.allowlist import Allowlist
+    from nsbuild.net.options import NetOptions
+    from nsbuild.sandbox.spec import Mount
+
+PROXY_PORT = 3128  # inside the sandbox's own namespace: no clash possible
+PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
+RESOLV_CONF = File("/etc/resolv.conf", b"nameserver 127.0.0.1\noptions attempts:1 timeout:1\n")
+
+
+class NetPlan:
+    """What the caller copies into the Sandbox, and the host-side services."""
+
+    def __init__(
+        self,
+        log: NetLog,
+        *,
+        share_net: bool = False,
+        inside_sockets: tuple[InsideSocket, ...] = (),
+        mounts: tuple[Mount, ...] = (),
+        env: tuple[tuple[str, str], ...] = (),
+        cgroup: str | None = None,
+    ) -> None:
+        self.share_net = share_net
+        self.inside_sockets = inside_sockets
+        self.mounts = mounts
+        self.env = env
+        self.cgroup = cgroup
+        self._log = log
+        self._services: list[Any] = []
+        self._serve_with: Callable[[list[socket.socket]], list[Any]] | None = None
+
+    def serve(self, sockets: list[socket.socket]) -> None:
+        """Serve the inside sockets (proc.sockets, in inside_sockets order)."""
+        if self._serve_with is None or self._services:
+            return
+        if len(sockets) < len(self.inside_sockets):
+            raise NetError(
+                f"expected {len(self.inside_sockets)} inside sockets, got {len(sockets)}"
+            )
+        self._services = self._serve_with(sockets)
+        for service in self._services:
+            service.start()
+
+    def stop(self) -> None:
+        services, self._services = self._services, []
+        for service in services:
+            service.stop()
+
+    def denied_summary(self) -> str | None:
+        return self._log.denied_summary()
+
+    def records(self) -> list[dict[str, Any]]:
+        return self._log.records()
+
+
+class Network:
+    """Context manager: enter -> NetPlan (nothing runs yet); exit -> stop serving,
+    remove the nftables table and cgroup, close the network log."""
+
+    def __init__(self, opts: NetOptions, *, mirrors: Sequence[str] = (), debug: bool = False):
+        self._opts = opts
+        self._mirrors = tuple(mirrors)
+        self._debug = debug
+        self._log: NetLog | None = None
+        self._plan: NetPlan | None = None
+        self._engine: Generator[NetPlan, None, None] | None = None
+
+    def __enter__(self) -> NetPlan:
+        opts = self._opts
+        # Validate before anything is opened or started.
+        allowlist = _allowlist(opts, self._mirrors) if opts.mode == "allow" else None
+        log = self._log = NetLog(opts.log_path)
+        try:
+            if opts.mode == "host":
+                self._plan = NetPlan(log, share_net=True)
+            elif opts.mode == "none":
+                self._plan = _none_plan(log)
+            elif opts.engine == "proxy":
+                assert allowlist is not None
+                self._plan = _proxy_plan(allowlist, log)
+            else:
+                from nsbuild.net.nftables_engine import nftables_plan
+
+                assert allowlist is not None
+                self._engine = nftables_plan(allowlist, log, self._debug)
+                self._plan = next(self._engine)
+        except BaseException:
+            log.close()
+            raise
+        return self._plan
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._plan is not None:
+                self._plan.stop()
+            if self._engine is not None:
+                self._engine.close() if exc is not None else next(self._engine, None)
+        finally:
+            if self._log is not None:
+                self._log.close()
+
+
+def _none_plan(log: NetLog) -> NetPlan:
+    from nsbuild.net.dns import DnsResponder
+
+    plan = NetPlan(
+        log,
+        inside_sockets=(InsideSocket("udp", "127.0.0.1", 53),),
+        mounts=(RESOLV_CONF,),
+    )
+    plan._serve_with = lambda socks: [DnsResponder(socks[0], log, "--net none: no network")]
+    return plan
+
+
+def _allowlist(opts: NetOptions, mirrors: Sequence[str]) -> Allowlist:
+    from nsbuild.net.allowlist import Allowlist, rule_from_url
+
+    allowlist = opts.allowlist or Allowlist(())
+    if opts.allow_from_env:
+        if not mirrors:
+            raise NetError("--allow-from-env: the environment names no mirror or apt source")
+        allowlist = allowlist.extend([rule_from_url(m) for m in mirrors])
+    return allowlist
+
+
+def proxy_env(url: str = PROXY_URL) -> tuple[tuple[str, str], ...]:
+    names = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
+    return tuple((n, url) for n in names)
+
+
+def apt_proxy_conf(url: str = PROXY_URL) -> bytes:
+    """apt.conf text for roots where /etc/apt/apt.conf.d can take a File mount."""
+    return f'Acquire::http::Proxy "{url}";\nAcquire::https::Proxy "{url}";\n'.encode()
+
+
+def _proxy_plan(allowlist: Allowlist, log: NetLog) -> NetPlan:
+    from nsbuild.net.dns import DnsResponder
+    from nsbuild.net.proxy import EgressProxy
+
+    plan = NetPlan(
+        log,
+        inside_sockets=(
+            InsideSocket("tcp", "127.0.0.1", PROXY_PORT),
+            InsideSocket("udp", "127.0.0.1", 53),
+        ),
+        mounts=(RESOLV_CONF,),
+        env=proxy_env(),
+    )
+    plan._serve_with = lambda socks: [
+        EgressProxy(socks[0], allowlist, log),
+        DnsResponder(socks[1], log, "--net allow: names are resolved by the egress proxy"),
+    ]
+    return plan

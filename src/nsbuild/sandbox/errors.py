@@ -1,0 +1,41 @@
+"""Sandbox runtime errors. Kept free of imports from layers above."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+from nsbuild.errors import NsbuildError
+
+# Exit status for nsbuild's own failures, distinct from the command's (the
+# convention of podman and docker).
+SETUP_FAILED = 125
+
+_HINTS: dict[int, str] = {
+    _errno.ENOSPC: "mount or namespace limit reached (see /proc/sys/user/max_*_namespaces "
+    "and /proc/sys/fs/mount-max)",
+}
+
+
+class SandboxError(NsbuildError):
+    exit_status = SETUP_FAILED
+
+
+class SetupError(SandboxError):
+    """A named setup step failed; carries the step, path and errno."""
+
+    def __init__(self, step: str, err: int, path: str | None = None, hint: str | None = None):
+        self.step = step
+        self.errno = err
+        self.path = path
+        self.hint = hint or _HINTS.get(err)
+        where = f" {path}" if path else ""
+        msg = f"{step}{where}: {_errno.errorcode.get(err, str(err))} ({_strerror(err)})"
+        if self.hint:
+            msg += f"; hint: {self.hint}"
+        super().__init__(msg)
+
+
+def _strerror(err: int) -> str:
+    import os
+
+    return os.strerror(err)

@@ -1,0 +1,612 @@
+"""Execute a `Sandbox`: the process pipeline and its setup steps.
+
+    nsbuild (parent, host)                 writes id maps, relays signals, waits
+      └─ helper (new user namespace)       unshares the rest, waits for init
+           └─ init, PID 1 (all namespaces) builds the root, pivots, reaps
+                └─ command                 drops privileges, execs
+
+Setup failures travel back over a close-on-exec SEQPACKET channel; EOF on it
+means the command was exec'd. The same channel carries sockets made inside the
+sandbox's network namespace back to the parent (SCM_RIGHTS). Each process dies
+with its parent (PR_SET_PDEATHSIG), and when init dies the kernel kills every
+process in the PID namespace, so nothing outlives a killed nsbuild; the mount
+namespace goes with its last process, so no mount is left behind either.
+
+Children never raise into the caller's code: everything after fork() ends in
+os._exit(), and output from them goes through os.write (no locks shared with
+the parent's threads).
+"""
+
+from __future__ import annotations
+
+# _socket and _signal, not socket and signal: those import enum, several
+# milliseconds of the startup of every `nsbuild run`.
+import _socket
+import errno
+import os
+from array import array
+
+from nsbuild.sandbox import mounts as m
+from nsbuild.sandbox import syscalls as sc
+from nsbuild.sandbox.errors import SandboxError, SetupError
+from nsbuild.sandbox.idmap import write_maps
+from nsbuild.sandbox.spec import IdMap, InsideSocket, Sandbox
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    import socket
+    from collections.abc import Callable
+    from typing import IO, NoReturn
+else:
+    import _signal as signal
+
+PIPE = -1
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# Helper/init exit status when setup failed; the real error is on the channel.
+_SETUP_EXIT = 125
+
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP_LOOPBACK_RUNNING = 0x1 | 0x8 | 0x40
+
+
+def _debug_printer(enabled: bool) -> Callable[[str], None]:
+    import time
+
+    start = time.monotonic()
+
+    def say(msg: str) -> None:
+        if enabled:
+            ms = (time.monotonic() - start) * 1000
+            os.write(2, f"nsbuild: [{ms:6.1f} ms] {msg}\n".encode(errors="replace"))
+
+    return say
+
+
+class _Channel:
+    """The child side of the report channel."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, *fields: str, fds: list[int] | None = None) -> None:
+        data = "\t".join(fields).encode(errors="replace")
+        anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", fds))] if fds else []
+        self.sock.sendmsg([data], anc)
+
+
+def _recv(sock: _socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the descriptors that came with it."""
+    data, anc, _flags, _addr = sock.recvmsg(4096, _socket.CMSG_LEN(16 * 4))
+    fds = array("i")
+    for level, kind, payload in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def _fail_child(chan: _Channel, e: BaseException) -> NoReturn:
+    try:
+        if isinstance(e, SetupError):
+            chan.send("ERR", e.step, str(e.errno), e.path or "", e.hint or "")
+        elif isinstance(e, OSError):
+            chan.send("ERR", m.Step.current, str(e.errno or 0), str(e.filename or ""), "")
+        else:
+            chan.send("MSG", f"{m.Step.current}: {type(e).__name__}: {e}")
+    finally:
+        os._exit(_SETUP_EXIT)
+
+
+class Process:
+    """A running sandbox. `pid` is the helper process on the host side."""
+
+    def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
+                 stderr: IO[bytes] | None, sockets: list[socket.socket],
+                 exec_error: str | None) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.sockets = sockets
+        self.exec_error = exec_error
+        self.returncode: int | None = None
+
+    def _set(self, status: int) -> int:
+        code = os.waitstatus_to_exitcode(status)
+        self.returncode = 128 - code if code < 0 else code
+        return self.returncode
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._set(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self._set(status)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Deliver `sig` to the command (relayed by the helper and init)."""
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """Kill the whole sandbox: the helper's death takes init and all with it."""
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None) -> int:
+    """Run the sandbox with the caller's stdio; return the command's exit status
+    (128+N when killed by signal N). `on_start` gets the Process once the
+    command runs (e.g. to serve its inside sockets)."""
+    proc = spawn(spec)
+    if on_start is not None:
+        try:
+            on_start(proc)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    previous = {s: signal.signal(s, lambda sig, _f: proc.send_signal(sig))
+                for s in FORWARDED_SIGNALS}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if proc.exec_error:
+            os.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
+
+
+def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
+          stderr: int | None = None) -> Process:
+    """Start the sandbox; return once the command was exec'd (or raise SetupError)."""
+    spec.validate()
+    plan = m.prepare(spec)  # host-side checks: sources exist, resolved once
+    say = _debug_printer(spec.debug)
+    if spec.idmap.warning:
+        os.write(2, f"nsbuild: warning: {spec.idmap.warning}\n".encode())
+
+    parent_ends: list[int | None] = [None, None, None]
+    child_ends: list[int | None] = [None, None, None]
+    for i, want in enumerate((stdin, stdout, stderr)):
+        if want == PIPE:
+            r, w = os.pipe()
+            parent_ends[i], child_ends[i] = (w, r) if i == 0 else (r, w)
+        elif want is not None:
+            child_ends[i] = want
+
+    parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    parent_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        parent_sock.close()
+        for fd in parent_ends:
+            if fd is not None:
+                os.close(fd)
+        _helper(spec, plan, _Channel(child_sock), child_ends, parent_pid, say)
+
+    child_sock.close()
+    for i, fd in enumerate(child_ends):
+        if fd is not None and (stdin, stdout, stderr)[i] == PIPE:
+            os.close(fd)
+    try:
+        sockets, exec_error = _parent_side(spec, pid, parent_sock, say)
+    except BaseException:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        for fd in parent_ends:
+            if fd is not None:
+                os.close(fd)
+        raise
+    finally:
+        parent_sock.close()
+    files = [None if fd is None else os.fdopen(fd, "wb" if i == 0 else "rb")
+             for i, fd in enumerate(parent_ends)]
+    return Process(pid, files[0], files[1], files[2], sockets, exec_error)
+
+
+def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket,
+                 say: Callable[[str], None]) -> tuple[list[socket.socket], str | None]:
+    # Step: the helper has its user namespace; give it ids before it goes on.
+    ready = sock.recv(64)
+    if ready == b"U":
+        if spec.cgroup:
+            say(f"place sandbox in cgroup {spec.cgroup}")
+            try:
+                with open(os.path.join(spec.cgroup, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+            except OSError as e:
+                raise SandboxError(f"placing the sandbox in cgroup {spec.cgroup}: "
+                                   f"{e.strerror}") from None
+        say(_describe_idmap(pid, spec.idmap))
+        write_maps(pid, spec.idmap)
+        sock.send(b"M")
+    else:
+        _report_or_eof(ready, [], pid)
+    sockets: list[socket.socket] = []
+    exec_error = None
+    while True:
+        data, fds = _recv(sock)
+        if not data:
+            return sockets, exec_error
+        kind = data.split(b"\t", 1)[0]
+        if kind == b"SOCK":
+            import socket  # only callers that asked for inside sockets pay for it
+
+            sockets += [socket.socket(fileno=fd) for fd in fds]
+        elif kind == b"EXEC":
+            _, err, name = data.decode(errors="replace").split("\t", 2)
+            code = int(err)
+            exec_error = (f"{name}: command not found" if code == errno.ENOENT
+                          else f"{name}: cannot execute: {os.strerror(code)}")
+        else:
+            _report_or_eof(data, fds, pid)
+
+
+def _report_or_eof(data: bytes, fds: list[int], pid: int) -> NoReturn:
+    for fd in fds:
+        os.close(fd)
+    text = data.decode(errors="replace")
+    fields = text.split("\t")
+    if fields[0] == "ERR" and len(fields) == 5:
+        _, step, err, path, hint = fields
+        raise SetupError(step, int(err), path or None, hint or _hint_for(step, int(err)))
+    if fields[0] == "MSG":
+        raise SandboxError(fields[1])
+    if not data:
+        raise SandboxError("the sandbox helper died before it started the command")
+    raise SandboxError(f"unexpected message from the sandbox helper: {text!r}")
+
+
+def _hint_for(step: str, err: int) -> str | None:
+    if step == "unshare user namespace" and err in (errno.EPERM, errno.EACCES, errno.ENOSPC):
+        return ("unprivileged user namespaces are disabled or exhausted: check "
+                "'sysctl kernel.unprivileged_userns_clone' (must be 1), "
+                "'sysctl kernel.apparmor_restrict_unprivileged_userns' (must be 0) and "
+                "'sysctl user.max_user_namespaces'")
+    if "bind" in step and step.startswith("mount") and err == errno.EACCES:
+        return ("the sandbox's ids (your subordinate range) cannot reach this path: "
+                "a parent directory is private (e.g. mode 0700); run from, or bind, a "
+                "directory they can traverse")
+    if step.startswith("mount overlay") and err in (errno.EPERM, errno.EINVAL):
+        return "overlayfs in a user namespace needs Linux >= 5.11 (userxattr)"
+    return None
+
+
+def _describe_idmap(pid: int, idmap: IdMap) -> str:
+    how = "newuidmap/newgidmap" if idmap.helper else "direct write"
+    ranges = ", ".join(f"{r.inside}-{r.inside + r.count - 1} -> {r.outside}-"
+                       f"{r.outside + r.count - 1}" for r in idmap.uids)
+    return f"map ids of helper {pid} ({how}): uids {ranges}"
+
+
+# ---------------------------------------------------------------- the helper
+
+def _helper(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None],
+            parent_pid: int, say: Callable[[str], None]) -> NoReturn:
+    try:
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        if spec.new_session:
+            # Out of the caller's process group: terminal signals reach nsbuild
+            # only, which relays them once, down the chain, to the command.
+            os.setsid()
+        m.Step.current = "unshare user namespace"
+        say("unshare user namespace (first, so it owns every other namespace)")
+        sc.unshare(sc.CLONE_NEWUSER)
+        chan.send("U")
+        if chan.sock.recv(1) != b"M":
+            os._exit(_SETUP_EXIT)  # nsbuild is gone, or failed to map ids
+        m.Step.current = "become root in the user namespace"
+        os.setresgid(0, 0, 0)
+        if spec.idmap.full:
+            os.setgroups([])
+        os.setresuid(0, 0, 0)
+        # Changing uid made us non-dumpable: our /proc files would belong to
+        # host root, and init could not write the nested id map of the command.
+        sc.prctl(sc.PR_SET_DUMPABLE, 1)
+        # Credential changes clear the parent-death signal: set it afterwards,
+        # then check nsbuild did not die in between.
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:
+            os._exit(_SETUP_EXIT)
+
+        flags = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
+        flags |= sc.CLONE_NEWCGROUP
+        if not spec.share_net:
+            flags |= sc.CLONE_NEWNET
+        m.Step.current = "unshare mount, PID, IPC, UTS, cgroup and network namespaces"
+        say("unshare mount, PID, IPC, UTS, cgroup" +
+            (" namespaces (sharing the host network)" if spec.share_net
+             else " and network namespaces"))
+        sc.unshare(flags)
+        # A lifeline: init reads EOF on it if this helper is already gone.
+        life_r, life_w = os.pipe()
+        m.Step.current = "fork init (PID 1)"
+        init = os.fork()
+        if init == 0:
+            os.close(life_w)
+            _init(spec, plan, chan, stdio, life_r, say)
+        os.close(life_r)
+        chan.sock.close()
+        for fd in stdio:
+            if fd is not None and fd > 2:
+                os.close(fd)
+
+        def relay(sig: int, _frame: object) -> None:
+            try:
+                os.kill(init, sig)
+            except ProcessLookupError:
+                pass
+
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, relay)
+        _, status = os.waitpid(init, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+    except BaseException as e:
+        _fail_child(chan, e)
+
+
+# ------------------------------------------------------------------ PID 1
+
+def _init(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None],
+          life_r: int, say: Callable[[str], None]) -> NoReturn:
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.set_blocking(life_r, False)
+        try:
+            if os.read(life_r, 1) == b"":
+                os._exit(_SETUP_EXIT)  # the helper died before we were watching
+        except BlockingIOError:
+            pass
+        os.close(life_r)
+
+        m.build_root(spec, plan, say, m.Step)
+
+        m.Step.current = "set hostname"
+        say(f"set hostname {spec.hostname}")
+        sc.sethostname(spec.hostname)
+
+        if not spec.share_net:
+            m.Step.current = "bring up loopback"
+            say("bring up lo (127.0.0.1, ::1): the only network interface")
+            _loopback_up()
+            if spec.inside_sockets:
+                m.Step.current = "create inside sockets"
+                socks = [_inside_socket(s, say) for s in spec.inside_sockets]
+                chan.send("SOCK", fds=[s.fileno() for s in socks])
+                for s in socks:
+                    s.close()
+
+        m.pivot(say, m.Step)
+
+        m.Step.current = "resolve user"
+        creds = _resolve_user(spec.user) if spec.user else None
+
+        m.Step.current = "fork command"
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(ready_r)
+            os.close(go_w)
+            _lock_mounts(chan, ready_w, go_r, say)
+            _command(spec, chan, stdio, creds, say)
+        os.close(ready_w)
+        os.close(go_r)
+        if os.read(ready_r, 1) == b"U":
+            _identity_map(child, spec.idmap)
+            os.write(go_w, b"M")
+        os.close(ready_r)
+        os.close(go_w)
+        chan.sock.close()
+        for fd in stdio:
+            if fd is not None and fd > 2:
+                os.close(fd)
+        _reap(child, say)
+    except BaseException as e:
+        _fail_child(chan, e)
+
+
+def _lock_mounts(chan: _Channel, ready_w: int, go_r: int, say: Callable[[str], None]) -> None:
+    """Move the command into a nested user and mount namespace. Mounts passed
+    to a less privileged mount namespace are locked by the kernel: root inside
+    can no longer make a read-only bind writable, or unmount one to see what
+    is under it. init, outside, gives the nested namespace the same ids."""
+    try:
+        m.Step.current = "lock mounts (nested user namespace)"
+        say("lock every mount: move the command into a nested user and mount namespace")
+        sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
+        os.write(ready_w, b"U")
+        if os.read(go_r, 1) != b"M":
+            os._exit(_SETUP_EXIT)
+        os.close(ready_w)
+        os.close(go_r)
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    except BaseException as e:
+        _fail_child(chan, e)
+
+
+def _identity_map(pid: int, idmap: IdMap) -> None:
+    # One line per outer range: the kernel refuses an extent that spans two
+    # extents of the parent map.
+    for name, ranges in (("uid_map", idmap.uids), ("gid_map", idmap.gids)):
+        text = "\n".join(f"{r.inside} {r.inside} {r.count}" for r in ranges)
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def _loopback_up() -> None:
+    import fcntl
+    import struct
+
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS,
+                    struct.pack("16sH22x", b"lo", _IFF_UP_LOOPBACK_RUNNING))
+    finally:
+        s.close()
+
+
+def _inside_socket(spec: InsideSocket, say: Callable[[str], None]) -> _socket.socket:
+    say(spec.describe())
+    family = _socket.AF_INET6 if ":" in spec.host else _socket.AF_INET
+    kind = _socket.SOCK_STREAM if spec.kind == "tcp" else _socket.SOCK_DGRAM
+    s = _socket.socket(family, kind)
+    s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    s.bind((spec.host, spec.port))
+    if spec.kind == "tcp":
+        s.listen(128)
+    return s
+
+
+def _resolve_user(user: str) -> tuple[int, int, list[int], str]:
+    """NAME, UID or UID:GID against the sandbox root's own /etc/passwd."""
+    name_or_uid, _, gid_text = user.partition(":")
+    entries = _read_db("/etc/passwd")
+    entry = next((e for e in entries if name_or_uid in (e[0], e[2])), None)
+    if entry is None and not name_or_uid.isdigit():
+        raise SetupError("resolve user", errno.ENOENT, name_or_uid,
+                         "no such user in the sandbox's /etc/passwd")
+    uid = int(entry[2]) if entry else int(name_or_uid)
+    if gid_text:
+        if not gid_text.isdigit():
+            raise SetupError("resolve user", errno.EINVAL, user, "use NAME, UID or UID:GID")
+        gid = int(gid_text)
+    else:
+        gid = int(entry[3]) if entry and entry[3].isdigit() else uid
+    home = entry[5] if entry and len(entry) > 5 else "/"
+    groups = [gid]
+    if entry:
+        for g in _read_db("/etc/group"):
+            if len(g) > 3 and entry[0] in g[3].split(",") and g[2].isdigit():
+                groups.append(int(g[2]))
+    return uid, gid, groups, home
+
+
+def _read_db(path: str) -> list[list[str]]:
+    try:
+        with open(path) as f:
+            return [line.split(":") for line in f.read().splitlines() if line]
+    except OSError:
+        return []
+
+
+def _reap(child: int, say: Callable[[str], None]) -> NoReturn:
+    """PID 1: relay signals to the command, reap orphans, and when the command
+    exits kill whatever is left so nothing outlives it."""
+
+    def relay(sig: int, _frame: object) -> None:
+        try:
+            os.kill(child, sig)
+        except ProcessLookupError:
+            pass
+
+    for s in FORWARDED_SIGNALS:
+        signal.signal(s, relay)
+    code = 0
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
+            code = 128 - code if code < 0 else code
+            break
+    say(f"command exited with status {code}; killing what is left in the sandbox")
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(code)
+
+
+# ---------------------------------------------------------------- command
+
+def _command(spec: Sandbox, chan: _Channel, stdio: list[int | None],
+             creds: tuple[int, int, list[int], str] | None,
+             say: Callable[[str], None]) -> NoReturn:
+    try:
+        for i, fd in enumerate(stdio):
+            if fd is not None and fd != i:
+                os.dup2(fd, i)
+        # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
+        for s in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
+            signal.signal(s, signal.SIG_DFL)
+        if spec.new_session:
+            m.Step.current = "new session"
+            say("new session: no controlling terminal, so TIOCSTI cannot reach yours")
+            os.setsid()
+        env = dict(spec.env)
+        if creds:
+            uid, gid, groups, home = creds
+            m.Step.current = "switch user"
+            say(f"switch to uid {uid} gid {gid}")
+            if uid != 0:
+                _drop_bounding_caps()
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            if "HOME" not in env:
+                env["HOME"] = home
+        m.Step.current = "change directory"
+        os.chdir(spec.cwd)
+        m.Step.current = "set no_new_privs"
+        say("set no_new_privs and the parent-death signal; close inherited descriptors")
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _close_fds(keep={chan.sock.fileno(), *spec.pass_fds})
+        for fd in spec.pass_fds:
+            os.set_inheritable(fd, True)
+        say(f"exec {' '.join(spec.argv)}")
+        try:
+            os.execvpe(spec.argv[0], list(spec.argv), env)
+        except OSError as e:
+            chan.send("EXEC", str(e.errno or errno.ENOENT), spec.argv[0])
+            os._exit(127 if e.errno == errno.ENOENT else 126)
+    except BaseException as e:
+        _fail_child(chan, e)
+    os._exit(_SETUP_EXIT)
+
+
+def _drop_bounding_caps() -> None:
+    for cap in range(sc.last_cap() + 1):
+        try:
+            sc.prctl(sc.PR_CAPBSET_DROP, cap)
+        except OSError:
+            pass
+    try:
+        sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        pass
+
+
+def _close_fds(keep: set[int]) -> None:
+    lo = 3
+    for fd in sorted(f for f in keep if f >= 3):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, 1 << 20)
+

@@ -1,0 +1,216 @@
+"""A sandbox described as data: frozen, validated, then executed by runner.py.
+
+Nothing here touches the system. Layers above build a `Sandbox` and hand it to
+`nsbuild.sandbox.run()` / `spawn()`; the runtime knows nothing of Debian,
+configs or builds.
+
+Paths: every `src` is a host path, every `dst` an absolute path inside the
+sandbox. Destinations are resolved *inside* the new root without following
+symlinks, so an untrusted root cannot redirect a mount onto the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Type checkers see real dataclasses; at run time a cheaper equivalent (see
+# record.py: nsbuild run's startup time is a feature).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from dataclasses import dataclass, field
+else:
+    from nsbuild.sandbox.record import dataclass, field
+
+
+class SpecError(ValueError):
+    """The description of a sandbox is invalid (a usage error)."""
+
+
+def _check_dst(dst: str) -> str:
+    if not dst.startswith("/"):
+        raise SpecError(f"mount destination must be absolute: {dst!r}")
+    if "\0" in dst or any(part == ".." for part in dst.split("/")):
+        raise SpecError(f"mount destination must not contain '..' or NUL: {dst!r}")
+    return os.path.normpath(dst).replace("//", "/")
+
+
+@dataclass(frozen=True)
+class Bind:
+    """Bind-mount host path `src` (recursively) at `dst`."""
+
+    src: str
+    dst: str
+    readonly: bool = False
+    # A missing source is skipped instead of failing (for best-effort host views).
+    optional: bool = False
+
+    def describe(self) -> str:
+        kind = "read-only bind" if self.readonly else "bind"
+        return f"{kind} {self.src} on {self.dst}"
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    dst: str
+    mode: int = 0o755
+    size: str | None = None  # e.g. "1G"; None = kernel default (half of RAM)
+
+    def describe(self) -> str:
+        return f"tmpfs on {self.dst} (mode {self.mode:o})"
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """overlayfs at `dst`: `lowers` (top first) read-only, writes go to `upper`.
+
+    `upper` and `work` must be empty-or-owned directories on one filesystem
+    that does not overlap the lowers (the kernel refuses otherwise)."""
+
+    lowers: tuple[str, ...]
+    upper: str
+    work: str
+    dst: str = "/"
+
+    def describe(self) -> str:
+        return f"overlay on {self.dst} (lower {':'.join(self.lowers)}, upper {self.upper})"
+
+
+@dataclass(frozen=True)
+class Symlink:
+    target: str
+    dst: str
+
+    def describe(self) -> str:
+        return f"symlink {self.dst} -> {self.target}"
+
+
+@dataclass(frozen=True)
+class Dir:
+    dst: str
+    mode: int = 0o755
+
+    def describe(self) -> str:
+        return f"directory {self.dst}"
+
+
+@dataclass(frozen=True)
+class File:
+    """A small file with fixed content, bind-mounted read-only at `dst`
+    (e.g. /etc/resolv.conf, an apt proxy configuration)."""
+
+    dst: str
+    data: bytes
+    mode: int = 0o644
+
+    def describe(self) -> str:
+        return f"file {self.dst} ({len(self.data)} bytes)"
+
+
+@dataclass(frozen=True)
+class Proc:
+    dst: str = "/proc"
+
+    def describe(self) -> str:
+        return f"fresh proc on {self.dst} (new PID namespace), /proc/sys read-only"
+
+
+@dataclass(frozen=True)
+class Dev:
+    dst: str = "/dev"
+
+    def describe(self) -> str:
+        return f"minimal /dev on {self.dst}: null zero full random urandom tty, devpts, shm"
+
+
+@dataclass(frozen=True)
+class Sys:
+    dst: str = "/sys"
+
+    def describe(self) -> str:
+        return f"read-only sysfs on {self.dst} with /sys/kernel masked"
+
+
+Mount = Bind | Tmpfs | Overlay | Symlink | Dir | File | Proc | Dev | Sys
+RootMount = Bind | Tmpfs | Overlay
+
+
+@dataclass(frozen=True)
+class IdRange:
+    inside: int
+    outside: int
+    count: int
+
+    def line(self) -> str:
+        return f"{self.inside} {self.outside} {self.count}"
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """How ids inside map to the host. `helper` means newuidmap/newgidmap write
+    the maps (subordinate ranges); otherwise the parent writes them itself."""
+
+    uids: tuple[IdRange, ...]
+    gids: tuple[IdRange, ...]
+    helper: bool
+    # Set when only one id could be mapped: said once to the user.
+    warning: str | None = None
+
+    @property
+    def full(self) -> bool:
+        return sum(r.count for r in self.uids) > 1
+
+
+@dataclass(frozen=True)
+class InsideSocket:
+    """A socket created inside the sandbox's network namespace and handed to the
+    caller (over SCM_RIGHTS) before the command starts. This is how host-side
+    services (egress proxy, DNS logger) serve the sandbox without the sandbox
+    ever holding a way out: the listening socket lives in the sandbox's
+    namespace, the caller accepts on it, and its outgoing connections are made
+    from the host namespace by the caller alone."""
+
+    kind: str  # "tcp" (listening) or "udp" (bound)
+    host: str  # "127.0.0.1" or "::1"
+    port: int
+
+    def describe(self) -> str:
+        return f"{self.kind} socket {self.host}:{self.port} handed to nsbuild"
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    argv: tuple[str, ...]
+    idmap: IdMap
+    root: RootMount = field(default_factory=lambda: Tmpfs("/"))
+    mounts: tuple[Mount, ...] = ()
+    cwd: str = "/"
+    env: tuple[tuple[str, str], ...] = ()
+    # NAME, UID or UID:GID, resolved against the new root's /etc/passwd.
+    user: str | None = None
+    hostname: str = "nsbuild"
+    share_net: bool = False
+    inside_sockets: tuple[InsideSocket, ...] = ()
+    # Host cgroup v2 directory the sandbox is placed in before anything runs.
+    cgroup: str | None = None
+    # New session: the command cannot push keystrokes into the caller's tty.
+    new_session: bool = True
+    # Extra host fds (besides 0, 1, 2) to keep open in the command, same numbers.
+    pass_fds: tuple[int, ...] = ()
+    debug: bool = False
+
+    def validate(self) -> Sandbox:
+        if not self.argv:
+            raise SpecError("no command given")
+        if not self.cwd.startswith("/"):
+            raise SpecError(f"working directory must be absolute: {self.cwd!r}")
+        for k, _ in self.env:
+            if not k or "=" in k or "\0" in k:
+                raise SpecError(f"bad environment variable name: {k!r}")
+        for m in self.mounts:
+            _check_dst(m.dst)
+        if not any(isinstance(m, Proc) for m in self.mounts):
+            # init writes the command's nested id map through the sandbox's /proc.
+            raise SpecError("a sandbox needs a Proc() mount")
+        if self.share_net and self.inside_sockets:
+            raise SpecError("inside sockets need a private network namespace")
+        return self

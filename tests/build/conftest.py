@@ -1,0 +1,136 @@
+"""Shared fixtures for the build tests.
+
+The slow tests build real packages in a real bookworm environment: the
+tarball comes from NSBUILD_TEST_TARBALL (CI) or /srv/nsb-cache. Each test
+session gets its own config and cache directories, so the store is unpacked
+once per session and dependency layers never leak in from elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(os.environ.get("NSBUILD_FIXTURES", "/work/shared/fixtures/debian-src"))
+TARBALL = Path(os.environ.get("NSBUILD_TEST_TARBALL", "/srv/nsb-cache/bookworm-buildd.tar"))
+
+
+def fixture_dsc(name: str) -> Path:
+    path = FIXTURES / f"{name}.dsc"
+    if not path.exists():
+        pytest.skip(f"fixture source package {path} not present")
+    return path
+
+
+@pytest.fixture
+def hello_copy(tmp_path: Path) -> Path:
+    """A writable copy of hello's source package, for tests that corrupt it."""
+    src = fixture_dsc("hello_2.10-3")
+    for f in FIXTURES.glob("hello_2.10*"):
+        shutil.copy(f, tmp_path / f.name)
+        # The fixtures are read-only; the copies are for corrupting.
+        (tmp_path / f.name).chmod(0o644)
+    return tmp_path / src.name
+
+
+@dataclass
+class Env:
+    """The process environment of a test session: its own XDG directories."""
+
+    vars: dict[str, str]
+    cache: Path
+
+    def nsbuild(
+        self, *args: str, cwd: Path | None = None, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nsbuild", *args],
+            env=self.vars,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=check,
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "nsbuild", *args],
+            env=self.vars,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def bookworm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    if os.geteuid() == 0:
+        pytest.skip("build tests run as an unprivileged user (the sandbox maps subuids)")
+    if not TARBALL.is_file():
+        pytest.skip(f"no bookworm tarball at {TARBALL} (set NSBUILD_TEST_TARBALL)")
+    root = tmp_path_factory.mktemp("nsbuild-home")
+    config = root / "config" / "nsbuild" / "chroot.d"
+    config.mkdir(parents=True)
+    (config / "bookworm").write_text(
+        f"Name: bookworm\nType: tarball\nPath: {TARBALL}\nSuite: bookworm\n"
+        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
+        # A second name whose tarball does not exist: touching it would fail.
+        "\nName: missing\nType: tarball\nPath: /nonexistent/missing.tar\nSuite: bookworm\n"
+    )
+    env = dict(os.environ)
+    env["XDG_CONFIG_HOME"] = str(root / "config")
+    env["XDG_CACHE_HOME"] = str(root / "cache")
+    yield Env(env, root / "cache")
+    subprocess.run([sys.executable, "-m", "nsbuild", "gc"], env=env, capture_output=True)
+
+
+def make_package(
+    parent: Path,
+    name: str,
+    *,
+    build: str = "true",
+    build_depends: str = "",
+    install: str = "",
+) -> Path:
+    """A small native source tree written for a test: `build` is the shell text of
+    its override_dh_auto_build, `install` that of override_dh_auto_install."""
+    tree = parent / f"{name}-1.0"
+    (tree / "debian" / "source").mkdir(parents=True)
+    deps = "debhelper-compat (= 13)" + (f", {build_depends}" if build_depends else "")
+    (tree / "debian" / "control").write_text(
+        textwrap.dedent(f"""\
+        Source: {name}
+        Section: misc
+        Priority: optional
+        Maintainer: nsbuild tests <tests@nsbuild.invalid>
+        Build-Depends: {deps}
+        Standards-Version: 4.6.2
+        Rules-Requires-Root: no
+
+        Package: {name}
+        Architecture: all
+        Description: nsbuild test package {name}
+         Written for nsbuild's build tests.
+        """)
+    )
+    (tree / "debian" / "changelog").write_text(
+        f"{name} (1.0) bookworm; urgency=medium\n\n  * Test package.\n\n"
+        " -- nsbuild tests <tests@nsbuild.invalid>  Mon, 01 Jan 2024 00:00:00 +0000\n"
+    )
+    (tree / "debian" / "source" / "format").write_text("3.0 (native)\n")
+    (tree / "debian" / "copyright").write_text("Written for nsbuild's tests.\n")
+    rules = "#!/usr/bin/make -f\n%:\n\tdh $@\n\noverride_dh_auto_build:\n"
+    rules += "".join(f"\t{line}\n" for line in build.splitlines())
+    rules += "\noverride_dh_auto_install:\n"
+    rules += "".join(f"\t{line}\n" for line in (install or "true").splitlines())
+    (tree / "debian" / "rules").write_text(rules)
+    (tree / "debian" / "rules").chmod(0o755)
+    return tree

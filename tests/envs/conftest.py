@@ -1,0 +1,110 @@
+"""Fixtures for the environments tests.
+
+The real bookworm buildd tarball is made once per test run with mmdebstrap
+(slow, needs the Debian archive), or taken from $NSBUILD_TEST_TARBALL when
+that names an existing file (CI caches one there). Its unpacked base lives in
+one cache folder shared by the whole run, so it is unpacked once too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+NSBUILD = [sys.executable, "-m", "nsbuild"]
+
+
+@pytest.fixture
+def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Private config and cache folders (XDG_*), so tests never touch the user's.
+
+    The cache may hold files of the subuid range: remove_tree deletes them
+    (pytest's own cleanup could not)."""
+    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache")):
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    yield tmp_path
+    from nsbuild.envs import remove_tree
+
+    remove_tree(tmp_path / "cache")
+
+
+def chroot_d(xdg: Path) -> Path:
+    d = xdg / "config" / "nsbuild" / "chroot.d"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def bookworm_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cached = os.environ.get("NSBUILD_TEST_TARBALL")
+    if cached and os.path.isfile(cached):
+        return Path(cached)
+    out = Path(cached) if cached else tmp_path_factory.mktemp("tarball") / "bookworm.tar"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mmdebstrap", "--mode=unshare", "--variant=buildd", "--format=tar",
+         "--skip=output/mknod", "bookworm", str(out)],
+        check=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("shared-cache")
+    yield path
+    from nsbuild.envs import remove_tree
+
+    remove_tree(path)
+
+
+@pytest.fixture
+def bookworm(
+    xdg: Path, bookworm_tarball: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """An environment named `bookworm` (alias `stable`) on the real tarball,
+    with the run-wide cache (the base is unpacked once per run)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared_cache))
+    (chroot_d(xdg) / "bookworm").write_text(
+        f"Name: bookworm\nPath: {bookworm_tarball}\nAliases: stable\nSuite: bookworm\n"
+    )
+    yield "bookworm"
+
+
+def nsbuild(*args: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the nsbuild command line as a user would, capturing its output."""
+    proc = subprocess.run(
+        [*NSBUILD, *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        **kw,  # type: ignore[call-overload]
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nsbuild {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc  # type: ignore[no-any-return]
+
+
+def mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split()[4] for ln in f if ln.split()[4].startswith(str(path))]
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose command line contains `marker` (a unique argument of the test)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found

@@ -1,0 +1,114 @@
+"""Local servers for the network tests: every one listens on 127.0.0.1 only.
+
+Named uniquely (not `helpers.py`): pytest puts each test folder on sys.path.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from nsbuild.net.allowlist import Allowlist
+from nsbuild.net.netlog import NetLog
+from nsbuild.net.proxy import EgressProxy
+
+
+class OriginServer:
+    """An HTTP server on 127.0.0.1 that answers `NAME PATH` and records requests."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, Host header)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                server.requests.append((self.command, self.path, self.headers.get("Host", "")))
+                body = f"{server.name} {self.path}\n".encode()
+                if self.path.startswith("/big/"):
+                    body = b"x" * int(self.path.split("/")[2])
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextmanager
+def origin(name: str) -> Iterator[OriginServer]:
+    server = OriginServer(name)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextmanager
+def running_proxy(entries: list[str]) -> Iterator[tuple[int, NetLog]]:
+    """An EgressProxy on a listening socket of our own (as the runtime would hand
+    over from inside a sandbox); yields its port and its log."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    log = NetLog()
+    proxy = EgressProxy(listener, Allowlist.parse(entries), log)
+    proxy.start()
+    try:
+        yield listener.getsockname()[1], log
+    finally:
+        proxy.stop()
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes to the proxy, half-close, return everything it answers."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@contextmanager
+def static_server(directory: str) -> Iterator[int]:
+    """Serve `directory` over HTTP on 127.0.0.1; yields the port."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=directory))
+    httpd.daemon_threads = True
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

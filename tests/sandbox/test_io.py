@@ -1,0 +1,82 @@
+"""Standard streams: binary data passes through untouched, in both directions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from sandbox_helpers import HANG_GUARD, nsbuild, nsbuild_argv
+
+pytestmark = pytest.mark.userns
+
+SIZE = 100 * 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+def random_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("wb") as f:
+        for _ in range(SIZE // CHUNK):
+            block = os.urandom(CHUNK)
+            h.update(block)
+            f.write(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_100mb_binary_round_trip_through_files(tmp_path: Path) -> None:
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    want = random_file(src)
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        r = subprocess.run(nsbuild_argv("--", "cat"), cwd=tmp_path, stdin=fin, stdout=fout,
+                           stderr=subprocess.PIPE, timeout=HANG_GUARD, check=False)
+    assert r.returncode == 0, r.stderr
+    assert dst.stat().st_size == SIZE
+    assert sha256_file(dst) == want
+
+
+def test_100mb_binary_round_trip_through_pipes(tmp_path: Path) -> None:
+    p = subprocess.Popen(nsbuild_argv("--", "cat"), cwd=tmp_path, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None and p.stdout is not None
+    sent = hashlib.sha256()
+
+    def feed() -> None:
+        assert p.stdin is not None
+        for _ in range(SIZE // CHUNK):
+            block = os.urandom(CHUNK)
+            sent.update(block)
+            p.stdin.write(block)
+        p.stdin.close()
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    got, n = hashlib.sha256(), 0
+    while block := p.stdout.read(CHUNK):
+        got.update(block)
+        n += len(block)
+    writer.join()
+    assert p.wait(timeout=HANG_GUARD) == 0
+    assert n == SIZE
+    assert got.hexdigest() == sent.hexdigest()
+
+
+def test_stdin_eof_reaches_the_command(tmp_path: Path) -> None:
+    r = nsbuild("--", "wc", "-c", cwd=tmp_path, input="12345")
+    assert (r.returncode, r.stdout.strip()) == (0, "5")
+
+
+def test_stdin_from_dev_null(tmp_path: Path) -> None:
+    r = nsbuild("--", "cat", cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "")
