@@ -297,7 +297,7 @@ def _run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
     if session is not None:
         # An environment: its own clean, reproducible variables, not the host's.
         root, mounts, base_env, mirrors = (session.root, list(session.mounts),
-                                           dict(session.env), session.config.mirrors)
+                                           dict(session.env), session.mirrors())
         workdir = args.chdir or "/"
     elif args.root:
         root = Bind(os.path.abspath(args.root), "/")

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-NSBUILD = [sys.executable, "-m", "nsbuild"]
+from envs_helpers import chroot_d
 
 
 @pytest.fixture
@@ -34,10 +32,6 @@ def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     remove_tree(tmp_path / "cache")
 
 
-def chroot_d(xdg: Path) -> Path:
-    d = xdg / "config" / "nsbuild" / "chroot.d"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 @pytest.fixture(scope="session")
@@ -77,23 +71,8 @@ def bookworm(
     yield "bookworm"
 
 
-def nsbuild(*args: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    """Run the nsbuild command line as a user would, capturing its output."""
-    proc = subprocess.run(
-        [*NSBUILD, *args],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        **kw,  # type: ignore[call-overload]
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"nsbuild {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
-    return proc  # type: ignore[no-any-return]
 
 
-def mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [ln.split()[4] for ln in f if ln.split()[4].startswith(str(path))]
 
 
 def processes_with(marker: str) -> list[int]:

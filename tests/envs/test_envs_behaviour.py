@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import NSBUILD, chroot_d, nsbuild
+from envs_helpers import NSBUILD, chroot_d, nsbuild
 
 from nsbuild.envs import load_config, throwaway
 from nsbuild.envs.overlay import overlay_usable

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import chroot_d, nsbuild
+from envs_helpers import chroot_d, nsbuild
 
 from nsbuild.envs import ConfigError, EnvError, load_config
 from nsbuild.envs.config import parse_dir

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import chroot_d, nsbuild
+from envs_helpers import chroot_d, nsbuild
 
 from nsbuild.envs import begin_session, end_session, get_session, load_config
 from nsbuild.sandbox import run

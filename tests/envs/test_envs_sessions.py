@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NSBUILD, chroot_d, mounts_under, nsbuild, processes_with
+from envs_helpers import NSBUILD, chroot_d, mounts_under, nsbuild, processes_with
 
 from nsbuild.envs import EnvError, begin_session, end_session, get_session, throwaway
 from nsbuild.sandbox import PIPE, run, spawn
@@ -149,3 +149,21 @@ def test_extra_lowers_sit_between_base_and_upper(bookworm: str, tmp_path: Path) 
     with throwaway(bookworm, extra_lowers=(layer,)) as s:
         assert run(s.sandbox(["sh", "-c", "grep -qx cached /opt/dep && echo new > /opt/dep"])) == 0
     assert (layer / "opt" / "dep").read_text() == "cached\n"
+
+
+def test_allow_from_env_covers_the_environments_own_apt_sources(bookworm: str) -> None:
+    # The chroot.d entry names no Mirror: the allowlist must still hold every
+    # archive of the base's apt sources (mmdebstrap adds -security).
+    with throwaway(bookworm) as s:
+        mirrors = s.mirrors()
+        proc = spawn(s.sandbox(["sh", "-c", "cat /etc/apt/sources.list"]), stdout=PIPE)
+        assert proc.stdout is not None
+        inside = proc.stdout.read().decode()
+        assert proc.wait() == 0
+        # The session's own changes never widen it.
+        (s.upper / "etc" / "apt").mkdir(parents=True, exist_ok=True)
+        (s.upper / "etc" / "apt" / "sources.list").write_text("deb http://evil.example/ x y\n")
+        assert s.mirrors() == mirrors
+    urls = {w for line in inside.splitlines() for w in line.split() if "://" in w}
+    assert urls and urls <= set(mirrors)
+    assert any("security" in m for m in mirrors)

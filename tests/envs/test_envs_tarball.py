@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import chroot_d
+from envs_helpers import chroot_d
 
 from nsbuild.envs import UnsafeTarball, load_config, throwaway
 from nsbuild.envs.tarcheck import sanitize
@@ -137,7 +137,7 @@ def test_good_tarball_unpacks_with_devices_skipped(xdg: Path) -> None:
 
 @pytest.mark.userns
 def test_gc_removes_a_base_no_environment_refers_to(xdg: Path) -> None:
-    from conftest import nsbuild
+    from envs_helpers import nsbuild
 
     _env(xdg, make_tar(xdg / "ok.tar", GOOD))
     with throwaway("t"):

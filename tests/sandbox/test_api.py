@@ -133,3 +133,21 @@ def test_no_fd_of_the_caller_leaks_through_the_api(tmp_path: Path) -> None:
         assert fds[:3] == [0, 1, 2] and len(fds) <= 4, fds
     finally:
         os.close(f)
+
+
+def test_overlay_layers_may_have_any_name(tmp_path: Path) -> None:
+    from nsbuild.sandbox import Overlay
+
+    odd = tmp_path / "a,b:c\\d"
+    lower, upper, work = odd / "lower", odd / "up,per", odd / "wo:rk"
+    for d in (lower, upper, work):
+        d.mkdir(parents=True)
+    (lower / "hello").write_text("from the lower layer\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    s = spec(tmp_path, "sh", "-c", "cat /ov/hello > /out/seen && echo new > /ov/made")
+    s = s.replace(mounts=(*s.mounts, Overlay((str(lower),), str(upper), str(work), "/ov"),
+                          Bind(str(out), "/out")))  # fmt: skip
+    assert run(s) == 0
+    assert (out / "seen").read_text() == "from the lower layer\n"
+    assert (upper / "made").read_text() == "new\n"

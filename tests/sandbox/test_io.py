@@ -80,3 +80,30 @@ def test_stdin_eof_reaches_the_command(tmp_path: Path) -> None:
 def test_stdin_from_dev_null(tmp_path: Path) -> None:
     r = nsbuild("--", "cat", cwd=tmp_path)
     assert (r.returncode, r.stdout) == (0, "")
+
+
+@pytest.mark.parametrize("layout", ["same", "swapped"])
+def test_spawn_maps_stdout_and_stderr_to_any_descriptors(tmp_path: Path, layout: str) -> None:
+    from nsbuild.sandbox import Sandbox, Tmpfs, caller_idmap, host_view, spawn
+
+    spec = Sandbox(
+        argv=("sh", "-c", "echo out; echo err >&2"),
+        idmap=caller_idmap(),
+        root=Tmpfs("/"),
+        mounts=tuple(host_view(str(tmp_path))),
+        cwd=str(tmp_path),
+    )
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    # "same": one descriptor for both; "swapped": stdout to the fd stderr's
+    # pipe uses on the other side and the reverse.
+    out, err = (w1, w1) if layout == "same" else (w2, w1)
+    proc = spawn(spec, stdout=out, stderr=err)
+    os.close(w1)
+    os.close(w2)
+    assert proc.wait() == 0
+    got1, got2 = os.read(r1, 100), os.read(r2, 100)
+    if layout == "same":
+        assert (got1, got2) == (b"out\nerr\n", b"")
+    else:
+        assert (got1, got2) == (b"err\n", b"out\n")

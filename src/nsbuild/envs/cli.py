@@ -270,10 +270,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from nsbuild.envs.cleanup import gc
 
     report = gc(dry_run=args.dry_run)
-    for line in report.removed:
+    removed, errors = list(report.removed), list(report.errors)
+    if not args.dry_run:
+        # What other layers leave behind when a run dies: nftables tables and
+        # cgroups of the root egress engine (only root can have made them).
+        from nsbuild.net import gc as net_gc
+
+        try:
+            removed += net_gc()
+        except OSError as e:
+            errors.append(f"network leftovers: {e}")
+    for line in removed:
         print(f"removed {line}")
-    for line in report.errors:
+    for line in errors:
         print(f"nsbuild: gc: {line}", file=sys.stderr)
-    if not report.removed:
+    if not removed:
         print("nothing to remove")
-    return 1 if report.errors else 0
+    return 1 if errors else 0

@@ -107,6 +107,23 @@ class Session:
     def env(self) -> tuple[tuple[str, str], ...]:
         return default_env()
 
+    def mirrors(self) -> tuple[str, ...]:
+        """The config's mirrors, then every archive in the session's apt sources:
+        what `--allow-from-env` lets through. Read from the host side, never by
+        running anything inside, and only from the read-only layers: the
+        session's own changes were made by code inside, which is not trusted
+        to widen its own allowlist (or to point a symlink at a host file)."""
+        from nsbuild.envs.create import apt_mirrors
+
+        found = list(self.config.mirrors)
+        if self.config.type == "host":
+            layers: list[Path] = [Path("/")]
+        else:
+            layers = [Path(lower) for lower in self.lowers]
+        for layer in layers:
+            found += [m for m in apt_mirrors(layer) if m not in found]
+        return tuple(found)
+
     def sandbox(
         self,
         argv: Sequence[str],

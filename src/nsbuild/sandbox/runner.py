@@ -345,9 +345,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None]
             _init(spec, plan, chan, stdio, life_r, say)
         os.close(life_r)
         chan.sock.close()
-        for fd in stdio:
-            if fd is not None and fd > 2:
-                os.close(fd)
+        _close_stdio(stdio)
 
         def relay(sig: int, _frame: object) -> None:
             try:
@@ -417,9 +415,7 @@ def _init(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None],
         os.close(ready_r)
         os.close(go_w)
         chan.sock.close()
-        for fd in stdio:
-            if fd is not None and fd > 2:
-                os.close(fd)
+        _close_stdio(stdio)
         _reap(child, say)
     except BaseException as e:
         _fail_child(chan, e)
@@ -543,14 +539,26 @@ def _reap(child: int, say: Callable[[str], None]) -> NoReturn:
     os._exit(code)
 
 
+def _close_stdio(stdio: list[int | None]) -> None:
+    """Close the command's stdio sources (each once: one fd may serve twice)."""
+    for fd in {fd for fd in stdio if fd is not None and fd > 2}:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- command
 
 def _command(spec: Sandbox, chan: _Channel, stdio: list[int | None],
              creds: tuple[int, int, list[int], str] | None,
              say: Callable[[str], None]) -> NoReturn:
     try:
-        for i, fd in enumerate(stdio):
-            if fd is not None and fd != i:
+        import fcntl
+
+        # Copy every source above 2 first, so any mapping works (the same fd
+        # for stdout and stderr, or stdout and stderr swapped).
+        high = [None if fd is None else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                for fd in stdio]
+        for i, fd in enumerate(high):
+            if fd is not None:
                 os.dup2(fd, i)
         # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
         for s in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
