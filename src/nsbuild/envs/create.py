@@ -156,6 +156,7 @@ def apt_mirrors(root: Path) -> tuple[str, ...]:
 def update_env(name: str, quiet: bool = False) -> EnvConfig:
     """Upgrade with apt in a session, then replace the tarball atomically."""
     from nsbuild.sandbox import PIPE, Sys, run, spawn
+    from nsbuild.sandbox.record import replace
 
     env = load_config().get(name)
     if env.type != "tarball" or env.path is None:
@@ -174,7 +175,7 @@ def update_env(name: str, quiet: bool = False) -> EnvConfig:
         )  # fmt: skip
         # No sysfs while packing: tar sees its root's times move and fails
         # ("file changed as we read it"); nothing of it belongs in the tarball.
-        pack = pack.replace(mounts=tuple(m for m in pack.mounts if not isinstance(m, Sys)))
+        pack = replace(pack, mounts=tuple(m for m in pack.mounts if not isinstance(m, Sys)))
         proc = spawn(pack, stdout=PIPE)
         assert proc.stdout is not None
         try:

@@ -88,3 +88,10 @@ def dataclass(*, frozen: bool = True) -> Callable[[type[T]], type[T]]:
         return cls
 
     return wrap
+
+
+def replace(record: T, **changes: Any) -> T:
+    """A copy of `record` with `changes`: dataclasses.replace for these records,
+    typed for the callers (type checkers see real dataclasses, without the
+    `replace()` method)."""
+    return record.replace(**changes)  # type: ignore[attr-defined, no-any-return]
