@@ -579,6 +579,9 @@ def _command(spec: Sandbox, chan: _Channel, stdio: list[int | None],
             os.setresuid(uid, uid, uid)
             if "HOME" not in env:
                 env["HOME"] = home
+        m.Step.current = "new session keyring"
+        say("new, empty session keyring: the caller's keys are out of reach")
+        sc.join_new_session_keyring()
         m.Step.current = "change directory"
         os.chdir(spec.cwd)
         m.Step.current = "set no_new_privs"

@@ -7,6 +7,7 @@ can name the step and the path in their own error.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 TYPE_CHECKING = False
@@ -70,6 +71,8 @@ RESOLVE_IN_ROOT = 0x10
 _SYS_OPENAT2 = 437
 _SYS_MOUNT_SETATTR = 442
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 283, "s390x": 280}
+KEYCTL_JOIN_SESSION_KEYRING = 1
 
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -120,6 +123,16 @@ def pivot_root(new_root: str, put_old: str) -> None:
     nr = _SYS_PIVOT_ROOT.get(os.uname().machine, 155)
     if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
         _fail(new_root)
+
+
+def join_new_session_keyring() -> None:
+    """Replace the session keyring with a new, empty, anonymous one: keys the
+    caller keeps there (Kerberos tickets, fscrypt keys) are no longer possessed."""
+    nr = _SYS_KEYCTL.get(os.uname().machine, 250)
+    if _libc.syscall(nr, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:  # a kernel without keyrings has nothing to leak
+            raise OSError(err, os.strerror(err), "keyctl(JOIN_SESSION_KEYRING)")
 
 
 def sethostname(name: str) -> None:
