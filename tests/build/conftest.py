@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -60,14 +61,22 @@ class Env:
             check=check,
         )
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
+    def popen(self, *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-m", "nsbuild", *args],
             env=self.vars,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # As from a terminal: a test runner started in the background
+            # inherits SIGINT ignored, and Python would keep it so.
+            preexec_fn=_default_sigint,
         )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +99,11 @@ def bookworm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     env["XDG_CACHE_HOME"] = str(root / "cache")
     yield Env(env, root / "cache")
     subprocess.run([sys.executable, "-m", "nsbuild", "gc"], env=env, capture_output=True)
+    # Dependency layers and apt caches hold files of the subuid range, which
+    # pytest's own clean-up of old temporary folders could not delete.
+    from nsbuild.envs import remove_tree
+
+    remove_tree(root / "cache")
 
 
 def make_package(
@@ -99,9 +113,12 @@ def make_package(
     build: str = "true",
     build_depends: str = "",
     install: str = "",
+    builddeb: str = "",
+    distribution: str = "bookworm",
 ) -> Path:
     """A small native source tree written for a test: `build` is the shell text of
-    its override_dh_auto_build, `install` that of override_dh_auto_install."""
+    its override_dh_auto_build, `install` that of override_dh_auto_install,
+    `builddeb` what runs after dh_builddeb (the .debs are in .. then)."""
     tree = parent / f"{name}-1.0"
     (tree / "debian" / "source").mkdir(parents=True)
     deps = "debhelper-compat (= 13)" + (f", {build_depends}" if build_depends else "")
@@ -122,7 +139,7 @@ def make_package(
         """)
     )
     (tree / "debian" / "changelog").write_text(
-        f"{name} (1.0) bookworm; urgency=medium\n\n  * Test package.\n\n"
+        f"{name} (1.0) {distribution}; urgency=medium\n\n  * Test package.\n\n"
         " -- nsbuild tests <tests@nsbuild.invalid>  Mon, 01 Jan 2024 00:00:00 +0000\n"
     )
     (tree / "debian" / "source" / "format").write_text("3.0 (native)\n")
@@ -131,6 +148,9 @@ def make_package(
     rules += "".join(f"\t{line}\n" for line in build.splitlines())
     rules += "\noverride_dh_auto_install:\n"
     rules += "".join(f"\t{line}\n" for line in (install or "true").splitlines())
+    if builddeb:
+        rules += "\noverride_dh_builddeb:\n\tdh_builddeb\n"
+        rules += "".join(f"\t{line}\n" for line in builddeb.splitlines())
     (tree / "debian" / "rules").write_text(rules)
     (tree / "debian" / "rules").chmod(0o755)
     return tree

@@ -14,7 +14,7 @@ import pytest
 
 from .conftest import Env, fixture_dsc, make_package
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.userns]
 
 
 def _sha256(path: Path) -> str:
@@ -38,12 +38,22 @@ def test_hello_builds_installs_and_reuses_its_dependency_layer(
     assert first.returncode == 0, first.stderr
     summary = json.loads(first.stdout)
     assert summary["status"] == "successful"
+    assert summary["exit_status"] == 0
+    assert (summary["package"], summary["version"]) == ("hello", "2.10-3")
+    assert (summary["architecture"], summary["environment"]) == ("amd64", "bookworm")
     assert [p["name"] for p in summary["phases"]] == [
         "Prepare",
         "Install build dependencies",
         "Build",
         "Collect",
     ]
+    assert all(p["seconds"] >= 0 for p in summary["phases"])
+    assert Path(summary["log"]) == tmp_path / "one" / "hello_2.10-3_amd64.build"
+    assert Path(summary["network_log"]).is_file()
+    # hello's build tries nothing: no attempt, so none denied.
+    assert summary["network"]["denied"] == []
+    # Only the JSON document is on stdout; the .debs are listed in it.
+    assert not first.stdout.lstrip().startswith("/")
     names = sorted(a["name"] for a in summary["artifacts"])
     assert "hello_2.10-3_amd64.deb" in names
     assert "hello_2.10-3_amd64.changes" in names
@@ -115,15 +125,91 @@ def test_network_attempts_during_build_are_logged(bookworm: Env, tmp_path: Path)
     assert any(r["host"] == "example.org" for r in denied)
 
 
-def test_failing_build_exits_1_and_keeps_its_log(bookworm: Env, tmp_path: Path) -> None:
-    tree = make_package(tmp_path, "nsb-fails", build="echo this package does not build; false")
+def test_failing_build_exits_1_keeps_only_its_log_and_opens_a_shell(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    tree = make_package(
+        tmp_path,
+        "nsb-fails",
+        build="echo left by the failed build > failed-marker\n"
+        "echo this package does not build; false",
+    )
     out = tmp_path / "out"
-    result = _build(bookworm, tree, out)
-    assert result.returncode == 1
+    # --shell-on-failure: the shell reads its commands from stdin, here a pipe.
+    proc = bookworm.popen(
+        "build", "--env", "bookworm", "--out", str(out), "--shell-on-failure", str(tree),
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = proc.communicate('echo "in shell: $(pwd): $(cat failed-marker)"\nexit\n')
+    assert proc.returncode == 1, stderr
+    assert "in shell: /build/nsb-fails-1.0: left by the failed build" in stdout
     log = (out / "nsb-fails_1.0_amd64.build").read_text()
     assert "this package does not build" in log
     assert "Status: failed" in log
-    assert not list(out.glob("*.deb")) and not list(out.glob("*.changes"))
+    # The log and the network log; nothing of the build itself.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "nsb-fails_1.0_amd64.build",
+        "nsb-fails_1.0_amd64.network.jsonl",
+    ]
+    assert _sessions(bookworm) == []
+
+
+LISTENER = """\
+use IO::Socket::INET;
+my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 47613,
+                              Listen => 5, Proto => 'tcp', ReuseAddr => 0)
+    or die "cannot listen on 127.0.0.1:47613: $!\\n";
+# Now listening: say so where the test (outside) can see it, then wait for it.
+$0 = 'nsb-port-listening';
+$SIG{USR1} = sub { print "released\\n"; exit 0 };
+sleep 600;
+die "never released\\n";
+"""
+
+
+def _listeners() -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"nsb-port-listening"):
+                        found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+def test_two_builds_at_once_listen_on_the_same_port(bookworm: Env, tmp_path: Path) -> None:
+    # A test suite on a fixed port: each build has its own network namespace,
+    # so both bind 127.0.0.1:47613 at the same time. No --env: the changelog
+    # says bookworm, and the environment of that name is used.
+    tree = make_package(tmp_path, "nsb-port", build="perl debian/listen.pl")
+    (tree / "debian" / "listen.pl").write_text(LISTENER)
+    procs = [bookworm.popen("build", "--out", str(tmp_path / f"out{i}"), str(tree)) for i in (1, 2)]
+    try:
+        # Both must be listening at once before either is let go: the proof
+        # that they overlapped, not merely ran one after the other.
+        deadline = time.monotonic() + 900
+        while len(listening := _listeners()) < 2:
+            finished = [p for p in procs if p.poll() is not None]
+            assert not finished, finished[0].communicate()[1]
+            assert time.monotonic() < deadline, "the two builds never listened at once"
+            time.sleep(0.5)
+        for pid in listening:
+            os.kill(pid, signal.SIGUSR1)
+        results = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, (proc, (_out, err)) in enumerate(zip(procs, results, strict=True), 1):
+        assert proc.returncode == 0, err
+        log = (tmp_path / f"out{i}" / "nsb-port_1.0_amd64.build").read_text()
+        assert "released" in log
+        assert "Distribution: bookworm" in log
+        assert (tmp_path / f"out{i}" / "nsb-port_1.0_all.deb").is_file()
 
 
 def test_unsatisfiable_build_depends_exits_3_naming_them(bookworm: Env, tmp_path: Path) -> None:

@@ -154,7 +154,8 @@ class Backend(ABC):
         """Copy the regular file `guest_path` to `host_path`.
 
         Refused (CopyRefused) when the path leaves `within` (default: work_dir),
-        when any part of it is a symlink, or when it is not a regular file. The
+        when any part of it is a symlink, or when it is not a regular file with
+        a single name (a FIFO, a device, a hard link are refused). The
         inside is never trusted: the check is repeated on the host on what
         actually arrives."""
         within = _normal(within or self.work_dir)
@@ -169,6 +170,10 @@ class Backend(ABC):
             'set -f; dir=$1; p=$1; IFS=/; for part in $2; do p="$p/$part"; '
             'if [ -L "$p" ]; then echo "$p is a symlink" >&2; exit 3; fi; done; '
             'if [ ! -f "$p" ]; then echo "$p is not a regular file" >&2; exit 4; fi; '
+            # A second name for the file means it was made by linking, not by
+            # a build tool: whose file it really is cannot be told.
+            'n=$(stat -c %h -- "$p") || exit 1; '
+            'if [ "$n" != 1 ]; then echo "$p is a hard link ($n names)" >&2; exit 5; fi; '
             'exec tar -C "$dir" --no-recursion -cf - -- "$2"'
         )
         argv = ["sh", "-c", script, "copy-out", within, rel]
@@ -176,7 +181,7 @@ class Backend(ABC):
             status = self.run(argv, stdout=tmp, stderr=err)
             err.seek(0)
             why = err.read().decode(errors="replace").strip()
-            if status in (3, 4):
+            if status in (3, 4, 5):
                 raise CopyRefused(f"refusing to copy {guest_path}: {why}")
             if status != 0:
                 raise BackendError(

@@ -19,9 +19,10 @@ Besides the session, the backend keeps on the host:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,23 @@ def _fd(stream: Stream, default: int) -> int:
     if isinstance(stream, int):
         return stream
     return stream.fileno()
+
+
+@contextlib.contextmanager
+def _cache_lock(caches: Mapping[str, Path]) -> Iterator[None]:
+    """Hold the environment's apt caches for one run. Two apt processes of
+    two builds would otherwise meet on the same lists and archives: apt's own
+    locks make the second one fail at once instead of waiting."""
+    if not caches:
+        yield
+        return
+    lock = next(iter(caches.values())).parent / ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class LocalBackend(Backend):
@@ -227,10 +245,13 @@ class LocalBackend(Backend):
             allow_from_env=network == "allow",
         )
         mounts: list[Any] = [Bind(str(self._build_dir), WORK_DIR)]
-        if trusted:
-            for name, host in self._caches.items():
-                mounts.append(Bind(str(host), CACHE_MOUNTS[name]))
-        with net.network(opts, mirrors=mirrors, debug=self.options.debug) as plan:
+        caches = self._caches if trusted else {}
+        for name, host in caches.items():
+            mounts.append(Bind(str(host), CACHE_MOUNTS[name]))
+        with (
+            _cache_lock(caches),
+            net.network(opts, mirrors=mirrors, debug=self.options.debug) as plan,
+        ):
             base = self._session.sandbox(
                 argv,
                 mounts=(*mounts, *plan.mounts),

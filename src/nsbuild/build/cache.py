@@ -15,7 +15,8 @@ KEY is the sha256 of the environment's base id, the architecture, the exact
 resolved package set (name, version, architecture of every package apt chose
 to install or remove) and the checksums of any extra packages given. A changed
 base (the environment was updated) gives a different key, so old layers are
-never used against a new base; `nsbuild gc` trims the unused ones.
+never used against a new base; `nsbuild gc` trims the unused ones (`gc()`
+below), and with them the build apt caches of environments that are gone.
 """
 
 from __future__ import annotations
@@ -29,14 +30,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nsbuild.envs.config import Config
 
 TMP_PREFIX = ".tmp-"
 
 
 def cache_root() -> Path:
-    value = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(value) if value and os.path.isabs(value) else Path.home() / ".cache"
-    return base / "nsbuild" / "deps"
+    from nsbuild.envs.paths import cache_dir
+
+    return cache_dir() / "deps"
 
 
 def layer_key(
@@ -70,8 +75,7 @@ class DepCache:
             yield None
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path(key), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_SH)
+        with _locked(self._lock_path(key), fcntl.LOCK_SH):
             # gc may have removed it between the check and the lock.
             if not (entry / "layer.json").is_file():
                 yield None
@@ -80,13 +84,12 @@ class DepCache:
             yield Layer(key, entry / "layer")
 
     def staging(self) -> Path:
-        """A fresh directory to store a new layer in; commit() it or let gc take it."""
-        import secrets
+        """A fresh directory to store a new layer in; commit() it or let gc take it
+        (its name says which process made it, so gc knows when that one is gone)."""
+        from nsbuild.envs.owner import tmp_name
 
         self.root.mkdir(parents=True, exist_ok=True)
-        stat = Path(f"/proc/{os.getpid()}/stat").read_bytes()
-        start = stat[stat.rindex(b")") + 2 :].split()[19].decode()
-        tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{start}-{secrets.token_hex(4)}"
+        tmp = self.root / tmp_name()
         tmp.mkdir(mode=0o700)
         return tmp
 
@@ -123,3 +126,226 @@ class DepCache:
                 continue
             out.append((d.name, meta, meta_path.stat().st_mtime))
         return out
+
+
+@contextmanager
+def _locked(path: Path, mode: int) -> Iterator[int]:
+    """flock `path`, making sure the lock taken is on the file that is there now:
+    gc unlinks the lock file of a layer it removes, and a lock on an unlinked
+    file would exclude nobody."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+# -- garbage collection -----------------------------------------------------------
+
+DEFAULT_MAX_AGE_DAYS = 30.0
+
+
+def gc(
+    *,
+    dry_run: bool = False,
+    max_age_days: float = DEFAULT_MAX_AGE_DAYS,
+    errors: list[str] | None = None,
+) -> list[str]:
+    """Remove dependency layers whose base no configured environment has any more
+    (the environment was updated or removed) or unused for `max_age_days`,
+    layers half-stored by builds that are gone, the build apt caches of
+    environments no longer configured, and cached .debs unused for
+    `max_age_days`. Layers in use by a running build are kept.
+
+    Returns one line per removal ("dependency layer 3f2a... (...)"); problems
+    are appended to `errors` (or ignored when it is None)."""
+    from nsbuild.envs.config import load_config
+
+    errs: list[str] = errors if errors is not None else []
+    config = load_config()
+    removed = _gc_layers(DepCache(), _current_bases(config, errs), max_age_days, dry_run, errs)
+    removed += _gc_apt_caches({env.name for env in config}, max_age_days, dry_run, errs)
+    return removed
+
+
+def _current_bases(config: Config, errs: list[str]) -> set[str] | None:
+    """Base ids of every configured tarball environment; None if one cannot be
+    told (then no layer is removed for its base)."""
+    from nsbuild.envs.errors import EnvError
+    from nsbuild.envs.store import layout_for, tarball_digest
+
+    bases: set[str] = set()
+    for env in config:
+        if env.type != "tarball" or env.path is None or not env.path.exists():
+            continue
+        try:
+            bases.add(tarball_digest(layout_for(env), env.path))
+        except EnvError as e:
+            errs.append(f"dependency layers: environment {env.name!r}: {e}; base layers kept")
+            return None
+    return bases
+
+
+def _gc_layers(
+    cache: DepCache,
+    bases: set[str] | None,
+    max_age_days: float,
+    dry_run: bool,
+    errs: list[str],
+) -> list[str]:
+    from nsbuild.envs.errors import EnvError
+    from nsbuild.envs.owner import tmp_name, tmp_owner
+
+    removed: list[str] = []
+    if not cache.root.is_dir():
+        return removed
+    now = time.time()
+    suffix = " (dry run)" if dry_run else ""
+    for entry in sorted(cache.root.iterdir()):
+        name = entry.name
+        if name.startswith(TMP_PREFIX):
+            owner = tmp_owner(name)
+            if owner is not None and not owner.alive():
+                _discard(
+                    cache, entry, f"unfinished dependency layer {entry}", removed, errs, dry_run
+                )
+            continue
+        if name.endswith(".lock"):
+            if not (cache.root / name[: -len(".lock")]).exists():
+                _drop_lock(entry, dry_run)
+            continue
+        meta_path = entry / "layer.json"
+        if not meta_path.is_file():
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+            last_use = meta_path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        why = None
+        if bases is not None and meta.get("base") not in bases:
+            why = "its environment's base changed or is gone"
+        elif now - last_use > max_age_days * 86400:
+            why = f"unused for {(now - last_use) / 86400:.0f} days"
+        if why is None:
+            continue
+        what = f"dependency layer {name[:16]} ({meta.get('environment', '?')}: {why})"
+        if dry_run:
+            removed.append(what + suffix)
+            continue
+        try:
+            with _try_exclusive(cache._lock_path(name)):
+                doomed = cache.root / tmp_name()
+                os.rename(entry, doomed)
+                cache._lock_path(name).unlink()
+        except BlockingIOError:
+            continue  # a build is using it
+        except OSError as e:
+            errs.append(f"{entry}: cannot remove: {e.strerror}")
+            continue
+        try:
+            cache.discard(doomed)
+            removed.append(what)
+        except EnvError as e:
+            errs.append(str(e))
+    return removed
+
+
+@contextmanager
+def _try_exclusive(path: Path) -> Iterator[None]:
+    """Exclusive lock without waiting: BlockingIOError while a build holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _drop_lock(path: Path, dry_run: bool) -> None:
+    """A lock file whose layer is gone: removed quietly if nobody holds it."""
+    if dry_run:
+        return
+    try:
+        with _try_exclusive(path):
+            if not path.with_suffix("").exists():
+                path.unlink()
+    except OSError:
+        pass
+
+
+def _discard(
+    cache: DepCache, path: Path, what: str, removed: list[str], errs: list[str], dry_run: bool
+) -> None:
+    from nsbuild.envs.errors import EnvError
+
+    if dry_run:
+        removed.append(f"{what} (dry run)")
+        return
+    try:
+        cache.discard(path)
+        removed.append(what)
+    except EnvError as e:
+        errs.append(str(e))
+
+
+def apt_cache_root() -> Path:
+    """Where the local backend keeps each environment's apt lists and archives."""
+    from nsbuild.envs.paths import cache_dir
+
+    return cache_dir() / "apt"
+
+
+def _gc_apt_caches(
+    configured: set[str], max_age_days: float, dry_run: bool, errs: list[str]
+) -> list[str]:
+    from nsbuild.envs.errors import EnvError
+    from nsbuild.envs.remove import remove_tree
+
+    removed: list[str] = []
+    root = apt_cache_root()
+    if not root.is_dir():
+        return removed
+    suffix = " (dry run)" if dry_run else ""
+    limit = time.time() - max_age_days * 86400
+    for env_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            # The local backend holds this lock while apt runs with these caches.
+            with _try_exclusive(env_dir / ".lock"):
+                if env_dir.name not in configured:
+                    what = f"build apt cache of {env_dir.name!r} (no such environment)"
+                    if not dry_run:
+                        remove_tree(env_dir)
+                    removed.append(what + suffix)
+                    continue
+                old = [
+                    deb
+                    for deb in (env_dir / "apt-archives").glob("*.deb")
+                    if max(deb.stat().st_atime, deb.stat().st_mtime) < limit
+                ]
+                if not dry_run:
+                    for deb in old:
+                        deb.unlink()
+                if old:
+                    removed.append(
+                        f"{len(old)} cached .deb files of {env_dir.name!r} "
+                        f"unused for {max_age_days:.0f} days{suffix}"
+                    )
+        except BlockingIOError:
+            continue  # a build is installing with it right now
+        except (OSError, EnvError) as e:
+            errs.append(f"{env_dir}: {getattr(e, 'strerror', None) or e}")
+    return removed

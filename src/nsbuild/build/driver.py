@@ -159,6 +159,7 @@ class _Build:
         self.progress = progress
         self.result = BuildResult(backend=request.backend)
         self.log: BuildLog | None = None
+        self.env_note: str | None = None
         self.times: dict[str, float] = {}
         self.space = 0
 
@@ -204,7 +205,7 @@ class _Build:
         return pkg, out
 
     def _run(self, stack: ExitStack, pkg: SourcePackage, out: Path, tmp: Path) -> None:
-        env_name = self.req.env or pkg.distribution() or "unstable"
+        env_name = self.req.env or self._default_env(pkg)
         self.result.environment = env_name
         results = tmp / "results"
         results.mkdir()
@@ -266,6 +267,22 @@ class _Build:
             shutil.move(str(results / art.name), dest)
             art.path = str(dest)
 
+    def _default_env(self, pkg: SourcePackage) -> str:
+        """The environment named after the changelog's distribution; for the
+        local backend, created on first use."""
+        from nsbuild.build.distribution import choose, resolve
+
+        choice = choose(pkg.distribution())
+        # Environments are the local backend's: another backend gets the name
+        # and makes of it what it can.
+        if self.req.backend != "local":
+            return choice.name
+        name, note = resolve(choice, self.progress.stream)
+        if note:
+            self.progress.say(note)
+            self.env_note = note
+        return name
+
     # -- phases --
 
     def _arch(self, backend: Backend) -> str:
@@ -284,6 +301,7 @@ class _Build:
                 ("Version", pkg.version),
                 ("Source Version", pkg.version),
                 ("Distribution", env_name),
+                *((("Distribution Note", self.env_note),) if self.env_note else ()),
                 ("Machine Architecture", os.uname().machine),
                 ("Host Architecture", arch),
                 ("Build Architecture", arch),
@@ -412,7 +430,6 @@ class _Build:
         self.times["install"] = time.monotonic() - start
         if key and self.req.use_cache:
             staging = cache.staging()
-            backend.keep_layer(staging / "layer")
             meta: dict[str, object] = {
                 "environment": self.result.environment,
                 "base": base,
@@ -420,7 +437,12 @@ class _Build:
                 "packages": resolution,
                 "extra_packages": [p.name for p in self.req.extra_packages],
             }
-            published = cache.commit(staging, key, meta)
+            try:
+                backend.keep_layer(staging / "layer")
+                published = cache.commit(staging, key, meta)
+            except BaseException:
+                cache.discard(staging)
+                raise
             if published is None:
                 # Another build stored the same layer first; ours serves this
                 # build from where it is, then goes.

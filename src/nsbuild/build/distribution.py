@@ -1,0 +1,173 @@
+"""Which environment a build runs in when the user names none.
+
+`nsbuild build` without `--env` builds for the distribution of the newest
+changelog entry, as sbuild does. The distribution is looked up as an
+environment name or alias; the common upload targets that are not suites of
+their own map onto the suite they build against:
+
+    UNRELEASED                      unstable (Debian's convention for work in progress)
+    sid                             unstable
+    experimental, rc-buggy          unstable (experimental's own packages not enabled)
+    bookworm-backports[-sloppy],    bookworm (the base suite; only an environment named
+    -security, -updates,              after the distribution itself brings those archives)
+    -proposed-updates, -lts
+
+When no configured environment matches and the suite is a Debian suite
+(distro-info's list, or a built-in one), the local backend's environment is
+created on first use with mmdebstrap, its progress shown on stderr, under a
+lock so that two builds starting together create it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from nsbuild.build.errors import BuildInputError
+
+DEFAULT_DISTRIBUTION = "unstable"
+_TO_UNSTABLE = ("UNRELEASED", "sid", "experimental", "rc-buggy")
+_SUFFIXES = (
+    "-backports-sloppy",
+    "-backports",
+    "-proposed-updates",
+    "-security",
+    "-updates",
+    "-lts",
+)
+_ALIASES = ("stable", "testing", "oldstable", "oldoldstable", "unstable", "sid", "experimental")
+# Used when distro-info-data is not installed.
+_KNOWN = ("buster", "bullseye", "bookworm", "trixie", "forky", "duke")
+DISTRO_INFO = "/usr/share/distro-info/debian.csv"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The environment to build in: `name` to look up, else one named after
+    `suite` (created from that suite when missing)."""
+
+    name: str
+    suite: str
+    # Other names the lookup tries, in order, before creating anything.
+    fallbacks: tuple[str, ...] = ()
+    # Said after "DIST: building in ENV" when a fallback is used.
+    hint: str | None = None
+    # Aliases to give an environment created for it.
+    aliases: tuple[str, ...] = ()
+
+
+def choose(distribution: str | None) -> Choice:
+    """Map a changelog distribution onto an environment name and a suite."""
+    dist = (distribution or "").strip() or DEFAULT_DISTRIBUTION
+    if dist in _TO_UNSTABLE or dist == "unstable":
+        others = tuple(n for n in ("unstable", "sid") if n != dist)
+        return Choice(dist, "unstable", others, None, ("sid", "UNRELEASED"))
+    for suffix in _SUFFIXES:
+        if dist.endswith(suffix) and len(dist) > len(suffix):
+            base = dist[: -len(suffix)]
+            hint = f"no environment named {dist}; create one to use that archive's packages"
+            return Choice(dist, base, (base,), hint)
+    return Choice(dist, dist)
+
+
+def debian_suites() -> set[str]:
+    """Names mmdebstrap can bootstrap from Debian's archive."""
+    names = set(_KNOWN) | set(_ALIASES)
+    with contextlib.suppress(OSError, csv.Error):
+        with open(DISTRO_INFO, newline="", encoding="utf-8") as f:
+            names |= {row["series"] for row in csv.DictReader(f) if row.get("series")}
+    return names
+
+
+def resolve(choice: Choice, progress: IO[str] | None = sys.stderr) -> tuple[str, str | None]:
+    """The name of an existing environment for `choice`, created first if need be.
+
+    Returns (environment name, note). Raises BuildInputError (exit 2) when
+    nothing matches and the suite is not one nsbuild can bootstrap."""
+    from nsbuild.envs.config import load_config
+
+    found = _find(choice)
+    if found is not None:
+        return found, _note(choice, found)
+    if choice.suite not in debian_suites():
+        raise BuildInputError(
+            f"no environment for the changelog's distribution {choice.name!r} and it is "
+            f"not a Debian suite nsbuild can create: give --env NAME, or create one with "
+            f"nsbuild env create {choice.name} --suite SUITE --mirror URL"
+        )
+    # The created environment is named after the suite: a backports upload
+    # builds in "bookworm", which serves plain bookworm uploads too.
+    name = choice.suite
+    with _creation_lock(name):
+        # Another build may have made it while we waited for the lock.
+        found = _find(choice)
+        if found is not None:
+            return found, _note(choice, found)
+        taken = {n for env in load_config() for n in (env.name, *env.aliases)}
+        aliases = tuple(a for a in choice.aliases if a not in taken and a != name)
+        _create(name, choice.suite, aliases, progress)
+    return name, _note(choice, name)
+
+
+def _find(choice: Choice) -> str | None:
+    from nsbuild.envs.config import load_config
+
+    config = load_config()
+    for name in (choice.name, *choice.fallbacks):
+        env = config.find(name)
+        if env is not None:
+            return env.name
+    return None
+
+
+def _note(choice: Choice, used: str) -> str | None:
+    if used == choice.name:
+        return None
+    return f"{choice.name}: building in {used}" + (f" ({choice.hint})" if choice.hint else "")
+
+
+@contextlib.contextmanager
+def _creation_lock(name: str) -> Iterator[None]:
+    from nsbuild.envs.paths import cache_dir
+
+    path = cache_dir() / "locks" / f"create-{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _create(name: str, suite: str, aliases: tuple[str, ...], progress: IO[str] | None) -> None:
+    from nsbuild.envs.create import create_env
+
+    def say(text: str) -> None:
+        if progress is not None:
+            print(f"nsbuild: {text}", file=progress, flush=True)
+
+    say(
+        f"no environment {name!r} yet: creating it from Debian {suite} with mmdebstrap "
+        "(once; a few minutes; progress follows)"
+    )
+    start = time.monotonic()
+    # mmdebstrap reports on both of its streams; stdout is reserved for the
+    # build's own output (--json), so its output joins stderr.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        env = create_env(name, suite, aliases=aliases, quiet=progress is None)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    took = time.monotonic() - start
+    say(f"created environment {env.name!r} in {took:.0f}s ({env.path}); next builds reuse it")

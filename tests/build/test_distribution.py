@@ -1,0 +1,84 @@
+"""Without --env, a build runs in the environment of its changelog's distribution."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nsbuild.build.distribution import choose, resolve
+from nsbuild.build.errors import BuildInputError
+
+from .conftest import make_package
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private chroot.d; the tarballs it names need not exist for a lookup."""
+    for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    chroot_d = tmp_path / "xdg_config_home" / "nsbuild" / "chroot.d"
+    chroot_d.mkdir(parents=True)
+    return chroot_d
+
+
+def _declare(chroot_d: Path, name: str, aliases: str = "") -> None:
+    text = f"Name: {name}\nType: tarball\nPath: /nonexistent/{name}.tar\n"
+    if aliases:
+        text += f"Aliases: {aliases}\n"
+    (chroot_d / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("distribution", "name", "suite"),
+    [
+        ("bookworm", "bookworm", "bookworm"),
+        ("unstable", "unstable", "unstable"),
+        ("sid", "sid", "unstable"),
+        ("UNRELEASED", "UNRELEASED", "unstable"),
+        ("experimental", "experimental", "unstable"),
+        ("bookworm-backports", "bookworm-backports", "bookworm"),
+        ("bullseye-backports-sloppy", "bullseye-backports-sloppy", "bullseye"),
+        ("bookworm-security", "bookworm-security", "bookworm"),
+        (None, "unstable", "unstable"),
+    ],
+)
+def test_distributions_map_onto_suites(distribution: str | None, name: str, suite: str) -> None:
+    choice = choose(distribution)
+    assert (choice.name, choice.suite) == (name, suite)
+
+
+def test_an_exact_name_or_alias_wins(config: Path) -> None:
+    _declare(config, "sid-amd64", aliases="UNRELEASED")
+    _declare(config, "bookworm")
+    _declare(config, "bookworm-backports")
+    assert resolve(choose("UNRELEASED"), None) == ("sid-amd64", "UNRELEASED: building in sid-amd64")
+    assert resolve(choose("bookworm"), None) == ("bookworm", None)
+    assert resolve(choose("bookworm-backports"), None) == ("bookworm-backports", None)
+
+
+def test_unreleased_and_backports_fall_back_to_their_suite(config: Path) -> None:
+    _declare(config, "unstable")
+    _declare(config, "bookworm")
+    name, note = resolve(choose("UNRELEASED"), None)
+    assert (name, note) == ("unstable", "UNRELEASED: building in unstable")
+    name, note = resolve(choose("bookworm-backports"), None)
+    assert name == "bookworm"
+    assert note is not None and note.startswith("bookworm-backports: building in bookworm (")
+
+
+def test_a_distribution_that_is_no_debian_suite_exits_2(config: Path, tmp_path: Path) -> None:
+    with pytest.raises(BuildInputError, match="'nsb-nowhere'"):
+        resolve(choose("nsb-nowhere"), None)
+    tree = make_package(tmp_path, "nsb-nowhere", distribution="nsb-nowhere")
+    result = subprocess.run(
+        [sys.executable, "-m", "nsbuild", "build", "--out", str(tmp_path / "out"), str(tree)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "no environment for the changelog's distribution 'nsb-nowhere'" in result.stderr
+    assert "--env NAME" in result.stderr
+    assert not (tmp_path / "out").exists()

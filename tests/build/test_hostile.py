@@ -1,0 +1,138 @@
+"""A package's build is untrusted: what it leaves behind is never followed out.
+
+Results leave the environment through `Backend.copy_out`, which refuses
+anything but a regular file with a single name under the work directory, and
+through the file names of the .changes, which must be plain names. Nothing of
+a refused build reaches --out but its logs, and nothing at all lands outside.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nsbuild.backends import Backend, BackendOptions, CopyRefused, open_backend
+
+from .conftest import Env, make_package
+
+pytestmark = [pytest.mark.slow, pytest.mark.userns]
+
+
+@pytest.fixture
+def backend(bookworm: Env) -> Iterator[Backend]:
+    old = dict(os.environ)
+    os.environ.update(bookworm.vars)
+    try:
+        with open_backend("local", BackendOptions(env="bookworm")) as b:
+            yield b
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def test_copy_out_refuses_all_but_plain_files(backend: Backend, tmp_path: Path) -> None:
+    script = (
+        "cd /build && echo real > real.deb && echo secret > /root/secret && "
+        "ln -s /root/secret symlink.deb && ln real.deb hardlink.deb && "
+        "mkfifo fifo.deb && mkdir dir && ln -s /root linkdir && "
+        "echo inside > dir/ok.deb"
+    )
+    status, text = backend.check_output(["sh", "-c", script])
+    assert status == 0, text
+    # hardlink.deb and real.deb are two names of one file: both refused.
+    for name, why in [
+        ("symlink.deb", "symlink"),
+        ("hardlink.deb", "hard link"),
+        ("real.deb", "hard link"),
+        ("fifo.deb", "not a regular file"),
+        ("dir", "not a regular file"),
+        ("linkdir/secret", "symlink"),
+        ("missing.deb", "not a regular file"),
+    ]:
+        with pytest.raises(CopyRefused, match=why):
+            backend.copy_out(f"/build/{name}", tmp_path / "got")
+        assert not (tmp_path / "got").exists()
+    for path in ("/build/../root/secret", "/root/secret", "relative.deb"):
+        with pytest.raises(CopyRefused):
+            backend.copy_out(path, tmp_path / "got")
+    backend.copy_out("/build/dir/ok.deb", tmp_path / "ok.deb")
+    assert (tmp_path / "ok.deb").read_text() == "inside\n"
+
+
+def _only_logs(out: Path, name: str) -> None:
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{name}_1.0_amd64.build",
+        f"{name}_1.0_amd64.network.jsonl",
+    ]
+
+
+def test_a_symlink_in_place_of_a_deb_is_refused(bookworm: Env, tmp_path: Path) -> None:
+    # dpkg-genchanges follows the link and lists /etc/passwd's checksum: the
+    # .changes is consistent, only the file's kind gives it away.
+    tree = make_package(
+        tmp_path,
+        "nsb-symlink",
+        builddeb="rm ../nsb-symlink_1.0_all.deb\nln -s /etc/passwd ../nsb-symlink_1.0_all.deb",
+    )
+    out = tmp_path / "out"
+    result = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out), str(tree))
+    assert result.returncode == 1, result.stderr
+    assert "nsb-symlink_1.0_all.deb is a symlink" in result.stderr
+    _only_logs(out, "nsb-symlink")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsb-symlink-1.0", "out"]
+
+
+# Run in the background by the package's own rules: debian/changelog becomes a
+# FIFO that this serves to every reader, and before serving it, once
+# dpkg-genchanges has written the .changes, the .changes is rewritten to name
+# ../x. dpkg-source --after-build reads the changelog after dpkg-genchanges,
+# so the rewrite happens before dpkg-buildpackage ends, every time.
+REWRITER = r"""
+use POSIX qw(mkfifo);
+use Fcntl;
+my $log = do { local $/; open my $f, '<', 'debian/changelog' or die; <$f> };
+unlink 'debian/changelog';
+mkfifo('debian/changelog', 0644) or die "mkfifo: $!";
+my $done = 0;
+while (1) {
+    if (!$done) {
+        for my $c (glob '../nsb-dotdot_1.0_*.changes') {
+            open my $f, '<', $c or next;
+            my $text = do { local $/; <$f> };
+            close $f;
+            next unless $text =~ /\.buildinfo\n\z/;
+            $text =~ s/ nsb-dotdot_1\.0_all\.deb$/ ..\/x/mg;
+            open my $w, '>', $c or die;
+            print $w $text;
+            close $w;
+            open my $x, '>', '../x' or die;
+            close $x;
+            $done = 1;
+        }
+    }
+    if (sysopen(my $w, 'debian/changelog', O_WRONLY | O_NONBLOCK)) {
+        my $flags = fcntl($w, F_GETFL, 0);
+        fcntl($w, F_SETFL, $flags & ~O_NONBLOCK);
+        print $w $log;
+        close $w;
+    } else {
+        select(undef, undef, undef, 0.005);
+    }
+}
+"""
+
+
+def test_a_changes_naming_a_path_is_refused(bookworm: Env, tmp_path: Path) -> None:
+    tree = make_package(
+        tmp_path, "nsb-dotdot", builddeb="perl debian/rewrite.pl </dev/null >/dev/null 2>&1 &"
+    )
+    (tree / "debian" / "rewrite.pl").write_text(REWRITER)
+    out = tmp_path / "out"
+    result = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out), str(tree))
+    assert result.returncode == 1, result.stderr
+    assert "lists a file with a path: '../x'" in result.stderr
+    _only_logs(out, "nsb-dotdot")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsb-dotdot-1.0", "out"]
