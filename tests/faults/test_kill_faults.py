@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.userns, pytest.mark.slow]
 RUN_TRIALS = 24
 ENV_RUN_TRIALS = 12
 SESSION_TRIALS = 12
-BUILD_TRIALS = 3
+BUILD_TRIALS = 8
 
 
 def _marked(marker: str) -> list[int]:
@@ -269,3 +270,50 @@ def test_the_next_run_works_after_the_faults(tmp_path: Path, env_home: EnvHome) 
                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
                            check=False)
         assert r.returncode == 0, explain(r)
+
+
+ROOT_NFT_TRIALS = 8
+ROOT_LIMIT_TRIALS = 6
+
+LIMITED_RUN = """
+import sys
+from nsbuild.sandbox import Sandbox, caller_idmap, host_view, limits, spawn
+lim = limits.prepare(pids_max=64, memory_max=256 << 20)
+spec = Sandbox(argv=("sleep", sys.argv[1]), idmap=caller_idmap(), mounts=host_view(),
+               cgroup=lim.path)
+lim.join()
+proc = spawn(spec)
+lim.leave()
+proc.wait()
+lim.close()
+"""
+
+
+@pytest.mark.root
+def test_sigkill_with_the_nftables_engine_and_limits_as_root(rng: random.Random) -> None:
+    """Root's leftovers: the nftables table and cgroup of the egress engine, the
+    cgroups of resource limits. After gc none of a dead run remains."""
+    from nsbuild.net import nftables
+    from nsbuild.net.cgroups import pid_alive
+    from nsbuild.sandbox import limits
+
+    env = dict(os.environ)
+    for n in range(ROOT_NFT_TRIALS + ROOT_LIMIT_TRIALS):
+        marker = _trial_marker()
+        if n < ROOT_NFT_TRIALS:
+            delay = rng.uniform(0.0, 1.0)
+            argv = [*NSBUILD, "run", "--allow", "127.0.0.1:9", "--egress-engine", "nftables",
+                    "--", "sleep", marker]
+        else:
+            delay = rng.uniform(0.0, 0.6)
+            argv = [sys.executable, "-c", LIMITED_RUN, marker]
+        _kill_at(argv, delay, env, Path("/"), marker)
+        wait_until(lambda m=marker: _marked(m) == [], f"processes of trial {marker} are gone")
+        r = subprocess.run([*NSBUILD, "gc"], cwd="/", capture_output=True, text=True,
+                           check=False)
+        assert r.returncode == 0, f"seed {SEED}: {explain(r)}"
+        limits.gc()  # until `nsbuild gc` calls it (see docs/security.md)
+        dead_tables = [t for t in nftables.list_tables()
+                       if (pid := nftables.owner_pid(t)) is not None and not pid_alive(pid)]
+        left = [*(f"table {t}" for t in dead_tables), *_dead_cgroups()]
+        assert left == [], f"seed {SEED}: root trial {n} killed after {delay:.3f}s left {left}"

@@ -71,7 +71,7 @@ def parse_size(text: str) -> int:
 
 def parse_pids(text: str) -> int:
     """A process count of at least 1."""
-    if not text.strip().isdigit() or int(text) < 1:
+    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
         raise LimitError(f"bad process limit {text!r}: expected a whole number >= 1")
     return int(text)
 
