@@ -59,12 +59,38 @@ class Planned:
     mount: Mount
     src: str | None  # host source, resolved once on the host side
     is_dir: bool
+    # Run by root: the source's mount tree, cloned on the host side (see _tree).
+    tree: int | None = None
 
 
 @dataclass(frozen=True)
 class Plan:
     root_src: str | None
     mounts: tuple[Planned, ...]
+    root_tree: int | None = None
+
+
+def release(plan: Plan) -> None:
+    """Close the plan's cloned trees in the process that no longer needs them."""
+    for fd in (plan.root_tree, *(p.tree for p in plan.mounts)):
+        if fd is not None:
+            os.close(fd)
+
+
+def _tree(src: str) -> int | None:
+    """As root, clone the source's mount tree now, with the host's credentials.
+    Inside, the sandbox's root is an unprivileged subordinate id and cannot
+    walk to a source below a private directory (/root/project); attaching a
+    tree cloned here needs no path walk. None when not root or not possible
+    (no open_tree, or root without CAP_SYS_ADMIN): the plain bind is used."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return sc.open_tree_clone(src)
+    except OSError as e:
+        if e.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+            return None
+        raise SetupError("clone bind source", e.errno or errno.EIO, src) from None
 
 
 def _resolve_src(src: str, what: str) -> str:
@@ -84,18 +110,24 @@ def prepare(spec: Sandbox) -> Plan:
             raise SetupError("check root directory", errno.ENOTDIR, root.src)
     elif isinstance(root, Overlay):
         _check_overlay(root)
-    planned = []
-    for mnt in spec.mounts:
-        if isinstance(mnt, Bind):
-            if mnt.optional and not os.path.exists(mnt.src):
-                continue
-            src = _resolve_src(mnt.src, "bind source")
-            planned.append(Planned(mnt, src, os.path.isdir(src)))
-        else:
-            if isinstance(mnt, Overlay):
-                _check_overlay(mnt)
-            planned.append(Planned(mnt, None, not isinstance(mnt, File)))
-    return Plan(root_src, tuple(planned))
+    planned: list[Planned] = []
+    root_tree = None
+    try:
+        root_tree = _tree(root_src) if root_src is not None else None
+        for mnt in spec.mounts:
+            if isinstance(mnt, Bind):
+                if mnt.optional and not os.path.exists(mnt.src):
+                    continue
+                src = _resolve_src(mnt.src, "bind source")
+                planned.append(Planned(mnt, src, os.path.isdir(src), _tree(src)))
+            else:
+                if isinstance(mnt, Overlay):
+                    _check_overlay(mnt)
+                planned.append(Planned(mnt, None, not isinstance(mnt, File)))
+    except BaseException:
+        release(Plan(None, tuple(planned), root_tree))
+        raise
+    return Plan(root_src, tuple(planned), root_tree)
 
 
 def _check_overlay(o: Overlay) -> None:
@@ -138,6 +170,8 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step]) -> None:
     say(f"new root: {root.describe()}")
     if isinstance(root, Tmpfs):
         sc.mount("tmpfs", NEW, "tmpfs", _NOSUID_NODEV, _tmpfs_data(root))
+    elif isinstance(root, Bind) and plan.root_tree is not None:
+        _attach(plan.root_tree, os.open(NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), NEW)
     elif isinstance(root, Bind):
         assert plan.root_src is not None
         sc.mount(OLD + plan.root_src, NEW, None, sc.MS_BIND | sc.MS_REC)
@@ -256,7 +290,12 @@ def _ro_at(root_fd: int, dst: str, recursive: bool = True) -> None:
 
 def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
     mnt = p.mount
-    if isinstance(mnt, Bind):
+    if isinstance(mnt, Bind) and p.tree is not None:
+        create = "dir" if p.is_dir else "file"
+        _attach(p.tree, _open_in_root(root_fd, mnt.dst, create), mnt.dst)
+        if mnt.readonly:
+            _ro_at(root_fd, mnt.dst)
+    elif isinstance(mnt, Bind):
         assert p.src is not None
         _mount_at(root_fd, mnt.dst, "dir" if p.is_dir else "file", OLD + p.src, None,
                   sc.MS_BIND | sc.MS_REC)
@@ -286,6 +325,14 @@ def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
         _mount_dev(root_fd, mnt.dst, spec)
     elif isinstance(mnt, Sys):
         _mount_sys(root_fd, mnt.dst)
+
+
+def _attach(tree: int, target_fd: int, what: str) -> None:
+    try:
+        sc.move_mount_fd(tree, target_fd, what)
+    finally:
+        os.close(target_fd)
+        os.close(tree)
 
 
 def _symlink(root_fd: int, target: str, dst: str) -> None:

@@ -188,9 +188,13 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         elif want is not None:
             child_ends[i] = want
 
-    parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-    parent_pid = os.getpid()
-    pid = os.fork()
+    try:
+        parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+        parent_pid = os.getpid()
+        pid = os.fork()
+    except BaseException:
+        m.release(plan)
+        raise
     if pid == 0:
         parent_sock.close()
         for fd in parent_ends:
@@ -199,6 +203,7 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         _helper(spec, plan, _Channel(child_sock), child_ends, parent_pid, say)
 
     child_sock.close()
+    m.release(plan)  # the cloned trees live on in the child only
     for i, fd in enumerate(child_ends):
         if fd is not None and (stdin, stdout, stderr)[i] == PIPE:
             os.close(fd)
@@ -346,6 +351,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None]
         os.close(life_r)
         chan.sock.close()
         _close_stdio(stdio)
+        m.release(plan)
 
         def relay(sig: int, _frame: object) -> None:
             try:

@@ -68,6 +68,8 @@ RESOLVE_IN_ROOT = 0x10
 
 # Syscall numbers absent from libc wrappers. openat2 and mount_setattr share
 # one number on every architecture (added after the tables were unified).
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
 _SYS_OPENAT2 = 437
 _SYS_MOUNT_SETATTR = 442
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
@@ -133,6 +135,30 @@ def join_new_session_keyring() -> None:
         err = ctypes.get_errno()
         if err != errno.ENOSYS:  # a kernel without keyrings has nothing to leak
             raise OSError(err, os.strerror(err), "keyctl(JOIN_SESSION_KEYRING)")
+
+
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+
+
+def open_tree_clone(path: str) -> int:
+    """A detached copy of the mount tree at `path` (recursive), as an fd that
+    move_mount() can attach elsewhere, even in another mount namespace."""
+    fd = int(_libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), _b(path),
+                           ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)))
+    if fd < 0:
+        _fail(path)
+    return fd
+
+
+def move_mount_fd(tree_fd: int, target_fd: int, what: str) -> None:
+    """Attach the detached tree `tree_fd` on the object `target_fd` (O_PATH)."""
+    ret = _libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(tree_fd), b"", ctypes.c_int(target_fd), b"",
+                        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
+    if ret != 0:
+        _fail(what)
 
 
 def sethostname(name: str) -> None:
