@@ -1,0 +1,19 @@
+"""nsbuild as an autopkgtest virtualisation server: `autopkgtest-virt-nsbuild [options] ENV`.
+
+With it, the real `autopkgtest ... -- nsbuild ENV` and sbuild's
+`--chroot-mode=autopkgtest --autopkgtest-virt-server=nsbuild` run in nsbuild
+environments, rootless. Modules: server (the protocol), testbed (a session
+and what its commands share), execute (the per-command program handed out by
+`print-execute-command`). Nothing heavy loads before the greeting.
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nsbuild.virtserver.server import main as server_main
+
+    return server_main(argv)
+
+
+__all__ = ["main"]

@@ -1,0 +1,488 @@
+"""autopkgtest-virt-nsbuild: the virtualisation-server protocol over an nsbuild environment.
+
+The protocol (autopkgtest's README.virtualisation-server): a line-based
+conversation on stdin/stdout. The server greets with `ok`; each command line
+is words, each word URL-encoded; each answer is `ok` and URL-encoded results.
+Commands: capabilities, open, revert, close, print-execute-command, copydown,
+copyup, shell, quit. Nothing else is ever written on stdout: commands the
+server runs itself send their output to stderr.
+
+The testbed is a throwaway copy-on-write session (owned by this process, so
+`nsbuild gc` removes it should the server be killed); `revert` swaps in a
+fresh one at the same scratch path. See testbed.py for what the session holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from typing import IO, TYPE_CHECKING, NoReturn
+from urllib.parse import quote, unquote
+
+if TYPE_CHECKING:
+    from nsbuild.envs.config import EnvConfig
+    from nsbuild.envs.session import Session
+    from nsbuild.sandbox import Process
+    from nsbuild.virtserver.testbed import NetPolicy, Testbed
+
+PROG = "autopkgtest-virt-nsbuild"
+# As long as autopkgtest's own servers wait for a copy.
+COPY_TIMEOUT = float(os.environ.get("AUTOPKGTEST_VIRT_COPY_TIMEOUT", "300"))
+SETUP_TIMEOUT = 300.0
+
+# Made at open: a user for tests that do not need root, as autopkgtest asks.
+_MAKE_USER = """
+id -u "$1" >/dev/null 2>&1 && exit 0
+command -v useradd >/dev/null 2>&1 || { echo "no useradd in the environment" >&2; exit 1; }
+exec useradd --create-home --shell /bin/bash "$1"
+"""
+_COPYDOWN_FILE = 'cat > "$1" && if [ "$2" = x ]; then chmod +x -- "$1"; fi'
+_COPYDOWN_DIR = (
+    'mkdir -p -- "$1" && cd -- "$1" && '
+    "exec tar --warning=none --preserve-permissions --no-same-owner -x -f -"
+)
+_COPYUP_FILE = 'exec cat -- "$1"'
+_COPYUP_DIR = 'cd -- "$1" && exec tar --warning=none -c -f - .'
+
+
+class Misuse(Exception):
+    """The caller broke the protocol: the server says why and quits."""
+
+
+class CommandFailed(Exception):
+    """One command failed; the answer is a word other than `ok`, the server goes on."""
+
+    def __init__(self, answer: str, why: str) -> None:
+        super().__init__(why)
+        self.answer = answer
+
+
+class Signalled(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Server:
+    def __init__(self, config: EnvConfig, policy: NetPolicy, debug: bool) -> None:
+        self.config = config
+        self.policy = policy
+        self.debug = debug
+        self.testbed: Testbed | None = None
+        self.session: Session | None = None
+        self.normal_user: str | None = None
+        self._stack = ExitStack()
+
+    # -- the conversation --
+
+    def dispatch(self, words: list[str]) -> list[str]:
+        """Run one command; return the words after `ok`, each already URL-encoded."""
+        name, args = words[0], words[1:]
+        arity = {"capabilities": 0, "open": 0, "revert": 0, "close": 0, "quit": 0,
+                 "print-execute-command": 0, "copydown": 2, "copyup": 2}  # fmt: skip
+        if name == "shell":
+            if not args:
+                raise Misuse("`shell' needs a directory")
+        elif name not in arity:
+            raise Misuse(f"unknown command `{name}'")
+        elif len(args) != arity[name]:
+            raise Misuse(f"`{name}' takes {arity[name]} arguments, got {len(args)}")
+        if name == "capabilities":
+            return self.capabilities()
+        if name == "open":
+            if self.testbed is not None:
+                raise Misuse("`open' when already open")
+            return [quote(self.open())]
+        if self.testbed is None and name != "quit":
+            raise Misuse(f"`{name}' when not open")
+        if name == "revert":
+            self.teardown()
+            return [quote(self.open())]
+        if name == "close" or name == "quit":
+            self.teardown()
+            return []
+        if name == "print-execute-command":
+            return [",".join(quote(a) for a in self.execute_command())]
+        if name == "copydown":
+            self.copy(args[0], args[1], up=False)
+        elif name == "copyup":
+            self.copy(args[0], args[1], up=True)
+        elif name == "shell":
+            self.shell(args[0], args[1:])
+        return []
+
+    def capabilities(self) -> list[str]:
+        from nsbuild.virtserver.testbed import NET_CAPABILITY
+
+        caps = ["revert", "revert-full-system", "root-on-testbed", "isolation-container"]
+        caps.append(NET_CAPABILITY)
+        if self.testbed is not None:
+            caps.append(f"downtmp-host={quote(str(self.testbed.downtmp_host))}")
+            if self.normal_user:
+                caps.append(f"suggested-normal-user={self.normal_user}")
+        return caps
+
+    # -- the testbed --
+
+    def open(self) -> str:
+        from nsbuild.envs.session import throwaway
+        from nsbuild.sandbox import caller_idmap
+        from nsbuild.virtserver.testbed import DOWNTMP, NORMAL_USER, Testbed, session_mirrors
+
+        stack = ExitStack()
+        try:
+            session = stack.enter_context(throwaway(self.config))
+            testbed = Testbed(str(session.dir), self.policy, session_mirrors(session), self.debug)
+            testbed.downtmp_host.mkdir()
+            # Writable by the test user too, as autopkgtest's own downtmp is.
+            testbed.downtmp_host.chmod(0o1777)
+            testbed.running.mkdir()
+            self.testbed, self.session, self._stack = testbed, session, stack
+            self.normal_user = None
+            if caller_idmap().full:
+                # Only with a subordinate range is there a second uid to give it.
+                status = self._run_inside(["sh", "-c", _MAKE_USER, "make-user", NORMAL_USER],
+                                          timeout=SETUP_TIMEOUT)  # fmt: skip
+                if status != 0:
+                    raise RuntimeError(
+                        f"cannot create the test user {NORMAL_USER} (status {status})"
+                    )
+                self.normal_user = NORMAL_USER
+            testbed.save()
+        except BaseException:
+            self.testbed = self.session = None
+            self._stack = ExitStack()
+            stack.close()
+            raise
+        return DOWNTMP
+
+    def teardown(self) -> None:
+        """Close the testbed: no new command starts, running ones are killed,
+        the session goes. Idempotent."""
+        testbed, stack = self.testbed, self._stack
+        self.testbed = self.session = None
+        self._stack = ExitStack()
+        if testbed is not None:
+            testbed.record.unlink(missing_ok=True)
+            testbed.stop_commands()
+        stack.close()
+
+    def execute_command(self) -> list[str]:
+        assert self.testbed is not None
+        # -I: neither the caller's PYTHON* variables nor its current directory
+        # decide which code runs.
+        return [sys.executable, "-I", "-m", "nsbuild.virtserver.execute", str(self.testbed.record)]
+
+    def _spawn(self, argv: list[str], stdin: int | None, stdout: int | None) -> Process:
+        from nsbuild.sandbox import spawn
+
+        assert self.testbed is not None and self.session is not None
+        spec = self.testbed.sandbox(self.session, argv)
+        # stdout defaults to our stderr: our stdout carries the protocol only.
+        return spawn(spec, stdin=stdin if stdin is not None else _devnull(),
+                     stdout=stdout if stdout is not None else 2, stderr=2)  # fmt: skip
+
+    def _run_inside(self, argv: list[str], *, timeout: float, stdin: int | None = None,
+                    stdout: int | None = None) -> int:  # fmt: skip
+        proc = self._spawn(argv, stdin, stdout)
+        return _wait(proc, time.monotonic() + timeout, argv)
+
+    # -- copies --
+
+    def copy(self, src: str, dst: str, *, up: bool) -> None:
+        verb = "copyup" if up else "copydown"
+        if not src or not dst:
+            raise Misuse(f"{verb} paths must be nonempty")
+        is_dir = src.endswith("/")
+        if is_dir != dst.endswith("/"):
+            raise Misuse(f"{verb} paths must agree about directoryness (trailing /)")
+        host, inside = (dst, src) if up else (src, dst)
+        if not inside.startswith("/"):
+            raise CommandFailed("copy-failed", f"{verb}: {inside}: not an absolute testbed path")
+        if self._shared(host, inside):
+            return
+        deadline = time.monotonic() + COPY_TIMEOUT
+        try:
+            if up:
+                self._copyup(inside, host, is_dir, deadline)
+            else:
+                self._copydown(host, inside, is_dir, deadline)
+        except OSError as e:
+            raise CommandFailed("copy-failed", f"{verb} {src} {dst}: {e}") from None
+
+    def _shared(self, host: str, inside: str) -> bool:
+        """True when `host` is `inside` seen through the shared downtmp: nothing to copy."""
+        from nsbuild.virtserver.testbed import DOWNTMP
+
+        assert self.testbed is not None
+        inside = os.path.normpath(inside)
+        if inside != DOWNTMP and not inside.startswith(DOWNTMP + "/"):
+            return False
+        mapped = os.path.normpath(str(self.testbed.downtmp_host) + inside[len(DOWNTMP) :])
+        return os.path.normpath(os.path.abspath(host)) == mapped
+
+    def _copydown(self, host: str, inside: str, is_dir: bool, deadline: float) -> None:
+        # Writes go through a sandbox even into the shared downtmp: code in the
+        # testbed may have put symlinks there, which must resolve inside.
+        if not is_dir:
+            with open(host, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                x = "x" if mode & 0o111 else "-"
+                argv = ["sh", "-c", _COPYDOWN_FILE, "copydown", inside.rstrip("/"), x]
+                status = _wait(self._spawn(argv, f.fileno(), None), deadline, argv)
+            if status != 0:
+                raise CommandFailed("copy-failed", f"copydown to {inside}: status {status}")
+            return
+        if not os.path.isdir(host):
+            raise CommandFailed("copy-failed", f"copydown: {host} is not a directory")
+        r, w = os.pipe()
+        try:
+            tar = subprocess.Popen(["tar", "--warning=none", "-C", host, "-c", "-f", "-", "."],
+                                   stdin=subprocess.DEVNULL, stdout=w, stderr=2)  # fmt: skip
+            os.close(w)
+            w = -1
+            argv = ["sh", "-c", _COPYDOWN_DIR, "copydown", inside]
+            proc = self._spawn(argv, r, None)
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+        _both(proc, tar, deadline, f"copydown {host} to {inside}", argv)
+
+    def _copyup(self, inside: str, host: str, is_dir: bool, deadline: float) -> None:
+        # Reads go through a sandbox too: `cat` and `tar` follow the testbed's
+        # symlinks inside the testbed, never on the host.
+        if not is_dir:
+            fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                argv = ["sh", "-c", _COPYUP_FILE, "copyup", inside]
+                status = _wait(self._spawn(argv, None, fd), deadline, argv)
+            finally:
+                os.close(fd)
+            if status != 0:
+                # Nothing half-copied stays behind under the caller's name.
+                os.unlink(host)
+                raise CommandFailed("copy-failed", f"copyup of {inside}: status {status}")
+            return
+        os.makedirs(host, exist_ok=True)
+        r, w = os.pipe()
+        try:
+            argv = ["sh", "-c", _COPYUP_DIR, "copyup", inside]
+            proc = self._spawn(argv, None, w)
+            os.close(w)
+            w = -1
+            # GNU tar refuses members that climb out with `..` and never
+            # writes through a symlink that the same archive made.
+            tar = subprocess.Popen(
+                ["tar", "--warning=none", "--no-same-owner", "--preserve-permissions",
+                 "-C", host, "-x", "-f", "-"],
+                stdin=r, stdout=2, stderr=2,
+            )  # fmt: skip
+        except BaseException:
+            if w < 0:
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+        _both(proc, tar, deadline, f"copyup {inside} to {host}", argv)
+
+    def shell(self, directory: str, env: list[str]) -> None:
+        """An interactive shell on the caller's terminal (autopkgtest --shell)."""
+        import shlex
+
+        script = f"cd {shlex.quote(directory)}; "
+        script += "".join(f"export {shlex.quote(e)}; " for e in env)
+        term = os.environ.get("TERM")
+        if term:
+            script += f"export TERM={shlex.quote(term)}; "
+        script += "exec bash -i"
+        try:
+            tty = os.open("/dev/tty", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise CommandFailed("shell-failed", f"shell: no terminal: {e}") from None
+        try:
+            proc = self._spawn(["sh", "-c", script], tty, tty)
+            proc.wait()
+        finally:
+            os.close(tty)
+
+
+def _wait(proc: Process, deadline: float, argv: list[str]) -> int:
+    """The command's status, or CommandFailed("timeout") once `deadline` passed."""
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+    finally:
+        os.close(pidfd)
+    if not ready:
+        proc.kill()
+        proc.wait()
+        raise CommandFailed("timeout", f"{' '.join(argv[:3])}...: timed out")
+    return proc.wait()
+
+
+def _both(proc: Process, tar: subprocess.Popen[bytes], deadline: float, what: str,
+          argv: list[str]) -> None:  # fmt: skip
+    try:
+        inside = _wait(proc, deadline, argv)
+        outside = tar.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except (CommandFailed, subprocess.TimeoutExpired):
+        proc.kill()
+        proc.wait()
+        tar.kill()
+        tar.wait()
+        raise CommandFailed("timeout", f"{what}: timed out") from None
+    if inside != 0 or outside != 0:
+        raise CommandFailed(
+            "copy-failed", f"{what}: failed (inside status {inside}, host tar status {outside})"
+        )
+
+
+_DEVNULL = -1
+
+
+def _devnull() -> int:
+    global _DEVNULL
+    if _DEVNULL < 0:
+        _DEVNULL = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _DEVNULL
+
+
+# -- the process --
+
+
+def _send(words: list[str]) -> None:
+    data = (" ".join(words) + "\n").encode()
+    while data:
+        data = data[os.write(1, data) :]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from nsbuild import net
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="autopkgtest virtualisation server over an nsbuild environment: each "
+        "testbed is a fresh copy-on-write session, each command a rootless sandbox in it. "
+        "Commands get no network unless --net says otherwise.",
+    )
+    parser.add_argument("-d", "--debug", action="store_true", help="log the protocol on stderr")
+    net.add_arguments(parser)
+    parser.add_argument("env", metavar="ENV", help="nsbuild environment name or alias")
+    args = parser.parse_args(argv)
+    # `--net allow` alone means what tests that need the archive want: the
+    # environment's own mirrors.
+    if args.net == "allow" and not args.allow and not args.allow_from_env:
+        args.allow_from_env = True
+    return args
+
+
+def _die(message: str, status: int) -> NoReturn:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from nsbuild.envs.config import load_config
+    from nsbuild.errors import NsbuildError
+    from nsbuild.net import options_from_args
+    from nsbuild.virtserver.testbed import NetPolicy
+
+    try:
+        opts = options_from_args(args)
+        config = load_config().get(args.env)
+    except NsbuildError as e:
+        _die(str(e), 2)
+    policy = NetPolicy(
+        mode=opts.mode,
+        allow=tuple(args.allow),
+        allow_from_env=opts.allow_from_env,
+        engine=opts.engine,
+        log=os.path.abspath(opts.log_path) if opts.log_path else None,
+    )
+    server = Server(config, policy, args.debug)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise Signalled(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    try:
+        return _loop(server, sys.stdin.buffer, args.debug)
+    except Signalled as s:
+        _cleanup(server)
+        signal.signal(s.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), s.signum)
+        return 128 + s.signum
+
+
+def _loop(server: Server, stdin: IO[bytes], debug: bool) -> int:
+    from nsbuild.errors import NsbuildError
+
+    def say(text: str) -> None:
+        if debug:
+            sys.stderr.write(f"{PROG}: {text}\n")
+            sys.stderr.flush()
+
+    try:
+        _send(["ok"])
+        while True:
+            line = stdin.readline()
+            if not line:
+                _cleanup(server)
+                _die("end of input: the caller went away; testbed closed", 1)
+            text = line.decode(errors="replace").strip()
+            if not text:
+                continue
+            say(f"<- {text}")
+            words = [unquote(w) for w in text.split()]
+            try:
+                results = server.dispatch(words)
+            except CommandFailed as e:
+                sys.stderr.write(f"{PROG}: {e}\n")
+                reply = [e.answer]
+            else:
+                reply = ["ok", *results]
+            say(f"-> {' '.join(reply)}")
+            try:
+                _send(reply)
+            except BrokenPipeError:
+                # A caller may stop reading once it sent `quit`.
+                if words[0] != "quit":
+                    _cleanup(server)
+                    _die("the caller stopped reading; testbed closed", 1)
+            if words[0] == "quit":
+                return 0
+    except Misuse as e:
+        _cleanup(server)
+        _die(f"failure: {e}", 1)
+    except (NsbuildError, OSError, RuntimeError) as e:
+        _cleanup(server)
+        _die(f"failure: {e}", 1)
+
+
+def _cleanup(server: Server) -> None:
+    try:
+        server.teardown()
+    except Exception as e:
+        sys.stderr.write(f"{PROG}: while closing the testbed: {e}\n")
+
+
+def entry() -> None:
+    status = main()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+__all__ = ["Server", "entry", "main"]
