@@ -27,6 +27,7 @@ Factory = Callable[[BackendOptions], Backend]
 # name -> "module:callable" (imported lazily) or the factory itself.
 _REGISTRY: dict[str, str | Factory] = {
     "local": "nsbuild.backends.local:open_local",
+    "autopkgtest": "nsbuild.backends.autopkgtest:open_autopkgtest",
 }
 
 
