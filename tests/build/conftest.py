@@ -106,6 +106,19 @@ def bookworm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     remove_tree(root / "cache")
 
 
+def kept_log(env: Env, stderr: str, name: str) -> Path:
+    """The log a failed build names on stderr: kept under the cache, not in --out."""
+    paths = [
+        Path(line.split("log: ", 1)[1])
+        for line in stderr.splitlines()
+        if line.startswith("nsbuild build: log: ")
+    ]
+    assert len(paths) == 1, stderr
+    assert paths[0].name == name
+    assert paths[0].is_relative_to(env.cache / "nsbuild" / "logs")
+    return paths[0]
+
+
 def make_package(
     parent: Path,
     name: str,

@@ -113,3 +113,16 @@ def test_gc_removes_apt_caches_of_environments_that_are_gone(home: Path) -> None
         "build apt cache of 'trixie' (no such environment)",
     ]
     assert fresh.exists() and not stale.exists() and not (apt / "trixie").exists()
+
+
+def test_gc_removes_old_logs_of_failed_builds(home: Path) -> None:
+    logs = home / "cache" / "nsbuild" / "logs"
+    old = logs / "nsb-fails_1.0_amd64-20240101T000000Z-1"
+    new = logs / "nsb-fails_1.0_amd64-20240301T000000Z-2"
+    for d in (old, new):
+        d.mkdir(parents=True)
+        (d / "nsb-fails_1.0_amd64.build").write_text("Status: failed\n")
+    then = time.time() - 31 * 86400
+    os.utime(old, (then, then))
+    assert gc() == ["1 logs of failed builds older than 30 days"]
+    assert new.exists() and not old.exists()

@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -167,8 +168,9 @@ def gc(
     """Remove dependency layers whose base no configured environment has any more
     (the environment was updated or removed) or unused for `max_age_days`,
     layers half-stored by builds that are gone, the build apt caches of
-    environments no longer configured, and cached .debs unused for
-    `max_age_days`. Layers in use by a running build are kept.
+    environments no longer configured, cached .debs unused for `max_age_days`
+    and the kept logs of failed builds older than that. Layers in use by a
+    running build are kept.
 
     Returns one line per removal ("dependency layer 3f2a... (...)"); problems
     are appended to `errors` (or ignored when it is None)."""
@@ -178,7 +180,31 @@ def gc(
     config = load_config()
     removed = _gc_layers(DepCache(), _current_bases(config, errs), max_age_days, dry_run, errs)
     removed += _gc_apt_caches({env.name for env in config}, max_age_days, dry_run, errs)
+    removed += _gc_logs(max_age_days, dry_run, errs)
     return removed
+
+
+def _gc_logs(max_age_days: float, dry_run: bool, errs: list[str]) -> list[str]:
+    """The kept logs of builds that did not succeed, once older than the limit."""
+    from nsbuild.build.log import logs_root
+
+    root = logs_root()
+    if not root.is_dir():
+        return []
+    limit = time.time() - max_age_days * 86400
+    old = [d for d in sorted(root.iterdir()) if d.is_dir() and d.stat().st_mtime < limit]
+    if not dry_run:
+        for d in old:
+            try:
+                shutil.rmtree(d)
+            except OSError as e:
+                errs.append(f"{d}: cannot remove: {e.strerror}")
+    if not old:
+        return []
+    return [
+        f"{len(old)} logs of failed builds older than {max_age_days:.0f} days"
+        + (" (dry run)" if dry_run else "")
+    ]
 
 
 def _current_bases(config: Config, errs: list[str]) -> set[str] | None:

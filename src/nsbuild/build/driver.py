@@ -10,8 +10,10 @@
 The driver knows the environment only as a `Backend` picked by name from the
 registry: it never imports a backend module and never touches the
 environment by host path. Results are gathered in a temporary directory and
-moved to the output directory only when the build succeeded; the .build log
-and the network log are kept in any case (a failed build's log is the point).
+moved to the output directory only when the build succeeded. The .build log
+and the network log are kept in any case (a failed build's log is the point):
+beside the results, or for a build that did not succeed, in nsbuild's cache
+(`log.kept_logs_dir`), so that nothing of it lands in the output directory.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from nsbuild.build.errors import (
     BuildInterrupted,
     UnsatisfiableDependencies,
 )
-from nsbuild.build.log import BuildLog
+from nsbuild.build.log import BuildLog, kept_logs_dir
 from nsbuild.errors import NsbuildError
 
 BUILD_USER = "nsbuild"
@@ -631,12 +633,14 @@ class _Build:
             log.line(f"Phase {name}: {took:.1f}s")
         log.line("-" * 80)
         log.close()
-        # The log and the network log reach --out whatever the outcome.
-        self.out.mkdir(parents=True, exist_ok=True)
-        dest = self.out / log.path.name
+        # A successful build's logs go to --out beside its results; a failed
+        # build writes nothing there, its logs are kept apart (and named).
+        where = self.out if status == "successful" else kept_logs_dir(self.base_name)
+        where.mkdir(parents=True, exist_ok=True)
+        dest = where / log.path.name
         shutil.move(str(log.path), dest)
         res.log = str(dest)
-        netlog = self.out / f"{self.base_name}.network.jsonl"
+        netlog = where / f"{self.base_name}.network.jsonl"
         tmpnet = self.tmp / netlog.name
         tmpnet.write_text("".join(json.dumps(r) + "\n" for r in res.network_records))
         shutil.move(str(tmpnet), netlog)

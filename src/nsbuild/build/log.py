@@ -29,11 +29,25 @@ from __future__ import annotations
 
 import email.utils
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
 WIDTH = 80
+
+
+def logs_root() -> Path:
+    """Where the logs of builds that did not succeed are kept ($XDG_CACHE_HOME/nsbuild/logs)."""
+    from nsbuild.envs.paths import cache_dir
+
+    return cache_dir() / "logs"
+
+
+def kept_logs_dir(name: str) -> Path:
+    """A new folder for one failed build's logs: PKG_VERSION_ARCH-UTCTIME-PID."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return logs_root() / f"{name}-{stamp}-{os.getpid()}"
 
 
 def _box(title: str, right: str = "", rule: str = "-") -> str:
