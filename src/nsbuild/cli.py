@@ -62,6 +62,18 @@ def _choice(option: str, *choices: str) -> Callable[[str], str]:
     return check
 
 
+def _limit(kind: str) -> Callable[[str], object]:
+    def parse(value: str) -> object:
+        from nsbuild.sandbox import limits
+
+        try:
+            return limits.parse_pids(value) if kind == "pids" else limits.parse_size(value)
+        except limits.LimitError as e:
+            raise BadOption(str(e)) from None
+
+    return parse
+
+
 # The sandbox options, once: they feed both argparse and the fast path of
 # `nsbuild run` (which must not import argparse, re and enum: ~15 ms).
 # name: (kind, default, convert, metavar, help); kind is flag, value or append.
@@ -90,6 +102,11 @@ SANDBOX_OPTIONS: OptionTable = {
                         "nftables: kernel-enforced for every protocol (root only)"),
     "--net-log": ("value", None, None, "FILE",
                   "write one JSON line per network attempt to FILE"),
+    "--pids-max": ("value", None, _limit("pids"), "N",
+                   "at most N processes and threads inside (a cgroup of the run's own)"),
+    "--memory-max": ("value", None, _limit("memory"), "SIZE",
+                     "at most SIZE of memory inside, no swap (e.g. 512M, 2G); past it, "
+                     "the kernel kills inside the sandbox only"),
 }
 RUN_OPTIONS: OptionTable = {
     "--debug": ("flag", False, None, "", "print each setup step"),
@@ -272,12 +289,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         from nsbuild.envs.session import throwaway
 
         with throwaway(args.env_name) as session:
-            return _run_sandboxed(args, argv, opts, network, session)
-    return _run_sandboxed(args, argv, opts, network, None)
+            return run_sandboxed(args, argv, opts, network, session)
+    return run_sandboxed(args, argv, opts, network, None)
 
 
-def _run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
-                   network: Any, session: Any) -> int:
+def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
+                  network: Any, session: Any) -> int:
+    """Run `argv` as the parsed sandbox options say: on the host view, on
+    --root, or in `session` (an environment); with the network plan of `opts`
+    and the resource limits asked for. Shared by run, session run and shell."""
     from nsbuild.sandbox import (
         Bind,
         Dev,
@@ -307,7 +327,8 @@ def _run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         root, mounts = Tmpfs("/"), list(host_view(cwd))
         base_env, mirrors, workdir = dict(os.environ), (), args.chdir or cwd
     mounts += extra_mounts(args)  # type: ignore[arg-type]
-    with network(opts, mirrors=mirrors, debug=args.debug) as plan:
+    with network(opts, mirrors=mirrors, debug=args.debug) as plan, \
+            _limits(args, plan.cgroup) as lim:
         spec = Sandbox(
             argv=tuple(argv),
             idmap=caller_idmap(),
@@ -319,14 +340,43 @@ def _run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
             hostname=args.hostname,
             share_net=plan.share_net,
             inside_sockets=plan.inside_sockets,
-            cgroup=plan.cgroup,
+            cgroup=(lim.path if lim else None) or plan.cgroup,
             debug=args.debug,
         )
-        status = run(spec, on_start=lambda proc: plan.serve(proc.sockets))
+
+        def started(proc: Any) -> None:
+            if lim:
+                lim.leave()
+            plan.serve(proc.sockets)
+
+        if lim:
+            lim.join()
+        status = run(spec, on_start=started)
     summary = plan.denied_summary()
     if summary:
         sys.stderr.write(f"nsbuild: {summary}\n")
     return status
+
+
+class _NoLimits:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _limits(args: argparse.Namespace, parent: str | None) -> Any:
+    """The run's cgroup limits as a context manager (nothing when none asked)."""
+    pids, memory = getattr(args, "pids_max", None), getattr(args, "memory_max", None)
+    if pids is None and memory is None:
+        return _NoLimits()
+    from nsbuild.sandbox.limits import prepare
+
+    lim = prepare(pids, memory, parent=parent)
+    if args.debug:
+        sys.stderr.write(f"nsbuild: limits: {lim.describe()}\n")
+    return lim
 
 
 def _usage(msg: str) -> Exception:

@@ -107,3 +107,22 @@ def test_python_debian_is_not_imported_by_the_cli_module() -> None:
     code = "import sys, nsbuild.envs.cli, nsbuild.envs; print('debian' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.userns
+def test_a_host_environment_runs_on_the_host_view(xdg: Path, tmp_path: Path) -> None:
+    (chroot_d(xdg) / "h").write_text("Name: h\nType: host\n")
+    script = "test -d /usr/bin && test ! -e /home && id -u"
+    r = nsbuild("run", "--env", "h", "--", "sh", "-c", script, cwd=tmp_path)
+    assert r.stdout == "0\n"
+
+
+def test_a_redeclared_system_environment_is_listed_once(xdg: Path) -> None:
+    from nsbuild.envs.config import load_config
+
+    system = xdg / "system"
+    system.mkdir()
+    (system / "b").write_text("Name: b\nType: host\nDescription: system\n")
+    (chroot_d(xdg) / "b").write_text("Name: b\nType: host\nDescription: mine\n")
+    config = load_config((system, chroot_d(xdg)))
+    assert [e.description for e in config] == ["mine"]

@@ -183,7 +183,7 @@ def _run_in(session: Session, args: argparse.Namespace, argv: list[str]) -> int:
     opts = options_from_args(args)  # bad network options fail before anything runs
     cli.warn_host_net(opts)
     with session.in_use():
-        status: int = cli._run_sandboxed(args, argv, opts, network, session)
+        status: int = cli.run_sandboxed(args, argv, opts, network, session)
         return status
 
 
@@ -275,11 +275,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
         # What other layers leave behind when a run dies: nftables tables and
         # cgroups of the root egress engine (only root can have made them).
         from nsbuild.net import gc as net_gc
+        from nsbuild.sandbox.limits import gc as limits_gc
 
-        try:
-            removed += net_gc()
-        except OSError as e:
-            errors.append(f"network leftovers: {e}")
+        for what, collect in (("network", net_gc), ("resource limit", limits_gc)):
+            try:
+                removed += collect()
+            except OSError as e:
+                errors.append(f"{what} leftovers: {e}")
     for line in removed:
         print(f"removed {line}")
     for line in errors:

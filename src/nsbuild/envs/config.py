@@ -148,7 +148,14 @@ class Config:
         self._envs = list(reversed(envs))
 
     def __iter__(self) -> Iterator[EnvConfig]:
-        return iter(sorted(self._envs, key=lambda e: e.name))
+        """The effective entries: a system entry the user redeclares is hidden."""
+        seen: set[str] = set()
+        shown = []
+        for env in self._envs:
+            if env.name not in seen:
+                seen.add(env.name)
+                shown.append(env)
+        return iter(sorted(shown, key=lambda e: e.name))
 
     def __len__(self) -> int:
         return len(self._envs)

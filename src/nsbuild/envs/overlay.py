@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from nsbuild.envs.owner import tmp_name
+from nsbuild.envs.owner import give_to_sandbox_root, tmp_name
 from nsbuild.envs.paths import Layout
 from nsbuild.envs.remove import remove_tree
 
@@ -29,6 +29,7 @@ def _probe(directory: Path) -> str | None:
     tmp = directory / tmp_name()
     for sub in ("lower", "upper", "work"):
         (tmp / sub).mkdir(parents=True)
+    give_to_sandbox_root(tmp / "upper", tmp / "work")
     try:
         spec = Sandbox(
             # Nothing to run in an empty root: reaching exec proves the mount worked.

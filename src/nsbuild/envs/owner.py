@@ -69,3 +69,22 @@ def tmp_owner(name: str) -> Owner | None:
     if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
         return None
     return Owner(int(parts[0]), int(parts[1]))
+
+
+def give_to_sandbox_root(*paths: os.PathLike[str] | str) -> None:
+    """Make `paths` belong to uid/gid 0 of the caller's sandboxes.
+
+    For a user that is already so (inside uid 0 is the caller). Run by root,
+    the sandbox's root is the first id of root's subordinate range, never host
+    root: an overlay upper dir made by host root would be read-only inside."""
+    if os.geteuid() != 0:
+        return
+    from nsbuild.sandbox import caller_idmap
+
+    idmap = caller_idmap()
+    uid = next((r.outside for r in idmap.uids if r.inside == 0), None)
+    gid = next((r.outside for r in idmap.gids if r.inside == 0), None)
+    if uid is None or gid is None or (uid, gid) == (0, 0):
+        return
+    for path in paths:
+        os.chown(path, uid, gid)

@@ -2,7 +2,7 @@
 
     $XDG_CONFIG_HOME/nsbuild/chroot.d/    user environment configs (win over system)
     /etc/nsbuild/chroot.d/                system environment configs
-    $XDG_CACHE_HOME/nsbuild/
+    $XDG_CACHE_HOME/nsbuild/              (root: /var/cache/nsbuild/)
         tarballs/NAME.tar                 tarballs made by `nsbuild env create`
         store/digests/KEY.json            sha256 of a tarball, keyed by its path and stat
         store/bases/SHA256/root/          a tarball unpacked once (content-addressed)
@@ -44,6 +44,10 @@ def config_dirs() -> tuple[Path, ...]:
 
 
 def cache_dir() -> Path:
+    # Root's sandboxes run as its subordinate ids, which cannot walk into
+    # /root (mode 0700): root's cache is the system one.
+    if os.geteuid() == 0 and not os.path.isabs(os.environ.get("XDG_CACHE_HOME", "")):
+        return Path("/var/cache/nsbuild")
     return _xdg("XDG_CACHE_HOME", ".cache") / "nsbuild"
 
 

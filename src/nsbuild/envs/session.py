@@ -32,7 +32,7 @@ from pathlib import Path
 from nsbuild.envs.config import EnvConfig, load_config
 from nsbuild.envs.errors import EnvError
 from nsbuild.envs.overlay import overlay_usable
-from nsbuild.envs.owner import Owner, tmp_name
+from nsbuild.envs.owner import Owner, give_to_sandbox_root, tmp_name
 from nsbuild.envs.paths import Layout
 from nsbuild.envs.remove import remove_tree
 from nsbuild.envs.store import layout_for, use_base
@@ -235,6 +235,19 @@ def _copy_layers(lowers: Sequence[str], upper: Path) -> None:
         raise EnvError(f"copying the environment into {upper} failed (status {status})")
 
 
+@dataclass(frozen=True)
+class _HostBase:
+    """A `Type: host` environment has no base layer: the host view is its root."""
+
+    root: Path | None = None
+    digest: str | None = None
+
+
+@contextlib.contextmanager
+def _no_base() -> Iterator[_HostBase]:
+    yield _HostBase()
+
+
 def _create(
     config: EnvConfig, kind: str, extra_lowers: Sequence[str | os.PathLike[str]]
 ) -> Session:
@@ -249,9 +262,11 @@ def _create(
     try:
         (tmp / "upper").mkdir()
         (tmp / "work").mkdir()
+        give_to_sandbox_root(tmp / "upper", tmp / "work")
         copied = config.type != "host" and not overlay_usable(layout)
-        with use_base(config) as base:
-            lowers = (*(os.fspath(x) for x in extra_lowers), str(base.root))
+        with use_base(config) if config.type != "host" else _no_base() as base:
+            lowers = (*(os.fspath(x) for x in extra_lowers),
+                      *((str(base.root),) if base.root else ()))  # fmt: skip
             if copied:
                 _copy_layers(lowers, tmp / "upper")
             session_id = f"{config.name}-{secrets.token_hex(4)}"

@@ -29,7 +29,7 @@ from typing import IO
 
 from nsbuild.envs.config import EnvConfig
 from nsbuild.envs.errors import EnvError, UnsafeTarball
-from nsbuild.envs.owner import tmp_name
+from nsbuild.envs.owner import give_to_sandbox_root, tmp_name
 from nsbuild.envs.paths import Layout
 from nsbuild.envs.remove import remove_tree
 from nsbuild.envs.tarcheck import TarReport, sanitize
@@ -165,16 +165,24 @@ def extract(tarball: Path, target: Path) -> TarReport:
     if isinstance(outcome, BaseException) and not isinstance(outcome, BrokenPipeError):
         raise EnvError(f"{tarball}: cannot read: {outcome}") from outcome
     if status != 0 or not isinstance(outcome, TarReport):
-        raise EnvError(
-            f"{tarball}: tar failed (status {status}): {err.splitlines()[-1] if err else ''}"
-        )
+        raise EnvError(f"{tarball}: unpacking into {target} failed: {_tar_error(err, status)}")
     return outcome
+
+
+def _tar_error(err: str, status: int) -> str:
+    """The line of tar's stderr that says what went wrong (its last one only says
+    that something did)."""
+    lines = [ln for ln in err.splitlines() if ln and "Exiting with failure status" not in ln]
+    if any("No space left on device" in ln for ln in lines):
+        return "the cache filesystem is full (No space left on device)"
+    return lines[0] if lines else f"tar exit status {status}"
 
 
 def _unpack(layout: Layout, tarball: Path, digest: str) -> None:
     layout.bases.mkdir(parents=True, exist_ok=True)
     tmp = layout.bases / tmp_name()
     (tmp / "root").mkdir(parents=True)
+    give_to_sandbox_root(tmp / "root")
     try:
         start = time.monotonic()
         report = extract(tarball, tmp / "root")
