@@ -110,8 +110,5 @@ def test_a_full_cache_fails_in_one_line_and_gc_leaves_it_clean() -> None:
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason="envs/store.py extract() reports tar's last stderr "
-                   "line ('Exiting with failure status due to previous errors'), not the "
-                   "cause: the cache filesystem is full (ENOSPC)")
 def test_a_full_cache_is_named_as_such() -> None:
     _with_full_cache(check_message=True)

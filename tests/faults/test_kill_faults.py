@@ -295,7 +295,6 @@ def test_sigkill_with_the_nftables_engine_and_limits_as_root(rng: random.Random)
     cgroups of resource limits. After gc none of a dead run remains."""
     from nsbuild.net import nftables
     from nsbuild.net.cgroups import pid_alive
-    from nsbuild.sandbox import limits
 
     env = dict(os.environ)
     for n in range(ROOT_NFT_TRIALS + ROOT_LIMIT_TRIALS):
@@ -312,7 +311,6 @@ def test_sigkill_with_the_nftables_engine_and_limits_as_root(rng: random.Random)
         r = subprocess.run([*NSBUILD, "gc"], cwd="/", capture_output=True, text=True,
                            check=False)
         assert r.returncode == 0, f"seed {SEED}: {explain(r)}"
-        limits.gc()  # until `nsbuild gc` calls it (see docs/security.md)
         dead_tables = [t for t in nftables.list_tables()
                        if (pid := nftables.owner_pid(t)) is not None and not pid_alive(pid)]
         left = [*(f"table {t}" for t in dead_tables), *_dead_cgroups()]

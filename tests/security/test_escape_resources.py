@@ -121,3 +121,44 @@ def test_without_a_delegated_cgroup_limits_fail_in_one_clear_line(reason: str | 
     assert "\n" not in message
     assert message.startswith("--pids-max/--memory-max cannot be enforced here: ")
     assert "delegated" in message or "controller" in message, message
+
+
+def _nsbuild(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "nsbuild", *args], cwd="/",
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("net", [[], ["--allow", "127.0.0.1:9", "--egress-engine", "nftables"]])
+def test_run_pids_and_memory_max_stop_a_fork_bomb_and_a_hog_as_root(net: list[str]) -> None:
+    """The command line, as a user types it (also with the nftables engine's own
+    cgroup in play)."""
+    r = _nsbuild("run", *net, "--pids-max", "32", "--", PY, "-c", FORK_BOMB)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[1]) < 32, r.stdout
+    r = _nsbuild("run", *net, "--memory-max", "128M", "--", PY, "-c", MEMORY_HOG)
+    reached = max((int(x) for x in r.stdout.split() if x.isdigit()), default=0)
+    assert r.returncode == 137 or "MemoryError" in r.stdout, (r.returncode, r.stderr)
+    assert reached <= 128
+    _host_still_forks()
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize(
+    "args", [["--pids-max", "0"], ["--pids-max", "x"], ["--memory-max", "12X"],
+             ["--memory-max", "1K"]])
+def test_bad_limit_values_are_one_line_usage_errors(args: list[str]) -> None:
+    r = _nsbuild("run", *args, "--", "true")
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("nsbuild"), r.stderr
+
+
+@pytest.mark.userns
+def test_run_without_a_delegated_cgroup_refuses_limits_in_one_line(reason: str | None) -> None:
+    if reason is None:
+        pytest.skip("limits are available to this user here (a delegated cgroup)")
+    r = _nsbuild("run", "--pids-max", "10", "--", "true")
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "cannot be enforced here" in r.stderr, r.stderr

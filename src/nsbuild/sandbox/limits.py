@@ -150,11 +150,12 @@ def prepare(pids_max: int | None = None, memory_max: int | None = None, *,
         return _prepare_v2(wanted, pids_max, memory_max, parent)
     except _NotHere as e:
         reasons.append(str(e))
-    if parent is None:
-        try:
-            return _prepare_v1(wanted, pids_max, memory_max)
-        except _NotHere as e:
-            reasons.append(str(e))
+    # v1 cgroups are a hierarchy of their own: they apply alongside a v2 parent
+    # (the nftables engine's cgroup), which then only does its own job.
+    try:
+        return _prepare_v1(wanted, pids_max, memory_max)
+    except _NotHere as e:
+        reasons.append(str(e))
     raise LimitsUnavailable(
         f"--pids-max/--memory-max cannot be enforced here: {'; '.join(reasons)}")
 
