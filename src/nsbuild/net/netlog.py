@@ -13,7 +13,7 @@ is written and flushed record by record so a crash loses nothing.
 
 from __future__ import annotations
 
-import threading
+import _thread  # threading's core: threading itself costs ~2 ms on every run
 import time
 
 TYPE_CHECKING = False
@@ -28,7 +28,7 @@ def _now() -> str:
 
 class NetLog:
     def __init__(self, path: str | None = None) -> None:
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._records: list[dict[str, Any]] = []
         self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
 

@@ -25,7 +25,7 @@ from nsbuild.sandbox.spec import File, InsideSocket
 # No typing/contextlib at run time: the `none` path runs on every `nsbuild run`.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
+    import _socket
     from collections.abc import Callable, Generator, Sequence
     from types import TracebackType
     from typing import Any
@@ -59,9 +59,9 @@ class NetPlan:
         self.cgroup = cgroup
         self._log = log
         self._services: list[Any] = []
-        self._serve_with: Callable[[list[socket.socket]], list[Any]] | None = None
+        self._serve_with: Callable[[list[_socket.socket]], list[Any]] | None = None
 
-    def serve(self, sockets: list[socket.socket]) -> None:
+    def serve(self, sockets: list[_socket.socket]) -> None:
         """Serve the inside sockets (proc.sockets, in inside_sockets order)."""
         if self._serve_with is None or self._services:
             return

@@ -20,6 +20,7 @@ a request's declared body ever reaches a server (no smuggling).
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket
 import threading
@@ -56,11 +57,13 @@ class Denied(Exception):
 class EgressProxy:
     def __init__(
         self,
-        listener: socket.socket,
+        listener: socket.socket | _socket.socket,
         allowlist: Allowlist,
         log: NetLog,
         resolver: Resolver = socket.getaddrinfo,
     ) -> None:
+        if not isinstance(listener, socket.socket):  # as the runtime hands it over
+            listener = socket.socket(fileno=listener.detach())
         self._listener = listener
         self._allowlist = allowlist
         self._log = log

@@ -35,7 +35,6 @@ from nsbuild.sandbox.spec import IdMap, InsideSocket, Sandbox
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
-    import socket
     from collections.abc import Callable
     from typing import IO, NoReturn
 else:
@@ -101,7 +100,7 @@ class Process:
     """A running sandbox. `pid` is the helper process on the host side."""
 
     def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
-                 stderr: IO[bytes] | None, sockets: list[socket.socket],
+                 stderr: IO[bytes] | None, sockets: list[_socket.socket],
                  exec_error: str | None) -> None:
         self.pid = pid
         self.stdin = stdin
@@ -227,7 +226,7 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
 
 
 def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket,
-                 say: Callable[[str], None]) -> tuple[list[socket.socket], str | None]:
+                 say: Callable[[str], None]) -> tuple[list[_socket.socket], str | None]:
     # Step: the helper has its user namespace; give it ids before it goes on.
     ready = sock.recv(64)
     if ready == b"U":
@@ -244,7 +243,7 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket,
         sock.send(b"M")
     else:
         _report_or_eof(ready, [], pid)
-    sockets: list[socket.socket] = []
+    sockets: list[_socket.socket] = []
     exec_error = None
     while True:
         data, fds = _recv(sock)
@@ -252,9 +251,9 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket,
             return sockets, exec_error
         kind = data.split(b"\t", 1)[0]
         if kind == b"SOCK":
-            import socket  # only callers that asked for inside sockets pay for it
-
-            sockets += [socket.socket(fileno=fd) for fd in fds]
+            # The C-level socket type: socket.socket costs ~4 ms to import
+            # (its enums) on every run; wrap with socket.socket(fileno=s.detach()).
+            sockets += [_socket.socket(fileno=fd) for fd in fds]
         elif kind == b"EXEC":
             _, err, name = data.decode(errors="replace").split("\t", 2)
             code = int(err)
