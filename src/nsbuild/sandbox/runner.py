@@ -24,7 +24,7 @@ from __future__ import annotations
 import _socket
 import errno
 import os
-from array import array
+import struct  # not array: it imports collections (~2 ms on every run)
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
@@ -70,18 +70,19 @@ class _Channel:
 
     def send(self, *fields: str, fds: list[int] | None = None) -> None:
         data = "\t".join(fields).encode(errors="replace")
-        anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array("i", fds))] if fds else []
+        anc = ([(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+               if fds else [])
         self.sock.sendmsg([data], anc)
 
 
 def _recv(sock: _socket.socket) -> tuple[bytes, list[int]]:
     """One message and the descriptors that came with it."""
     data, anc, _flags, _addr = sock.recvmsg(4096, _socket.CMSG_LEN(16 * 4))
-    fds = array("i")
+    fds: list[int] = []
     for level, kind, payload in anc:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds)
+            fds += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+    return data, fds
 
 
 def _fail_child(chan: _Channel, e: BaseException) -> NoReturn:
@@ -556,15 +557,7 @@ def _command(spec: Sandbox, chan: _Channel, stdio: list[int | None],
              creds: tuple[int, int, list[int], str] | None,
              say: Callable[[str], None]) -> NoReturn:
     try:
-        import fcntl
-
-        # Copy every source above 2 first, so any mapping works (the same fd
-        # for stdout and stderr, or stdout and stderr swapped).
-        high = [None if fd is None else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-                for fd in stdio]
-        for i, fd in enumerate(high):
-            if fd is not None:
-                os.dup2(fd, i)
+        _install_stdio(stdio)
         # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
         for s in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
             signal.signal(s, signal.SIG_DFL)
@@ -598,13 +591,45 @@ def _command(spec: Sandbox, chan: _Channel, stdio: list[int | None],
             os.set_inheritable(fd, True)
         say(f"exec {' '.join(spec.argv)}")
         try:
-            os.execvpe(spec.argv[0], list(spec.argv), env)
+            _execvpe(spec.argv, env)
         except OSError as e:
             chan.send("EXEC", str(e.errno or errno.ENOENT), spec.argv[0])
             os._exit(127 if e.errno == errno.ENOENT else 126)
     except BaseException as e:
         _fail_child(chan, e)
     os._exit(_SETUP_EXIT)
+
+
+def _install_stdio(stdio: list[int | None]) -> None:
+    """dup2 each source onto 0, 1, 2. When a source is itself one of 0..2 and
+    would be overwritten first (stdout and stderr swapped), copy every source
+    above 2 first."""
+    if any(fd is not None and fd <= 2 and fd != i for i, fd in enumerate(stdio)):
+        import fcntl
+
+        stdio = [None if fd is None else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                 for fd in stdio]
+    for i, fd in enumerate(stdio):
+        if fd is not None and fd != i:
+            os.dup2(fd, i)
+
+
+def _execvpe(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
+    """os.execvpe without os.get_exec_path, which imports warnings (~1 ms
+    before every command): search the command's own PATH."""
+    if "/" in argv[0]:
+        os.execve(argv[0], list(argv), env)
+    path = env.get("PATH") or "/usr/local/bin:/usr/bin:/bin"
+    first: OSError | None = None
+    for directory in path.split(":"):
+        try:
+            os.execve(os.path.join(directory or ".", argv[0]), list(argv), env)
+        except OSError as e:
+            # Like execvp: keep looking past missing entries, report the first
+            # other error (e.g. EACCES) if nothing else runs.
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR) and first is None:
+                first = e
+    raise first or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
 
 
 def _drop_bounding_caps() -> None:
