@@ -316,8 +316,24 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None]
         say("unshare user namespace (first, so it owns every other namespace)")
         sc.unshare(sc.CLONE_NEWUSER)
         chan.send("U")
+        # The other namespaces need only the capabilities unshare just gave,
+        # not mapped ids: make them while nsbuild writes the id maps.
+        flags = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
+        # The cgroup namespace's root is the cgroup at unshare time: when nsbuild
+        # places the sandbox in a cgroup (with the maps), it comes after that.
+        if not spec.cgroup:
+            flags |= sc.CLONE_NEWCGROUP
+        if not spec.share_net:
+            flags |= sc.CLONE_NEWNET
+        m.Step.current = "unshare mount, PID, IPC, UTS, cgroup and network namespaces"
+        say("unshare mount, PID, IPC, UTS, cgroup" +
+            (" namespaces (sharing the host network)" if spec.share_net
+             else " and network namespaces"))
+        sc.unshare(flags)
         if chan.sock.recv(1) != b"M":
             os._exit(_SETUP_EXIT)  # nsbuild is gone, or failed to map ids
+        if spec.cgroup:
+            sc.unshare(sc.CLONE_NEWCGROUP)
         m.Step.current = "become root in the user namespace"
         os.setresgid(0, 0, 0)
         if spec.idmap.full:
@@ -332,15 +348,6 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None]
         if os.getppid() != parent_pid:
             os._exit(_SETUP_EXIT)
 
-        flags = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
-        flags |= sc.CLONE_NEWCGROUP
-        if not spec.share_net:
-            flags |= sc.CLONE_NEWNET
-        m.Step.current = "unshare mount, PID, IPC, UTS, cgroup and network namespaces"
-        say("unshare mount, PID, IPC, UTS, cgroup" +
-            (" namespaces (sharing the host network)" if spec.share_net
-             else " and network namespaces"))
-        sc.unshare(flags)
         # A lifeline: init reads EOF on it if this helper is already gone.
         life_r, life_w = os.pipe()
         m.Step.current = "fork init (PID 1)"
