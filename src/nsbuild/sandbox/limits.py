@@ -27,7 +27,7 @@ When neither is possible (an unprivileged user without a delegated cgroup),
 `prepare()` raises LimitsUnavailable saying why; nothing is left behind.
 
 Names carry the owner's pid, so `gc()` removes the cgroups of dead runs.
-Stdlib only; the cgroup2 mount is found by nsbuild.net.cgroups (loaded lazily).
+Stdlib only; the cgroup2 mount is found by nsbuild.sandbox.cgroupfs.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class _NotHere(Exception):
 
 def _prepare_v2(wanted: list[str], pids_max: int | None, memory_max: int | None,
                 parent: str | None) -> Limits:
-    from nsbuild.net.cgroups import cgroup2_mount
+    from nsbuild.sandbox.cgroupfs import cgroup2_mount
 
     mount = cgroup2_mount()
     if mount is None:
@@ -389,7 +389,7 @@ def _make(parent: str) -> str:
 
 
 def _gc_roots() -> list[str]:
-    from nsbuild.net.cgroups import cgroup2_mount
+    from nsbuild.sandbox.cgroupfs import cgroup2_mount
 
     roots = list(dict.fromkeys(_v1_mounts().values()))
     mount = cgroup2_mount()
