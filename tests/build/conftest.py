@@ -59,6 +59,9 @@ class Env:
             capture_output=True,
             text=True,
             check=check,
+            # A hung build fails its test, not the whole run: the timeout kills
+            # nsbuild, and its sandbox dies with it.
+            timeout=900,
         )
 
     def popen(self, *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
@@ -126,12 +129,14 @@ def make_package(
     build: str = "true",
     build_depends: str = "",
     install: str = "",
+    check: str = "",
     builddeb: str = "",
     distribution: str = "bookworm",
 ) -> Path:
     """A small native source tree written for a test: `build` is the shell text of
-    its override_dh_auto_build, `install` that of override_dh_auto_install,
-    `builddeb` what runs after dh_builddeb (the .debs are in .. then)."""
+    its override_dh_auto_build, `check` of its test suite (override_dh_auto_test),
+    `install` of override_dh_auto_install, `builddeb` what runs after
+    dh_builddeb (the .debs are in .. then)."""
     tree = parent / f"{name}-1.0"
     (tree / "debian" / "source").mkdir(parents=True)
     deps = "debhelper-compat (= 13)" + (f", {build_depends}" if build_depends else "")
@@ -161,6 +166,9 @@ def make_package(
     rules += "".join(f"\t{line}\n" for line in build.splitlines())
     rules += "\noverride_dh_auto_install:\n"
     rules += "".join(f"\t{line}\n" for line in (install or "true").splitlines())
+    if check:
+        rules += "\noverride_dh_auto_test:\n"
+        rules += "".join(f"\t{line}\n" for line in check.splitlines())
     if builddeb:
         rules += "\noverride_dh_builddeb:\n\tdh_builddeb\n"
         rules += "".join(f"\t{line}\n" for line in builddeb.splitlines())

@@ -183,7 +183,7 @@ def test_two_builds_at_once_listen_on_the_same_port(bookworm: Env, tmp_path: Pat
     # A test suite on a fixed port: each build has its own network namespace,
     # so both bind 127.0.0.1:47613 at the same time. No --env: the changelog
     # says bookworm, and the environment of that name is used.
-    tree = make_package(tmp_path, "nsb-port", build="perl debian/listen.pl")
+    tree = make_package(tmp_path, "nsb-port", check="perl debian/listen.pl")
     (tree / "debian" / "listen.pl").write_text(LISTENER)
     procs = [bookworm.popen("build", "--out", str(tmp_path / f"out{i}"), str(tree)) for i in (1, 2)]
     try:

@@ -80,45 +80,36 @@ def test_a_symlink_in_place_of_a_deb_is_refused(bookworm: Env, tmp_path: Path) -
         "Status: failed"
         in kept_log(bookworm, result.stderr, "nsb-symlink_1.0_amd64.build").read_text()
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsb-symlink-1.0", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsb-symlink-1.0"]
 
 
-# Run in the background by the package's own rules: debian/changelog becomes a
-# FIFO that this serves to every reader, and before serving it, once
-# dpkg-genchanges has written the .changes, the .changes is rewritten to name
-# ../x. dpkg-source --after-build reads the changelog after dpkg-genchanges,
-# so the rewrite happens before dpkg-buildpackage ends, every time.
+# Run in the background by the package's own rules: debian/source/format
+# becomes a FIFO. Its one reader is `dpkg-source --after-build`, which
+# dpkg-buildpackage runs after dpkg-genchanges has written the .changes; so
+# when the FIFO opens, the .changes is complete, and it is rewritten to name
+# ../x before the format is served and dpkg-buildpackage goes on to its end.
 REWRITER = r"""
 use POSIX qw(mkfifo);
-use Fcntl;
-my $log = do { local $/; open my $f, '<', 'debian/changelog' or die; <$f> };
-unlink 'debian/changelog';
-mkfifo('debian/changelog', 0644) or die "mkfifo: $!";
-my $done = 0;
+$SIG{PIPE} = 'IGNORE';
+alarm 600;
+my $format = 'debian/source/format';
+unlink $format;
+mkfifo($format, 0644) or die "mkfifo: $!";
 while (1) {
-    if (!$done) {
-        for my $c (glob '../nsb-dotdot_1.0_*.changes') {
-            open my $f, '<', $c or next;
-            my $text = do { local $/; <$f> };
-            close $f;
-            next unless $text =~ /\.buildinfo\n\z/;
-            $text =~ s/ nsb-dotdot_1\.0_all\.deb$/ ..\/x/mg;
-            open my $w, '>', $c or die;
-            print $w $text;
-            close $w;
-            open my $x, '>', '../x' or die;
-            close $x;
-            $done = 1;
-        }
+    open my $w, '>', $format or die "open: $!";
+    my ($c) = glob '../nsb-dotdot_1.0_*.changes';
+    if (defined $c) {
+        my $text = do { local $/; open my $f, '<', $c or die; <$f> };
+        $text =~ s/ nsb-dotdot_1\.0_all\.deb$/ ..\/x/mg;
+        open my $out, '>', $c or die;
+        print $out $text;
+        close $out;
+        open my $x, '>', '../x' or die;
+        close $x;
     }
-    if (sysopen(my $w, 'debian/changelog', O_WRONLY | O_NONBLOCK)) {
-        my $flags = fcntl($w, F_GETFL, 0);
-        fcntl($w, F_SETFL, $flags & ~O_NONBLOCK);
-        print $w $log;
-        close $w;
-    } else {
-        select(undef, undef, undef, 0.005);
-    }
+    print $w "3.0 (native)\n";
+    close $w;
+    exit 0 if defined $c;
 }
 """
 
@@ -137,4 +128,4 @@ def test_a_changes_naming_a_path_is_refused(bookworm: Env, tmp_path: Path) -> No
         "Status: failed"
         in kept_log(bookworm, result.stderr, "nsb-dotdot_1.0_amd64.build").read_text()
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsb-dotdot-1.0", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsb-dotdot-1.0"]

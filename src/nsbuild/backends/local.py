@@ -81,6 +81,7 @@ class LocalBackend(Backend):
 
     def __init__(self, options: BackendOptions) -> None:
         from nsbuild.envs.config import load_config
+        from nsbuild.envs.owner import give_to_sandbox_root
         from nsbuild.envs.paths import cache_dir
         from nsbuild.sandbox import caller_idmap
 
@@ -104,6 +105,7 @@ class LocalBackend(Backend):
                 raise BackendError(f"local backend: unknown cache {name!r}")
             host = cache_dir() / "apt" / self.config.name / name
             host.mkdir(parents=True, exist_ok=True)
+            give_to_sandbox_root(host)
             self._caches[name] = host
         self._records: list[dict[str, Any]] = []
         self._mirrors: tuple[str, ...] | None = None
@@ -115,6 +117,7 @@ class LocalBackend(Backend):
     # -- session handling --
 
     def _open(self, lowers: Sequence[Path]) -> None:
+        from nsbuild.envs.owner import give_to_sandbox_root
         from nsbuild.envs.session import throwaway
 
         stack = ExitStack()
@@ -122,6 +125,7 @@ class LocalBackend(Backend):
             session = stack.enter_context(throwaway(self.config, extra_lowers=tuple(lowers)))
             build = session.dir / "build"
             build.mkdir(exist_ok=True)
+            give_to_sandbox_root(build)
         except BaseException:
             stack.close()
             raise
@@ -145,6 +149,8 @@ class LocalBackend(Backend):
         return base
 
     def keep_layer(self, dest: Path) -> None:
+        from nsbuild.envs.owner import give_to_sandbox_root
+
         upper: Path = self._session.upper
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -156,6 +162,7 @@ class LocalBackend(Backend):
         # An empty upper keeps the old session valid until use_layer() or
         # revert() replaces it.
         upper.mkdir()
+        give_to_sandbox_root(upper)
 
     def use_layer(self, layer: Path) -> None:
         self._open((layer,))

@@ -87,11 +87,14 @@ class DepCache:
     def staging(self) -> Path:
         """A fresh directory to store a new layer in; commit() it or let gc take it
         (its name says which process made it, so gc knows when that one is gone)."""
-        from nsbuild.envs.owner import tmp_name
+        from nsbuild.envs.owner import give_to_sandbox_root, tmp_name
 
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / tmp_name()
         tmp.mkdir(mode=0o700)
+        # The layer below is mounted from inside the sandbox, whose ids must
+        # reach it (run by root, they are its subordinate range, not root).
+        give_to_sandbox_root(tmp)
         return tmp
 
     def commit(self, staging: Path, key: str, meta: dict[str, object]) -> Layer | None:
