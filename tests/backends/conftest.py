@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from virt_helpers import HERE, SYSTEM_PATH, VENV_BIN, Env, alive  # noqa: E402
+# This folder (virt_helpers) and tests/ (the build tests' fixtures) are importable.
+for folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 from build.conftest import bookworm  # noqa: E402
+from virt_helpers import HERE, SYSTEM_PATH, VENV_BIN, Env, alive  # noqa: E402
 
 __all__ = ["bookworm"]
 

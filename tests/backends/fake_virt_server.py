@@ -32,7 +32,7 @@ def main() -> int:
     mode, state = sys.argv[1], Path(sys.argv[2])
     child = subprocess.Popen(["sleep", "1000"])
     (state / "pids").write_text(f"{os.getpid()}\n{child.pid}\n")
-    commands = open(state / "commands", "a", buffering=1)  # noqa: SIM115
+    commands = open(state / "commands", "a", buffering=1)
     if mode == "silent":
         _forever()
     print("ok", flush=True)

@@ -49,3 +49,51 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def tiny_package(parent: Path, tests: dict[str, str] | None = None) -> Path:
+    """A native source tree that builds one Architecture: all .deb with nothing
+    but dpkg-dev (no debhelper: it also builds where nothing can be installed).
+    `tests` maps autopkgtest names to shell text; `needs-root` in a name's text
+    as a first-line comment sets that restriction."""
+    tree = parent / "tiny-1.0"
+    (tree / "debian" / "source").mkdir(parents=True)
+    (tree / "debian" / "control").write_text(
+        "Source: tiny\nSection: misc\nPriority: optional\n"
+        "Maintainer: nsbuild tests <tests@nsbuild.invalid>\n"
+        "Standards-Version: 4.6.2\nRules-Requires-Root: no\n\n"
+        "Package: tiny\nArchitecture: all\n"
+        "Description: nsbuild test package without build dependencies\n"
+        " Built by hand, without debhelper.\n"
+    )
+    (tree / "debian" / "changelog").write_text(
+        "tiny (1.0) bookworm; urgency=medium\n\n  * Test package.\n\n"
+        " -- nsbuild tests <tests@nsbuild.invalid>  Mon, 01 Jan 2024 00:00:00 +0000\n"
+    )
+    (tree / "debian" / "source" / "format").write_text("3.0 (native)\n")
+    (tree / "debian" / "copyright").write_text("Written for nsbuild's tests.\n")
+    rules = tree / "debian" / "rules"
+    rules.write_text(
+        "#!/usr/bin/make -f\n"
+        "build build-arch build-indep:\n\ttrue\n"
+        "binary binary-arch binary-indep:\n"
+        "\tmkdir -p debian/tmp/DEBIAN debian/tmp/usr/share/doc/tiny\n"
+        "\techo hello > debian/tmp/usr/share/doc/tiny/greeting\n"
+        "\tdpkg-gencontrol -ptiny -Pdebian/tmp\n"
+        "\tdpkg-deb --root-owner-group --build debian/tmp ..\n"
+        "clean:\n\trm -rf debian/tmp debian/files\n"
+    )
+    rules.chmod(0o755)
+    if tests:
+        (tree / "debian" / "tests").mkdir()
+        stanzas = []
+        for name, text in tests.items():
+            script = tree / "debian" / "tests" / name
+            script.write_text(f"#!/bin/sh\n{text}\n")
+            script.chmod(0o755)
+            stanza = f"Tests: {name}\nDepends: dpkg\n"
+            if text.startswith("# needs-root"):
+                stanza += "Restrictions: needs-root\n"
+            stanzas.append(stanza)
+        (tree / "debian" / "tests" / "control").write_text("\n".join(stanzas))
+    return tree

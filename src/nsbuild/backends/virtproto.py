@@ -122,6 +122,11 @@ class VirtServer:
     def revert(self) -> str:
         return self.command("revert", results=1, kind="open")[0]
 
+    def close(self) -> None:
+        """Close the testbed (the server keeps running: `open` may follow)."""
+        self.command("close")
+        self.is_open = False
+
     def execute_command(self) -> list[str]:
         (encoded,) = self.command("print-execute-command", results=1, decode=False)
         # The program and each argument are URL-encoded, then joined with

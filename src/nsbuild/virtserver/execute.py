@@ -56,7 +56,7 @@ def _run(testbed: Testbed, command: list[str], requested: str | None) -> int:
     opts = testbed.net.options(requested)
     session = testbed.session()
     mirrors = testbed.mirrors if opts.mode == "allow" else ()
-    with net.network(opts, mirrors=mirrors, debug=testbed.debug) as plan:
+    with net.network(opts, mirrors=mirrors) as plan:
         extra = (*plan.mounts, *(host_resolver_mounts() if plan.share_net else ()))
         spec = testbed.sandbox(
             session,

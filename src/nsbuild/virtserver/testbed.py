@@ -83,7 +83,6 @@ class Testbed:
     session_dir: str
     net: NetPolicy = field(default_factory=NetPolicy)
     mirrors: tuple[str, ...] = ()
-    debug: bool = False
 
     @property
     def record(self) -> Path:
@@ -120,7 +119,6 @@ class Testbed:
                 log=net.get("log"),
             ),
             mirrors=tuple(data.get("mirrors", ())),
-            debug=bool(data.get("debug")),
         )
 
     def session(self) -> Session:
@@ -156,7 +154,6 @@ class Testbed:
             mounts=(*mounts, *extra_mounts),
             env=(*session.env, *extra_env),
             share_net=share_net,
-            debug=self.debug,
             **kw,
         )
 
