@@ -14,7 +14,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 from fault_seed import SEED
 from sandbox_helpers import mountinfo_mentioning, pids, wait_until
-from security_helpers import NSBUILD, EnvHome, explain
+from security_helpers import NSBUILD, EnvHome, explain, tiny_package
 
 pytestmark = [pytest.mark.userns, pytest.mark.slow]
 
@@ -178,47 +177,12 @@ def test_sigkill_during_session_begin(
         _end_persistent(env_home, tmp_path)
 
 
-def _tiny_package(parent: Path, name: str) -> Path:
-    """A native package that builds with nothing but dpkg-dev (no Build-Depends)."""
-    tree = parent / f"{name}-1.0"
-    (tree / "debian" / "source").mkdir(parents=True)
-    (tree / "debian" / "source" / "format").write_text("3.0 (native)\n")
-    (tree / "debian" / "control").write_text(textwrap.dedent(f"""\
-        Source: {name}
-        Maintainer: nsbuild tests <tests@nsbuild.invalid>
-        Standards-Version: 4.6.2
-        Rules-Requires-Root: no
-
-        Package: {name}
-        Architecture: all
-        Description: nsbuild fault-injection package
-         Built while being killed.
-        """))
-    (tree / "debian" / "changelog").write_text(
-        f"{name} (1.0) bookworm; urgency=medium\n\n  * Test.\n\n"
-        " -- nsbuild tests <tests@nsbuild.invalid>  Mon, 01 Jan 2024 00:00:00 +0000\n")
-    rules = textwrap.dedent(f"""\
-        #!/usr/bin/make -f
-        build build-arch build-indep:
-        \tsleep 2
-        binary binary-arch binary-indep:
-        \tmkdir -p debian/tmp/DEBIAN
-        \tdpkg-gencontrol -p{name} -Pdebian/tmp
-        \tdpkg-deb --build debian/tmp ..
-        clean:
-        \trm -rf debian/tmp debian/files
-        """)
-    (tree / "debian" / "rules").write_text(rules)
-    (tree / "debian" / "rules").chmod(0o755)
-    return tree
-
-
 def test_sigkill_during_build_then_a_build_works(
     tmp_path: Path, env_home: EnvHome, rng: random.Random
 ) -> None:
     """`nsbuild build` killed in any phase: nothing in --out, no session, no
     half-stored dependency layer; then a whole build succeeds."""
-    tree = _tiny_package(tmp_path, "nsbfault")
+    tree = tiny_package(tmp_path, "nsbfault")
     out = tmp_path / "out"
     build = [*NSBUILD, "build", "--env", "bookworm", "--out", str(out), str(tree)]
     start = time.monotonic()
@@ -252,7 +216,7 @@ def test_sigkill_during_build_then_a_build_works(
 def test_sigkill_during_build_leaves_no_temporary_directory(
     tmp_path: Path, env_home: EnvHome, rng: random.Random
 ) -> None:
-    tree = _tiny_package(tmp_path, "nsbtmp")
+    tree = tiny_package(tmp_path, "nsbtmp")
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     marker = _trial_marker()

@@ -129,3 +129,38 @@ def env_home_for(factory: pytest.TempPathFactory) -> Iterator[EnvHome]:
     subprocess.run([*NSBUILD, "gc"], env=home.vars(), capture_output=True, check=False)
     if cache.exists():
         remove_tree(cache)
+
+
+def tiny_package(parent: Path, name: str) -> Path:
+    """A native package that builds with nothing but dpkg-dev (no Build-Depends)."""
+    tree = parent / f"{name}-1.0"
+    (tree / "debian" / "source").mkdir(parents=True)
+    (tree / "debian" / "source" / "format").write_text("3.0 (native)\n")
+    (tree / "debian" / "control").write_text(textwrap.dedent(f"""\
+        Source: {name}
+        Maintainer: nsbuild tests <tests@nsbuild.invalid>
+        Standards-Version: 4.6.2
+        Rules-Requires-Root: no
+
+        Package: {name}
+        Architecture: all
+        Description: nsbuild fault-injection package
+         Built while being killed.
+        """))
+    (tree / "debian" / "changelog").write_text(
+        f"{name} (1.0) bookworm; urgency=medium\n\n  * Test.\n\n"
+        " -- nsbuild tests <tests@nsbuild.invalid>  Mon, 01 Jan 2024 00:00:00 +0000\n")
+    rules = textwrap.dedent(f"""\
+        #!/usr/bin/make -f
+        build build-arch build-indep:
+        \tsleep 2
+        binary binary-arch binary-indep:
+        \tmkdir -p debian/tmp/DEBIAN
+        \tdpkg-gencontrol -p{name} -Pdebian/tmp
+        \tdpkg-deb --build debian/tmp ..
+        clean:
+        \trm -rf debian/tmp debian/files
+        """)
+    (tree / "debian" / "rules").write_text(rules)
+    (tree / "debian" / "rules").chmod(0o755)
+    return tree
