@@ -21,7 +21,8 @@ TIMEOUT = "3"
 
 
 def _build(program: Path, mode: str, state: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, NSBUILD_VIRT_TIMEOUT=TIMEOUT)
+    # Its own cache folder: a failed build's log goes there, not to the user's.
+    env = dict(os.environ, NSBUILD_VIRT_TIMEOUT=TIMEOUT, XDG_CACHE_HOME=str(out.parent / "cache"))
     argv = [sys.executable, "-m", "nsbuild", "build", "--backend", "autopkgtest",
             "--out", str(out), str(fixture_dsc("hello_2.10-3")),
             "--", str(program), mode, str(state)]  # fmt: skip
@@ -83,7 +84,8 @@ def test_a_failure_inside_closes_the_testbed_and_quits(
 def test_a_missing_server_is_named(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "nsbuild", "build", "--backend", "autopkgtest",
             str(fixture_dsc("hello_2.10-3")), "--", "no-such-virt-server-xyz"]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "virt server 'no-such-virt-server-xyz' not found on PATH" in _error_line(proc)
 
@@ -91,6 +93,7 @@ def test_a_missing_server_is_named(tmp_path: Path) -> None:
 def test_no_server_given_says_how(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "nsbuild", "build", "--backend", "autopkgtest",
             str(fixture_dsc("hello_2.10-3"))]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "give the virt server after --" in _error_line(proc)

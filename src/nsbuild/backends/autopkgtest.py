@@ -1,6 +1,6 @@
 """The autopkgtest backend: build through any autopkgtest virtualisation server.
 
-    nsbuild build PKG.dsc --backend autopkgtest -- autopkgtest-virt-SERVER [ARGS...]
+    nsbuild build --backend autopkgtest PKG.dsc -- autopkgtest-virt-SERVER [ARGS...]
 
 The server (schroot, lxc, qemu, ssh, podman, unshare, null, or nsbuild's own)
 is started, asked for its capabilities, opened, and asked for the program

@@ -70,10 +70,9 @@ class Signalled(BaseException):
 
 
 class Server:
-    def __init__(self, config: EnvConfig, policy: NetPolicy, debug: bool) -> None:
+    def __init__(self, config: EnvConfig, policy: NetPolicy) -> None:
         self.config = config
         self.policy = policy
-        self.debug = debug
         self.testbed: Testbed | None = None
         self.session: Session | None = None
         self.normal_user: str | None = None
@@ -416,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if policy.mode == "host":
         sys.stderr.write(f"{PROG}: warning: --net host: commands share the host's network, "
                          "its loopback services and abstract sockets\n")  # fmt: skip
-    server = Server(config, policy, args.debug)
+    server = Server(config, policy)
 
     def on_signal(signum: int, _frame: object) -> None:
         raise Signalled(signum)
