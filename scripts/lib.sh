@@ -53,7 +53,14 @@ ensure_venv() {
     fi
     say "installing nsbuild from $src into $venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$src[test]" </dev/null
-    if is_root; then chmod -R a+rX "$venv"; fi
+    if is_root; then
+        chmod -R a+rX "$venv"
+        # On every user's PATH: `nsbuild`, and the virt server autopkgtest and
+        # sbuild look up by name (`-- nsbuild ENV`, --autopkgtest-virt-server=nsbuild).
+        if [ "${NSBUILD_LINK_COMMANDS:-1}" = 1 ]; then
+            ln -sf "$venv/bin/nsbuild" "$venv/bin/autopkgtest-virt-nsbuild" /usr/local/bin/
+        fi
+    fi
 }
 
 # First range of USER (by name or uid) in a subuid/subgid file, as START:COUNT.
