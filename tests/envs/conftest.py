@@ -69,21 +69,3 @@ def bookworm(
         f"Name: bookworm\nPath: {bookworm_tarball}\nAliases: stable\nSuite: bookworm\n"
     )
     yield "bookworm"
-
-
-
-
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids whose command line contains `marker` (a unique argument of the test)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        found.append(int(pid))
-            except OSError:
-                pass
-    return found

@@ -7,14 +7,12 @@ level 1`, and so `gc()` finds leftovers of dead owners in one place.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
-import time
 
-from nsbuild.sandbox.cgroupfs import cgroup2_mount
+from nsbuild.sandbox.cgroupfs import cgroup2_mount, remove_cgroup
 
-__all__ = ["cgroup2_mount"]
+__all__ = ["cgroup2_mount", "remove_cgroup"]
 
 PREFIX = "nsbuild-net."
 _counter = itertools.count()
@@ -45,32 +43,6 @@ def owner_pid(name: str) -> int | None:
         return None
     pid = name[len(PREFIX) :].split(".")[0]
     return int(pid) if pid.isdigit() else None
-
-
-def remove_cgroup(path: str, timeout: float = 5.0) -> None:
-    """Kill what is left in the cgroup, then remove it (and its children)."""
-    for entry in os.scandir(path):
-        if entry.is_dir(follow_symlinks=False):
-            remove_cgroup(entry.path, timeout)
-    kill = os.path.join(path, "cgroup.kill")
-    if os.path.exists(kill):
-        try:
-            with open(kill, "w") as f:
-                f.write("1")
-        except OSError:
-            pass
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            # EBUSY while killed processes are still being reaped.
-            if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
 
 
 def stale_cgroups(mount: str) -> list[str]:

@@ -1,10 +1,16 @@
-"""Where cgroup v2 is mounted: read from mountinfo, never assumed.
+"""cgroup files: where cgroup v2 is mounted (read from mountinfo, never
+assumed), and removing a run's cgroup with whatever is left in it.
 
 Used by the runtime's resource limits and by the network layer's nftables
 engine (which matches a run's cgroup); it lives here, in the lowest layer.
 """
 
 from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
 
 
 def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -36,3 +42,61 @@ def _unescape(path: str) -> str:
             out.append(path[i])
             i += 1
     return "".join(out)
+
+
+def remove_cgroup(path: str, timeout: float = 10.0) -> None:
+    """Kill every process in the cgroup `path` (v1 or v2) and its children,
+    then remove them."""
+    for entry in list(_subdirs(path)):
+        remove_cgroup(entry, timeout)
+    kill_file = os.path.join(path, "cgroup.kill")
+    deadline = time.monotonic() + timeout
+    while True:
+        if os.path.exists(kill_file):
+            try:
+                write(kill_file, "1")
+            except OSError:
+                pass
+        else:
+            for pid in _procs(path):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            # EBUSY while killed processes are being reaped (or a fork raced the kill).
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        return [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _procs(path: str) -> list[int]:
+    try:
+        return [int(x) for x in read(os.path.join(path, "cgroup.procs")).split()]
+    except OSError:
+        return []
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)

@@ -32,14 +32,14 @@ Stdlib only; the cgroup2 mount is found by nsbuild.sandbox.cgroupfs.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import re
-import signal
-import time
 
 from nsbuild.errors import NsbuildError
+from nsbuild.sandbox.cgroupfs import read as _read
+from nsbuild.sandbox.cgroupfs import remove_cgroup as remove
+from nsbuild.sandbox.cgroupfs import write as _write
 
 PREFIX = "nsbuild-limits."
 _counter = itertools.count()
@@ -189,36 +189,6 @@ def gc() -> list[str]:
                     except OSError:
                         pass
     return removed
-
-
-def remove(path: str, timeout: float = 10.0) -> None:
-    """Kill every process in the cgroup `path` (v1 or v2), then remove it."""
-    for entry in list(_subdirs(path)):
-        remove(entry, timeout)
-    kill_file = os.path.join(path, "cgroup.kill")
-    deadline = time.monotonic() + timeout
-    while True:
-        if os.path.exists(kill_file):
-            try:
-                _write(kill_file, "1")
-            except OSError:
-                pass
-        else:
-            for pid in _procs(path):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            # EBUSY while killed processes are being reaped (or a fork raced the kill).
-            if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
 
 
 # ------------------------------------------------------------------ cgroup v2
@@ -417,30 +387,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _subdirs(path: str) -> list[str]:
-    try:
-        return [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
-        return []
-
-
-def _procs(path: str) -> list[int]:
-    try:
-        return [int(x) for x in _read(os.path.join(path, "cgroup.procs")).split()]
-    except OSError:
-        return []
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
