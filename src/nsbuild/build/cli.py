@@ -21,11 +21,15 @@ def register(sub: Any) -> None:
         description="Build PKG.dsc (or an unpacked source tree with debian/) in a fresh "
         "copy-on-write session: build dependencies are installed with network limited "
         "to the environment's mirrors, then the package builds as an unprivileged user "
-        "with no network. Results, a .build log and the network log go to --out.",
+        "with no network. Results, a .build log and the network log go to --out; a build "
+        "that fails writes nothing there (its logs are kept in nsbuild's cache, and named).",
     )
     p.add_argument("input", metavar="PKG.dsc|DIR", type=Path)
     p.add_argument(
-        "--env", metavar="NAME", help="environment (default: the changelog's distribution)"
+        "--env",
+        metavar="NAME",
+        help="environment (default: the one named after the changelog's distribution, "
+        "created with mmdebstrap on first use)",
     )
     p.add_argument(
         "--out", metavar="DIR", type=Path, help="where results go (default: next to the input)"
