@@ -271,6 +271,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     report = gc(dry_run=args.dry_run)
     removed, errors = list(report.removed), list(report.errors)
+    # Dependency layers, apt caches and kept logs of the build layer.
+    from nsbuild.build.cache import gc as build_gc
+
+    removed += build_gc(dry_run=args.dry_run, errors=errors)
     if not args.dry_run:
         # What other layers leave behind when a run dies: nftables tables and
         # cgroups of the root egress engine (only root can have made them).

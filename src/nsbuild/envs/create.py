@@ -123,6 +123,9 @@ def create_env(
         architecture=arch,
         mirrors=(mirror or DEFAULT_MIRROR,),
     )
+    # Declared before the first unpack: should that fail (a full disk), the
+    # tarball is not orphaned and the next use retries the unpack only.
+    write_entry(env)
     with use_base(env, quiet=quiet) as base:
         # Record every archive apt will talk to (mmdebstrap adds -security and
         # -updates for stable suites): `--net allow` lets exactly these through.
