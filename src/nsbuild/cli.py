@@ -391,7 +391,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args is None:
         command = next((a for a in args_list if not a.startswith("-")), None)
         parser = _build_parser(command)
+        trailing = None
+        if command == "build" and "--" in args_list:
+            # `nsbuild build [OPTIONS] PKG.dsc [OPTIONS] -- BACKEND ARGS...`
+            cut = args_list.index("--")
+            args_list, trailing = args_list[:cut], args_list[cut + 1 :]
         args = parser.parse_args(args_list)
+        if trailing is not None:
+            args.backend_args = trailing
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2

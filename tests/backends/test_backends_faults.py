@@ -82,8 +82,9 @@ def test_a_failure_inside_closes_the_testbed_and_quits(
 
 
 def test_a_missing_server_is_named(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "nsbuild", "build", "--backend", "autopkgtest",
-            str(fixture_dsc("hello_2.10-3")), "--", "no-such-virt-server-xyz"]  # fmt: skip
+    # The documented form: options after the input, the server after `--`.
+    argv = [sys.executable, "-m", "nsbuild", "build", str(fixture_dsc("hello_2.10-3")),
+            "--backend", "autopkgtest", "--", "no-such-virt-server-xyz"]  # fmt: skip
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0

@@ -64,15 +64,16 @@ def register(sub: Any) -> None:
         help="open a shell in the failed build tree before cleaning up",
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    p.add_argument("--backend", default="local", help="where to build (default: local)")
     p.add_argument(
-        "backend_args",
-        nargs="*",
-        metavar="-- BACKEND-ARGS",
-        help="arguments for the backend (e.g. a virt server command)",
+        "--backend",
+        default="local",
+        help="where to build (default: local); what follows a final `--` goes to the "
+        "backend, e.g. `--backend autopkgtest -- autopkgtest-virt-unshare ...`",
     )
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=handler)
+    # Everything after `--` (split off before parsing, see nsbuild.cli.main):
+    # argparse cannot give a trailing positional list after options reliably.
+    p.set_defaults(func=handler, backend_args=[])
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -80,6 +81,10 @@ def handler(args: argparse.Namespace) -> int:
     from nsbuild.errors import NsbuildError
 
     selected = args.arch_any or args.arch_all or args.source
+    if args.backend == "local" and args.backend_args:
+        print(f"nsbuild build: the local backend takes no arguments after '--' "
+              f"(got {' '.join(args.backend_args)!r})", file=sys.stderr)
+        return 2
     if args.jobs is not None and args.jobs < 1:
         print("nsbuild build: --jobs must be at least 1", file=sys.stderr)
         return 2
