@@ -184,6 +184,34 @@ def gc(
     removed = _gc_layers(DepCache(), _current_bases(config, errs), max_age_days, dry_run, errs)
     removed += _gc_apt_caches({env.name for env in config}, max_age_days, dry_run, errs)
     removed += _gc_logs(max_age_days, dry_run, errs)
+    removed += _gc_work_dirs(dry_run, errs)
+    return removed
+
+
+def builds_root() -> Path:
+    """Where running builds keep their private work directories."""
+    from nsbuild.envs.paths import cache_dir
+
+    return cache_dir() / "builds"
+
+
+def _gc_work_dirs(dry_run: bool, errs: list[str]) -> list[str]:
+    """Work directories of builds whose process is gone (killed, crashed)."""
+    from nsbuild.envs.owner import tmp_owner
+    from nsbuild.envs.remove import remove_tree
+
+    root = builds_root()
+    removed = []
+    for entry in sorted(os.listdir(root)) if root.is_dir() else []:
+        owner = tmp_owner(entry)
+        if owner is None or owner.alive():
+            continue
+        try:
+            if not dry_run:
+                remove_tree(root / entry)
+            removed.append(f"work directory of a dead build {root / entry}")
+        except OSError as e:
+            errs.append(f"{root / entry}: {e}")
     return removed
 
 

@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -169,7 +168,7 @@ class _Build:
 
     def run(self) -> BuildResult:
         with ExitStack() as stack:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsbuild-build-")))
+            tmp = _work_dir(stack)
             try:
                 pkg, out = self._check_input(tmp)
                 self._run(stack, pkg, out, tmp)
@@ -668,13 +667,35 @@ def _unmet(text: str) -> list[str]:
     return out
 
 
+def _work_dir(stack: ExitStack) -> Path:
+    """The build's private host directory (log in progress, results before they
+    move to --out), removed at the end. It lives in nsbuild's cache under a name
+    that says which process made it, so `nsbuild gc` removes it after a crash."""
+    from nsbuild.build.cache import builds_root
+    from nsbuild.envs.owner import tmp_name
+    from nsbuild.envs.remove import remove_tree
+
+    root = builds_root()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / tmp_name()
+    tmp.mkdir(mode=0o700)
+    stack.callback(remove_tree, tmp)
+    return tmp
+
+
 def _changes_files(path: Path) -> list[tuple[str, int, str | None]]:
+    """(name, size, sha256) of each file a .changes lists. The .changes comes
+    out of the build: a malformed one is the build's failure, said in one line."""
     from debian.deb822 import Changes
 
-    with open(path, encoding="utf-8") as f:
-        changes = Changes(f)
-    sha = {e["name"]: e["sha256"] for e in changes.get("Checksums-Sha256", [])}
-    return [(e["name"], int(e["size"]), sha.get(e["name"])) for e in changes.get("Files", [])]
+    try:
+        with open(path, encoding="utf-8") as f:
+            changes = Changes(f)
+        sha = {e["name"]: e["sha256"] for e in changes.get("Checksums-Sha256", [])}
+        return [(e["name"], int(e["size"]), sha.get(e["name"]))
+                for e in changes.get("Files", [])]  # fmt: skip
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise BuildFailed(f"{path.name}: malformed .changes left by the build ({e!r})") from None
 
 
 def _sha256(path: Path) -> str:
