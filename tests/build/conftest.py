@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(os.environ.get("NSBUILD_FIXTURES", "/work/shared/fixtures/debian-src"))
+def _fixtures() -> Path:
+    """The shared fixture packages: $NSBUILD_FIXTURES, else `shared/` beside this
+    checkout (where the project keeps it), else /work/shared."""
+    if os.environ.get("NSBUILD_FIXTURES"):
+        return Path(os.environ["NSBUILD_FIXTURES"])
+    beside = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "debian-src"
+    return beside if beside.is_dir() else Path("/work/shared/fixtures/debian-src")
+
+
+FIXTURES = _fixtures()
 TARBALL = Path(os.environ.get("NSBUILD_TEST_TARBALL", "/srv/nsb-cache/bookworm-buildd.tar"))
 
 
