@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+
 def _fixtures() -> Path:
     """The shared fixture packages: $NSBUILD_FIXTURES, else `shared/` beside this
     checkout (where the project keeps it), else /work/shared."""
