@@ -215,7 +215,9 @@ class _Build:
         stack.callback(signal.signal, signal.SIGTERM, previous)
 
         t0 = time.monotonic()
-        self.progress.say(f"[1/4] {PHASES[0]}: {pkg.source} {pkg.version} in {env_name}")
+        where = (f"in {env_name}" if self.req.backend == "local"
+                 else f"through backend {self.req.backend} {' '.join(self.req.backend_args)}")
+        self.progress.say(f"[1/4] {PHASES[0]}: {pkg.source} {pkg.version} {where}".rstrip())
         backend = open_backend(
             self.req.backend,
             BackendOptions(
