@@ -53,8 +53,11 @@ ensure_venv() {
     fi
     say "installing nsbuild from $src into $venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$src[test]" </dev/null
+    # Byte-compile now: other users cannot write __pycache__ in a root-owned
+    # checkout, and would otherwise compile nsbuild on every start.
+    "$venv/bin/python" -m compileall -q "$src/src" >/dev/null || true
     if is_root; then
-        chmod -R a+rX "$venv"
+        chmod -R a+rX "$venv" "$src/src"
         # On every user's PATH: `nsbuild`, and the virt server autopkgtest and
         # sbuild look up by name (`-- nsbuild ENV`, --autopkgtest-virt-server=nsbuild).
         if [ "${NSBUILD_LINK_COMMANDS:-1}" = 1 ]; then
