@@ -51,6 +51,9 @@ ensure_venv() {
         mkdir -p "$(dirname "$venv")"
         /usr/bin/python3 -m venv "$venv"
     fi
+    if ! is_root && [ ! -w "$src" ]; then
+        die "$src is not writable by $(id -un): pip installs it in place (editable); clone it yourself, or run this as root"
+    fi
     say "installing nsbuild from $src into $venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$src[test]" </dev/null
     # Byte-compile now: other users cannot write __pycache__ in a root-owned
