@@ -593,6 +593,9 @@ def _command(spec: Sandbox, chan: _Channel, stdio: list[int | None],
         say("set no_new_privs and the parent-death signal; close inherited descriptors")
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        m.Step.current = "deny keyring system calls"
+        if sc.deny_keyring_syscalls():
+            say("keyring system calls fail (ENOSYS): the caller's keys are out of reach")
         _close_fds(keep={chan.sock.fileno(), *spec.pass_fds})
         for fd in spec.pass_fds:
             os.set_inheritable(fd, True)

@@ -161,6 +161,69 @@ def move_mount_fd(tree_fd: int, target_fd: int, what: str) -> None:
         _fail(what)
 
 
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_ERRNO = 0x00050000
+_X32 = 0x40000000
+# (audit arch, add_key, request_key, keyctl) for each ABI a process may use.
+_KEYRING_SYSCALLS = {
+    "x86_64": ((0xC000003E, 248, 249, 250),  # x86_64
+               (0xC000003E, _X32 | 248, _X32 | 249, _X32 | 250),  # x32
+               (0x40000003, 286, 287, 288)),  # i386
+    "aarch64": ((0xC00000B7, 217, 218, 219),  # arm64
+                (0x40000028, 309, 310, 311)),  # arm (compat)
+}
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+Insn = tuple[int, int, int, int]  # (code, jt, jf, k) of a struct sock_filter
+
+
+def _keyring_filter(table: tuple[Insn, ...]) -> list[Insn]:
+    """A classic BPF seccomp program: the keyring syscalls of each listed ABI
+    fail with ENOSYS (as on a kernel without keyrings); everything else runs."""
+    ld_arch, ld_nr = (0x20, 0, 0, 4), (0x20, 0, 0, 0)  # BPF_LD|BPF_W|BPF_ABS
+    allow = (0x06, 0, 0, _SECCOMP_RET_ALLOW)  # BPF_RET|BPF_K
+    deny = (0x06, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS)
+    prog: list[Insn] = []
+    for arch, *nrs in table:
+        # Each block: ld arch; jeq arch (else skip the rest of the block);
+        # ld nr; jeq nr -> deny, for each; allow; deny.
+        rest = 1 + len(nrs) + 2
+        prog += [ld_arch, (0x15, 0, rest, arch), ld_nr]
+        for i, nr in enumerate(nrs):
+            prog.append((0x15, len(nrs) - i, 0, nr))  # BPF_JMP|BPF_JEQ|BPF_K
+        prog += [allow, deny]
+    prog.append(allow)
+    return prog
+
+
+def deny_keyring_syscalls() -> bool:
+    """Make add_key, request_key and keyctl fail with ENOSYS for this process
+    and its descendants. Inside, uid 0 is the caller's own uid, and the kernel
+    grants a key's owner access by uid: without this, the command could link
+    the caller's user keyring by its serial and read its keys. Needs
+    no_new_privs. False where this architecture has no table here."""
+    table = _KEYRING_SYSCALLS.get(os.uname().machine)
+    if table is None:
+        return False
+    insns = _keyring_filter(table)
+    array = (_SockFilter * len(insns))(*(_SockFilter(*i) for i in insns))
+    prog = _SockFprog(len(insns), array)
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0) != 0:
+        _fail()
+    return True
+
+
 def sethostname(name: str) -> None:
     raw = name.encode()
     if _libc.sethostname(raw, len(raw)) != 0:
