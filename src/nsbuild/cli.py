@@ -316,8 +316,9 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
     mounts: list[Mount]
     if session is not None:
         # An environment: its own clean, reproducible variables, not the host's.
-        root, mounts, base_env, mirrors = (session.root, list(session.mounts),
-                                           dict(session.env), session.mirrors())
+        root, mounts, base_env = session.root, list(session.mounts), dict(session.env)
+        # Only --allow-from-env needs them (reading the layers' apt sources).
+        mirrors = session.mirrors() if getattr(opts, "allow_from_env", False) else ()
         workdir = args.chdir or "/"
     elif args.root:
         root = Bind(os.path.abspath(args.root), "/")

@@ -126,3 +126,22 @@ def test_a_redeclared_system_environment_is_listed_once(xdg: Path) -> None:
     (chroot_d(xdg) / "b").write_text("Name: b\nType: host\nDescription: mine\n")
     config = load_config((system, chroot_d(xdg)))
     assert [e.description for e in config] == ["mine"]
+
+
+def test_apt_sources_of_a_layer_are_read_inside_it_only(tmp_path: Path) -> None:
+    """A layer may hold what code in a sandbox wrote: its apt sources are read
+    without following links out of it, opening FIFOs or devices."""
+    import os
+
+    from nsbuild.envs.create import apt_mirrors
+
+    host_file = tmp_path / "host-secret"
+    host_file.write_text("deb http://from-the-host.example/ x main\n")
+    layer = tmp_path / "layer"
+    d = layer / "etc" / "apt" / "sources.list.d"
+    d.mkdir(parents=True)
+    os.mkfifo(layer / "etc" / "apt" / "sources.list")  # would block a plain open
+    (d / "a.list").symlink_to(host_file)  # resolved inside the layer: not there
+    (d / "b.list").symlink_to("/dev/zero")  # not a regular file
+    (d / "c.sources").write_text("Types: deb\nURIs: http://ok.example/debian\nSuites: x\n")
+    assert apt_mirrors(layer) == ("http://ok.example/debian",)
