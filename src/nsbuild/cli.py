@@ -359,6 +359,9 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
     return status
 
 
+RUNTIME_PROCESSES = 2  # the helper (outside the PID namespace) and init (PID 1)
+
+
 class _NoLimits:
     def __enter__(self) -> None:
         return None
@@ -374,7 +377,9 @@ def _limits(args: argparse.Namespace, parent: str | None) -> Any:
         return _NoLimits()
     from nsbuild.sandbox.limits import prepare
 
-    lim = prepare(pids, memory, parent=parent)
+    # The cgroup also holds the sandbox's own helper and init: N is for the
+    # command and what it starts.
+    lim = prepare(pids, memory, parent=parent, runtime=RUNTIME_PROCESSES)
     if args.debug:
         sys.stderr.write(f"nsbuild: limits: {lim.describe()}\n")
     return lim

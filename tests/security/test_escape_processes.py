@@ -163,7 +163,6 @@ def test_callers_keyrings_are_not_reachable(tmp_path: Path, user: str | None) ->
     """The caller keeps a secret in its session keyring (Kerberos tickets,
     fscrypt keys live there) and one in its user keyring: the command finds
     neither."""
-    libc = ctypes.CDLL(None, use_errno=True)
     session_desc = f"nsbuild-session-{uuid.uuid4().hex[:8]}"
     user_desc = f"nsbuild-user-{uuid.uuid4().hex[:8]}"
     # A child joins a fresh session keyring of its own: the test process's

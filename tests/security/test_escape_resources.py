@@ -162,3 +162,16 @@ def test_run_without_a_delegated_cgroup_refuses_limits_in_one_line(reason: str |
     r = _nsbuild("run", "--pids-max", "10", "--", "true")
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.splitlines()) == 1 and "cannot be enforced here" in r.stderr, r.stderr
+
+
+@pytest.mark.root
+def test_pids_max_counts_the_command_not_the_sandbox_machinery() -> None:
+    """`--pids-max 1`: the command runs (nsbuild's helper and init do not use up
+    the limit), and cannot start a second process; never a traceback."""
+    r = _nsbuild("run", "--pids-max", "1", "--", "sh", "-c", "echo alone")
+    assert (r.returncode, r.stdout) == (0, "alone\n"), r.stderr
+    r = _nsbuild("run", "--pids-max", "1", "--", "sh", "-c", "/bin/true; echo after")
+    assert r.returncode != 0 and "after" not in r.stdout, (r.returncode, r.stdout)
+    assert "Traceback" not in r.stderr and "fork" in r.stderr.lower(), r.stderr
+    r = _nsbuild("run", "--pids-max", "2", "--", "sh", "-c", "/bin/true; echo after")
+    assert (r.returncode, r.stdout) == (0, "after\n"), r.stderr

@@ -87,6 +87,8 @@ class Limits:
         self.memory_max = memory_max
         self._v1 = v1  # controller -> cgroup dir
         self._home: dict[str, str] = {}  # controller -> dir nsbuild came from
+        # v1: pids.max once nsbuild has left (it counted while it was there).
+        self.after_leave_pids: int | None = None
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -116,6 +118,9 @@ class Limits:
                 _write(os.path.join(path, "cgroup.procs"), str(os.getpid()))
             except OSError:
                 pass
+        if home and self.after_leave_pids is not None and "pids" in self._v1:
+            _write(os.path.join(self._v1["pids"], "pids.max"), str(self.after_leave_pids))
+            self.pids_max = self.after_leave_pids
 
     def close(self) -> None:
         """Kill whatever is left in the cgroups and remove them. Idempotent."""
@@ -132,8 +137,13 @@ class Limits:
 
 
 def prepare(pids_max: int | None = None, memory_max: int | None = None, *,
-            parent: str | None = None) -> Limits:
+            parent: str | None = None, runtime: int = 0) -> Limits:
     """A fresh cgroup (or pair of v1 cgroups) with the given caps.
+
+    `runtime`: processes of the sandbox's own machinery that live in the
+    cgroup beside what the cap is for (its helper and init); they are added
+    to pids.max, and with v1 cgroups one more, for nsbuild itself, which
+    stays there until the sandbox has started (join() to leave()).
 
     Raises LimitsUnavailable (one line, naming the reason) when the caller
     cannot get a cgroup with the needed controllers."""
@@ -146,14 +156,19 @@ def prepare(pids_max: int | None = None, memory_max: int | None = None, *,
     if not wanted:
         return Limits(None, {}, None, None)
     reasons: list[str] = []
+    def plus(n: int) -> int | None:
+        return None if pids_max is None else pids_max + n
+
     try:
-        return _prepare_v2(wanted, pids_max, memory_max, parent)
+        return _prepare_v2(wanted, plus(runtime), memory_max, parent)
     except _NotHere as e:
         reasons.append(str(e))
     # v1 cgroups are a hierarchy of their own: they apply alongside a v2 parent
     # (the nftables engine's cgroup), which then only does its own job.
     try:
-        return _prepare_v1(wanted, pids_max, memory_max)
+        lim = _prepare_v1(wanted, plus(runtime + 1 if runtime else 0), memory_max)
+        lim.after_leave_pids = plus(runtime) if runtime else None
+        return lim
     except _NotHere as e:
         reasons.append(str(e))
     raise LimitsUnavailable(

@@ -191,9 +191,16 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     try:
         parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         parent_pid = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            parent_sock.close()
+            child_sock.close()
+            raise SetupError("fork the sandbox's helper", e.errno or errno.EAGAIN) from None
     except BaseException:
         m.release(plan)
+        for fd in {*parent_ends, *child_ends} - {None, stdin, stdout, stderr}:
+            os.close(fd)  # type: ignore[arg-type]
         raise
     if pid == 0:
         parent_sock.close()
