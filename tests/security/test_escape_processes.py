@@ -11,7 +11,6 @@ nsbuild (tests/sandbox/test_root.py), SIGKILL of nsbuild leaves no process
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
