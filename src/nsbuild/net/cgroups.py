@@ -10,9 +10,9 @@ from __future__ import annotations
 import itertools
 import os
 
-from nsbuild.sandbox.cgroupfs import cgroup2_mount, remove_cgroup
+from nsbuild.sandbox.cgroupfs import cgroup2_mount, pid_alive, remove_cgroup
 
-__all__ = ["cgroup2_mount", "remove_cgroup"]
+__all__ = ["cgroup2_mount", "pid_alive", "remove_cgroup"]
 
 PREFIX = "nsbuild-net."
 _counter = itertools.count()
@@ -57,12 +57,3 @@ def stale_cgroups(mount: str) -> list[str]:
             out.append(entry.path)
     return out
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -37,6 +37,7 @@ import os
 import re
 
 from nsbuild.errors import NsbuildError
+from nsbuild.sandbox.cgroupfs import pid_alive as _pid_alive
 from nsbuild.sandbox.cgroupfs import read as _read
 from nsbuild.sandbox.cgroupfs import remove_cgroup as remove
 from nsbuild.sandbox.cgroupfs import write as _write
@@ -393,12 +394,3 @@ def _owner_pid(name: str) -> int | None:
     pid = name[len(PREFIX):].split(".")[0]
     return int(pid) if pid.isdigit() else None
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
