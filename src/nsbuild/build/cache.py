@@ -263,7 +263,6 @@ def _gc_layers(
     dry_run: bool,
     errs: list[str],
 ) -> list[str]:
-    from nsbuild.envs.errors import EnvError
     from nsbuild.envs.owner import tmp_name, tmp_owner
 
     removed: list[str] = []
@@ -313,11 +312,7 @@ def _gc_layers(
         except OSError as e:
             errs.append(f"{entry}: cannot remove: {e.strerror}")
             continue
-        try:
-            cache.discard(doomed)
-            removed.append(what)
-        except EnvError as e:
-            errs.append(str(e))
+        _discard(cache, doomed, what, removed, errs, dry_run=False)
     return removed
 
 
