@@ -93,7 +93,10 @@ class Session:
             return Tmpfs("/")
         if self.copied:
             return Bind(str(self.upper), "/")
-        return Overlay(self.lowers, str(self.upper), str(self.work), "/")
+        # A throwaway session is discarded after use (and by gc after a
+        # crash): its writes need not survive a power loss.
+        volatile = self.kind == "throwaway"
+        return Overlay(self.lowers, str(self.upper), str(self.work), "/", volatile)
 
     @property
     def mounts(self) -> tuple[Mount, ...]:

@@ -217,7 +217,8 @@ def _overlay_data(o: Overlay) -> str:
     lowers = ":".join(_overlay_escape(OLD + p) for p in o.lowers)
     upper, work = _overlay_escape(OLD + o.upper), _overlay_escape(OLD + o.work)
     # userxattr: the only way overlayfs works inside a user namespace (>= 5.11).
-    return f"lowerdir={lowers},upperdir={upper},workdir={work},userxattr"
+    data = f"lowerdir={lowers},upperdir={upper},workdir={work},userxattr"
+    return data + ",volatile" if o.volatile else data
 
 
 def _target(fd: int) -> str:

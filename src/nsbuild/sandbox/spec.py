@@ -70,9 +70,14 @@ class Overlay:
     upper: str
     work: str
     dst: str = "/"
+    # fsync and syncfs become no-ops: for throwaway trees, where durability
+    # buys nothing and dpkg's per-file fsync costs seconds. After a host crash
+    # the kernel refuses to mount such an upper again; it must be discarded.
+    volatile: bool = False
 
     def describe(self) -> str:
-        return f"overlay on {self.dst} (lower {':'.join(self.lowers)}, upper {self.upper})"
+        how = ", volatile: fsync is a no-op" if self.volatile else ""
+        return f"overlay on {self.dst} (lower {':'.join(self.lowers)}, upper {self.upper}{how})"
 
 
 @dataclass(frozen=True)
