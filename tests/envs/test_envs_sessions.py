@@ -44,6 +44,27 @@ def test_throwaway_root_is_writable_and_forgotten(bookworm: str) -> None:
         assert run(s2.sandbox(["test", "!", "-e", "/etc/mark"])) == 0
 
 
+def test_throwaway_session_is_volatile_and_mounts_again(bookworm: str) -> None:
+    # fsync is a no-op in a throwaway session; each command mounts its overlay
+    # anew, and the kernel's crash mark of the previous (volatile) mount must
+    # not stop the next one. Persistent sessions keep fsync.
+    with throwaway(bookworm) as s:
+        for i in range(3):
+            script = ("touch /root/log; grep -c x /root/log; echo x >> /root/log; "
+                      "grep -o fsync=volatile /proc/mounts")
+            proc = spawn(s.sandbox(["sh", "-c", script]), stdout=PIPE)
+            assert proc.stdout is not None
+            out = proc.stdout.read().decode().split()
+            assert proc.wait() == 0
+            assert out[-1] == "fsync=volatile"
+            assert out[0] == str(i)  # what earlier commands wrote is there
+    kept = begin_session(bookworm)
+    try:
+        assert run(kept.sandbox(["sh", "-c", "! grep -q fsync=volatile /proc/mounts"])) == 0
+    finally:
+        end_session(kept.id)
+
+
 def test_two_sessions_do_not_see_each_other(bookworm: str) -> None:
     a, b = (
         nsbuild("session", "begin", bookworm).stdout.strip(),

@@ -177,6 +177,7 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step]) -> None:
         sc.mount(OLD + plan.root_src, NEW, None, sc.MS_BIND | sc.MS_REC)
     else:
         at("mount overlay root")
+        _forget_volatile_mark(root)
         sc.mount("overlay", NEW, "overlay", sc.MS_NOSUID, _overlay_data(root))
     root_fd = os.open(NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -211,6 +212,20 @@ def _overlay_escape(path: str) -> str:
     # overlayfs splits its options on ',' and lowerdir on ':'; a backslash
     # escapes either (and itself), so any directory name can be a layer.
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def _forget_volatile_mark(o: Overlay) -> None:
+    # A volatile mount leaves work/incompat/volatile behind, and the kernel
+    # refuses the next mount while it is there (the upper may have lost writes
+    # in a crash). Overlay.volatile means the caller vouches for the tree (a
+    # throwaway session of a live owner: no restart since its last mount).
+    if o.volatile:
+        mark = OLD + o.work + "/work/incompat/volatile"
+        for remove, path in ((os.unlink, mark + "/dirty"), (os.rmdir, mark)):
+            try:
+                remove(path)
+            except FileNotFoundError:
+                pass
 
 
 def _overlay_data(o: Overlay) -> str:
@@ -305,6 +320,7 @@ def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
     elif isinstance(mnt, Tmpfs):
         _mount_at(root_fd, mnt.dst, "dir", "tmpfs", "tmpfs", _NOSUID_NODEV, _tmpfs_data(mnt))
     elif isinstance(mnt, Overlay):
+        _forget_volatile_mark(mnt)
         _mount_at(root_fd, mnt.dst, "dir", "overlay", "overlay", sc.MS_NOSUID,
                   _overlay_data(mnt))
     elif isinstance(mnt, Dir):

@@ -71,8 +71,10 @@ class Overlay:
     work: str
     dst: str = "/"
     # fsync and syncfs become no-ops: for throwaway trees, where durability
-    # buys nothing and dpkg's per-file fsync costs seconds. After a host crash
-    # the kernel refuses to mount such an upper again; it must be discarded.
+    # buys nothing and dpkg's per-file fsync costs seconds. The caller vouches
+    # that the machine has not restarted since an earlier volatile mount of the
+    # same upper (the kernel's crash mark is removed); after a restart such an
+    # upper must be discarded, as gc does with a dead owner's throwaway session.
     volatile: bool = False
 
     def describe(self) -> str:
