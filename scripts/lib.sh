@@ -56,6 +56,10 @@ ensure_venv() {
     fi
     say "installing nsbuild from $src into $venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$src[test]" </dev/null
+    # pip drops interpreter options from a script's #! line; the command
+    # starts without `site` and isolated (-IS, see bin/nsbuild): a quarter of
+    # the interpreter's start-up.
+    sed -i '1s|^#!\(/[^ ]*python[0-9.]*\)$|#!\1 -IS|' "$venv/bin/nsbuild"
     # Byte-compile now: other users cannot write __pycache__ in a root-owned
     # checkout, and would otherwise compile nsbuild on every start.
     "$venv/bin/python" -m compileall -q "$src/src" >/dev/null || true

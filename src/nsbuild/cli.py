@@ -394,6 +394,7 @@ def _usage(msg: str) -> Exception:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args: argparse.Namespace | _Args | None = _fast_run_args(args_list)
+    plain_run = args is not None and not getattr(args, "env_name", None)
     if args is None:
         command = next((a for a in args_list if not a.startswith("-")), None)
         parser = _build_parser(command)
@@ -408,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
+    if not plain_run:
+        _complete_site()
     from nsbuild.errors import NsbuildError
 
     try:
@@ -421,6 +424,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _complete_site() -> None:
+    """The command wrapper starts Python without `site` (bin/nsbuild); all
+    but a plain `nsbuild run` may import third-party modules (python-debian),
+    which may live wherever site would have looked (e.g. system packages)."""
+    if sys.flags.no_site:
+        import site
+
+        site.main()
 
 
 def entry() -> None:

@@ -86,6 +86,21 @@ def test_console_script(tmp_path: Path) -> None:
     assert (r.returncode, r.stdout) == (0, "ok\n"), explain(r)
 
 
+def test_console_script_without_site_and_isolated(tmp_path: Path) -> None:
+    # The setup puts `-IS` on the script's #! line: no `site` at start-up, and
+    # neither PYTHONPATH nor the current directory decide what gets imported.
+    script = Path(sys.executable).parent / "nsbuild"
+    decoy = tmp_path / "nsbuild"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise SystemExit('decoy imported')\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}
+    for args, want in ((["run", "--", "echo", "ok"], "ok\n"), (["env", "list"], None)):
+        r = subprocess.run([sys.executable, "-IS", str(script), *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=HANG_GUARD, check=False)
+        assert r.returncode == 0 and "decoy" not in r.stderr, explain(r)
+        assert want is None or r.stdout == want, explain(r)
+
+
 def imports(tmp_path: Path, *args: str) -> set[str]:
     r = subprocess.run([sys.executable, "-X", "importtime", *args], cwd=tmp_path,
                        capture_output=True, text=True, timeout=HANG_GUARD, check=False)

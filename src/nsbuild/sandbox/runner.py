@@ -23,6 +23,7 @@ from __future__ import annotations
 # milliseconds of the startup of every `nsbuild run`.
 import _socket
 import errno
+import fcntl  # here, not where used: after the pivot the host's Python may be out of sight
 import os
 import struct  # not array: it imports collections (~2 ms on every run)
 
@@ -474,9 +475,6 @@ def _identity_map(pid: int, idmap: IdMap) -> None:
 
 
 def _loopback_up() -> None:
-    import fcntl
-    import struct
-
     s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS,
@@ -622,8 +620,6 @@ def _install_stdio(stdio: list[int | None]) -> None:
     would be overwritten first (stdout and stderr swapped), copy every source
     above 2 first."""
     if any(fd is not None and fd <= 2 and fd != i for i, fd in enumerate(stdio)):
-        import fcntl
-
         stdio = [None if fd is None else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
                  for fd in stdio]
     for i, fd in enumerate(stdio):
