@@ -1,74 +1,104 @@
 """The execute command of autopkgtest-virt-nsbuild: run one command in the testbed.
 
-    python3 -I -m nsbuild.virtserver.execute RECORD [--nsbuild-net MODE] CMD [ARG...]
+    python3 -I -S -c BOOT RECORD PID START MODE CGROUP [--nsbuild-net MODE] CMD [ARG...]
 
-`print-execute-command` hands out this program and RECORD (the testbed's
-record in its session directory); the client appends the command. The command
-gets the caller's stdin, stdout and stderr, runs as root in a fresh sandbox
-over the testbed's session with the server's network policy, and its exit
-status is ours. When this program itself fails (the testbed is gone, the
-sandbox could not be set up) it exits 255, as the protocol asks, with one line
-on stderr.
+`print-execute-command` hands out this program (BOOT puts the package on
+sys.path and calls entry(): no site, no stdlib beyond what entering needs, as
+it starts once for every command the client runs) with the address of the
+testbed's sandbox: the PID and start time of its waiter, the server's network
+mode and the sandbox's cgroup (`-`: none); the client appends the command. The
+command enters that sandbox as root, with the caller's stdin, stdout and
+stderr, and its exit status is ours (128+N when killed by signal N). When this
+program itself fails (the testbed is gone, entering failed) it exits 255, as
+the protocol asks, with one line on stderr.
+
+A command that asks for another network mode than the testbed's must not get
+the testbed's network: it enters every namespace but the network one and gets
+a fresh network namespace instead, with only lo (`none`), or with the egress
+proxy's sockets, served by this program from the host (`allow`). A fresh
+sandbox over the session is no option: the session's overlay is already
+mounted by the testbed's sandbox (volatile, which the kernel will not mount
+twice).
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from nsbuild.virtserver.testbed import Testbed
 
 PROG = "autopkgtest-virt-nsbuild"
 FAILED = 255
+# Kept in step with testbed.py (not imported: this runs before anything else).
+NET_ARG = "--nsbuild-net"
+GONE = "the testbed was closed or reverted, or its sandbox ended"
+
+
+def boot_code() -> str:
+    """The -c program: this package on sys.path, then entry()."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return (f"import sys;sys.path[:0]=[{root!r}];"
+            "from nsbuild.virtserver.execute import entry;entry()")  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
-    from nsbuild.errors import NsbuildError
-    from nsbuild.virtserver.testbed import NET_ARG, Testbed, TestbedGone
-
-    if len(argv) < 2:
-        return _fail("usage: execute RECORD [--nsbuild-net MODE] CMD [ARG...]")
-    record, command = argv[0], argv[1:]
-    requested = None
+    if len(argv) < 6:
+        return _fail("usage: execute RECORD PID START MODE CGROUP [--nsbuild-net MODE] CMD...")
+    record, pid_text, start_text, mode, cgroup, *command = argv
+    requested = mode
     if command[0] == NET_ARG:
         if len(command) < 3:
             return _fail(f"{NET_ARG} needs a mode and a command")
         requested, command = command[1], command[2:]
+    if not (pid_text.isdigit() and start_text.isdigit()):
+        return _fail(f"bad testbed address {pid_text} {start_text}")
+    from nsbuild.errors import NsbuildError
+    from nsbuild.sandbox.enter import NotRunning, enter, start_time
+
+    pid, start = int(pid_text), int(start_text)
+    group = None if cgroup == "-" else cgroup
     try:
-        testbed = Testbed.load(record)
-        mark = testbed.register()
-        try:
-            return _run(testbed, command, requested)
-        finally:
-            mark.unlink(missing_ok=True)
-    except TestbedGone as e:
-        return _fail(str(e))
+        if requested == mode:
+            status = enter(pid, command, expect_start=start, cgroup=group)
+        elif requested == "none":
+            status = enter(pid, command, new_net=True, expect_start=start, cgroup=group)
+        elif requested == "allow":
+            status = _with_proxy(record, pid, start, group, command)
+        elif requested == "host":
+            return _fail(f"{NET_ARG} host: the server was not started with --net host")
+        else:
+            return _fail(f"{NET_ARG} {requested!r}: expected none, allow or host")
+    except NotRunning:
+        return _fail(GONE)
     except (NsbuildError, OSError, ValueError) as e:
         return _fail(str(e))
+    if status >= 128:
+        # Killed: by a signal of its own, or with the whole testbed?
+        try:
+            if start_time(pid) == start:
+                return status
+        except NotRunning:
+            pass
+        return _fail(GONE)
+    return status
 
 
-def _run(testbed: Testbed, command: list[str], requested: str | None) -> int:
+def _with_proxy(record: str, pid: int, start: int, cgroup: str | None, command: list[str]) -> int:
+    """`allow` in a testbed without it: a fresh network namespace with the
+    proxy's sockets, served from here (the proxy engine: an nftables table
+    would need the sandbox's network shared with the host's)."""
     from nsbuild import net
-    from nsbuild.envs.session import host_resolver_mounts
-    from nsbuild.sandbox import run
+    from nsbuild.sandbox.enter import enter, environ
+    from nsbuild.virtserver.testbed import Testbed
 
-    opts = testbed.net.options(requested)
-    session = testbed.session()
-    mirrors = testbed.mirrors if opts.mode == "allow" else ()
-    with net.network(opts, mirrors=mirrors) as plan:
-        extra = (*plan.mounts, *(host_resolver_mounts() if plan.share_net else ()))
-        spec = testbed.sandbox(
-            session,
-            command,
-            share_net=plan.share_net,
-            extra_mounts=extra,
-            extra_env=plan.env,
-            inside_sockets=plan.inside_sockets,
-            cgroup=plan.cgroup,
-        )
-        with session.in_use():
-            return run(spec, on_start=lambda proc: plan.serve(proc.sockets))
+    testbed = Testbed.load(record)
+    opts = testbed.net.options("allow", engine="proxy")
+    with net.network(opts, mirrors=testbed.mirrors) as plan:
+        # The testbed's own variables, the proxy's on top.
+        env = dict(environ(pid))
+        env.update(plan.env)
+        return enter(pid, command, env=tuple(env.items()), new_net=True,
+                     inside_sockets=plan.inside_sockets, cgroup=cgroup, expect_start=start,
+                     on_start=lambda proc: plan.serve(proc.sockets))  # fmt: skip
 
 
 def _fail(message: str) -> int:
@@ -76,12 +106,9 @@ def _fail(message: str) -> int:
     return FAILED
 
 
-if __name__ == "__main__":
-    sys.stdout.flush()
+def entry() -> None:
     status = main(sys.argv[1:])
     sys.stderr.flush()
     # No interpreter teardown: nothing is left to do, and it costs time on
     # every command of a test run.
-    import os
-
     os._exit(status)

@@ -1,27 +1,26 @@
-"""One open testbed: a throwaway copy-on-write session plus what its commands share.
+"""One open testbed: a throwaway copy-on-write session and the sandbox that lives on it.
 
-The virt server and the execute helper (a separate process the client runs
-for every command) meet here. The server writes a small record into the
-session directory; the helper reads it to run its command in the same
-session with the same policy:
+At `open` the server starts one long-lived sandbox over the session (its
+command a waiter that only sleeps: live.py) and every command of the testbed
+enters it (nsbuild.sandbox.enter): files, /tmp, background processes and the
+network namespace are shared from one command to the next, as on a machine.
+`revert` and `close` kill the whole sandbox.
 
-    sessions/ID/testbed.json   the record below (gone = closed or reverted)
-    sessions/ID/downtmp/       bind-mounted at DOWNTMP in every command: the
-                               scratch space, also seen by the host (downtmp-host)
-    sessions/ID/running/       one file per running command (PID-START), so
-                               close and revert can stop what still runs
+The server and the execute helper (a separate process the client runs for
+every command) meet here:
 
-Every command is its own sandbox over the session (see nsbuild.envs), so
-nothing but the files stays between commands. /tmp is not a tmpfs here, as it
-is for `nsbuild run`: testbeds keep /tmp from one command to the next.
+    sessions/ID/testbed.json   the record below: the network policy, for the
+                               commands that ask for another network mode
+    sessions/ID/downtmp/       bind-mounted at DOWNTMP: the scratch space, also
+                               seen by the host (downtmp-host)
+
+/tmp is not a tmpfs here, as it is for `nsbuild run`: it lives in the session.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
     from nsbuild.sandbox import Mount, Sandbox
 
 RECORD = "testbed.json"
-RUNNING = "running"
 DOWNTMP = "/tmp/autopkgtest"
 # Made at open when the id map has a subordinate range (a second uid exists).
 NORMAL_USER = "nsbuild"
@@ -44,7 +42,10 @@ NET_CAPABILITY = "nsbuild-network-per-command"
 
 
 class TestbedGone(Exception):
-    """The testbed was closed or reverted under a command."""
+    """The testbed was closed or reverted under a command, or its sandbox ended."""
+
+
+GONE = "the testbed was closed or reverted, or its sandbox ended"
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,11 @@ class NetPolicy:
     engine: str = "proxy"
     log: str | None = None
 
-    def options(self, requested: str | None = None) -> NetOptions:
+    def options(self, requested: str | None = None, engine: str | None = None) -> NetOptions:
         """NetOptions for one command. A command may ask for `none`, or for
         `allow` (the environment's mirrors and the server's --allow list), but
-        for `host` only when the server itself was started with --net host."""
+        for `host` only when the server itself was started with --net host.
+        `engine` overrides the server's egress engine."""
         from nsbuild.net import NetOptions
         from nsbuild.net.allowlist import Allowlist
 
@@ -75,7 +77,7 @@ class NetPolicy:
         # A request for `allow` means the mirrors, even from a server whose own
         # default names only hosts.
         from_env = self.allow_from_env or requested == "allow" or not self.allow
-        return NetOptions("allow", allowlist, from_env, self.engine, self.log)
+        return NetOptions("allow", allowlist, from_env, engine or self.engine, self.log)
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,6 @@ class Testbed:
     def downtmp_host(self) -> Path:
         return Path(self.session_dir) / "downtmp"
 
-    @property
-    def running(self) -> Path:
-        return Path(self.session_dir) / RUNNING
-
     def save(self) -> None:
         tmp = self.record.with_name(f".{RECORD}.part")
         tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -107,7 +105,7 @@ class Testbed:
             with open(record) as f:
                 data: dict[str, Any] = json.load(f)
         except FileNotFoundError:
-            raise TestbedGone("the testbed was closed or reverted") from None
+            raise TestbedGone(GONE) from None
         net = data.get("net") or {}
         return cls(
             session_dir=str(data["session_dir"]),
@@ -120,16 +118,6 @@ class Testbed:
             ),
             mirrors=tuple(data.get("mirrors", ())),
         )
-
-    def session(self) -> Session:
-        from nsbuild.envs.session import Session
-
-        try:
-            return Session.load(Path(self.session_dir))
-        except Exception:
-            if not self.record.exists():
-                raise TestbedGone("the testbed was closed or reverted") from None
-            raise
 
     def sandbox(
         self,
@@ -157,69 +145,14 @@ class Testbed:
             **kw,
         )
 
-    # -- commands still running when the testbed goes --
-
-    def register(self) -> Path:
-        """Mark the calling process as running a command in this testbed."""
-        from nsbuild.envs.owner import Owner
-
-        me = Owner.me()
-        mark = self.running / f"{me.pid}-{me.start}"
-        try:
-            mark.touch()
-        except FileNotFoundError:
-            raise TestbedGone("the testbed was closed or reverted") from None
-        # The server removes the record before it looks for running commands:
-        # a command that registered too late for it sees the record gone here.
-        if not self.record.exists():
-            mark.unlink(missing_ok=True)
-            raise TestbedGone("the testbed was closed or reverted")
-        return mark
-
-    def stop_commands(self, grace: float = 3.0) -> None:
-        """Kill the commands still running (their sandboxes die with them)."""
-        from nsbuild.envs.owner import Owner
-
-        try:
-            names = os.listdir(self.running)
-        except FileNotFoundError:
-            return
-        owners = []
-        for name in names:
-            pid, _, start = name.partition("-")
-            if pid.isdigit() and start.isdigit():
-                owners.append(Owner(int(pid), int(start)))
-        live = [o for o in owners if o.alive()]
-        for owner in live:
-            try:
-                os.kill(owner.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while any(o.alive() for o in live) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
-def session_mirrors(session: Session) -> tuple[str, ...]:
-    """The environment's mirrors and the archives of its read-only layers' apt
-    sources (never the session's own changes: code inside does not get to
-    widen its own allowlist)."""
-    from nsbuild.envs.create import apt_mirrors
-
-    found = list(session.config.mirrors)
-    layers = [Path("/")] if session.config.type == "host" else [Path(p) for p in session.lowers]
-    for layer in layers:
-        found += [m for m in apt_mirrors(layer) if m not in found]
-    return tuple(found)
-
 
 __all__ = [
     "DOWNTMP",
+    "GONE",
     "NET_ARG",
     "NET_CAPABILITY",
     "NORMAL_USER",
     "NetPolicy",
     "Testbed",
     "TestbedGone",
-    "session_mirrors",
 ]

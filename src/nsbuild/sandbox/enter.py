@@ -1,0 +1,383 @@
+"""Enter a running sandbox: run one more command in the namespaces of a process inside it.
+
+    proc = start(pid, ("make", "check"), cwd="/src", stdin=fd)  # a Process: .wait() .kill()
+    status = enter(pid, argv)             # blocking, the caller's stdio; 128+N on signal N
+
+`pid` is the host PID of a process in the sandbox, normally its command: the
+runtime moves the command into a nested user and mount namespace where every
+mount is locked (runner.py), so only the command's namespaces give the locked
+view. The entered command runs as root in that sandbox, in its PID namespace
+(orphans are reaped by the sandbox's init, and die with it), and gets the
+runtime's hardening before exec: a new session (TIOCSTI cannot reach the
+caller's terminal), a new empty session keyring and the keyring seccomp
+filter, no_new_privs, the parent-death signal, no descriptor but 0, 1 and 2.
+
+    caller (host)                        waits, relays signals
+      └─ joiner (host PID namespace)     setns() into the sandbox; [a fresh network ns]
+           └─ command (sandbox PID ns)   hardening, exec
+
+setns(CLONE_NEWPID) moves only the children of the caller: hence the joiner,
+which also keeps the caller itself out of the sandbox (the caller may be a
+server with threads and host sockets). Killing the caller or the joiner kills
+the command (parent-death signals down the chain); what the command started
+in the background stays, as in any machine, until the sandbox ends.
+
+Setup failures come back over a close-on-exec channel, as in runner.py; EOF on
+it means the command was exec'd.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import os
+
+from nsbuild.sandbox import mounts as m
+from nsbuild.sandbox import syscalls as sc
+from nsbuild.sandbox.errors import SandboxError
+
+# Shared with runner.py rather than written twice: the channel, the child's
+# failure report, exec and descriptor handling are the same steps there.
+from nsbuild.sandbox.runner import (
+    _SETUP_EXIT,
+    FORWARDED_SIGNALS,
+    Process,
+    _Channel,
+    _close_fds,
+    _execvpe,
+    _fail_child,
+    _inside_socket,
+    _install_stdio,
+    _loopback_up,
+    _recv,
+    _report_or_eof,
+)
+from nsbuild.sandbox.spec import InsideSocket
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Callable, Sequence
+    from typing import NoReturn
+else:
+    import _signal as signal
+
+# Every namespace the runtime makes. No time namespace: the runtime has none.
+_ALL = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWNET
+        | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)  # fmt: skip
+_NOT_RUNNING = (errno.ESRCH, errno.ENOENT)
+
+
+class NotRunning(SandboxError):
+    """The process to enter is gone (or its PID now names another process)."""
+
+
+def _setns(fd: int, flags: int) -> None:
+    # With a pidfd and several flags, setns() joins all of them at once and
+    # checks each against the credentials the new user namespace gives
+    # (Linux >= 5.8): no ordering of single joins to get right.
+    if sc._libc.setns(fd, flags) != 0:
+        sc._fail()
+
+
+def start_time(pid: int) -> int:
+    """The start time of `pid` (clock ticks since boot): with the PID, it
+    names one process, whatever later reuses the number."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise NotRunning(f"process {pid} is not running") from None
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    return int(stat.rsplit(b")", 1)[1].split()[19])
+
+
+def sandbox_pids(proc: Process) -> tuple[int, int]:
+    """(init, command): the host PIDs of a sandbox from spawn(). The command is
+    the process to enter; init's exit means the whole sandbox ended. spawn()
+    returns once the command was exec'd: both exist by then."""
+    found = []
+    pid = proc.pid
+    for _ in ("init", "command"):
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = f.read().split()
+        except (FileNotFoundError, ProcessLookupError):
+            children = []
+        if len(children) != 1:
+            raise NotRunning(f"the sandbox of process {proc.pid} is not running")
+        pid = int(children[0])
+        found.append(pid)
+    return found[0], found[1]
+
+
+def environ(pid: int) -> tuple[tuple[str, str], ...]:
+    """The environment `pid` was started with (e.g. the sandbox's own)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise NotRunning(f"process {pid} is not running") from None
+    pairs = (item.decode(errors="surrogateescape").partition("=")
+             for item in raw.split(b"\0") if item)  # fmt: skip
+    return tuple((k, v) for k, _, v in pairs)
+
+
+def start(
+    pid: int,
+    argv: Sequence[str],
+    *,
+    env: Sequence[tuple[str, str]] | None = None,
+    cwd: str = "/",
+    stdin: int | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    new_net: bool = False,
+    inside_sockets: Sequence[InsideSocket] = (),
+    cgroup: str | None = None,
+    expect_start: int | None = None,
+) -> Process:
+    """Start `argv` in the sandbox that process `pid` runs in; return once it
+    was exec'd (or raise SetupError, NotRunning).
+
+    env: the command's environment (default: that of `pid`). stdin, stdout,
+    stderr: descriptors to give it (default: the caller's). new_net: a fresh
+    network namespace with only lo up instead of the sandbox's, with
+    `inside_sockets` made in it and handed back as proc.sockets. cgroup: a host
+    cgroup v2 directory to join first (the sandbox's, when the runtime placed
+    it in one). expect_start: refuse unless `pid` started then (see
+    start_time), so that a reused PID is never entered."""
+    if not argv:
+        raise SandboxError("no command given")
+    if inside_sockets and not new_net:
+        raise SandboxError("inside sockets need a fresh network namespace")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise NotRunning(f"process {pid} is not running") from None
+    try:
+        # After pidfd_open: a PID reused since is seen here, and the pidfd
+        # keeps naming the process checked.
+        if expect_start is not None and start_time(pid) != expect_start:
+            raise NotRunning(f"process {pid} is not running")
+        flags = _ALL
+        if new_net or _same_net(pid):
+            # A sandbox sharing the caller's network needs no join (and the
+            # kernel would refuse one: the host's is not the sandbox's to give).
+            flags &= ~sc.CLONE_NEWNET
+        command_env = tuple(env) if env is not None else environ(pid)
+        stdio = [stdin, stdout, stderr]
+        return _fork_joiner(pidfd, flags, list(argv), command_env, cwd, stdio, new_net,
+                            tuple(inside_sockets), cgroup)  # fmt: skip
+    finally:
+        os.close(pidfd)
+
+
+def enter(
+    pid: int,
+    argv: Sequence[str],
+    *,
+    env: Sequence[tuple[str, str]] | None = None,
+    cwd: str = "/",
+    new_net: bool = False,
+    inside_sockets: Sequence[InsideSocket] = (),
+    cgroup: str | None = None,
+    expect_start: int | None = None,
+    on_start: Callable[[Process], object] | None = None,
+) -> int:
+    """Run `argv` in the sandbox of `pid` with the caller's stdio and return its
+    exit status (128+N when killed by signal N). SIGINT, SIGTERM, SIGHUP and
+    SIGQUIT are passed on to the command. `on_start` gets the Process once the
+    command runs (e.g. to serve its inside sockets); the rest as for start()."""
+    proc = start(pid, argv, env=env, cwd=cwd, new_net=new_net, inside_sockets=inside_sockets,
+                 cgroup=cgroup, expect_start=expect_start)  # fmt: skip
+    if on_start is not None:
+        try:
+            on_start(proc)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    previous = {s: signal.signal(s, lambda sig, _f: proc.send_signal(sig))
+                for s in FORWARDED_SIGNALS}  # fmt: skip
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if proc.exec_error:
+            os.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
+
+
+def _same_net(pid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except (FileNotFoundError, ProcessLookupError):
+        raise NotRunning(f"process {pid} is not running") from None
+
+
+def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str], ...],
+                 cwd: str, stdio: list[int | None], new_net: bool,
+                 inside_sockets: tuple[InsideSocket, ...],
+                 cgroup: str | None) -> Process:  # fmt: skip
+    parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    caller = os.getpid()
+    try:
+        joiner = os.fork()
+    except OSError as e:
+        parent_sock.close()
+        child_sock.close()
+        raise SandboxError(f"fork the joiner: {os.strerror(e.errno or errno.EAGAIN)}") from None
+    if joiner == 0:
+        parent_sock.close()
+        _joiner(pidfd, flags, argv, env, cwd, stdio, new_net, inside_sockets, cgroup,
+                _Channel(child_sock), caller)  # fmt: skip
+    child_sock.close()
+    try:
+        sockets, exec_error = _await_exec(parent_sock, joiner)
+    except BaseException:
+        try:
+            os.kill(joiner, signal.SIGKILL)
+            os.waitpid(joiner, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        raise
+    finally:
+        parent_sock.close()
+    return Process(joiner, None, None, None, sockets, exec_error)
+
+
+def _await_exec(sock: _socket.socket, joiner: int) -> tuple[list[_socket.socket], str | None]:
+    """Read the channel to EOF: sockets, an exec failure, or a setup error (raised)."""
+    sockets: list[_socket.socket] = []
+    exec_error = None
+    while True:
+        data, fds = _recv(sock)
+        if not data:
+            return sockets, exec_error
+        kind, _, rest = data.decode(errors="replace").partition("\t")
+        if kind == "SOCK":
+            sockets += [_socket.socket(fileno=fd) for fd in fds]
+        elif kind == "EXEC":
+            err, _, name = rest.partition("\t")
+            why = "command not found" if int(err) == errno.ENOENT else os.strerror(int(err))
+            exec_error = f"{name}: {why}"
+        else:
+            _report_or_eof(data, fds, joiner)
+
+
+# ---------------------------------------------------------------- the joiner
+
+
+def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str], ...],
+            cwd: str, stdio: list[int | None], new_net: bool,
+            inside_sockets: tuple[InsideSocket, ...], cgroup: str | None,
+            chan: _Channel, caller: int) -> NoReturn:  # fmt: skip
+    try:
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        # The command's stdio now, then nothing else of the caller's (a server's
+        # sockets, its protocol pipe) stays open in a process of the sandbox.
+        _install_stdio(stdio)
+        _close_fds(keep={chan.sock.fileno(), pidfd})
+        if cgroup:
+            m.Step.current = f"join cgroup {cgroup}"
+            fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        m.Step.current = "enter the sandbox's namespaces"
+        try:
+            _setns(pidfd, flags)
+        except OSError as e:
+            if e.errno in _NOT_RUNNING:
+                chan.send("MSG", "the sandbox ended before the command could enter it")
+                os._exit(_SETUP_EXIT)
+            raise
+        os.close(pidfd)
+        m.Step.current = "become root in the sandbox"
+        # The caller's ids need not be mapped (root's are not): take the
+        # sandbox's root ones, without the caller's supplementary groups
+        # (refused with a single-id map, where setgroups is denied).
+        try:
+            os.setgroups([])
+        except PermissionError:
+            pass
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        if new_net:
+            m.Step.current = "unshare network namespace"
+            sc.unshare(sc.CLONE_NEWNET)
+            m.Step.current = "bring up loopback"
+            _loopback_up()
+            if inside_sockets:
+                m.Step.current = "create inside sockets"
+                socks = [_inside_socket(s, _quiet) for s in inside_sockets]
+                chan.send("SOCK", fds=[s.fileno() for s in socks])
+                for sock in socks:
+                    sock.close()
+        # Credential changes clear the parent-death signal: set it now, then
+        # check the caller did not die in between.
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != caller:
+            os._exit(_SETUP_EXIT)
+        m.Step.current = "fork command"
+        command = os.fork()
+        if command == 0:
+            _command(argv, env, cwd, chan)
+        chan.sock.close()
+        for fd in (0, 1, 2):
+            os.close(fd)
+
+        def relay(sig: int, _frame: object) -> None:
+            try:
+                os.kill(command, sig)
+            except ProcessLookupError:
+                pass
+
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, relay)
+        _, status = os.waitpid(command, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+    except BaseException as e:
+        _fail_child(chan, e)
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str,
+             chan: _Channel) -> NoReturn:  # fmt: skip
+    try:
+        # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
+        for s in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
+            signal.signal(s, signal.SIG_DFL)
+        m.Step.current = "new session"
+        os.setsid()
+        m.Step.current = "new session keyring"
+        sc.join_new_session_keyring()
+        m.Step.current = "change directory"
+        os.chdir(cwd)
+        m.Step.current = "set no_new_privs"
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # The joiner is outside this PID namespace: getppid() is 0 while it
+        # lives, the sandbox's init once it died.
+        if os.getppid() != 0:
+            os._exit(_SETUP_EXIT)
+        m.Step.current = "deny keyring system calls"
+        sc.deny_keyring_syscalls()
+        _close_fds(keep={chan.sock.fileno()})
+        try:
+            _execvpe(tuple(argv), dict(env))
+        except OSError as e:
+            chan.send("EXEC", str(e.errno or errno.ENOENT), argv[0])
+            os._exit(127 if e.errno == errno.ENOENT else 126)
+    except BaseException as e:
+        _fail_child(chan, e)
+
+
+__all__ = ["NotRunning", "enter", "environ", "sandbox_pids", "start", "start_time"]
