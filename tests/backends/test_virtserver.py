@@ -10,13 +10,15 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from virt_helpers import Env, run, sessions
 
 from nsbuild.backends.virtproto import VirtServer
+from nsbuild.virtserver.testbed import GONE, NET_ARG
 
 pytestmark = pytest.mark.userns
 
@@ -188,3 +190,171 @@ def test_bad_input_gets_one_line(server_env: Env) -> None:
     assert misuse.returncode == 1
     assert misuse.stdout == "ok\n"
     assert "`copyup' when not open" in misuse.stderr
+
+
+# -- the testbed is one long-lived sandbox that every command enters --
+
+
+def _marked(marker: str) -> list[int]:
+    """Host PIDs of processes with `marker` as an argument."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                args = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker.encode() in args:
+                found.append(int(name))
+    return found
+
+
+def _until(pred: Callable[[], bool], what: str) -> None:
+    # A guard against a hang only: no test asserts how long this takes.
+    deadline = time.monotonic() + 120
+    while not pred():
+        assert time.monotonic() < deadline, f"still not true: {what}"
+        time.sleep(0.05)
+
+
+def test_commands_share_processes_until_revert_and_close(
+    server: VirtServer, server_env: Env
+) -> None:
+    server.open()
+    ex = server.execute_command()
+    # A background process left by one command is there for the next.
+    left = _exec(ex, "sh", "-c", "sleep 86431 >/dev/null 2>&1 & echo $! > /tmp/bg")
+    assert left.returncode == 0, left.stderr
+    seen = _exec(ex, "sh", "-c", 'kill -0 "$(cat /tmp/bg)" && cat /proc/$(cat /tmp/bg)/cmdline')
+    assert seen.returncode == 0 and seen.stdout == "sleep\x0086431\x00"
+    assert len(_marked("86431")) == 1
+    # A test that signals every `sleep` does not end the testbed.
+    assert _exec(ex, "sh", "-c", "kill -TERM -1; true").returncode == 0
+    _until(lambda: not _marked("86431"), "the test's own sleep got SIGTERM")
+    assert _exec(ex, "true").returncode == 0
+
+    # revert: what ran is killed, the tree is clean.
+    _exec(ex, "sh", "-c", "setsid sleep 86432 >/dev/null 2>&1 & touch /etc/reverted-away")
+    assert len(_marked("86432")) == 1
+    server.revert()
+    _until(lambda: not _marked("86432"), "revert killed what ran")
+    ex = server.execute_command()
+    assert _exec(ex, "test", "-e", "/etc/reverted-away").returncode == 1
+
+    # close: no process, no mount, no session directory is left.
+    _exec(ex, "sh", "-c", "setsid sleep 86433 >/dev/null 2>&1 &")
+    (session,) = sessions(server_env)
+    assert len(_marked("86433")) == 1
+    server.close()
+    assert _marked("86433") == []
+    assert sessions(server_env) == []
+    mounts = [line for pid in ["self", *os.listdir("/proc")] if str(pid).isdigit() or pid == "self"
+              for line in _mountinfo(pid) if session in line]  # fmt: skip
+    assert mounts == []
+
+
+def _mountinfo(pid: str) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def test_exit_statuses_through_the_execute_command(server: VirtServer) -> None:
+    server.open()
+    ex = server.execute_command()
+    assert _exec(ex, "true").returncode == 0
+    assert _exec(ex, "sh", "-c", "exit 9").returncode == 9
+    missing = _exec(ex, "no-such-command-in-the-testbed")
+    assert missing.returncode == 127
+    assert "no-such-command-in-the-testbed: command not found" in missing.stderr
+    assert _exec(ex, "sh", "-c", "kill -KILL $$").returncode == 128 + signal.SIGKILL
+    assert _exec(ex, "sh", "-c", "kill -TERM $$").returncode == 128 + signal.SIGTERM
+    # stdin and stdout are the caller's.
+    piped = subprocess.run([*ex, "tr", "a-z", "A-Z"], input="through\n", capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert piped.stdout == "THROUGH\n"
+
+
+def test_killing_the_execute_command_kills_its_command(server: VirtServer) -> None:
+    server.open()
+    ex = server.execute_command()
+    proc = subprocess.Popen([*ex, "sleep", "86434"], stdin=subprocess.DEVNULL)
+    _until(lambda: bool(_marked("86434")), "the command runs")
+    proc.kill()
+    proc.wait()
+    _until(lambda: not _marked("86434"), "the command died with the execute command")
+    assert _exec(ex, "true").returncode == 0
+
+
+def test_a_dead_testbed_fails_commands_in_one_line(server: VirtServer) -> None:
+    server.open()
+    ex = server.execute_command()
+    running = subprocess.Popen([*ex, "sleep", "86435"], stdin=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _until(lambda: bool(_marked("86435")), "the command runs")
+    waiter = int(ex[-4])  # the address of the testbed's sandbox: PID START MODE CGROUP
+    os.kill(waiter, signal.SIGKILL)
+    assert running.wait(timeout=120) == 255
+    assert running.stderr is not None
+    assert running.stderr.read().strip() == f"autopkgtest-virt-nsbuild: {GONE}"
+    later = _exec(ex, "true")
+    assert later.returncode == 255
+    assert later.stderr.strip() == f"autopkgtest-virt-nsbuild: {GONE}"
+
+
+def test_a_killed_server_fails_commands_in_one_line(server_env: Env) -> None:
+    srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
+    try:
+        srv.open()
+        ex = srv.execute_command()
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait()
+        _until(lambda: _exec(ex, "true").returncode == 255, "the testbed died with its server")
+        gone = _exec(ex, "true")
+        assert gone.stderr.strip() == f"autopkgtest-virt-nsbuild: {GONE}"
+    finally:
+        srv.stop()
+    run(server_env, ["nsbuild", "gc"])
+
+
+def test_per_command_network_modes(server_env: Env) -> None:
+    # The proxy of --net allow listens on the testbed's own loopback: a command
+    # that asks for `none` must not reach it, one that asks for `allow` in a
+    # testbed without network must.
+    proxy = "exec 3<>/dev/tcp/127.0.0.1/3128"
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        host = f"exec 3<>/dev/tcp/127.0.0.1/{listener.getsockname()[1]}"
+        srv = VirtServer(["autopkgtest-virt-nsbuild", "--net", "allow", "bookworm"])
+        try:
+            srv.open()
+            ex = srv.execute_command()
+            assert _exec(ex, "bash", "-c", proxy).returncode == 0
+            assert _exec(ex, NET_ARG, "allow", "bash", "-c", proxy).returncode == 0
+            assert _exec(ex, NET_ARG, "none", "bash", "-c", proxy).returncode != 0
+            assert _exec(ex, NET_ARG, "none", "bash", "-c", host).returncode != 0
+            assert _exec(ex, "bash", "-c", host).returncode != 0
+            refused = _exec(ex, NET_ARG, "host", "true")
+            assert refused.returncode == 255
+            assert "the server was not started with --net host" in refused.stderr
+            # Files are shared whatever the network.
+            assert _exec(ex, NET_ARG, "none", "touch", "/etc/from-none").returncode == 0
+            assert _exec(ex, "test", "-e", "/etc/from-none").returncode == 0
+        finally:
+            srv.stop()
+        srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
+        try:
+            srv.open()
+            ex = srv.execute_command()
+            assert _exec(ex, "bash", "-c", proxy).returncode != 0
+            allowed = _exec(ex, NET_ARG, "allow", "bash", "-c", f"echo $http_proxy; {proxy}")
+            assert allowed.returncode == 0, allowed.stderr
+            assert allowed.stdout == "http://127.0.0.1:3128\n"
+            assert _exec(ex, NET_ARG, "allow", "bash", "-c", host).returncode != 0
+        finally:
+            srv.stop()
+        listener.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            listener.accept()

@@ -258,6 +258,8 @@ def _await_exec(sock: _socket.socket, joiner: int) -> tuple[list[_socket.socket]
         kind, _, rest = data.decode(errors="replace").partition("\t")
         if kind == "SOCK":
             sockets += [_socket.socket(fileno=fd) for fd in fds]
+        elif kind == "GONE":
+            raise NotRunning("the sandbox ended before the command could enter it")
         elif kind == "EXEC":
             err, _, name = rest.partition("\t")
             why = "command not found" if int(err) == errno.ENOENT else os.strerror(int(err))
@@ -292,7 +294,7 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
             _setns(pidfd, flags)
         except OSError as e:
             if e.errno in _NOT_RUNNING:
-                chan.send("MSG", "the sandbox ended before the command could enter it")
+                chan.send("GONE")
                 os._exit(_SETUP_EXIT)
             raise
         os.close(pidfd)
