@@ -5,6 +5,12 @@ behind it can be smuggled through. So: CRLF line ends only, no obsolete line
 folding, one Content-Length at most, no Transfer-Encoding on requests, no
 user info in URLs, the target host taken only from the request line (the
 Host header is replaced, never trusted).
+
+Responses are read as strictly where it matters for reusing a connection:
+their framing (`Response.framing`) comes from the request method, the status,
+Transfer-Encoding and Content-Length by the rules of RFC 9112 section 6.3; a
+response whose framing is ambiguous is never followed by another on the same
+connection.
 """
 
 from __future__ import annotations
@@ -58,6 +64,26 @@ class Request:
     @property
     def is_connect(self) -> bool:
         return self.method == "CONNECT"
+
+    @property
+    def keep_alive(self) -> bool:
+        """The client may send another request on this connection after this one."""
+        if self.version != "HTTP/1.1":
+            return False
+        return "close" not in _connection_tokens(self.headers)
+
+    @property
+    def idempotent(self) -> bool:
+        """Safe to send again on a fresh connection when a kept-alive one was stale."""
+        return self.method in ("GET", "HEAD", "OPTIONS") and self.content_length == 0
+
+
+def _connection_tokens(headers: tuple[tuple[str, str], ...]) -> set[str]:
+    tokens: set[str] = set()
+    for k, v in headers:
+        if k.lower() in ("connection", "proxy-connection"):
+            tokens.update(t.strip().lower() for t in v.split(","))
+    return tokens
 
 
 def split_head(buf: bytes) -> tuple[bytes, bytes] | None:
@@ -155,12 +181,12 @@ def parse_request(head: bytes) -> Request:
     return Request(method, target, version, headers, host, host_text, port, path, content_length)
 
 
-def upstream_head(req: Request) -> bytes:
-    """The request as the origin server gets it: origin-form, our Host, one hop only."""
-    named: set[str] = set()
-    for k, v in req.headers:
-        if k.lower() in ("connection", "proxy-connection"):
-            named.update(t.strip().lower() for t in v.split(","))
+def upstream_head(req: Request, keep_alive: bool = False) -> bytes:
+    """The request as the origin server gets it: origin-form, our Host, one hop only.
+
+    `keep_alive` asks the server to keep the connection for another request
+    (HTTP/1.1's default, so nothing is written); otherwise `Connection: close`."""
+    named = _connection_tokens(req.headers)
     host_header = req.host_text if req.port == 80 else f"{req.host_text}:{req.port}"
     out = [f"{req.method} {req.path} HTTP/1.1", f"Host: {host_header}"]
     for k, v in req.headers:
@@ -168,36 +194,108 @@ def upstream_head(req: Request) -> bytes:
         if lk in HOP_BY_HOP or lk in named:
             continue
         out.append(f"{k}: {v}")
-    out.append("Connection: close")
+    if not keep_alive:
+        out.append("Connection: close")
     return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
 
 
-def response_head(head: bytes) -> tuple[int, bytes]:
-    """(status, head rewritten for the client: `Connection: close`, no hop headers)."""
-    text = head.decode("latin-1")
-    lines = text.split("\r\n")
+# How a response body ends (RFC 9112 section 6.3).
+NO_BODY = "none"  # HEAD, 1xx, 204, 304
+LENGTH = "length"  # Content-Length bytes
+CHUNKED = "chunked"  # chunks up to the last, empty one and the trailers
+TO_CLOSE = "close"  # the server closes the connection
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    version: str
+    lines: tuple[str, ...]  # status line and the fields passed on to the client
+    framing: str
+    length: int  # for LENGTH
+    reusable: bool  # the server may get another request on this connection
+
+    @property
+    def interim(self) -> bool:
+        return 100 <= self.status < 200
+
+    def head_for_client(self, close: bool) -> bytes:
+        out = list(self.lines)
+        if close:
+            out.append("Connection: close")
+        return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
+
+
+def _list_values(fields: tuple[tuple[str, str], ...], name: str) -> list[str]:
+    """The comma-separated values of every field called `name`, in order."""
+    return [item.strip() for k, v in fields if k.lower() == name for item in v.split(",")]
+
+
+def response_head(head: bytes, method: str = "GET") -> Response:
+    """Parse a response head to a request with `method`; BadRequest (502) when the
+    head is malformed or its framing contradicts itself beyond repair."""
+    lines = head.decode("latin-1").split("\r\n")
     status_parts = lines[0].split(" ", 2)
     if (
         len(status_parts) < 2
-        or not status_parts[0].startswith("HTTP/")
+        or status_parts[0] not in ("HTTP/1.1", "HTTP/1.0")
+        or len(status_parts[1]) != 3
         or not status_parts[1].isdigit()
     ):
         raise BadRequest("malformed response from the server", 502)
-    keep = [lines[0]]
-    for line in lines[1:]:
-        name = line.partition(":")[0].strip().lower()
-        if name in ("connection", "proxy-connection", "keep-alive"):
-            continue
-        keep.append(line)
-    keep.append("Connection: close")
-    return int(status_parts[1]), ("\r\n".join(keep) + "\r\n\r\n").encode("latin-1")
+    version, status = status_parts[0], int(status_parts[1])
+    if any("\r" in line or "\n" in line for line in lines):
+        raise BadRequest("bare CR or LF in the response head", 502)
+    try:
+        fields = _parse_fields(lines[1:])
+    except BadRequest as e:
+        raise BadRequest(f"malformed response from the server: {e}", 502) from None
+    if status == 101:  # Upgrade is never forwarded, so no server may switch protocols
+        raise BadRequest("the server switched protocols unasked", 502)
+    tokens = _connection_tokens(fields)
+    lengths = _list_values(fields, "content-length")
+    codings = [c.lower() for c in _list_values(fields, "transfer-encoding")]
+    reusable = version == "HTTP/1.1" and "close" not in tokens
+    length = 0
+    drop = {"connection", "proxy-connection", "keep-alive"} | tokens
+    if method == "HEAD" or 100 <= status < 200 or status in (204, 304):
+        framing = NO_BODY
+    elif codings:
+        # Transfer-Encoding wins over Content-Length; both at once smells of
+        # smuggling: the length is dropped and the connection not reused.
+        framing = CHUNKED if codings[-1] == "chunked" else TO_CLOSE
+        if lengths:
+            drop.add("content-length")
+            reusable = False
+    elif lengths:
+        if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 15:
+            raise BadRequest("malformed or conflicting Content-Length from the server", 502)
+        framing, length = LENGTH, int(lengths[0])
+    else:
+        framing = TO_CLOSE
+    if framing == TO_CLOSE:
+        reusable = False
+    kept = [lines[0]] + [f"{k}: {v}" for k, v in fields if k.lower() not in drop]
+    return Response(status, version, tuple(kept), framing, length, reusable)
 
 
-def error_response(status: int, reason: str, body: str) -> bytes:
+_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,15})(;[\t\x20-\x7e]*)?\r\n$")
+
+
+def chunk_size(line: bytes) -> int:
+    """The size from a chunk-size line (with its CRLF); BadRequest (502) if malformed."""
+    m = _CHUNK_SIZE.match(line)
+    if m is None:
+        raise BadRequest("malformed chunk in the response", 502)
+    return int(m.group(1), 16)
+
+
+def error_response(status: int, reason: str, body: str, close: bool = True) -> bytes:
     data = body.encode("utf-8", "replace")
+    connection = "Connection: close\r\n" if close else ""
     return (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(data)}\r\n{connection}\r\n"
     ).encode("latin-1") + data
 
 

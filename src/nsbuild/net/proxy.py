@@ -3,55 +3,78 @@
 It accepts on a listening socket that lives in the sandbox's network
 namespace (handed over by the runtime) and connects out from the host's
 namespace, so it is the only way out of the sandbox. Each request is decided
-on the request line alone:
+on its request line alone, one by one also when many come on one connection:
 
 1. the target (absolute http:// URL, or HOST:PORT for CONNECT) is parsed
    strictly (`httphead`); the Host header is never trusted;
 2. host and port must match an allowlist rule;
-3. a name is resolved here, on the host, once; addresses a name must not
-   resolve to (loopback, link-local, ...) are dropped (DNS rebinding), and
-   the connection goes to an address that was checked, never re-resolved.
+3. a name is resolved here, on the host (`namecache`: once for the life of
+   the proxy); addresses a name must not resolve to (loopback, link-local,
+   ...) are dropped (DNS rebinding), and the connection goes to an address
+   that was checked, never re-resolved.
 
 A refusal is a 403 whose body names the rule that refused it, and a record in
-the network log. One thread per client connection; each forwarded request
-uses its own upstream connection (`Connection: close`), so nothing sent after
-a request's declared body ever reaches a server (no smuggling).
+the network log; every request, allowed or not, is one record.
+
+Connections are kept alive on both sides, as apt expects (it asks for dozens
+of files on one connection): a client may send several requests, and a
+server connection is reused for later requests to the same checked address
+and port (`upstream`). What keeps that safe is exact framing: a request's
+body is its Content-Length (Transfer-Encoding on requests is refused, and so
+is more than one Content-Length), so nothing after a request's declared body
+ever reaches a server as part of it — it is parsed and decided as the next
+request. A server connection is reused only after a request without a body
+(a server that answers without reading a body would take that body for the
+next request), and only when the response ended where its framing said:
+Content-Length, chunked coding (HEAD, 1xx, 204 and 304 have no body); a
+response that ends with the server's close, or whose framing is ambiguous, is
+relayed and then its connection closed.
+One thread per client connection.
 """
 
 from __future__ import annotations
 
 import _socket
-import errno
 import socket
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from nsbuild.net.allowlist import Allowlist, AllowRule, IPAddress, address_refusal
 from nsbuild.net.httphead import (
+    CHUNKED,
+    LENGTH,
+    NO_BODY,
     REASONS,
     BadRequest,
     Request,
+    Response,
     error_response,
     parse_request,
     response_head,
-    split_head,
     upstream_head,
 )
+from nsbuild.net.namecache import NameCache, Resolver
 from nsbuild.net.netlog import NetLog
+from nsbuild.net.stream import Stream, Truncated
+from nsbuild.net.upstream import Upstream, UpstreamPool
 
-BUF = 256 * 1024
-PIPE_SIZE = 1024 * 1024
-HEAD_TIMEOUT = 60.0
-CONNECT_TIMEOUT = 30.0
+HEAD_TIMEOUT = 60.0  # for a request head to arrive, also between kept-alive requests
 
-Resolver = Callable[..., list[tuple[Any, ...]]]
+__all__ = ["EgressProxy", "Resolver"]
 
 
 class Denied(Exception):
     def __init__(self, rule: str, message: str) -> None:
         super().__init__(message)
         self.rule = rule
+
+
+class UpstreamFailed(Exception):
+    """The server did not answer; `retry` when a fresh connection may."""
+
+    def __init__(self, message: str, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 class EgressProxy:
@@ -67,7 +90,8 @@ class EgressProxy:
         self._listener = listener
         self._allowlist = allowlist
         self._log = log
-        self._resolve = resolver
+        self._names = NameCache(resolver)
+        self._pool = UpstreamPool()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._stopping = False
@@ -86,6 +110,7 @@ class EgressProxy:
             pass
         self._thread.join(timeout=2.0)
         self._listener.close()
+        self._pool.close()
         with self._lock:
             open_socks = list(self._open)
         for s in open_socks:
@@ -94,16 +119,16 @@ class EgressProxy:
             except OSError:
                 pass
 
-    def _track(self, s: socket.socket) -> socket.socket:
+    def _track(self, s: socket.socket) -> None:
         with self._lock:
             self._open.add(s)
-        return s
 
-    def _close(self, s: socket.socket | None) -> None:
-        if s is None:
-            return
+    def _untrack(self, s: socket.socket) -> None:
         with self._lock:
             self._open.discard(s)
+
+    def _close(self, s: socket.socket) -> None:
+        self._untrack(s)
         s.close()
 
     def _accept_loop(self) -> None:
@@ -118,98 +143,61 @@ class EgressProxy:
             self._track(client)
             threading.Thread(target=self._serve_client, args=(client,), daemon=True).start()
 
-    # -- one client connection -------------------------------------------
+    # -- one client connection, one request after another -----------------
 
     def _serve_client(self, client: socket.socket) -> None:
-        upstream = None
+        conn = Stream(client)
         try:
-            client.settimeout(HEAD_TIMEOUT)
-            head, rest = self._read_head(client)
-            try:
-                req = parse_request(head)
-            except BadRequest as e:
-                self._refuse(client, e.status, f"nsbuild egress proxy: {e}\n")
-                self._log.add(
-                    engine="proxy",
-                    kind="invalid",
-                    host="",
-                    port=0,
-                    decision="deny",
-                    rule="malformed request",
-                    reason=str(e),
-                )
-                return
-            try:
-                rule, addrs = self._decide(req)
-            except Denied as e:
-                self._refuse(client, 403, f"nsbuild egress proxy: {e}\nrefused by rule: {e.rule}\n")
-                self._log.add(
-                    engine="proxy",
-                    kind=req.method,
-                    host=req.host_text,
-                    port=req.port,
-                    decision="deny",
-                    rule=e.rule,
-                )
-                return
-            try:
-                upstream = self._track(self._connect(addrs, req.port))
-            except OSError as e:
-                self._refuse(
-                    client,
-                    502,
-                    f"nsbuild egress proxy: cannot connect to "
-                    f"{req.host_text}:{req.port}: {e.strerror or e}\n",
-                )
-                self._log.add(
-                    engine="proxy",
-                    kind=req.method,
-                    host=req.host_text,
-                    port=req.port,
-                    decision="allow",
-                    rule=rule.describe(),
-                    error=str(e.strerror or e),
-                )
-                return
-            client.settimeout(None)
-            upstream.settimeout(None)
-            if req.is_connect:
-                out_n, in_n, status = self._tunnel(client, upstream, rest)
-            else:
-                out_n, in_n, status = self._forward(client, upstream, req, rest)
-            self._log.add(
-                engine="proxy",
-                kind=req.method,
-                host=req.host_text,
-                port=req.port,
-                decision="allow",
-                rule=rule.describe(),
-                bytes_out=out_n,
-                bytes_in=in_n,
-                status=status,
-            )
+            while not self._stopping and self._serve_request(conn):
+                pass
         except (OSError, BadRequest):
-            pass
+            pass  # the client went away, or the relay broke off: nothing to answer
         finally:
-            self._close(upstream)
             self._close(client)
 
-    def _read_head(self, client: socket.socket) -> tuple[bytes, bytes]:
-        buf = b""
-        while True:
-            parts = split_head(buf)
-            if parts is not None:
-                return parts
-            chunk = client.recv(65536)
-            if not chunk:
-                raise BadRequest("client closed before the request head ended")
-            buf += chunk
-
-    def _refuse(self, client: socket.socket, status: int, body: str) -> None:
+    def _serve_request(self, conn: Stream) -> bool:
+        """Read, decide and answer one request; True to read another on `conn`."""
+        conn.sock.settimeout(HEAD_TIMEOUT)
         try:
-            client.sendall(error_response(status, REASONS.get(status, "Error"), body))
+            head = conn.read_head()
+            if head is None:
+                return False
+            req = parse_request(head)
+        except Truncated:
+            return False
+        except BadRequest as e:
+            self._refuse(conn, e.status, f"nsbuild egress proxy: {e}\n", close=True)
+            self._record(None, "deny", "malformed request", reason=str(e))
+            return False
+        try:
+            rule, addrs = self._decide(req)
+        except Denied as e:
+            # The connection stays in step only if there is no body to skip.
+            keep = req.keep_alive and req.content_length == 0
+            self._refuse(
+                conn, 403, f"nsbuild egress proxy: {e}\nrefused by rule: {e.rule}\n", close=not keep
+            )
+            self._record(req, "deny", e.rule)
+            return keep
+        conn.sock.settimeout(None)
+        if req.is_connect:
+            self._tunnel(conn, req, rule, addrs)
+            return False
+        return self._forward(conn, req, rule, addrs)
+
+    def _refuse(self, conn: Stream, status: int, body: str, close: bool) -> None:
+        try:
+            conn.sock.sendall(error_response(status, REASONS.get(status, "Error"), body, close))
         except OSError:
             pass
+
+    def _record(self, req: Request | None, decision: str, rule: str, **extra: Any) -> None:
+        if req is None:
+            self._log.add(engine="proxy", kind="invalid", host="", port=0, decision=decision,
+                          rule=rule, **extra)
+        else:
+            self._log.add(engine="proxy", kind=req.method, host=req.host_text, port=req.port,
+                          decision=decision, rule=rule, **extra)
 
     def _decide(self, req: Request) -> tuple[AllowRule, list[IPAddress]]:
         import ipaddress
@@ -224,7 +212,7 @@ class EgressProxy:
         if not isinstance(req.host, str):
             return rule, [req.host]
         try:
-            infos = self._resolve(req.host, req.port, type=socket.SOCK_STREAM)
+            infos = self._names.resolve(req.host, req.port)
         except OSError as e:
             raise Denied(rule.describe(), f"cannot resolve {req.host}: {e}") from None
         allowed: list[IPAddress] = []
@@ -245,138 +233,153 @@ class EgressProxy:
             )
         return rule, allowed
 
-    def _connect(self, addrs: list[IPAddress], port: int) -> socket.socket:
-        last: OSError | None = None
-        for addr in addrs:
-            family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-            s = socket.socket(family, socket.SOCK_STREAM)
-            s.settimeout(CONNECT_TIMEOUT)
-            try:
-                s.connect((str(addr), port))
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return s
-            except OSError as e:
-                s.close()
-                last = e
-        assert last is not None
-        raise last
+    def _cannot_connect(self, conn: Stream, req: Request, rule: AllowRule, e: OSError) -> bool:
+        if isinstance(req.host, str):
+            self._names.forget(req.host)  # the next request asks the resolver again
+        keep = req.keep_alive and req.content_length == 0
+        self._refuse(
+            conn,
+            502,
+            f"nsbuild egress proxy: cannot connect to {req.host_text}:{req.port}: "
+            f"{e.strerror or e}\n",
+            close=not keep,
+        )
+        self._record(req, "allow", rule.describe(), error=str(e.strerror or e))
+        return keep
 
-    # -- relaying ---------------------------------------------------------
+    # -- CONNECT ------------------------------------------------------------
 
-    def _tunnel(
-        self, client: socket.socket, upstream: socket.socket, early: bytes
-    ) -> tuple[int, int, int]:
-        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        counts = [len(early), 0]
-        if early:
-            upstream.sendall(early)
-
-        def up() -> None:
-            counts[0] += pump(client, upstream)
-
-        t = threading.Thread(target=up, daemon=True)
-        t.start()
-        counts[1] = pump(upstream, client)
-        t.join()
-        return counts[0], counts[1], 200
-
-    def _forward(
-        self, client: socket.socket, upstream: socket.socket, req: Request, rest: bytes
-    ) -> tuple[int, int, int]:
-        head = upstream_head(req)
-        body = rest[: req.content_length]
-        upstream.sendall(head + body)
-        sent = len(head) + len(body)
-        remaining = req.content_length - len(body)
-        while remaining > 0:
-            chunk = client.recv(min(BUF, remaining))
-            if not chunk:
-                break
-            upstream.sendall(chunk)
-            sent += len(chunk)
-            remaining -= len(chunk)
-        # Whatever the client sends after the declared body is never read.
-        buf = b""
+    def _tunnel(self, conn: Stream, req: Request, rule: AllowRule, addrs: list[IPAddress]) -> None:
         try:
-            while True:
+            up = self._pool.connect(addrs, req.port)
+        except OSError as e:
+            self._cannot_connect(conn, req, rule, e)
+            return
+        self._track(up.sock)
+        counts = [0, 0]
+        try:
+            conn.sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            def outward() -> None:
+                counts[0] = _pump(conn, up.sock)
+
+            t = threading.Thread(target=outward, daemon=True)
+            t.start()
+            counts[1] = _pump(up, conn.sock)
+            t.join()
+        finally:
+            self._close(up.sock)
+            self._record(req, "allow", rule.describe(), bytes_out=counts[0], bytes_in=counts[1],
+                         status=200)
+
+    # -- forwarding -----------------------------------------------------------
+
+    def _forward(self, conn: Stream, req: Request, rule: AllowRule, addrs: list[IPAddress]) -> bool:
+        """Relay one request and its response; True if the client connection
+        stays in step for another request."""
+        # A request with a body ends its server connection: a server that
+        # answers without reading the body would read that body as the next
+        # request if the connection were kept.
+        reuse = req.content_length == 0
+        head = upstream_head(req, keep_alive=reuse)
+        up: Upstream | None = None
+        sent = received = 0
+        status: int | None = None
+        try:
+            for fresh in (False, True):
                 try:
-                    chunk = upstream.recv(65536)
+                    up = (self._pool.connect if fresh else self._pool.get)(addrs, req.port)
                 except OSError as e:
-                    # A server that hangs up with our request unread resets the
-                    # connection: for the client that is the same missing answer.
-                    raise BadRequest(f"the server reset the connection ({e.strerror})",
-                                     502) from None
-                if not chunk:
-                    raise BadRequest("the server closed without a response", 502)
-                buf += chunk
-                parts = split_head(buf)
-                if parts is not None:
-                    break
-            status, client_head = response_head(parts[0])
-        except BadRequest as e:
-            self._refuse(client, 502, f"nsbuild egress proxy: {req.host_text}:{req.port}: {e}\n")
-            return sent, len(buf), 502
-        client.sendall(client_head + parts[1])
-        received = len(buf)
-        received += pump(upstream, client, shutdown=False)
-        return sent, received, status
+                    return self._cannot_connect(conn, req, rule, e)
+                self._track(up.sock)
+                try:
+                    sent = self._send_request(conn, up, req, head)
+                    resp, received = self._read_response(conn, up, req)
+                except UpstreamFailed as e:
+                    self._close(up.sock)
+                    up = None
+                    if e.retry and not fresh:
+                        continue  # a kept-alive connection the server had closed meanwhile
+                    self._refuse(conn, 502, f"nsbuild egress proxy: {req.host_text}:{req.port}: "
+                                 f"{e}\n", close=not req.keep_alive)
+                    self._record(req, "allow", rule.describe(), status=502, error=str(e))
+                    return req.keep_alive
+                status = resp.status
+                close = not req.keep_alive or resp.framing not in (NO_BODY, LENGTH, CHUNKED)
+                conn.sock.sendall(resp.head_for_client(close))
+                if resp.framing == LENGTH:
+                    received += up.copy_to(conn.sock, resp.length)
+                elif resp.framing == CHUNKED:
+                    received += up.copy_chunked(conn.sock)
+                elif resp.framing != NO_BODY:
+                    received += up.copy_to(conn.sock, None)
+                self._record(req, "allow", rule.describe(), bytes_out=sent, bytes_in=received,
+                             status=status)
+                if resp.reusable and reuse:
+                    self._untrack(up.sock)
+                    self._pool.put(up)
+                    up = None
+                return not close
+            return False  # not reached: the second round returns
+        except (OSError, BadRequest) as e:
+            # Either side broke off inside a message: the client sees its
+            # connection close, and neither connection is used again.
+            extra: dict[str, Any] = {} if status is None else {"status": status}
+            self._record(req, "allow", rule.describe(), bytes_out=sent, bytes_in=received,
+                         error=f"relay broken off: {e}", **extra)
+            return False
+        finally:
+            if up is not None:
+                self._close(up.sock)
 
-
-def pump(src: socket.socket, dst: socket.socket, shutdown: bool = True) -> int:
-    """Copy src to dst until EOF; then half-close dst. Returns the bytes copied.
-
-    Zero-copy with splice(2) through a pipe (the bytes never enter Python);
-    a plain copy loop where splice is refused."""
-    try:
-        total = _splice_pump(src, dst)
-    except OSError:
-        total = 0
-    if shutdown:
+    def _send_request(self, conn: Stream, up: Upstream, req: Request, head: bytes) -> int:
         try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-    return total
+            up.sock.sendall(head)
+        except OSError as e:
+            raise UpstreamFailed(f"the server reset the connection ({e.strerror})",
+                                 up.reused and req.idempotent) from None
+        if not req.content_length:
+            return len(head)
+        # Exactly the declared body; what follows it stays for the next request.
+        # A client that stops inside its body, or a server that stops reading
+        # it, ends both connections (the body cannot be sent again).
+        return len(head) + conn.copy_to(up.sock, req.content_length)
 
-
-def _splice_pump(src: socket.socket, dst: socket.socket) -> int:
-    import fcntl
-    import os
-
-    total = 0
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass
-        sfd, dfd = src.fileno(), dst.fileno()
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_MORE
+    def _read_response(self, conn: Stream, up: Upstream, req: Request) -> tuple[Response, int]:
+        """The final response head (interim 1xx ones go on to the client) and
+        the bytes read so far."""
+        received = 0
         while True:
             try:
-                n = os.splice(sfd, w, PIPE_SIZE, flags=flags)
+                head = up.read_head()
             except OSError as e:
-                if e.errno == errno.EINVAL and total == 0:
-                    return _copy_pump(src, dst)
-                raise
-            if n == 0:
-                return total
-            left = n
-            while left:
-                left -= os.splice(r, dfd, left, flags=flags)
-            total += n
-    finally:
-        os.close(r)
-        os.close(w)
+                # A server that hangs up with our request unread resets the
+                # connection: for the client that is the same missing answer.
+                raise UpstreamFailed(f"the server reset the connection ({e.strerror})",
+                                     up.reused and req.idempotent and not received) from None
+            except BadRequest as e:
+                raise UpstreamFailed(str(e), False) from None
+            if head is None:
+                raise UpstreamFailed("the server closed without a response",
+                                     up.reused and req.idempotent and not received)
+            received += len(head) + 4
+            try:
+                resp = response_head(head, req.method)
+            except BadRequest as e:
+                raise UpstreamFailed(str(e), False) from None
+            if not resp.interim:
+                return resp, received
+            conn.sock.sendall(resp.head_for_client(close=False))
 
 
-def _copy_pump(src: socket.socket, dst: socket.socket) -> int:
-    total = 0
-    buf = bytearray(BUF)
-    view = memoryview(buf)
-    while True:
-        n = src.recv_into(buf)
-        if not n:
-            return total
-        dst.sendall(view[:n])
-        total += n
+def _pump(src: Stream, dst: socket.socket) -> int:
+    """Copy src to dst until EOF, then half-close dst; the bytes copied."""
+    try:
+        total = src.copy_to(dst, None)
+    except OSError:
+        total = 0
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    return total

@@ -1,0 +1,130 @@
+"""A socket with a read buffer, for the egress proxy: heads and chunk lines are
+parsed from the buffer, bodies are copied through by exact counts.
+
+Exact counts are what keep a kept-alive connection in step: a body ends where
+its framing says, and whatever follows stays in the buffer as the start of
+the next message, to be parsed and decided on its own.
+
+Bodies are copied through a large user-space buffer rather than spliced:
+measured on loopback (bench/egress), the copy costs the proxy a little more
+CPU but hands the receiver large contiguous segments, which it reads so much
+faster that the whole path is quicker than with splice(2).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from nsbuild.net.httphead import MAX_HEAD, BadRequest, chunk_size
+
+COPY_BUF = 1024 * 1024  # large reads: fewer system calls, larger segments out
+MAX_LINE = 4096  # a chunk-size or trailer line
+
+
+class Truncated(BadRequest):
+    """The peer closed in the middle of a message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 502)
+
+
+class Stream:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self._copy: bytearray | None = None  # allocated at the first large body
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def read_head(self) -> bytes | None:
+        """The next head without its blank line; None if the peer closed cleanly
+        between messages; Truncated if it closed inside one; BadRequest (431)
+        if it is too long."""
+        scanned = 0
+        while True:
+            end = self.buf.find(b"\r\n\r\n", max(0, scanned - 3))
+            if end >= 0:
+                head = bytes(self.buf[:end])
+                del self.buf[: end + 4]
+                return head
+            if len(self.buf) > MAX_HEAD:
+                raise BadRequest("head too large", 431)
+            scanned = len(self.buf)
+            if not self._fill():
+                if not self.buf:
+                    return None
+                raise Truncated("the connection closed inside a head")
+
+    def read_line(self) -> bytes:
+        """One CRLF-terminated line (with the CRLF), for chunked bodies."""
+        scanned = 0
+        while True:
+            end = self.buf.find(b"\r\n", max(0, scanned - 1))
+            if end >= 0:
+                line = bytes(self.buf[: end + 2])
+                del self.buf[: end + 2]
+                return line
+            if len(self.buf) > MAX_LINE:
+                raise BadRequest("overlong line in a chunked body", 502)
+            scanned = len(self.buf)
+            if not self._fill():
+                raise Truncated("the connection closed inside a chunked body")
+
+    def take_buffered(self) -> bytes:
+        data = bytes(self.buf)
+        self.buf.clear()
+        return data
+
+    def copy_to(self, dst: socket.socket, n: int | None) -> int:
+        """Send exactly `n` bytes of this stream to dst (None: up to EOF).
+        Returns the count; Truncated if the stream ends early."""
+        total = 0
+        if self.buf:
+            part = self.buf if n is None else self.buf[:n]
+            dst.sendall(part)
+            total = len(part)
+            del self.buf[:total]
+        if n is not None and total == n:
+            return total
+        if self._copy is None:
+            self._copy = bytearray(COPY_BUF)
+        view = memoryview(self._copy)
+        recv_into, sendall = self.sock.recv_into, dst.sendall
+        while n is None or total < n:
+            want = COPY_BUF if n is None else min(COPY_BUF, n - total)
+            got = recv_into(view, want)
+            if not got:
+                if n is None:
+                    return total
+                raise Truncated("the connection closed inside a body")
+            sendall(view[:got])
+            total += got
+        return total
+
+    def copy_chunked(self, dst: socket.socket) -> int:
+        """Relay a chunked body as it is, up to its last chunk and trailers."""
+        total = 0
+        while True:
+            line = self.read_line()
+            size = chunk_size(line)
+            dst.sendall(line)
+            total += len(line)
+            if size == 0:
+                break
+            total += self.copy_to(dst, size)
+            end = self.read_line()
+            if end != b"\r\n":
+                raise BadRequest("malformed chunk in the response", 502)
+            dst.sendall(end)
+            total += 2
+        while True:  # trailer fields, then the empty line
+            line = self.read_line()
+            dst.sendall(line)
+            total += len(line)
+            if line == b"\r\n":
+                return total
