@@ -6,15 +6,70 @@ can name the step and the path in their own error.
 
 from __future__ import annotations
 
-import ctypes
+# _ctypes, the C core of ctypes, and a few C types declared here: the ctypes
+# package itself takes ~2.5 ms to import (it builds every C type, imports
+# struct and loads a second library handle), on every `nsbuild run`.
+import _ctypes
 import errno
 import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
-_libc = ctypes.CDLL(None, use_errno=True)
+
+class _Int(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
+    _type_ = "i"
+
+
+class _UInt(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
+    _type_ = "I"
+
+
+class _Long(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
+    _type_ = "l"
+
+
+class _ULong(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
+    _type_ = "L"  # also size_t: Linux is LP64 or ILP32 throughout
+
+
+class _U64(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
+    _type_ = "Q"
+
+
+class _UShort(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
+    _type_ = "H"
+
+
+class _UByte(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
+    _type_ = "B"
+
+
+class _CharP(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
+    _type_ = "z"
+
+
+class _Function(_ctypes.CFuncPtr):  # type: ignore[misc]
+    # cdecl, errno saved after each call (read with _ctypes.get_errno), int result.
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = _Int
+
+
+class _Libc:
+    """libc's functions by name, as a CDLL of the running program with use_errno."""
+
+    def __init__(self) -> None:
+        self._handle = _ctypes.dlopen(None, os.RTLD_LOCAL)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        # CFuncPtr((name, library)) looks the name up in library._handle.
+        function = _Function((name, self))  # type: ignore[arg-type]
+        setattr(self, name, function)
+        return function
+
+
+_libc = _Libc()
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -76,28 +131,27 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, 
 _SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 283, "s390x": 280}
 KEYCTL_JOIN_SESSION_KEYRING = 1
 
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                        ctypes.c_ulong]
-_libc.syscall.restype = ctypes.c_long
+_libc.unshare.argtypes = [_Int]
+_libc.setns.argtypes = [_Int, _Int]
+_libc.syncfs.argtypes = [_Int]
+_libc.mount.argtypes = [_CharP, _CharP, _CharP, _ULong, _CharP]
+_libc.umount2.argtypes = [_CharP, _Int]
+_libc.sethostname.argtypes = [_CharP, _ULong]
+_libc.prctl.argtypes = [_Int, _ULong, _ULong, _ULong, _ULong]
+_libc.syscall.restype = _Long
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
+class _OpenHow(_ctypes.Structure):  # type: ignore[misc]
+    _fields_ = [("flags", _U64), ("mode", _U64), ("resolve", _U64)]
 
 
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+class _MountAttr(_ctypes.Structure):  # type: ignore[misc]
+    _fields_ = [("attr_set", _U64), ("attr_clr", _U64), ("propagation", _U64),
+                ("userns_fd", _U64)]
 
 
 def _fail(path: str | None = None) -> NoReturn:
-    err = ctypes.get_errno()
+    err = _ctypes.get_errno()
     raise OSError(err, os.strerror(err), path)
 
 
@@ -107,6 +161,19 @@ def _b(s: str | None) -> bytes | None:
 
 def unshare(flags: int) -> None:
     if _libc.unshare(flags) != 0:
+        _fail()
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Join the namespace(s) of `fd`: a namespace file, or a pidfd with several
+    CLONE_NEW* flags at once (Linux >= 5.8)."""
+    if _libc.setns(fd, nstype) != 0:
+        _fail()
+
+
+def syncfs(fd: int) -> None:
+    """Write out everything of the filesystem `fd` is on."""
+    if _libc.syncfs(fd) != 0:
         _fail()
 
 
@@ -132,7 +199,7 @@ def join_new_session_keyring() -> None:
     caller keeps there (Kerberos tickets, fscrypt keys) are no longer possessed."""
     nr = _SYS_KEYCTL.get(os.uname().machine, 250)
     if _libc.syscall(nr, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         if err != errno.ENOSYS:  # a kernel without keyrings has nothing to leak
             raise OSError(err, os.strerror(err), "keyctl(JOIN_SESSION_KEYRING)")
 
@@ -146,8 +213,8 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x40
 def open_tree_clone(path: str) -> int:
     """A detached copy of the mount tree at `path` (recursive), as an fd that
     move_mount() can attach elsewhere, even in another mount namespace."""
-    fd = int(_libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), _b(path),
-                           ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)))
+    fd = int(_libc.syscall(_SYS_OPEN_TREE, _Int(AT_FDCWD), _b(path),
+                           _UInt(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)))
     if fd < 0:
         _fail(path)
     return fd
@@ -155,8 +222,8 @@ def open_tree_clone(path: str) -> int:
 
 def move_mount_fd(tree_fd: int, target_fd: int, what: str) -> None:
     """Attach the detached tree `tree_fd` on the object `target_fd` (O_PATH)."""
-    ret = _libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(tree_fd), b"", ctypes.c_int(target_fd), b"",
-                        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
+    ret = _libc.syscall(_SYS_MOVE_MOUNT, _Int(tree_fd), b"", _Int(target_fd), b"",
+                        _UInt(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
     if ret != 0:
         _fail(what)
 
@@ -176,13 +243,12 @@ _KEYRING_SYSCALLS = {
 }
 
 
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
-                ("k", ctypes.c_uint)]
+class _SockFilter(_ctypes.Structure):  # type: ignore[misc]
+    _fields_ = [("code", _UShort), ("jt", _UByte), ("jf", _UByte), ("k", _UInt)]
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+class _SockFprog(_ctypes.Structure):  # type: ignore[misc]
+    _fields_ = [("len", _UShort), ("filter", _ctypes.POINTER(_SockFilter))]
 
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k) of a struct sock_filter
@@ -219,7 +285,7 @@ def deny_keyring_syscalls() -> bool:
     insns = _keyring_filter(table)
     array = (_SockFilter * len(insns))(*(_SockFilter(*i) for i in insns))
     prog = _SockFprog(len(insns), array)
-    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0) != 0:
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, _ctypes.addressof(prog), 0, 0) != 0:
         _fail()
     return True
 
@@ -239,8 +305,8 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    fd = int(_libc.syscall(_SYS_OPENAT2, ctypes.c_int(dirfd), _b(path), ctypes.byref(how),
-                           ctypes.c_size_t(ctypes.sizeof(how))))
+    fd = int(_libc.syscall(_SYS_OPENAT2, _Int(dirfd), _b(path), _ctypes.byref(how),
+                           _ULong(_ctypes.sizeof(how))))
     if fd < 0:
         _fail(path)
     return fd
@@ -250,9 +316,8 @@ def mount_setattr_readonly(path: str) -> None:
     """Make the mount at `path` and every mount below it read-only, keeping all
     other (possibly locked) flags: the kernel changes only what is asked."""
     attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
-    ret = _libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(AT_FDCWD), _b(path),
-                        ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr),
-                        ctypes.c_size_t(ctypes.sizeof(attr)))
+    ret = _libc.syscall(_SYS_MOUNT_SETATTR, _Int(AT_FDCWD), _b(path), _UInt(AT_RECURSIVE),
+                        _ctypes.byref(attr), _ULong(_ctypes.sizeof(attr)))
     if ret != 0:
         _fail(path)
 
