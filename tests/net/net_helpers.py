@@ -16,28 +16,64 @@ from nsbuild.net.netlog import NetLog
 from nsbuild.net.proxy import EgressProxy
 
 
+def pattern(n: int) -> bytes:
+    """n bytes that are not all alike, so a misplaced byte shows."""
+    return bytes(i * 7 % 251 for i in range(n))
+
+
 class OriginServer:
-    """An HTTP server on 127.0.0.1 that answers `NAME PATH` and records requests."""
+    """An HTTP/1.1 server on 127.0.0.1 that answers `NAME PATH`, keeps connections
+    alive, records requests and counts the connections it accepted.
+
+    Paths: /big/N (N bytes of x), /chunked/N (pattern(N) in chunks), /close/N
+    (pattern(N), no length: the body ends when the server closes), /drop (an
+    answer, then the connection closed without a word). A request body is
+    never read (as some servers do): only closing the connection keeps it from
+    being read as the next request."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Host header)
+        self.connections = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                server.connections += 1
+                super().setup()
 
             def do_GET(self) -> None:
                 server.requests.append((self.command, self.path, self.headers.get("Host", "")))
                 body = f"{server.name} {self.path}\n".encode()
                 if self.path.startswith("/big/"):
                     body = b"x" * int(self.path.split("/")[2])
+                if self.path.startswith("/chunked/"):
+                    return self._chunked(pattern(int(self.path.split("/")[2])))
                 self.send_response(200)
+                if self.path.startswith("/close/"):
+                    self.close_connection = True
+                    self.end_headers()
+                    self.wfile.write(pattern(int(self.path.split("/")[2])))
+                    return
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+                if self.path == "/drop":
+                    self.close_connection = True
 
-            do_POST = do_GET
+            def _chunked(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for i in range(0, len(body), 1000):
+                    part = body[i : i + 1000]
+                    self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(part), part))
+                self.wfile.write(b"0\r\nX-Trailer: done\r\n\r\n")
+
+            do_POST = do_HEAD = do_GET
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
