@@ -191,20 +191,21 @@ def enter(
     command runs (e.g. to serve its inside sockets); the rest as for start()."""
     proc = start(pid, argv, env=env, cwd=cwd, new_net=new_net, inside_sockets=inside_sockets,
                  cgroup=cgroup, expect_start=expect_start)  # fmt: skip
-    if on_start is not None:
-        try:
-            on_start(proc)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    previous = {s: signal.signal(s, lambda sig, _f: proc.send_signal(sig))
-                for s in FORWARDED_SIGNALS}  # fmt: skip
+    # Relayed from the start, also while on_start serves the command.
+    previous = {sig: signal.signal(sig, lambda n, _f: proc.send_signal(n))
+                for sig in FORWARDED_SIGNALS}  # fmt: skip
     try:
+        if on_start is not None:
+            on_start(proc)
         return proc.wait()
+    except BaseException:
+        # The command does not outlive a failure here (nor the caller).
+        proc.kill()
+        proc.wait()
+        raise
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if proc.exec_error:
             os.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
 
@@ -220,30 +221,28 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
                  cwd: str, stdio: list[int | None], new_net: bool,
                  inside_sockets: tuple[InsideSocket, ...],
                  cgroup: str | None) -> Process:  # fmt: skip
-    parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     caller = os.getpid()
+    joiner = -1
     try:
         joiner = os.fork()
-    except OSError as e:
-        parent_sock.close()
-        child_sock.close()
-        raise SandboxError(f"fork the joiner: {os.strerror(e.errno or errno.EAGAIN)}") from None
-    if joiner == 0:
-        parent_sock.close()
-        _joiner(pidfd, flags, argv, env, cwd, stdio, new_net, inside_sockets, cgroup,
-                _Channel(child_sock), caller)  # fmt: skip
-    child_sock.close()
-    try:
-        sockets, exec_error = _await_exec(parent_sock, joiner)
-    except BaseException:
-        try:
+        if joiner == 0:
+            ours.close()
+            _joiner(pidfd, flags, argv, env, cwd, stdio, new_net, inside_sockets, cgroup,
+                    _Channel(theirs), caller)  # fmt: skip
+        theirs.close()
+        sockets, exec_error = _await_exec(ours, joiner)
+    except BaseException as e:
+        theirs.close()
+        if joiner < 0 and isinstance(e, OSError):
+            raise SandboxError(f"fork the joiner: {e.strerror}") from None
+        if joiner > 0:
+            # Nothing half-entered stays behind: the command dies with it.
             os.kill(joiner, signal.SIGKILL)
             os.waitpid(joiner, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
         raise
     finally:
-        parent_sock.close()
+        ours.close()
     return Process(joiner, None, None, None, sockets, exec_error)
 
 
@@ -251,10 +250,8 @@ def _await_exec(sock: _socket.socket, joiner: int) -> tuple[list[_socket.socket]
     """Read the channel to EOF: sockets, an exec failure, or a setup error (raised)."""
     sockets: list[_socket.socket] = []
     exec_error = None
-    while True:
-        data, fds = _recv(sock)
-        if not data:
-            return sockets, exec_error
+    eof: tuple[bytes, list[int]] = (b"", [])
+    for data, fds in iter(lambda: _recv(sock), eof):
         kind, _, rest = data.decode(errors="replace").partition("\t")
         if kind == "SOCK":
             sockets += [_socket.socket(fileno=fd) for fd in fds]
@@ -266,6 +263,7 @@ def _await_exec(sock: _socket.socket, joiner: int) -> tuple[list[_socket.socket]
             exec_error = f"{name}: {why}"
         else:
             _report_or_eof(data, fds, joiner)
+    return sockets, exec_error
 
 
 # ---------------------------------------------------------------- the joiner
@@ -324,6 +322,9 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != caller:
             os._exit(_SETUP_EXIT)
+        # Forwarded signals and SIGCHLD wait, blocked, for sigwaitinfo below:
+        # one that comes before the command exists is relayed, not lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
         m.Step.current = "fork command"
         command = os.fork()
         if command == 0:
@@ -331,20 +332,28 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
         chan.sock.close()
         for fd in (0, 1, 2):
             os.close(fd)
-
-        def relay(sig: int, _frame: object) -> None:
-            try:
-                os.kill(command, sig)
-            except ProcessLookupError:
-                pass
-
-        for s in FORWARDED_SIGNALS:
-            signal.signal(s, relay)
-        _, status = os.waitpid(command, 0)
-        code = os.waitstatus_to_exitcode(status)
-        os._exit(128 - code if code < 0 else code)
+        _relay_until_exit(command)
     except BaseException as e:
         _fail_child(chan, e)
+
+
+_WAITED = {*FORWARDED_SIGNALS, signal.SIGCHLD}
+
+
+def _relay_until_exit(command: int) -> NoReturn:
+    """Pass forwarded signals on to the command; exit with its status."""
+    while True:
+        info = signal.sigwaitinfo(_WAITED)
+        if info.si_signo != signal.SIGCHLD:
+            try:
+                os.kill(command, info.si_signo)
+            except ProcessLookupError:
+                pass
+            continue
+        pid, status = os.waitpid(command, os.WNOHANG)
+        if pid:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else code)
 
 
 def _quiet(_msg: str) -> None:
@@ -353,26 +362,35 @@ def _quiet(_msg: str) -> None:
 
 def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str,
              chan: _Channel) -> NoReturn:  # fmt: skip
-    try:
-        # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
-        for s in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
-            signal.signal(s, signal.SIG_DFL)
-        m.Step.current = "new session"
-        os.setsid()
-        m.Step.current = "new session keyring"
-        sc.join_new_session_keyring()
-        m.Step.current = "change directory"
-        os.chdir(cwd)
-        m.Step.current = "set no_new_privs"
+    def set_no_new_privs() -> None:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+
+    def die_with_the_joiner() -> None:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         # The joiner is outside this PID namespace: getppid() is 0 while it
         # lives, the sandbox's init once it died.
         if os.getppid() != 0:
             os._exit(_SETUP_EXIT)
-        m.Step.current = "deny keyring system calls"
-        sc.deny_keyring_syscalls()
-        _close_fds(keep={chan.sock.fileno()})
+
+    # The runtime's hardening, in its order (runner.py): the keyring filter
+    # needs no_new_privs; descriptors close last, the channel excepted.
+    steps: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("new session", os.setsid),
+        ("new session keyring", sc.join_new_session_keyring),
+        ("change directory", lambda: os.chdir(cwd)),
+        ("set no_new_privs", set_no_new_privs),
+        ("set the parent-death signal", die_with_the_joiner),
+        ("deny keyring system calls", sc.deny_keyring_syscalls),
+        ("close inherited descriptors", lambda: _close_fds(keep={chan.sock.fileno()})),
+    )
+    try:
+        # Python ignores SIGPIPE and SIGXFSZ, the joiner blocked some: neither
+        # is for the command (ignored dispositions and the mask survive exec).
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        for m.Step.current, step in steps:
+            step()
         try:
             _execvpe(tuple(argv), dict(env))
         except OSError as e:
