@@ -80,13 +80,14 @@ class Stream:
         self.buf.clear()
         return data
 
-    def copy_to(self, dst: socket.socket, n: int | None) -> int:
-        """Send exactly `n` bytes of this stream to dst (None: up to EOF).
-        Returns the count; Truncated if the stream ends early."""
+    def copy_to(self, dst: socket.socket, n: int | None, prefix: bytes = b"") -> int:
+        """Send exactly `n` bytes of this stream to dst (None: up to EOF), after
+        `prefix` (a head: one write with what is buffered, not two small ones).
+        Returns the count without the prefix; Truncated if the stream ends early."""
         total = 0
-        if self.buf:
+        if self.buf or prefix:
             part = self.buf if n is None else self.buf[:n]
-            dst.sendall(part)
+            dst.sendall(prefix + part)
             total = len(part)
             del self.buf[:total]
         if n is not None and total == n:
