@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -24,6 +25,23 @@ def _sha256(path: Path) -> str:
 def _sessions(env: Env) -> list[str]:
     d = env.cache / "nsbuild" / "sessions"
     return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def _deps_entries(env: Env) -> list[str]:
+    d = env.cache / "nsbuild" / "deps"
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def _layers_with(env: Env, package: str) -> list[str]:
+    """Published dependency layers that installed `package`."""
+    found = []
+    for name in _deps_entries(env):
+        meta = env.cache / "nsbuild" / "deps" / name / "layer.json"
+        if meta.is_file() and any(
+            p.startswith(f"install {package} ") for p in json.loads(meta.read_text())["packages"]
+        ):
+            found.append(name)
+    return found
 
 
 def _build(env: Env, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -133,6 +151,8 @@ def test_failing_build_exits_1_keeps_only_its_log_and_opens_a_shell(
         "nsb-fails",
         build="echo left by the failed build > failed-marker\n"
         "echo this package does not build; false",
+        # A dependency set of its own: its layer is made by this build.
+        build_depends="bc",
     )
     out = tmp_path / "out"
     # --shell-on-failure: the shell reads its commands from stdin, here a pipe.
@@ -151,6 +171,12 @@ def test_failing_build_exits_1_keeps_only_its_log_and_opens_a_shell(
     assert "Status: failed" in log
     assert (log_path.parent / "nsb-fails_1.0_amd64.network.jsonl").is_file()
     assert _sessions(bookworm) == []
+    # The dependencies were installed fine: their layer is stored for the
+    # next attempt, and nothing half-stored is left.
+    match = re.search(r"^Kept dependency layer ([0-9a-f]{16}) ", log, re.MULTILINE)
+    assert match, log
+    assert [n[:16] for n in _layers_with(bookworm, "bc")] == [match.group(1)]
+    assert not [n for n in _deps_entries(bookworm) if n.startswith(".tmp-")]
 
 
 LISTENER = """\
@@ -245,7 +271,9 @@ def test_unknown_environment_exits_2(bookworm: Env, tmp_path: Path) -> None:
 
 
 def test_sigint_during_build_exits_130_and_leaves_nothing(bookworm: Env, tmp_path: Path) -> None:
-    tree = make_package(tmp_path, "nsb-slow", build="echo started; sleep 600")
+    # A dependency set of its own: its layer is kept by this build, which
+    # must not publish it half-written.
+    tree = make_package(tmp_path, "nsb-slow", build="echo started; sleep 600", build_depends="dc")
     out = tmp_path / "out"
     proc = bookworm.popen("build", "--env", "bookworm", "--out", str(out), str(tree))
     assert proc.stderr is not None
@@ -259,5 +287,7 @@ def test_sigint_during_build_exits_130_and_leaves_nothing(bookworm: Env, tmp_pat
     assert proc.returncode == 130
     assert not out.exists() or list(out.iterdir()) == []
     assert _sessions(bookworm) == []
+    assert _layers_with(bookworm, "dc") == []
+    assert not [n for n in _deps_entries(bookworm) if n.startswith(".tmp-")]
     with open("/proc/self/mountinfo") as f:
         assert "nsbuild" not in f.read()

@@ -112,7 +112,6 @@ class LocalBackend(Backend):
         self._stack = ExitStack()
         self._session: Any = None
         self._build_dir: Path | None = None
-        self._runs = 0
         self._open(())
 
     # -- session handling --
@@ -274,7 +273,7 @@ class LocalBackend(Backend):
             spec = Sandbox(
                 argv=base.argv,
                 idmap=base.idmap,
-                root=self._root(base.root),
+                root=base.root,
                 mounts=base.mounts,
                 env=base.env,
                 user=base.user,
@@ -304,24 +303,6 @@ class LocalBackend(Backend):
             with contextlib.suppress(OSError):
                 os.write(err_fd, msg)
         return status
-
-    def _root(self, root: Any) -> Any:
-        """The session's root, with a work directory of its own for each run of
-        a volatile overlay: the kernel marks the work directory of a volatile
-        mount and refuses to mount it again (it cannot know whether the
-        upper reached the disk). Within this process nothing crashed between
-        two runs, so the upper is whole; the marked work directories go with
-        the session."""
-        from nsbuild.envs.owner import give_to_sandbox_root
-        from nsbuild.sandbox import Overlay
-
-        if not isinstance(root, Overlay) or not root.volatile:
-            return root
-        self._runs += 1
-        work = self._session.dir / f"work.{self._runs}"
-        work.mkdir()
-        give_to_sandbox_root(work)
-        return Overlay(root.lowers, root.upper, str(work), root.dst, root.volatile)
 
     def network_records(self) -> list[dict[str, Any]]:
         return list(self._records)

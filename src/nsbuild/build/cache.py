@@ -21,11 +21,13 @@ below), and with them the build apt caches of environments that are gone.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from nsbuild.envs.config import Config
 
 TMP_PREFIX = ".tmp-"
+# Remembered resolutions: one file per question, holding a layer key.
+ANSWERS = "answers"
 
 
 def cache_root() -> Path:
@@ -50,6 +54,18 @@ def layer_key(
 ) -> str:
     h = hashlib.sha256()
     for part in ("nsbuild-deps-v1", base_id, arch, *sorted(resolution), "--", *sorted(extras)):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()
+
+
+def answer_key(
+    base_id: str, arch: str, question: Sequence[str], extras: Sequence[str], lists: str
+) -> str:
+    """What a dependency question asked of apt hinges on: the environment, the
+    exact command (dependencies, conflicts), extra packages, and the state
+    of apt's package lists. The same key means the same resolution."""
+    h = hashlib.sha256()
+    for part in ("nsbuild-answer-v1", base_id, arch, *question, "--", *sorted(extras), lists):
         h.update(part.encode() + b"\0")
     return h.hexdigest()
 
@@ -84,6 +100,24 @@ class DepCache:
             os.utime(entry / "layer.json")  # last use, for gc
             yield Layer(key, entry / "layer")
 
+    def recall(self, question: str) -> str | None:
+        """The layer key an earlier build resolved `question` to, if any."""
+        try:
+            key = (self.root / ANSWERS / question).read_text().strip()
+        except OSError:
+            return None
+        return key if len(key) == 64 and all(c in "0123456789abcdef" for c in key) else None
+
+    def remember(self, question: str, key: str) -> None:
+        """Note that `question` resolved to layer `key` (whole file or nothing)."""
+        from nsbuild.envs.owner import tmp_name
+
+        answers = self.root / ANSWERS
+        answers.mkdir(parents=True, exist_ok=True)
+        tmp = answers / tmp_name()
+        tmp.write_text(key + "\n")
+        os.replace(tmp, answers / question)
+
     def staging(self) -> Path:
         """A fresh directory to store a new layer in; commit() it or let gc take it
         (its name says which process made it, so gc knows when that one is gone)."""
@@ -100,13 +134,23 @@ class DepCache:
     def commit(self, staging: Path, key: str, meta: dict[str, object]) -> Layer | None:
         """Publish `staging` (holding `layer/`) as KEY. Returns None when another
         build published the same key first (the staging dir is then left for
-        the caller to remove)."""
+        the caller to remove).
+
+        The layer's files must already be on disk (`Syncer`): a published
+        layer is trusted as complete by every later build, and the session
+        that wrote it had fsync turned off. Its record and the rename are
+        made durable here."""
         meta = {**meta, "key": key, "created": int(time.time())}
-        (staging / "layer.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        record = staging / "layer.json"
+        with open(record, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         try:
             os.rename(staging, self.root / key)
         except OSError:
             return None
+        _fsync_dir(self.root)
         return Layer(key, self.root / key / "layer")
 
     def discard(self, path: Path) -> None:
@@ -130,6 +174,53 @@ class DepCache:
                 continue
             out.append((d.name, meta, meta_path.stat().st_mtime))
         return out
+
+
+class Syncer:
+    """Writes a filesystem's dirty data to disk in a background thread
+    (syncfs(2)), so that a layer written by a volatile session is safe to
+    publish by the time the build that made it ends; `wait()` returns the
+    seconds it took, or raises the error it met."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._error: OSError | None = None
+        self._took = 0.0
+        self._thread = threading.Thread(target=self._sync, name="nsbuild-syncfs", daemon=True)
+        self._thread.start()
+
+    def _sync(self) -> None:
+        start = time.monotonic()
+        try:
+            _syncfs(self._fd)
+        except OSError as e:
+            self._error = e
+        finally:
+            self._took = time.monotonic() - start
+            os.close(self._fd)
+
+    def wait(self) -> float:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._took
+
+
+def _syncfs(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -313,7 +404,26 @@ def _gc_layers(
             errs.append(f"{entry}: cannot remove: {e.strerror}")
             continue
         _discard(cache, doomed, what, removed, errs, dry_run=False)
+    if not dry_run:
+        _gc_answers(cache)
     return removed
+
+
+def _gc_answers(cache: DepCache) -> None:
+    """Remembered resolutions whose layer is gone (or half-written by a dead build)."""
+    from nsbuild.envs.owner import tmp_owner
+
+    answers = cache.root / ANSWERS
+    for entry in sorted(answers.iterdir()) if answers.is_dir() else []:
+        owner = tmp_owner(entry.name)
+        if owner is not None:
+            stale = not owner.alive()
+        else:
+            key = cache.recall(entry.name)
+            stale = key is None or not (cache.root / key / "layer.json").is_file()
+        if stale:
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 @contextmanager

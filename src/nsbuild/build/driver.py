@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nsbuild.backends import STDOUT, Backend, BackendOptions, Network, open_backend
-from nsbuild.build.cache import DepCache, layer_key
+from nsbuild.build.cache import DepCache, Syncer, answer_key, layer_key
 from nsbuild.build.dsc import SourcePackage, load_dsc, source_from_tree
 from nsbuild.build.errors import (
     BuildFailed,
@@ -47,18 +47,24 @@ from nsbuild.errors import NsbuildError
 
 BUILD_USER = "nsbuild"
 BUILD_UID = 2000
-# apt without its binary caches: they would be rebuilt anyway and only bloat
-# a kept dependency layer.
+# apt's binary caches of the package lists live beside the downloaded
+# packages: with the local backend's apt cache mount they are shared by the
+# apt runs of a build (update, resolve, install: each would parse the lists
+# again, a second or two each) and by the next builds (apt checks them against
+# the lists and the dpkg status, and rebuilds them when stale), and they never
+# bloat a kept dependency layer.
 APT_OPTS = (
-    "-o", "Dir::Cache::pkgcache=",
-    "-o", "Dir::Cache::srcpkgcache=",
+    "-o", "Dir::Cache::pkgcache=/var/cache/apt/archives/nsbuild-pkgcache.bin",
+    "-o", "Dir::Cache::srcpkgcache=/var/cache/apt/archives/nsbuild-srcpkgcache.bin",
     "-o", "Acquire::Languages=none",
     "-o", "APT::Install-Recommends=false",
     "-o", "APT::Get::Assume-Yes=true",
     "-o", "Dpkg::Use-Pty=false",
     "-o", "quiet=1",
 )  # fmt: skip
+MAN_DB_OFF = "echo 'man-db man-db/auto-update boolean false' | debconf-set-selections"
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true"}
+ANSWER_KNOWN = "the same question on the same package lists as a build before"
 PHASES = ("Prepare", "Install build dependencies", "Build", "Collect")
 
 
@@ -163,6 +169,7 @@ class _Build:
         self.env_note: str | None = None
         self.times: dict[str, float] = {}
         self.space = 0
+        self._pending: tuple[DepCache, Path, str, dict[str, object], Syncer] | None = None
 
     # -- the whole run --
 
@@ -178,6 +185,11 @@ class _Build:
                 err.result = self.result  # type: ignore[attr-defined]
                 raise err from None
             except NsbuildError as e:
+                if e.exit_status == 1:
+                    # The package failed, not its dependencies: the next
+                    # attempt reuses them.
+                    with contextlib.suppress(OSError):
+                        self._publish_layer()
                 status = {1: "failed", 3: "dependency-failed"}.get(e.exit_status, "error")
                 self._finish(status, e.exit_status, str(e))
                 e.result = self.result  # type: ignore[attr-defined]
@@ -261,6 +273,7 @@ class _Build:
         t3 = time.monotonic()
         self.progress.say(f"[4/4] {PHASES[3]}")
         self._collect(backend, pkg, results)
+        self._publish_layer()
         self._phase_done(3, t3)
         self._finish("successful", 0, "")
         # Only now does anything but the logs reach --out.
@@ -330,7 +343,11 @@ class _Build:
         """Run a command with its output in the log, after a line naming it."""
         assert self.log is not None
         self.log.line(f"$ {' '.join(argv)}")
-        return backend.run(argv, stdout=self.log.file, stderr=STDOUT, **kw)
+        start = time.monotonic()
+        status = backend.run(argv, stdout=self.log.file, stderr=STDOUT, **kw)
+        # Each step's duration: where a phase's time goes, read from the log.
+        self.log.line(f"[nsbuild: {argv[0]} exited {status} after {time.monotonic() - start:.1f}s]")
+        return status
 
     def _prepare(self, backend: Backend, pkg: SourcePackage) -> str:
         assert self.log is not None
@@ -403,60 +420,156 @@ class _Build:
         satisfy += ["satisfy", deps]
         if conflicts:
             satisfy.append(f"Conflicts: {conflicts}")
+        base = backend.base_id()
+        if not (caps.dependency_layers and base and self.req.use_cache):
+            # No layer to look up or to store: apt installs at once, and is
+            # asked what it would do only if that fails (to name what is unmet).
+            self._install(backend, satisfy, network)
+            self.times["install"] = time.monotonic() - start
+            return
+
+        cache = DepCache()
+        extra_sums = [_sha256(p) for p in self.req.extra_packages]
+        # apt's answer is a function of the question and of what it knows:
+        # when both are as in an earlier build, so is the answer (its layer).
+        lists = self._lists_state(backend, network)
+        question = (
+            answer_key(base, arch, satisfy, extra_sums, lists) if lists is not None else None
+        )
+        known = cache.recall(question) if question else None
+        if known and self._use_layer(stack, backend, cache, known, ANSWER_KNOWN):
+            self.times["install"] = time.monotonic() - start
+            return
         resolution = self._resolve(backend, satisfy, network)
         log.line(f"Resolved: {len(resolution)} package actions")
         for line in resolution:
             log.line(f"  {line}")
+        key = layer_key(base, arch, resolution, extra_sums)
+        if question:
+            cache.remember(question, key)
+        if self._use_layer(stack, backend, cache, key, "same resolution"):
+            self.times["install"] = time.monotonic() - start
+            return
+        self._install(backend, satisfy, network)
+        self.times["install"] = time.monotonic() - start
+        self._keep_layer(stack, backend, cache, key, base, arch, resolution)
 
-        cache = DepCache()
-        base = backend.base_id()
-        key = None
-        if caps.dependency_layers and base:
-            extra_sums = [_sha256(p) for p in self.req.extra_packages]
-            key = layer_key(base, arch, resolution, extra_sums)
-        if key and self.req.use_cache:
-            layer = stack.enter_context(cache.use(key))
-            if layer is not None:
-                backend.use_layer(layer.path)
-                log.line(f"Using cached dependency layer {key[:16]} ({layer.path})")
-                self.progress.say(f"      using cached dependency layer {key[:16]}")
-                self.result.dependency_layer = {"key": key, "cached": True}
-                self.times["install"] = time.monotonic() - start
-                return
+    def _use_layer(
+        self, stack: ExitStack, backend: Backend, cache: DepCache, key: str, why: str
+    ) -> bool:
+        """Build on the stored layer `key`, if there is one."""
+        assert self.log is not None
+        layer = stack.enter_context(cache.use(key))
+        if layer is None:
+            return False
+        backend.use_layer(layer.path)
+        self.log.line(f"Using cached dependency layer {key[:16]} ({why}; {layer.path})")
+        if why == ANSWER_KNOWN:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                packages = json.loads((layer.path.parent / "layer.json").read_text())["packages"]
+                self.log.line(f"Resolved (as before): {len(packages)} package actions")
+                for line in packages:
+                    self.log.line(f"  {line}")
+        self.progress.say(f"      using cached dependency layer {key[:16]}")
+        self.result.dependency_layer = {"key": key, "cached": True}
+        return True
 
+    def _lists_state(self, backend: Backend, network: Network) -> str | None:
+        """What apt knows of the archive: every file of its lists (name, size,
+        time) and the checksum of each Release file, which pins the content
+        of the package lists. None if it cannot be told."""
+        script = (
+            "cd /var/lib/apt/lists || exit 1; for f in *; do "
+            "[ -f \"$f\" ] && [ \"$f\" != lock ] && stat -c '%n %s %Y' -- \"$f\"; done; "
+            "for f in *Release; do [ -f \"$f\" ] && sha256sum -- \"$f\"; done; true"
+        )
+        status, text = backend.check_output(["sh", "-c", script], network=network)
+        return text if status == 0 and text.strip() else None
+
+    def _install(self, backend: Backend, satisfy: list[str], network: Network) -> None:
+        # Nothing a build reads comes from man-db's index of manual pages;
+        # building it when man-db is installed costs seconds.
+        self._cmd(backend, ["sh", "-c", MAN_DB_OFF])
         status = self._cmd(backend, satisfy, network=network, env=APT_ENV)
         if status != 0:
+            # Unmet dependencies are named (exit status 3) by the resolver.
+            self._resolve(backend, satisfy, network)
             raise UnsatisfiableDependencies(
                 f"installing build dependencies failed (exit status {status}); see the log"
             )
-        self._cmd(backend, ["apt-get", *APT_OPTS, "clean"])
-        self.times["install"] = time.monotonic() - start
-        if key and self.req.use_cache:
-            staging = cache.staging()
-            meta: dict[str, object] = {
-                "environment": self.result.environment,
-                "base": base,
-                "architecture": arch,
-                "packages": resolution,
-                "extra_packages": [p.name for p in self.req.extra_packages],
-            }
-            try:
-                backend.keep_layer(staging / "layer")
-                published = cache.commit(staging, key, meta)
-            except BaseException:
-                cache.discard(staging)
-                raise
-            if published is None:
-                # Another build stored the same layer first; ours serves this
-                # build from where it is, then goes.
-                stack.callback(cache.discard, staging)
-                backend.use_layer(staging / "layer")
-            else:
-                # Held like a reused layer: gc must not take it mid-build.
-                held = stack.enter_context(cache.use(key))
-                backend.use_layer(held.path if held else published.path)
-            log.line(f"Stored dependency layer {key[:16]}")
-            self.result.dependency_layer = {"key": key, "cached": False}
+        # No `apt-get clean`: the downloaded packages are in the apt cache
+        # mount (kept for the next build), or in a session that is thrown away.
+
+    def _keep_layer(
+        self,
+        stack: ExitStack,
+        backend: Backend,
+        cache: DepCache,
+        key: str,
+        base: str | None,
+        arch: str,
+        resolution: list[str],
+    ) -> None:
+        """Set the installed state aside as a layer and build on it at once.
+
+        The session ran with fsync off, so the layer's files may still be only
+        in memory: a background syncfs writes them out while the package
+        builds, and the layer is published under its key (`_publish_layer`)
+        only after that, at the end of the build. Until then it serves this
+        build from its staging directory, which gc leaves alone while we live
+        and removes if we die."""
+        assert self.log is not None
+        staging = cache.staging()
+        meta: dict[str, object] = {
+            "environment": self.result.environment,
+            "base": base,
+            "architecture": arch,
+            "packages": resolution,
+            "extra_packages": [p.name for p in self.req.extra_packages],
+        }
+        try:
+            backend.keep_layer(staging / "layer")
+            backend.use_layer(staging / "layer")
+            syncer = Syncer(staging)
+        except BaseException:
+            cache.discard(staging)
+            raise
+        self._pending = (cache, staging, key, meta, syncer)
+        stack.callback(self._drop_pending)
+        self.log.line(f"Kept dependency layer {key[:16]} (published when the build ends)")
+        self.result.dependency_layer = {"key": key, "cached": False}
+
+    def _publish_layer(self) -> None:
+        """Publish the layer kept by this build, once its files are on disk.
+        Runs when nothing runs inside any more: publishing moves the directory
+        the session has as a lower."""
+        if self._pending is None:
+            return
+        assert self.log is not None
+        cache, staging, key, meta, syncer = self._pending
+        self._pending = None
+        try:
+            took = syncer.wait()
+        except OSError as e:
+            self.log.line(f"Dependency layer {key[:16]} not stored: {e}")
+            cache.discard(staging)
+            self.result.dependency_layer = None
+            return
+        if cache.commit(staging, key, meta) is None:
+            # Another build stored the same layer first: that one serves.
+            cache.discard(staging)
+        self.log.line(f"Stored dependency layer {key[:16]} (written to disk in {took:.1f}s, "
+                      "during the build)")  # fmt: skip
+
+    def _drop_pending(self) -> None:
+        """An unpublished layer (interrupted build) goes with the build."""
+        if self._pending is not None:
+            cache, staging, *_rest, syncer = self._pending
+            self._pending = None
+            with contextlib.suppress(OSError):
+                syncer.wait()
+            self.backend.close()
+            cache.discard(staging)
 
     def _resolve(self, backend: Backend, satisfy: list[str], network: Network) -> list[str]:
         """apt's own answer to "what would satisfy these?", without installing.
@@ -464,7 +577,9 @@ class _Build:
         assert self.log is not None
         argv = [satisfy[0], "-s", *satisfy[1:]]
         self.log.line(f"$ {' '.join(argv)}")
+        start = time.monotonic()
         status, text = backend.check_output(argv, stderr=STDOUT, env=APT_ENV, network=network)
+        self.log.line(f"[nsbuild: {argv[0]} exited {status} after {time.monotonic() - start:.1f}s]")
         actions = []
         for line in text.splitlines():
             m = re.match(r"^(Inst|Remv) (\S+)(?: \[([^\]]*)\])?(?: \((\S+)[^)]*\[(\S+)\]\))?", line)
