@@ -126,3 +126,17 @@ def test_gc_removes_old_logs_of_failed_builds(home: Path) -> None:
     os.utime(old, (then, then))
     assert gc() == ["1 logs of failed builds older than 30 days"]
     assert new.exists() and not old.exists()
+
+
+def test_remembered_answers_go_with_their_layers(home: Path) -> None:
+    cache = DepCache()
+    _layer("e" * 64, _base(home))
+    stale = _layer("f" * 64, "0" * 64)
+    cache.remember("1" * 64, "e" * 64)
+    cache.remember("2" * 64, "f" * 64)
+    cache.remember("3" * 64, "9" * 64)  # its layer was never stored
+    assert cache.recall("1" * 64) == "e" * 64 and cache.recall("4" * 64) is None
+    gc()
+    assert not stale.exists()
+    assert cache.recall("1" * 64) == "e" * 64
+    assert cache.recall("2" * 64) is None and cache.recall("3" * 64) is None
