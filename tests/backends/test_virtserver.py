@@ -13,11 +13,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from virt_helpers import Env, run, sessions
 
-from nsbuild.backends.virtproto import VirtServer
+from nsbuild.backends.virtproto import VirtServer, VirtServerError
 from nsbuild.virtserver.testbed import GONE, NET_ARG
 
 pytestmark = pytest.mark.userns
@@ -301,6 +302,36 @@ def test_a_dead_testbed_fails_commands_in_one_line(server: VirtServer) -> None:
     later = _exec(ex, "true")
     assert later.returncode == 255
     assert later.stderr.strip() == f"autopkgtest-virt-nsbuild: {GONE}"
+    with pytest.raises(VirtServerError, match=f"answered .* with 'copy-failed'.*{GONE}"):
+        server.copydown("/etc/hostname", "/tmp/hostname")
+
+
+def test_revert_heals_a_dead_testbed(server_env: Env) -> None:
+    proc = subprocess.Popen(["autopkgtest-virt-nsbuild", "bookworm"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None
+
+    def say(line: str) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    try:
+        assert proc.stdout.readline() == "ok\n"
+        assert say("open") == "ok /tmp/autopkgtest"
+        ex = [unquote(w) for w in say("print-execute-command").split()[1].split(",")]
+        os.kill(int(ex[-4]), signal.SIGKILL)
+        assert say("copydown /etc/hostname /tmp/hostname") == "copy-failed"
+        assert say("revert") == "ok /tmp/autopkgtest"
+        ex = [unquote(w) for w in say("print-execute-command").split()[1].split(",")]
+        assert _exec(ex, "true").returncode == 0
+        assert say("quit") == "ok"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sessions(server_env) == []
 
 
 def test_a_killed_server_fails_commands_in_one_line(server_env: Env) -> None:

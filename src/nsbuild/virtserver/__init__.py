@@ -3,7 +3,8 @@
 With it, the real `autopkgtest ... -- nsbuild ENV` and sbuild's
 `--chroot-mode=autopkgtest --autopkgtest-virt-server=nsbuild` run in nsbuild
 environments, rootless. Modules: server (the protocol), testbed (a session
-and what its commands share), execute (the per-command program handed out by
+and what its commands share), live (the testbed's one long-lived sandbox,
+which every command enters), execute (the per-command program handed out by
 `print-execute-command`). Nothing heavy loads before the greeting.
 """
 

@@ -208,13 +208,19 @@ class Server:
             raise CommandFailed("copy-failed", f"{verb}: {inside}: not an absolute testbed path")
         if self._shared(host, inside):
             return
+        from nsbuild.sandbox import SandboxError
+        from nsbuild.sandbox.enter import NotRunning
+        from nsbuild.virtserver.testbed import GONE
+
         deadline = time.monotonic() + COPY_TIMEOUT
         try:
             if up:
                 self._copyup(inside, host, is_dir, deadline)
             else:
                 self._copydown(host, inside, is_dir, deadline)
-        except OSError as e:
+        except NotRunning:
+            raise CommandFailed("copy-failed", f"{verb} {src} {dst}: {GONE}") from None
+        except (OSError, SandboxError) as e:
             raise CommandFailed("copy-failed", f"{verb} {src} {dst}: {e}") from None
 
     def _shared(self, host: str, inside: str) -> bool:
