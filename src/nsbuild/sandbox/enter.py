@@ -72,14 +72,6 @@ class NotRunning(SandboxError):
     """The process to enter is gone (or its PID now names another process)."""
 
 
-def _setns(fd: int, flags: int) -> None:
-    # With a pidfd and several flags, setns() joins all of them at once and
-    # checks each against the credentials the new user namespace gives
-    # (Linux >= 5.8): no ordering of single joins to get right.
-    if sc._libc.setns(fd, flags) != 0:
-        sc._fail()
-
-
 def start_time(pid: int) -> int:
     """The start time of `pid` (clock ticks since boot): with the PID, it
     names one process, whatever later reuses the number."""
@@ -289,7 +281,9 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
                 os.close(fd)
         m.Step.current = "enter the sandbox's namespaces"
         try:
-            _setns(pidfd, flags)
+            # With a pidfd, one call joins them all and checks each against
+            # the credentials the new user namespace gives: no order to get right.
+            sc.setns(pidfd, flags)
         except OSError as e:
             if e.errno in _NOT_RUNNING:
                 chan.send("GONE")
@@ -326,7 +320,14 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
         # one that comes before the command exists is relayed, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
         m.Step.current = "fork command"
-        command = os.fork()
+        try:
+            command = os.fork()
+        except OSError as e:
+            # A PID namespace whose init died takes no new process: ENOMEM.
+            if e.errno == errno.ENOMEM:
+                chan.send("GONE")
+                os._exit(_SETUP_EXIT)
+            raise
         if command == 0:
             _command(argv, env, cwd, chan)
         chan.sock.close()
