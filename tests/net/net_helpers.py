@@ -25,7 +25,8 @@ class OriginServer:
     """An HTTP/1.1 server on 127.0.0.1 that answers `NAME PATH`, keeps connections
     alive, records requests and counts the connections it accepted.
 
-    Paths: /big/N (N bytes of x), /chunked/N (pattern(N) in chunks), /close/N
+    Paths: /big/N (N bytes of x), /chunked/N (pattern(N) in chunks), /te-and-cl/N
+    (the same, with a Content-Length too), /close/N
     (pattern(N), no length: the body ends when the server closes), /drop (an
     answer, then the connection closed without a word). A request body is
     never read (as some servers do): only closing the connection keeps it from
@@ -51,6 +52,8 @@ class OriginServer:
                     body = b"x" * int(self.path.split("/")[2])
                 if self.path.startswith("/chunked/"):
                     return self._chunked(pattern(int(self.path.split("/")[2])))
+                if self.path.startswith("/te-and-cl/"):  # contradictory framing
+                    return self._chunked(pattern(int(self.path.split("/")[2])), length=5)
                 self.send_response(200)
                 if self.path.startswith("/close/"):
                     self.close_connection = True
@@ -64,8 +67,10 @@ class OriginServer:
                 if self.path == "/drop":
                     self.close_connection = True
 
-            def _chunked(self, body: bytes) -> None:
+            def _chunked(self, body: bytes, length: int | None = None) -> None:
                 self.send_response(200)
+                if length is not None:
+                    self.send_header("Content-Length", str(length))
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 for i in range(0, len(body), 1000):

@@ -125,6 +125,18 @@ def test_chunked_and_read_to_close_responses_are_relayed_whole() -> None:
     assert log.records()[0]["bytes_in"] > size
 
 
+def test_a_response_with_contradictory_framing_ends_its_server_connection() -> None:
+    # Transfer-Encoding and Content-Length together: the chunks count, the
+    # length is dropped, and the server connection is not used again.
+    with origin("A") as a, running_proxy([f"127.0.0.1:{a.port}"]) as (pp, _):
+        raw = exchange(pp, f"GET http://127.0.0.1:{a.port}/te-and-cl/3000 HTTP/1.1\r\n\r\n"
+                           f"GET http://127.0.0.1:{a.port}/next HTTP/1.1\r\n\r\n".encode())
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head
+    assert rest.endswith(b"A /next\n") and b"X-Trailer: done" in rest
+    assert a.connections == 2
+
+
 def test_head_response_has_no_body_and_the_connection_goes_on() -> None:
     with origin("A") as a, running_proxy([f"127.0.0.1:{a.port}"]) as (pp, _):
         conn = client(pp)
