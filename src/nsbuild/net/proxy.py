@@ -147,7 +147,7 @@ class EgressProxy:
                 # acknowledges the head, which it delays (40 ms a response).
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
-                pass  # not TCP (a test's Unix socket): nothing to delay
+                pass  # not a TCP socket: nothing to delay
             threading.Thread(target=self._serve_client, args=(client,), daemon=True).start()
 
     # -- one client connection, one request after another -----------------
