@@ -180,3 +180,39 @@ def test_a_name_is_resolved_once() -> None:
     assert answers == [403, 403, 403]
     assert calls == ["mirror.test"]
     assert {r["rule"] for r in log.records()} == {"names may not resolve to internal addresses"}
+
+
+def test_concurrent_clients_sharing_server_connections_each_get_their_own_answers() -> None:
+    import random
+    import threading
+
+    wrong: list[tuple[int, int, str]] = []
+    with origin("A") as a, origin("B") as b, \
+            running_proxy([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]) as (pp, log):
+
+        def one_client(k: int) -> None:
+            rnd = random.Random(k)
+            conn = client(pp)
+            for i in range(40):
+                srv = rnd.choice([a, b])
+                kind = rnd.choice(["plain", "chunked", "close", "head"])
+                n = rnd.randint(0, 50_000)
+                path, want = {
+                    "plain": (f"/c{k}/{i}", f"{srv.name} /c{k}/{i}\n".encode()),
+                    "chunked": (f"/chunked/{n}", pattern(n)),
+                    "close": (f"/close/{n + 1}", pattern(n + 1)),
+                    "head": (f"/h{k}/{i}", b""),
+                }[kind]
+                got = get(conn, f"http://127.0.0.1:{srv.port}{path}",
+                          "HEAD" if kind == "head" else "GET")
+                if got != (200, want):
+                    wrong.append((k, i, kind))
+            conn.close()
+
+        threads = [threading.Thread(target=one_client, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert wrong == []
+    assert len(log.records()) == 240
