@@ -39,18 +39,18 @@ from nsbuild.sandbox.errors import SandboxError
 # Shared with runner.py rather than written twice: the channel, the child's
 # failure report, exec and descriptor handling are the same steps there.
 from nsbuild.sandbox.runner import (
-    _SETUP_EXIT,
     FORWARDED_SIGNALS,
+    SETUP_EXIT,
+    Channel,
     Process,
-    _Channel,
-    _close_fds,
-    _execvpe,
-    _fail_child,
-    _inside_socket,
-    _install_stdio,
-    _loopback_up,
-    _recv,
-    _report_or_eof,
+    close_fds,
+    execvpe,
+    inside_socket,
+    install_stdio,
+    loopback_up,
+    raise_report,
+    recv_with_fds,
+    report_failure,
 )
 from nsbuild.sandbox.spec import InsideSocket
 
@@ -221,7 +221,7 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
         if joiner == 0:
             ours.close()
             _joiner(pidfd, flags, argv, env, cwd, stdio, new_net, inside_sockets, cgroup,
-                    _Channel(theirs), caller)  # fmt: skip
+                    Channel(theirs), caller)  # fmt: skip
         theirs.close()
         sockets, exec_error = _await_exec(ours, joiner)
     except BaseException as e:
@@ -243,7 +243,7 @@ def _await_exec(sock: _socket.socket, joiner: int) -> tuple[list[_socket.socket]
     sockets: list[_socket.socket] = []
     exec_error = None
     eof: tuple[bytes, list[int]] = (b"", [])
-    for data, fds in iter(lambda: _recv(sock), eof):
+    for data, fds in iter(lambda: recv_with_fds(sock), eof):
         kind, _, rest = data.decode(errors="replace").partition("\t")
         if kind == "SOCK":
             sockets += [_socket.socket(fileno=fd) for fd in fds]
@@ -254,7 +254,7 @@ def _await_exec(sock: _socket.socket, joiner: int) -> tuple[list[_socket.socket]
             why = "command not found" if int(err) == errno.ENOENT else os.strerror(int(err))
             exec_error = f"{name}: {why}"
         else:
-            _report_or_eof(data, fds, joiner)
+            raise_report(data, fds, joiner)
     return sockets, exec_error
 
 
@@ -264,14 +264,14 @@ def _await_exec(sock: _socket.socket, joiner: int) -> tuple[list[_socket.socket]
 def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str], ...],
             cwd: str, stdio: list[int | None], new_net: bool,
             inside_sockets: tuple[InsideSocket, ...], cgroup: str | None,
-            chan: _Channel, caller: int) -> NoReturn:  # fmt: skip
+            chan: Channel, caller: int) -> NoReturn:  # fmt: skip
     try:
         for s in FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
         # The command's stdio now, then nothing else of the caller's (a server's
         # sockets, its protocol pipe) stays open in a process of the sandbox.
-        _install_stdio(stdio)
-        _close_fds(keep={chan.sock.fileno(), pidfd})
+        install_stdio(stdio)
+        close_fds(keep={chan.sock.fileno(), pidfd})
         if cgroup:
             m.Step.current = f"join cgroup {cgroup}"
             fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY)
@@ -287,7 +287,7 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
         except OSError as e:
             if e.errno in _NOT_RUNNING:
                 chan.send("GONE")
-                os._exit(_SETUP_EXIT)
+                os._exit(SETUP_EXIT)
             raise
         os.close(pidfd)
         m.Step.current = "become root in the sandbox"
@@ -304,10 +304,10 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
             m.Step.current = "unshare network namespace"
             sc.unshare(sc.CLONE_NEWNET)
             m.Step.current = "bring up loopback"
-            _loopback_up()
+            loopback_up()
             if inside_sockets:
                 m.Step.current = "create inside sockets"
-                socks = [_inside_socket(s, _quiet) for s in inside_sockets]
+                socks = [inside_socket(s, _quiet) for s in inside_sockets]
                 chan.send("SOCK", fds=[s.fileno() for s in socks])
                 for sock in socks:
                     sock.close()
@@ -315,7 +315,7 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
         # check the caller did not die in between.
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != caller:
-            os._exit(_SETUP_EXIT)
+            os._exit(SETUP_EXIT)
         # Forwarded signals and SIGCHLD wait, blocked, for sigwaitinfo below:
         # one that comes before the command exists is relayed, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
@@ -326,7 +326,7 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
             # A PID namespace whose init died takes no new process: ENOMEM.
             if e.errno == errno.ENOMEM:
                 chan.send("GONE")
-                os._exit(_SETUP_EXIT)
+                os._exit(SETUP_EXIT)
             raise
         if command == 0:
             _command(argv, env, cwd, chan)
@@ -335,7 +335,7 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
             os.close(fd)
         _relay_until_exit(command)
     except BaseException as e:
-        _fail_child(chan, e)
+        report_failure(chan, e)
 
 
 _WAITED = {*FORWARDED_SIGNALS, signal.SIGCHLD}
@@ -362,7 +362,7 @@ def _quiet(_msg: str) -> None:
 
 
 def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str,
-             chan: _Channel) -> NoReturn:  # fmt: skip
+             chan: Channel) -> NoReturn:  # fmt: skip
     def set_no_new_privs() -> None:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
 
@@ -371,7 +371,7 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str,
         # The joiner is outside this PID namespace: getppid() is 0 while it
         # lives, the sandbox's init once it died.
         if os.getppid() != 0:
-            os._exit(_SETUP_EXIT)
+            os._exit(SETUP_EXIT)
 
     # The runtime's hardening, in its order (runner.py): the keyring filter
     # needs no_new_privs; descriptors close last, the channel excepted.
@@ -382,7 +382,7 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str,
         ("set no_new_privs", set_no_new_privs),
         ("set the parent-death signal", die_with_the_joiner),
         ("deny keyring system calls", sc.deny_keyring_syscalls),
-        ("close inherited descriptors", lambda: _close_fds(keep={chan.sock.fileno()})),
+        ("close inherited descriptors", lambda: close_fds(keep={chan.sock.fileno()})),
     )
     try:
         # Python ignores SIGPIPE and SIGXFSZ, the joiner blocked some: neither
@@ -393,12 +393,12 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str,
         for m.Step.current, step in steps:
             step()
         try:
-            _execvpe(tuple(argv), dict(env))
+            execvpe(tuple(argv), dict(env))
         except OSError as e:
             chan.send("EXEC", str(e.errno or errno.ENOENT), argv[0])
             os._exit(127 if e.errno == errno.ENOENT else 126)
     except BaseException as e:
-        _fail_child(chan, e)
+        report_failure(chan, e)
 
 
 __all__ = ["NotRunning", "enter", "environ", "sandbox_pids", "start", "start_time"]

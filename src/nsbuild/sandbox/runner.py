@@ -44,7 +44,7 @@ else:
 PIPE = -1
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 # Helper/init exit status when setup failed; the real error is on the channel.
-_SETUP_EXIT = 125
+SETUP_EXIT = 125
 
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP_LOOPBACK_RUNNING = 0x1 | 0x8 | 0x40
@@ -63,7 +63,7 @@ def _debug_printer(enabled: bool) -> Callable[[str], None]:
     return say
 
 
-class _Channel:
+class Channel:
     """The child side of the report channel."""
 
     def __init__(self, sock: _socket.socket) -> None:
@@ -76,7 +76,7 @@ class _Channel:
         self.sock.sendmsg([data], anc)
 
 
-def _recv(sock: _socket.socket) -> tuple[bytes, list[int]]:
+def recv_with_fds(sock: _socket.socket) -> tuple[bytes, list[int]]:
     """One message and the descriptors that came with it."""
     data, anc, _flags, _addr = sock.recvmsg(4096, _socket.CMSG_LEN(16 * 4))
     fds: list[int] = []
@@ -86,7 +86,7 @@ def _recv(sock: _socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def _fail_child(chan: _Channel, e: BaseException) -> NoReturn:
+def report_failure(chan: Channel, e: BaseException) -> NoReturn:
     try:
         if isinstance(e, SetupError):
             chan.send("ERR", e.step, str(e.errno), e.path or "", e.hint or "")
@@ -95,7 +95,7 @@ def _fail_child(chan: _Channel, e: BaseException) -> NoReturn:
         else:
             chan.send("MSG", f"{m.Step.current}: {type(e).__name__}: {e}")
     finally:
-        os._exit(_SETUP_EXIT)
+        os._exit(SETUP_EXIT)
 
 
 class Process:
@@ -208,7 +208,7 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         for fd in parent_ends:
             if fd is not None:
                 os.close(fd)
-        _helper(spec, plan, _Channel(child_sock), child_ends, parent_pid, say)
+        _helper(spec, plan, Channel(child_sock), child_ends, parent_pid, say)
 
     child_sock.close()
     m.release(plan)  # the cloned trees live on in the child only
@@ -251,11 +251,11 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket,
         write_maps(pid, spec.idmap)
         sock.send(b"M")
     else:
-        _report_or_eof(ready, [], pid)
+        raise_report(ready, [], pid)
     sockets: list[_socket.socket] = []
     exec_error = None
     while True:
-        data, fds = _recv(sock)
+        data, fds = recv_with_fds(sock)
         if not data:
             return sockets, exec_error
         kind = data.split(b"\t", 1)[0]
@@ -269,10 +269,10 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket,
             exec_error = (f"{name}: command not found" if code == errno.ENOENT
                           else f"{name}: cannot execute: {os.strerror(code)}")
         else:
-            _report_or_eof(data, fds, pid)
+            raise_report(data, fds, pid)
 
 
-def _report_or_eof(data: bytes, fds: list[int], pid: int) -> NoReturn:
+def raise_report(data: bytes, fds: list[int], pid: int) -> NoReturn:
     for fd in fds:
         os.close(fd)
     text = data.decode(errors="replace")
@@ -311,7 +311,7 @@ def _describe_idmap(pid: int, idmap: IdMap) -> str:
 
 # ---------------------------------------------------------------- the helper
 
-def _helper(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None],
+def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
             parent_pid: int, say: Callable[[str], None]) -> NoReturn:
     try:
         for s in FORWARDED_SIGNALS:
@@ -339,7 +339,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None]
              else " and network namespaces"))
         sc.unshare(flags)
         if chan.sock.recv(1) != b"M":
-            os._exit(_SETUP_EXIT)  # nsbuild is gone, or failed to map ids
+            os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to map ids
         if spec.cgroup:
             sc.unshare(sc.CLONE_NEWCGROUP)
         m.Step.current = "become root in the user namespace"
@@ -354,7 +354,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None]
         # then check nsbuild did not die in between.
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent_pid:
-            os._exit(_SETUP_EXIT)
+            os._exit(SETUP_EXIT)
 
         # A lifeline: init reads EOF on it if this helper is already gone.
         life_r, life_w = os.pipe()
@@ -380,19 +380,19 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None]
         code = os.waitstatus_to_exitcode(status)
         os._exit(128 - code if code < 0 else code)
     except BaseException as e:
-        _fail_child(chan, e)
+        report_failure(chan, e)
 
 
 # ------------------------------------------------------------------ PID 1
 
-def _init(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None],
+def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
           life_r: int, say: Callable[[str], None]) -> NoReturn:
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.set_blocking(life_r, False)
         try:
             if os.read(life_r, 1) == b"":
-                os._exit(_SETUP_EXIT)  # the helper died before we were watching
+                os._exit(SETUP_EXIT)  # the helper died before we were watching
         except BlockingIOError:
             pass
         os.close(life_r)
@@ -406,10 +406,10 @@ def _init(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None],
         if not spec.share_net:
             m.Step.current = "bring up loopback"
             say("bring up lo (127.0.0.1, ::1): the only network interface")
-            _loopback_up()
+            loopback_up()
             if spec.inside_sockets:
                 m.Step.current = "create inside sockets"
-                socks = [_inside_socket(s, say) for s in spec.inside_sockets]
+                socks = [inside_socket(s, say) for s in spec.inside_sockets]
                 chan.send("SOCK", fds=[s.fileno() for s in socks])
                 for s in socks:
                     s.close()
@@ -439,10 +439,10 @@ def _init(spec: Sandbox, plan: m.Plan, chan: _Channel, stdio: list[int | None],
         _close_stdio(stdio)
         _reap(child, say)
     except BaseException as e:
-        _fail_child(chan, e)
+        report_failure(chan, e)
 
 
-def _lock_mounts(chan: _Channel, ready_w: int, go_r: int, say: Callable[[str], None]) -> None:
+def _lock_mounts(chan: Channel, ready_w: int, go_r: int, say: Callable[[str], None]) -> None:
     """Move the command into a nested user and mount namespace. Mounts passed
     to a less privileged mount namespace are locked by the kernel: root inside
     can no longer make a read-only bind writable, or unmount one to see what
@@ -453,13 +453,13 @@ def _lock_mounts(chan: _Channel, ready_w: int, go_r: int, say: Callable[[str], N
         sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
         os.write(ready_w, b"U")
         if os.read(go_r, 1) != b"M":
-            os._exit(_SETUP_EXIT)
+            os._exit(SETUP_EXIT)
         os.close(ready_w)
         os.close(go_r)
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
     except BaseException as e:
-        _fail_child(chan, e)
+        report_failure(chan, e)
 
 
 def _identity_map(pid: int, idmap: IdMap) -> None:
@@ -474,7 +474,7 @@ def _identity_map(pid: int, idmap: IdMap) -> None:
             os.close(fd)
 
 
-def _loopback_up() -> None:
+def loopback_up() -> None:
     s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS,
@@ -483,7 +483,7 @@ def _loopback_up() -> None:
         s.close()
 
 
-def _inside_socket(spec: InsideSocket, say: Callable[[str], None]) -> _socket.socket:
+def inside_socket(spec: InsideSocket, say: Callable[[str], None]) -> _socket.socket:
     say(spec.describe())
     family = _socket.AF_INET6 if ":" in spec.host else _socket.AF_INET
     kind = _socket.SOCK_STREAM if spec.kind == "tcp" else _socket.SOCK_DGRAM
@@ -565,11 +565,11 @@ def _close_stdio(stdio: list[int | None]) -> None:
 
 # ---------------------------------------------------------------- command
 
-def _command(spec: Sandbox, chan: _Channel, stdio: list[int | None],
+def _command(spec: Sandbox, chan: Channel, stdio: list[int | None],
              creds: tuple[int, int, list[int], str] | None,
              say: Callable[[str], None]) -> NoReturn:
     try:
-        _install_stdio(stdio)
+        install_stdio(stdio)
         # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
         for s in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
             signal.signal(s, signal.SIG_DFL)
@@ -601,21 +601,21 @@ def _command(spec: Sandbox, chan: _Channel, stdio: list[int | None],
         m.Step.current = "deny keyring system calls"
         if sc.deny_keyring_syscalls():
             say("keyring system calls fail (ENOSYS): the caller's keys are out of reach")
-        _close_fds(keep={chan.sock.fileno(), *spec.pass_fds})
+        close_fds(keep={chan.sock.fileno(), *spec.pass_fds})
         for fd in spec.pass_fds:
             os.set_inheritable(fd, True)
         say(f"exec {' '.join(spec.argv)}")
         try:
-            _execvpe(spec.argv, env)
+            execvpe(spec.argv, env)
         except OSError as e:
             chan.send("EXEC", str(e.errno or errno.ENOENT), spec.argv[0])
             os._exit(127 if e.errno == errno.ENOENT else 126)
     except BaseException as e:
-        _fail_child(chan, e)
-    os._exit(_SETUP_EXIT)
+        report_failure(chan, e)
+    os._exit(SETUP_EXIT)
 
 
-def _install_stdio(stdio: list[int | None]) -> None:
+def install_stdio(stdio: list[int | None]) -> None:
     """dup2 each source onto 0, 1, 2. When a source is itself one of 0..2 and
     would be overwritten first (stdout and stderr swapped), copy every source
     above 2 first."""
@@ -627,7 +627,7 @@ def _install_stdio(stdio: list[int | None]) -> None:
             os.dup2(fd, i)
 
 
-def _execvpe(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
+def execvpe(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
     """os.execvpe without os.get_exec_path, which imports warnings (~1 ms
     before every command): search the command's own PATH."""
     if "/" in argv[0]:
@@ -657,7 +657,7 @@ def _drop_bounding_caps() -> None:
         pass
 
 
-def _close_fds(keep: set[int]) -> None:
+def close_fds(keep: set[int]) -> None:
     lo = 3
     for fd in sorted(f for f in keep if f >= 3):
         os.closerange(lo, fd)

@@ -18,36 +18,14 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 
-class _Int(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
-    _type_ = "i"
+def _c_type(code: str) -> Any:
+    """A C scalar type by its struct-module code, as the ctypes package makes them."""
+    return type(f"c_{code}", (_ctypes._SimpleCData,), {"_type_": code})
 
 
-class _UInt(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
-    _type_ = "I"
-
-
-class _Long(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
-    _type_ = "l"
-
-
-class _ULong(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
-    _type_ = "L"  # also size_t: Linux is LP64 or ILP32 throughout
-
-
-class _U64(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
-    _type_ = "Q"
-
-
-class _UShort(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
-    _type_ = "H"
-
-
-class _UByte(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
-    _type_ = "B"
-
-
-class _CharP(_ctypes._SimpleCData):  # type: ignore[misc,type-arg]
-    _type_ = "z"
+# int, unsigned int, long, unsigned long (also size_t: Linux is LP64 or ILP32
+# throughout), uint64_t, unsigned short, unsigned char, char *.
+_Int, _UInt, _Long, _ULong, _U64, _UShort, _UByte, _CharP = map(_c_type, "iIlLQHBz")
 
 
 class _Function(_ctypes.CFuncPtr):  # type: ignore[misc]
