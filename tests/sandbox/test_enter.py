@@ -67,6 +67,40 @@ def test_commands_share_files_and_processes(sandbox: Running) -> None:
     assert out == "sleep 86421 "
 
 
+def test_processes_inside_cannot_read_the_callers_memory_before_exec(sandbox: Running) -> None:
+    # A root process left running in the sandbox watches every new process's
+    # environ: an entered command must not show it the caller's own variables
+    # in the moment between the fork and its exec.
+    spy = ("import os\n"
+           "seen = set()\n"
+           "while True:\n"
+           "    for p in set(os.listdir('/proc')) - seen:\n"
+           "        try:\n"
+           "            data = open(f'/proc/{p}/environ', 'rb').read()\n"
+           "        except OSError:\n"
+           "            continue\n"
+           "        seen.add(p)\n"
+           "        if b'CALLER_SECRET' in data:\n"
+           "            open('/tmp/stolen', 'ab').write(b'x')\n")  # fmt: skip
+    (sandbox.work / "spy.py").write_text(spy)
+    status, _ = sandbox.run("sh", "-c", f"{PY} {sandbox.work}/spy.py >/dev/null 2>&1 &")
+    assert status == 0
+    # The caller: a process whose own environment holds the secret.
+    caller = ("import os, sys\n"
+              "from nsbuild.sandbox.enter import start\n"
+              "null = os.open(os.devnull, os.O_RDWR)\n"
+              "for _ in range(60):\n"
+              "    proc = start(int(sys.argv[1]), ['true'], env=(('PATH', '/usr/bin:/bin'),),\n"
+              "                 stdin=null, stdout=null)\n"
+              "    assert proc.wait() == 0\n")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", caller, str(sandbox.pid)], capture_output=True,
+                       text=True, timeout=HANG_GUARD, check=False,
+                       env={**os.environ, "CALLER_SECRET": "hunter2"})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    status, out = sandbox.run("sh", "-c", "cat /tmp/stolen 2>/dev/null | wc -c")
+    assert out.strip() == "0", "the caller's environment was read from inside"
+
+
 def test_the_command_gets_the_sandboxs_environment_and_root(sandbox: Running) -> None:
     status, out = sandbox.run("sh", "-c", 'echo "$MARK $(id -u) $(pwd)"')
     assert (status, out) == (0, "from-the-sandbox 0 /\n")

@@ -319,6 +319,11 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
         # Forwarded signals and SIGCHLD wait, blocked, for sigwaitinfo below:
         # one that comes before the command exists is relayed, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
+        # Until it execs, the command is a copy of the caller (its memory, its
+        # environment) inside a sandbox where earlier commands may still run as
+        # root: non-dumpable, its /proc files and memory are out of their reach.
+        # exec makes it dumpable again.
+        sc.prctl(sc.PR_SET_DUMPABLE, 0)
         m.Step.current = "fork command"
         try:
             command = os.fork()
