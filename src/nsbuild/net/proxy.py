@@ -307,10 +307,12 @@ class EgressProxy:
                     up = None
                     if e.retry and not fresh:
                         continue  # a kept-alive connection the server had closed meanwhile
+                    # The request's body may be unread: it must not pass for the next request.
+                    keep = req.keep_alive and reuse
                     self._refuse(conn, 502, f"nsbuild egress proxy: {req.host_text}:{req.port}: "
-                                 f"{e}\n", close=not req.keep_alive)
+                                 f"{e}\n", close=not keep)
                     self._record(req, "allow", rule.describe(), status=502, error=str(e))
-                    return req.keep_alive
+                    return keep
                 status = resp.status
                 close = not req.keep_alive or resp.framing not in (NO_BODY, LENGTH, CHUNKED)
                 head_out = resp.head_for_client(close)
