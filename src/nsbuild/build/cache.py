@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nsbuild.sandbox.syscalls import syncfs
+
 if TYPE_CHECKING:
     from nsbuild.envs.config import Config
 
@@ -192,7 +194,7 @@ class Syncer:
     def _sync(self) -> None:
         start = time.monotonic()
         try:
-            _syncfs(self._fd)
+            syncfs(self._fd)
         except OSError as e:
             self._error = e
         finally:
@@ -204,15 +206,6 @@ class Syncer:
         if self._error is not None:
             raise self._error
         return self._took
-
-
-def _syncfs(fd: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def _fsync_dir(path: Path) -> None:
