@@ -17,8 +17,8 @@ the testbed's network: it enters every namespace but the network one and gets
 a fresh network namespace instead, with only lo (`none`), or with the egress
 proxy's sockets, served by this program from the host (`allow`). A fresh
 sandbox over the session is no option: the session's overlay is already
-mounted by the testbed's sandbox (volatile, which the kernel will not mount
-twice).
+mounted by the testbed's sandbox, and one upper directory in two overlay
+mounts at once gives undefined results.
 """
 
 from __future__ import annotations
