@@ -276,9 +276,10 @@ class _Build:
         self._publish_layer()
         self._phase_done(3, t3)
         self._finish("successful", 0, "")
-        # Only now does anything but the logs reach --out.
+        # Only now does anything reach --out; the .changes goes last, so a set
+        # with its .changes is complete even when a kill comes between moves.
         out.mkdir(parents=True, exist_ok=True)
-        for art in self.result.artifacts:
+        for art in sorted(self.result.artifacts, key=lambda a: a.name.endswith(".changes")):
             dest = out / art.name
             shutil.move(str(results / art.name), dest)
             art.path = str(dest)
