@@ -7,15 +7,19 @@ level 1`, and so `gc()` finds leftovers of dead owners in one place.
 
 from __future__ import annotations
 
-import itertools
 import os
 
-from nsbuild.sandbox.cgroupfs import cgroup2_mount, pid_alive, remove_cgroup
+from nsbuild.sandbox.cgroupfs import (
+    cgroup2_mount,
+    make_run_cgroup,
+    pid_alive,
+    remove_cgroup,
+    run_cgroup_owner,
+)
 
 __all__ = ["cgroup2_mount", "pid_alive", "remove_cgroup"]
 
 PREFIX = "nsbuild-net."
-_counter = itertools.count()
 
 
 def nft_cgroup_path(cgroup_dir: str) -> str:
@@ -28,21 +32,11 @@ def nft_cgroup_path(cgroup_dir: str) -> str:
 
 
 def create_run_cgroup(mount: str) -> str:
-    name = f"{PREFIX}{os.getpid()}.{next(_counter)}"
-    path = os.path.join(mount, name)
-    try:
-        os.mkdir(path)
-    except FileExistsError:  # a leftover of an earlier process with our pid
-        remove_cgroup(path)
-        os.mkdir(path)
-    return path
+    return make_run_cgroup(mount, PREFIX)
 
 
 def owner_pid(name: str) -> int | None:
-    if not name.startswith(PREFIX):
-        return None
-    pid = name[len(PREFIX) :].split(".")[0]
-    return int(pid) if pid.isdigit() else None
+    return run_cgroup_owner(name, PREFIX)
 
 
 def stale_cgroups(mount: str) -> list[str]:

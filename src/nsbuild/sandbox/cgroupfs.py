@@ -8,6 +8,7 @@ engine (which matches a run's cgroup); it lives here, in the lowest layer.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import signal
 import time
@@ -111,3 +112,26 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_counter = itertools.count()
+
+
+def make_run_cgroup(parent: str, prefix: str) -> str:
+    """A new cgroup `prefix`PID.N under `parent`, PID being ours. One of that
+    name is a leftover of an earlier process that had our pid: it goes first."""
+    path = os.path.join(parent, f"{prefix}{os.getpid()}.{next(_counter)}")
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        remove_cgroup(path)
+        os.mkdir(path)
+    return path
+
+
+def run_cgroup_owner(name: str, prefix: str) -> int | None:
+    """The pid in a run cgroup's name (see make_run_cgroup); None if not one."""
+    if not name.startswith(prefix):
+        return None
+    pid = name[len(prefix) :].split(".")[0]
+    return int(pid) if pid.isdigit() else None

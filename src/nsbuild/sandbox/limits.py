@@ -32,18 +32,17 @@ Stdlib only; the cgroup2 mount is found by nsbuild.sandbox.cgroupfs.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 
 from nsbuild.errors import NsbuildError
+from nsbuild.sandbox.cgroupfs import make_run_cgroup, run_cgroup_owner
 from nsbuild.sandbox.cgroupfs import pid_alive as _pid_alive
 from nsbuild.sandbox.cgroupfs import read as _read
 from nsbuild.sandbox.cgroupfs import remove_cgroup as remove
 from nsbuild.sandbox.cgroupfs import write as _write
 
 PREFIX = "nsbuild-limits."
-_counter = itertools.count()
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 # Smallest memory cap accepted: below this even the sandbox's setup cannot run.
@@ -196,7 +195,7 @@ def gc() -> list[str]:
                 if not name.startswith(PREFIX):
                     continue
                 dirnames.remove(name)  # never descend into one we judge
-                pid = _owner_pid(name)
+                pid = run_cgroup_owner(name, PREFIX)
                 if pid is not None and not _pid_alive(pid):
                     path = os.path.join(dirpath, name)
                     try:
@@ -230,7 +229,7 @@ def _prepare_v2(wanted: list[str], pids_max: int | None, memory_max: int | None,
                        f"controller{hint}")
     try:
         _enable(parent, wanted)
-        path = _make(parent)
+        path = make_run_cgroup(parent, PREFIX)
     except OSError as e:
         raise _NotHere(f"cannot create a cgroup under {parent}: {e.strerror}") from None
     try:
@@ -328,7 +327,7 @@ def _prepare_v1(wanted: list[str], pids_max: int | None, memory_max: int | None)
         for controller in wanted:
             if not _writable_v1(mounts[controller]):
                 raise _NotHere(f"cgroup v1 {mounts[controller]} is writable by root only")
-            made[controller] = _make(mounts[controller])
+            made[controller] = make_run_cgroup(mounts[controller], PREFIX)
         if pids_max is not None:
             _write(os.path.join(made["pids"], "pids.max"), str(pids_max))
         if memory_max is not None:
@@ -364,16 +363,6 @@ def _own_v1_cgroup(controller: str, mount: str) -> str:
 
 # ------------------------------------------------------------------- helpers
 
-def _make(parent: str) -> str:
-    path = os.path.join(parent, f"{PREFIX}{os.getpid()}.{next(_counter)}")
-    try:
-        os.mkdir(path)
-    except FileExistsError:  # a leftover of an earlier process with our pid
-        remove(path)
-        os.mkdir(path)
-    return path
-
-
 def _gc_roots() -> list[str]:
     from nsbuild.sandbox.cgroupfs import cgroup2_mount
 
@@ -388,9 +377,4 @@ def _gc_roots() -> list[str]:
             except _NotHere:
                 pass
     return roots
-
-
-def _owner_pid(name: str) -> int | None:
-    pid = name[len(PREFIX):].split(".")[0]
-    return int(pid) if pid.isdigit() else None
 
