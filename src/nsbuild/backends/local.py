@@ -19,7 +19,6 @@ Besides the session, the backend keeps on the host:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -66,13 +65,10 @@ def _cache_lock(caches: Mapping[str, Path]) -> Iterator[None]:
     if not caches:
         yield
         return
-    lock = next(iter(caches.values())).parent / ".lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    from nsbuild.envs.store import locked_file
+
+    with locked_file(next(iter(caches.values())).parent / ".lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 class LocalBackend(Backend):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import os
 import sys
 import time
@@ -136,15 +135,10 @@ def _note(choice: Choice, used: str) -> str | None:
 @contextlib.contextmanager
 def _creation_lock(name: str) -> Iterator[None]:
     from nsbuild.envs.paths import cache_dir
+    from nsbuild.envs.store import locked_file
 
-    path = cache_dir() / "locks" / f"create-{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with locked_file(cache_dir() / "locks" / f"create-{name}.lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 def _create(name: str, suite: str, aliases: tuple[str, ...], progress: IO[str] | None) -> None:

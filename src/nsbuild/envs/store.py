@@ -87,7 +87,8 @@ def tarball_digest(layout: Layout, path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, mode: int) -> Iterator[int]:
+def locked_file(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[int]:
+    """flock `path` (made if missing, with its parent) for the block; yields the fd."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -219,7 +220,7 @@ def use_base(env: EnvConfig, quiet: bool = False) -> Iterator[Base]:
         raise EnvError(f"environment {env.name!r} of Type {env.type} has no base layer")
     layout = layout_for(env)
     digest = tarball_digest(layout, env.path)
-    with _flock(layout.base_lock(digest), fcntl.LOCK_SH) as fd:
+    with locked_file(layout.base_lock(digest), fcntl.LOCK_SH) as fd:
         if not base_complete(layout, digest):
             # Converting to exclusive waits for other users and unpackers; then
             # look again: someone else may have unpacked it meanwhile.
@@ -235,7 +236,7 @@ def use_base(env: EnvConfig, quiet: bool = False) -> Iterator[Base]:
 
 def try_lock_for_delete(layout: Layout, digest: str) -> contextlib.AbstractContextManager[int]:
     """Exclusive, non-blocking: raises BlockingIOError while the base is in use."""
-    return _flock(layout.base_lock(digest), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return locked_file(layout.base_lock(digest), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def copy_tarball_atomically(
