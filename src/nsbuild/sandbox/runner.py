@@ -1,9 +1,12 @@
 """Execute a `Sandbox`: the process pipeline and its setup steps.
 
     nsbuild (parent, host)                 writes id maps, relays signals, waits
-      └─ helper (new user namespace)       unshares the rest, waits for init
-           └─ init, PID 1 (all namespaces) builds the root, pivots, reaps
-                └─ command                 drops privileges, execs
+      └─ helper (new user namespace)       unshares the rest, maps init's nested
+           │                               namespace, waits for init
+           └─ init, PID 1 (all namespaces) builds the root, pivots, locks the
+                │                          mounts, hardens itself, reaps
+                └─ command                 posix_spawn()ed: vfork and exec, no
+                                           copy of the Python process
 
 Setup failures travel back over a close-on-exec SEQPACKET channel; EOF on it
 means the command was exec'd. The same channel carries sockets made inside the
@@ -37,7 +40,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     from collections.abc import Callable
-    from typing import IO, NoReturn
+    from typing import IO, NoReturn, TypeVar
+
+    _T = TypeVar("_T")
 else:
     import _signal as signal
 
@@ -358,13 +363,21 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
 
         # A lifeline: init reads EOF on it if this helper is already gone.
         life_r, life_w = os.pipe()
+        # init asks on `ask` for the id map of its nested user namespace (the
+        # mount lock), which only a process of this namespace can write.
+        ask_r, ask_w = os.pipe()
+        mapped_r, mapped_w = os.pipe()
+        # The host's /proc, held open: init's pivot changes this process's
+        # root too, and /proc there would be the sandbox's own.
+        proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         m.Step.current = "fork init (PID 1)"
         init = os.fork()
         if init == 0:
-            os.close(life_w)
-            _init(spec, plan, chan, stdio, life_r, say)
-        os.close(life_r)
-        chan.sock.close()
+            for fd in (life_w, ask_r, mapped_w, proc):
+                os.close(fd)
+            _init(spec, plan, chan, stdio, life_r, (ask_w, mapped_r), say)
+        for fd in (life_r, ask_w, mapped_r):
+            os.close(fd)
         _close_stdio(stdio)
         m.release(plan)
 
@@ -376,6 +389,13 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
 
         for s in FORWARDED_SIGNALS:
             signal.signal(s, relay)
+        if os.read(ask_r, 1) == b"L":  # EOF: init failed, and reported why
+            m.Step.current = "map the ids of the nested user namespace"
+            _identity_map(proc, init, spec.idmap)
+            os.write(mapped_w, b"M")
+        for fd in (ask_r, mapped_w, proc):
+            os.close(fd)
+        chan.sock.close()
         _, status = os.waitpid(init, 0)
         code = os.waitstatus_to_exitcode(status)
         os._exit(128 - code if code < 0 else code)
@@ -386,7 +406,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
 # ------------------------------------------------------------------ PID 1
 
 def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
-          life_r: int, say: Callable[[str], None]) -> NoReturn:
+          life_r: int, lock: tuple[int, int], say: Callable[[str], None]) -> NoReturn:
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.set_blocking(life_r, False)
@@ -418,56 +438,44 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
 
         m.Step.current = "resolve user"
         creds = _resolve_user(spec.user) if spec.user else None
-
-        m.Step.current = "fork command"
-        ready_r, ready_w = os.pipe()
-        go_r, go_w = os.pipe()
-        child = os.fork()
-        if child == 0:
-            os.close(ready_r)
-            os.close(go_w)
-            _lock_mounts(chan, ready_w, go_r, say)
-            _command(spec, chan, stdio, creds, say)
-        os.close(ready_w)
-        os.close(go_r)
-        if os.read(ready_r, 1) == b"U":
-            _identity_map(child, spec.idmap)
-            os.write(go_w, b"M")
-        os.close(ready_r)
-        os.close(go_w)
+        _lock_mounts(*lock, say)
+        sources = _harden(spec, chan, stdio, creds, say)
+        command = _spawn_command(spec, chan, sources, creds, say)
         chan.sock.close()
         _close_stdio(stdio)
-        _reap(child, say)
+        _reap(command, say)
     except BaseException as e:
         report_failure(chan, e)
 
 
-def _lock_mounts(chan: Channel, ready_w: int, go_r: int, say: Callable[[str], None]) -> None:
-    """Move the command into a nested user and mount namespace. Mounts passed
-    to a less privileged mount namespace are locked by the kernel: root inside
-    can no longer make a read-only bind writable, or unmount one to see what
-    is under it. init, outside, gives the nested namespace the same ids."""
-    try:
-        m.Step.current = "lock mounts (nested user namespace)"
-        say("lock every mount: move the command into a nested user and mount namespace")
-        sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-        os.write(ready_w, b"U")
-        if os.read(go_r, 1) != b"M":
-            os._exit(SETUP_EXIT)
-        os.close(ready_w)
-        os.close(go_r)
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
-    except BaseException as e:
-        report_failure(chan, e)
+def _lock_mounts(ask_w: int, mapped_r: int, say: Callable[[str], None]) -> None:
+    """Move init, and so the command it starts, into a nested user and mount
+    namespace. Mounts passed to a less privileged mount namespace are locked by
+    the kernel: root inside can no longer make a read-only bind writable, or
+    unmount one to see what is under it. The helper, outside, gives the nested
+    namespace the same ids."""
+    m.Step.current = "lock mounts (nested user namespace)"
+    say("lock every mount: move into a nested user and mount namespace")
+    sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
+    os.write(ask_w, b"L")
+    if os.read(mapped_r, 1) != b"M":
+        os._exit(SETUP_EXIT)  # the helper failed, and reported why
+    os.close(ask_w)
+    os.close(mapped_r)
+    # Init now shares the command's user namespace: non-dumpable, so that root
+    # in there cannot ptrace PID 1 or read its memory (the kernel then asks for
+    # a capability in the namespace where init's memory began: the host's).
+    sc.prctl(sc.PR_SET_DUMPABLE, 0)
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 
 
-def _identity_map(pid: int, idmap: IdMap) -> None:
+def _identity_map(proc: int, pid: int, idmap: IdMap) -> None:
     # One line per outer range: the kernel refuses an extent that spans two
     # extents of the parent map.
     for name, ranges in (("uid_map", idmap.uids), ("gid_map", idmap.gids)):
         text = "\n".join(f"{r.inside} {r.inside} {r.count}" for r in ranges)
-        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+        fd = os.open(f"{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
         try:
             os.write(fd, text.encode())
         finally:
@@ -565,64 +573,109 @@ def _close_stdio(stdio: list[int | None]) -> None:
 
 # ---------------------------------------------------------------- command
 
-def _command(spec: Sandbox, chan: Channel, stdio: list[int | None],
-             creds: tuple[int, int, list[int], str] | None,
-             say: Callable[[str], None]) -> NoReturn:
+# Python ignores SIGPIPE and SIGXFSZ, and ignored dispositions survive exec;
+# the forwarded ones may have been ignored by nsbuild's own caller.
+_DEFAULT_IN_COMMAND = (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS)
+
+
+def _harden(spec: Sandbox, chan: Channel, stdio: list[int | None],
+            creds: tuple[int, int, list[int], str] | None,
+            say: Callable[[str], None]) -> list[int | None]:
+    """init's own hardening, which the command inherits through posix_spawn:
+    the session keyring, no_new_privs, the keyring filter, the working
+    directory, no stray descriptors; for another user, its groups and
+    bounding set. Returns the command's stdio sources, none of them in 0..2
+    unless in its own place (posix_spawn dup2s them in order)."""
+    if creds:
+        uid, gid, groups, _home = creds
+        m.Step.current = "switch user"
+        say(f"switch to uid {uid} gid {gid} at exec")
+        if uid != 0:
+            _drop_bounding_caps()
+        os.setgroups(groups)
+        # The real ids become the user's; posix_spawn's RESETIDS makes them the
+        # effective ones in the command, and exec the saved ones.
+        os.setresgid(gid, 0, 0)
+        os.setresuid(uid, 0, 0)
+    m.Step.current = "new session keyring"
+    say("new, empty session keyring: the caller's keys are out of reach")
+    sc.join_new_session_keyring()
+    m.Step.current = "change directory"
+    # As the user, not as root: access() checks with the real ids, which are
+    # now the user's, and without root's capabilities.
+    if creds and creds[0] != 0 and not os.access(spec.cwd, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), spec.cwd)
+    os.chdir(spec.cwd)
+    m.Step.current = "set no_new_privs"
+    say("set no_new_privs; close inherited descriptors")
+    sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    m.Step.current = "deny keyring system calls"
+    if sc.deny_keyring_syscalls():
+        say("keyring system calls fail (ENOSYS): the caller's keys are out of reach")
+    m.Step.current = "close inherited descriptors"
+    stdio = lift_stdio(stdio)
+    keep = {chan.sock.fileno(), *spec.pass_fds, *(fd for fd in stdio if fd is not None)}
+    close_fds(keep=keep)
+    for fd in spec.pass_fds:
+        os.set_inheritable(fd, True)
+    return stdio
+
+
+def _spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
+                   creds: tuple[int, int, list[int], str] | None,
+                   say: Callable[[str], None]) -> int:
+    """Start the command with posix_spawn (vfork and exec: no copy of this
+    Python process, which costs a fork and its page faults on every run) in a
+    new session, so that TIOCSTI cannot reach the caller's terminal."""
+    env = dict(spec.env)
+    if creds and "HOME" not in env:
+        env["HOME"] = creds[3]
+    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)
+               if fd is not None and fd != i]
+    m.Step.current = "exec"
+    if spec.new_session:
+        say("new session: no controlling terminal, so TIOCSTI cannot reach yours")
+    say(f"exec {' '.join(spec.argv)}")
+    argv = list(spec.argv)
     try:
-        install_stdio(stdio)
-        # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec.
-        for s in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
-            signal.signal(s, signal.SIG_DFL)
-        if spec.new_session:
-            m.Step.current = "new session"
-            say("new session: no controlling terminal, so TIOCSTI cannot reach yours")
-            os.setsid()
-        env = dict(spec.env)
-        if creds:
-            uid, gid, groups, home = creds
-            m.Step.current = "switch user"
-            say(f"switch to uid {uid} gid {gid}")
-            if uid != 0:
-                _drop_bounding_caps()
-            os.setgroups(groups)
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            if "HOME" not in env:
-                env["HOME"] = home
-        m.Step.current = "new session keyring"
-        say("new, empty session keyring: the caller's keys are out of reach")
-        sc.join_new_session_keyring()
-        m.Step.current = "change directory"
-        os.chdir(spec.cwd)
-        m.Step.current = "set no_new_privs"
-        say("set no_new_privs and the parent-death signal; close inherited descriptors")
-        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        m.Step.current = "deny keyring system calls"
-        if sc.deny_keyring_syscalls():
-            say("keyring system calls fail (ENOSYS): the caller's keys are out of reach")
-        close_fds(keep={chan.sock.fileno(), *spec.pass_fds})
-        for fd in spec.pass_fds:
-            os.set_inheritable(fd, True)
-        say(f"exec {' '.join(spec.argv)}")
+        return _first_on_path(argv[0], env, lambda path: os.posix_spawn(
+            path, argv, env, file_actions=actions, setsid=spec.new_session,
+            setsigdef=_DEFAULT_IN_COMMAND, resetids=creds is not None))
+    except OSError as e:
+        code = e.errno or errno.ENOENT
+        chan.send("EXEC", str(code), argv[0])
+        os._exit(127 if code == errno.ENOENT else 126)
+
+
+def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T]) -> _T:
+    """`start(path)` for each place of `name` on the command's own PATH (not
+    nsbuild's), as execvp looks: past missing entries; the first other error
+    (e.g. EACCES) is raised if nothing starts."""
+    if "/" in name:
+        return start(name)
+    first: OSError | None = None
+    for directory in (env.get("PATH") or "/usr/local/bin:/usr/bin:/bin").split(":"):
         try:
-            execvpe(spec.argv, env)
+            return start(os.path.join(directory or ".", name))
         except OSError as e:
-            chan.send("EXEC", str(e.errno or errno.ENOENT), spec.argv[0])
-            os._exit(127 if e.errno == errno.ENOENT else 126)
-    except BaseException as e:
-        report_failure(chan, e)
-    os._exit(SETUP_EXIT)
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR) and first is None:
+                first = e
+    raise first or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+def lift_stdio(stdio: list[int | None]) -> list[int | None]:
+    """The stdio sources, copied above 2 when one of them is itself in 0..2
+    but not in its own place (stdout and stderr swapped): dup2 onto 0, 1, 2 in
+    order would overwrite it first."""
+    if any(fd is not None and fd <= 2 and fd != i for i, fd in enumerate(stdio)):
+        return [None if fd is None else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                for fd in stdio]
+    return stdio
 
 
 def install_stdio(stdio: list[int | None]) -> None:
-    """dup2 each source onto 0, 1, 2. When a source is itself one of 0..2 and
-    would be overwritten first (stdout and stderr swapped), copy every source
-    above 2 first."""
-    if any(fd is not None and fd <= 2 and fd != i for i, fd in enumerate(stdio)):
-        stdio = [None if fd is None else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-                 for fd in stdio]
-    for i, fd in enumerate(stdio):
+    """dup2 each source onto 0, 1, 2."""
+    for i, fd in enumerate(lift_stdio(stdio)):
         if fd is not None and fd != i:
             os.dup2(fd, i)
 
@@ -630,19 +683,8 @@ def install_stdio(stdio: list[int | None]) -> None:
 def execvpe(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
     """os.execvpe without os.get_exec_path, which imports warnings (~1 ms
     before every command): search the command's own PATH."""
-    if "/" in argv[0]:
-        os.execve(argv[0], list(argv), env)
-    path = env.get("PATH") or "/usr/local/bin:/usr/bin:/bin"
-    first: OSError | None = None
-    for directory in path.split(":"):
-        try:
-            os.execve(os.path.join(directory or ".", argv[0]), list(argv), env)
-        except OSError as e:
-            # Like execvp: keep looking past missing entries, report the first
-            # other error (e.g. EACCES) if nothing else runs.
-            if e.errno not in (errno.ENOENT, errno.ENOTDIR) and first is None:
-                first = e
-    raise first or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+    _first_on_path(argv[0], env, lambda path: os.execve(path, list(argv), env))
+    raise AssertionError("unreachable: execve returned")
 
 
 def _drop_bounding_caps() -> None:
