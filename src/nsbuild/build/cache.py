@@ -464,6 +464,13 @@ def apt_cache_root() -> Path:
     return cache_dir() / "apt"
 
 
+def apt_cache_dir(env_name: str) -> Path:
+    """One environment's apt caches: `apt-lists/`, `apt-archives/` and `.lock`,
+    held exclusively by whoever writes them (shared by the virt server while
+    it takes a snapshot of them)."""
+    return apt_cache_root() / env_name
+
+
 def _gc_apt_caches(
     configured: set[str], max_age_days: float, dry_run: bool, errs: list[str]
 ) -> list[str]:

@@ -131,7 +131,7 @@ def prepare(spec: Sandbox) -> Plan:
 
 
 def _check_overlay(o: Overlay) -> None:
-    for p in (*o.lowers, o.upper, o.work):
+    for p in (*o.lowers, *(() if o.tmpfs_size else (o.upper, o.work))):
         if not os.path.isdir(p):
             raise SetupError("check overlay directory", errno.ENOENT, p)
 
@@ -178,7 +178,7 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step]) -> None:
     else:
         at("mount overlay root")
         _forget_volatile_mark(root)
-        sc.mount("overlay", NEW, "overlay", sc.MS_NOSUID, _overlay_data(root))
+        sc.mount("overlay", NEW, "overlay", sc.MS_NOSUID, _overlay_data(root, "root", step))
     root_fd = os.open(NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for n, p in enumerate(plan.mounts):
@@ -219,7 +219,7 @@ def _forget_volatile_mark(o: Overlay) -> None:
     # refuses the next mount while it is there (the upper may have lost writes
     # in a crash). Overlay.volatile means the caller vouches for the tree (a
     # throwaway session of a live owner: no restart since its last mount).
-    if o.volatile:
+    if o.volatile and not o.tmpfs_size:
         mark = OLD + o.work + "/work/incompat/volatile"
         for remove, path in ((os.unlink, mark + "/dirty"), (os.rmdir, mark)):
             try:
@@ -228,9 +228,26 @@ def _forget_volatile_mark(o: Overlay) -> None:
                 pass
 
 
-def _overlay_data(o: Overlay) -> str:
+def _upper_tmpfs(o: Overlay, name: str, step: type[Step]) -> tuple[str, str]:
+    """A fresh tmpfs for the overlay's writes, in the scratch base (never seen
+    by the sandbox's commands; the overlay keeps it alive after the base is
+    detached). Returns its upper and work directories."""
+    step.current = f"mount tmpfs for the overlay upper on {o.dst}"
+    at = f"/upper-{name}"
+    os.mkdir(at)
+    sc.mount("tmpfs", at, "tmpfs", _NOSUID_NODEV, f"mode=0755,size={o.tmpfs_size}")
+    os.mkdir(at + "/upper")
+    os.mkdir(at + "/work")
+    step.current = f"mount overlay on {o.dst} (upper on tmpfs)"
+    return at + "/upper", at + "/work"
+
+
+def _overlay_data(o: Overlay, name: str, step: type[Step]) -> str:
     lowers = ":".join(_overlay_escape(OLD + p) for p in o.lowers)
-    upper, work = _overlay_escape(OLD + o.upper), _overlay_escape(OLD + o.work)
+    if o.tmpfs_size:
+        upper, work = (_overlay_escape(p) for p in _upper_tmpfs(o, name, step))
+    else:
+        upper, work = _overlay_escape(OLD + o.upper), _overlay_escape(OLD + o.work)
     # userxattr: the only way overlayfs works inside a user namespace (>= 5.11).
     data = f"lowerdir={lowers},upperdir={upper},workdir={work},userxattr"
     return data + ",volatile" if o.volatile else data
@@ -322,7 +339,7 @@ def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
     elif isinstance(mnt, Overlay):
         _forget_volatile_mark(mnt)
         _mount_at(root_fd, mnt.dst, "dir", "overlay", "overlay", sc.MS_NOSUID,
-                  _overlay_data(mnt))
+                  _overlay_data(mnt, str(n), Step))
     elif isinstance(mnt, Dir):
         os.close(_open_in_root(root_fd, mnt.dst, "dir"))
     elif isinstance(mnt, Symlink):

@@ -64,7 +64,9 @@ class Overlay:
     """overlayfs at `dst`: `lowers` (top first) read-only, writes go to `upper`.
 
     `upper` and `work` must be empty-or-owned directories on one filesystem
-    that does not overlap the lowers (the kernel refuses otherwise)."""
+    that does not overlap the lowers (the kernel refuses otherwise), or both
+    empty with `tmpfs_size` set: the writes then go to a fresh tmpfs of that
+    size (e.g. "4G", "50%"), made inside the sandbox and gone with it."""
 
     lowers: tuple[str, ...]
     upper: str
@@ -76,10 +78,12 @@ class Overlay:
     # same upper (the kernel's crash mark is removed); after a restart such an
     # upper must be discarded, as gc does with a dead owner's throwaway session.
     volatile: bool = False
+    tmpfs_size: str | None = None
 
     def describe(self) -> str:
         how = ", volatile: fsync is a no-op" if self.volatile else ""
-        return f"overlay on {self.dst} (lower {':'.join(self.lowers)}, upper {self.upper}{how})"
+        upper = f"a tmpfs of {self.tmpfs_size}" if self.tmpfs_size else self.upper
+        return f"overlay on {self.dst} (lower {':'.join(self.lowers)}, upper {upper}{how})"
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,9 @@ class Sandbox:
         for k, _ in self.env:
             if not k or "=" in k or "\0" in k:
                 raise SpecError(f"bad environment variable name: {k!r}")
+        for m in (self.root, *self.mounts):
+            if isinstance(m, Overlay) and bool(m.tmpfs_size) == bool(m.upper or m.work):
+                raise SpecError(f"overlay on {m.dst}: give either upper and work, or tmpfs_size")
         for m in self.mounts:
             _check_dst(m.dst)
         if not any(isinstance(m, Proc) for m in self.mounts):

@@ -71,6 +71,8 @@ def main(argv: list[str]) -> int:
         return _fail(GONE)
     except (NsbuildError, OSError, ValueError) as e:
         return _fail(str(e))
+    if status != 0:
+        _say_if_full(record, pid)
     if status >= 128:
         # Killed: by a signal of its own, or with the whole testbed?
         try:
@@ -99,6 +101,32 @@ def _with_proxy(record: str, pid: int, start: int, cgroup: str | None, command: 
         return enter(pid, command, env=tuple(env.items()), new_net=True,
                      inside_sockets=plan.inside_sockets, cgroup=cgroup, expect_start=start,
                      on_start=lambda proc: plan.serve(proc.sockets))  # fmt: skip
+
+
+def _say_if_full(record: str, pid: int) -> None:
+    """After a failed command: if the testbed has no space left, say so in
+    one line (the command itself only said 'No space left on device')."""
+    try:
+        # The testbed's root as its processes see it; the overlay reports
+        # the space of its upper, the tmpfs or the session's disk.
+        st = os.statvfs(f"/proc/{pid}/root")
+    except OSError:
+        return
+    if st.f_bavail > 0:
+        return
+    import json
+
+    try:
+        with open(record) as f:
+            size = json.load(f).get("tmpfs_size")
+    except (OSError, ValueError, AttributeError):
+        size = None
+    total = st.f_blocks * st.f_frsize >> 20
+    if size:
+        sys.stderr.write(f"{PROG}: the testbed's tmpfs is full ({total} MiB, --tmpfs {size}): "
+                         "give the server a larger --tmpfs SIZE, or --no-tmpfs\n")  # fmt: skip
+    else:
+        sys.stderr.write(f"{PROG}: the testbed's disk is full ({total} MiB)\n")
 
 
 def _fail(message: str) -> int:

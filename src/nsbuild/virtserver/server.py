@@ -37,6 +37,10 @@ PROG = "autopkgtest-virt-nsbuild"
 # As long as autopkgtest's own servers wait for a copy.
 COPY_TIMEOUT = float(os.environ.get("AUTOPKGTEST_VIRT_COPY_TIMEOUT", "300"))
 SETUP_TIMEOUT = 300.0
+# The testbed's writes go to a tmpfs of this size (the kernel's own default
+# for a tmpfs: half of the RAM); it only takes the memory that is written.
+DEFAULT_TMPFS = "50%"
+_SIZE_RE = r"[1-9][0-9]*[kKmMgG%]?"
 
 # Made at open: a user for tests that do not need root, as autopkgtest asks.
 _MAKE_USER = """
@@ -72,9 +76,15 @@ class Signalled(BaseException):
 
 
 class Server:
-    def __init__(self, config: EnvConfig, policy: NetPolicy) -> None:
+    def __init__(self, config: EnvConfig, policy: NetPolicy,
+                 tmpfs_size: str | None = DEFAULT_TMPFS, apt_cache: bool = True,
+                 debug: bool = False) -> None:  # fmt: skip
         self.config = config
         self.policy = policy
+        self.tmpfs_size = tmpfs_size
+        # A `Type: host` environment's apt folders are the host's own.
+        self.apt_cache = apt_cache and config.type != "host"
+        self.debug = debug
         self.testbed: Testbed | None = None
         self.live: LiveSandbox | None = None
         self.normal_user: str | None = None
@@ -140,10 +150,19 @@ class Server:
         stack = ExitStack()
         try:
             session = stack.enter_context(throwaway(self.config))
-            testbed = Testbed(str(session.dir), self.policy, session.mirrors())
+            testbed = Testbed(str(session.dir), self.policy, session.mirrors(), self.tmpfs_size,
+                              self.apt_cache)  # fmt: skip
             testbed.downtmp_host.mkdir()
             # Writable by the test user too, as autopkgtest's own downtmp is.
             testbed.downtmp_host.chmod(0o1777)
+            if self.apt_cache:
+                from nsbuild.virtserver.aptcache import AptCache
+
+                cache = AptCache(self.config.name, session.dir)
+                cache.snapshot(session.lowers)
+                # Runs after the sandbox is gone (the stack unwinds in
+                # reverse), before the session is deleted.
+                stack.callback(self._harvest, cache)
             # After the downtmp: the sandbox binds it.
             live = stack.enter_context(LiveSandbox(testbed, session))
             self.testbed, self.live, self._stack = testbed, live, stack
@@ -164,6 +183,19 @@ class Server:
             stack.close()
             raise
         return DOWNTMP
+
+    def _harvest(self, cache: object) -> None:
+        from nsbuild.virtserver.aptcache import AptCache
+
+        assert isinstance(cache, AptCache)
+        try:
+            cache.harvest(self._say)
+        except Exception as e:  # the testbed closes all the same
+            sys.stderr.write(f"{PROG}: warning: the apt cache was not updated: {e}\n")
+
+    def _say(self, text: str) -> None:
+        if self.debug:
+            sys.stderr.write(f"{PROG}: {text}\n")
 
     def teardown(self) -> None:
         """Close the testbed: its sandbox is killed with every command in it,
@@ -384,9 +416,34 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "Commands get no network unless --net says otherwise.",
     )
     parser.add_argument("-d", "--debug", action="store_true", help="log the protocol on stderr")
+    parser.add_argument(
+        "--tmpfs",
+        metavar="SIZE",
+        default=DEFAULT_TMPFS,
+        help="keep the testbed's writes in a tmpfs of at most SIZE (e.g. 8G, or 25%% of the "
+        f"RAM; default {DEFAULT_TMPFS.replace('%', '%%')}): a full tmpfs fails the writes "
+        "with 'No space left on device'",
+    )
+    parser.add_argument(
+        "--no-tmpfs",
+        dest="tmpfs",
+        action="store_const",
+        const=None,
+        help="keep the testbed's writes on disk, in its session directory",
+    )
+    parser.add_argument(
+        "--no-apt-cache",
+        dest="apt_cache",
+        action="store_false",
+        help="do not share the environment's apt package lists and .debs between testbeds",
+    )
     net.add_arguments(parser)
     parser.add_argument("env", metavar="ENV", help="nsbuild environment name or alias")
     args = parser.parse_args(argv)
+    import re
+
+    if args.tmpfs is not None and not re.fullmatch(_SIZE_RE, args.tmpfs):
+        parser.error(f"--tmpfs {args.tmpfs!r}: expected a size such as 512M, 8G or 50%")
     # `--net allow` alone means what tests that need the archive want: the
     # environment's own mirrors.
     if args.net == "allow" and not args.allow and not args.allow_from_env:
@@ -422,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     if policy.mode == "host":
         sys.stderr.write(f"{PROG}: warning: --net host: commands share the host's network, "
                          "its loopback services and abstract sockets\n")  # fmt: skip
-    server = Server(config, policy)
+    server = Server(config, policy, args.tmpfs, args.apt_cache, args.debug)
 
     def on_signal(signum: int, _frame: object) -> None:
         raise Signalled(signum)

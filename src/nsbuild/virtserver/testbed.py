@@ -85,6 +85,11 @@ class Testbed:
     session_dir: str
     net: NetPolicy = field(default_factory=NetPolicy)
     mirrors: tuple[str, ...] = ()
+    # The size of the tmpfs that takes the testbed's writes (None: the
+    # session's upper directory on disk).
+    tmpfs_size: str | None = None
+    # The environment's apt caches are seen through overlays (aptcache.py).
+    apt_cache: bool = False
 
     @property
     def record(self) -> Path:
@@ -117,6 +122,8 @@ class Testbed:
                 log=net.get("log"),
             ),
             mirrors=tuple(data.get("mirrors", ())),
+            tmpfs_size=data.get("tmpfs_size"),
+            apt_cache=data.get("apt_cache") is True,
         )
 
     def sandbox(
@@ -131,14 +138,23 @@ class Testbed:
     ) -> Sandbox:
         """A sandbox running `argv` as root in the session, with the shared
         downtmp and a /tmp that lives in the session (no tmpfs over it)."""
-        from nsbuild.sandbox import Bind, Sandbox, Tmpfs, caller_idmap
+        from nsbuild.sandbox import Bind, Overlay, Sandbox, Tmpfs, caller_idmap
 
         mounts = [m for m in session.mounts if not (isinstance(m, Tmpfs) and m.dst == "/tmp")]
         mounts.append(Bind(str(self.downtmp_host), DOWNTMP))
+        if self.apt_cache:
+            from nsbuild.virtserver.aptcache import AptCache
+
+            mounts.extend(AptCache(session.config.name, self.session_dir).mounts())
+        root = session.root
+        if self.tmpfs_size and isinstance(root, Overlay):
+            # The testbed is thrown away whole at revert and close: its writes
+            # (installed packages, /tmp) need never reach the disk.
+            root = Overlay(root.lowers, "", "", "/", volatile=True, tmpfs_size=self.tmpfs_size)
         return Sandbox(
             argv=tuple(argv),
             idmap=caller_idmap(),
-            root=session.root,
+            root=root,
             mounts=(*mounts, *extra_mounts),
             env=(*session.env, *extra_env),
             share_net=share_net,
