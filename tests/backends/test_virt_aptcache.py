@@ -1,0 +1,172 @@
+"""autopkgtest-virt-nsbuild shares the environment's apt caches between testbeds.
+
+What a client sees, with the real apt and Debian's archive: a later testbed
+finds the package lists and the .debs an earlier one downloaded (apt says
+"Need to get 0 B" and fetches no index again), yet every testbed starts
+pristine; what code in a testbed forges in apt's folders (an index, a
+signature, a .deb) never reaches the cache or a later testbed; two testbeds
+open at once on the same cache both feed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from virt_helpers import Env
+
+from nsbuild.backends.virtproto import VirtServer
+from nsbuild.envs import remove_tree
+
+pytestmark = pytest.mark.userns
+
+# Small packages with no dependencies beyond what the buildd tarball holds.
+FIRST, SECOND = "m4", "ed"
+MAIN_PACKAGES = "/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages"
+MAIN_RELEASE = "/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease"
+APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-o", "APT::Install-Recommends=false"]
+
+
+@pytest.fixture
+def cache(tools: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The environment's apt cache, emptied: each test starts cold."""
+    for key in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "PATH"):
+        monkeypatch.setenv(key, tools.vars[key])
+    path = tools.cache / "nsbuild" / "apt" / "bookworm"
+    remove_tree(path)
+    yield path
+
+
+def _server() -> VirtServer:
+    return VirtServer(["autopkgtest-virt-nsbuild", "--net", "allow", "bookworm"])
+
+
+def _exec(cmd: list[str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cmd, *argv], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600)  # fmt: skip
+
+
+def _ok(cmd: list[str], *argv: str) -> str:
+    done = _exec(cmd, *argv)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _downloads(apt_output: str) -> list[str]:
+    """What apt fetched: its `Get:N URL ...` lines."""
+    return [ln for ln in apt_output.splitlines() if re.match(r"Get:\d+ ", ln)]
+
+
+def test_a_later_testbed_downloads_nothing_again_and_starts_pristine(cache: Path) -> None:
+    srv = _server()
+    try:
+        srv.open()
+        ex = srv.execute_command()
+        cold = _ok(ex, *APT, "update")
+        assert any("Packages" in ln for ln in _downloads(cold))
+        got = _ok(ex, *APT, "install", "-y", FIRST)
+        assert any(f" {FIRST} " in ln for ln in _downloads(got))
+
+        srv.revert()
+        ex = srv.execute_command()
+        # Pristine: the package is not installed in the new testbed...
+        assert _exec(ex, "dpkg", "-s", FIRST).returncode != 0
+        # ...but apt's lists are there, and an update fetches no index again.
+        assert _ok(ex, "apt-cache", "policy", FIRST).count("Candidate: (none)") == 0
+        warm = _ok(ex, *APT, "update")
+        assert not [ln for ln in _downloads(warm) if "Packages" in ln or "Translation" in ln]
+        again = _ok(ex, *APT, "install", "-y", FIRST)
+        assert _downloads(again) == [], again
+        assert re.search(r"Need to get 0 B/", again), again
+        assert _exec(ex, "dpkg", "-s", FIRST).returncode == 0
+        srv.close()
+    finally:
+        srv.stop()
+    assert list((cache / "apt-archives").glob(f"{FIRST}_*.deb"))
+
+
+def test_what_a_testbed_forges_never_reaches_the_cache(cache: Path) -> None:
+    srv = _server()
+    try:
+        srv.open()
+        ex = srv.execute_command()
+        _ok(ex, *APT, "update")
+        _ok(ex, *APT, "install", "-y", "--download-only", FIRST)
+        srv.revert()  # the real lists and .deb are taken into the cache
+        ex = srv.execute_command()
+        debs = list((cache / "apt-archives").glob(f"{FIRST}_*.deb"))
+        assert len(debs) == 1
+        good_deb = hashlib.sha256(debs[0].read_bytes()).hexdigest()
+        packages = cache / "apt-lists" / Path(MAIN_PACKAGES).name
+        good_packages = hashlib.sha256(packages.read_bytes()).hexdigest()
+
+        # Root in the testbed forges: an index with a made-up version (same
+        # size), an InRelease without a good signature, a .deb no index
+        # knows, and the cached .deb overwritten in place (same size).
+        forge = (
+            f"sed -i 's/^Version: 1.4.19-3$/Version: 9.4.19-3/' {MAIN_PACKAGES} && "
+            f"grep -q '^Version: 9.4.19-3$' {MAIN_PACKAGES} && "
+            f"sed -i 's/^Date: .*/Date: Fri, 01 Jan 2100 00:00:00 UTC/' {MAIN_RELEASE} && "
+            "echo not-a-deb > /var/cache/apt/archives/hello_9.9-9_amd64.deb && "
+            f"f=$(ls /var/cache/apt/archives/{FIRST}_*.deb) && "
+            'printf XXXXXXXX | dd of="$f" bs=1 seek=5000 conv=notrunc status=none'
+        )
+        _ok(ex, "sh", "-c", forge)
+        srv.revert()
+
+        ex = srv.execute_command()
+        assert "9.4.19-3" not in _ok(ex, "apt-cache", "policy", FIRST)
+        assert "2100" not in _ok(ex, "grep", "^Date:", MAIN_RELEASE)
+        assert _exec(ex, "ls", "/var/cache/apt/archives/hello_9.9-9_amd64.deb").returncode != 0
+        # The cached .deb is the archive's own: it installs.
+        _ok(ex, *APT, "install", "-y", FIRST)
+        srv.close()
+    finally:
+        srv.stop()
+    assert not list((cache / "apt-archives").glob("hello_*"))
+    assert hashlib.sha256(debs[0].read_bytes()).hexdigest() == good_deb
+    assert hashlib.sha256(packages.read_bytes()).hexdigest() == good_packages
+
+
+def test_testbeds_open_at_once_both_feed_the_cache(cache: Path) -> None:
+    servers = [_server(), _server()]
+    errors: list[BaseException] = []
+
+    def use(srv: VirtServer, package: str) -> None:
+        try:
+            srv.open()
+            ex = srv.execute_command()
+            _ok(ex, *APT, "update")
+            _ok(ex, *APT, "install", "-y", "--download-only", package)
+            srv.close()
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=use, args=(srv, pkg))
+                   for srv, pkg in zip(servers, (FIRST, SECOND), strict=True)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+    finally:
+        for srv in servers:
+            srv.stop()
+    for package in (FIRST, SECOND):
+        assert list((cache / "apt-archives").glob(f"{package}_*.deb")), package
+
+    third = _server()
+    try:
+        third.open()
+        ex = third.execute_command()
+        got = _ok(ex, *APT, "install", "-y", "--download-only", FIRST, SECOND)
+        assert _downloads(got) == [], got
+        third.close()
+    finally:
+        third.stop()
