@@ -1,10 +1,11 @@
 """Execute a `Sandbox`: the process pipeline and its setup steps.
 
     nsbuild (parent, host)                 writes id maps, relays signals, waits
-      └─ helper (new user namespace)       unshares the rest, maps init's nested
-           │                               namespace, waits for init
-           └─ init, PID 1 (all namespaces) builds the root, pivots, locks the
-                │                          mounts, hardens itself, reaps
+      └─ helper (new user namespace)       unshares the rest, forks init at once,
+           │                               maps init's nested namespace, waits
+           └─ init, PID 1 (all namespaces) waits for the id maps, builds the
+                │                          root, pivots, locks the mounts,
+                │                          hardens itself, reaps
                 └─ command                 posix_spawn()ed: vfork and exec, no
                                            copy of the Python process
 
@@ -241,17 +242,20 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
 
 def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket,
                  say: Callable[[str], None]) -> tuple[list[_socket.socket], str | None]:
-    # Step: the helper has its user namespace; give it ids before it goes on.
+    if spec.cgroup:
+        # Before the helper forks init or makes its cgroup namespace, whose
+        # root is the cgroup at that moment; it waits for the word.
+        say(f"place sandbox in cgroup {spec.cgroup}")
+        try:
+            with open(os.path.join(spec.cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        except OSError as e:
+            raise SandboxError(f"placing the sandbox in cgroup {spec.cgroup}: "
+                               f"{e.strerror}") from None
+        sock.send(b"C")
+    # Step: the helper has its user namespace; give it ids (init waits for them).
     ready = sock.recv(64)
     if ready == b"U":
-        if spec.cgroup:
-            say(f"place sandbox in cgroup {spec.cgroup}")
-            try:
-                with open(os.path.join(spec.cgroup, "cgroup.procs"), "w") as f:
-                    f.write(str(pid))
-            except OSError as e:
-                raise SandboxError(f"placing the sandbox in cgroup {spec.cgroup}: "
-                                   f"{e.strerror}") from None
         say(_describe_idmap(pid, spec.idmap))
         write_maps(pid, spec.idmap)
         sock.send(b"M")
@@ -321,6 +325,11 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
     try:
         for s in FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:
+            os._exit(SETUP_EXIT)  # nsbuild died before the signal was set
+        if spec.cgroup and chan.sock.recv(1) != b"C":
+            os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to place us
         if spec.new_session:
             # Out of the caller's process group: terminal signals reach nsbuild
             # only, which relays them once, down the chain, to the command.
@@ -329,13 +338,12 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         say("unshare user namespace (first, so it owns every other namespace)")
         sc.unshare(sc.CLONE_NEWUSER)
         chan.send("U")
-        # The other namespaces need only the capabilities unshare just gave,
-        # not mapped ids: make them while nsbuild writes the id maps.
-        flags = sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
-        # The cgroup namespace's root is the cgroup at unshare time: when nsbuild
-        # places the sandbox in a cgroup (with the maps), it comes after that.
-        if not spec.cgroup:
-            flags |= sc.CLONE_NEWCGROUP
+        # The other namespaces, and init, need only the capabilities unshare
+        # just gave, not mapped ids: make them while nsbuild writes the maps.
+        # This helper never changes its ids: it stays dumpable and keeps its
+        # parent-death signal.
+        flags = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
+                 | sc.CLONE_NEWCGROUP)
         if not spec.share_net:
             flags |= sc.CLONE_NEWNET
         m.Step.current = "unshare mount, PID, IPC, UTS, cgroup and network namespaces"
@@ -343,23 +351,6 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
             (" namespaces (sharing the host network)" if spec.share_net
              else " and network namespaces"))
         sc.unshare(flags)
-        if chan.sock.recv(1) != b"M":
-            os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to map ids
-        if spec.cgroup:
-            sc.unshare(sc.CLONE_NEWCGROUP)
-        m.Step.current = "become root in the user namespace"
-        os.setresgid(0, 0, 0)
-        if spec.idmap.full:
-            os.setgroups([])
-        os.setresuid(0, 0, 0)
-        # Changing uid made us non-dumpable: our /proc files would belong to
-        # host root, and init could not write the nested id map of the command.
-        sc.prctl(sc.PR_SET_DUMPABLE, 1)
-        # Credential changes clear the parent-death signal: set it afterwards,
-        # then check nsbuild did not die in between.
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:
-            os._exit(SETUP_EXIT)
 
         # A lifeline: init reads EOF on it if this helper is already gone.
         life_r, life_w = os.pipe()
@@ -410,11 +401,22 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.set_blocking(life_r, False)
-        try:
-            if os.read(life_r, 1) == b"":
-                os._exit(SETUP_EXIT)  # the helper died before we were watching
-        except BlockingIOError:
-            pass
+        _check_lifeline(life_r)
+        m.Step.current = "wait for the id maps"
+        if chan.sock.recv(1) != b"M":
+            os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to map ids
+        m.Step.current = "become root in the user namespace"
+        os.setresgid(0, 0, 0)
+        if spec.idmap.full:
+            os.setgroups([])
+        os.setresuid(0, 0, 0)
+        # Changing ids (nsbuild run by root: host root becomes the range's
+        # first id) makes a process non-dumpable, with /proc files the helper
+        # could not write the nested id map through; and clears the
+        # parent-death signal: set both again, then check the helper lives.
+        sc.prctl(sc.PR_SET_DUMPABLE, 1)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _check_lifeline(life_r)
         os.close(life_r)
 
         m.build_root(spec, plan, say, m.Step)
@@ -446,6 +448,14 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         _reap(command, say)
     except BaseException as e:
         report_failure(chan, e)
+
+
+def _check_lifeline(life_r: int) -> None:
+    try:
+        if os.read(life_r, 1) == b"":
+            os._exit(SETUP_EXIT)  # the helper died before we were watching
+    except BlockingIOError:
+        pass
 
 
 def _lock_mounts(ask_w: int, mapped_r: int, say: Callable[[str], None]) -> None:
