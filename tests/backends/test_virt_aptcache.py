@@ -170,3 +170,21 @@ def test_testbeds_open_at_once_both_feed_the_cache(cache: Path) -> None:
         third.close()
     finally:
         third.stop()
+
+
+def test_the_environments_own_lists_stay_below_the_cached_ones(tmp_path: Path) -> None:
+    """An environment that ships package lists keeps them: the cache's
+    overlay on apt's folders has the layers' own folders below the snapshot."""
+    from nsbuild.sandbox import Overlay
+    from nsbuild.virtserver.aptcache import AptCache
+
+    with_lists, without = tmp_path / "top", tmp_path / "base"
+    (with_lists / "var/lib/apt/lists").mkdir(parents=True)
+    without.mkdir()
+    mounts = AptCache("bookworm", tmp_path / "session").mounts([str(with_lists), str(without)])
+    lists = [m for m in mounts if isinstance(m, Overlay) and m.dst == "/var/lib/apt/lists"]
+    assert len(lists) == 1
+    assert lists[0].lowers == (
+        str(tmp_path / "session/apt/apt-lists/lower"),
+        str(with_lists / "var/lib/apt/lists"),
+    )

@@ -98,16 +98,18 @@ class AptCache:
         self.cache = apt_cache_dir(env_name)
         self.dir = Path(session_dir) / "apt"
 
-    def mounts(self) -> tuple[Mount, ...]:
-        """The overlays on apt's folders (made by snapshot())."""
+    def mounts(self, lowers: Sequence[str]) -> tuple[Mount, ...]:
+        """The overlays on apt's folders (made by snapshot()): the cached
+        files over what the environment's own layers `lowers` (top first)
+        hold there, so an environment that ships package lists keeps them."""
         from nsbuild.sandbox import Overlay
 
-        parts = {name: [str(self.dir / name / sub) for sub in ("lower", "upper", "work")]
-                 for name in MOUNTS}  # fmt: skip
-        return tuple(
-            Overlay((parts[name][0],), parts[name][1], parts[name][2], dst, volatile=True)
-            for name, dst in MOUNTS.items()
-        )
+        out: list[Mount] = []
+        for name, dst in MOUNTS.items():
+            mine = [str(self.dir / name / sub) for sub in ("lower", "upper", "work")]
+            below = [f"{layer}{dst}" for layer in lowers if os.path.isdir(f"{layer}{dst}")]
+            out.append(Overlay((mine[0], *below), mine[1], mine[2], dst, volatile=True))
+        return tuple(out)
 
     def snapshot(self, lowers: Sequence[str]) -> None:
         """Hard links of the cached files, for the testbed to see; and the
@@ -168,6 +170,8 @@ class AptCache:
         cached = _files(cache, _LIST_RE)
         take: dict[str, Path] = {}
         drop: set[str] = set()
+        # Fetched again, unchanged: nothing to take.
+        same = {n for n, path in new.items() if n in cached and _same(path, cached[n])}
         releases = sorted({n for n in (*new, *cached) if n.endswith("_InRelease")})
         prefixes = [r[: -len("InRelease")] for r in releases]
         for rel, prefix in zip(releases, prefixes, strict=True):
@@ -193,7 +197,7 @@ class AptCache:
                     owner = max((p for p in prefixes if fname.startswith(p)), key=len, default="")
                     if owner == prefix and fname != rel and fname not in vouched:
                         drop.add(fname)
-        for fname in sorted(set(new) - set(take)):
+        for fname in sorted(set(new) - set(take) - same):
             say(f"apt cache: not taken (not verified): lists/{fname}")
         for fname in sorted(drop - set(take)):
             (cache / fname).unlink(missing_ok=True)

@@ -145,7 +145,8 @@ class Testbed:
         if self.apt_cache:
             from nsbuild.virtserver.aptcache import AptCache
 
-            mounts.extend(AptCache(session.config.name, self.session_dir).mounts())
+            layers = session.lowers if session.config.type != "host" else ()
+            mounts.extend(AptCache(session.config.name, self.session_dir).mounts(layers))
         root = session.root
         if self.tmpfs_size and isinstance(root, Overlay):
             # The testbed is thrown away whole at revert and close: its writes
