@@ -7,13 +7,13 @@ the next message, to be parsed and decided on its own.
 
 Bodies are copied through a large user-space buffer, one per relaying thread
 (so an idle kept-alive connection holds none). Measured on loopback
-(bench/egress, 2 CPUs shared by server, proxy and client), the size matters:
-with 4 MiB reads and writes the proxied path costs 0.49-0.50 CPU-seconds per
-GB (a direct download 0.46-0.47), with 1 MiB 0.69 — the proxy then wakes
-three times as often and moves less each time. splice(2) costs the proxy
-itself less but passes on the server's page-sized pieces, which the receiver
-reads more slowly. One loop serves every body: Content-Length, chunked, to
-EOF, tunnels.
+(bench/egress, 2 CPUs shared by server, proxy and client, quiet machine), the
+size matters: with 4 MiB reads and writes the proxied path costs 0.49-0.50
+CPU-seconds per GB (a direct download 0.46-0.47), with 1 MiB 0.69 — the proxy
+then wakes three times as often and moves less each time. splice(2) costs
+the proxy itself less but passes on the server's page-sized pieces, which
+the receiver reads more slowly. One loop serves every body: Content-Length,
+chunked, to EOF, tunnels.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 
 from nsbuild.net.httphead import MAX_HEAD, BadRequest, chunk_size
 
-COPY_BUF = 4 * 1024 * 1024  # see above: the relay's cost per byte falls up to here
+COPY_BUF = 4 * 1024 * 1024  # see above; 2 MiB gained nothing, 8 and 16 MiB no more than 4
 MAX_LINE = 4096  # a chunk-size or trailer line
 
 _relay = threading.local()  # .buf: this thread's copy buffer, made when it first needs one
