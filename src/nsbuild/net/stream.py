@@ -7,14 +7,14 @@ the next message, to be parsed and decided on its own.
 
 Bodies are copied through a large user-space buffer, one per relaying thread
 (a client connection's, a tunnel's second one; server connections waiting in
-the pool hold none). Measured on loopback
-(bench/egress, 2 CPUs shared by server, proxy and client, quiet machine), the
-size matters: with 4 MiB reads and writes the proxied path costs 0.49-0.50
-CPU-seconds per GB (a direct download 0.46-0.47), with 1 MiB 0.69 — the proxy
-then wakes three times as often and moves less each time. splice(2) costs
-the proxy itself less but passes on the server's page-sized pieces, which
-the receiver reads more slowly. One loop serves every body: Content-Length,
-chunked, to EOF, tunnels.
+the pool hold none). Measured on loopback (bench/egress, 2 CPUs shared by
+server, proxy and client, quiet machine), the size matters: with 4 MiB reads
+and writes the proxied path costs 0.49-0.50 CPU-seconds per GB (a direct
+download 0.46-0.47), with 1 MiB 0.69 — the proxy then wakes three times as
+often and moves less each time. splice(2) costs the proxy itself less but
+passes on the server's page-sized pieces, which the receiver reads more
+slowly. One loop serves every body: Content-Length, chunked, to EOF,
+tunnels.
 """
 
 from __future__ import annotations
