@@ -125,6 +125,31 @@ def test_ip_shows_lo_up_with_127_0_0_1_and_ipv6_loopback(tmp_path: Path) -> None
     assert all(" lo " in a for a in addrs), addrs
 
 
+# Inside: lo's maximum TCP segment sizes, read back over rtnetlink.
+GSO_SIZES = """
+import socket, struct
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+ifinfo = struct.pack("BxHiII", 0, 0, 1, 0, 0)  # lo is interface 1
+s.sendto(struct.pack("IHHII", 16 + len(ifinfo), 18, 1, 1, 0) + ifinfo, (0, 0))  # RTM_GETLINK
+data = s.recv(65536)
+attrs, pos = {}, 32
+while pos + 4 <= struct.unpack_from("I", data)[0]:
+    size, kind = struct.unpack_from("HH", data, pos)
+    if size < 4:
+        break
+    if size == 8:
+        attrs[kind] = struct.unpack_from("I", data, pos + 4)[0]
+    pos += (size + 3) & ~3
+print(attrs.get(41), attrs.get(63))  # IFLA_GSO_MAX_SIZE, IFLA_GSO_IPV4_MAX_SIZE
+"""
+
+
+def test_lo_takes_large_tcp_segments(tmp_path: Path) -> None:
+    # What makes a download through the egress proxy (on this lo) cheaper.
+    r = ok(nsbuild("--", *py(GSO_SIZES), cwd=tmp_path))
+    assert r.stdout.split() == ["524280", "524280"], explain(r)
+
+
 def test_loopback_addresses_work_inside(tmp_path: Path) -> None:
     code = """
     import socket

@@ -499,6 +499,36 @@ def loopback_up() -> None:
                     struct.pack("16sH22x", b"lo", _IFF_UP_LOOPBACK_RUNNING))
     finally:
         s.close()
+    _large_loopback_segments()
+
+
+_RTM_NEWLINK = 16
+_NLM_F_REQUEST_ACK = 0x1 | 0x4
+_IFLA_GSO_MAX_SIZE = 41
+_IFLA_GSO_IPV4_MAX_SIZE = 63
+_LO_GSO_MAX = 524280  # lo's own maximum; the default is 64 KiB
+_LOOPBACK_IFINDEX = 1
+
+
+def _large_loopback_segments() -> None:
+    """Let TCP on this namespace's lo send segments up to lo's maximum: a
+    download through the egress proxy, whose listening socket lives on this
+    lo, then costs about a quarter less CPU (bench/egress --sandbox). Only
+    here can it be set: the command inside has no capability over the
+    network namespace. Best effort: an older kernel refuses or ignores it."""
+    attrs = b"".join(struct.pack("HHI", 8, kind, _LO_GSO_MAX)
+                     for kind in (_IFLA_GSO_MAX_SIZE, _IFLA_GSO_IPV4_MAX_SIZE))
+    body = struct.pack("BxHiII", _socket.AF_UNSPEC, 0, _LOOPBACK_IFINDEX, 0, 0) + attrs
+    message = struct.pack("IHHII", 16 + len(body), _RTM_NEWLINK, _NLM_F_REQUEST_ACK, 1, 0)
+    try:
+        s = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+        try:
+            s.sendto(message + body, (0, 0))
+            s.recv(4096)  # the acknowledgement, or the error it carries
+        finally:
+            s.close()
+    except OSError:
+        pass
 
 
 def inside_socket(spec: InsideSocket, say: Callable[[str], None]) -> _socket.socket:
