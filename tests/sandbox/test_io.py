@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import HANG_GUARD, nsbuild, nsbuild_argv
+from sandbox_helpers import HANG_GUARD, explain, nsbuild, nsbuild_argv
 
 pytestmark = pytest.mark.userns
 
@@ -107,3 +108,24 @@ def test_spawn_maps_stdout_and_stderr_to_any_descriptors(tmp_path: Path, layout:
         assert (got1, got2) == (b"out\nerr\n", b"")
     else:
         assert (got1, got2) == (b"err\n", b"out\n")
+
+
+def test_spawn_takes_the_callers_stdout_and_stderr_crossed(tmp_path: Path) -> None:
+    # stdout=2 and stderr=1: each source is one of 0..2 but not in its own
+    # place, so the runtime must copy them before putting them in place.
+    code = f"""
+import os, sys
+sys.path[:0] = {sys.path!r}
+from nsbuild.sandbox import Sandbox, Tmpfs, caller_idmap, host_view, spawn
+spec = Sandbox(argv=("sh", "-c", "cat; echo out; echo err >&2"), idmap=caller_idmap(),
+               root=Tmpfs("/"), mounts=tuple(host_view({str(tmp_path)!r})), cwd={str(tmp_path)!r})
+r, w = os.pipe()
+os.write(w, b"in\\n")
+os.close(w)
+proc = spawn(spec, stdin=r, stdout=2, stderr=1)
+os.close(r)
+print("status", proc.wait(), file=sys.stderr)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=HANG_GUARD, check=False)
+    assert (r.stdout, r.stderr) == ("err\n", "in\nout\nstatus 0\n"), explain(r)

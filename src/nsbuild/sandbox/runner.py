@@ -11,10 +11,11 @@
 
 Setup failures travel back over a close-on-exec SEQPACKET channel; EOF on it
 means the command was exec'd. The same channel carries sockets made inside the
-sandbox's network namespace back to the parent (SCM_RIGHTS). Each process dies
-with its parent (PR_SET_PDEATHSIG), and when init dies the kernel kills every
-process in the PID namespace, so nothing outlives a killed nsbuild; the mount
-namespace goes with its last process, so no mount is left behind either.
+sandbox's network namespace back to the parent (SCM_RIGHTS). The helper and
+init die with their parents (PR_SET_PDEATHSIG), and when init dies the kernel
+kills every process in the PID namespace, the command too, so nothing
+outlives a killed nsbuild; the mount namespace goes with its last process, so
+no mount is left behind either.
 
 Children never raise into the caller's code: everything after fork() ends in
 os._exit(), and output from them goes through os.write (no locks shared with
@@ -411,10 +412,9 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
             os.setgroups([])
         os.setresuid(0, 0, 0)
         # Changing ids (nsbuild run by root: host root becomes the range's
-        # first id) makes a process non-dumpable, with /proc files the helper
-        # could not write the nested id map through; and clears the
-        # parent-death signal: set both again, then check the helper lives.
-        sc.prctl(sc.PR_SET_DUMPABLE, 1)
+        # first id) clears the parent-death signal: set it again, then check
+        # the helper lives. (It also makes init non-dumpable, which is fine:
+        # the helper that writes init's nested id map is then host root too.)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _check_lifeline(life_r)
         os.close(life_r)
@@ -444,7 +444,7 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         sources = _harden(spec, chan, stdio, creds, say)
         command = _spawn_command(spec, chan, sources, creds, say)
         chan.sock.close()
-        _close_stdio(stdio)
+        _close_stdio(sources)  # the lifted copies, if any: the originals are closed
         _reap(command, say)
     except BaseException as e:
         report_failure(chan, e)
