@@ -19,6 +19,7 @@ tunnels.
 
 from __future__ import annotations
 
+import mmap
 import socket
 import threading
 
@@ -31,9 +32,12 @@ _relay = threading.local()  # .buf: this thread's copy buffer, made when it firs
 
 
 def _copy_buffer() -> memoryview:
+    # Anonymous memory, not a bytearray (which fills all 4 MiB with zeros):
+    # a page costs memory only once a body was that long, so an idle tunnel
+    # or a small answer holds next to nothing in the host-side proxy.
     buf: memoryview | None = getattr(_relay, "buf", None)
     if buf is None:
-        buf = _relay.buf = memoryview(bytearray(COPY_BUF))
+        buf = _relay.buf = memoryview(mmap.mmap(-1, COPY_BUF))
     return buf
 
 
