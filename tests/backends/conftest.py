@@ -36,6 +36,15 @@ def tools(bookworm: Env) -> Env:
 
 
 @pytest.fixture
+def server_env(tools: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """A server started by the test inherits its environment: the test
+    session's XDG folders and PATH."""
+    for key in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "PATH"):
+        monkeypatch.setenv(key, tools.vars[key])
+    return tools
+
+
+@pytest.fixture
 def fake_server(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """(program, state dir): `program MODE STATE` is a misbehaving virt server
     named autopkgtest-virt-fake (see fake_virt_server.py)."""

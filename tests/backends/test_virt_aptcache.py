@@ -33,11 +33,9 @@ APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-o", "APT::Install-R
 
 
 @pytest.fixture
-def cache(tools: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def cache(server_env: Env) -> Iterator[Path]:
     """The environment's apt cache, emptied: each test starts cold."""
-    for key in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "PATH"):
-        monkeypatch.setenv(key, tools.vars[key])
-    path = tools.cache / "nsbuild" / "apt" / "bookworm"
+    path = server_env.cache / "nsbuild" / "apt" / "bookworm"
     remove_tree(path)
     yield path
 
@@ -131,6 +129,40 @@ def test_what_a_testbed_forges_never_reaches_the_cache(cache: Path) -> None:
     assert not list((cache / "apt-archives").glob("hello_*"))
     assert hashlib.sha256(debs[0].read_bytes()).hexdigest() == good_deb
     assert hashlib.sha256(packages.read_bytes()).hexdigest() == good_packages
+
+
+def test_another_suites_release_or_text_around_one_never_replaces_an_archives_own(
+    cache: Path,
+) -> None:
+    # Genuine files, signed by the environment's own key: only their names
+    # or their framing are forged.
+    updates_release = MAIN_RELEASE.replace("_bookworm_", "_bookworm-updates_")
+    updates_packages = MAIN_PACKAGES.replace("_bookworm_", "_bookworm-updates_")
+    srv = _server()
+    try:
+        srv.open()
+        _ok(srv.execute_command(), *APT, "update")
+        srv.revert()  # the real lists are taken into the cache
+
+        # bookworm-updates' newer release and index under bookworm's names:
+        # bookworm's own packages would vanish from every later testbed.
+        _ok(srv.execute_command(), "sh", "-c",
+            f"cp {updates_release} {MAIN_RELEASE} && cp {updates_packages} {MAIN_PACKAGES}")
+        srv.revert()
+        ex = srv.execute_command()
+        assert "Codename: bookworm\n" in _ok(ex, "cat", MAIN_RELEASE)
+        assert "Candidate: (none)" not in _ok(ex, "apt-cache", "policy", FIRST)
+
+        # bookworm's own release with text after its signature: gpgv ignores
+        # it, apt refuses every list after it.
+        _ok(ex, "sh", "-c", f"echo trailing >> {MAIN_RELEASE}")
+        srv.revert()
+        _ok(srv.execute_command(), *APT, "update")
+        srv.close()
+    finally:
+        srv.stop()
+    kept = (cache / "apt-lists" / Path(MAIN_RELEASE).name).read_text()
+    assert kept.endswith("-----END PGP SIGNATURE-----\n") and "\nCodename: bookworm\n" in kept
 
 
 def test_testbeds_open_at_once_both_feed_the_cache(cache: Path) -> None:

@@ -18,16 +18,9 @@ import pytest
 from virt_helpers import Env, run
 
 from nsbuild.backends.virtproto import VirtServer
-from nsbuild.sandbox import IdMap, Overlay, Proc, Sandbox, SpecError
+from nsbuild.sandbox import IdMap, Overlay, Proc, Sandbox, SpecError, Tmpfs
 
 pytestmark = pytest.mark.userns
-
-
-@pytest.fixture
-def server_env(tools: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
-    for key in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "PATH"):
-        monkeypatch.setenv(key, tools.vars[key])
-    return tools
 
 
 def _server(*args: str) -> VirtServer:
@@ -107,3 +100,13 @@ def test_an_overlay_has_either_an_upper_directory_or_a_tmpfs() -> None:
     for root in (Overlay(("/l",), "", "", "/"), Overlay(("/l",), "/u", "/w", "/", tmpfs_size="1G")):
         with pytest.raises(SpecError, match="either upper and work, or tmpfs_size"):
             Sandbox(argv=("true",), idmap=idmap, root=root, mounts=(Proc(),)).validate()
+
+
+def test_a_tmpfs_size_cannot_carry_more_options() -> None:
+    # The size goes into tmpfs's option string.
+    idmap = IdMap((), (), helper=False)
+    for root in (Overlay(("/l",), "", "", "/", tmpfs_size="1G,nr_inodes=1"),
+                 Tmpfs("/", size="1G,uid=0")):
+        with pytest.raises(SpecError, match="expected a size such as 512M"):
+            Sandbox(argv=("true",), idmap=idmap, root=root, mounts=(Proc(),)).validate()
+    Sandbox(argv=("true",), idmap=idmap, root=Tmpfs("/", size="50%"), mounts=(Proc(),)).validate()

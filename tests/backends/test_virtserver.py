@@ -25,14 +25,6 @@ pytestmark = pytest.mark.userns
 
 
 @pytest.fixture
-def server_env(tools: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
-    """The server inherits our environment: the test session's XDG folders and PATH."""
-    for key in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "PATH"):
-        monkeypatch.setenv(key, tools.vars[key])
-    return tools
-
-
-@pytest.fixture
 def server(server_env: Env) -> Iterator[VirtServer]:
     srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
     try:

@@ -51,9 +51,16 @@ def test_host_processes_cannot_be_seen_signalled_or_traced(tmp_path: Path) -> No
         attempt("see", seen)
         attempt("kill", lambda: os.kill(pid, 9))
         attempt("pidfd_open", lambda: syscall(434, pid, 0))
-        attempt("ptrace host pid", lambda: syscall(101, 16, pid, 0, 0))
-        attempt("ptrace init", lambda: syscall(101, 16, 1, 0, 0))
-        attempt("ptrace parent", lambda: syscall(101, 16, os.getppid(), 0, 0))
+        def ptrace_attach(target):
+            # PTRACE_ATTACH, then PTRACE_DETACH at once: a process left stopped
+            # (init!) would hang the run instead of failing this attempt.
+            syscall(101, 16, target, 0, 0)
+            os.waitpid(target, getattr(os, "__WALL", 0x40000000))
+            syscall(101, 17, target, 0, 0)
+            return "attached"
+        attempt("ptrace host pid", lambda: ptrace_attach(pid))
+        attempt("ptrace init", lambda: ptrace_attach(1))
+        attempt("ptrace parent", lambda: ptrace_attach(os.getppid()))
         buf = ctypes.create_string_buffer(8)
         iov = (ctypes.c_void_p * 2)(ctypes.cast(buf, ctypes.c_void_p), 8)
         attempt("process_vm_readv init", lambda: syscall(310, 1, iov, 1, iov, 1, 0))

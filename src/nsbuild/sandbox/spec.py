@@ -26,6 +26,12 @@ class SpecError(ValueError):
     """The description of a sandbox is invalid (a usage error)."""
 
 
+def _is_size(size: str) -> bool:
+    """A tmpfs size: digits and at most one unit (k, m, g, or % of the RAM)."""
+    digits = size[:-1] if size[-1:] in ("k", "K", "m", "M", "g", "G", "%") else size
+    return digits.isascii() and digits.isdigit()
+
+
 def _check_dst(dst: str) -> str:
     if not dst.startswith("/"):
         raise SpecError(f"mount destination must be absolute: {dst!r}")
@@ -220,10 +226,16 @@ class Sandbox:
         for m in (self.root, *self.mounts):
             if isinstance(m, Overlay) and bool(m.tmpfs_size) == bool(m.upper or m.work):
                 raise SpecError(f"overlay on {m.dst}: give either upper and work, or tmpfs_size")
+            # Sizes go into tmpfs's option string: a ',' would add options.
+            size = (m.tmpfs_size if isinstance(m, Overlay)
+                    else m.size if isinstance(m, Tmpfs) else None)
+            if size is not None and not _is_size(size):
+                raise SpecError(f"tmpfs size on {m.dst}: expected a size such as 512M, 8G "
+                                f"or 50%, got {size!r}")
         for m in self.mounts:
             _check_dst(m.dst)
         if not any(isinstance(m, Proc) for m in self.mounts):
-            # init writes the command's nested id map through the sandbox's /proc.
+            # The sandbox's own /proc: without it, none, or the host's pids.
             raise SpecError("a sandbox needs a Proc() mount")
         if self.share_net and self.inside_sockets:
             raise SpecError("inside sockets need a private network namespace")

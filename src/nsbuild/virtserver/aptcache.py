@@ -17,9 +17,13 @@ InRelease is believed. So the cache is never mounted writable in a testbed:
   touch the snapshot's files.
 - revert and close, once the testbed's processes are gone: what apt wrote
   is taken into the cache only after the checks apt made when it
-  downloaded: an InRelease must carry a good signature by a key of the
-  environment's own pristine layers (gpgv), and not be older than the one
-  cached; an index must have the size and SHA256 its InRelease gives; a
+  downloaded: an InRelease must be one clearsigned message with a good
+  signature by a key of the environment's own pristine layers (gpgv), name
+  the suite its file name says (not another suite signed by the same key),
+  be the same archive and release as the one cached (Origin, Label,
+  Codename),
+  not be older than it, and not have expired (Valid-Until); an index must
+  have the size and SHA256 its InRelease gives; a
   .deb the size and SHA256 of a verified Packages index. Everything else
   is dropped. This runs under the cache's exclusive lock, the lock the
   build path holds while its apt writes to the same folders.
@@ -39,6 +43,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from base64 import b64decode
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -201,7 +206,9 @@ class AptCache:
             say(f"apt cache: not taken (not verified): lists/{fname}")
         for fname in sorted(drop - set(take)):
             (cache / fname).unlink(missing_ok=True)
-        for fname, path in take.items():
+        # Indexes first, their InRelease last: a crash in between leaves the
+        # old InRelease, under which the new indexes fail apt's own check.
+        for fname, path in sorted(take.items(), key=lambda kv: kv[0].endswith("_InRelease")):
             _put(path, cache / fname)
             if fname.endswith("_InRelease"):
                 _set_mtime_to_date(cache / fname)
@@ -218,16 +225,25 @@ class AptCache:
         if new is not None:
             body = self._verify(new)
             if body is None:
-                say(f"apt cache: not taken (bad signature): lists/{name}")
+                say(f"apt cache: not taken (not one clearsigned message with a good "
+                    f"signature): lists/{name}")
+            elif not _names_its_suite(name, body):
+                say(f"apt cache: not taken (another suite's release): lists/{name}")
+            elif cached_body is not None and _identity(body) != _identity(cached_body):
+                say(f"apt cache: not taken (another archive than the cached one): lists/{name}")
             elif cached_body is not None and _date(body) < _date(cached_body):
                 say(f"apt cache: not taken (older than the cached one): lists/{name}")
+            elif _expired(body):
+                say(f"apt cache: not taken (expired, Valid-Until): lists/{name}")
             else:
                 return new, body
         return (cached, cached_body) if cached is not None else (Path(), None)
 
     def _verify(self, release: Path) -> str | None:
-        """The signed text of an InRelease whose signature gpgv accepts, else None."""
-        if shutil.which("gpgv") is None:
+        """The signed text of an InRelease that is one clearsigned message (no
+        text around it, which gpgv ignores and apt refuses) whose signature
+        gpgv accepts, else None."""
+        if shutil.which("gpgv") is None or not _one_clearsigned_message(release):
             return None
         with tempfile.TemporaryDirectory(prefix="nsbuild-gpgv-") as home:
             out = Path(home) / "signed"
@@ -293,12 +309,56 @@ def _sha256_entries(body: str) -> dict[str, tuple[int, str]]:
     return entries
 
 
+_BEGIN, _SIGNATURE, _END = (b"-----BEGIN PGP SIGNED MESSAGE-----\n",
+                             b"-----BEGIN PGP SIGNATURE-----\n", b"-----END PGP SIGNATURE-----\n")
+
+
+def _one_clearsigned_message(path: Path) -> bool:
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return False
+    return (raw.startswith(_BEGIN) and raw.endswith(_END)
+            and all(raw.count(mark) == 1 for mark in (_BEGIN, _SIGNATURE, _END)))
+
+
+def _field(body: str, name: str) -> str:
+    """A field of the Release paragraph (its first lines, up to the hashes)."""
+    m = re.search(rf"^{name}: *(\S.*)$", body.split("\n\n", 1)[0], re.M)
+    return m.group(1).strip() if m else ""
+
+
+def _names_its_suite(fname: str, body: str) -> bool:
+    """Whether the InRelease names the suite its file name says: apt names it
+    ..._dists_DIST_InRelease, with DIST's '/' as '_' (a flat archive has no
+    suite to check and is not cached)."""
+    head, sep, dist = fname.removesuffix("_InRelease").rpartition("_dists_")
+    if not sep or not head:
+        return False
+    named = {_field(body, "Codename"), _field(body, "Suite")} - {""}
+    return dist in {n.replace("/", "_") for n in named}
+
+
+def _identity(body: str) -> tuple[str, ...]:
+    # Which archive and release: not Suite, which moves on at each Debian
+    # release (stable -> oldstable) while the archive stays the same.
+    return tuple(_field(body, f) for f in ("Origin", "Label", "Codename"))
+
+
+def _expired(body: str) -> bool:
+    until = _parse_date(_field(body, "Valid-Until"))
+    return until > 0 and until < time.time()
+
+
 def _date(body: str) -> float:
-    m = re.search(r"^Date: (.+)$", body, re.M)
-    if not m:
+    return _parse_date(_field(body, "Date"))
+
+
+def _parse_date(text: str) -> float:
+    if not text:
         return 0.0
     try:
-        return email.utils.parsedate_to_datetime(m.group(1).strip()).timestamp()
+        return email.utils.parsedate_to_datetime(text).timestamp()
     except (TypeError, ValueError):
         return 0.0
 
@@ -307,6 +367,8 @@ def _set_mtime_to_date(path: Path) -> None:
     # apt asks the mirror for a newer InRelease than its file's mtime: the
     # Date it carries, not whatever time the testbed gave the file.
     text = path.read_text(errors="replace")
+    if text.startswith(_BEGIN.decode()):
+        text = text.split("\n\n", 1)[-1]  # past the armour's own header lines
     when = _date(text)
     if when > 0:
         os.utime(path, (when, when))
@@ -329,14 +391,18 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _put(src: Path, dst: Path) -> None:
-    """Move a checked file into the cache, whole or not at all."""
-    tmp = dst.with_name(f".{dst.name}.part")
+    """Copy a checked file into the cache, whole or not at all: into a new
+    file of the cache's own (never through a name a testbed or a build could
+    have planted), then renamed over the old one."""
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
     try:
-        os.rename(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dst)
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as data:
+            shutil.copyfileobj(data, out, 1024 * 1024)
+            os.fchmod(out.fileno(), 0o644)
+        os.replace(tmp, dst)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _deb_hashes(indexes: Sequence[Path], wanted: set[str]) -> dict[str, tuple[int, str]]:
