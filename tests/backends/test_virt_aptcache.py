@@ -10,8 +10,11 @@ open at once on the same cache both feed it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import re
+import select
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -163,6 +166,36 @@ def test_another_suites_release_or_text_around_one_never_replaces_an_archives_ow
         srv.stop()
     kept = (cache / "apt-lists" / Path(MAIN_RELEASE).name).read_text()
     assert kept.endswith("-----END PGP SIGNATURE-----\n") and "\nCodename: bookworm\n" in kept
+
+
+def test_a_testbed_that_waits_for_the_cache_lock_says_so(cache: Path) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a build's apt run holds it
+    server = subprocess.Popen(["autopkgtest-virt-nsbuild", "--net", "allow", "bookworm"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert server.stdin and server.stdout and server.stderr
+    try:
+        assert server.stdout.readline() == "ok\n"
+        server.stdin.write("open\n")
+        server.stdin.flush()
+        said = ""
+        while "waiting for its lock" not in said:
+            ready, _, _ = select.select([server.stderr], [], [], 120)
+            assert ready, f"no word of the wait; the server said: {said!r}"
+            line = server.stderr.readline()
+            assert line, f"the server ended; it said: {said!r}"
+            said += line
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        assert server.stdout.readline().startswith("ok ")  # the testbed opened
+        server.stdin.write("close\nquit\n")
+        server.stdin.flush()
+        assert server.wait(timeout=120) == 0
+    finally:
+        os.close(lock)
+        server.kill()
+        server.wait()
 
 
 def test_testbeds_open_at_once_both_feed_the_cache(cache: Path) -> None:

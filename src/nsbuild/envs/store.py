@@ -87,12 +87,21 @@ def tarball_digest(layout: Layout, path: Path) -> str:
 
 
 @contextlib.contextmanager
-def locked_file(path: Path, mode: int = fcntl.LOCK_EX) -> Iterator[int]:
-    """flock `path` (made if missing, with its parent) for the block; yields the fd."""
+def locked_file(path: Path, mode: int = fcntl.LOCK_EX,
+                on_wait: Callable[[], object] | None = None) -> Iterator[int]:
+    """flock `path` (made if missing, with its parent) for the block; yields the
+    fd. `on_wait` is called once if the lock is held elsewhere, before waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, mode)
+        if on_wait is None:
+            fcntl.flock(fd, mode)
+        else:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_wait()
+                fcntl.flock(fd, mode)
         yield fd
     finally:
         os.close(fd)

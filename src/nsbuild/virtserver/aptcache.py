@@ -87,21 +87,29 @@ def _sha256(path: Path) -> str:
 
 
 @contextmanager
-def _locked(path: Path, mode: int) -> Iterator[None]:
+def _locked(path: Path, mode: int, notice: Say) -> Iterator[None]:
     from nsbuild.envs.store import locked_file
 
-    with locked_file(path, mode):
+    def waiting() -> None:
+        # A build's apt run holds it for as long as it downloads and installs.
+        notice("apt cache: waiting for its lock (an apt run of a build or of "
+               "another testbed of this environment holds it)")
+
+    with locked_file(path, mode, on_wait=waiting):
         yield
 
 
 class AptCache:
     """One testbed's view of its environment's apt caches."""
 
-    def __init__(self, env_name: str, session_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, env_name: str, session_dir: str | os.PathLike[str],
+                 notice: Say = lambda _text: None) -> None:
+        """`notice` gets what the user should hear of at once (a wait)."""
         from nsbuild.build.cache import apt_cache_dir
 
         self.cache = apt_cache_dir(env_name)
         self.dir = Path(session_dir) / "apt"
+        self.notice = notice
 
     def mounts(self, lowers: Sequence[str]) -> tuple[Mount, ...]:
         """The overlays on apt's folders (made by snapshot()): the cached
@@ -128,7 +136,7 @@ class AptCache:
             give_to_sandbox_root(*parts)
         self._keyring(lowers)
         self.cache.mkdir(parents=True, exist_ok=True)
-        with _locked(self.cache / ".lock", fcntl.LOCK_SH):
+        with _locked(self.cache / ".lock", fcntl.LOCK_SH, self.notice):
             for name, pattern in ((LISTS, _LIST_RE), (ARCHIVES, _DEB_RE)):
                 for fname, src in _files(self.cache / name, pattern).items():
                     dst = self.dir / name / "lower" / fname
@@ -163,7 +171,7 @@ class AptCache:
         debs_up = _files(self.dir / ARCHIVES / "upper", _DEB_RE)
         if not lists_up and not debs_up:
             return
-        with _locked(self.cache / ".lock", fcntl.LOCK_EX):
+        with _locked(self.cache / ".lock", fcntl.LOCK_EX, self.notice):
             self._harvest_lists(lists_up, say)
             self._harvest_debs(debs_up, say)
 

@@ -158,7 +158,7 @@ class Server:
             if self.apt_cache:
                 from nsbuild.virtserver.aptcache import AptCache
 
-                cache = AptCache(self.config.name, session.dir)
+                cache = AptCache(self.config.name, session.dir, notice=self._notice)
                 cache.snapshot(session.lowers)
                 # Runs after the sandbox is gone (the stack unwinds in
                 # reverse), before the session is deleted.
@@ -196,6 +196,10 @@ class Server:
     def _say(self, text: str) -> None:
         if self.debug:
             sys.stderr.write(f"{PROG}: {text}\n")
+
+    def _notice(self, text: str) -> None:
+        sys.stderr.write(f"{PROG}: {text}\n")
+        sys.stderr.flush()
 
     def teardown(self) -> None:
         """Close the testbed: its sandbox is killed with every command in it,
