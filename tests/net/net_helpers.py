@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from nsbuild.net.allowlist import Allowlist
 from nsbuild.net.netlog import NetLog
@@ -142,7 +143,15 @@ def static_server(directory: str) -> Iterator[int]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=directory))
+    with serving(partial(Quiet, directory=directory)) as port:
+        yield port
+
+
+@contextmanager
+def serving(handler: Any) -> Iterator[int]:
+    """A threading HTTP server on 127.0.0.1 with request handler `handler`
+    (a class or factory); yields the port."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     thread = threading.Thread(
         target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

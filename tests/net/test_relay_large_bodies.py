@@ -10,9 +10,9 @@ import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from net_helpers import running_proxy
+from net_helpers import running_proxy, serving
 
 from nsbuild.net.stream import COPY_BUF
 
@@ -52,16 +52,8 @@ def body_server() -> Iterator[int]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield httpd.server_address[1]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(Handler) as port:
+        yield port
 
 
 def test_large_bodies_from_concurrent_clients_arrive_whole_and_in_step() -> None:
