@@ -666,7 +666,9 @@ def _spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
                    say: Callable[[str], None]) -> int:
     """Start the command with posix_spawn (vfork and exec: no copy of this
     Python process, which costs a fork and its page faults on every run) in a
-    new session, so that TIOCSTI cannot reach the caller's terminal."""
+    new session, so that TIOCSTI cannot reach the caller's terminal. (glibc's
+    posix_spawn leaves its own two internal signals, 32 and 33, ignored in
+    the command: no glibc program can use them.)"""
     env = dict(spec.env)
     if creds and "HOME" not in env:
         env["HOME"] = creds[3]
