@@ -106,7 +106,7 @@ def test_a_tmpfs_size_cannot_carry_more_options() -> None:
     # The size goes into tmpfs's option string.
     idmap = IdMap((), (), helper=False)
     for root in (Overlay(("/l",), "", "", "/", tmpfs_size="1G,nr_inodes=1"),
-                 Tmpfs("/", size="1G,uid=0")):
+                 Tmpfs("/", size="1G,uid=0"), Tmpfs("/", size="0")):  # 0: no limit
         with pytest.raises(SpecError, match="expected a size such as 512M"):
             Sandbox(argv=("true",), idmap=idmap, root=root, mounts=(Proc(),)).validate()
     Sandbox(argv=("true",), idmap=idmap, root=Tmpfs("/", size="50%"), mounts=(Proc(),)).validate()

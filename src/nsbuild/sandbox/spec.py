@@ -26,10 +26,11 @@ class SpecError(ValueError):
     """The description of a sandbox is invalid (a usage error)."""
 
 
-def _is_size(size: str) -> bool:
-    """A tmpfs size: digits and at most one unit (k, m, g, or % of the RAM)."""
+def is_tmpfs_size(size: str) -> bool:
+    """A tmpfs size: a number from 1 and at most one unit (k, m, g, or % of
+    the RAM). Not 0, which tmpfs takes as no limit at all."""
     digits = size[:-1] if size[-1:] in ("k", "K", "m", "M", "g", "G", "%") else size
-    return digits.isascii() and digits.isdigit()
+    return digits.isascii() and digits.isdigit() and not digits.startswith("0")
 
 
 def _check_dst(dst: str) -> str:
@@ -229,7 +230,7 @@ class Sandbox:
             # Sizes go into tmpfs's option string: a ',' would add options.
             size = (m.tmpfs_size if isinstance(m, Overlay)
                     else m.size if isinstance(m, Tmpfs) else None)
-            if size is not None and not _is_size(size):
+            if size is not None and not is_tmpfs_size(size):
                 raise SpecError(f"tmpfs size on {m.dst}: expected a size such as 512M, 8G "
                                 f"or 50%, got {size!r}")
         for m in self.mounts:

@@ -40,7 +40,6 @@ SETUP_TIMEOUT = 300.0
 # The testbed's writes go to a tmpfs of this size (the kernel's own default
 # for a tmpfs: half of the RAM); it only takes the memory that is written.
 DEFAULT_TMPFS = "50%"
-_SIZE_RE = r"[1-9][0-9]*[kKmMgG%]?"
 
 # Made at open: a user for tests that do not need root, as autopkgtest asks.
 _MAKE_USER = """
@@ -444,9 +443,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     net.add_arguments(parser)
     parser.add_argument("env", metavar="ENV", help="nsbuild environment name or alias")
     args = parser.parse_args(argv)
-    import re
+    from nsbuild.sandbox.spec import is_tmpfs_size
 
-    if args.tmpfs is not None and not re.fullmatch(_SIZE_RE, args.tmpfs):
+    if args.tmpfs is not None and not is_tmpfs_size(args.tmpfs):
         parser.error(f"--tmpfs {args.tmpfs!r}: expected a size such as 512M, 8G or 50%")
     # `--net allow` alone means what tests that need the archive want: the
     # environment's own mirrors.
