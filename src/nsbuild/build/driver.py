@@ -821,11 +821,8 @@ def _changes_files(path: Path) -> list[tuple[str, int, str | None]]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 __all__ = ["BuildRequest", "BuildResult", "build"]

@@ -214,11 +214,8 @@ def _verify(dsc: Path, entry: tuple[str, int, str | None], fields: dict[str, str
 
 
 def _digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algo).hexdigest()
 
 
 def _changelog_text(pkg: SourcePackage) -> str | None:
