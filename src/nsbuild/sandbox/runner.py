@@ -1,8 +1,8 @@
 """Execute a `Sandbox`: the process pipeline and its setup steps.
 
     nsbuild (parent, host)                 writes id maps, relays signals, waits
-      └─ helper (new user namespace)       unshares the rest, forks init at once,
-           │                               maps init's nested namespace, waits
+      └─ helper (new user namespace, or    unshares the rest, forks init at once,
+           │    a kept one: userns.py)     maps init's nested namespace, waits
            └─ init, PID 1 (all namespaces) waits for the id maps, builds the
                 │                          root, pivots, locks the mounts,
                 │                          hardens itself, reaps
@@ -34,6 +34,7 @@ import struct  # not array: it imports collections (~2 ms on every run)
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
+from nsbuild.sandbox import userns
 from nsbuild.sandbox.errors import SandboxError, SetupError
 from nsbuild.sandbox.idmap import write_maps
 from nsbuild.sandbox.spec import IdMap, InsideSocket, Sandbox
@@ -187,6 +188,12 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     if spec.idmap.warning:
         os.write(2, f"nsbuild: warning: {spec.idmap.warning}\n".encode())
 
+    # A user namespace kept mapped by an earlier run (userns.py); else this
+    # run makes one, and leaves a keeper in it unless the run has a cgroup of
+    # its own (which must be empty when the run ends).
+    kept = userns.join_fd(spec.idmap)
+    keep = (userns.lifetime() if kept is None and spec.idmap.helper and not spec.cgroup
+            and userns.can_record() else 0)
     parent_ends: list[int | None] = [None, None, None]
     child_ends: list[int | None] = [None, None, None]
     for i, want in enumerate((stdin, stdout, stderr)):
@@ -209,21 +216,27 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         m.release(plan)
         for fd in {*parent_ends, *child_ends} - {None, stdin, stdout, stderr}:
             os.close(fd)  # type: ignore[arg-type]
+        if kept is not None:
+            os.close(kept[0])
         raise
     if pid == 0:
         parent_sock.close()
         for fd in parent_ends:
             if fd is not None:
                 os.close(fd)
-        _helper(spec, plan, Channel(child_sock), child_ends, parent_pid, say)
+        _helper(spec, plan, Channel(child_sock), child_ends, parent_pid,
+                None if kept is None else kept[0], keep, say)
 
     child_sock.close()
     m.release(plan)  # the cloned trees live on in the child only
+    if kept is not None:
+        os.close(kept[0])
     for i, fd in enumerate(child_ends):
         if fd is not None and (stdin, stdout, stderr)[i] == PIPE:
             os.close(fd)
     try:
-        sockets, exec_error = _parent_side(spec, pid, parent_sock, say)
+        sockets, exec_error = _parent_side(spec, pid, parent_sock,
+                                           None if kept is None else kept[1], say)
     except BaseException:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -241,7 +254,7 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     return Process(pid, files[0], files[1], files[2], sockets, exec_error)
 
 
-def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket,
+def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | None,
                  say: Callable[[str], None]) -> tuple[list[_socket.socket], str | None]:
     if spec.cgroup:
         # Before the helper forks init or makes its cgroup namespace, whose
@@ -254,12 +267,27 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket,
             raise SandboxError(f"placing the sandbox in cgroup {spec.cgroup}: "
                                f"{e.strerror}") from None
         sock.send(b"C")
-    # Step: the helper has its user namespace; give it ids (init waits for them).
+    # Step: the helper joined a kept user namespace ("J"), or made one ("U",
+    # with the pid of the keeper it left there, or 0): give it ids (init waits
+    # for them), then record the keeper for the next runs.
     ready = sock.recv(64)
-    if ready == b"U":
+    if ready == b"J":
+        say(f"user namespace: joined the one kept by process {keeper}; "
+            + _describe_idmap(pid, spec.idmap).partition(": ")[2] + " already mapped")
+    elif ready[:2] == b"U\t":
+        new_keeper = int(ready[2:])
         say(_describe_idmap(pid, spec.idmap))
-        write_maps(pid, spec.idmap)
+        try:
+            write_maps(pid, spec.idmap)
+        except BaseException:
+            if new_keeper:
+                os.kill(new_keeper, signal.SIGKILL)  # its namespace has no ids
+            raise
         sock.send(b"M")
+        if new_keeper:
+            say(f"leave process {new_keeper} ({userns.KEEPER_NAME!r}) keeping this user "
+                f"namespace mapped for {userns.lifetime()} s: later runs join it")
+            userns.publish(new_keeper, spec.idmap)
     else:
         raise_report(ready, [], pid)
     sockets: list[_socket.socket] = []
@@ -322,7 +350,8 @@ def _describe_idmap(pid: int, idmap: IdMap) -> str:
 # ---------------------------------------------------------------- the helper
 
 def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
-            parent_pid: int, say: Callable[[str], None]) -> NoReturn:
+            parent_pid: int, kept: int | None, keep: int,
+            say: Callable[[str], None]) -> NoReturn:
     try:
         for s in FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
@@ -336,9 +365,20 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
             # only, which relays them once, down the chain, to the command.
             os.setsid()
         m.Step.current = "unshare user namespace"
-        say("unshare user namespace (first, so it owns every other namespace)")
-        sc.unshare(sc.CLONE_NEWUSER)
-        chan.send("U")
+        joined = False
+        if kept is not None:
+            try:
+                sc.setns(kept, sc.CLONE_NEWUSER)
+                joined = True
+            except OSError:
+                pass  # make one, as if none had been kept
+            os.close(kept)
+        if joined:
+            chan.send("J")
+        else:
+            say("unshare user namespace (first, so it owns every other namespace)")
+            sc.unshare(sc.CLONE_NEWUSER)
+            chan.send("U", str(userns.leave_keeper(keep) if keep else 0))
         # The other namespaces, and init, need only the capabilities unshare
         # just gave, not mapped ids: make them while nsbuild writes the maps.
         # This helper never changes its ids: it stays dumpable and keeps its
@@ -367,7 +407,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         if init == 0:
             for fd in (life_w, ask_r, mapped_w, proc):
                 os.close(fd)
-            _init(spec, plan, chan, stdio, life_r, (ask_w, mapped_r), say)
+            _init(spec, plan, chan, stdio, life_r, (ask_w, mapped_r), not joined, say)
         for fd in (life_r, ask_w, mapped_r):
             os.close(fd)
         _close_stdio(stdio)
@@ -398,13 +438,14 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
 # ------------------------------------------------------------------ PID 1
 
 def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
-          life_r: int, lock: tuple[int, int], say: Callable[[str], None]) -> NoReturn:
+          life_r: int, lock: tuple[int, int], maps_pending: bool,
+          say: Callable[[str], None]) -> NoReturn:
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.set_blocking(life_r, False)
         _check_lifeline(life_r)
         m.Step.current = "wait for the id maps"
-        if chan.sock.recv(1) != b"M":
+        if maps_pending and chan.sock.recv(1) != b"M":
             os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to map ids
         m.Step.current = "become root in the user namespace"
         os.setresgid(0, 0, 0)

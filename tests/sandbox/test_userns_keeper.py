@@ -1,0 +1,263 @@
+"""The user namespace keeper (nsbuild/sandbox/userns.py): a run that maps a
+new user namespace leaves one idle process holding it, and later runs join
+that namespace instead of running newuidmap/newgidmap again; each still gets
+namespaces of its own, and nothing but a namespace exactly like a fresh one
+is ever joined."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sandbox_helpers import (
+    PY,
+    SETUP_FAILED,
+    SubRange,
+    cmdline,
+    explain,
+    kill_all,
+    nsbuild,
+    nsbuild_argv,
+    ok,
+    one_line_error,
+    parse_idmap,
+    pids,
+    processes_with_arg,
+    py,
+    sh,
+    stat_fields,
+    wait_until,
+)
+
+pytestmark = pytest.mark.userns
+
+KEEPER = "nsbuild: user namespace keeper"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The environment of a user whose runtime directory is this test's own, so
+    keepers of other tests are neither seen nor disturbed; stops the keepers
+    recorded there afterwards."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    vars_ = {k: v for k, v in os.environ.items() if k != "NSBUILD_USERNS_KEEPER"}
+    vars_["XDG_RUNTIME_DIR"] = str(runtime)
+    yield vars_
+    kill_all([pid for pid in _recorded(vars_) if _is_keeper(pid)])
+
+
+def _records(env: dict[str, str]) -> list[Path]:
+    return sorted((Path(env["XDG_RUNTIME_DIR"]) / "nsbuild").glob("userns-*"))
+
+
+def _recorded(env: dict[str, str]) -> list[int]:
+    out = []
+    for record in _records(env):
+        try:
+            out.append(int(record.read_text()))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _is_keeper(pid: int) -> bool:
+    return cmdline(pid)[:1] == [KEEPER]
+
+
+def _the_keeper(env: dict[str, str]) -> int:
+    (pid,) = _recorded(env)
+    assert _is_keeper(pid), f"record names process {pid}: {cmdline(pid)}"
+    return pid
+
+
+def _userns(pid: int | str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/user")
+
+
+def test_a_first_run_leaves_a_keeper_that_holds_nothing_of_the_caller(
+    tmp_path: Path, env: dict[str, str], subids: tuple[SubRange, SubRange]
+) -> None:
+    r = ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    assert r.stderr == ""
+    pid = _the_keeper(env)
+    assert cmdline(pid) == [KEEPER, "60", ""]
+    fields = stat_fields(pid)
+    assert fields is not None and fields[0] != os.getpid(), "left the caller's process tree"
+    assert os.getsid(pid) == pid, "a session of its own: no terminal, no job control"
+    assert os.readlink(f"/proc/{pid}/cwd") == "/", "holds no directory of the caller"
+    assert Path(f"/proc/{pid}/environ").read_bytes() == b""
+    fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert fds == {"0": "/dev/null", "1": "/dev/null", "2": "/dev/null"}
+    # It is in a user namespace of its own, mapped onto the caller's range.
+    assert _userns(pid) != _userns("self")
+    uid, gid = subids
+    assert parse_idmap(Path(f"/proc/{pid}/uid_map").read_text()) == [
+        (0, os.getuid(), 1), (1, uid.start, 65535)]
+    assert parse_idmap(Path(f"/proc/{pid}/gid_map").read_text()) == [
+        (0, os.getgid(), 1), (1, gid.start, 65535)]
+
+
+def test_later_runs_join_the_kept_namespace_and_nest_their_own(
+    tmp_path: Path, env: dict[str, str], scratch: Path, subids: tuple[SubRange, SubRange]
+) -> None:
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    keeper = _the_keeper(env)
+    marker = f"nsbuild-test-keeper-{uuid.uuid4().hex}"
+    p = subprocess.Popen(
+        nsbuild_argv("--bind", f"{scratch}:/scratch", "--",
+                     *py("import time; print('ready', flush=True); time.sleep(3600)", marker)),
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n"
+        (helper,) = [pid for pid in pids() if (stat_fields(pid) or (0, 0))[0] == p.pid]
+        (command,) = [pid for pid in processes_with_arg(marker) if cmdline(pid)[0] == PY]
+        assert _userns(helper) == _userns(keeper), "the helper joined the kept namespace"
+        assert _userns(command) not in (_userns(keeper), _userns("self")), \
+            "the command runs in a nested namespace of its own"
+    finally:
+        p.kill()
+        p.wait()
+        kill_all(processes_with_arg(marker))
+    # Ids inside are as with a namespace of the run's own.
+    r = ok(nsbuild("--bind", f"{scratch}:/scratch", "--",
+                   *sh("setpriv --reuid 100 --regid 100 --clear-groups touch /scratch/f; id -u"),
+                   cwd=tmp_path, env=env, debug=True))
+    assert r.stdout == "0\n"
+    assert "joined the one kept by process" in r.stderr, r.stderr
+    st = (scratch / "f").stat()
+    assert (st.st_uid, st.st_gid) == (subids[0].start + 99, subids[1].start + 99)
+    assert _recorded(env) == [keeper], "no second keeper while the first lives"
+
+
+NESTED_NAMESPACE = """
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    assert libc.unshare(0x10000000) == 0  # CLONE_NEWUSER
+    os.write(w, b"x")
+    time.sleep(3600)
+os.read(r, 1)
+# One line per range of the sandbox's own map: from the host it then reads
+# exactly like the caller's outer namespace.
+for name in ("uid_map", "gid_map"):
+    with open(f"/proc/{child}/{name}", "w") as f:
+        f.write("0 0 1\\n1 1 65535\\n")
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_namespace_made_inside_a_sandbox_is_never_joined(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """The record is only a hint: a command that could write it (a user who binds
+    their runtime directory into a sandbox) must not make later sandboxes
+    join a namespace in which the command holds every capability."""
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    (record,) = _records(env)
+    expected = {name: Path(f"/proc/{_the_keeper(env)}/{name}").read_text()
+                for name in ("uid_map", "gid_map", "setgroups")}
+    marker = f"nsbuild-test-nested-{uuid.uuid4().hex}"
+    p = subprocess.Popen(nsbuild_argv("--", PY, "-c", NESTED_NAMESPACE, marker),
+                         cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n", p.stderr.read() if p.stderr else ""
+        inside = [pid for pid in processes_with_arg(marker) if cmdline(pid)[:2] == [PY, "-c"]]
+        (nested,) = [pid for pid in inside if (stat_fields(pid) or (0, 0))[0] in inside]
+        # Control: seen from the host, it passes every check but its parentage.
+        assert {name: Path(f"/proc/{nested}/{name}").read_text() for name in expected} \
+            == expected
+        record.write_text(f"{nested}\n")
+        r = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
+        assert "joined" not in r.stderr, r.stderr
+        assert "newuidmap" in r.stderr, r.stderr
+        assert _recorded(env) != [nested] and _is_keeper(_the_keeper(env))
+    finally:
+        p.kill()
+        p.wait()
+        kill_all(processes_with_arg(marker))
+
+
+@pytest.mark.parametrize("content", ["999999999\n", "not a pid\n", "self"])
+def test_a_stale_or_wrong_record_means_a_fresh_namespace(
+    tmp_path: Path, env: dict[str, str], content: str
+) -> None:
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    (record,) = _records(env)
+    old = _the_keeper(env)
+    # "self": a process of the caller in the host's own user namespace.
+    record.write_text(f"{os.getpid()}\n" if content == "self" else content)
+    r = ok(nsbuild("--", *sh("id -u"), cwd=tmp_path, env=env, debug=True))
+    assert r.stdout == "0\n"
+    assert "joined" not in r.stderr, r.stderr
+    assert _the_keeper(env) != old
+
+
+def test_the_keeper_goes_away_after_its_time(tmp_path: Path, env: dict[str, str]) -> None:
+    env["NSBUILD_USERNS_KEEPER"] = "1"
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    keeper = _the_keeper(env)
+    assert cmdline(keeper)[:2] == [KEEPER, "1"]
+    wait_until(lambda: not _is_keeper(keeper), f"keeper {keeper} still running")
+    # Its record is stale now: the next run makes and maps a namespace again.
+    r = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
+    assert "joined" not in r.stderr and "newuidmap" in r.stderr, r.stderr
+
+
+def test_keepers_can_be_turned_off(tmp_path: Path, env: dict[str, str]) -> None:
+    env["NSBUILD_USERNS_KEEPER"] = "0"
+    for _ in range(2):
+        r = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
+        assert "newuidmap" in r.stderr and "keeping" not in r.stderr, r.stderr
+    assert _records(env) == []
+
+
+def test_a_bad_keeper_setting_is_a_one_line_error(tmp_path: Path, env: dict[str, str]) -> None:
+    env["NSBUILD_USERNS_KEEPER"] = "soon"
+    r = nsbuild("--", "true", cwd=tmp_path, env=env)
+    assert r.returncode == SETUP_FAILED, explain(r)
+    assert "NSBUILD_USERNS_KEEPER" in one_line_error(r)
+
+
+def test_a_runtime_directory_open_to_others_is_not_used(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    shared = Path(env["XDG_RUNTIME_DIR"]) / "nsbuild"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    for _ in range(2):
+        r = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
+        # Nothing read from there, and no keeper left that nobody could find.
+        assert "joined" not in r.stderr and "keeping" not in r.stderr, r.stderr
+    assert _records(env) == []
+
+
+def test_the_keeper_outlives_a_killed_run_and_is_joined_after_it(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    marker = f"nsbuild-test-early-kill-{uuid.uuid4().hex}"
+    p = subprocess.Popen(nsbuild_argv("--", *py("import time; time.sleep(3600)", marker)),
+                         cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: p.poll() is not None or any(
+            cmdline(pid)[0] == PY for pid in processes_with_arg(marker)), "the command started")
+        assert p.poll() is None, f"nsbuild ended with {p.returncode}"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    keeper = _the_keeper(env)
+    r = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
+    assert f"kept by process {keeper}" in r.stderr, r.stderr
