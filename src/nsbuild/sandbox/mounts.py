@@ -144,7 +144,11 @@ class Step:
     current = "setup"
 
 
-def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step]) -> None:
+def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
+               before_sys: Callable[[], None] | None = None) -> None:
+    """Mount the new root at NEW; `before_sys` runs before a Sys mount (the
+    runner joins the sandbox's network namespace then, whose devices a new
+    sysfs shows)."""
     def at(name: str) -> None:
         step.current = name
 
@@ -182,6 +186,8 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step]) -> None:
     root_fd = os.open(NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for n, p in enumerate(plan.mounts):
+            if before_sys is not None and isinstance(p.mount, Sys):
+                before_sys()
             at(f"mount {p.mount.describe()}")
             say(p.mount.describe())
             _execute(p, root_fd, n, spec)

@@ -383,15 +383,10 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         # just gave, not mapped ids: make them while nsbuild writes the maps.
         # This helper never changes its ids: it stays dumpable and keeps its
         # parent-death signal.
-        flags = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
-                 | sc.CLONE_NEWCGROUP)
-        if not spec.share_net:
-            flags |= sc.CLONE_NEWNET
-        m.Step.current = "unshare mount, PID, IPC, UTS, cgroup and network namespaces"
-        say("unshare mount, PID, IPC, UTS, cgroup" +
-            (" namespaces (sharing the host network)" if spec.share_net
-             else " and network namespaces"))
-        sc.unshare(flags)
+        m.Step.current = "unshare mount, PID, IPC, UTS and cgroup namespaces"
+        say("unshare mount, PID, IPC, UTS and cgroup namespaces")
+        sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
+                   | sc.CLONE_NEWCGROUP)
 
         # A lifeline: init reads EOF on it if this helper is already gone.
         life_r, life_w = os.pipe()
@@ -402,16 +397,26 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         # The host's /proc, held open: init's pivot changes this process's
         # root too, and /proc there would be the sandbox's own.
         proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The network namespace is made by this helper while init builds the
+        # root (the kernel takes a while over a new one), then handed to init.
+        net_here, net_init = (None, None) if spec.share_net else _socket.socketpair(
+            _socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         m.Step.current = "fork init (PID 1)"
         init = os.fork()
         if init == 0:
             for fd in (life_w, ask_r, mapped_w, proc):
                 os.close(fd)
-            _init(spec, plan, chan, stdio, life_r, (ask_w, mapped_r), not joined, say)
+            if net_here is not None:
+                net_here.close()
+            _init(spec, plan, chan, stdio, life_r, (ask_w, mapped_r), not joined, net_init,
+                  say)
         for fd in (life_r, ask_w, mapped_r):
             os.close(fd)
         _close_stdio(stdio)
         m.release(plan)
+        if net_here is not None and net_init is not None:
+            net_init.close()
+            _make_network(spec, chan, Channel(net_here), proc, say)
 
         def relay(sig: int, _frame: object) -> None:
             try:
@@ -437,9 +442,49 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
 
 # ------------------------------------------------------------------ PID 1
 
+def _make_network(spec: Sandbox, chan: Channel, to_init: Channel, proc: int,
+                  say: Callable[[str], None]) -> None:
+    """In the helper: a new network namespace with lo up and the inside
+    sockets (sent to nsbuild), handed to init."""
+    m.Step.current = "unshare network namespace"
+    say("unshare the network namespace (while init builds the root)")
+    sc.unshare(sc.CLONE_NEWNET)
+    m.Step.current = "bring up loopback"
+    say("bring up lo (127.0.0.1, ::1): the only network interface")
+    loopback_up()
+    if spec.inside_sockets:
+        m.Step.current = "create inside sockets"
+        socks = [inside_socket(s, say) for s in spec.inside_sockets]
+        chan.send("SOCK", fds=[s.fileno() for s in socks])
+        for s in socks:
+            s.close()
+    ns = os.open("self/ns/net", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+    try:
+        to_init.send("N", fds=[ns])
+    finally:
+        os.close(ns)
+        to_init.sock.close()
+
+
+def _join_network(net: _socket.socket | None) -> None:
+    """In init: join the helper's network namespace (before sysfs is mounted:
+    it shows the mounter's). Once; init exits if the helper failed."""
+    if net is None or net.fileno() < 0:
+        return
+    m.Step.current = "join the network namespace"
+    data, fds = recv_with_fds(net)
+    net.close()
+    if data != b"N" or len(fds) != 1:
+        os._exit(SETUP_EXIT)  # the helper failed, and reported why
+    try:
+        sc.setns(fds[0], sc.CLONE_NEWNET)
+    finally:
+        os.close(fds[0])
+
+
 def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
           life_r: int, lock: tuple[int, int], maps_pending: bool,
-          say: Callable[[str], None]) -> NoReturn:
+          net: _socket.socket | None, say: Callable[[str], None]) -> NoReturn:
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.set_blocking(life_r, False)
@@ -460,22 +505,12 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         _check_lifeline(life_r)
         os.close(life_r)
 
-        m.build_root(spec, plan, say, m.Step)
+        m.build_root(spec, plan, say, m.Step, before_sys=lambda: _join_network(net))
+        _join_network(net)  # no /sys mounted
 
         m.Step.current = "set hostname"
         say(f"set hostname {spec.hostname}")
         sc.sethostname(spec.hostname)
-
-        if not spec.share_net:
-            m.Step.current = "bring up loopback"
-            say("bring up lo (127.0.0.1, ::1): the only network interface")
-            loopback_up()
-            if spec.inside_sockets:
-                m.Step.current = "create inside sockets"
-                socks = [inside_socket(s, say) for s in spec.inside_sockets]
-                chan.send("SOCK", fds=[s.fileno() for s in socks])
-                for s in socks:
-                    s.close()
 
         m.pivot(say, m.Step)
 
