@@ -138,14 +138,19 @@ class Network:
 
 
 def _none_plan(log: NetLog) -> NetPlan:
-    from nsbuild.net.dns import DnsResponder
-
     plan = NetPlan(
         log,
         inside_sockets=(InsideSocket("udp", "127.0.0.1", 53),),
         mounts=(RESOLV_CONF,),
     )
-    plan._serve_with = lambda socks: [DnsResponder(socks[0], log, "--net none: no network")]
+
+    def serve(socks: list[_socket.socket]) -> list[Any]:
+        # Imported here, once the sandbox is being set up: off the start-up path.
+        from nsbuild.net.dns import DnsResponder
+
+        return [DnsResponder(socks[0], log, "--net none: no network")]
+
+    plan._serve_with = serve
     return plan
 
 
