@@ -1,11 +1,15 @@
 """Execute a `Sandbox`: the process pipeline and its setup steps.
 
     nsbuild (parent, host)                 writes id maps, relays signals, waits
-      └─ helper (new user namespace, or    unshares the rest, forks init at once,
-           │    a kept one: userns.py)     maps init's nested namespace, waits
-           └─ init, PID 1 (all namespaces) waits for the id maps, builds the
-                │                          root, pivots, locks the mounts,
-                │                          hardens itself, reaps
+      └─ helper (new user namespace, or    unshares PID, IPC, UTS and cgroup
+           │    a kept one: userns.py)     namespaces, forks init at once, then
+           │                               makes the network namespace (lo up,
+           │                               inside sockets) and hands it to init;
+           │                               maps init's nested namespace, waits
+           └─ init, PID 1                  makes the mount namespace, waits for
+                │                          the id maps, builds the root, joins
+                │                          the network namespace, pivots, locks
+                │                          the mounts, hardens itself, reaps
                 └─ command                 posix_spawn()ed: vfork and exec, no
                                            copy of the Python process
 
@@ -14,8 +18,10 @@ means the command was exec'd. The same channel carries sockets made inside the
 sandbox's network namespace back to the parent (SCM_RIGHTS). The helper and
 init die with their parents (PR_SET_PDEATHSIG), and when init dies the kernel
 kills every process in the PID namespace, the command too, so nothing
-outlives a killed nsbuild; the mount namespace goes with its last process, so
-no mount is left behind either.
+outlives a killed nsbuild. Only init and the command are ever in the
+sandbox's mount namespaces, so no mount is left once init is gone; the helper
+then writes the command's status to the parent on a pipe before its own exit,
+which a caller about to exit need not wait for (Process.wait(reap_helper=False)).
 
 Children never raise into the caller's code: everything after fork() ends in
 os._exit(), and output from them goes through os.write (no locks shared with
@@ -107,11 +113,13 @@ def report_failure(chan: Channel, e: BaseException) -> NoReturn:
 
 
 class Process:
-    """A running sandbox. `pid` is the helper process on the host side."""
+    """A running sandbox. `pid` is the helper process on the host side; it
+    writes the command's status on `status_fd` once init, and with it every
+    process and mount of the sandbox, is gone, then exits itself."""
 
     def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
                  stderr: IO[bytes] | None, sockets: list[_socket.socket],
-                 exec_error: str | None) -> None:
+                 exec_error: str | None, status_fd: int | None = None) -> None:
         self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
@@ -119,11 +127,18 @@ class Process:
         self.sockets = sockets
         self.exec_error = exec_error
         self.returncode: int | None = None
+        self._status_fd = status_fd
 
     def _set(self, status: int) -> int:
         code = os.waitstatus_to_exitcode(status)
         self.returncode = 128 - code if code < 0 else code
+        self._close_status()
         return self.returncode
+
+    def _close_status(self) -> None:
+        if self._status_fd is not None:
+            os.close(self._status_fd)
+            self._status_fd = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -132,10 +147,19 @@ class Process:
                 self._set(status)
         return self.returncode
 
-    def wait(self) -> int:
+    def wait(self, *, reap_helper: bool = True) -> int:
+        """The command's exit status. With reap_helper=False, return as soon
+        as the sandbox is gone, leaving the helper's own exit (a few hundred
+        microseconds of freeing its copy of this process) unwaited for: for a
+        caller about to exit, whose helper its reaper then collects."""
         if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self._set(status)
+            told = os.read(self._status_fd, 16) if self._status_fd is not None else b""
+            if told and not reap_helper:
+                self.returncode = int(told)
+                self._close_status()
+            else:
+                _, status = os.waitpid(self.pid, 0)
+                self._set(status)
         assert self.returncode is not None
         return self.returncode
 
@@ -156,10 +180,12 @@ class Process:
                 pass
 
 
-def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None) -> int:
+def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
+        reap_helper: bool = True) -> int:
     """Run the sandbox with the caller's stdio; return the command's exit status
     (128+N when killed by signal N). `on_start` gets the Process once the
-    command runs (e.g. to serve its inside sockets)."""
+    command runs (e.g. to serve its inside sockets). reap_helper: see
+    Process.wait."""
     proc = spawn(spec)
     if on_start is not None:
         try:
@@ -171,7 +197,7 @@ def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None) -> i
     previous = {s: signal.signal(s, lambda sig, _f: proc.send_signal(sig))
                 for s in FORWARDED_SIGNALS}
     try:
-        return proc.wait()
+        return proc.wait(reap_helper=reap_helper)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -203,7 +229,9 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         elif want is not None:
             child_ends[i] = want
 
+    status_r = status_w = -1
     try:
+        status_r, status_w = os.pipe()
         parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         parent_pid = os.getpid()
         try:
@@ -216,18 +244,21 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         m.release(plan)
         for fd in {*parent_ends, *child_ends} - {None, stdin, stdout, stderr}:
             os.close(fd)  # type: ignore[arg-type]
-        if kept is not None:
-            os.close(kept[0])
+        for fd in (status_r, status_w, -1 if kept is None else kept[0]):
+            if fd >= 0:
+                os.close(fd)
         raise
     if pid == 0:
         parent_sock.close()
+        os.close(status_r)
         for fd in parent_ends:
             if fd is not None:
                 os.close(fd)
         _helper(spec, plan, Channel(child_sock), child_ends, parent_pid,
-                None if kept is None else kept[0], keep, say)
+                None if kept is None else kept[0], keep, status_w, say)
 
     child_sock.close()
+    os.close(status_w)
     m.release(plan)  # the cloned trees live on in the child only
     if kept is not None:
         os.close(kept[0])
@@ -246,12 +277,13 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         for fd in parent_ends:
             if fd is not None:
                 os.close(fd)
+        os.close(status_r)
         raise
     finally:
         parent_sock.close()
     files = [None if fd is None else os.fdopen(fd, "wb" if i == 0 else "rb")
              for i, fd in enumerate(parent_ends)]
-    return Process(pid, files[0], files[1], files[2], sockets, exec_error)
+    return Process(pid, files[0], files[1], files[2], sockets, exec_error, status_r)
 
 
 def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | None,
@@ -350,7 +382,7 @@ def _describe_idmap(pid: int, idmap: IdMap) -> str:
 # ---------------------------------------------------------------- the helper
 
 def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
-            parent_pid: int, kept: int | None, keep: int,
+            parent_pid: int, kept: int | None, keep: int, status_w: int,
             say: Callable[[str], None]) -> NoReturn:
     try:
         for s in FORWARDED_SIGNALS:
@@ -383,10 +415,11 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         # just gave, not mapped ids: make them while nsbuild writes the maps.
         # This helper never changes its ids: it stays dumpable and keeps its
         # parent-death signal.
-        m.Step.current = "unshare mount, PID, IPC, UTS and cgroup namespaces"
-        say("unshare mount, PID, IPC, UTS and cgroup namespaces")
-        sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
-                   | sc.CLONE_NEWCGROUP)
+        # Not the mount namespace: init makes that, so that no mount of the
+        # sandbox outlives init (this helper's own exit is not waited for).
+        m.Step.current = "unshare PID, IPC, UTS and cgroup namespaces"
+        say("unshare PID, IPC, UTS and cgroup namespaces")
+        sc.unshare(sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
 
         # A lifeline: init reads EOF on it if this helper is already gone.
         life_r, life_w = os.pipe()
@@ -394,8 +427,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         # mount lock), which only a process of this namespace can write.
         ask_r, ask_w = os.pipe()
         mapped_r, mapped_w = os.pipe()
-        # The host's /proc, held open: init's pivot changes this process's
-        # root too, and /proc there would be the sandbox's own.
+        # The host's /proc, held open for init's id map and the network namespace.
         proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         # The network namespace is made by this helper while init builds the
         # root (the kernel takes a while over a new one), then handed to init.
@@ -404,7 +436,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         m.Step.current = "fork init (PID 1)"
         init = os.fork()
         if init == 0:
-            for fd in (life_w, ask_r, mapped_w, proc):
+            for fd in (life_w, ask_r, mapped_w, proc, status_w):
                 os.close(fd)
             if net_here is not None:
                 net_here.close()
@@ -435,7 +467,10 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         chan.sock.close()
         _, status = os.waitpid(init, 0)
         code = os.waitstatus_to_exitcode(status)
-        os._exit(128 - code if code < 0 else code)
+        code = 128 - code if code < 0 else code
+        # init, its namespaces and every mount of the sandbox are gone now.
+        os.write(status_w, str(code).encode())
+        os._exit(code)
     except BaseException as e:
         report_failure(chan, e)
 
@@ -492,6 +527,9 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         m.Step.current = "wait for the id maps"
         if maps_pending and chan.sock.recv(1) != b"M":
             os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to map ids
+        m.Step.current = "unshare mount namespace"
+        say("unshare the mount namespace")
+        sc.unshare(sc.CLONE_NEWNS)
         m.Step.current = "become root in the user namespace"
         os.setresgid(0, 0, 0)
         if spec.idmap.full:
