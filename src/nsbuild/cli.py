@@ -353,8 +353,10 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         if lim:
             lim.join()
         # The command line exits right after: the helper's own exit need not
-        # be waited for, unless a cgroup of the run's must be emptied first.
-        status = run(spec, on_start=started, reap_helper=bool(spec.cgroup))
+        # be waited for, unless a cgroup of the run's must be emptied first
+        # (nor may a user namespace keeper be left in one).
+        status = run(spec, on_start=started, reap_helper=bool(spec.cgroup),
+                     leave_keeper=lim is None)
     summary = plan.denied_summary()
     if summary:
         sys.stderr.write(f"nsbuild: {summary}\n")

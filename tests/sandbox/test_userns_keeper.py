@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 from sandbox_helpers import (
+    HANG_GUARD,
     PY,
-    SETUP_FAILED,
+    USAGE,
     SubRange,
     cmdline,
     explain,
@@ -57,13 +58,21 @@ def _records(env: dict[str, str]) -> list[Path]:
 
 
 def _recorded(env: dict[str, str]) -> list[int]:
+    """The keeper pids the records name (each: pid, start time, namespace inode)."""
     out = []
     for record in _records(env):
         try:
-            out.append(int(record.read_text()))
-        except (OSError, ValueError):
+            out.append(int(record.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
             pass
     return out
+
+
+def _identity(pid: int) -> str:
+    """What a record says of a process: pid, start time, user namespace inode."""
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    started = int(stat.rsplit(b")", 1)[1].split()[19])
+    return f"{pid} {started} {os.stat(f'/proc/{pid}/ns/user').st_ino}\n"
 
 
 def _is_keeper(pid: int) -> bool:
@@ -145,7 +154,8 @@ child = os.fork()
 if child == 0:
     assert libc.unshare(0x10000000) == 0  # CLONE_NEWUSER
     os.write(w, b"x")
-    time.sleep(3600)
+    # Named like a keeper, so that only its parentage gives it away.
+    os.execv("/bin/sleep", ["nsbuild: user namespace keeper", "3600"])
 os.read(r, 1)
 # One line per range of the sandbox's own map: from the host it then reads
 # exactly like the caller's outer namespace.
@@ -174,12 +184,13 @@ def test_a_namespace_made_inside_a_sandbox_is_never_joined(
     try:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n", p.stderr.read() if p.stderr else ""
-        inside = [pid for pid in processes_with_arg(marker) if cmdline(pid)[:2] == [PY, "-c"]]
-        (nested,) = [pid for pid in inside if (stat_fields(pid) or (0, 0))[0] in inside]
+        (maker,) = [pid for pid in processes_with_arg(marker) if cmdline(pid)[0] == PY]
+        (nested,) = [pid for pid in pids() if (stat_fields(pid) or (0, 0))[0] == maker]
+        assert cmdline(nested)[0] == KEEPER
         # Control: seen from the host, it passes every check but its parentage.
         assert {name: Path(f"/proc/{nested}/{name}").read_text() for name in expected} \
             == expected
-        record.write_text(f"{nested}\n")
+        record.write_text(_identity(nested))
         r = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
         assert "joined" not in r.stderr, r.stderr
         assert "newuidmap" in r.stderr, r.stderr
@@ -190,7 +201,7 @@ def test_a_namespace_made_inside_a_sandbox_is_never_joined(
         kill_all(processes_with_arg(marker))
 
 
-@pytest.mark.parametrize("content", ["999999999\n", "not a pid\n", "self"])
+@pytest.mark.parametrize("content", ["999999999 1 1\n", "not a pid\n", "self"])
 def test_a_stale_or_wrong_record_means_a_fresh_namespace(
     tmp_path: Path, env: dict[str, str], content: str
 ) -> None:
@@ -198,7 +209,7 @@ def test_a_stale_or_wrong_record_means_a_fresh_namespace(
     (record,) = _records(env)
     old = _the_keeper(env)
     # "self": a process of the caller in the host's own user namespace.
-    record.write_text(f"{os.getpid()}\n" if content == "self" else content)
+    record.write_text(_identity(os.getpid()) if content == "self" else content)
     r = ok(nsbuild("--", *sh("id -u"), cwd=tmp_path, env=env, debug=True))
     assert r.stdout == "0\n"
     assert "joined" not in r.stderr, r.stderr
@@ -227,7 +238,7 @@ def test_keepers_can_be_turned_off(tmp_path: Path, env: dict[str, str]) -> None:
 def test_a_bad_keeper_setting_is_a_one_line_error(tmp_path: Path, env: dict[str, str]) -> None:
     env["NSBUILD_USERNS_KEEPER"] = "soon"
     r = nsbuild("--", "true", cwd=tmp_path, env=env)
-    assert r.returncode == SETUP_FAILED, explain(r)
+    assert r.returncode == USAGE, explain(r)
     assert "NSBUILD_USERNS_KEEPER" in one_line_error(r)
 
 
@@ -261,3 +272,61 @@ def test_the_keeper_outlives_a_killed_run_and_is_joined_after_it(
     keeper = _the_keeper(env)
     r = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
     assert f"kept by process {keeper}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "stdin"])
+def test_a_record_that_is_no_file_neither_blocks_nor_reads_anything(
+    tmp_path: Path, env: dict[str, str], kind: str
+) -> None:
+    """A command that can write the record directory (bound in, or the working
+    directory) puts a FIFO or a symlink to /dev/stdin in a record's place: the
+    next run must neither hang on it nor read its own stdin through it."""
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    (record,) = _records(env)
+    record.unlink()
+    if kind == "fifo":
+        os.mkfifo(record)
+    else:
+        record.symlink_to("/dev/stdin")
+    r = subprocess.run(nsbuild_argv("--", "wc", "-l"), cwd=tmp_path, env=env,
+                       input="".join(f"{i}\n" for i in range(3000)), capture_output=True,
+                       text=True, timeout=HANG_GUARD, check=False)
+    assert (r.returncode, r.stdout.strip()) == (0, "3000"), explain(r)
+
+
+def test_a_run_with_other_process_limits_does_not_join(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A user namespace holds its maker's limit on processes (and a few others):
+    a run made under a low limit must not impose it on a later run without."""
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (64, resource.getrlimit(
+            resource.RLIMIT_NPROC)[1]))
+
+    first = subprocess.run(nsbuild_argv("--", "true"), cwd=tmp_path, env=env,
+                           preexec_fn=low_limit, capture_output=True, text=True,
+                           timeout=HANG_GUARD, check=False)
+    assert first.returncode == 0, explain(first)
+    probe = """
+    import os, sys
+    pids = []
+    try:
+        for _ in range(100):
+            pid = os.fork()
+            if pid == 0:
+                os.read(0, 1)  # stdin is /dev/null: returns at once
+                os._exit(0)
+            pids.append(pid)
+    finally:
+        for pid in pids:
+            os.waitpid(pid, 0)
+    print(len(pids))
+    """
+    r = ok(nsbuild("--", *py(probe), cwd=tmp_path, env=env, debug=True))
+    assert r.stdout == "100\n", explain(r)
+    assert "joined" not in r.stderr, r.stderr
+    # Runs under the same limits as each other still share one.
+    again = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
+    assert "joined" in again.stderr, again.stderr

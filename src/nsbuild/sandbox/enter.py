@@ -34,6 +34,7 @@ import os
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
+from nsbuild.sandbox import userns
 from nsbuild.sandbox.errors import SandboxError
 
 # Shared with runner.py rather than written twice: the channel, the child's
@@ -45,9 +46,8 @@ from nsbuild.sandbox.runner import (
     Process,
     close_fds,
     execvpe,
-    inside_socket,
     install_stdio,
-    loopback_up,
+    new_network,
     raise_report,
     recv_with_fds,
     report_failure,
@@ -77,11 +77,9 @@ def start_time(pid: int) -> int:
     names one process, whatever later reuses the number."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            return userns.start_time(f.read())
     except (FileNotFoundError, ProcessLookupError):
         raise NotRunning(f"process {pid} is not running") from None
-    # Field 22; the command name (field 2) may hold spaces and parentheses.
-    return int(stat.rsplit(b")", 1)[1].split()[19])
 
 
 def sandbox_pids(proc: Process) -> tuple[int, int]:
@@ -301,16 +299,7 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
         if new_net:
-            m.Step.current = "unshare network namespace"
-            sc.unshare(sc.CLONE_NEWNET)
-            m.Step.current = "bring up loopback"
-            loopback_up()
-            if inside_sockets:
-                m.Step.current = "create inside sockets"
-                socks = [inside_socket(s, _quiet) for s in inside_sockets]
-                chan.send("SOCK", fds=[s.fileno() for s in socks])
-                for sock in socks:
-                    sock.close()
+            new_network(inside_sockets, chan, _quiet)
         # Credential changes clear the parent-death signal: set it now, then
         # check the caller did not die in between.
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -17,8 +17,9 @@ Setup failures travel back over a close-on-exec SEQPACKET channel; EOF on it
 means the command was exec'd. The same channel carries sockets made inside the
 sandbox's network namespace back to the parent (SCM_RIGHTS). The helper and
 init die with their parents (PR_SET_PDEATHSIG), and when init dies the kernel
-kills every process in the PID namespace, the command too, so nothing
-outlives a killed nsbuild. Only init and the command are ever in the
+kills every process in the PID namespace, the command too, so nothing of the
+sandbox outlives a killed nsbuild (a user namespace keeper, userns.py, holds
+none of it). Only init and the command are ever in the
 sandbox's mount namespaces, so no mount is left once init is gone; the helper
 then writes the command's status to the parent on a pipe before its own exit,
 which a caller about to exit need not wait for (Process.wait(reap_helper=False)).
@@ -114,8 +115,8 @@ def report_failure(chan: Channel, e: BaseException) -> NoReturn:
 
 class Process:
     """A running sandbox. `pid` is the helper process on the host side; it
-    writes the command's status on `status_fd` once init, and with it every
-    process and mount of the sandbox, is gone, then exits itself."""
+    writes the command's status on a pipe (status_fd) once init, and with it
+    every process and mount of the sandbox, is gone, then exits itself."""
 
     def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
                  stderr: IO[bytes] | None, sockets: list[_socket.socket],
@@ -153,8 +154,11 @@ class Process:
         microseconds of freeing its copy of this process) unwaited for: for a
         caller about to exit, whose helper its reaper then collects."""
         if self.returncode is None:
-            told = os.read(self._status_fd, 16) if self._status_fd is not None else b""
-            if told and not reap_helper:
+            # Only then: a helper forked meanwhile for another sandbox (a
+            # threaded caller) would hold this pipe open too.
+            told = (os.read(self._status_fd, 16)
+                    if not reap_helper and self._status_fd is not None else b"")
+            if told:
                 self.returncode = int(told)
                 self._close_status()
             else:
@@ -181,12 +185,12 @@ class Process:
 
 
 def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
-        reap_helper: bool = True) -> int:
+        reap_helper: bool = True, leave_keeper: bool = True) -> int:
     """Run the sandbox with the caller's stdio; return the command's exit status
     (128+N when killed by signal N). `on_start` gets the Process once the
     command runs (e.g. to serve its inside sockets). reap_helper: see
-    Process.wait."""
-    proc = spawn(spec)
+    Process.wait; leave_keeper: see spawn."""
+    proc = spawn(spec, leave_keeper=leave_keeper)
     if on_start is not None:
         try:
             on_start(proc)
@@ -206,9 +210,13 @@ def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
 
 
 def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
-          stderr: int | None = None) -> Process:
-    """Start the sandbox; return once the command was exec'd (or raise SetupError)."""
+          stderr: int | None = None, leave_keeper: bool = True) -> Process:
+    """Start the sandbox; return once the command was exec'd (or raise SetupError).
+    leave_keeper=False: if this run makes its user namespace, it leaves no
+    keeper in it (userns.py), as for a run whose caller sits in a cgroup of
+    the run's own (resource limits), which must be empty when the run ends."""
     spec.validate()
+    lifetime = userns.lifetime() if spec.idmap.helper else 0  # bad setting: fail first
     plan = m.prepare(spec)  # host-side checks: sources exist, resolved once
     say = _debug_printer(spec.debug)
     if spec.idmap.warning:
@@ -217,8 +225,8 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     # A user namespace kept mapped by an earlier run (userns.py); else this
     # run makes one, and leaves a keeper in it unless the run has a cgroup of
     # its own (which must be empty when the run ends).
-    kept = userns.join_fd(spec.idmap)
-    keep = (userns.lifetime() if kept is None and spec.idmap.helper and not spec.cgroup
+    kept = userns.join_fd(spec.idmap) if lifetime else None
+    keep = (lifetime if kept is None and lifetime and leave_keeper and not spec.cgroup
             and userns.can_record() else 0)
     parent_ends: list[int | None] = [None, None, None]
     child_ends: list[int | None] = [None, None, None]
@@ -477,22 +485,29 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
 
 # ------------------------------------------------------------------ PID 1
 
-def _make_network(spec: Sandbox, chan: Channel, to_init: Channel, proc: int,
-                  say: Callable[[str], None]) -> None:
-    """In the helper: a new network namespace with lo up and the inside
-    sockets (sent to nsbuild), handed to init."""
+def new_network(inside_sockets: tuple[InsideSocket, ...], chan: Channel,
+                say: Callable[[str], None]) -> None:
+    """Move into a new network namespace with lo up, and send nsbuild the
+    inside sockets made there."""
     m.Step.current = "unshare network namespace"
-    say("unshare the network namespace (while init builds the root)")
+    say("unshare the network namespace")
     sc.unshare(sc.CLONE_NEWNET)
     m.Step.current = "bring up loopback"
     say("bring up lo (127.0.0.1, ::1): the only network interface")
     loopback_up()
-    if spec.inside_sockets:
+    if inside_sockets:
         m.Step.current = "create inside sockets"
-        socks = [inside_socket(s, say) for s in spec.inside_sockets]
+        socks = [inside_socket(s, say) for s in inside_sockets]
         chan.send("SOCK", fds=[s.fileno() for s in socks])
         for s in socks:
             s.close()
+
+
+def _make_network(spec: Sandbox, chan: Channel, to_init: Channel, proc: int,
+                  say: Callable[[str], None]) -> None:
+    """In the helper, while init builds the root: the sandbox's network
+    namespace, handed to init."""
+    new_network(spec.inside_sockets, chan, say)
     ns = os.open("self/ns/net", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
     try:
         to_init.send("N", fds=[ns])

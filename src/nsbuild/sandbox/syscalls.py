@@ -306,3 +306,15 @@ def last_cap() -> int:
             return int(f.read())
     except OSError:
         return CAP_LAST_CAP_FALLBACK
+
+
+class _RLimit(_ctypes.Structure):  # type: ignore[misc]
+    _fields_ = [("soft", _ULong), ("hard", _ULong)]
+
+
+def soft_limit(resource: int) -> int:
+    """getrlimit(2)'s soft value (the resource module costs ~0.2 ms to import)."""
+    limit = _RLimit()
+    if _libc.getrlimit(resource, _ctypes.byref(limit)) != 0:
+        _fail()
+    return int(limit.soft)

@@ -3,12 +3,12 @@
 Mapping subordinate ids takes the setuid programs newuidmap and newgidmap:
 two exec()s of setuid binaries, about 2.5 ms of CPU on every run, the largest
 fixed cost of `nsbuild run` after Python itself. So, as rootless podman does
-with its pause process, the first run of a user leaves one idle process (a
-`sleep` named "nsbuild: user namespace keeper") in its freshly mapped user
-namespace, for KEEP_SECONDS; runs in that time join the namespace with setns()
-instead of making and mapping one. NSBUILD_USERNS_KEEPER=SECONDS sets that
-time; 0 turns keepers off (neither join nor leave one). `pkill -f 'nsbuild:
-user namespace keeper'` stops them at once.
+with its pause process, a run that made and mapped a user namespace leaves one
+idle process in it (a `sleep` named "nsbuild: user namespace keeper") for
+KEEP_SECONDS; runs in that time join the namespace with setns() instead of
+making and mapping one. NSBUILD_USERNS_KEEPER=SECONDS sets that time; 0 turns
+keepers off (neither join nor leave one). `pkill -f 'nsbuild: user namespace
+keeper'` stops them at once.
 
 What is shared is only the outer namespace, whose root is the caller: every
 sandbox still makes its own mount, PID, IPC, UTS, cgroup and network
@@ -17,22 +17,27 @@ runner.py), in which its commands run. A command has no capability in the
 outer namespace, so it can neither join it nor reach another sandbox through
 it. The keeper holds no file, mount, terminal or directory: it runs in its own
 session, in "/", with /dev/null as stdio and an empty environment, and leaves
-the caller's process tree at once.
+the caller's process tree at once (it stays in the caller's cgroup).
 
 A kept namespace is joined only if it is exactly what would have been made:
-owned by the caller, a child of the caller's own user namespace (not one made
-inside a sandbox), with the expected id maps and setgroups allowed. Anything
-else, a stale record included, means a fresh namespace, as without a keeper.
+the record (in a directory of the caller's only) names the keeper by pid,
+start time and namespace; the keeper must be alive and named so; the
+namespace must be owned by the caller, a child of the caller's own user
+namespace (not one made inside a sandbox), mapped as expected with setgroups
+allowed. The kernel copies some of its maker's resource limits into a new
+user namespace (processes, locked memory, pending signals, message queues),
+so they are part of the record's name: a run with other limits makes its own.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import struct
 
-from nsbuild.sandbox.errors import SandboxError
-from nsbuild.sandbox.spec import IdMap, IdRange
+from nsbuild.sandbox import syscalls as sc
+from nsbuild.sandbox.spec import IdMap, IdRange, SpecError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -48,27 +53,31 @@ _ENV_SWITCH = "NSBUILD_USERNS_KEEPER"
 # ioctl(2) on namespace files (linux/nsfs.h): _IO(0xb7, 2) and _IO(0xb7, 4).
 _NS_GET_PARENT = 0xB702
 _NS_GET_OWNER_UID = 0xB704
+# The limits a new user namespace takes from its maker (set_userns_rlimits):
+# RLIMIT_NPROC, RLIMIT_MEMLOCK, RLIMIT_SIGPENDING, RLIMIT_MSGQUEUE.
+_INHERITED_LIMITS = (6, 8, 11, 12)
+_RECORD_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def lifetime() -> int:
-    """Seconds a new keeper stays; 0: no keepers."""
+    """Seconds a new keeper stays; 0: no keepers. A bad setting is a usage error."""
     value = os.environ.get(_ENV_SWITCH)
     if value is None:
         return KEEP_SECONDS
     if not (value.isascii() and value.isdigit()):
-        raise SandboxError(f"{_ENV_SWITCH}={value!r}: expected a number of seconds "
-                           "(0: no user namespace keeper)")
+        raise SpecError(f"{_ENV_SWITCH}={value!r}: expected a number of seconds "
+                        "(0: no user namespace keeper)")
     return int(value)
 
 
-def _directory(create: bool) -> str | None:
-    """The caller's private runtime directory for keeper records, or None when
-    there is none we can trust (not ours, or open to others)."""
+def _open_directory(create: bool) -> int | None:
+    """The caller's private runtime directory for keeper records, opened; None
+    when there is none we can trust (not ours, open to others, a symlink)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    path = f"{runtime}/nsbuild" if runtime else f"/tmp/nsbuild-{os.getuid()}"
+    path = f"{runtime}/nsbuild" if runtime else f"/tmp/nsbuild-{os.geteuid()}"
     for attempt in (0, 1):
         try:
-            st = os.lstat(path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             if not create or attempt:
                 return None
@@ -81,33 +90,51 @@ def _directory(create: bool) -> str | None:
             continue
         except OSError:
             return None
-        if (st.st_mode & 0o170077) == 0o040000 and st.st_uid == os.getuid():
-            return path
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 == 0 and st.st_uid == os.geteuid():
+            return fd
+        os.close(fd)
         return None
     return None
 
 
 def can_record() -> bool:
     """A keeper is useful only if later runs can find it."""
-    return _directory(create=True) is not None
+    fd = _open_directory(create=True)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 def _record_name(idmap: IdMap) -> str:
     def ranges(rs: tuple[IdRange, ...]) -> str:
         return ",".join(f"{r.inside}.{r.outside}.{r.count}" for r in rs)
 
-    return f"userns-{ranges(idmap.uids)}_{ranges(idmap.gids)}"
+    limits = ",".join(str(sc.soft_limit(r)) for r in _INHERITED_LIMITS)
+    return f"userns-{ranges(idmap.uids)}_{ranges(idmap.gids)}_{limits}"
 
 
-def _read_at(dir_fd: int, name: str) -> str:
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+def _read_at(dir_fd: int, name: str, flags: int = os.O_RDONLY | os.O_CLOEXEC) -> bytes:
+    fd = os.open(name, flags, dir_fd=dir_fd)
     try:
-        return os.read(fd, 4096).decode()
+        if flags & os.O_NOFOLLOW:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise ValueError(f"{name} is not a regular file of the caller's")
+        return os.read(fd, 4096)
     finally:
         os.close(fd)
 
 
-def _same_ranges(text: str, ranges: tuple[IdRange, ...]) -> bool:
+def start_time(stat_line: bytes) -> int:
+    """A process's start time (clock ticks since boot) from its /proc stat line:
+    with the pid, it names one process, whatever later reuses the number."""
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    return int(stat_line.rsplit(b")", 1)[1].split()[19])
+
+
+def _same_ranges(text: bytes, ranges: tuple[IdRange, ...]) -> bool:
     return [tuple(map(int, line.split())) for line in text.splitlines()] == \
         [(r.inside, r.outside, r.count) for r in ranges]
 
@@ -127,33 +154,38 @@ def _is_ours(ns: int) -> bool:
 
 def join_fd(idmap: IdMap) -> tuple[int, int] | None:
     """(fd of a kept user namespace mapped as `idmap`, keeper pid), or None."""
-    if not idmap.helper or not lifetime():
-        return None
-    directory = _directory(create=False)
+    directory = _open_directory(create=False)
     if directory is None:
         return None
     try:
-        with open(f"{directory}/{_record_name(idmap)}", "rb") as f:
-            pid = int(f.read(32))
+        # Not a FIFO, device or symlink put there to block or feed this read.
+        pid, started, inode = map(int, _read_at(directory, _record_name(idmap),
+                                                _RECORD_FLAGS).split())
         # Everything below is read through this directory: if the keeper is
         # gone and its pid reused, the reads fail instead of reading another.
         proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(directory)
     ns = -1
     try:
         ns = os.open("ns/user", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+        line = _read_at(proc, "stat")
         # A keeper that ended but was not reaped yet still shows its namespace.
-        state = _read_at(proc, "stat").rpartition(")")[2].split()[0]
-        if (state not in ("Z", "X")
+        state = line.rsplit(b")", 1)[1].split()[0]
+        if (state not in (b"Z", b"X")
+                and start_time(line) == started
+                and os.fstat(ns).st_ino == inode
+                and _read_at(proc, "cmdline").split(b"\0")[0] == KEEPER_NAME.encode()
                 and _same_ranges(_read_at(proc, "uid_map"), idmap.uids)
                 and _same_ranges(_read_at(proc, "gid_map"), idmap.gids)
-                and _read_at(proc, "setgroups").strip() == "allow"
+                and _read_at(proc, "setgroups").strip() == b"allow"
                 and _is_ours(ns)):
             ns, found = -1, ns
             return found, pid
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return None
     finally:
         os.close(proc)
@@ -175,7 +207,7 @@ def leave_keeper(seconds: int) -> int:
                 os.closerange(w + 1, 1 << 20)
                 pid = os.posix_spawn(
                     SLEEP, [KEEPER_NAME, str(seconds)], {}, setsid=True,
-                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # ignored by Python
                     file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
                                   (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
                 os.write(w, str(pid).encode())
@@ -196,22 +228,26 @@ def leave_keeper(seconds: int) -> int:
 def publish(pid: int, idmap: IdMap) -> None:
     """Record the keeper once its namespace is mapped; best effort (a run
     without a record only makes its own namespace)."""
-    directory = _directory(create=True)
+    directory = _open_directory(create=True)
     if directory is None:
         return
-    name = f"{directory}/{_record_name(idmap)}"
-    tmp = f"{name}.{os.getpid()}"
+    name = _record_name(idmap)
+    tmp = f".{name}.{os.getpid()}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            started = start_time(f.read())
+        inode = os.stat(f"/proc/{pid}/ns/user").st_ino
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=directory)
         try:
-            os.write(fd, f"{pid}\n".encode())
+            os.write(fd, f"{pid} {started} {inode}\n".encode())
         finally:
             os.close(fd)
-        os.replace(tmp, name)
-    except OSError:
+        os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+    except (OSError, ValueError, IndexError):
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=directory)
         except OSError:
             pass
-
+    finally:
+        os.close(directory)
