@@ -216,7 +216,9 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     keeper in it (userns.py), as for a run whose caller sits in a cgroup of
     the run's own (resource limits), which must be empty when the run ends."""
     spec.validate()
-    lifetime = userns.lifetime() if spec.idmap.helper else 0  # bad setting: fail first
+    lifetime = userns.lifetime()  # a bad setting fails first, whoever runs
+    if not spec.idmap.helper:
+        lifetime = 0  # ids written directly: nothing to keep
     plan = m.prepare(spec)  # host-side checks: sources exist, resolved once
     say = _debug_printer(spec.debug)
     if spec.idmap.warning:
