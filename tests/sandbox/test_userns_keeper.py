@@ -153,10 +153,10 @@ r, w = os.pipe()
 child = os.fork()
 if child == 0:
     assert libc.unshare(0x10000000) == 0  # CLONE_NEWUSER
-    os.write(w, b"x")
     # Named like a keeper, so that only its parentage gives it away.
     os.execv("/bin/sleep", ["nsbuild: user namespace keeper", "3600"])
-os.read(r, 1)
+os.close(w)
+assert os.read(r, 1) == b""  # the pipe closes on exec: the child is the sleep now
 # One line per range of the sandbox's own map: from the host it then reads
 # exactly like the caller's outer namespace.
 for name in ("uid_map", "gid_map"):
@@ -301,14 +301,20 @@ def test_a_run_with_other_process_limits_does_not_join(
     a run made under a low limit must not impose it on a later run without."""
     import resource
 
+    # Counted for the whole uid: what runs already, and room for one run.
+    tasks = sum(len(os.listdir(f"/proc/{pid}/task")) for pid in pids()
+                if os.path.isdir(f"/proc/{pid}/task") and _uid_of(pid) == os.getuid())
+    limit = tasks + 32
+
     def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NPROC, (64, resource.getrlimit(
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, resource.getrlimit(
             resource.RLIMIT_NPROC)[1]))
 
     first = subprocess.run(nsbuild_argv("--", "true"), cwd=tmp_path, env=env,
                            preexec_fn=low_limit, capture_output=True, text=True,
                            timeout=HANG_GUARD, check=False)
     assert first.returncode == 0, explain(first)
+    assert len(_records(env)) == 1, "the first run left a keeper"
     probe = """
     import os, sys
     pids = []
@@ -324,9 +330,51 @@ def test_a_run_with_other_process_limits_does_not_join(
             os.waitpid(pid, 0)
     print(len(pids))
     """
-    r = ok(nsbuild("--", *py(probe), cwd=tmp_path, env=env, debug=True))
-    assert r.stdout == "100\n", explain(r)
+    r = ok(nsbuild("--", *py(probe.replace("100", str(limit + 20))), cwd=tmp_path, env=env,
+                   debug=True))
+    assert r.stdout == f"{limit + 20}\n", explain(r)
     assert "joined" not in r.stderr, r.stderr
     # Runs under the same limits as each other still share one.
     again = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
     assert "joined" in again.stderr, again.stderr
+
+
+def _uid_of(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def test_a_record_must_name_the_keeper_itself(tmp_path: Path, env: dict[str, str]) -> None:
+    """The record names its keeper by pid, start time and namespace: a record
+    whose start time is off (the pid reused by another process) is not joined."""
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    (record,) = _records(env)
+    pid, started, inode = record.read_text().split()
+    record.write_text(f"{pid} {int(started) + 1} {inode}\n")
+    r = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
+    assert "joined" not in r.stderr, r.stderr
+
+
+def test_a_keeper_with_other_maps_is_not_joined(
+    tmp_path: Path, env: dict[str, str], subids: tuple[SubRange, SubRange]
+) -> None:
+    """A live keeper whose namespace maps fewer ids (made from another subuid
+    file) is not joined under the full range's record."""
+    uid, gid = subids
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "subuid").write_text(f"{os.getuid()}:{uid.start}:1000\n")
+    (small / "subgid").write_text(f"{os.getuid()}:{gid.start}:1000\n")
+    ok(nsbuild("--", "true", cwd=tmp_path, env={
+        **env, "NSBUILD_SUBUID_FILE": str(small / "subuid"),
+        "NSBUILD_SUBGID_FILE": str(small / "subgid")}))
+    (small_record,) = _records(env)
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    (full_record,) = [r for r in _records(env) if r != small_record]
+    assert ".1000_" in small_record.name and ".65535_" in full_record.name
+    full_record.write_text(small_record.read_text())  # names the small keeper, alive
+    r = ok(nsbuild("--", *sh("setpriv --reuid 5000 id -u"), cwd=tmp_path, env=env,
+                   debug=True))
+    assert r.stdout == "5000\n" and "joined" not in r.stderr, explain(r)

@@ -308,13 +308,14 @@ def last_cap() -> int:
         return CAP_LAST_CAP_FALLBACK
 
 
-class _RLimit(_ctypes.Structure):  # type: ignore[misc]
-    _fields_ = [("soft", _ULong), ("hard", _ULong)]
+class _RLimit64(_ctypes.Structure):  # type: ignore[misc]
+    _fields_ = [("soft", _U64), ("hard", _U64)]
 
 
 def soft_limit(resource: int) -> int:
-    """getrlimit(2)'s soft value (the resource module costs ~0.2 ms to import)."""
-    limit = _RLimit()
-    if _libc.getrlimit(resource, _ctypes.byref(limit)) != 0:
+    """The soft value of a resource limit, through glibc's prlimit64 (64-bit
+    fields on every ABI; the resource module costs ~0.2 ms to import)."""
+    limit = _RLimit64()
+    if _libc.prlimit64(0, resource, None, _ctypes.byref(limit)) != 0:
         _fail()
     return int(limit.soft)

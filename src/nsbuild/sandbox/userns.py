@@ -54,9 +54,9 @@ _ENV_SWITCH = "NSBUILD_USERNS_KEEPER"
 _NS_GET_PARENT = 0xB702
 _NS_GET_OWNER_UID = 0xB704
 # The limits a new user namespace takes from its maker (set_userns_rlimits):
-# RLIMIT_NPROC, RLIMIT_MEMLOCK, RLIMIT_SIGPENDING, RLIMIT_MSGQUEUE.
+# RLIMIT_NPROC, RLIMIT_MEMLOCK, RLIMIT_SIGPENDING, RLIMIT_MSGQUEUE, by their
+# numbers in asm-generic (x86, arm, riscv, powerpc, s390; not mips, sparc, alpha).
 _INHERITED_LIMITS = (6, 8, 11, 12)
-_RECORD_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def lifetime() -> int:
@@ -115,13 +115,24 @@ def _record_name(idmap: IdMap) -> str:
     return f"userns-{ranges(idmap.uids)}_{ranges(idmap.gids)}_{limits}"
 
 
-def _read_at(dir_fd: int, name: str, flags: int = os.O_RDONLY | os.O_CLOEXEC) -> bytes:
-    fd = os.open(name, flags, dir_fd=dir_fd)
+def _read_at(dir_fd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        if flags & os.O_NOFOLLOW:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                raise ValueError(f"{name} is not a regular file of the caller's")
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def _read_record(dir_fd: int, name: str) -> bytes:
+    """A record: never through a symlink, never waiting on a FIFO, and only a
+    regular file of the caller's (a command that can write the directory must
+    not make a run block, or read its own stdin through /dev/stdin)."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise ValueError(f"{name} is not a regular file of the caller's")
         return os.read(fd, 4096)
     finally:
         os.close(fd)
@@ -159,8 +170,7 @@ def join_fd(idmap: IdMap) -> tuple[int, int] | None:
         return None
     try:
         # Not a FIFO, device or symlink put there to block or feed this read.
-        pid, started, inode = map(int, _read_at(directory, _record_name(idmap),
-                                                _RECORD_FLAGS).split())
+        pid, started, inode = map(int, _read_record(directory, _record_name(idmap)).split())
         # Everything below is read through this directory: if the keeper is
         # gone and its pid reused, the reads fail instead of reading another.
         proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -177,11 +187,12 @@ def join_fd(idmap: IdMap) -> tuple[int, int] | None:
         if (state not in (b"Z", b"X")
                 and start_time(line) == started
                 and os.fstat(ns).st_ino == inode
-                and _read_at(proc, "cmdline").split(b"\0")[0] == KEEPER_NAME.encode()
+                and _is_ours(ns)
                 and _same_ranges(_read_at(proc, "uid_map"), idmap.uids)
                 and _same_ranges(_read_at(proc, "gid_map"), idmap.gids)
                 and _read_at(proc, "setgroups").strip() == b"allow"
-                and _is_ours(ns)):
+                # Last: reading cmdline takes the process's memory lock.
+                and _read_at(proc, "cmdline").split(b"\0")[0] == KEEPER_NAME.encode()):
             ns, found = -1, ns
             return found, pid
         return None
@@ -231,9 +242,9 @@ def publish(pid: int, idmap: IdMap) -> None:
     directory = _open_directory(create=True)
     if directory is None:
         return
-    name = _record_name(idmap)
-    tmp = f".{name}.{os.getpid()}"
+    tmp = f".userns.{os.getpid()}"
     try:
+        name = _record_name(idmap)
         with open(f"/proc/{pid}/stat", "rb") as f:
             started = start_time(f.read())
         inode = os.stat(f"/proc/{pid}/ns/user").st_ino
