@@ -106,7 +106,8 @@ def environ(pid: int) -> tuple[tuple[str, str], ...]:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             raw = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        # PermissionError: the pid is now another user's process.
         raise NotRunning(f"process {pid} is not running") from None
     pairs = (item.decode(errors="surrogateescape").partition("=")
              for item in raw.split(b"\0") if item)  # fmt: skip
