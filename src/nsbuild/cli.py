@@ -348,7 +348,9 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         def started(proc: Any) -> None:
             if lim:
                 lim.leave()
-            plan.serve(proc.sockets)
+            # Services start when first asked (the DNS responder of --net none
+            # mostly never is); wait() watches their sockets.
+            plan.serve(proc.sockets, when_readable=proc.when_readable)
 
         if lim:
             lim.join()

@@ -68,3 +68,20 @@ def test_not_found_is_127(tmp_path: Path, cmd: str) -> None:
 def test_command_found_on_path_of_the_sandbox(tmp_path: Path) -> None:
     r = nsbuild("--setenv", "PATH=/usr/sbin:/usr/bin", "--", "sh", "-c", "echo $0", cwd=tmp_path)
     assert (r.returncode, r.stdout) == (0, "sh\n"), explain(r)
+
+
+def test_path_search_passes_over_what_cannot_run(tmp_path: Path) -> None:
+    # As execvp: a missing directory and a file that is not executable are
+    # passed over, the first place that runs wins; with only the file that
+    # cannot run, its error (126).
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d, mode in ((first, 0o644), (second, 0o755)):
+        d.mkdir()
+        (d / "tool").write_text(f"#!/bin/sh\necho {d.name}\n")
+        (d / "tool").chmod(mode)
+    path = f"/no/such/dir:{first}:{second}:/usr/bin:/bin"
+    r = nsbuild("--setenv", f"PATH={path}", "--", "tool", cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (0, "second\n"), explain(r)
+    r = nsbuild("--setenv", f"PATH=/no/such/dir:{first}", "--", "tool", cwd=tmp_path)
+    assert r.returncode == 126, explain(r)
+    assert "tool" in one_line_error(r)

@@ -6,6 +6,9 @@
                        cgroup=plan.cgroup)
         proc = spawn(spec)
         plan.serve(proc.sockets)        # right after spawn; background threads
+        # or socket activation: each service is made and started by
+        # proc.wait() once its socket is first readable (`nsbuild run`)
+        # plan.serve(proc.sockets, when_readable=proc.when_readable)
         status = proc.wait()
     print(plan.denied_summary())        # when not None
 
@@ -59,24 +62,50 @@ class NetPlan:
         self.cgroup = cgroup
         self._log = log
         self._services: list[Any] = []
-        self._serve_with: Callable[[list[_socket.socket]], list[Any]] | None = None
+        # One service per inside socket that needs one: (index into the
+        # inside sockets, what makes the service from that socket).
+        self._service_for: list[tuple[int, Callable[[_socket.socket], Any]]] = []
+        self._serving = False
+        self._idle: list[_socket.socket] = []  # activated by nothing yet
 
-    def serve(self, sockets: list[_socket.socket]) -> None:
-        """Serve the inside sockets (proc.sockets, in inside_sockets order)."""
-        if self._serve_with is None or self._services:
+    def serve(self, sockets: list[_socket.socket], *,
+              when_readable: Callable[[int, Callable[[], None]], None] | None = None) -> None:
+        """Serve the inside sockets (proc.sockets, in inside_sockets order).
+        when_readable (Process.when_readable): socket activation instead, each
+        service made and started only once its socket is first readable, so
+        that a command that never asks costs no import and no thread."""
+        if self._serving or not self._service_for:
             return
         if len(sockets) < len(self.inside_sockets):
             raise NetError(
                 f"expected {len(self.inside_sockets)} inside sockets, got {len(sockets)}"
             )
-        self._services = self._serve_with(sockets)
-        for service in self._services:
-            service.start()
+        self._serving = True
+        for index, make in self._service_for:
+            if when_readable is None:
+                self._start(make, sockets[index])
+            else:
+                self._idle.append(sockets[index])
+                when_readable(sockets[index].fileno(), self._starter(make, sockets[index]))
+
+    def _starter(self, make: Callable[[_socket.socket], Any],
+                 sock: _socket.socket) -> Callable[[], None]:
+        return lambda: self._start(make, sock)
+
+    def _start(self, make: Callable[[_socket.socket], Any], sock: _socket.socket) -> None:
+        if sock in self._idle:
+            self._idle.remove(sock)
+        service = make(sock)
+        self._services.append(service)
+        service.start()
 
     def stop(self) -> None:
         services, self._services = self._services, []
         for service in services:
             service.stop()
+        idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
 
     def denied_summary(self) -> str | None:
         return self._log.denied_summary()
@@ -144,13 +173,14 @@ def _none_plan(log: NetLog) -> NetPlan:
         mounts=(RESOLV_CONF,),
     )
 
-    def serve(socks: list[_socket.socket]) -> list[Any]:
-        # Imported here, once the sandbox is being set up: off the start-up path.
+    def dns(sock: _socket.socket) -> Any:
+        # Imported only when a command asks a name (socket activation), or
+        # once the sandbox is being set up: never on the start-up path.
         from nsbuild.net.dns import DnsResponder
 
-        return [DnsResponder(socks[0], log, "--net none: no network")]
+        return DnsResponder(sock, log, "--net none: no network")
 
-    plan._serve_with = serve
+    plan._service_for = [(0, dns)]
     return plan
 
 
@@ -188,8 +218,9 @@ def _proxy_plan(allowlist: Allowlist, log: NetLog) -> NetPlan:
         mounts=(RESOLV_CONF,),
         env=proxy_env(),
     )
-    plan._serve_with = lambda socks: [
-        EgressProxy(socks[0], allowlist, log),
-        DnsResponder(socks[1], log, "--net allow: names are resolved by the egress proxy"),
+    plan._service_for = [
+        (0, lambda sock: EgressProxy(sock, allowlist, log)),
+        (1, lambda sock: DnsResponder(sock, log,
+                                      "--net allow: names are resolved by the egress proxy")),
     ]
     return plan

@@ -188,8 +188,9 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
         for n, p in enumerate(plan.mounts):
             if before_sys is not None and isinstance(p.mount, Sys):
                 before_sys()
-            at(f"mount {p.mount.describe()}")
-            say(p.mount.describe())
+            what = p.mount.describe()
+            at(f"mount {what}")
+            say(what)
             _execute(p, root_fd, n, spec)
     finally:
         os.close(root_fd)
@@ -390,33 +391,46 @@ def _symlink(root_fd: int, target: str, dst: str) -> None:
 def _mount_proc(root_fd: int, dst: str) -> None:
     # Only a process inside the new PID namespace can mount a proc that shows it.
     _mount_at(root_fd, dst, "dir", "proc", "proc", _NOSUID_NODEV | sc.MS_NOEXEC)
-    for sub in _PROC_READONLY:
-        path = f"{dst}/{sub}"
-        try:
-            fd = _open_in_root(root_fd, path, None)
-        except FileNotFoundError:
-            continue
-        try:
-            sc.mount(_target(fd), _target(fd), None, sc.MS_BIND | sc.MS_REC)
-        finally:
-            os.close(fd)
-        _ro_at(root_fd, path)
+    # What is below is the kernel's, not the root's: named through the new
+    # mount, once resolved, instead of resolving each path inside the root.
+    proc = _open_in_root(root_fd, dst, None)
+    try:
+        for sub in _PROC_READONLY:
+            path = f"{_target(proc)}/{sub}"
+            try:
+                sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            except FileNotFoundError:
+                continue
+            _remount_ro(path, recursive=True)
+    finally:
+        os.close(proc)
 
 
 def _mount_dev(root_fd: int, dst: str, spec: Sandbox) -> None:
     _mount_at(root_fd, dst, "dir", "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC,
               "mode=0755")
-    for node in _DEV_NODES:
-        # Device nodes cannot be created in a user namespace: bind the host's.
-        if os.path.exists(f"{OLD}/dev/{node}"):
-            _mount_at(root_fd, f"{dst}/{node}", "file", f"{OLD}/dev/{node}", None, sc.MS_BIND)
-    # tty group 5 exists inside only when the full range is mapped.
-    gid = ",gid=5" if spec.idmap.full else ""
-    _mount_at(root_fd, f"{dst}/pts", "dir", "devpts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-              f"newinstance,ptmxmode=0666,mode=620{gid}")
-    for name, target in _DEV_LINKS:
-        _symlink(root_fd, target, f"{dst}/{name}")
-    _mount_at(root_fd, f"{dst}/shm", "dir", "tmpfs", "tmpfs", _NOSUID_NODEV, "mode=1777")
+    # The tmpfs just mounted is empty and ours: its entries are made by name,
+    # relative to it, instead of resolving each path inside the root.
+    dev = _open_in_root(root_fd, dst, None)
+    try:
+        here = _target(dev)
+        for node in _DEV_NODES:
+            # Device nodes cannot be created in a user namespace: bind the host's.
+            if os.path.exists(f"{OLD}/dev/{node}"):
+                os.close(os.open(node, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644,
+                                 dir_fd=dev))
+                sc.mount(f"{OLD}/dev/{node}", f"{here}/{node}", None, sc.MS_BIND)
+        for name, target in _DEV_LINKS:
+            os.symlink(target, name, dir_fd=dev)
+        os.mkdir("pts", 0o755, dir_fd=dev)
+        # tty group 5 exists inside only when the full range is mapped.
+        gid = ",gid=5" if spec.idmap.full else ""
+        sc.mount("devpts", f"{here}/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+                 f"newinstance,ptmxmode=0666,mode=620{gid}")
+        os.mkdir("shm", 0o755, dir_fd=dev)
+        sc.mount("tmpfs", f"{here}/shm", "tmpfs", _NOSUID_NODEV, "mode=1777")
+    finally:
+        os.close(dev)
 
 
 def _mount_sys(root_fd: int, dst: str) -> None:
