@@ -8,8 +8,10 @@ error. Subcommands of other layers are imported only when used, so
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
+
+from nsbuild.sandbox import posixutil
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -42,7 +44,7 @@ def _split_bind(spec: str) -> tuple[str, str]:
     src, sep, dst = spec.partition(":")
     if not src:
         raise BadOption(f"bad bind {spec!r}: expected SRC[:DST]")
-    src = os.path.abspath(src)
+    src = posixutil.absolute(src)
     return src, (dst if sep and dst else src)
 
 
@@ -311,7 +313,7 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         run,
     )
 
-    cwd = os.getcwd()
+    cwd = posix.getcwd()
     root: Any
     mounts: list[Mount]
     if session is not None:
@@ -321,12 +323,12 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         mirrors = session.mirrors() if getattr(opts, "allow_from_env", False) else ()
         workdir = args.chdir or "/"
     elif args.root:
-        root = Bind(os.path.abspath(args.root), "/")
+        root = Bind(posixutil.absolute(args.root), "/")
         mounts = [Proc(), Dev(), Sys(), Tmpfs("/tmp", 0o1777), Tmpfs("/run")]
-        base_env, mirrors, workdir = dict(os.environ), (), args.chdir or "/"
+        base_env, mirrors, workdir = posixutil.environ(), (), args.chdir or "/"
     else:
         root, mounts = Tmpfs("/"), list(host_view(cwd))
-        base_env, mirrors, workdir = dict(os.environ), (), args.chdir or cwd
+        base_env, mirrors, workdir = posixutil.environ(), (), args.chdir or cwd
     mounts += extra_mounts(args)  # type: ignore[arg-type]
     with network(opts, mirrors=mirrors, debug=args.debug) as plan, \
             _limits(args, plan.cgroup) as lim:
@@ -448,4 +450,4 @@ def entry() -> None:
     status = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status)
+    posix._exit(status)

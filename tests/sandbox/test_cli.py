@@ -120,3 +120,12 @@ def test_run_path_imports_only_the_standard_library(tmp_path: Path) -> None:
                and name.split(".")[0] != "nsbuild"}
     assert not foreign, sorted(foreign)
     assert not {n for n in loaded if n.startswith(("nsbuild.build", "nsbuild.envs"))}, loaded
+
+
+def test_console_script_run_path_does_without_os(tmp_path: Path) -> None:
+    # `nsbuild run` imports posix, not os (whose environ builds the
+    # _collections_abc classes, about a millisecond of every run).
+    script = Path(sys.executable).parent / "nsbuild"
+    loaded = imports(tmp_path, "-IS", str(script), "run", "--", "true")
+    assert "nsbuild.sandbox.runner" in loaded, sorted(loaded)
+    assert not loaded & {"os", "_collections_abc", "posixpath"}, sorted(loaded)

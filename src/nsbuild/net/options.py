@@ -7,9 +7,10 @@ cgroup v2 mount.
 
 from __future__ import annotations
 
-import os
+import posix
 
 from nsbuild.net.errors import NetError
+from nsbuild.sandbox import posixutil
 
 # Cheap at run time (no typing, no dataclasses): this module is on the path of
 # every `nsbuild run`. The allowlist module (ipaddress) loads only when needed.
@@ -99,8 +100,8 @@ def options_from_args(args: argparse.Namespace) -> NetOptions:
     if mode == "allow" and engine == "nftables":
         check_nftables_usable(allowlist)
     if log_path is not None:
-        parent = os.path.dirname(os.path.abspath(log_path))
-        if not os.path.isdir(parent):
+        parent = posixutil.split(posixutil.absolute(log_path))[0]
+        if not posixutil.is_dir(parent):
             raise NetError(f"--net-log {log_path}: directory {parent} does not exist")
     return NetOptions(mode, allowlist, from_env, engine, log_path)
 
@@ -110,7 +111,7 @@ def check_nftables_usable(allowlist: Allowlist | None) -> None:
 
     from nsbuild.net.cgroups import cgroup2_mount
 
-    if os.geteuid() != 0:
+    if posix.geteuid() != 0:
         raise NetError("--egress-engine nftables needs root; use --egress-engine proxy")
     if shutil.which("nft") is None:
         raise NetError(

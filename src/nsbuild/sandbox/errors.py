@@ -36,6 +36,6 @@ class SetupError(SandboxError):
 
 
 def _strerror(err: int) -> str:
-    import os
+    import posix
 
-    return os.strerror(err)
+    return posix.strerror(err)

@@ -16,8 +16,9 @@ Runs in init (PID 1) inside the new namespaces. The order, and why:
 from __future__ import annotations
 
 import errno
-import os
+import posix
 
+from nsbuild.sandbox import posixutil
 from nsbuild.sandbox import syscalls as sc
 from nsbuild.sandbox.errors import SetupError
 from nsbuild.sandbox.spec import (
@@ -52,6 +53,8 @@ _DEV_LINKS = (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/se
 # Paths of a fresh /proc that must not be writable from inside.
 _PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 _NOSUID_NODEV = sc.MS_NOSUID | sc.MS_NODEV
+_O_DIR_PATH = posix.O_PATH | posix.O_DIRECTORY | posix.O_CLOEXEC
+_O_NEW_FILE = posix.O_CREAT | posix.O_WRONLY | posix.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def release(plan: Plan) -> None:
     """Close the plan's cloned trees in the process that no longer needs them."""
     for fd in (plan.root_tree, *(p.tree for p in plan.mounts)):
         if fd is not None:
-            os.close(fd)
+            posix.close(fd)
 
 
 def _tree(src: str) -> int | None:
@@ -83,7 +86,7 @@ def _tree(src: str) -> int | None:
     walk to a source below a private directory (/root/project); attaching a
     tree cloned here needs no path walk. None when not root or not possible
     (no open_tree, or root without CAP_SYS_ADMIN): the plain bind is used."""
-    if os.geteuid() != 0:
+    if posix.geteuid() != 0:
         return None
     try:
         return sc.open_tree_clone(src)
@@ -94,10 +97,10 @@ def _tree(src: str) -> int | None:
 
 
 def _resolve_src(src: str, what: str) -> str:
-    real = os.path.realpath(src)
-    if not os.path.exists(real):
-        raise SetupError(f"check {what}", errno.ENOENT, src)
-    return real
+    try:
+        return posixutil.real(src)
+    except OSError as e:
+        raise SetupError(f"check {what}", e.errno or errno.ENOENT, src) from None
 
 
 def prepare(spec: Sandbox) -> Plan:
@@ -106,7 +109,7 @@ def prepare(spec: Sandbox) -> Plan:
     root_src = None
     if isinstance(root, Bind):
         root_src = _resolve_src(root.src, "root directory")
-        if not os.path.isdir(root_src):
+        if not posixutil.is_dir(root_src):
             raise SetupError("check root directory", errno.ENOTDIR, root.src)
     elif isinstance(root, Overlay):
         _check_overlay(root)
@@ -116,10 +119,10 @@ def prepare(spec: Sandbox) -> Plan:
         root_tree = _tree(root_src) if root_src is not None else None
         for mnt in spec.mounts:
             if isinstance(mnt, Bind):
-                if mnt.optional and not os.path.exists(mnt.src):
+                if mnt.optional and not posixutil.exists(mnt.src):
                     continue
                 src = _resolve_src(mnt.src, "bind source")
-                planned.append(Planned(mnt, src, os.path.isdir(src), _tree(src)))
+                planned.append(Planned(mnt, src, posixutil.is_dir(src), _tree(src)))
             else:
                 if isinstance(mnt, Overlay):
                     _check_overlay(mnt)
@@ -132,7 +135,7 @@ def prepare(spec: Sandbox) -> Plan:
 
 def _check_overlay(o: Overlay) -> None:
     for p in (*o.lowers, *(() if o.tmpfs_size else (o.upper, o.work))):
-        if not os.path.isdir(p):
+        if not posixutil.is_dir(p):
             raise SetupError("check overlay directory", errno.ENOENT, p)
 
 
@@ -161,13 +164,13 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
     # /tmp always exists; the tmpfs on it becomes "/" and moves away with
     # pivot_root, so the host's /tmp is again visible as /oldroot/tmp.
     sc.mount("tmpfs", "/tmp", "tmpfs", _NOSUID_NODEV, "mode=0755")
-    os.chdir("/tmp")
-    os.mkdir("oldroot")
-    os.mkdir("newroot")
-    os.mkdir("files")
+    posix.chdir("/tmp")
+    posix.mkdir("oldroot")
+    posix.mkdir("newroot")
+    posix.mkdir("files")
     at("pivot into scratch base")
     sc.pivot_root(".", "oldroot")
-    os.chdir("/")
+    posix.chdir("/")
 
     root = spec.root
     at("mount new root")
@@ -175,7 +178,7 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
     if isinstance(root, Tmpfs):
         sc.mount("tmpfs", NEW, "tmpfs", _NOSUID_NODEV, _tmpfs_data(root))
     elif isinstance(root, Bind) and plan.root_tree is not None:
-        _attach(plan.root_tree, os.open(NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), NEW)
+        _attach(plan.root_tree, posix.open(NEW, _O_DIR_PATH), NEW)
     elif isinstance(root, Bind):
         assert plan.root_src is not None
         sc.mount(OLD + plan.root_src, NEW, None, sc.MS_BIND | sc.MS_REC)
@@ -183,7 +186,7 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
         at("mount overlay root")
         _forget_volatile_mark(root)
         sc.mount("overlay", NEW, "overlay", sc.MS_NOSUID, _overlay_data(root, "root", step))
-    root_fd = os.open(NEW, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = posix.open(NEW, _O_DIR_PATH)
     try:
         for n, p in enumerate(plan.mounts):
             if before_sys is not None and isinstance(p.mount, Sys):
@@ -193,7 +196,7 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
             say(what)
             _execute(p, root_fd, n, spec)
     finally:
-        os.close(root_fd)
+        posix.close(root_fd)
     if isinstance(root, Bind) and root.readonly:
         at("make root read-only")
         say("make the root read-only")
@@ -203,12 +206,12 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
 def pivot(say: Say, step: type[Step]) -> None:
     step.current = "pivot into new root"
     say("pivot_root into the new root and detach the old one")
-    os.chdir(NEW)
+    posix.chdir(NEW)
     sc.pivot_root(".", ".")
     # The scratch base (and /oldroot, the host tree, under it) is now stacked
     # on "/"; a lazy unmount takes it all away.
     sc.umount2(".", sc.MNT_DETACH)
-    os.chdir("/")
+    posix.chdir("/")
 
 
 def _tmpfs_data(t: Tmpfs) -> str:
@@ -228,7 +231,7 @@ def _forget_volatile_mark(o: Overlay) -> None:
     # throwaway session of a live owner: no restart since its last mount).
     if o.volatile and not o.tmpfs_size:
         mark = OLD + o.work + "/work/incompat/volatile"
-        for remove, path in ((os.unlink, mark + "/dirty"), (os.rmdir, mark)):
+        for remove, path in ((posix.unlink, mark + "/dirty"), (posix.rmdir, mark)):
             try:
                 remove(path)
             except FileNotFoundError:
@@ -241,10 +244,10 @@ def _upper_tmpfs(o: Overlay, name: str, step: type[Step]) -> tuple[str, str]:
     detached). Returns its upper and work directories."""
     step.current = f"mount tmpfs for the overlay upper on {o.dst}"
     at = f"/upper-{name}"
-    os.mkdir(at)
+    posix.mkdir(at)
     sc.mount("tmpfs", at, "tmpfs", _NOSUID_NODEV, f"mode=0755,size={o.tmpfs_size}")
-    os.mkdir(at + "/upper")
-    os.mkdir(at + "/work")
+    posix.mkdir(at + "/upper")
+    posix.mkdir(at + "/work")
     step.current = f"mount overlay on {o.dst} (upper on tmpfs)"
     return at + "/upper", at + "/work"
 
@@ -272,23 +275,22 @@ def _open_in_root(root_fd: int, dst: str, create: str | None) -> int:
     rel = dst.lstrip("/") or "."
     how = sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS
     try:
-        return sc.openat2(root_fd, rel, os.O_PATH, how)
+        return sc.openat2(root_fd, rel, posix.O_PATH, how)
     except FileNotFoundError:
         if create is None:
             raise
-    parent, name = os.path.split(rel)
-    pfd = _open_in_root(root_fd, "/" + parent, "dir") if parent else os.dup(root_fd)
+    parent, name = posixutil.split(rel)
+    pfd = _open_in_root(root_fd, "/" + parent, "dir") if parent else posix.dup(root_fd)
     try:
         if create == "dir":
-            os.mkdir(name, 0o755, dir_fd=pfd)
+            posix.mkdir(name, 0o755, dir_fd=pfd)
         else:
-            os.close(os.open(name, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o644, dir_fd=pfd))
+            posix.close(posix.open(name, _O_NEW_FILE | posix.O_NOFOLLOW, 0o644, dir_fd=pfd))
     except FileExistsError:
         pass
     finally:
-        os.close(pfd)
-    return sc.openat2(root_fd, rel, os.O_PATH, how)
+        posix.close(pfd)
+    return sc.openat2(root_fd, rel, posix.O_PATH, how)
 
 
 def _remount_ro(path: str, recursive: bool) -> None:
@@ -300,7 +302,7 @@ def _remount_ro(path: str, recursive: bool) -> None:
             if e.errno != errno.ENOSYS:
                 raise
     # Flags locked by the user namespace (nosuid, nodev, ...) must be repeated.
-    st = os.statvfs(path)
+    st = posix.statvfs(path)
     keep = 0
     for st_flag, ms_flag in ((sc.ST_NOSUID, sc.MS_NOSUID), (sc.ST_NODEV, sc.MS_NODEV),
                              (sc.ST_NOEXEC, sc.MS_NOEXEC), (sc.ST_NOATIME, sc.MS_NOATIME),
@@ -317,7 +319,7 @@ def _mount_at(root_fd: int, dst: str, create: str, source: str | None, fstype: s
     try:
         sc.mount(source, _target(fd), fstype, flags, data)
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def _ro_at(root_fd: int, dst: str, recursive: bool = True) -> None:
@@ -325,7 +327,7 @@ def _ro_at(root_fd: int, dst: str, recursive: bool = True) -> None:
     try:
         _remount_ro(_target(fd), recursive)
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
@@ -348,16 +350,16 @@ def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
         _mount_at(root_fd, mnt.dst, "dir", "overlay", "overlay", sc.MS_NOSUID,
                   _overlay_data(mnt, str(n), Step))
     elif isinstance(mnt, Dir):
-        os.close(_open_in_root(root_fd, mnt.dst, "dir"))
+        posix.close(_open_in_root(root_fd, mnt.dst, "dir"))
     elif isinstance(mnt, Symlink):
         _symlink(root_fd, mnt.target, mnt.dst)
     elif isinstance(mnt, File):
         src = f"/files/{n}"
-        fd = os.open(src, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, mnt.mode)
+        fd = posix.open(src, posix.O_CREAT | posix.O_WRONLY | posix.O_CLOEXEC, mnt.mode)
         try:
-            os.write(fd, mnt.data)
+            posix.write(fd, mnt.data)
         finally:
-            os.close(fd)
+            posix.close(fd)
         _mount_at(root_fd, mnt.dst, "file", src, None, sc.MS_BIND)
         _ro_at(root_fd, mnt.dst, recursive=False)
     elif isinstance(mnt, Proc):
@@ -372,20 +374,20 @@ def _attach(tree: int, target_fd: int, what: str) -> None:
     try:
         sc.move_mount_fd(tree, target_fd, what)
     finally:
-        os.close(target_fd)
-        os.close(tree)
+        posix.close(target_fd)
+        posix.close(tree)
 
 
 def _symlink(root_fd: int, target: str, dst: str) -> None:
-    parent, name = os.path.split(dst.lstrip("/"))
+    parent, name = posixutil.split(dst.lstrip("/"))
     pfd = _open_in_root(root_fd, "/" + parent, "dir")
     try:
-        os.symlink(target, name, dir_fd=pfd)
+        posix.symlink(target, name, dir_fd=pfd)
     except FileExistsError:
-        if os.readlink(name, dir_fd=pfd) != target:
+        if posix.readlink(name, dir_fd=pfd) != target:
             raise
     finally:
-        os.close(pfd)
+        posix.close(pfd)
 
 
 def _mount_proc(root_fd: int, dst: str) -> None:
@@ -403,7 +405,7 @@ def _mount_proc(root_fd: int, dst: str) -> None:
                 continue
             _remount_ro(path, recursive=True)
     finally:
-        os.close(proc)
+        posix.close(proc)
 
 
 def _mount_dev(root_fd: int, dst: str, spec: Sandbox) -> None:
@@ -416,21 +418,20 @@ def _mount_dev(root_fd: int, dst: str, spec: Sandbox) -> None:
         here = _target(dev)
         for node in _DEV_NODES:
             # Device nodes cannot be created in a user namespace: bind the host's.
-            if os.path.exists(f"{OLD}/dev/{node}"):
-                os.close(os.open(node, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644,
-                                 dir_fd=dev))
+            if posixutil.exists(f"{OLD}/dev/{node}"):
+                posix.close(posix.open(node, _O_NEW_FILE, 0o644, dir_fd=dev))
                 sc.mount(f"{OLD}/dev/{node}", f"{here}/{node}", None, sc.MS_BIND)
         for name, target in _DEV_LINKS:
-            os.symlink(target, name, dir_fd=dev)
-        os.mkdir("pts", 0o755, dir_fd=dev)
+            posix.symlink(target, name, dir_fd=dev)
+        posix.mkdir("pts", 0o755, dir_fd=dev)
         # tty group 5 exists inside only when the full range is mapped.
         gid = ",gid=5" if spec.idmap.full else ""
         sc.mount("devpts", f"{here}/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
                  f"newinstance,ptmxmode=0666,mode=620{gid}")
-        os.mkdir("shm", 0o755, dir_fd=dev)
+        posix.mkdir("shm", 0o755, dir_fd=dev)
         sc.mount("tmpfs", f"{here}/shm", "tmpfs", _NOSUID_NODEV, "mode=1777")
     finally:
-        os.close(dev)
+        posix.close(dev)
 
 
 def _mount_sys(root_fd: int, dst: str) -> None:

@@ -25,7 +25,7 @@ then writes the command's status to the parent on a pipe before its own exit,
 which a caller about to exit need not wait for (Process.wait(reap_helper=False)).
 
 Children never raise into the caller's code: everything after fork() ends in
-os._exit(), and output from them goes through os.write (no locks shared with
+_exit(), and output from them goes through write(2) (no locks shared with
 the parent's threads).
 """
 
@@ -36,7 +36,7 @@ from __future__ import annotations
 import _socket
 import errno
 import fcntl  # here, not where used: after the pivot the host's Python may be out of sight
-import os
+import posix  # not os: see posixutil
 import struct  # not array: it imports collections (~2 ms on every run)
 
 from nsbuild.sandbox import mounts as m
@@ -73,7 +73,7 @@ def _debug_printer(enabled: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
         if enabled:
             ms = (time.monotonic() - start) * 1000
-            os.write(2, f"nsbuild: [{ms:6.1f} ms] {msg}\n".encode(errors="replace"))
+            posix.write(2, f"nsbuild: [{ms:6.1f} ms] {msg}\n".encode(errors="replace"))
 
     return say
 
@@ -110,7 +110,7 @@ def report_failure(chan: Channel, e: BaseException) -> NoReturn:
         else:
             chan.send("MSG", f"{m.Step.current}: {type(e).__name__}: {e}")
     finally:
-        os._exit(SETUP_EXIT)
+        posix._exit(SETUP_EXIT)
 
 
 class Process:
@@ -132,19 +132,19 @@ class Process:
         self._activations: dict[int, Callable[[], object]] = {}
 
     def _set(self, status: int) -> int:
-        code = os.waitstatus_to_exitcode(status)
+        code = posix.waitstatus_to_exitcode(status)
         self.returncode = 128 - code if code < 0 else code
         self._close_status()
         return self.returncode
 
     def _close_status(self) -> None:
         if self._status_fd is not None:
-            os.close(self._status_fd)
+            posix.close(self._status_fd)
             self._status_fd = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            pid, status = posix.waitpid(self.pid, posix.WNOHANG)
             if pid:
                 self._set(status)
         return self.returncode
@@ -187,13 +187,13 @@ class Process:
         if self.returncode is None:
             # Only then: a helper forked meanwhile for another sandbox (a
             # threaded caller) would hold this pipe open too.
-            told = (os.read(self._status_fd, 16)
+            told = (posix.read(self._status_fd, 16)
                     if not reap_helper and self._status_fd is not None else b"")
             if told:
                 self.returncode = int(told)
                 self._close_status()
             else:
-                _, status = os.waitpid(self.pid, 0)
+                _, status = posix.waitpid(self.pid, 0)
                 self._set(status)
         assert self.returncode is not None
         return self.returncode
@@ -202,7 +202,7 @@ class Process:
         """Deliver `sig` to the command (relayed by the helper and init)."""
         if self.returncode is None:
             try:
-                os.kill(self.pid, sig)
+                posix.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -210,7 +210,7 @@ class Process:
         """Kill the whole sandbox: the helper's death takes init and all with it."""
         if self.returncode is None:
             try:
-                os.kill(self.pid, signal.SIGKILL)
+                posix.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -237,7 +237,7 @@ def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
         for s, h in previous.items():
             signal.signal(s, h)
         if proc.exec_error:
-            os.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
+            posix.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
 
 
 def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
@@ -253,7 +253,7 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     plan = m.prepare(spec)  # host-side checks: sources exist, resolved once
     say = _debug_printer(spec.debug)
     if spec.idmap.warning:
-        os.write(2, f"nsbuild: warning: {spec.idmap.warning}\n".encode())
+        posix.write(2, f"nsbuild: warning: {spec.idmap.warning}\n".encode())
 
     # A user namespace kept mapped by an earlier run (userns.py); else this
     # run makes one, and leaves a keeper in it unless the run has a cgroup of
@@ -265,18 +265,18 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     child_ends: list[int | None] = [None, None, None]
     for i, want in enumerate((stdin, stdout, stderr)):
         if want == PIPE:
-            r, w = os.pipe()
+            r, w = posix.pipe()
             parent_ends[i], child_ends[i] = (w, r) if i == 0 else (r, w)
         elif want is not None:
             child_ends[i] = want
 
     status_r = status_w = -1
     try:
-        status_r, status_w = os.pipe()
+        status_r, status_w = posix.pipe()
         parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-        parent_pid = os.getpid()
+        parent_pid = posix.getpid()
         try:
-            pid = os.fork()
+            pid = posix.fork()
         except OSError as e:
             parent_sock.close()
             child_sock.close()
@@ -284,45 +284,45 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     except BaseException:
         m.release(plan)
         for fd in {*parent_ends, *child_ends} - {None, stdin, stdout, stderr}:
-            os.close(fd)  # type: ignore[arg-type]
+            posix.close(fd)  # type: ignore[arg-type]
         for fd in (status_r, status_w, -1 if kept is None else kept[0]):
             if fd >= 0:
-                os.close(fd)
+                posix.close(fd)
         raise
     if pid == 0:
         parent_sock.close()
-        os.close(status_r)
+        posix.close(status_r)
         for fd in parent_ends:
             if fd is not None:
-                os.close(fd)
+                posix.close(fd)
         _helper(spec, plan, Channel(child_sock), child_ends, parent_pid,
                 None if kept is None else kept[0], keep, status_w, say)
 
     child_sock.close()
-    os.close(status_w)
+    posix.close(status_w)
     m.release(plan)  # the cloned trees live on in the child only
     if kept is not None:
-        os.close(kept[0])
+        posix.close(kept[0])
     for i, fd in enumerate(child_ends):
         if fd is not None and (stdin, stdout, stderr)[i] == PIPE:
-            os.close(fd)
+            posix.close(fd)
     try:
         sockets, exec_error = _parent_side(spec, pid, parent_sock,
                                            None if kept is None else kept[1], say)
     except BaseException:
         try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            posix.kill(pid, signal.SIGKILL)
+            posix.waitpid(pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
         for fd in parent_ends:
             if fd is not None:
-                os.close(fd)
-        os.close(status_r)
+                posix.close(fd)
+        posix.close(status_r)
         raise
     finally:
         parent_sock.close()
-    files = [None if fd is None else os.fdopen(fd, "wb" if i == 0 else "rb")
+    files = [None if fd is None else open(fd, "wb" if i == 0 else "rb")
              for i, fd in enumerate(parent_ends)]
     return Process(pid, files[0], files[1], files[2], sockets, exec_error, status_r)
 
@@ -334,7 +334,7 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | No
         # root is the cgroup at that moment; it waits for the word.
         say(f"place sandbox in cgroup {spec.cgroup}")
         try:
-            with open(os.path.join(spec.cgroup, "cgroup.procs"), "w") as f:
+            with open(f"{spec.cgroup}/cgroup.procs", "w") as f:
                 f.write(str(pid))
         except OSError as e:
             raise SandboxError(f"placing the sandbox in cgroup {spec.cgroup}: "
@@ -356,7 +356,7 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | No
             write_maps(pid, spec.idmap)
         except BaseException:
             if new_keeper:
-                os.kill(new_keeper, signal.SIGKILL)  # its namespace has no ids
+                posix.kill(new_keeper, signal.SIGKILL)  # its namespace has no ids
             raise
         sock.send(b"M")
         if new_keeper:
@@ -380,14 +380,14 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | No
             _, err, name = data.decode(errors="replace").split("\t", 2)
             code = int(err)
             exec_error = (f"{name}: command not found" if code == errno.ENOENT
-                          else f"{name}: cannot execute: {os.strerror(code)}")
+                          else f"{name}: cannot execute: {posix.strerror(code)}")
         else:
             raise_report(data, fds, pid)
 
 
 def raise_report(data: bytes, fds: list[int], pid: int) -> NoReturn:
     for fd in fds:
-        os.close(fd)
+        posix.close(fd)
     text = data.decode(errors="replace")
     fields = text.split("\t")
     if fields[0] == "ERR" and len(fields) == 5:
@@ -431,14 +431,14 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         for s in FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:
-            os._exit(SETUP_EXIT)  # nsbuild died before the signal was set
+        if posix.getppid() != parent_pid:
+            posix._exit(SETUP_EXIT)  # nsbuild died before the signal was set
         if spec.cgroup and chan.sock.recv(1) != b"C":
-            os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to place us
+            posix._exit(SETUP_EXIT)  # nsbuild is gone, or failed to place us
         if spec.new_session:
             # Out of the caller's process group: terminal signals reach nsbuild
             # only, which relays them once, down the chain, to the command.
-            os.setsid()
+            posix.setsid()
         m.Step.current = "unshare user namespace"
         joined = False
         if kept is not None:
@@ -447,7 +447,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
                 joined = True
             except OSError:
                 pass  # make one, as if none had been kept
-            os.close(kept)
+            posix.close(kept)
         if joined:
             chan.send("J")
         else:
@@ -465,28 +465,28 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         sc.unshare(sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
 
         # A lifeline: init reads EOF on it if this helper is already gone.
-        life_r, life_w = os.pipe()
+        life_r, life_w = posix.pipe()
         # init asks on `ask` for the id map of its nested user namespace (the
         # mount lock), which only a process of this namespace can write.
-        ask_r, ask_w = os.pipe()
-        mapped_r, mapped_w = os.pipe()
+        ask_r, ask_w = posix.pipe()
+        mapped_r, mapped_w = posix.pipe()
         # The host's /proc, held open for init's id map and the network namespace.
-        proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        proc = posix.open("/proc", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
         # The network namespace is made by this helper while init builds the
         # root (the kernel takes a while over a new one), then handed to init.
         net_here, net_init = (None, None) if spec.share_net else _socket.socketpair(
             _socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         m.Step.current = "fork init (PID 1)"
-        init = os.fork()
+        init = posix.fork()
         if init == 0:
             for fd in (life_w, ask_r, mapped_w, proc, status_w):
-                os.close(fd)
+                posix.close(fd)
             if net_here is not None:
                 net_here.close()
             _init(spec, plan, chan, stdio, life_r, (ask_w, mapped_r), not joined, net_init,
                   say)
         for fd in (life_r, ask_w, mapped_r):
-            os.close(fd)
+            posix.close(fd)
         _close_stdio(stdio)
         m.release(plan)
         if net_here is not None and net_init is not None:
@@ -495,25 +495,25 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
 
         def relay(sig: int, _frame: object) -> None:
             try:
-                os.kill(init, sig)
+                posix.kill(init, sig)
             except ProcessLookupError:
                 pass
 
         for s in FORWARDED_SIGNALS:
             signal.signal(s, relay)
-        if os.read(ask_r, 1) == b"L":  # EOF: init failed, and reported why
+        if posix.read(ask_r, 1) == b"L":  # EOF: init failed, and reported why
             m.Step.current = "map the ids of the nested user namespace"
             _identity_map(proc, init, spec.idmap)
-            os.write(mapped_w, b"M")
+            posix.write(mapped_w, b"M")
         for fd in (ask_r, mapped_w, proc):
-            os.close(fd)
+            posix.close(fd)
         chan.sock.close()
-        _, status = os.waitpid(init, 0)
-        code = os.waitstatus_to_exitcode(status)
+        _, status = posix.waitpid(init, 0)
+        code = posix.waitstatus_to_exitcode(status)
         code = 128 - code if code < 0 else code
         # init, its namespaces and every mount of the sandbox are gone now.
-        os.write(status_w, str(code).encode())
-        os._exit(code)
+        posix.write(status_w, str(code).encode())
+        posix._exit(code)
     except BaseException as e:
         report_failure(chan, e)
 
@@ -543,11 +543,11 @@ def _make_network(spec: Sandbox, chan: Channel, to_init: Channel, proc: int,
     """In the helper, while init builds the root: the sandbox's network
     namespace, handed to init."""
     new_network(spec.inside_sockets, chan, say)
-    ns = os.open("self/ns/net", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+    ns = posix.open("self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC, dir_fd=proc)
     try:
         to_init.send("N", fds=[ns])
     finally:
-        os.close(ns)
+        posix.close(ns)
         to_init.sock.close()
 
 
@@ -560,11 +560,11 @@ def _join_network(net: _socket.socket | None) -> None:
     data, fds = recv_with_fds(net)
     net.close()
     if data != b"N" or len(fds) != 1:
-        os._exit(SETUP_EXIT)  # the helper failed, and reported why
+        posix._exit(SETUP_EXIT)  # the helper failed, and reported why
     try:
         sc.setns(fds[0], sc.CLONE_NEWNET)
     finally:
-        os.close(fds[0])
+        posix.close(fds[0])
 
 
 def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
@@ -572,26 +572,26 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
           net: _socket.socket | None, say: Callable[[str], None]) -> NoReturn:
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        os.set_blocking(life_r, False)
+        posix.set_blocking(life_r, False)
         _check_lifeline(life_r)
         m.Step.current = "wait for the id maps"
         if maps_pending and chan.sock.recv(1) != b"M":
-            os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to map ids
+            posix._exit(SETUP_EXIT)  # nsbuild is gone, or failed to map ids
         m.Step.current = "unshare mount namespace"
         say("unshare the mount namespace")
         sc.unshare(sc.CLONE_NEWNS)
         m.Step.current = "become root in the user namespace"
-        os.setresgid(0, 0, 0)
+        posix.setresgid(0, 0, 0)
         if spec.idmap.full:
-            os.setgroups([])
-        os.setresuid(0, 0, 0)
+            posix.setgroups([])
+        posix.setresuid(0, 0, 0)
         # Changing ids (nsbuild run by root: host root becomes the range's
         # first id) clears the parent-death signal: set it again, then check
         # the helper lives. (It also makes init non-dumpable, which is fine:
         # the helper that writes init's nested id map is then host root too.)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _check_lifeline(life_r)
-        os.close(life_r)
+        posix.close(life_r)
 
         m.build_root(spec, plan, say, m.Step, before_sys=lambda: _join_network(net))
         _join_network(net)  # no /sys mounted
@@ -616,8 +616,8 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
 
 def _check_lifeline(life_r: int) -> None:
     try:
-        if os.read(life_r, 1) == b"":
-            os._exit(SETUP_EXIT)  # the helper died before we were watching
+        if posix.read(life_r, 1) == b"":
+            posix._exit(SETUP_EXIT)  # the helper died before we were watching
     except BlockingIOError:
         pass
 
@@ -631,17 +631,17 @@ def _lock_mounts(ask_w: int, mapped_r: int, say: Callable[[str], None]) -> None:
     m.Step.current = "lock mounts (nested user namespace)"
     say("lock every mount: move into a nested user and mount namespace")
     sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-    os.write(ask_w, b"L")
-    if os.read(mapped_r, 1) != b"M":
-        os._exit(SETUP_EXIT)  # the helper failed, and reported why
-    os.close(ask_w)
-    os.close(mapped_r)
+    posix.write(ask_w, b"L")
+    if posix.read(mapped_r, 1) != b"M":
+        posix._exit(SETUP_EXIT)  # the helper failed, and reported why
+    posix.close(ask_w)
+    posix.close(mapped_r)
     # Init now shares the command's user namespace: non-dumpable, so that root
     # in there cannot ptrace PID 1 or read its memory (the kernel then asks for
     # a capability in the namespace where init's memory began: the host's).
     sc.prctl(sc.PR_SET_DUMPABLE, 0)
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
+    posix.setresgid(0, 0, 0)
+    posix.setresuid(0, 0, 0)
 
 
 def _identity_map(proc: int, pid: int, idmap: IdMap) -> None:
@@ -649,11 +649,11 @@ def _identity_map(proc: int, pid: int, idmap: IdMap) -> None:
     # extents of the parent map.
     for name, ranges in (("uid_map", idmap.uids), ("gid_map", idmap.gids)):
         text = "\n".join(f"{r.inside} {r.inside} {r.count}" for r in ranges)
-        fd = os.open(f"{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
+        fd = posix.open(f"{pid}/{name}", posix.O_WRONLY | posix.O_CLOEXEC, dir_fd=proc)
         try:
-            os.write(fd, text.encode())
+            posix.write(fd, text.encode())
         finally:
-            os.close(fd)
+            posix.close(fd)
 
 
 def loopback_up() -> None:
@@ -745,7 +745,7 @@ def _reap(child: int, say: Callable[[str], None]) -> NoReturn:
 
     def relay(sig: int, _frame: object) -> None:
         try:
-            os.kill(child, sig)
+            posix.kill(child, sig)
         except ProcessLookupError:
             pass
 
@@ -754,25 +754,25 @@ def _reap(child: int, say: Callable[[str], None]) -> NoReturn:
     code = 0
     while True:
         try:
-            pid, status = os.wait()
+            pid, status = posix.wait()
         except ChildProcessError:
             break
         if pid == child:
-            code = os.waitstatus_to_exitcode(status)
+            code = posix.waitstatus_to_exitcode(status)
             code = 128 - code if code < 0 else code
             break
     say(f"command exited with status {code}; killing what is left in the sandbox")
     try:
-        os.kill(-1, signal.SIGKILL)
+        posix.kill(-1, signal.SIGKILL)
     except OSError:
         pass
-    os._exit(code)
+    posix._exit(code)
 
 
 def _close_stdio(stdio: list[int | None]) -> None:
     """Close the command's stdio sources (each once: one fd may serve twice)."""
     for fd in {fd for fd in stdio if fd is not None and fd > 2}:
-        os.close(fd)
+        posix.close(fd)
 
 
 # ---------------------------------------------------------------- command
@@ -796,20 +796,20 @@ def _harden(spec: Sandbox, chan: Channel, stdio: list[int | None],
         say(f"switch to uid {uid} gid {gid} at exec")
         if uid != 0:
             _drop_bounding_caps()
-        os.setgroups(groups)
+        posix.setgroups(groups)
         # The real ids become the user's; posix_spawn's RESETIDS makes them the
         # effective ones in the command, and exec the saved ones.
-        os.setresgid(gid, 0, 0)
-        os.setresuid(uid, 0, 0)
+        posix.setresgid(gid, 0, 0)
+        posix.setresuid(uid, 0, 0)
     m.Step.current = "new session keyring"
     say("new, empty session keyring: the caller's keys are out of reach")
     sc.join_new_session_keyring()
     m.Step.current = "change directory"
     # As the user, not as root: access() checks with the real ids, which are
     # now the user's, and without root's capabilities.
-    if creds and creds[0] != 0 and not os.access(spec.cwd, os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), spec.cwd)
-    os.chdir(spec.cwd)
+    if creds and creds[0] != 0 and not posix.access(spec.cwd, posix.X_OK):
+        raise PermissionError(errno.EACCES, posix.strerror(errno.EACCES), spec.cwd)
+    posix.chdir(spec.cwd)
     m.Step.current = "set no_new_privs"
     say("set no_new_privs; close inherited descriptors")
     sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
@@ -821,7 +821,7 @@ def _harden(spec: Sandbox, chan: Channel, stdio: list[int | None],
     keep = {chan.sock.fileno(), *spec.pass_fds, *(fd for fd in stdio if fd is not None)}
     close_fds(keep=keep)
     for fd in spec.pass_fds:
-        os.set_inheritable(fd, True)
+        posix.set_inheritable(fd, True)
     return stdio
 
 
@@ -836,7 +836,7 @@ def _spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
     env = dict(spec.env)
     if creds and "HOME" not in env:
         env["HOME"] = creds[3]
-    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)
+    actions = [(posix.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)
                if fd is not None and fd != i]
     m.Step.current = "exec"
     if spec.new_session:
@@ -844,13 +844,13 @@ def _spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
     say(f"exec {' '.join(spec.argv)}")
     argv = list(spec.argv)
     try:
-        return _first_on_path(argv[0], env, lambda path: os.posix_spawn(
+        return _first_on_path(argv[0], env, lambda path: posix.posix_spawn(
             path, argv, env, file_actions=actions, setsid=spec.new_session,
             setsigdef=_DEFAULT_IN_COMMAND, resetids=creds is not None))
     except OSError as e:
         code = e.errno or errno.ENOENT
         chan.send("EXEC", str(code), argv[0])
-        os._exit(127 if code == errno.ENOENT else 126)
+        posix._exit(127 if code == errno.ENOENT else 126)
 
 
 def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T]) -> _T:
@@ -863,9 +863,9 @@ def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T]) -
         return start(name)
     first: OSError | None = None
     for directory in (env.get("PATH") or "/usr/local/bin:/usr/bin:/bin").split(":"):
-        path = os.path.join(directory or ".", name)
+        path = f"{directory or '.'}/{name}"
         try:
-            os.stat(path)
+            posix.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError:
@@ -875,7 +875,7 @@ def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T]) -
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR) and first is None:
                 first = e
-    raise first or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    raise first or FileNotFoundError(errno.ENOENT, posix.strerror(errno.ENOENT), name)
 
 
 def lift_stdio(stdio: list[int | None]) -> list[int | None]:
@@ -892,13 +892,13 @@ def install_stdio(stdio: list[int | None]) -> None:
     """dup2 each source onto 0, 1, 2."""
     for i, fd in enumerate(lift_stdio(stdio)):
         if fd is not None and fd != i:
-            os.dup2(fd, i)
+            posix.dup2(fd, i)
 
 
 def execvpe(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
     """os.execvpe without os.get_exec_path, which imports warnings (~1 ms
     before every command): search the command's own PATH."""
-    _first_on_path(argv[0], env, lambda path: os.execve(path, list(argv), env))
+    _first_on_path(argv[0], env, lambda path: posix.execve(path, list(argv), env))
     raise AssertionError("unreachable: execve returned")
 
 
@@ -917,7 +917,7 @@ def _drop_bounding_caps() -> None:
 def close_fds(keep: set[int]) -> None:
     lo = 3
     for fd in sorted(f for f in keep if f >= 3):
-        os.closerange(lo, fd)
+        posix.closerange(lo, fd)
         lo = fd + 1
-    os.closerange(lo, 1 << 20)
+    posix.closerange(lo, 1 << 20)
 

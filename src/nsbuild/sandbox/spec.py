@@ -11,7 +11,7 @@ symlinks, so an untrusted root cannot redirect a mount onto the host.
 
 from __future__ import annotations
 
-import os
+from nsbuild.sandbox import posixutil
 
 # Type checkers see real dataclasses; at run time a cheaper equivalent (see
 # record.py: nsbuild run's startup time is a feature).
@@ -38,7 +38,7 @@ def _check_dst(dst: str) -> str:
         raise SpecError(f"mount destination must be absolute: {dst!r}")
     if "\0" in dst or any(part == ".." for part in dst.split("/")):
         raise SpecError(f"mount destination must not contain '..' or NUL: {dst!r}")
-    return os.path.normpath(dst).replace("//", "/")
+    return posixutil.normalize(dst)
 
 
 @dataclass(frozen=True)

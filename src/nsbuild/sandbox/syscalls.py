@@ -11,7 +11,9 @@ from __future__ import annotations
 # struct and loads a second library handle), on every `nsbuild run`.
 import _ctypes
 import errno
-import os
+import posix
+
+from nsbuild.sandbox import posixutil
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ class _Libc:
     """libc's functions by name, as a CDLL of the running program with use_errno."""
 
     def __init__(self) -> None:
-        self._handle = _ctypes.dlopen(None, os.RTLD_LOCAL)  # type: ignore[arg-type]
+        self._handle = _ctypes.dlopen(None, posix.RTLD_LOCAL)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
         # CFuncPtr((name, library)) looks the name up in library._handle.
@@ -130,11 +132,11 @@ class _MountAttr(_ctypes.Structure):  # type: ignore[misc]
 
 def _fail(path: str | None = None) -> NoReturn:
     err = _ctypes.get_errno()
-    raise OSError(err, os.strerror(err), path)
+    raise OSError(err, posix.strerror(err), path)
 
 
 def _b(s: str | None) -> bytes | None:
-    return None if s is None else os.fsencode(s)
+    return None if s is None else posixutil.fsencode(s)
 
 
 def unshare(flags: int) -> None:
@@ -167,7 +169,7 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    nr = _SYS_PIVOT_ROOT.get(os.uname().machine, 155)
+    nr = _SYS_PIVOT_ROOT.get(posix.uname().machine, 155)
     if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
         _fail(new_root)
 
@@ -175,15 +177,15 @@ def pivot_root(new_root: str, put_old: str) -> None:
 def join_new_session_keyring() -> None:
     """Replace the session keyring with a new, empty, anonymous one: keys the
     caller keeps there (Kerberos tickets, fscrypt keys) are no longer possessed."""
-    nr = _SYS_KEYCTL.get(os.uname().machine, 250)
+    nr = _SYS_KEYCTL.get(posix.uname().machine, 250)
     if _libc.syscall(nr, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
         err = _ctypes.get_errno()
         if err != errno.ENOSYS:  # a kernel without keyrings has nothing to leak
-            raise OSError(err, os.strerror(err), "keyctl(JOIN_SESSION_KEYRING)")
+            raise OSError(err, posix.strerror(err), "keyctl(JOIN_SESSION_KEYRING)")
 
 
 OPEN_TREE_CLONE = 1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+OPEN_TREE_CLOEXEC = posix.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x04
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
@@ -257,7 +259,7 @@ def deny_keyring_syscalls() -> bool:
     grants a key's owner access by uid: without this, the command could link
     the caller's user keyring by its serial and read its keys. Needs
     no_new_privs. False where this architecture has no table here."""
-    table = _KEYRING_SYSCALLS.get(os.uname().machine)
+    table = _KEYRING_SYSCALLS.get(posix.uname().machine)
     if table is None:
         return False
     insns = _keyring_filter(table)
@@ -282,7 +284,7 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    how = _OpenHow(flags | posix.O_CLOEXEC, mode, resolve)
     fd = int(_libc.syscall(_SYS_OPENAT2, _Int(dirfd), _b(path), _ctypes.byref(how),
                            _ULong(_ctypes.sizeof(how))))
     if fd < 0:
