@@ -85,3 +85,14 @@ def test_path_search_passes_over_what_cannot_run(tmp_path: Path) -> None:
     r = nsbuild("--setenv", f"PATH=/no/such/dir:{first}", "--", "tool", cwd=tmp_path)
     assert r.returncode == 126, explain(r)
     assert "tool" in one_line_error(r)
+
+
+def test_path_search_as_another_user_meets_its_permission_error(tmp_path: Path) -> None:
+    # A PATH directory the --user may not search gives its EACCES (126), as
+    # execvp does for that user, not "not found" as root would see it.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    r = nsbuild("--bind", f"{private}:/private", "--user", "1000", "--chdir", "/",
+                "--setenv", "PATH=/private", "--", "no-such-tool", cwd=tmp_path)
+    assert r.returncode == 126, explain(r)
+    assert "no-such-tool" in one_line_error(r)

@@ -132,6 +132,26 @@ def test_symlinks_in_a_hostile_root_cannot_send_mounts_onto_the_host(
     assert sorted(os.listdir(outside)) == [], "something landed outside the root"
 
 
+@pytest.mark.parametrize("at", ["dev", "proc"])
+def test_a_hostile_root_cannot_send_dev_or_proc_entries_onto_the_host(
+    tmp_path: Path, at: str
+) -> None:
+    """--root R where /dev (or /proc) is a symlink to R itself and R holds
+    symlinks named like their entries (null, sys...) that point at the host
+    through the setup's own view of it (/oldroot): nothing is created or
+    mounted on the host, whatever becomes of the run."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    _hostile_root(root)
+    outside.mkdir()
+    (root / at).symlink_to("/")
+    for name in ("null", "zero", "pts", "shm", "sys", "fs"):
+        (root / name).symlink_to(f"/oldroot{outside}/{name}")
+    r = run_nsbuild("run", "--root", str(root), "--bind", "/usr:/usr", "--",
+                    "/usr/bin/true", cwd=tmp_path)
+    assert r.returncode in (0, 125, 126, 127), explain(r)
+    assert sorted(os.listdir(outside)) == [], "something landed outside the root"
+
+
 def test_kernel_interfaces_are_not_writable(tmp_path: Path) -> None:
     """/proc/sysrq-trigger, /proc/sys, /sys, a fresh proc or sysfs of one's own."""
     code = """

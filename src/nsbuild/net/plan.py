@@ -93,9 +93,9 @@ class NetPlan:
         return lambda: self._start(make, sock)
 
     def _start(self, make: Callable[[_socket.socket], Any], sock: _socket.socket) -> None:
+        service = make(sock)
         if sock in self._idle:
             self._idle.remove(sock)
-        service = make(sock)
         self._services.append(service)
         service.start()
 

@@ -363,9 +363,9 @@ def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
         _mount_at(root_fd, mnt.dst, "file", src, None, sc.MS_BIND)
         _ro_at(root_fd, mnt.dst, recursive=False)
     elif isinstance(mnt, Proc):
-        _mount_proc(root_fd, mnt.dst)
+        _mount_proc(root_fd, mnt.dst, n)
     elif isinstance(mnt, Dev):
-        _mount_dev(root_fd, mnt.dst, spec)
+        _mount_dev(root_fd, mnt.dst, n, spec)
     elif isinstance(mnt, Sys):
         _mount_sys(root_fd, mnt.dst)
 
@@ -390,48 +390,52 @@ def _symlink(root_fd: int, target: str, dst: str) -> None:
         posix.close(pfd)
 
 
-def _mount_proc(root_fd: int, dst: str) -> None:
+def _stage(n: int, what: str) -> str:
+    """A directory of the scratch base (ours alone, nothing of the root in
+    it) where a filesystem for the root is made ready, then moved into place
+    (_move_into): its entries are made by plain paths, without resolving
+    each inside the root, and no symlink of the root can take them elsewhere."""
+    path = f"/{what}-{n}"
+    posix.mkdir(path, 0o755)
+    return path
+
+
+def _move_into(root_fd: int, dst: str, stage: str) -> None:
+    _mount_at(root_fd, dst, "dir", stage, None, sc.MS_MOVE)
+
+
+def _mount_proc(root_fd: int, dst: str, n: int) -> None:
+    stage = _stage(n, "proc")
     # Only a process inside the new PID namespace can mount a proc that shows it.
-    _mount_at(root_fd, dst, "dir", "proc", "proc", _NOSUID_NODEV | sc.MS_NOEXEC)
-    # What is below is the kernel's, not the root's: named through the new
-    # mount, once resolved, instead of resolving each path inside the root.
-    proc = _open_in_root(root_fd, dst, None)
-    try:
-        for sub in _PROC_READONLY:
-            path = f"{_target(proc)}/{sub}"
-            try:
-                sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
-            except FileNotFoundError:
-                continue
-            _remount_ro(path, recursive=True)
-    finally:
-        posix.close(proc)
+    sc.mount("proc", stage, "proc", _NOSUID_NODEV | sc.MS_NOEXEC)
+    for sub in _PROC_READONLY:
+        path = f"{stage}/{sub}"
+        try:
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+        except FileNotFoundError:
+            continue
+        _remount_ro(path, recursive=True)
+    _move_into(root_fd, dst, stage)
 
 
-def _mount_dev(root_fd: int, dst: str, spec: Sandbox) -> None:
-    _mount_at(root_fd, dst, "dir", "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC,
-              "mode=0755")
-    # The tmpfs just mounted is empty and ours: its entries are made by name,
-    # relative to it, instead of resolving each path inside the root.
-    dev = _open_in_root(root_fd, dst, None)
-    try:
-        here = _target(dev)
-        for node in _DEV_NODES:
-            # Device nodes cannot be created in a user namespace: bind the host's.
-            if posixutil.exists(f"{OLD}/dev/{node}"):
-                posix.close(posix.open(node, _O_NEW_FILE, 0o644, dir_fd=dev))
-                sc.mount(f"{OLD}/dev/{node}", f"{here}/{node}", None, sc.MS_BIND)
-        for name, target in _DEV_LINKS:
-            posix.symlink(target, name, dir_fd=dev)
-        posix.mkdir("pts", 0o755, dir_fd=dev)
-        # tty group 5 exists inside only when the full range is mapped.
-        gid = ",gid=5" if spec.idmap.full else ""
-        sc.mount("devpts", f"{here}/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-                 f"newinstance,ptmxmode=0666,mode=620{gid}")
-        posix.mkdir("shm", 0o755, dir_fd=dev)
-        sc.mount("tmpfs", f"{here}/shm", "tmpfs", _NOSUID_NODEV, "mode=1777")
-    finally:
-        posix.close(dev)
+def _mount_dev(root_fd: int, dst: str, n: int, spec: Sandbox) -> None:
+    stage = _stage(n, "dev")
+    sc.mount("tmpfs", stage, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755")
+    for node in _DEV_NODES:
+        # Device nodes cannot be created in a user namespace: bind the host's.
+        if posixutil.exists(f"{OLD}/dev/{node}"):
+            posix.close(posix.open(f"{stage}/{node}", _O_NEW_FILE | posix.O_EXCL, 0o644))
+            sc.mount(f"{OLD}/dev/{node}", f"{stage}/{node}", None, sc.MS_BIND)
+    for name, target in _DEV_LINKS:
+        posix.symlink(target, f"{stage}/{name}")
+    posix.mkdir(f"{stage}/pts", 0o755)
+    # tty group 5 exists inside only when the full range is mapped.
+    gid = ",gid=5" if spec.idmap.full else ""
+    sc.mount("devpts", f"{stage}/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+             f"newinstance,ptmxmode=0666,mode=620{gid}")
+    posix.mkdir(f"{stage}/shm", 0o755)
+    sc.mount("tmpfs", f"{stage}/shm", "tmpfs", _NOSUID_NODEV, "mode=1777")
+    _move_into(root_fd, dst, stage)
 
 
 def _mount_sys(root_fd: int, dst: str) -> None:

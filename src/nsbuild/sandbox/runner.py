@@ -176,7 +176,9 @@ class Process:
                     try:
                         start()
                     except BaseException:
+                        self._activations.clear()
                         self.kill()
+                        self.wait()
                         raise
 
     def wait(self, *, reap_helper: bool = True) -> int:
@@ -848,30 +850,36 @@ def _spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
     try:
         return _first_on_path(argv[0], env, lambda path: posix.posix_spawn(
             path, argv, env, file_actions=actions, setsid=spec.new_session,
-            setsigdef=_DEFAULT_IN_COMMAND, resetids=creds is not None))
+            setsigdef=_DEFAULT_IN_COMMAND, resetids=creds is not None),
+            probe=creds is None)  # init's stat sees as root: only when the command is root
     except OSError as e:
         code = e.errno or errno.ENOENT
         chan.send("EXEC", str(code), argv[0])
         posix._exit(127 if code == errno.ENOENT else 126)
 
 
-def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T]) -> _T:
+def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T], *,
+                   probe: bool = False) -> _T:
     """`start(path)` for each place of `name` on the command's own PATH (not
     nsbuild's), as execvp looks: past missing entries; the first other error
-    (e.g. EACCES) is raised if nothing starts. Places where nothing is are
-    skipped after a stat: a failed posix_spawn costs a vfork, an exec and a
-    wait (about 0.1-0.2 ms each; nine places before /usr/bin on root's PATH)."""
+    (e.g. EACCES) is raised if nothing starts. probe: places where nothing is
+    are skipped after a stat, for a start that costs more than a failed exec
+    (posix_spawn: a vfork, an exec and a wait, about 0.1-0.2 ms each; nine
+    places before /usr/bin on root's PATH); only where the stat sees what the
+    command would (the same ids: a directory the command may not search
+    must give its EACCES, not root's ENOENT)."""
     if "/" in name:
         return start(name)
     first: OSError | None = None
     for directory in (env.get("PATH") or "/usr/local/bin:/usr/bin:/bin").split(":"):
         path = f"{directory or '.'}/{name}"
-        try:
-            posix.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError:
-            pass  # let the start itself meet the error (EACCES, ELOOP...)
+        if probe:
+            try:
+                posix.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                pass  # let the start itself meet the error (EACCES, ELOOP...)
         try:
             return start(path)
         except OSError as e:
