@@ -150,3 +150,26 @@ def test_directory_private_to_root_is_reachable_but_not_writable(tmp_path: Path)
     assert r.returncode == 0, explain(r)
     assert r.stdout.splitlines() == [str(project), "from the host", "refused"], explain(r)
     assert not (project / "made").exists()
+
+
+def test_no_mount_of_the_sandbox_propagates_to_a_shared_host_mount(base: Path) -> None:
+    # As root, --root and bind sources are cloned trees (open_tree), which keep
+    # the host mount's peer group: on a shared mount (systemd makes / shared),
+    # the setup's mounts on them must still stay in the sandbox.
+    root, src = base / "root", base / "src"
+    for d in (root, src):
+        d.mkdir()
+        d.chmod(0o755)
+    for d in ("proc", "dev", "sys", "tmp", "run", "usr", "src", "etc", "var"):
+        (root / d).mkdir()  # the sandbox's root may not make them in root's directory
+    (root / "etc" / "resolv.conf").touch()
+    for d in ("bin", "lib", "lib64"):
+        (root / d).symlink_to(f"usr/{d}")
+    run = " ".join(nsbuild_argv("--root", str(root), "--bind", "/usr:/usr",
+                                "--bind", f"{src}:/src", "--", "/usr/bin/true"))
+    script = (f"mount --bind {base} {base} && mount --make-shared {base} && {run} && "
+              f"findmnt -rn -o TARGET -R {base}")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=HANG_GUARD, check=False)
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.split() == [str(base)], r.stdout

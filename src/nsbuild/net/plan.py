@@ -96,8 +96,12 @@ class NetPlan:
         service = make(sock)
         if sock in self._idle:
             self._idle.remove(sock)
-        self._services.append(service)
-        service.start()
+        try:
+            service.start()
+        except BaseException:
+            sock.close()
+            raise
+        self._services.append(service)  # stop() stops only what started
 
     def stop(self) -> None:
         services, self._services = self._services, []

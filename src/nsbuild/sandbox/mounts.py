@@ -179,6 +179,9 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
         sc.mount("tmpfs", NEW, "tmpfs", _NOSUID_NODEV, _tmpfs_data(root))
     elif isinstance(root, Bind) and plan.root_tree is not None:
         _attach(plan.root_tree, posix.open(NEW, _O_DIR_PATH), NEW)
+        # A cloned tree keeps the host mount's peer group (it was cloned after
+        # everything here was made private): no mount made on it may reach the host.
+        sc.mount(None, NEW, None, sc.MS_REC | sc.MS_PRIVATE)
     elif isinstance(root, Bind):
         assert plan.root_src is not None
         sc.mount(OLD + plan.root_src, NEW, None, sc.MS_BIND | sc.MS_REC)
@@ -322,6 +325,14 @@ def _mount_at(root_fd: int, dst: str, create: str, source: str | None, fstype: s
         posix.close(fd)
 
 
+def _private_at(root_fd: int, dst: str) -> None:
+    fd = _open_in_root(root_fd, dst, None)  # resolves through the new mount
+    try:
+        sc.mount(None, _target(fd), None, sc.MS_REC | sc.MS_PRIVATE)
+    finally:
+        posix.close(fd)
+
+
 def _ro_at(root_fd: int, dst: str, recursive: bool = True) -> None:
     fd = _open_in_root(root_fd, dst, None)  # resolves through the new mount
     try:
@@ -335,6 +346,7 @@ def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
     if isinstance(mnt, Bind) and p.tree is not None:
         create = "dir" if p.is_dir else "file"
         _attach(p.tree, _open_in_root(root_fd, mnt.dst, create), mnt.dst)
+        _private_at(root_fd, mnt.dst)  # as the root tree's, see build_root
         if mnt.readonly:
             _ro_at(root_fd, mnt.dst)
     elif isinstance(mnt, Bind):
