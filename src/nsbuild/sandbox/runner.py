@@ -156,7 +156,11 @@ class Process:
     def when_readable(self, fd: int, start: Callable[[], object]) -> None:
         """Socket activation: wait() calls `start()`, once, when `fd` is first
         readable while the sandbox runs (a service that the command never asks
-        for then costs nothing). An exception from it kills the sandbox."""
+        for then costs nothing). An exception from it kills the sandbox.
+        Without a status pipe to wait on as well (an entered sandbox), at once."""
+        if self._status_fd is None:
+            start()
+            return
         self._activations[fd] = start
 
     def _activate_until_done(self) -> None:
