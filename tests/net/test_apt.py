@@ -7,24 +7,28 @@ served on the host's 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from net_helpers import static_server
 
+TESTS = Path(__file__).resolve().parent.parent
+if str(TESTS / "security") not in sys.path:
+    sys.path.insert(0, str(TESTS / "security"))
+
+from security_helpers import EnvHome, env_home_for  # noqa: E402
+
 pytestmark = [pytest.mark.userns, pytest.mark.slow]
 
-ENV = os.environ.get("NSBUILD_TEST_ENV", "bookworm")
 
-
-def env_ready() -> bool:
-    r = subprocess.run(
-        [sys.executable, "-m", "nsbuild", "env", "list"], capture_output=True, text=True
-    )
-    return any(line.startswith(f"{ENV}: ready") for line in r.stdout.splitlines())
+@pytest.fixture(scope="session")
+def env_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvHome]:
+    """The environment `bookworm` on the CI tarball, in folders of this test
+    run (the escape suite's, so the base is unpacked once per run)."""
+    yield from env_home_for(tmp_path_factory)
 
 
 def make_repository(root: Path) -> Path:
@@ -50,9 +54,7 @@ def make_repository(root: Path) -> Path:
     return repo
 
 
-def test_apt_reaches_the_allowed_repository_only(tmp_path: Path) -> None:
-    if not env_ready():
-        pytest.skip(f"no ready environment {ENV!r} (nsbuild env list); set NSBUILD_TEST_ENV")
+def test_apt_reaches_the_allowed_repository_only(tmp_path: Path, env_home: EnvHome) -> None:
     repo = make_repository(tmp_path)
     log = tmp_path / "net.jsonl"
     with static_server(str(repo)) as port, static_server(str(repo)) as other:
@@ -69,7 +71,7 @@ def test_apt_reaches_the_allowed_repository_only(tmp_path: Path) -> None:
                 "nsbuild",
                 "run",
                 "--env",
-                ENV,
+                "bookworm",
                 "--allow",
                 f"127.0.0.1:{port}",
                 "--net-log",
@@ -80,6 +82,7 @@ def test_apt_reaches_the_allowed_repository_only(tmp_path: Path) -> None:
                 script,
             ],
             cwd=tmp_path,
+            env=env_home.vars(),
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
