@@ -292,14 +292,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         with throwaway(args.env_name) as session:
             return run_sandboxed(args, argv, opts, network, session)
-    return run_sandboxed(args, argv, opts, network, None)
+    return run_sandboxed(args, argv, opts, network, None, last=True)
 
 
 def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
-                  network: Any, session: Any) -> int:
+                  network: Any, session: Any, *, last: bool = False) -> int:
     """Run `argv` as the parsed sandbox options say: on the host view, on
     --root, or in `session` (an environment); with the network plan of `opts`
-    and the resource limits asked for. Shared by run, session run and shell."""
+    and the resource limits asked for. Shared by run, session run and shell.
+    last: this process only reports and exits afterwards, so it may itself be
+    the sandbox's outside process (runner.run's in_process), joining the
+    sandbox's user namespace for good."""
     from nsbuild.sandbox import (
         Bind,
         Dev,
@@ -352,7 +355,8 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
                 lim.leave()
             # Services start when first asked (the DNS responder of --net none
             # mostly never is); wait() watches their sockets.
-            plan.serve(proc.sockets, when_readable=proc.when_readable)
+            plan.serve(proc.sockets, when_readable=proc.when_readable,
+                       inline=not proc.threads)
 
         if lim:
             lim.join()
@@ -360,7 +364,7 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         # be waited for, unless a cgroup of the run's must be emptied first
         # (nor may a user namespace keeper be left in one).
         status = run(spec, on_start=started, reap_helper=bool(spec.cgroup),
-                     leave_keeper=lim is None)
+                     leave_keeper=lim is None, in_process=last and not plan.host_network)
     summary = plan.denied_summary()
     if summary:
         sys.stderr.write(f"nsbuild: {summary}\n")

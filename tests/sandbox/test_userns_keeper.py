@@ -126,9 +126,12 @@ def test_later_runs_join_the_kept_namespace_and_nest_their_own(
     try:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n"
-        (helper,) = [pid for pid in pids() if (stat_fields(pid) or (0, 0))[0] == p.pid]
+        # The command line's run is itself the sandbox's outside process: it
+        # joined the kept namespace, and its one child is the sandbox's init.
+        (init,) = [pid for pid in pids() if (stat_fields(pid) or (0, 0))[0] == p.pid]
         (command,) = [pid for pid in processes_with_arg(marker) if cmdline(pid)[0] == PY]
-        assert _userns(helper) == _userns(keeper), "the helper joined the kept namespace"
+        assert _userns(p.pid) == _userns(keeper), "nsbuild joined the kept namespace"
+        assert (stat_fields(command) or (0, 0))[0] == init, "init is nsbuild's own child"
         assert _userns(command) not in (_userns(keeper), _userns("self")), \
             "the command runs in a nested namespace of its own"
     finally:
@@ -378,3 +381,43 @@ def test_a_keeper_with_other_maps_is_not_joined(
     r = ok(nsbuild("--", *sh("setpriv --reuid 5000 id -u"), cwd=tmp_path, env=env,
                    debug=True))
     assert r.stdout == "5000\n" and "joined" not in r.stderr, explain(r)
+
+
+COUNT_INTERRUPTS = """
+import signal, sys, time
+got = []
+signal.signal(signal.SIGINT, lambda *_: got.append(1))
+print("ready", flush=True)
+time.sleep(1.5)
+print(len(got), flush=True)
+"""
+
+
+def test_a_joined_run_relays_the_terminals_interrupt_once_and_answers_dns(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """The run that is itself the sandbox's outside process stays in the
+    caller's process group (Ctrl-C reaches it) while the sandbox's init does
+    not: the command sees one SIGINT, not one relayed and one of its own.
+    Its DNS responder answers without a thread (the process made the PID
+    namespace, so it may start none)."""
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    _the_keeper(env)
+    # A terminal sends SIGINT to its foreground process group: this one.
+    p = subprocess.Popen(nsbuild_argv("--", *py(COUNT_INTERRUPTS)), cwd=tmp_path, env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n"
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=HANG_GUARD)
+    finally:
+        p.kill()
+        p.wait()
+    assert (p.returncode, out) == (0, "1\n"), err
+    r = nsbuild("--", *sh("getent hosts example.org; echo $?"), cwd=tmp_path, env=env,
+                debug=True)
+    assert r.returncode == 0 and r.stdout == "2\n", explain(r)
+    assert "this process joined the one kept by process" in r.stderr, r.stderr
+    assert "denied: example.org (dns)" in r.stderr, r.stderr

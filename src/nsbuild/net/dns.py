@@ -72,7 +72,8 @@ def answer(packet: bytes, rcode: int = NXDOMAIN) -> tuple[bytes, str | None, int
 
 
 class DnsResponder:
-    """Serve one bound UDP socket from one daemon thread until stop()."""
+    """Serve one bound UDP socket from one daemon thread until stop(), or
+    query by query through handle_ready()."""
 
     def __init__(self, sock: _socket.socket, log: NetLog, rule: str) -> None:
         self._sock = sock
@@ -103,24 +104,36 @@ class DnsResponder:
                 return
             if self._stopping:
                 return
-            reply, name, qtype = answer(packet)
-            if name is not None:
-                self._log.add(
-                    engine="dns",
-                    kind="dns",
-                    host=name,
-                    port=53,
-                    decision="nxdomain",
-                    rule=self._rule,
-                    bytes_out=len(packet),
-                    bytes_in=len(reply),
-                    qtype=QTYPES.get(qtype, str(qtype)),
-                )
-            if reply:
-                try:
-                    self._sock.sendto(reply, peer)
-                except OSError:
-                    pass
+            self._reply(packet, peer)
+
+    def handle_ready(self) -> None:
+        """Answer the query waiting on the socket, from the caller's thread:
+        serving without a thread of its own (a process that may start none)."""
+        try:
+            packet, peer = self._sock.recvfrom(4096)
+        except OSError:
+            return
+        self._reply(packet, peer)
+
+    def _reply(self, packet: bytes, peer: tuple[str, int]) -> None:
+        reply, name, qtype = answer(packet)
+        if name is not None:
+            self._log.add(
+                engine="dns",
+                kind="dns",
+                host=name,
+                port=53,
+                decision="nxdomain",
+                rule=self._rule,
+                bytes_out=len(packet),
+                bytes_in=len(reply),
+                qtype=QTYPES.get(qtype, str(qtype)),
+            )
+        if reply:
+            try:
+                self._sock.sendto(reply, peer)
+            except OSError:
+                pass
 
     def stop(self) -> None:
         self._stopping = True

@@ -54,12 +54,16 @@ class NetPlan:
         mounts: tuple[Mount, ...] = (),
         env: tuple[tuple[str, str], ...] = (),
         cgroup: str | None = None,
+        host_network: bool = False,
     ) -> None:
         self.share_net = share_net
         self.inside_sockets = inside_sockets
         self.mounts = mounts
         self.env = env
         self.cgroup = cgroup
+        # Its services reach out from the host's network namespace (the
+        # egress proxy): whoever serves them must stay there.
+        self.host_network = host_network
         self._log = log
         self._services: list[Any] = []
         # One service per inside socket that needs one: (index into the
@@ -69,11 +73,15 @@ class NetPlan:
         self._idle: list[_socket.socket] = []  # activated by nothing yet
 
     def serve(self, sockets: list[_socket.socket], *,
-              when_readable: Callable[[int, Callable[[], None]], None] | None = None) -> None:
+              when_readable: Callable[[int, Callable[[], object]], None] | None = None,
+              inline: bool = False) -> None:
         """Serve the inside sockets (proc.sockets, in inside_sockets order).
         when_readable (Process.when_readable): socket activation instead, each
         service made and started only once its socket is first readable, so
-        that a command that never asks costs no import and no thread."""
+        that a command that never asks costs no import and no thread. inline
+        (with when_readable, for a caller that may start no thread: a
+        Process with threads False): each service answers from the caller's
+        wait(), request by request (the DNS responder alone can)."""
         if self._serving or not self._service_for:
             return
         if len(sockets) < len(self.inside_sockets):
@@ -86,22 +94,30 @@ class NetPlan:
                 self._start(make, sockets[index])
             else:
                 self._idle.append(sockets[index])
-                when_readable(sockets[index].fileno(), self._starter(make, sockets[index]))
+                when_readable(sockets[index].fileno(),
+                              self._starter(make, sockets[index], inline))
 
-    def _starter(self, make: Callable[[_socket.socket], Any],
-                 sock: _socket.socket) -> Callable[[], None]:
-        return lambda: self._start(make, sock)
+    def _starter(self, make: Callable[[_socket.socket], Any], sock: _socket.socket,
+                 inline: bool) -> Callable[[], object]:
+        return lambda: self._start(make, sock, inline)
 
-    def _start(self, make: Callable[[_socket.socket], Any], sock: _socket.socket) -> None:
+    def _start(self, make: Callable[[_socket.socket], Any], sock: _socket.socket,
+               inline: bool = False) -> Callable[[], None] | None:
         service = make(sock)
         if sock in self._idle:
             self._idle.remove(sock)
+        if inline:
+            self._services.append(service)
+            service.handle_ready()
+            handle: Callable[[], None] = service.handle_ready
+            return handle
         try:
             service.start()
         except BaseException:
             sock.close()
             raise
         self._services.append(service)  # stop() stops only what started
+        return None
 
     def stop(self) -> None:
         services, self._services = self._services, []
@@ -221,6 +237,7 @@ def _proxy_plan(allowlist: Allowlist, log: NetLog) -> NetPlan:
         ),
         mounts=(RESOLV_CONF,),
         env=proxy_env(),
+        host_network=True,
     )
     plan._service_for = [
         (0, lambda sock: EgressProxy(sock, allowlist, log)),

@@ -124,7 +124,8 @@ class Process:
 
     def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
                  stderr: IO[bytes] | None, sockets: list[_socket.socket],
-                 exec_error: str | None, status_fd: int | None = None) -> None:
+                 exec_error: str | None, status_fd: int | None = None, *,
+                 status_told: bool = True, threads: bool = True) -> None:
         self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
@@ -133,7 +134,14 @@ class Process:
         self.exec_error = exec_error
         self.returncode: int | None = None
         self._status_fd = status_fd
+        # The helper writes the status on its pipe; a pidfd (pid is init,
+        # a child of this process: _spawn_here) only tells it is over.
+        self._status_told = status_told
+        # False: this process can start no thread while the sandbox runs (it
+        # made the sandbox's PID namespace itself: _spawn_here).
+        self.threads = threads
         self._activations: dict[int, Callable[[], object]] = {}
+        self._handlers: dict[int, Callable[[], object]] = {}
 
     def _set(self, status: int) -> int:
         code = posix.waitstatus_to_exitcode(status)
@@ -156,8 +164,10 @@ class Process:
     def when_readable(self, fd: int, start: Callable[[], object]) -> None:
         """Socket activation: wait() calls `start()`, once, when `fd` is first
         readable while the sandbox runs (a service that the command never asks
-        for then costs nothing). An exception from it kills the sandbox.
-        Without a status pipe to wait on as well (an entered sandbox), at once."""
+        for then costs nothing). If it returns a callable, wait() calls that
+        each time `fd` is readable again (a service served inline, without a
+        thread). An exception from either kills the sandbox. Without a
+        status pipe to wait on as well (an entered sandbox), at once."""
         if self._status_fd is None:
             start()
             return
@@ -170,20 +180,26 @@ class Process:
         poller.register(self._status_fd, select.POLLIN)
         for fd in self._activations:
             poller.register(fd, select.POLLIN)
-        while self._activations:
+        while self._activations or self._handlers:
             for fd, _events in poller.poll():
                 if fd == self._status_fd:
                     return
-                start = self._activations.pop(fd, None)
-                poller.unregister(fd)
-                if start is not None:
-                    try:
-                        start()
-                    except BaseException:
-                        self._activations.clear()
-                        self.kill()
-                        self.wait()
-                        raise
+                call = self._handlers.get(fd) or self._activations.pop(fd, None)
+                if call is None:
+                    poller.unregister(fd)
+                    continue
+                try:
+                    again = call()
+                except BaseException:
+                    self._activations.clear()
+                    self._handlers.clear()
+                    self.kill()
+                    self.wait()
+                    raise
+                if callable(again):
+                    self._handlers[fd] = again
+                elif fd not in self._handlers:
+                    poller.unregister(fd)
 
     def wait(self, *, reap_helper: bool = True) -> int:
         """The command's exit status. With reap_helper=False, return as soon
@@ -196,7 +212,8 @@ class Process:
             # Only then: a helper forked meanwhile for another sandbox (a
             # threaded caller) would hold this pipe open too.
             told = (posix.read(self._status_fd, 16)
-                    if not reap_helper and self._status_fd is not None else b"")
+                    if not reap_helper and self._status_told and self._status_fd is not None
+                    else b"")
             if told:
                 self.returncode = int(told)
                 self._close_status()
@@ -224,12 +241,15 @@ class Process:
 
 
 def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
-        reap_helper: bool = True, leave_keeper: bool = True) -> int:
+        reap_helper: bool = True, leave_keeper: bool = True, in_process: bool = False) -> int:
     """Run the sandbox with the caller's stdio; return the command's exit status
     (128+N when killed by signal N). `on_start` gets the Process once the
     command runs (e.g. to serve its inside sockets). reap_helper: see
-    Process.wait; leave_keeper: see spawn."""
-    proc = spawn(spec, leave_keeper=leave_keeper)
+    Process.wait; leave_keeper: see spawn. in_process: this process may
+    itself be the sandbox's outside process (see _spawn_here), for good: only
+    for a caller that exits next and needs nothing of the host's network
+    after the sandbox started (the command line's plain `nsbuild run`)."""
+    proc = (_spawn_here(spec) if in_process else None) or spawn(spec, leave_keeper=leave_keeper)
     if on_start is not None:
         try:
             on_start(proc)
@@ -335,6 +355,78 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     return Process(pid, files[0], files[1], files[2], sockets, exec_error, status_r)
 
 
+def _spawn_here(spec: Sandbox) -> Process | None:
+    """Start the sandbox with this process in the helper's place: it joins the
+    user namespace kept by an earlier run, for good, makes the PID, IPC, UTS,
+    cgroup and network namespaces, forks init and waits for it itself. A
+    fork, a process and a hand-over fewer than spawn() (about 2 ms of every
+    `nsbuild run`), the sandbox and its guarantees the same: init is this
+    process's child, dies with it (parent-death signal), and is gone, with
+    every mount, when wait() returns. None, with nothing done, when no user
+    namespace is kept for these ids or the run has a cgroup of its own:
+    spawn() then."""
+    spec.validate()
+    if spec.cgroup or not spec.idmap.helper or not userns.lifetime():
+        return None
+    kept = userns.join_fd(spec.idmap)
+    if kept is None:
+        return None
+    ns, keeper = kept
+    try:
+        plan = m.prepare(spec)
+    except BaseException:
+        posix.close(ns)
+        raise
+    try:
+        sc.setns(ns, sc.CLONE_NEWUSER)
+    except OSError:
+        m.release(plan)
+        return None  # spawn() joins or makes one
+    finally:
+        posix.close(ns)
+    say = _debug_printer(spec.debug)
+    if spec.idmap.warning:
+        posix.write(2, f"nsbuild: warning: {spec.idmap.warning}\n".encode())
+    if spec.debug:
+        say(f"user namespace: this process joined the one kept by process {keeper}; "
+            + _describe_idmap(posix.getpid(), spec.idmap).partition(": ")[2]
+            + " already mapped")
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    init = -1
+    try:
+        link = _start_init(spec, plan, Channel(theirs), [None, None, None], False,
+                           (ours.fileno(),), spec.new_session, say)
+        init = link.init
+        theirs.close()
+        m.release(plan)
+        done = posix.pidfd_open(init)
+        try:
+            sockets = _tend_init(spec, link, None, lambda sig, _f: _relay(init, sig), say)
+            more, exec_error = _reports(ours, init)
+        except BaseException:
+            posix.close(done)
+            raise
+    except BaseException:
+        theirs.close()
+        if init > 0:
+            posix.kill(init, signal.SIGKILL)
+            posix.waitpid(init, 0)
+        else:
+            m.release(plan)
+        raise
+    finally:
+        ours.close()
+    return Process(init, None, None, None, sockets + more, exec_error, done, status_told=False,
+                   threads=False)
+
+
+def _relay(pid: int, sig: int) -> None:
+    try:
+        posix.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | None,
                  say: Callable[[str], None]) -> tuple[list[_socket.socket], str | None]:
     if spec.cgroup:
@@ -373,6 +465,12 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | No
             userns.publish(new_keeper, spec.idmap)
     else:
         raise_report(ready, [], pid)
+    return _reports(sock, pid)
+
+
+def _reports(sock: _socket.socket, pid: int) -> tuple[list[_socket.socket], str | None]:
+    """What the sandbox sends until the command was exec'd (EOF): inside
+    sockets and the command's exec error; a setup failure is raised."""
     sockets: list[_socket.socket] = []
     exec_error = None
     while True:
@@ -466,55 +564,11 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         # just gave, not mapped ids: make them while nsbuild writes the maps.
         # This helper never changes its ids: it stays dumpable and keeps its
         # parent-death signal.
-        # Not the mount namespace: init makes that, so that no mount of the
-        # sandbox outlives init (this helper's own exit is not waited for).
-        m.Step.current = "unshare PID, IPC, UTS and cgroup namespaces"
-        say("unshare PID, IPC, UTS and cgroup namespaces")
-        sc.unshare(sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
-
-        # A lifeline: init reads EOF on it if this helper is already gone.
-        life_r, life_w = posix.pipe()
-        # init asks on `ask` for the id map of its nested user namespace (the
-        # mount lock), which only a process of this namespace can write.
-        ask_r, ask_w = posix.pipe()
-        mapped_r, mapped_w = posix.pipe()
-        # The host's /proc, held open for init's id map and the network namespace.
-        proc = posix.open("/proc", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
-        # The network namespace is made by this helper while init builds the
-        # root (the kernel takes a while over a new one), then handed to init.
-        net_here, net_init = (None, None) if spec.share_net else _socket.socketpair(
-            _socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-        m.Step.current = "fork init (PID 1)"
-        init = posix.fork()
-        if init == 0:
-            for fd in (life_w, ask_r, mapped_w, proc, status_w):
-                posix.close(fd)
-            if net_here is not None:
-                net_here.close()
-            _init(spec, plan, chan, stdio, life_r, (ask_w, mapped_r), not joined, net_init,
-                  say)
-        for fd in (life_r, ask_w, mapped_r):
-            posix.close(fd)
+        link = _start_init(spec, plan, chan, stdio, not joined, (status_w,), False, say)
+        init = link.init
         _close_stdio(stdio)
         m.release(plan)
-        if net_here is not None and net_init is not None:
-            net_init.close()
-            _make_network(spec, chan, Channel(net_here), proc, say)
-
-        def relay(sig: int, _frame: object) -> None:
-            try:
-                posix.kill(init, sig)
-            except ProcessLookupError:
-                pass
-
-        for s in FORWARDED_SIGNALS:
-            signal.signal(s, relay)
-        if posix.read(ask_r, 1) == b"L":  # EOF: init failed, and reported why
-            m.Step.current = "map the ids of the nested user namespace"
-            _identity_map(proc, init, spec.idmap)
-            posix.write(mapped_w, b"M")
-        for fd in (ask_r, mapped_w, proc):
-            posix.close(fd)
+        _tend_init(spec, link, chan, lambda sig, _f: _relay(init, sig), say)
         chan.sock.close()
         _, status = posix.waitpid(init, 0)
         code = posix.waitstatus_to_exitcode(status)
@@ -526,12 +580,84 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         report_failure(chan, e)
 
 
+class _InitLink:
+    """The outside ends of a just-forked init: its lifeline, the lock's
+    request and answer, the host's /proc, the network namespace's way in."""
+
+    def __init__(self, init: int, life_w: int, ask_r: int, mapped_w: int, proc: int,
+                 net: _socket.socket | None) -> None:
+        self.init, self.life_w, self.ask_r, self.mapped_w = init, life_w, ask_r, mapped_w
+        self.proc, self.net = proc, net
+
+
+def _start_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
+                maps_pending: bool, close_in_init: tuple[int, ...], own_session: bool,
+                say: Callable[[str], None]) -> _InitLink:
+    """In the sandbox's user namespace: make the PID, IPC, UTS and cgroup
+    namespaces and fork init into them. Not the mount namespace: init makes
+    that, so that no mount of the sandbox outlives init. own_session: init
+    leaves this process's session (this process stays in the caller's, and
+    relays the terminal's signals once)."""
+    m.Step.current = "unshare PID, IPC, UTS and cgroup namespaces"
+    say("unshare PID, IPC, UTS and cgroup namespaces")
+    sc.unshare(sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
+    # A lifeline: init reads EOF on it if this process is already gone.
+    life_r, life_w = posix.pipe()
+    # init asks on `ask` for the id map of its nested user namespace (the
+    # mount lock), which only a process of this namespace can write.
+    ask_r, ask_w = posix.pipe()
+    mapped_r, mapped_w = posix.pipe()
+    # The host's /proc, held open for init's id map and the network namespace.
+    proc = posix.open("/proc", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
+    # The network namespace is made out here while init builds the root (the
+    # kernel takes a while over a new one), then handed to init.
+    net_here, net_init = (None, None) if spec.share_net else _socket.socketpair(
+        _socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    m.Step.current = "fork init (PID 1)"
+    init = posix.fork()
+    if init == 0:
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)  # until init relays them
+        if own_session:
+            posix.setsid()
+        for fd in (life_w, ask_r, mapped_w, proc, *close_in_init):
+            posix.close(fd)
+        if net_here is not None:
+            net_here.close()
+        _init(spec, plan, chan, stdio, life_r, (ask_w, mapped_r), maps_pending, net_init, say)
+    for fd in (life_r, ask_w, mapped_r):
+        posix.close(fd)
+    if net_init is not None:
+        net_init.close()
+    return _InitLink(init, life_w, ask_r, mapped_w, proc, net_here)
+
+
+def _tend_init(spec: Sandbox, link: _InitLink, chan: Channel | None,
+               relay: Callable[[int, object], None],
+               say: Callable[[str], None]) -> list[_socket.socket]:
+    """While init builds the root: make the network namespace and hand it to
+    init, relay signals, map init's nested user namespace when it asks. The
+    inside sockets go to nsbuild on `chan`, or are returned (chan None)."""
+    sockets: list[_socket.socket] = []
+    if link.net is not None:
+        sockets = _make_network(spec, chan, Channel(link.net), link.proc, say)
+    for s in FORWARDED_SIGNALS:
+        signal.signal(s, relay)
+    if posix.read(link.ask_r, 1) == b"L":  # EOF: init failed, and reported why
+        m.Step.current = "map the ids of the nested user namespace"
+        _identity_map(link.proc, link.init, spec.idmap)
+        posix.write(link.mapped_w, b"M")
+    for fd in (link.ask_r, link.mapped_w, link.proc):
+        posix.close(fd)
+    return sockets
+
+
 # ------------------------------------------------------------------ PID 1
 
-def new_network(inside_sockets: tuple[InsideSocket, ...], chan: Channel,
-                say: Callable[[str], None]) -> None:
+def new_network(inside_sockets: tuple[InsideSocket, ...], chan: Channel | None,
+                say: Callable[[str], None]) -> list[_socket.socket]:
     """Move into a new network namespace with lo up, and send nsbuild the
-    inside sockets made there."""
+    inside sockets made there (or return them: chan None)."""
     m.Step.current = "unshare network namespace"
     say("unshare the network namespace")
     sc.unshare(sc.CLONE_NEWNET)
@@ -541,22 +667,26 @@ def new_network(inside_sockets: tuple[InsideSocket, ...], chan: Channel,
     if inside_sockets:
         m.Step.current = "create inside sockets"
         socks = [inside_socket(s, say) for s in inside_sockets]
+        if chan is None:
+            return socks
         chan.send("SOCK", fds=[s.fileno() for s in socks])
         for s in socks:
             s.close()
+    return []
 
 
-def _make_network(spec: Sandbox, chan: Channel, to_init: Channel, proc: int,
-                  say: Callable[[str], None]) -> None:
-    """In the helper, while init builds the root: the sandbox's network
+def _make_network(spec: Sandbox, chan: Channel | None, to_init: Channel, proc: int,
+                  say: Callable[[str], None]) -> list[_socket.socket]:
+    """Outside init, while it builds the root: the sandbox's network
     namespace, handed to init."""
-    new_network(spec.inside_sockets, chan, say)
+    sockets = new_network(spec.inside_sockets, chan, say)
     ns = posix.open("self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC, dir_fd=proc)
     try:
         to_init.send("N", fds=[ns])
     finally:
         posix.close(ns)
         to_init.sock.close()
+    return sockets
 
 
 def _join_network(net: _socket.socket | None) -> None:
