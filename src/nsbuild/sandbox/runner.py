@@ -13,6 +13,11 @@
                 └─ command                 posix_spawn()ed: vfork and exec, no
                                            copy of the Python process
 
+The command line's plain `nsbuild run`, once a user namespace is kept, has
+no helper: nsbuild itself joins that namespace for good and does the helper's
+part, init being its own child (_spawn_here; runner.run's in_process), one
+fork and one process fewer on every run.
+
 Setup failures travel back over a close-on-exec SEQPACKET channel; EOF on it
 means the command was exec'd. The same channel carries sockets made inside the
 sandbox's network namespace back to the parent (SCM_RIGHTS). The helper and
