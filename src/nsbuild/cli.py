@@ -368,6 +368,11 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
     summary = plan.denied_summary()
     if summary:
         sys.stderr.write(f"nsbuild: {summary}\n")
+    lost = plan.log_error()
+    if lost:
+        # Asked for and not written: nsbuild's own failure, if the command's is not.
+        sys.stderr.write(f"nsbuild: {lost}\n")
+        return status or 125
     return status
 
 

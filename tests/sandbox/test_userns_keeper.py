@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -421,3 +422,46 @@ def test_a_joined_run_relays_the_terminals_interrupt_once_and_answers_dns(
     assert r.returncode == 0 and r.stdout == "2\n", explain(r)
     assert "this process joined the one kept by process" in r.stderr, r.stderr
     assert "denied: example.org (dns)" in r.stderr, r.stderr
+
+
+# nsbuild's own steps after it joined the kept namespace, made to fail as a
+# kernel refusing them would (loopback: a network namespace nsbuild makes).
+FAILING_STEP = """
+import errno, sys
+from nsbuild.sandbox import runner
+def refuse():
+    raise PermissionError(errno.EPERM, "Operation not permitted")
+runner.loopback_up = refuse
+sys.argv = ["nsbuild", "run", "--", "true"]
+from nsbuild.cli import entry
+entry()
+"""
+
+
+def test_a_failure_of_nsbuilds_own_step_in_a_joined_run_is_one_line_and_125(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    _the_keeper(env)
+    r = subprocess.run([sys.executable, "-c", FAILING_STEP], cwd=tmp_path, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=HANG_GUARD)
+    assert r.returncode == 125, explain(r)
+    assert one_line_error(r) == "nsbuild: bring up loopback: EPERM (Operation not permitted)"
+
+
+@pytest.mark.parametrize("runs", [1, 2], ids=["first run", "joined run"])
+def test_a_network_log_that_cannot_be_written_ends_in_one_line_not_the_command(
+    tmp_path: Path, env: dict[str, str], runs: int
+) -> None:
+    """A full disk under --net-log: the command runs on and its DNS questions are
+    still answered; nsbuild says once what was lost and exits 125."""
+    for _ in range(runs - 1):
+        ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    r = nsbuild("--net-log", "/dev/full", "--",
+                *sh("getent hosts a.example; echo got $?; echo still-here"),
+                cwd=tmp_path, env=env)
+    assert r.returncode == 125, explain(r)
+    assert r.stdout == "got 2\nstill-here\n", explain(r)
+    assert "Traceback" not in r.stderr, explain(r)
+    assert "nsbuild: --net-log /dev/full: No space left on device\n" in r.stderr

@@ -30,7 +30,10 @@ class NetLog:
     def __init__(self, path: str | None = None) -> None:
         self._lock = _thread.allocate_lock()
         self._records: list[dict[str, Any]] = []
+        self._path = path
         self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
+        # The first write that failed (a full disk): said once, at the end.
+        self.error: str | None = None
 
     def add(
         self,
@@ -62,9 +65,22 @@ class NetLog:
             if self._file is not None:
                 import json
 
-                self._file.write(json.dumps(record, sort_keys=False) + "\n")
-                self._file.flush()
+                try:
+                    self._file.write(json.dumps(record, sort_keys=False) + "\n")
+                    self._file.flush()
+                except OSError as e:
+                    self._failed(e)
         return record
+
+    def _failed(self, e: OSError) -> None:
+        """Stop writing the file; records stay in memory (the summary)."""
+        self.error = self.error or f"--net-log {self._path}: {e.strerror or e}"
+        file, self._file = self._file, None
+        try:
+            if file is not None:
+                file.close()
+        except OSError:
+            pass  # what it could not flush is what failed
 
     def records(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -92,5 +108,8 @@ class NetLog:
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
-                self._file.close()
-                self._file = None
+                try:
+                    self._file.close()
+                    self._file = None
+                except OSError as e:
+                    self._failed(e)

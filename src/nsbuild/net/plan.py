@@ -107,10 +107,12 @@ class NetPlan:
         if sock in self._idle:
             self._idle.remove(sock)
         if inline:
+            handle: Callable[[], None] | None = getattr(service, "handle_ready", None)
+            if handle is None:
+                sock.close()
+                raise NetError(f"{type(service).__name__} cannot be served without a thread")
             self._services.append(service)
-            service.handle_ready()
-            handle: Callable[[], None] = service.handle_ready
-            return handle
+            return handle  # the query that woke it is answered by the next poll
         try:
             service.start()
         except BaseException:
@@ -129,6 +131,10 @@ class NetPlan:
 
     def denied_summary(self) -> str | None:
         return self._log.denied_summary()
+
+    def log_error(self) -> str | None:
+        """Why the network log file lost records (once the plan is closed), or None."""
+        return self._log.error
 
     def records(self) -> list[dict[str, Any]]:
         return self._log.records()

@@ -16,7 +16,11 @@
 The command line's plain `nsbuild run`, once a user namespace is kept, has
 no helper: nsbuild itself joins that namespace for good and does the helper's
 part, init being its own child (_spawn_here; runner.run's in_process), one
-fork and one process fewer on every run.
+fork and one process fewer on every run. It then stays in the sandbox's
+user, IPC, UTS, cgroup and network namespaces, and may start no thread (the
+kernel refuses one once the process made a PID namespace for its children):
+the DNS responder answers from its wait(). Below, "the helper" is whichever
+process plays that part.
 
 Setup failures travel back over a close-on-exec SEQPACKET channel; EOF on it
 means the command was exec'd. The same channel carries sockets made inside the
@@ -39,6 +43,10 @@ from __future__ import annotations
 # _socket and _signal, not socket and signal: those import enum, several
 # milliseconds of the startup of every `nsbuild run`.
 import _socket
+
+# _struct, the C module that struct.py re-exports (one module fewer), not
+# array: it imports collections (~2 ms on every run).
+import _struct as struct
 import errno
 import fcntl  # here, not where used: after the pivot the host's Python may be out of sight
 import posix  # not os: see posixutil
@@ -46,7 +54,6 @@ import posix  # not os: see posixutil
 # Imported here, not when wait() first polls: an import after the fork costs
 # about a millisecond of copied pages (built into Debian's Python, 0.07 ms here).
 import select
-import struct  # not array: it imports collections (~2 ms on every run)
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
@@ -125,7 +132,9 @@ def report_failure(chan: Channel, e: BaseException) -> NoReturn:
 class Process:
     """A running sandbox. `pid` is the helper process on the host side; it
     writes the command's status on a pipe (status_fd) once init, and with it
-    every process and mount of the sandbox, is gone, then exits itself."""
+    every process and mount of the sandbox, is gone, then exits itself. Or,
+    without a helper (_spawn_here), `pid` is init, this process's own child,
+    and status_fd a pidfd of it."""
 
     def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
                  stderr: IO[bytes] | None, sockets: list[_socket.socket],
@@ -169,10 +178,11 @@ class Process:
     def when_readable(self, fd: int, start: Callable[[], object]) -> None:
         """Socket activation: wait() calls `start()`, once, when `fd` is first
         readable while the sandbox runs (a service that the command never asks
-        for then costs nothing). If it returns a callable, wait() calls that
-        each time `fd` is readable again (a service served inline, without a
-        thread). An exception from either kills the sandbox. Without a
-        status pipe to wait on as well (an entered sandbox), at once."""
+        for then costs nothing). An exception from it kills the sandbox. If
+        it returns a callable, wait() calls that whenever `fd` is readable,
+        from the next poll on (a service served inline, without a thread); an
+        exception from that stops that service alone, in one line on stderr.
+        Without a status pipe to wait on as well (an entered sandbox), at once."""
         if self._status_fd is None:
             start()
             return
@@ -181,7 +191,8 @@ class Process:
     def _activate_until_done(self) -> None:
         assert self._status_fd is not None
         poller = select.poll()
-        # Readable (or hung up) once the helper told the status, or died.
+        # Readable (or hung up) once the helper told the status, or died; a
+        # pidfd once init ended.
         poller.register(self._status_fd, select.POLLIN)
         for fd in self._activations:
             poller.register(fd, select.POLLIN)
@@ -189,12 +200,20 @@ class Process:
             for fd, _events in poller.poll():
                 if fd == self._status_fd:
                     return
-                call = self._handlers.get(fd) or self._activations.pop(fd, None)
-                if call is None:
-                    poller.unregister(fd)
+                handler = self._handlers.get(fd)
+                if handler is not None:
+                    try:
+                        handler()
+                    except Exception as e:
+                        # The service alone stops, as a thread of its own would.
+                        del self._handlers[fd]
+                        poller.unregister(fd)
+                        posix.write(2, f"nsbuild: a service of the sandbox stopped: {e}\n"
+                                    .encode(errors="replace"))
                     continue
+                start = self._activations.pop(fd)
                 try:
-                    again = call()
+                    again = start()
                 except BaseException:
                     self._activations.clear()
                     self._handlers.clear()
@@ -202,8 +221,8 @@ class Process:
                     self.wait()
                     raise
                 if callable(again):
-                    self._handlers[fd] = again
-                elif fd not in self._handlers:
+                    self._handlers[fd] = again  # still readable: the next poll calls it
+                else:
                     poller.unregister(fd)
 
     def wait(self, *, reap_helper: bool = True) -> int:
@@ -211,7 +230,7 @@ class Process:
         as the sandbox is gone, leaving the helper's own exit (a few hundred
         microseconds of freeing its copy of this process) unwaited for: for a
         caller about to exit, whose helper its reaper then collects."""
-        if self.returncode is None and self._activations:
+        if self.returncode is None and (self._activations or self._handlers):
             self._activate_until_done()
         if self.returncode is None:
             # Only then: a helper forked meanwhile for another sandbox (a
@@ -229,7 +248,7 @@ class Process:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        """Deliver `sig` to the command (relayed by the helper and init)."""
+        """Deliver `sig` to the command (relayed by the helper, if any, and init)."""
         if self.returncode is None:
             try:
                 posix.kill(self.pid, sig)
@@ -237,7 +256,8 @@ class Process:
                 pass
 
     def kill(self) -> None:
-        """Kill the whole sandbox: the helper's death takes init and all with it."""
+        """Kill the whole sandbox: the helper's death takes init and all with it
+        (without a helper, init's death takes all)."""
         if self.returncode is None:
             try:
                 posix.kill(self.pid, signal.SIGKILL)
@@ -254,23 +274,29 @@ def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
     itself be the sandbox's outside process (see _spawn_here), for good: only
     for a caller that exits next and needs nothing of the host's network
     after the sandbox started (the command line's plain `nsbuild run`)."""
-    proc = (_spawn_here(spec) if in_process else None) or spawn(spec, leave_keeper=leave_keeper)
-    if on_start is not None:
-        try:
-            on_start(proc)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    previous = {s: signal.signal(s, lambda sig, _f: proc.send_signal(sig))
-                for s in FORWARDED_SIGNALS}
+    # The caller's handlers, restored at the end: _spawn_here relays to init
+    # from the moment it is forked.
+    previous = {s: signal.getsignal(s) for s in FORWARDED_SIGNALS}
     try:
-        return proc.wait(reap_helper=reap_helper)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        proc = (_spawn_here(spec) if in_process else None) or spawn(spec,
+                                                                   leave_keeper=leave_keeper)
+        if on_start is not None:
+            try:
+                on_start(proc)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, lambda sig, _f: proc.send_signal(sig))
+        status = proc.wait(reap_helper=reap_helper)
         if proc.exec_error:
             posix.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
+        return status
+    finally:
+        for s, h in previous.items():
+            if h is not None:  # None: not set from Python, left as it is
+                signal.signal(s, h)
 
 
 def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
@@ -411,13 +437,20 @@ def _spawn_here(spec: Sandbox) -> Process | None:
         except BaseException:
             posix.close(done)
             raise
-    except BaseException:
+    except BaseException as e:
         theirs.close()
-        if init > 0:
+        if init <= 0:
+            m.release(plan)
+        else:
             posix.kill(init, signal.SIGKILL)
             posix.waitpid(init, 0)
-        else:
-            m.release(plan)
+            if isinstance(e, Exception) and not isinstance(e, SandboxError):
+                # What init reported before it died comes first: a failure out
+                # here (the namespace it no longer takes) follows from it.
+                _reports(ours, init)
+        if isinstance(e, OSError):
+            # nsbuild's own step, as the helper's report would have named it.
+            raise SetupError(m.Step.current, e.errno or errno.EIO, e.filename) from None
         raise
     finally:
         ours.close()

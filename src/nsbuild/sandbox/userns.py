@@ -31,10 +31,10 @@ so they are part of the record's name: a run with other limits makes its own.
 
 from __future__ import annotations
 
+import _stat as stat  # the C module that stat.py re-exports: one module fewer
+import _struct as struct  # what struct.py re-exports: one module fewer
 import fcntl
 import posix
-import stat
-import struct
 
 from nsbuild.sandbox import posixutil
 from nsbuild.sandbox import syscalls as sc
