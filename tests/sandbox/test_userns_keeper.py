@@ -432,6 +432,9 @@ from nsbuild.sandbox import runner
 def refuse():
     raise PermissionError(errno.EPERM, "Operation not permitted")
 runner.loopback_up = refuse
+def no_helper(*args, **kwargs):
+    raise AssertionError("a joined run fell back to a helper")
+runner.spawn = no_helper
 sys.argv = ["nsbuild", "run", "--", "true"]
 from nsbuild.cli import entry
 entry()
@@ -464,4 +467,56 @@ def test_a_network_log_that_cannot_be_written_ends_in_one_line_not_the_command(
     assert r.returncode == 125, explain(r)
     assert r.stdout == "got 2\nstill-here\n", explain(r)
     assert "Traceback" not in r.stderr, explain(r)
-    assert "nsbuild: --net-log /dev/full: No space left on device\n" in r.stderr
+    assert "nsbuild: --net-log /dev/full: No space left on device (" in r.stderr
+
+
+FAILING_SERVICE = """
+import sys
+from nsbuild.net import dns
+from nsbuild.sandbox import runner
+def broken(packet, rcode=3):
+    raise RuntimeError("no answer")
+dns.answer = broken
+def no_helper(*args, **kwargs):
+    raise AssertionError("a joined run fell back to a helper")
+runner.spawn = no_helper
+sys.argv = ["nsbuild", "run", "--", "/bin/sh", "-c",
+            "getent hosts a.example; echo got $?; echo still-here"]
+from nsbuild.cli import entry
+entry()
+"""
+
+HANDLERS_AFTER = """
+import signal, sys
+from nsbuild.cli import main
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+status = main(["run", "--", "true"])
+after = {s: signal.getsignal(s) for s in before}
+print(status, after == before, flush=True)
+"""
+
+
+def test_a_service_that_fails_in_a_joined_run_stops_alone(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """The DNS responder, served from nsbuild's wait(), raising: the command
+    runs on (its question unanswered), nsbuild says so in one line."""
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    _the_keeper(env)
+    r = subprocess.run([sys.executable, "-c", FAILING_SERVICE], cwd=tmp_path, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=HANG_GUARD)
+    assert (r.returncode, r.stdout) == (0, "got 2\nstill-here\n"), explain(r)
+    assert one_line_error(r) == "nsbuild: a service of the sandbox stopped: no answer"
+
+
+def test_a_joined_run_gives_the_caller_its_signal_handlers_back(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    _the_keeper(env)
+    r = subprocess.run([sys.executable, "-c", HANDLERS_AFTER], cwd=tmp_path, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=HANG_GUARD)
+    assert r.stdout == "0 True\n", explain(r)

@@ -110,7 +110,8 @@ class DnsResponder:
         """Answer the query waiting on the socket, from the caller's thread:
         serving without a thread of its own (a process that may start none)."""
         try:
-            packet, peer = self._sock.recvfrom(4096)
+            # Never blocking the caller's wait(), whatever woke it.
+            packet, peer = self._sock.recvfrom(4096, _socket.MSG_DONTWAIT)
         except OSError:
             return
         self._reply(packet, peer)

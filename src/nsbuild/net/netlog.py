@@ -74,7 +74,9 @@ class NetLog:
 
     def _failed(self, e: OSError) -> None:
         """Stop writing the file; records stay in memory (the summary)."""
-        self.error = self.error or f"--net-log {self._path}: {e.strerror or e}"
+        self.error = self.error or (f"--net-log {self._path}: {e.strerror or e} (the "
+                                    "records from then on are not in the file, and its "
+                                    "last line may be cut short)")
         file, self._file = self._file, None
         try:
             if file is not None:

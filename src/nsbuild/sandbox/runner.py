@@ -295,8 +295,8 @@ def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
         return status
     finally:
         for s, h in previous.items():
-            if h is not None:  # None: not set from Python, left as it is
-                signal.signal(s, h)
+            # None: not set from Python; the default is the nearest to it.
+            signal.signal(s, signal.SIG_DFL if h is None else h)
 
 
 def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
@@ -448,9 +448,11 @@ def _spawn_here(spec: Sandbox) -> Process | None:
                 # What init reported before it died comes first: a failure out
                 # here (the namespace it no longer takes) follows from it.
                 _reports(ours, init)
+        # nsbuild's own step, in one line, as the helper's report would have been.
         if isinstance(e, OSError):
-            # nsbuild's own step, as the helper's report would have named it.
             raise SetupError(m.Step.current, e.errno or errno.EIO, e.filename) from None
+        if isinstance(e, Exception) and not isinstance(e, SandboxError):
+            raise SandboxError(f"{m.Step.current}: {type(e).__name__}: {e}") from None
         raise
     finally:
         ours.close()
