@@ -441,14 +441,21 @@ entry()
 """
 
 
+def _joined_script(tmp_path: Path, env: dict[str, str],
+                   code: str) -> subprocess.CompletedProcess[str]:
+    """Python `code` (the command line, with a fault put in) run once a keeper
+    is alive, so that its `nsbuild run` joins the kept namespace."""
+    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
+    _the_keeper(env)
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=HANG_GUARD)
+
+
 def test_a_failure_of_nsbuilds_own_step_in_a_joined_run_is_one_line_and_125(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
-    _the_keeper(env)
-    r = subprocess.run([sys.executable, "-c", FAILING_STEP], cwd=tmp_path, env=env,
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=HANG_GUARD)
+    r = _joined_script(tmp_path, env, FAILING_STEP)
     assert r.returncode == 125, explain(r)
     assert one_line_error(r) == "nsbuild: bring up loopback: EPERM (Operation not permitted)"
 
@@ -502,11 +509,7 @@ def test_a_service_that_fails_in_a_joined_run_stops_alone(
 ) -> None:
     """The DNS responder, served from nsbuild's wait(), raising: the command
     runs on (its question unanswered), nsbuild says so in one line."""
-    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
-    _the_keeper(env)
-    r = subprocess.run([sys.executable, "-c", FAILING_SERVICE], cwd=tmp_path, env=env,
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=HANG_GUARD)
+    r = _joined_script(tmp_path, env, FAILING_SERVICE)
     assert (r.returncode, r.stdout) == (0, "got 2\nstill-here\n"), explain(r)
     assert one_line_error(r) == "nsbuild: a service of the sandbox stopped: no answer"
 
@@ -514,9 +517,5 @@ def test_a_service_that_fails_in_a_joined_run_stops_alone(
 def test_a_joined_run_gives_the_caller_its_signal_handlers_back(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    ok(nsbuild("--", "true", cwd=tmp_path, env=env))
-    _the_keeper(env)
-    r = subprocess.run([sys.executable, "-c", HANDLERS_AFTER], cwd=tmp_path, env=env,
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       timeout=HANG_GUARD)
+    r = _joined_script(tmp_path, env, HANDLERS_AFTER)
     assert r.stdout == "0 True\n", explain(r)
