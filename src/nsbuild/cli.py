@@ -315,6 +315,7 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         host_view,
         run,
     )
+    from nsbuild.sandbox.errors import SETUP_FAILED
 
     cwd = posix.getcwd()
     root: Any
@@ -372,7 +373,7 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
     if lost:
         # Asked for and not written: nsbuild's own failure, if the command's is not.
         sys.stderr.write(f"nsbuild: {lost}\n")
-        return status or 125
+        return status or SETUP_FAILED
     return status
 
 

@@ -139,7 +139,7 @@ class Process:
     def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
                  stderr: IO[bytes] | None, sockets: list[_socket.socket],
                  exec_error: str | None, status_fd: int | None = None, *,
-                 status_told: bool = True, threads: bool = True) -> None:
+                 helper: bool = True) -> None:
         self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
@@ -148,12 +148,12 @@ class Process:
         self.exec_error = exec_error
         self.returncode: int | None = None
         self._status_fd = status_fd
-        # The helper writes the status on its pipe; a pidfd (pid is init,
-        # a child of this process: _spawn_here) only tells it is over.
-        self._status_told = status_told
-        # False: this process can start no thread while the sandbox runs (it
-        # made the sandbox's PID namespace itself: _spawn_here).
-        self.threads = threads
+        # helper False (_spawn_here): pid is init, a child of this process, and
+        # status_fd a pidfd that only tells it is over (the helper writes the
+        # status on its pipe); and this process can start no thread while the
+        # sandbox runs (it made the sandbox's PID namespace itself).
+        self._helper = helper
+        self.threads = helper
         self._activations: dict[int, Callable[[], object]] = {}
         self._handlers: dict[int, Callable[[], object]] = {}
 
@@ -236,7 +236,7 @@ class Process:
             # Only then: a helper forked meanwhile for another sandbox (a
             # threaded caller) would hold this pipe open too.
             told = (posix.read(self._status_fd, 16)
-                    if not reap_helper and self._status_told and self._status_fd is not None
+                    if not reap_helper and self._helper and self._status_fd is not None
                     else b"")
             if told:
                 self.returncode = int(told)
@@ -390,8 +390,8 @@ def _spawn_here(spec: Sandbox) -> Process | None:
     """Start the sandbox with this process in the helper's place: it joins the
     user namespace kept by an earlier run, for good, makes the PID, IPC, UTS,
     cgroup and network namespaces, forks init and waits for it itself. A
-    fork, a process and a hand-over fewer than spawn() (about 2 ms of every
-    `nsbuild run`), the sandbox and its guarantees the same: init is this
+    fork, a process and a hand-over fewer than spawn() (about 1 ms of every
+    `nsbuild run` on the benchmark machine), the sandbox and its guarantees the same: init is this
     process's child, dies with it (parent-death signal), and is gone, with
     every mount, when wait() returns. None, with nothing done, when no user
     namespace is kept for these ids or the run has a cgroup of its own:
@@ -432,32 +432,32 @@ def _spawn_here(spec: Sandbox) -> Process | None:
         m.release(plan)
         done = posix.pidfd_open(init)
         try:
-            sockets = _tend_init(spec, link, None, lambda sig, _f: _relay(init, sig), say)
+            sockets = _tend_init(spec, link, None, say)
             more, exec_error = _reports(ours, init)
         except BaseException:
             posix.close(done)
             raise
     except BaseException as e:
         theirs.close()
+        ours_failed = isinstance(e, Exception) and not isinstance(e, SandboxError)
         if init <= 0:
             m.release(plan)
         else:
             posix.kill(init, signal.SIGKILL)
             posix.waitpid(init, 0)
-            if isinstance(e, Exception) and not isinstance(e, SandboxError):
+            if ours_failed:
                 # What init reported before it died comes first: a failure out
                 # here (the namespace it no longer takes) follows from it.
                 _reports(ours, init)
+        if not ours_failed:
+            raise
         # nsbuild's own step, in one line, as the helper's report would have been.
         if isinstance(e, OSError):
             raise SetupError(m.Step.current, e.errno or errno.EIO, e.filename) from None
-        if isinstance(e, Exception) and not isinstance(e, SandboxError):
-            raise SandboxError(f"{m.Step.current}: {type(e).__name__}: {e}") from None
-        raise
+        raise SandboxError(f"{m.Step.current}: {type(e).__name__}: {e}") from None
     finally:
         ours.close()
-    return Process(init, None, None, None, sockets + more, exec_error, done, status_told=False,
-                   threads=False)
+    return Process(init, None, None, None, sockets + more, exec_error, done, helper=False)
 
 
 def _relay(pid: int, sig: int) -> None:
@@ -608,7 +608,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         init = link.init
         _close_stdio(stdio)
         m.release(plan)
-        _tend_init(spec, link, chan, lambda sig, _f: _relay(init, sig), say)
+        _tend_init(spec, link, chan, say)
         chan.sock.close()
         _, status = posix.waitpid(init, 0)
         code = posix.waitstatus_to_exitcode(status)
@@ -673,7 +673,6 @@ def _start_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | No
 
 
 def _tend_init(spec: Sandbox, link: _InitLink, chan: Channel | None,
-               relay: Callable[[int, object], None],
                say: Callable[[str], None]) -> list[_socket.socket]:
     """While init builds the root: make the network namespace and hand it to
     init, relay signals, map init's nested user namespace when it asks. The
@@ -682,7 +681,7 @@ def _tend_init(spec: Sandbox, link: _InitLink, chan: Channel | None,
     if link.net is not None:
         sockets = _make_network(spec, chan, Channel(link.net), link.proc, say)
     for s in FORWARDED_SIGNALS:
-        signal.signal(s, relay)
+        signal.signal(s, lambda sig, _f: _relay(link.init, sig))
     if posix.read(link.ask_r, 1) == b"L":  # EOF: init failed, and reported why
         m.Step.current = "map the ids of the nested user namespace"
         _identity_map(link.proc, link.init, spec.idmap)
