@@ -84,13 +84,21 @@ def _tree(src: str) -> int | None:
     """As root, clone the source's mount tree now, with the host's credentials.
     Inside, the sandbox's root is an unprivileged subordinate id and cannot
     walk to a source below a private directory (/root/project); attaching a
-    tree cloned here needs no path walk. None when not root or not possible
-    (no open_tree, or root without CAP_SYS_ADMIN): the plain bind is used."""
+    tree cloned here needs no path walk. The clone is made private at once:
+    it would otherwise be a peer of a shared host mount, and every mount the
+    sandbox makes on it would appear on the host. None when not root or not
+    possible (no open_tree or mount_setattr, or root without CAP_SYS_ADMIN):
+    the plain bind is used."""
     if posix.geteuid() != 0:
         return None
+    fd = -1
     try:
-        return sc.open_tree_clone(src)
+        fd = sc.open_tree_clone(src)
+        sc.tree_private(fd, src)
+        return fd
     except OSError as e:
+        if fd >= 0:
+            posix.close(fd)
         if e.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
             return None
         raise SetupError("clone bind source", e.errno or errno.EIO, src) from None
@@ -179,9 +187,6 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
         sc.mount("tmpfs", NEW, "tmpfs", _NOSUID_NODEV, _tmpfs_data(root))
     elif isinstance(root, Bind) and plan.root_tree is not None:
         _attach(plan.root_tree, posix.open(NEW, _O_DIR_PATH), NEW)
-        # A cloned tree keeps the host mount's peer group (it was cloned after
-        # everything here was made private): no mount made on it may reach the host.
-        sc.mount(None, NEW, None, sc.MS_REC | sc.MS_PRIVATE)
     elif isinstance(root, Bind):
         assert plan.root_src is not None
         sc.mount(OLD + plan.root_src, NEW, None, sc.MS_BIND | sc.MS_REC)
@@ -325,14 +330,6 @@ def _mount_at(root_fd: int, dst: str, create: str, source: str | None, fstype: s
         posix.close(fd)
 
 
-def _private_at(root_fd: int, dst: str) -> None:
-    fd = _open_in_root(root_fd, dst, None)  # resolves through the new mount
-    try:
-        sc.mount(None, _target(fd), None, sc.MS_REC | sc.MS_PRIVATE)
-    finally:
-        posix.close(fd)
-
-
 def _ro_at(root_fd: int, dst: str, recursive: bool = True) -> None:
     fd = _open_in_root(root_fd, dst, None)  # resolves through the new mount
     try:
@@ -346,7 +343,6 @@ def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
     if isinstance(mnt, Bind) and p.tree is not None:
         create = "dir" if p.is_dir else "file"
         _attach(p.tree, _open_in_root(root_fd, mnt.dst, create), mnt.dst)
-        _private_at(root_fd, mnt.dst)  # as the root tree's, see build_root
         if mnt.readonly:
             _ro_at(root_fd, mnt.dst)
     elif isinstance(mnt, Bind):

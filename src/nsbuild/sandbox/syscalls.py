@@ -96,6 +96,7 @@ CAP_LAST_CAP_FALLBACK = 40
 
 AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
+AT_EMPTY_PATH = 0x1000
 MOUNT_ATTR_RDONLY = 0x1
 
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -292,14 +293,25 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     return fd
 
 
+def _mount_setattr(dirfd: int, path: str, flags: int, attr: _MountAttr, what: str) -> None:
+    ret = _libc.syscall(_SYS_MOUNT_SETATTR, _Int(dirfd), _b(path), _UInt(flags),
+                        _ctypes.byref(attr), _ULong(_ctypes.sizeof(attr)))
+    if ret != 0:
+        _fail(what)
+
+
 def mount_setattr_readonly(path: str) -> None:
     """Make the mount at `path` and every mount below it read-only, keeping all
     other (possibly locked) flags: the kernel changes only what is asked."""
-    attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
-    ret = _libc.syscall(_SYS_MOUNT_SETATTR, _Int(AT_FDCWD), _b(path), _UInt(AT_RECURSIVE),
-                        _ctypes.byref(attr), _ULong(_ctypes.sizeof(attr)))
-    if ret != 0:
-        _fail(path)
+    _mount_setattr(AT_FDCWD, path, AT_RECURSIVE, _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0), path)
+
+
+def tree_private(tree_fd: int, what: str) -> None:
+    """Take every mount of the detached tree `tree_fd` (open_tree_clone) out
+    of its peer group: a clone of a shared mount is a peer of it, and mounts
+    made on it later would appear on the host."""
+    _mount_setattr(tree_fd, "", AT_EMPTY_PATH | AT_RECURSIVE,
+                   _MountAttr(0, 0, MS_PRIVATE, 0), what)
 
 
 def last_cap() -> int:
