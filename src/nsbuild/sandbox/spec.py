@@ -50,6 +50,11 @@ class Bind:
     readonly: bool = False
     # A missing source is skipped instead of failing (for best-effort host views).
     optional: bool = False
+    # The source is a directory of nsbuild's own that no other user can reach
+    # (a session's tree, a build directory under the private cache). Only
+    # there may the sandbox make setuid/setgid files: a writable bind that is
+    # not private makes the sandbox refuse such mode changes.
+    private: bool = False
 
     def describe(self) -> str:
         kind = "read-only bind" if self.readonly else "bind"
