@@ -9,8 +9,9 @@ mount is locked (runner.py), so only the command's namespaces give the locked
 view. The entered command runs as root in that sandbox, in its PID namespace
 (orphans are reaped by the sandbox's init, and die with it), and gets the
 runtime's hardening before exec: a new session (TIOCSTI cannot reach the
-caller's terminal), a new empty session keyring and the keyring seccomp
-filter, no_new_privs, the parent-death signal, no descriptor but 0, 1 and 2.
+caller's terminal), a new empty session keyring and the seccomp filter
+(keyrings; setuid/setgid modes with deny_setid), no_new_privs, the
+parent-death signal, no descriptor but 0, 1 and 2.
 
     caller (host)                        waits, relays signals
       └─ joiner (host PID namespace)     setns() into the sandbox; [a fresh network ns]
@@ -127,6 +128,7 @@ def start(
     inside_sockets: Sequence[InsideSocket] = (),
     cgroup: str | None = None,
     expect_start: int | None = None,
+    deny_setid: bool = False,
 ) -> Process:
     """Start `argv` in the sandbox that process `pid` runs in; return once it
     was exec'd (or raise SetupError, NotRunning).
@@ -137,7 +139,9 @@ def start(
     `inside_sockets` made in it and handed back as proc.sockets. cgroup: a host
     cgroup v2 directory to join first (the sandbox's, when the runtime placed
     it in one). expect_start: refuse unless `pid` started then (see
-    start_time), so that a reused PID is never entered."""
+    start_time), so that a reused PID is never entered. deny_setid: the
+    command may not make setuid/setgid files, as in a sandbox with writable
+    binds others may reach (Sandbox.shared_writable(): give its value)."""
     if not argv:
         raise SandboxError("no command given")
     if inside_sockets and not new_net:
@@ -159,7 +163,7 @@ def start(
         command_env = tuple(env) if env is not None else environ(pid)
         stdio = [stdin, stdout, stderr]
         return _fork_joiner(pidfd, flags, list(argv), command_env, cwd, stdio, new_net,
-                            tuple(inside_sockets), cgroup)  # fmt: skip
+                            tuple(inside_sockets), cgroup, deny_setid)  # fmt: skip
     finally:
         os.close(pidfd)
 
@@ -175,13 +179,14 @@ def enter(
     cgroup: str | None = None,
     expect_start: int | None = None,
     on_start: Callable[[Process], object] | None = None,
+    deny_setid: bool = False,
 ) -> int:
     """Run `argv` in the sandbox of `pid` with the caller's stdio and return its
     exit status (128+N when killed by signal N). SIGINT, SIGTERM, SIGHUP and
     SIGQUIT are passed on to the command. `on_start` gets the Process once the
     command runs (e.g. to serve its inside sockets); the rest as for start()."""
     proc = start(pid, argv, env=env, cwd=cwd, new_net=new_net, inside_sockets=inside_sockets,
-                 cgroup=cgroup, expect_start=expect_start)  # fmt: skip
+                 cgroup=cgroup, expect_start=expect_start, deny_setid=deny_setid)  # fmt: skip
     # Relayed from the start, also while on_start serves the command.
     previous = {sig: signal.signal(sig, lambda n, _f: proc.send_signal(n))
                 for sig in FORWARDED_SIGNALS}  # fmt: skip
@@ -211,7 +216,7 @@ def _same_net(pid: int) -> bool:
 def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str], ...],
                  cwd: str, stdio: list[int | None], new_net: bool,
                  inside_sockets: tuple[InsideSocket, ...],
-                 cgroup: str | None) -> Process:  # fmt: skip
+                 cgroup: str | None, deny_setid: bool) -> Process:  # fmt: skip
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     caller = os.getpid()
     joiner = -1
@@ -220,7 +225,7 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
         if joiner == 0:
             ours.close()
             _joiner(pidfd, flags, argv, env, cwd, stdio, new_net, inside_sockets, cgroup,
-                    Channel(theirs), caller)  # fmt: skip
+                    deny_setid, Channel(theirs), caller)  # fmt: skip
         theirs.close()
         sockets, exec_error = _await_exec(ours, joiner)
     except BaseException as e:
@@ -263,7 +268,7 @@ def _await_exec(sock: _socket.socket, joiner: int) -> tuple[list[_socket.socket]
 def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str], ...],
             cwd: str, stdio: list[int | None], new_net: bool,
             inside_sockets: tuple[InsideSocket, ...], cgroup: str | None,
-            chan: Channel, caller: int) -> NoReturn:  # fmt: skip
+            deny_setid: bool, chan: Channel, caller: int) -> NoReturn:  # fmt: skip
     try:
         for s in FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
@@ -324,7 +329,7 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
                 os._exit(SETUP_EXIT)
             raise
         if command == 0:
-            _command(argv, env, cwd, chan)
+            _command(argv, env, cwd, deny_setid, chan)
         chan.sock.close()
         for fd in (0, 1, 2):
             os.close(fd)
@@ -356,7 +361,7 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str,
+def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str, deny_setid: bool,
              chan: Channel) -> NoReturn:  # fmt: skip
     def set_no_new_privs() -> None:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
@@ -368,7 +373,7 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str,
         if os.getppid() != 0:
             os._exit(SETUP_EXIT)
 
-    # The runtime's hardening, in its order (runner.py): the keyring filter
+    # The runtime's hardening, in its order (runner.py): the seccomp filter
     # needs no_new_privs; descriptors close last, the channel excepted.
     steps: tuple[tuple[str, Callable[[], object]], ...] = (
         ("new session", os.setsid),
@@ -376,7 +381,7 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str,
         ("change directory", lambda: os.chdir(cwd)),
         ("set no_new_privs", set_no_new_privs),
         ("set the parent-death signal", die_with_the_joiner),
-        ("deny keyring system calls", sc.deny_keyring_syscalls),
+        ("install the seccomp filter", lambda: sc.install_seccomp_filter(deny_setid=deny_setid)),
         ("close inherited descriptors", lambda: close_fds(keep={chan.sock.fileno()})),
     )
     try:

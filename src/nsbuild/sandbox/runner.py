@@ -749,6 +749,9 @@ def _init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
           net: _socket.socket | None, say: Callable[[str], None]) -> NoReturn:
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        m.Step.current = "name PID 1"
+        # Its memory still shows nsbuild's host command line and environment.
+        sc.set_process_title("nsbuild-init")
         posix.set_blocking(life_r, False)
         _check_lifeline(life_r)
         m.Step.current = "wait for the id maps"
@@ -963,7 +966,7 @@ def _harden(spec: Sandbox, chan: Channel, stdio: list[int | None],
             creds: tuple[int, int, list[int], str] | None,
             say: Callable[[str], None]) -> list[int | None]:
     """init's own hardening, which the command inherits through posix_spawn:
-    the session keyring, no_new_privs, the keyring filter, the working
+    the session keyring, no_new_privs, the seccomp filter, the working
     directory, no stray descriptors; for another user, its groups and
     bounding set. Returns the command's stdio sources, none of them in 0..2
     unless in its own place (posix_spawn dup2s them in order)."""
@@ -990,9 +993,16 @@ def _harden(spec: Sandbox, chan: Channel, stdio: list[int | None],
     m.Step.current = "set no_new_privs"
     say("set no_new_privs; close inherited descriptors")
     sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-    m.Step.current = "deny keyring system calls"
-    if sc.deny_keyring_syscalls():
+    m.Step.current = "install the seccomp filter"
+    shared = spec.shared_writable()
+    if sc.install_seccomp_filter(deny_setid=bool(shared)):
         say("keyring system calls fail (ENOSYS): the caller's keys are out of reach")
+        if shared:
+            say(f"setuid/setgid modes fail (EPERM) in the whole sandbox: {shared[0].src} is "
+                "bound writable and other users may reach it")
+    elif shared:
+        say(f"no seccomp filter on this architecture: setuid/setgid files made in "
+            f"{shared[0].src} would keep their bits")
     m.Step.current = "close inherited descriptors"
     stdio = lift_stdio(stdio)
     keep = {chan.sock.fileno(), *spec.pass_fds, *(fd for fd in stdio if fd is not None)}

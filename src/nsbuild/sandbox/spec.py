@@ -58,7 +58,7 @@ class Bind:
 
     def describe(self) -> str:
         kind = "read-only bind" if self.readonly else "bind"
-        return f"{kind} {self.src} on {self.dst}"
+        return f"{kind} {self.src} on {self.dst}{' (private)' if self.private else ''}"
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,13 @@ class Sandbox:
     # Extra host fds (besides 0, 1, 2) to keep open in the command, same numbers.
     pass_fds: tuple[int, ...] = ()
     debug: bool = False
+
+    def shared_writable(self) -> tuple[Bind, ...]:
+        """The writable binds of host paths other users may reach. While there
+        is one, the sandbox refuses setuid/setgid modes (syscalls.py): inside,
+        uid 0 is the caller, and such a file would run as the caller for them."""
+        return tuple(m for m in (self.root, *self.mounts)
+                     if isinstance(m, Bind) and not m.readonly and not m.private)
 
     def validate(self) -> Sandbox:
         if not self.argv:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import _ctypes
 import errno
 import posix
+import sys
 
 from nsbuild.sandbox import posixutil
 
@@ -120,6 +121,10 @@ _libc.umount2.argtypes = [_CharP, _Int]
 _libc.sethostname.argtypes = [_CharP, _ULong]
 _libc.prctl.argtypes = [_Int, _ULong, _ULong, _ULong, _ULong]
 _libc.syscall.restype = _Long
+_libc.memset.argtypes = [_ULong, _Int, _ULong]
+_libc.memset.restype = _ULong
+_libc.memmove.argtypes = [_ULong, _CharP, _ULong]
+_libc.memmove.restype = _ULong
 
 
 class _OpenHow(_ctypes.Structure):  # type: ignore[misc]
@@ -214,14 +219,42 @@ SECCOMP_MODE_FILTER = 2
 _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_ERRNO = 0x00050000
 _X32 = 0x40000000
-# (audit arch, add_key, request_key, keyctl) for each ABI a process may use.
-_KEYRING_SYSCALLS = {
-    "x86_64": ((0xC000003E, 248, 249, 250),  # x86_64
-               (0xC000003E, _X32 | 248, _X32 | 249, _X32 | 250),  # x32
-               (0x40000003, 286, 287, 288)),  # i386
-    "aarch64": ((0xC00000B7, 217, 218, 219),  # arm64
-                (0x40000028, 309, 310, 311)),  # arm (compat)
+_KEYRING = {"add_key", "request_key", "keyctl"}
+_GENERIC = {"io_uring_setup": 425, "openat2": 437, "fchmodat2": 452}  # one number everywhere
+_X86_64 = {"add_key": 248, "request_key": 249, "keyctl": 250, "open": 2, "creat": 85,
+           "chmod": 90, "fchmod": 91, "mknod": 133, "openat": 257, "mknodat": 259,
+           "fchmodat": 268, **_GENERIC}
+_I386_ARM = {"open": 5, "creat": 8, "mknod": 14, "chmod": 15, "fchmod": 94, **_GENERIC}
+# (audit arch, syscall numbers by name) for each ABI a process may use; arm64
+# has no open, creat, mknod or chmod.
+_ABIS: dict[str, tuple[tuple[int, dict[str, int]], ...]] = {
+    "x86_64": ((0xC000003E, _X86_64),
+               (0xC000003E, {name: _X32 | nr for name, nr in _X86_64.items()}),  # x32
+               (0x40000003, {"add_key": 286, "request_key": 287, "keyctl": 288, "openat": 295,
+                             "mknodat": 297, "fchmodat": 306, **_I386_ARM})),  # i386
+    "aarch64": ((0xC00000B7, {"add_key": 217, "request_key": 218, "keyctl": 219,
+                              "mknodat": 33, "fchmod": 52, "fchmodat": 53, "openat": 56,
+                              **_GENERIC}),
+                (0x40000028, {"add_key": 309, "request_key": 310, "keyctl": 311, "openat": 322,
+                              "mknodat": 324, "fchmodat": 333, **_I386_ARM})),  # arm (compat)
 }
+_SETID = 0o6000  # S_ISUID | S_ISGID
+_CREATES = 0o100 | 0o20000000  # O_CREAT | __O_TMPFILE, the same on every ABI listed
+# Calls that set a file's mode: (index of the mode argument, index of the
+# flags argument that says whether the call creates, or None: it always
+# sets the mode). mkdir needs no rule: the kernel drops S_ISUID and S_ISGID
+# from its mode (a directory gets S_ISGID only from its parent), and a
+# directory runs nothing. mknod does: it makes regular files too.
+_MODE_ARGUMENT: dict[str, tuple[int, int | None]] = {
+    "chmod": (1, None), "fchmod": (1, None), "fchmodat": (2, None), "fchmodat2": (2, None),
+    "creat": (1, None), "mknod": (1, None), "mknodat": (2, None),
+    "open": (2, 1), "openat": (3, 2),
+}
+# Calls whose mode the filter cannot see: openat2's is in a struct in memory
+# (seccomp reads registers only), and io_uring's opens bypass seccomp
+# altogether. ENOSYS, as on an older kernel: libc and programs fall back to
+# openat and plain system calls.
+_MODE_UNSEEN = ("openat2", "io_uring_setup")
 
 
 class _SockFilter(_ctypes.Structure):  # type: ignore[misc]
@@ -233,42 +266,122 @@ class _SockFprog(_ctypes.Structure):  # type: ignore[misc]
 
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k) of a struct sock_filter
+# An instruction whose jump targets may be labels; a bare str is a label.
+_Line = tuple[int, "int | str", "int | str", int] | str
+_LD, _JEQ, _JSET, _RET = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, ..|JSET|K, BPF_RET|K
 
 
-def _keyring_filter(table: tuple[Insn, ...]) -> list[Insn]:
-    """A classic BPF seccomp program: the keyring syscalls of each listed ABI
-    fail with ENOSYS (as on a kernel without keyrings); everything else runs."""
-    ld_arch, ld_nr = (0x20, 0, 0, 4), (0x20, 0, 0, 0)  # BPF_LD|BPF_W|BPF_ABS
-    allow = (0x06, 0, 0, _SECCOMP_RET_ALLOW)  # BPF_RET|BPF_K
-    deny = (0x06, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS)
+def _load(offset: int) -> _Line:
+    return (_LD, 0, 0, offset)
+
+
+def _load_arg(index: int) -> _Line:
+    """The low 32 bits of a system call argument (struct seccomp_data.args)."""
+    return _load(16 + 8 * index + (4 if sys.byteorder == "big" else 0))
+
+
+def _assemble(lines: list[_Line]) -> list[Insn]:
+    """Resolve labels to the relative, forward-only offsets classic BPF jumps take."""
+    at: dict[str, int] = {}
+    pc = 0
+    for line in lines:
+        if isinstance(line, str):
+            at[line] = pc
+        else:
+            pc += 1
     prog: list[Insn] = []
-    for arch, *nrs in table:
-        # Each block: ld arch; jeq arch (else skip the rest of the block);
-        # ld nr; jeq nr -> deny, for each; allow; deny.
-        rest = 1 + len(nrs) + 2
-        prog += [ld_arch, (0x15, 0, rest, arch), ld_nr]
-        for i, nr in enumerate(nrs):
-            prog.append((0x15, len(nrs) - i, 0, nr))  # BPF_JMP|BPF_JEQ|BPF_K
-        prog += [allow, deny]
-    prog.append(allow)
+    for line in lines:
+        if isinstance(line, str):
+            continue
+        code, jt, jf, k = line
+        here = len(prog)
+        offsets = [at[j] - here - 1 if isinstance(j, str) else j for j in (jt, jf)]
+        if not all(0 <= o <= 255 for o in offsets):
+            raise ValueError(f"seccomp program: jump out of range at {here}")
+        prog.append((code, offsets[0], offsets[1], k))
     return prog
 
 
-def deny_keyring_syscalls() -> bool:
-    """Make add_key, request_key and keyctl fail with ENOSYS for this process
-    and its descendants. Inside, uid 0 is the caller's own uid, and the kernel
-    grants a key's owner access by uid: without this, the command could link
-    the caller's user keyring by its serial and read its keys. Needs
-    no_new_privs. False where this architecture has no table here."""
-    table = _KEYRING_SYSCALLS.get(posix.uname().machine)
-    if table is None:
+def _mode_check(mode: int, flags: int | None) -> str:
+    """The label of the check of a mode argument (shared by every ABI)."""
+    return f"mode {mode} flags {flags}"
+
+
+def _filter(abis: tuple[tuple[int, dict[str, int]], ...], deny_setid: bool) -> list[Insn]:
+    """A classic BPF seccomp program. The keyring system calls of each listed
+    ABI fail with ENOSYS (as on a kernel without keyrings). With deny_setid,
+    a mode with S_ISUID or S_ISGID fails with EPERM on every call that sets
+    one (_MODE_ARGUMENT), and the calls whose mode it cannot see fail with
+    ENOSYS. Everything else runs."""
+    lines: list[_Line] = []
+    for i, (arch, nrs) in enumerate(abis):
+        # A block per ABI; a call it does not match goes on to the next block
+        # (x86_64 and x32 share an arch), and past the last one is allowed.
+        lines += [_load(4), (_JEQ, 0, f"abi{i + 1}", arch), _load(0)]
+        targets = [(nr, "enosys") for name, nr in nrs.items() if name in _KEYRING]
+        if deny_setid:
+            targets += [(nrs[name], "enosys") for name in _MODE_UNSEEN if name in nrs]
+            targets += [(nr, _mode_check(*_MODE_ARGUMENT[name])) for name, nr in nrs.items()
+                        if name in _MODE_ARGUMENT]
+        lines += [(_JEQ, label, 0, nr) for nr, label in targets]
+        lines.append(f"abi{i + 1}")
+    lines.append((_RET, 0, 0, _SECCOMP_RET_ALLOW))
+    if deny_setid:
+        for mode, flags in sorted(set(_MODE_ARGUMENT.values()), key=str):
+            lines.append(_mode_check(mode, flags))
+            if flags is not None:
+                lines += [_load_arg(flags), (_JSET, 0, "allow", _CREATES)]
+            lines += [_load_arg(mode), (_JSET, "eperm", "allow", _SETID)]
+    # Last: classic BPF jumps forward only.
+    lines += ["allow", (_RET, 0, 0, _SECCOMP_RET_ALLOW),
+              "enosys", (_RET, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS),
+              "eperm", (_RET, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM)]
+    return _assemble(lines)
+
+
+def install_seccomp_filter(*, deny_setid: bool) -> bool:
+    """Install the runtime's seccomp filter (_filter) for this process and its
+    descendants. Needs no_new_privs. False where this architecture has no
+    table here.
+
+    The keyring calls: inside, uid 0 is the caller's own uid, and the kernel
+    grants a key's owner access by uid: without the filter, the command could
+    link the caller's user keyring by its serial and read its keys.
+    deny_setid: inside, uid 0 is the caller, so a setuid file left in a host
+    directory other users can reach would run with the caller's ids for them.
+    A filter cannot tell one path from another: it applies to every path."""
+    abis = _ABIS.get(posix.uname().machine)
+    if abis is None:
         return False
-    insns = _keyring_filter(table)
+    insns = _filter(abis, deny_setid)
     array = (_SockFilter * len(insns))(*(_SockFilter(*i) for i in insns))
     prog = _SockFprog(len(insns), array)
     if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, _ctypes.addressof(prog), 0, 0) != 0:
         _fail()
     return True
+
+
+def set_process_title(title: str) -> None:
+    """Show `title` as this process's command line and name, and an empty
+    environment, in /proc. A forked process keeps its parent's argv and
+    environ memory, which /proc/PID/cmdline and environ show. prctl(PR_SET_MM)
+    could point them elsewhere but needs CAP_SYS_RESOURCE on the host: the
+    areas themselves are overwritten instead, as setproctitle does (Python
+    and libc hold their own copies of argv and the environment)."""
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    # Fields 48-51: arg_start, arg_end, env_start, env_end; the split starts
+    # at field 3, after the command name (which may hold spaces).
+    fields = stat[stat.rindex(b")") + 2:].split()
+    arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
+    if 0 < arg_start < arg_end:
+        raw = title.encode()[: arg_end - arg_start - 1]
+        _libc.memset(arg_start, 0, arg_end - arg_start)
+        _libc.memmove(arg_start, raw, len(raw))
+    if 0 < env_start < env_end:
+        _libc.memset(env_start, 0, env_end - env_start)
+    with open("/proc/self/comm", "w") as f:
+        f.write(title[:15])  # the kernel keeps 15 bytes
 
 
 def sethostname(name: str) -> None:
