@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from sandbox_helpers import explain, nsbuild, ok, py, sh
 
-from nsbuild.sandbox import Bind, Sandbox, Tmpfs, caller_idmap, host_view, run
+from nsbuild.sandbox import Bind, Sandbox, Tmpfs, caller_idmap, host_view, run, spawn
+from nsbuild.sandbox.enter import enter, sandbox_pids
 
 pytestmark = pytest.mark.userns
 
@@ -109,6 +110,27 @@ def test_readonly_binds_only_keep_setuid() -> None:
               " && install -m 4755 /bin/true /tmp/y && test -u /tmp/y")
     spec = Sandbox(argv=("/bin/sh", "-c", script), idmap=caller_idmap(), mounts=host_view())
     assert run(spec) == 0
+
+
+def test_entered_commands_follow_deny_setid(tmp_path: Path) -> None:
+    """A command entered into a running sandbox gets the same filter when its
+    caller says the sandbox has shared writable binds (a new process is not
+    the sandbox's child: it inherits no filter)."""
+    own = tmp_path / "own"
+    own.mkdir()
+    spec = Sandbox(argv=("sleep", "infinity"), idmap=caller_idmap(),
+                   mounts=(*host_view(), Bind(str(own), "/w", private=True)))
+    with open("/dev/null", "rb") as null:
+        proc = spawn(spec, stdin=null.fileno(), stdout=null.fileno())
+    try:
+        _init, command = sandbox_pids(proc)
+        assert enter(command, CHMOD_4755, deny_setid=True) != 0
+        assert setid_bits(own / "x") == 0
+        assert enter(command, CHMOD_4755) == 0
+        assert setid_bits(own / "x") == stat.S_ISUID
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_writable_root_bind_counts_as_shared() -> None:
