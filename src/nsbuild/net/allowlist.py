@@ -8,9 +8,14 @@ optional port; without a port it allows 80 and 443.
 Host names are compared in a canonical form (lower case, no trailing dot),
 and anything a resolver might read in a surprising way (`2130706433`,
 `0x7f.1`, `%2e`, user info, non-ASCII) is refused by `canonical_host`.
-Addresses a *name* resolves to are checked too (`address_refusal`): a name
-that resolves to loopback, link-local, multicast or an unspecified address is
-refused (DNS rebinding); only a literal address entry can allow those.
+Addresses a *name* resolves to are checked too (`address_refusal`, DNS
+rebinding): no name may lead to a loopback, link-local, multicast, reserved or
+unspecified address, and a name allowed by a *wildcard* may lead to global
+addresses only (no private, shared or special-purpose ones). Only a literal
+address entry reaches such an address, and only when it is asked for by that
+address. Why wildcards are stricter: a plain name is one the user wrote out
+(a mirror on the local network may well be private), while a wildcard
+covers names nobody reviewed, whose DNS someone else may run.
 
 Stdlib only, no I/O.
 """
@@ -160,18 +165,45 @@ def rule_from_url(url: str) -> AllowRule:
     return AllowRule(str(canon), (port or _SCHEME_PORTS[scheme],), False, f"mirror {url}")
 
 
-def address_refusal(addr: IPAddress) -> str | None:
-    """Why a *name* may not resolve to `addr` (None if it may)."""
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")  # Linux reads 0.x.y.z as this host
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(addr: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64, the old
+    compatible form): a translator or the kernel may take it there."""
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return None
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr in _NAT64 or (addr in _V4_COMPATIBLE and int(addr) > 1):
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
+def address_refusal(addr: IPAddress, *, wildcard: bool = False) -> str | None:
+    """Why a *name* may not resolve to `addr` (None if it may); `wildcard`:
+    the name was allowed by a wildcard entry, so only global addresses will do."""
+    inner = embedded_ipv4(addr)
+    if inner is not None:
+        return address_refusal(inner, wildcard=wildcard)
     if addr.is_loopback:
         return "resolves to a loopback address"
-    if addr.is_unspecified:
+    if addr.is_unspecified or addr in _THIS_NETWORK:
         return "resolves to an unspecified address"
     if addr.is_link_local:
         return "resolves to a link-local address"
     if addr.is_multicast:
         return "resolves to a multicast address"
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return address_refusal(addr.ipv4_mapped)
+    if addr.is_reserved or (isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local):
+        return "resolves to a reserved address"
+    if wildcard and not addr.is_global:
+        if addr.is_private:
+            return "resolves to a private address, and a wildcard allows global ones only"
+        return "resolves to an address that is not a global one, and a wildcard allows no other"
     return None
 
 

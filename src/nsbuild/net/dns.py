@@ -4,6 +4,11 @@ Its UDP socket lives in the sandbox's network namespace (127.0.0.1:53,
 named by /etc/resolv.conf inside); one daemon thread on the host side serves
 it. Nothing is ever resolved: the point is to tell the user what a build
 tried to reach, and to make resolution fail fast instead of timing out.
+
+The queries come from inside: the responder answers at most RATE a second
+(a token bucket; a build that asks more is looping, and answering faster
+helps nothing); a query over the rate is counted in the log's summary but
+neither answered nor written to the log file one by one.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import _socket  # not socket, threading: their imports cost ~5 ms on every run
 import _struct as struct  # what struct.py re-exports: one module fewer
 import _thread
+import time
 
 from nsbuild.net.netlog import NetLog
 
@@ -28,6 +34,29 @@ QTYPES = {
 }
 NXDOMAIN = 3
 FORMERR = 1
+MAX_NAME = 255  # octets of a name on the wire (RFC 1035)
+RATE = 100.0  # answers a second, on average
+BURST = 200  # answers at once after a quiet time
+
+
+class TokenBucket:
+    """take() is True at most `burst` times at once and `rate` times a second
+    on average."""
+
+    def __init__(self, rate: float = RATE, burst: int = BURST) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 def parse_question(packet: bytes) -> tuple[int, int, str, int, int]:
@@ -49,6 +78,8 @@ def parse_question(packet: bytes) -> tuple[int, int, str, int, int]:
             raise ValueError("bad label")
         labels.append(packet[pos : pos + length])
         pos += length
+        if pos - 12 >= MAX_NAME:  # the labels so far and the final zero octet
+            raise ValueError("name too long")
     if pos + 4 > len(packet):
         raise ValueError("truncated question")
     qtype = struct.unpack("!H", packet[pos : pos + 2])[0]
@@ -80,6 +111,7 @@ class DnsResponder:
         self._log = log
         self._rule = rule
         self._stopping = False
+        self._bucket = TokenBucket()  # one thread at a time takes from it
         self._done = _thread.allocate_lock()  # held while the thread serves
 
     def start(self) -> None:
@@ -118,6 +150,10 @@ class DnsResponder:
 
     def _reply(self, packet: bytes, peer: tuple[str, int]) -> None:
         reply, name, qtype = answer(packet)
+        if not self._bucket.take():
+            if name is not None:
+                self._log.tally(kind="dns", host=name, port=53, decision="nxdomain")
+            return
         if name is not None:
             self._log.add(
                 engine="dns",

@@ -9,6 +9,14 @@ A record is a dict that becomes one JSON line in `--net-log FILE`:
 `kind` is the HTTP method, "dns" (a name asked of the inside resolver) or the
 transport ("tcp", "udp", ...) for the nftables engine. Thread-safe; the file
 is written and flushed record by record so a crash loses nothing.
+
+Names and counts come from inside the sandbox, which may send as many as it
+likes: records stream to the file and are not kept, but for the first
+MAX_RECORDS (`records()`); the summary counts attempts by (kind, host, port)
+for the first MAX_NAMES of those and only counts the rest. The memory of
+nsbuild's own process stays bounded whatever the sandbox does. The file
+keeps each name as it came (JSON escapes control characters); what is
+printed goes through `printable`.
 """
 
 from __future__ import annotations
@@ -16,9 +24,19 @@ from __future__ import annotations
 import _thread  # threading's core: threading itself costs ~2 ms on every run
 import time
 
+from nsbuild.printable import printable
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import IO, Any
+
+MAX_NAMES = 256  # distinct (kind, host, port) counted one by one
+MAX_RECORDS = 1000  # records kept in memory for records()
+MAX_TEXT = 256  # characters of a string field kept in memory (the file keeps all)
+MAX_DROPPED_COUNTED = 1 << 16  # distinct names past MAX_NAMES counted exactly
+SHOWN = 5  # names in the denied line
+
+Key = tuple[bool, str, str, int]  # (denied, kind, host, port)
 
 
 def _now() -> str:
@@ -26,10 +44,110 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
+def _clip(value: Any) -> Any:
+    return value[:MAX_TEXT] if isinstance(value, str) else value
+
+
+class NetSummary:
+    """Counts of attempts by (kind, host, port), bounded: the first MAX_NAMES
+    distinct ones are counted by name, the rest only in number. Several runs'
+    summaries add up with merge()."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.denied = 0
+        self.counts: dict[Key, int] = {}
+        # Denied attempts to names past the cap, and those names (as hashes:
+        # a count, not the names), exact up to MAX_DROPPED_COUNTED of them.
+        self.denied_unnamed = 0
+        self._dropped: set[int] = set()
+        self._dropped_more = False
+        # Queries over the DNS responder's rate: neither answered nor written
+        # to the file one by one (they are counted above all the same).
+        self.unanswered = 0
+
+    def count(self, denied: bool, kind: str, host: str, port: int, n: int = 1) -> None:
+        self.attempts += n
+        self.denied += n if denied else 0
+        key = (denied, _clip(kind), _clip(host), port)
+        if key in self.counts or len(self.counts) < MAX_NAMES:
+            self.counts[key] = self.counts.get(key, 0) + n
+        elif denied:
+            self.denied_unnamed += n
+            self._drop(hash(key))
+
+    def _drop(self, h: int) -> None:
+        if len(self._dropped) < MAX_DROPPED_COUNTED:
+            self._dropped.add(h)
+        elif h not in self._dropped:
+            self._dropped_more = True
+
+    @property
+    def names_dropped(self) -> int:
+        """Distinct denied names past the cap (at least this many, see dropped_exact)."""
+        return len(self._dropped)
+
+    @property
+    def dropped_exact(self) -> bool:
+        return not self._dropped_more
+
+    def merge(self, other: NetSummary) -> NetSummary:
+        """A new summary of both (the cap applies again)."""
+        out = NetSummary()
+        for part in (self, other):
+            for (denied, kind, host, port), n in part.counts.items():
+                out.count(denied, kind, host, port, n)
+            out.attempts += part.attempts - sum(part.counts.values())
+            out.denied += part.denied - sum(n for k, n in part.counts.items() if k[0])
+            out.denied_unnamed += part.denied_unnamed
+            for h in part._dropped:
+                out._drop(h)
+            out._dropped_more |= part._dropped_more
+            out.unanswered += part.unanswered
+        return out
+
+    def denied_line(self) -> str | None:
+        """One line naming what was denied, escaped for a terminal; None when nothing was."""
+        denied = {k: n for k, n in self.counts.items() if k[0]}
+        if not self.denied:
+            return None
+        shown = sorted(denied, key=lambda k: -denied[k])
+        parts = []
+        for key in shown[:SHOWN]:
+            n = denied[key]
+            parts.append(_what(key) + (f" x{n}" if n > 1 else ""))
+        listed = ", ".join(parts)
+        more = len(shown) - SHOWN + self.names_dropped
+        if more > 0:
+            listed += f", and {more}{'' if self.dropped_exact else '+'} more"
+        noun = "attempt" if self.denied == 1 else "attempts"
+        line = f"network: {self.denied} {noun} denied: {listed}"
+        if self.names_dropped:
+            at_least = "" if self.dropped_exact else "over "
+            line += (f" ({at_least}{self.names_dropped} more names past the first "
+                     f"{MAX_NAMES} were not counted by name)")
+        if self.unanswered:
+            line += (f"; {self.unanswered} DNS queries over the rate limit were neither "
+                     "answered nor logged one by one")
+        return line
+
+
+def _what(key: Key) -> str:
+    _, kind, host, port = key
+    if kind == "invalid":
+        return "a malformed request"
+    shown = printable(host, 100)
+    if kind == "dns":
+        return f"{shown} (dns)"
+    return f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
+
+
 class NetLog:
     def __init__(self, path: str | None = None) -> None:
         self._lock = _thread.allocate_lock()
         self._records: list[dict[str, Any]] = []
+        self.records_dropped = 0  # records past MAX_RECORDS: in the file only
+        self._summary = NetSummary()
         self._path = path
         self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
         # The first write that failed (a full disk): said once, at the end.
@@ -61,19 +179,34 @@ class NetLog:
         }
         record.update(extra)
         with self._lock:
-            self._records.append(record)
-            if self._file is not None:
-                import json
-
-                try:
-                    self._file.write(json.dumps(record, sort_keys=False) + "\n")
-                    self._file.flush()
-                except OSError as e:
-                    self._failed(e)
+            self._summary.count(decision != "allow", kind, host, port)
+            if len(self._records) < MAX_RECORDS:
+                self._records.append({k: _clip(v) for k, v in record.items()})
+            else:
+                self.records_dropped += 1
+            self._write(record)
         return record
 
+    def tally(self, *, kind: str, host: str, port: int, decision: str) -> None:
+        """Count an attempt that is not answered and not written one by one
+        (a DNS query over the responder's rate)."""
+        with self._lock:
+            self._summary.count(decision != "allow", kind, host, port)
+            self._summary.unanswered += 1
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        import json
+
+        try:
+            self._file.write(json.dumps(record, sort_keys=False) + "\n")
+            self._file.flush()
+        except OSError as e:
+            self._failed(e)
+
     def _failed(self, e: OSError) -> None:
-        """Stop writing the file; records stay in memory (the summary)."""
+        """Stop writing the file; the summary goes on counting."""
         self.error = self.error or (f"--net-log {self._path}: {e.strerror or e} (the "
                                     "records from then on are not in the file, and its "
                                     "last line may be cut short)")
@@ -85,30 +218,30 @@ class NetLog:
             pass  # what it could not flush is what failed
 
     def records(self) -> list[dict[str, Any]]:
+        """The first MAX_RECORDS records (string fields cut to MAX_TEXT
+        characters); the rest are in the file only (records_dropped)."""
         with self._lock:
             return list(self._records)
 
+    def summary(self) -> NetSummary:
+        """A copy of the counts so far."""
+        with self._lock:
+            return NetSummary().merge(self._summary)
+
     def denied_summary(self) -> str | None:
-        """One line naming what was denied, or None when nothing was."""
-        denied: dict[str, int] = {}
-        for r in self.records():
-            if r["decision"] == "allow":
-                continue
-            host = f"[{r['host']}]" if ":" in str(r["host"]) else str(r["host"])
-            what = f"{host} (dns)" if r["kind"] == "dns" else f"{host}:{r['port']}"
-            denied[what] = denied.get(what, 0) + 1
-        if not denied:
-            return None
-        total = sum(denied.values())
-        shown = sorted(denied, key=lambda k: -denied[k])
-        listed = ", ".join(f"{k} x{denied[k]}" if denied[k] > 1 else k for k in shown[:5])
-        if len(shown) > 5:
-            listed += f", and {len(shown) - 5} more"
-        noun = "attempt" if total == 1 else "attempts"
-        return f"network: {total} {noun} denied: {listed}"
+        """One line naming what was denied (escaped for a terminal), or None."""
+        return self.summary().denied_line()
 
     def close(self) -> None:
         with self._lock:
+            unanswered = self._summary.unanswered
+            if unanswered and self._file is not None:
+                # The file says how many queries it holds no line for.
+                self._write({"time": _now(), "engine": "dns", "kind": "dns", "host": "",
+                             "port": 53, "decision": "dropped",
+                             "rule": "over the DNS rate limit: neither answered nor "
+                                     "logged one by one",
+                             "bytes_out": 0, "bytes_in": 0, "count": unanswered})
             if self._file is not None:
                 try:
                     self._file.close()

@@ -10,8 +10,11 @@ on its request line alone, one by one also when many come on one connection:
 2. host and port must match an allowlist rule;
 3. a name is resolved here, on the host (`namecache`: once for the life of
    the proxy); addresses a name must not resolve to (loopback, link-local,
-   ...) are dropped (DNS rebinding), and the connection goes to an address
-   that was checked, never re-resolved.
+   ..., and for a name allowed by a wildcard anything not global: see
+   `allowlist.address_refusal`) are dropped (DNS rebinding), and the
+   connection goes to an address that was checked, never re-resolved. A
+   literal address entry is the only way to such an address, asked for by
+   that address: a name never borrows it.
 
 A refusal is a 403 whose body names the rule that refused it, and a record in
 the network log; every request, allowed or not, is one record.
@@ -226,7 +229,7 @@ class EgressProxy:
         refused: list[str] = []
         for info in infos:
             addr = ipaddress.ip_address(info[4][0].split("%")[0])
-            why = address_refusal(addr)
+            why = address_refusal(addr, wildcard=rule.wildcard)
             if why is None:
                 if addr not in allowed:
                     allowed.append(addr)

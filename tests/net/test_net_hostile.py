@@ -1,0 +1,253 @@
+"""What a sandbox sends the network layer is hostile: a flood of DNS queries or
+proxy requests must not grow nsbuild's own memory, names it prints are
+escaped, and a name under a wildcard may not lead to the host's own or its
+private networks.
+
+The flood and escape tests run real `nsbuild run --net none` sandboxes; the
+proxy tests run the real egress proxy against a local server, with a
+resolver of the test's own standing in for DNS (it names which address a
+name has)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from net_helpers import exchange, origin
+
+from nsbuild.net.allowlist import Allowlist, address_refusal
+from nsbuild.net.netlog import MAX_DROPPED_COUNTED, MAX_NAMES, MAX_RECORDS, NetLog
+from nsbuild.net.proxy import EgressProxy
+
+NSBUILD = (sys.executable, "-m", "nsbuild")
+HANG_GUARD = 600.0
+MEMORY_LIMIT_KIB = 100 * 1024
+
+# Sends queries with distinct names to the inside DNS socket until exactly
+# argv[1] have reached it (sent minus the socket's drops, from the sandbox's
+# own /proc/net/udp), then waits until nsbuild has read every one.
+FLOOD = r"""
+import socket, struct, sys, time
+want = int(sys.argv[1])
+def stats():
+    for line in open("/proc/net/udp"):
+        f = line.split()
+        if f[1] == "0100007F:0035":
+            return int(f[-1]), int(f[4].split(":")[1], 16)
+    raise SystemExit("no DNS socket inside")
+def query(i):
+    labels = [b"n%d" % i, b"flood", b"test"]
+    name = b"".join(bytes([len(p)]) + p for p in labels) + b"\0"
+    return struct.pack("!HHHHHH", i & 0xFFFF, 0x0100, 1, 0, 0, 0) + name + b"\0\1\0\1"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sent = 0
+while True:
+    delivered = sent - stats()[0]
+    if delivered >= want:
+        break
+    for _ in range(min(2000, want - delivered)):
+        try:
+            s.sendto(query(sent), ("127.0.0.1", 53))
+        except OSError:
+            continue
+        sent += 1
+while stats()[1]:
+    time.sleep(0.01)
+print("delivered", want, "sent", sent)
+"""
+
+# One query whose name holds terminal control sequences; waits for the answer
+# so that nsbuild has seen it.
+HOSTILE_NAME = r"""
+import socket, struct
+labels = [b"\x1b[2K\x1b]0;pwned\x07", b"example", b"org"]
+name = b"".join(bytes([len(p)]) + p for p in labels) + b"\0"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(60)
+s.sendto(struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + name + b"\0\1\0\1", ("127.0.0.1", 53))
+print(len(s.recv(512)))
+"""
+
+
+def _run_measured(argv: list[str], cwd: Path) -> tuple[int, str, str, int]:
+    """Run `argv` as a child; (status, stdout, stderr, peak RSS in KiB of it and
+    every process it waited for: nsbuild and its sandbox)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return (proc.returncode, out.read().decode(errors="replace"),
+                err.read().decode(errors="replace"), usage.ru_maxrss)
+
+
+@pytest.mark.userns
+def test_dns_flood_from_a_sandbox_keeps_nsbuild_small(tmp_path: Path) -> None:
+    queries = 300_000
+    net_log = tmp_path / "net.jsonl"
+    status, out, err, peak_kib = _run_measured(
+        [*NSBUILD, "run", "--net", "none", "--net-log", str(net_log), "--",
+         "/usr/bin/python3", "-c", FLOOD, str(queries)], tmp_path)
+    assert status == 0, err
+    assert out.startswith(f"delivered {queries} "), out
+    # nsbuild's own process (the sandbox's outside process, which answers DNS)
+    # and everything it reaped: the flood left it small.
+    assert peak_kib < MEMORY_LIMIT_KIB, f"nsbuild grew to {peak_kib} KiB\n{err}"
+    # Every query is counted; the names past the cap are said to be dropped.
+    assert f"network: {queries} attempts denied: " in err, err
+    # (counted exactly up to MAX_DROPPED_COUNTED names, then "over" that)
+    dropped = re.search(r"\((over )?(\d+) more names past the first (\d+) were not counted "
+                        r"by name\)", err)
+    assert dropped is not None, err
+    assert int(dropped.group(3)) == MAX_NAMES
+    assert int(dropped.group(2)) == min(queries - MAX_NAMES, MAX_DROPPED_COUNTED)
+    assert bool(dropped.group(1)) == (queries - MAX_NAMES > MAX_DROPPED_COUNTED)
+    print(f"peak RSS {peak_kib} KiB; {err.strip()}")
+    assert len(err.splitlines()) == 1, err
+    # The file has a line for each query answered, and one for the rest.
+    records = [json.loads(line) for line in net_log.read_text().splitlines()]
+    *answered, rest = records
+    assert {r["decision"] for r in answered} == {"nxdomain"}
+    assert rest["decision"] == "dropped" and rest["count"] == queries - len(answered)
+    assert f"; {rest['count']} DNS queries over the rate limit were neither answered" in err
+
+
+@pytest.mark.userns
+def test_a_dns_name_with_terminal_escapes_is_printed_escaped(tmp_path: Path) -> None:
+    status, out, err, _ = _run_measured(
+        [*NSBUILD, "run", "--net", "none", "--", "/usr/bin/python3", "-c", HOSTILE_NAME],
+        tmp_path)
+    assert status == 0 and out.strip().isdigit(), err  # answered
+    assert "\x1b" not in err and "\x07" not in err, repr(err)
+    assert "denied: \\x1b[2K\\x1b]0;pwned\\x07.example.org (dns)" in err, repr(err)
+
+
+def test_the_network_log_file_keeps_a_name_as_sent(tmp_path: Path) -> None:
+    log = NetLog(str(tmp_path / "net.jsonl"))
+    log.add(engine="dns", kind="dns", host="\x1b[2K.example.org", port=53,
+            decision="nxdomain", rule="--net none: no network")
+    log.close()
+    [line] = (tmp_path / "net.jsonl").read_text().splitlines()
+    assert "\x1b" not in line  # JSON escapes control characters
+    assert json.loads(line)["host"] == "\x1b[2K.example.org"
+    assert log.denied_summary() == "network: 1 attempt denied: \\x1b[2K.example.org (dns)"
+
+
+# -- the egress proxy ------------------------------------------------------------
+
+
+def _resolver(names: dict[str, str]) -> Any:
+    """getaddrinfo for the names of `names` (name -> address), none other."""
+
+    def resolve(name: str, port: int, **_: Any) -> list[tuple[Any, ...]]:
+        if name not in names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        addr = names[name]
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 6, "", (addr, port))]
+
+    return resolve
+
+
+@contextmanager
+def _proxy(entries: list[str], names: dict[str, str]) -> Iterator[tuple[int, NetLog]]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    log = NetLog()
+    proxy = EgressProxy(listener, Allowlist.parse(entries), log, resolver=_resolver(names))
+    proxy.start()
+    try:
+        yield listener.getsockname()[1], log
+    finally:
+        proxy.stop()
+
+
+def _get(proxy_port: int, url: str) -> tuple[str, str]:
+    """(status code, body) of GET url through the proxy."""
+    out = exchange(proxy_port, f"GET {url} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = out.partition(b"\r\n\r\n")
+    return head.split(b" ")[1].decode(), body.decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("192.168.7.7", "private"),
+        ("172.16.0.9", "private"),
+        ("100.64.1.1", "not a global"),
+        ("169.254.169.254", "link-local"),
+        ("fd00::1", "private"),
+        ("::ffff:10.0.0.1", "private"),
+        ("240.0.0.1", "reserved"),
+        ("0.0.0.0", "unspecified"),
+    ],
+)
+def test_a_name_under_a_wildcard_may_not_resolve_to_an_internal_address(
+        address: str, why: str) -> None:
+    with origin("A") as a, _proxy([f"*.example.test:{a.port}"],
+                                  {"evil.example.test": address}) as (pp, log):
+        status, body = _get(pp, f"http://evil.example.test:{a.port}/")
+        assert a.requests == []
+    assert status == "403", body
+    assert why in body, body
+    assert log.records()[0]["rule"] == "names may not resolve to internal addresses"
+
+
+def test_only_a_literal_entry_reaches_an_internal_address_and_only_by_that_address() -> None:
+    """A literal entry for the address does not let a name under a wildcard
+    borrow it: the address is reached when asked for as such."""
+    with origin("A") as a, _proxy([f"*.example.test:{a.port}", f"127.0.0.1:{a.port}"],
+                                  {"mirror.example.test": "127.0.0.1"}) as (pp, _):
+        by_name = _get(pp, f"http://mirror.example.test:{a.port}/name")
+        by_address = _get(pp, f"http://127.0.0.1:{a.port}/address")
+        assert [path for _, path, _ in a.requests] == ["/address"]
+    assert by_name[0] == "403" and "loopback" in by_name[1], by_name
+    assert by_address == ("200", "A /address\n")
+
+
+def test_a_plain_name_may_resolve_to_a_private_address_but_not_to_loopback() -> None:
+    """A name the user wrote out (a mirror on the local network) may be
+    private; loopback and the like stay refused for every name."""
+    ip = __import__("ipaddress").ip_address
+    assert address_refusal(ip("192.168.1.10")) is None
+    assert address_refusal(ip("10.0.0.2")) is None
+    for addr in ("127.0.0.1", "::1", "169.254.1.1", "0.0.0.0", "224.0.0.1", "240.0.0.1",
+                 "::ffff:127.0.0.1", "0.1.2.3"):
+        assert address_refusal(ip(addr)) is not None, addr
+    for addr in ("192.168.1.10", "10.0.0.2", "100.64.1.1", "fd00::1", "::ffff:10.0.0.1"):
+        assert address_refusal(ip(addr), wildcard=True) is not None, addr
+    assert address_refusal(ip("151.101.2.132"), wildcard=True) is None
+
+
+def test_many_distinct_hosts_through_the_proxy_keep_the_log_bounded() -> None:
+    hosts = MAX_RECORDS + MAX_NAMES + 500
+    request = b"".join(f"GET http://h{i}.example.test/ HTTP/1.1\r\n\r\n".encode()
+                       for i in range(hosts))
+    with _proxy(["allowed.example.test"], {}) as (pp, log):
+        out = exchange(pp, request)
+    assert out.count(b"HTTP/1.1 403 ") == hosts
+    assert len(log.records()) == MAX_RECORDS
+    summary = log.summary()
+    assert summary.attempts == summary.denied == hosts
+    line = log.denied_summary()
+    assert line is not None and line.startswith(f"network: {hosts} attempts denied: ")
+    assert f"{hosts - MAX_NAMES} more names past the first {MAX_NAMES}" in line, line
