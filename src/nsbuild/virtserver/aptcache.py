@@ -50,6 +50,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nsbuild.virtserver.hostfs import opened_regular, read_bounded
+
 if TYPE_CHECKING:
     from nsbuild.sandbox import Mount
 
@@ -60,6 +62,11 @@ _LIST_RE = re.compile(r"(?!lock$)[A-Za-z0-9][A-Za-z0-9._+~%-]*")
 _DEB_RE = re.compile(r"([a-z0-9][a-z0-9.+-]*)_([A-Za-z0-9.+~%-]+)_([a-z0-9-]+)\.deb")
 _KEY_DIRS = ("etc/apt/trusted.gpg.d",)
 _KEY_FILES = ("etc/apt/trusted.gpg",)
+# What the host side reads whole, at most: Debian's InRelease is some 150 KB,
+# a keyring some 10 KB. Indexes and .debs are read in chunks, and only up to
+# the size a verified InRelease or index gives them.
+MAX_RELEASE = 16 << 20
+MAX_KEY = 16 << 20
 
 Say = Callable[[str], None]
 
@@ -78,8 +85,8 @@ def _files(folder: Path, pattern: re.Pattern[str]) -> dict[str, Path]:
         return {}
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
+def _sha256(fd: int) -> str:
+    with open(fd, "rb", closefd=False) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -159,7 +166,10 @@ class AptCache:
                     found[rel] = Path(layer, rel)
         with open(self.dir / "trusted.gpg", "wb") as out:
             for p in found.values():
-                data = p.read_bytes()
+                try:
+                    data = read_bounded(p, MAX_KEY)
+                except OSError:
+                    continue  # replaced since, or too large for a key: not a key of ours
                 out.write(_dearmor(data) if p.suffix == ".asc" else data)
 
     def harvest(self, say: Say) -> None:
@@ -230,8 +240,8 @@ class AptCache:
         if new is not None:
             body = self._verify(new)
             if body is None:
-                say(f"apt cache: not taken (not one clearsigned message with a good "
-                    f"signature): lists/{name}")
+                say(f"apt cache: not taken (not one clearsigned message of at most "
+                    f"{MAX_RELEASE >> 20} MiB with a good signature): lists/{name}")
             elif not _names_its_suite(name, body):
                 say(f"apt cache: not taken (another suite's release): lists/{name}")
             elif cached_body is not None and _identity(body) != _identity(cached_body):
@@ -248,13 +258,22 @@ class AptCache:
         """The signed text of an InRelease that is one clearsigned message (no
         text around it, which gpgv ignores and apt refuses) whose signature
         gpgv accepts, else None."""
-        if shutil.which("gpgv") is None or not _one_clearsigned_message(release):
+        if shutil.which("gpgv") is None:
+            return None
+        try:
+            raw = read_bounded(release, MAX_RELEASE)
+        except OSError:
+            return None
+        if not _one_clearsigned_message(raw):
             return None
         with tempfile.TemporaryDirectory(prefix="nsbuild-gpgv-") as home:
+            # gpgv checks the very bytes read (and checked) above.
+            signed = Path(home) / "InRelease"
+            signed.write_bytes(raw)
             out = Path(home) / "signed"
             done = subprocess.run(
                 ["gpgv", "--homedir", home, "--quiet", "--keyring", str(self.dir / "trusted.gpg"),
-                 "--output", str(out), str(release)],
+                 "--output", str(out), str(signed)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             if done.returncode != 0 or not out.is_file():
@@ -318,11 +337,7 @@ _BEGIN, _SIGNATURE, _END = (b"-----BEGIN PGP SIGNED MESSAGE-----\n",
                              b"-----BEGIN PGP SIGNATURE-----\n", b"-----END PGP SIGNATURE-----\n")
 
 
-def _one_clearsigned_message(path: Path) -> bool:
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return False
+def _one_clearsigned_message(raw: bytes) -> bool:
     return (raw.startswith(_BEGIN) and raw.endswith(_END)
             and all(raw.count(mark) == 1 for mark in (_BEGIN, _SIGNATURE, _END)))
 
@@ -371,7 +386,10 @@ def _parse_date(text: str) -> float:
 def _set_mtime_to_date(path: Path) -> None:
     # apt asks the mirror for a newer InRelease than its file's mtime: the
     # Date it carries, not whatever time the testbed gave the file.
-    text = path.read_text(errors="replace")
+    try:
+        text = read_bounded(path, MAX_RELEASE).decode(errors="replace")
+    except OSError:
+        return
     if text.startswith(_BEGIN.decode()):
         text = text.split("\n\n", 1)[-1]  # past the armour's own header lines
     when = _date(text)
@@ -381,16 +399,24 @@ def _set_mtime_to_date(path: Path) -> None:
 
 def _matches(path: Path, size: int, digest: str) -> bool:
     try:
-        return path.stat().st_size == size and _sha256(path) == digest
+        with opened_regular(path, size) as fd:
+            return os.fstat(fd).st_size == size and _sha256(fd) == digest
     except OSError:
         return False
 
 
 def _same(a: Path, b: Path) -> bool:
+    """Whether two regular files hold the same bytes (compared in chunks)."""
     try:
-        if a.stat().st_size != b.stat().st_size:
-            return False
-        return a.read_bytes() == b.read_bytes()
+        with opened_regular(a) as fa, opened_regular(b) as fb:
+            if os.fstat(fa).st_size != os.fstat(fb).st_size:
+                return False
+            while True:
+                chunk = os.read(fa, 1 << 20)
+                if chunk != os.read(fb, len(chunk) or 1):
+                    return False
+                if not chunk:
+                    return True
     except OSError:
         return False
 
@@ -401,7 +427,8 @@ def _put(src: Path, dst: Path) -> None:
     have planted), then renamed over the old one."""
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as data:
+        with (os.fdopen(fd, "wb") as out, opened_regular(src) as data_fd,
+              open(data_fd, "rb", closefd=False) as data):  # fmt: skip
             shutil.copyfileobj(data, out, 1024 * 1024)
             os.fchmod(out.fileno(), 0o644)
         os.replace(tmp, dst)
@@ -424,9 +451,9 @@ def _deb_hashes(indexes: Sequence[Path], wanted: set[str]) -> dict[str, tuple[in
     for index in indexes:
         if not index.name.endswith("_Packages"):
             continue
-        with open(index, "rb") as f:
+        with opened_regular(index) as fd:
             try:
-                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             except ValueError:  # empty
                 continue
             with data:

@@ -17,6 +17,7 @@ See testbed.py for what the session holds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -54,6 +55,7 @@ _COPYDOWN_DIR = (
 )
 _COPYUP_FILE = 'exec cat -- "$1"'
 _COPYUP_DIR = 'cd -- "$1" && exec tar --warning=none -c -f - .'
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Misuse(Exception):
@@ -149,9 +151,13 @@ class Server:
         stack = ExitStack()
         try:
             session = stack.enter_context(throwaway(self.config))
+            # The owner's alone, whatever the folders above: the downtmp in it
+            # is open to every user of the testbed, and holds what they made
+            # (setuid programs too), so no user of the host may reach it.
+            os.chmod(session.dir, 0o700)
             testbed = Testbed(str(session.dir), self.policy, session.mirrors(), self.tmpfs_size,
                               self.apt_cache)  # fmt: skip
-            testbed.downtmp_host.mkdir()
+            testbed.downtmp_host.mkdir(mode=0o700)
             # Writable by the test user too, as autopkgtest's own downtmp is.
             testbed.downtmp_host.chmod(0o1777)
             if self.apt_cache:
@@ -241,7 +247,10 @@ class Server:
         host, inside = (dst, src) if up else (src, dst)
         if not inside.startswith("/"):
             raise CommandFailed("copy-failed", f"{verb}: {inside}: not an absolute testbed path")
-        if self._shared(host, inside):
+        shared = self._shared(host, inside)
+        if shared is not None:
+            if up:
+                self._check_shared(shared, is_dir, f"{verb} {src} {dst}")
             return
         from nsbuild.sandbox import SandboxError
         from nsbuild.sandbox.enter import NotRunning
@@ -256,86 +265,139 @@ class Server:
         except NotRunning:
             raise CommandFailed("copy-failed", f"{verb} {src} {dst}: {GONE}") from None
         except (OSError, SandboxError) as e:
-            raise CommandFailed("copy-failed", f"{verb} {src} {dst}: {e}") from None
+            raise CommandFailed("copy-failed", f"{verb} {src} {dst}: {_why(e)}") from None
 
-    def _shared(self, host: str, inside: str) -> bool:
-        """True when `host` is `inside` seen through the shared downtmp: nothing to copy."""
+    def _shared(self, host: str, inside: str) -> str | None:
+        """When `host` is `inside` seen through the shared downtmp (nothing to
+        copy): the path below the downtmp, else None."""
         from nsbuild.virtserver.testbed import DOWNTMP
 
         assert self.testbed is not None
         inside = os.path.normpath(inside)
         if inside != DOWNTMP and not inside.startswith(DOWNTMP + "/"):
-            return False
-        mapped = os.path.normpath(str(self.testbed.downtmp_host) + inside[len(DOWNTMP) :])
-        return os.path.normpath(os.path.abspath(host)) == mapped
+            return None
+        rel = inside[len(DOWNTMP) :]
+        mapped = os.path.normpath(str(self.testbed.downtmp_host) + rel)
+        return rel.lstrip("/") if os.path.normpath(os.path.abspath(host)) == mapped else None
+
+    def _check_shared(self, rel: str, is_dir: bool, what: str) -> None:
+        """`ok` for a copyup through the shared downtmp tells the client to read
+        the host path: only when the testbed left a regular file (a tree of
+        files) there, not a symlink to a host file or a FIFO."""
+        from nsbuild.virtserver.hostfs import check_shared
+
+        assert self.testbed is not None
+        try:
+            check_shared(str(self.testbed.downtmp_host), rel, is_dir=is_dir)
+        except OSError as e:
+            raise CommandFailed("copy-failed", f"{what}: {_why(e)}") from None
+
+    def _downtmp(self) -> str:
+        assert self.testbed is not None
+        return str(self.testbed.downtmp_host)
 
     def _copydown(self, host: str, inside: str, is_dir: bool, deadline: float) -> None:
         # Writes go through the testbed even into the shared downtmp: code in
         # it may have put symlinks there, which must resolve inside.
+        from nsbuild.virtserver.hostfs import host_dir, open_host_file
+
         if not is_dir:
-            with open(host, "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
-                x = "x" if mode & 0o111 else "-"
+            # A host path in the downtmp is the testbed's to shape: opened
+            # without following its links, as a regular file only.
+            fd = open_host_file(host, self._downtmp())
+            try:
+                x = "x" if os.fstat(fd).st_mode & 0o111 else "-"
                 argv = ["sh", "-c", _COPYDOWN_FILE, "copydown", inside.rstrip("/"), x]
-                status = _wait(self._spawn(argv, f.fileno(), None), deadline, argv)
+                status = _wait(self._spawn(argv, fd, None), deadline, argv)
+            finally:
+                os.close(fd)
             if status != 0:
                 raise CommandFailed("copy-failed", f"copydown to {inside}: status {status}")
             return
-        if not os.path.isdir(host):
-            raise CommandFailed("copy-failed", f"copydown: {host} is not a directory")
+        top = host_dir(host, self._downtmp())
         r, w = os.pipe()
         try:
-            tar = subprocess.Popen(["tar", "--warning=none", "-C", host, "-c", "-f", "-", "."],
-                                   stdin=subprocess.DEVNULL, stdout=w, stderr=2)  # fmt: skip
+            # The host's own tar, in the folder opened above (its /proc link
+            # names that very folder, whatever happens to its path since).
+            tar = subprocess.Popen(["tar", "--warning=none", "-C", f"/proc/self/fd/{top}", "-c",
+                                    "-f", "-", "."], stdin=subprocess.DEVNULL, stdout=w, stderr=2,
+                                   pass_fds=(top,))  # fmt: skip
             os.close(w)
             w = -1
             argv = ["sh", "-c", _COPYDOWN_DIR, "copydown", inside]
             proc = self._spawn(argv, r, None)
         finally:
             os.close(r)
+            os.close(top)
             if w >= 0:
                 os.close(w)
         _both(proc, tar, deadline, f"copydown {host} to {inside}", argv)
 
     def _copyup(self, inside: str, host: str, is_dir: bool, deadline: float) -> None:
-        # Reads go through the testbed too: `cat` and `tar` follow its
-        # symlinks inside, never on the host.
+        # Reads go through the testbed: `cat` and `tar` follow its symlinks
+        # inside, never on the host. What they write is the testbed's to
+        # shape: the host side takes it as described in untar.py.
+        from nsbuild.virtserver.hostfs import host_dir
+
         if not is_dir:
-            fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            parent = host_dir(os.path.dirname(os.path.abspath(host)), self._downtmp())
             try:
-                argv = ["sh", "-c", _COPYUP_FILE, "copyup", inside]
-                status = _wait(self._spawn(argv, None, fd), deadline, argv)
+                self._copyup_file(inside, parent, os.fsencode(os.path.basename(host)), deadline)
             finally:
-                os.close(fd)
-            if status != 0:
-                # Nothing half-copied stays behind under the caller's name.
-                os.unlink(host)
-                raise CommandFailed("copy-failed", f"copyup of {inside}: status {status}")
+                os.close(parent)
             return
-        os.makedirs(host, exist_ok=True)
-        r, w = os.pipe()
+        top = host_dir(host, self._downtmp(), create=True)
         try:
-            argv = ["sh", "-c", _COPYUP_DIR, "copyup", inside]
-            proc = self._spawn(argv, None, w)
-            os.close(w)
-            w = -1
-            # GNU tar refuses members that climb out with `..` and never
-            # writes through a symlink that the same archive made.
-            tar = subprocess.Popen(
-                ["tar", "--warning=none", "--no-same-owner", "--preserve-permissions",
-                 "-C", host, "-x", "-f", "-"],
-                stdin=r, stdout=2, stderr=2,
-            )  # fmt: skip
+            self._copyup_tree(inside, top, deadline)
+        finally:
+            os.close(top)
+
+    def _copyup_file(self, inside: str, parent: int, name: bytes, deadline: float) -> None:
+        # A new file (an old one is replaced, never written into), never
+        # through a symlink; 0644: no mode of the testbed's file is kept.
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(name, dir_fd=parent)
+        fd = os.open(name, _NEW_FILE, 0o644, dir_fd=parent)
+        try:
+            argv = ["sh", "-c", _COPYUP_FILE, "copyup", inside]
+            status = _wait(self._spawn(argv, None, fd), deadline, argv)
         except BaseException:
-            if w < 0:
-                proc.kill()
-                proc.wait()
+            os.unlink(name, dir_fd=parent)
             raise
         finally:
+            os.close(fd)
+        if status != 0:
+            # Nothing half-copied stays behind under the caller's name.
+            os.unlink(name, dir_fd=parent)
+            raise CommandFailed("copy-failed", f"copyup of {inside}: status {status}")
+
+    def _copyup_tree(self, inside: str, top: int, deadline: float) -> None:
+        from nsbuild.virtserver.untar import Timeout, extract
+
+        argv = ["sh", "-c", _COPYUP_DIR, "copyup", inside]
+        r, w = os.pipe()
+        try:
+            proc = self._spawn(argv, None, w)
+        except BaseException:
             os.close(r)
-            if w >= 0:
-                os.close(w)
-        _both(proc, tar, deadline, f"copyup {inside} to {host}", argv)
+            raise
+        finally:
+            os.close(w)
+        try:
+            try:
+                extract(r, top, deadline, self._notice)
+            finally:
+                # The testbed's end sees a closed pipe if it writes on.
+                os.close(r)
+        except BaseException as e:
+            proc.kill()
+            proc.wait()
+            if isinstance(e, Timeout):
+                raise CommandFailed("timeout", f"copyup of {inside}: timed out") from None
+            raise
+        status = _wait(proc, deadline, argv)
+        if status != 0:
+            raise CommandFailed("copy-failed", f"copyup of {inside}: status {status} inside")
 
     def shell(self, directory: str, env: list[str]) -> None:
         """An interactive shell on the caller's terminal (autopkgtest --shell)."""
@@ -387,6 +449,18 @@ def _both(proc: Process, tar: subprocess.Popen[bytes], deadline: float, what: st
         raise CommandFailed(
             "copy-failed", f"{what}: failed (inside status {inside}, host tar status {outside})"
         )
+
+
+def _why(e: Exception) -> str:
+    """An error in one line; a name in it may be the testbed's (escaped)."""
+    from nsbuild.printable import printable
+    from nsbuild.virtserver.hostfs import Refused
+
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, Refused):
+        name = e.filename if e.filename is not None else ""
+        where = os.fsdecode(name) if isinstance(name, bytes) else str(name)
+        return e.strerror + (f": {printable(where, 200)}" if where else "")
+    return printable(str(e))
 
 
 _DEVNULL = -1

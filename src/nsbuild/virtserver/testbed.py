@@ -141,7 +141,9 @@ class Testbed:
         from nsbuild.sandbox import Bind, Overlay, Sandbox, Tmpfs, caller_idmap
 
         mounts = [m for m in session.mounts if not (isinstance(m, Tmpfs) and m.dst == "/tmp")]
-        mounts.append(Bind(str(self.downtmp_host), DOWNTMP))
+        # Under the session folder, which only its owner reaches (server.py):
+        # setuid programs the testbed makes there stay out of other users' way.
+        mounts.append(Bind(str(self.downtmp_host), DOWNTMP, private=True))
         if self.apt_cache:
             from nsbuild.virtserver.aptcache import AptCache
 

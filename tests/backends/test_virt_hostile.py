@@ -1,0 +1,176 @@
+"""autopkgtest-virt-nsbuild against a hostile testbed: what the host side takes from it.
+
+Root in a testbed may shape every file, link and tar stream the server's own
+process (outside the testbed) reads, extracts or hands to the client. Each
+test makes the testbed do what an attacker would, then checks what a user of
+the host sees: no file written through a link, no link, device or setuid file
+copied up, no host file handed out through the shared downtmp, no huge file
+read whole, no directory other users can reach.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from virt_helpers import Env
+
+from nsbuild.backends.virtproto import VirtServer, VirtServerError
+
+pytestmark = pytest.mark.userns
+
+
+@pytest.fixture
+def server(server_env: Env) -> Iterator[VirtServer]:
+    srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _ok(cmd: list[str], script: str) -> str:
+    done = subprocess.run([*cmd, "sh", "-c", script], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _shared(server: VirtServer) -> Path:
+    (path,) = [c.split("=", 1)[1] for c in server.capabilities() if c.startswith("downtmp-host=")]
+    return Path(path)
+
+
+def _copyup_error(server: VirtServer, inside: str, host: str) -> str | None:
+    """None when the copyup succeeded, else the client's one-line error."""
+    try:
+        server.copyup(inside, host)
+    except VirtServerError as e:
+        return str(e)
+    return None
+
+
+def test_copyup_never_writes_through_a_symlink_it_did_not_make(
+    server: VirtServer, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    out = tmp_path / "out"
+    server.open()
+    ex = server.execute_command()
+    _ok(ex, f"mkdir -p /srv/t && ln -s {victim} /srv/t/a && echo data > /srv/t/f")
+    server.copyup("/srv/t/", f"{out}/")
+    assert (out / "f").read_text() == "data\n"
+    assert not os.path.lexists(out / "a"), "a symlink of the testbed was made on the host"
+
+    # A symlink already there (left by anything earlier), and a testbed whose
+    # own `tar` emits members under it and under the link of the first copy.
+    os.symlink(victim, out / "b")
+    _ok(ex, "mkdir -p /root/e/a /root/e/b && echo PWNED > /root/e/a/.bashrc && "
+            "echo PWNED > /root/e/b/.bashrc && "
+            "tar -C /root/e -cf /root/evil.tar ./a/.bashrc ./b/.bashrc && "
+            "printf '#!/bin/sh\\nexec cat /root/evil.tar\\n' > /usr/bin/tar")  # fmt: skip
+    error = _copyup_error(server, "/srv/t/", f"{out}/")
+    assert not (victim / ".bashrc").exists(), "copyup wrote through a symlink on the host"
+    assert error is not None and "b: a symlink on the host" in error, error
+
+
+def test_copyup_takes_no_links_devices_or_setuid_bits(server: VirtServer, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    server.open()
+    ex = server.execute_command()
+    _ok(ex, "mkdir -p /srv/u/sgid && cd /srv/u && echo data > f && ln f hard && "
+            "mkfifo fifo && ln -s /etc/passwd link && cp /usr/bin/id suid && chmod 4755 suid && "
+            "chmod 2775 sgid && echo g > sgid/g && chmod 6755 sgid/g")  # fmt: skip
+    server.copyup("/srv/u/", f"{out}/")
+    names = sorted(p.name for p in out.iterdir())
+    # Of f and hard, the first the testbed's tar met is a file, the other a
+    # hard link to it, which is not made.
+    assert names in (["f", "sgid", "suid"], ["hard", "sgid", "suid"]), names
+    assert (out / names[0]).read_text() == "data\n"
+    assert (out / "sgid" / "g").read_text() == "g\n"
+    for path in (out / "suid", out / "sgid", out / "sgid" / "g"):
+        mode = path.lstat().st_mode
+        assert not mode & (stat.S_ISUID | stat.S_ISGID), f"{path}: {oct(mode)}"
+    assert os.access(out / "suid", os.X_OK)
+    # One file copied up alone: the same.
+    server.copyup("/srv/u/suid", str(tmp_path / "one"))
+    assert not (tmp_path / "one").stat().st_mode & (stat.S_ISUID | stat.S_ISGID)
+
+
+def test_the_shared_downtmp_answers_no_for_a_testbeds_symlink(
+    server: VirtServer, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("HOST ONLY\n")
+    server.open()
+    ex = server.execute_command()
+    shared = _shared(server)
+    # A regular file (setuid by the testbed) is answered, without its setuid bit.
+    _ok(ex, "cp /usr/bin/id /tmp/autopkgtest/tool && chmod 4755 /tmp/autopkgtest/tool")
+    server.copyup("/tmp/autopkgtest/tool", str(shared / "tool"))
+    assert not (shared / "tool").stat().st_mode & stat.S_ISUID
+    # A process left in the testbed swaps a log for a symlink to a host file.
+    _ok(ex, f"ln -sf {secret} /tmp/autopkgtest/1-stderr")
+    error = _copyup_error(server, "/tmp/autopkgtest/1-stderr", str(shared / "1-stderr"))
+    assert error is not None and "not a regular file" in error, error
+
+
+def test_the_shared_downtmp_answers_no_for_a_tree_holding_a_symlink(
+    server: VirtServer, tmp_path: Path
+) -> None:
+    server.open()
+    ex = server.execute_command()
+    shared = _shared(server)
+    _ok(ex, "mkdir -p /tmp/autopkgtest/art/sub && echo log > /tmp/autopkgtest/art/sub/log")
+    server.copyup("/tmp/autopkgtest/art/", f"{shared}/art/")
+    _ok(ex, f"ln -s {tmp_path} /tmp/autopkgtest/art/sub/home")
+    error = _copyup_error(server, "/tmp/autopkgtest/art/", f"{shared}/art/")
+    assert error is not None and "art/sub/home: not a regular file" in error, error
+
+
+def test_the_downtmp_is_private_to_its_owner(server: VirtServer) -> None:
+    server.open()
+    ex = server.execute_command()
+    shared = _shared(server)
+    # Writable by every user of the testbed, as autopkgtest wants it...
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    # ...but no other user of the host reaches it: its session folder is the
+    # owner's alone.
+    session = shared.parent
+    st = session.stat()
+    assert st.st_uid == os.getuid()
+    assert stat.S_IMODE(st.st_mode) & 0o077 == 0, oct(st.st_mode)
+    # The folder is nsbuild's own: setuid programs made there by the testbed
+    # (dpkg installs some) are allowed.
+    _ok(ex, "cp /usr/bin/id /tmp/autopkgtest/s && chmod 4755 /tmp/autopkgtest/s")
+
+
+def _bytes_read(pid: int) -> int:
+    """What process `pid` read so far, by read(2) and its kin."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/PID/io")
+
+
+def test_a_huge_file_of_the_testbed_is_never_read_whole(server_env: Env) -> None:
+    cache = server_env.cache / "nsbuild" / "apt" / "bookworm"
+    release = "/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease"
+    srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
+    try:
+        srv.open()
+        ex = srv.execute_command()
+        # Sparse: it takes no space, but reading it whole reads 1 GiB.
+        _ok(ex, f"truncate -s 1G {release}")
+        before = _bytes_read(srv.proc.pid)
+        srv.close()  # the apt cache harvest looks at what the testbed left
+        read = _bytes_read(srv.proc.pid) - before
+    finally:
+        srv.stop()
+    assert read < 256 << 20, f"the server read {read >> 20} MiB"
+    assert not (cache / "apt-lists" / os.path.basename(release)).exists()
