@@ -4,7 +4,8 @@ Creation runs mmdebstrap in unshare mode (the tool the Debian world already
 uses; nsbuild writes no bootstrapper) into the cache's tarballs folder, then
 writes the chroot.d entry and unpacks the base once so the first use is fast.
 
-Update runs apt in a throw-away session, packs the result into a new tarball
+Update runs apt in a throw-away session, with only the environment's mirrors
+reachable (as a build's dependency phase), packs the result into a new tarball
 and renames it over the old one. Sessions and runs already using the old base
 keep it (their overlay names its directory); gc removes it once unused.
 """
@@ -17,14 +18,15 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from nsbuild.envs.config import NAME_RE, EnvConfig, load_config, remove_entry, write_entry
 from nsbuild.envs.errors import EnvError
 from nsbuild.envs.owner import tmp_name
-from nsbuild.envs.paths import Layout, user_config_dir
-from nsbuild.envs.session import host_resolver_mounts, throwaway
+from nsbuild.envs.paths import Layout, cache_dir, user_config_dir
+from nsbuild.envs.session import Session, throwaway
 from nsbuild.envs.store import (
     copy_tarball_atomically,
     layout_for,
@@ -201,7 +203,7 @@ def _read_in_root(root: Path, name: str) -> str:
 
 def update_env(name: str, quiet: bool = False) -> EnvConfig:
     """Upgrade with apt in a session, then replace the tarball atomically."""
-    from nsbuild.sandbox import PIPE, Sys, run, spawn
+    from nsbuild.sandbox import PIPE, Sys, spawn
     from nsbuild.sandbox.record import replace
 
     env = load_config().get(name)
@@ -210,9 +212,7 @@ def update_env(name: str, quiet: bool = False) -> EnvConfig:
     layout = layout_for(env)
     old = tarball_digest(layout, env.path)
     with throwaway(env) as session:
-        # Only apt runs here (trusted) and it talks to the mirror.
-        extra = host_resolver_mounts()
-        status = run(session.sandbox(["sh", "-c", UPGRADE_SCRIPT], mounts=extra, share_net=True))
+        status = _upgrade(session, quiet)
         if status != 0:
             raise EnvError(f"upgrading {env.name!r} failed (apt exit status {status})")
         pack = session.sandbox(
@@ -238,6 +238,53 @@ def update_env(name: str, quiet: bool = False) -> EnvConfig:
 
         remove_unused_base(layout, old)
     return env
+
+
+def update_net_log(env: EnvConfig) -> Path:
+    """Where `update_env` writes the network log of its last run."""
+    return cache_dir() / "logs" / f"{env.name}.update.network.jsonl"
+
+
+def _upgrade(session: Session, quiet: bool) -> int:
+    """Run apt's upgrade in `session`, with the network policy of a build's
+    dependency phase: the environment's mirrors through the egress proxy,
+    nothing else (no host loopback, no abstract sockets, no host interfaces),
+    every attempt in the network log. Maintainer scripts of the upgraded
+    packages run here, and they are not trusted with more."""
+    from nsbuild import net
+    from nsbuild.sandbox import spawn
+    from nsbuild.sandbox.record import replace
+
+    log = update_net_log(session.config)
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)  # the log of this run only
+    opts = net.NetOptions(mode="allow", allow_from_env=True, log_path=str(log))
+    with net.network(opts, mirrors=session.mirrors()) as plan:
+        spec = session.sandbox(
+            ["sh", "-c", UPGRADE_SCRIPT],
+            mounts=plan.mounts,
+            env=plan.env,
+            share_net=plan.share_net,
+        )
+        spec = replace(spec, inside_sockets=plan.inside_sockets, cgroup=plan.cgroup)
+        proc = spawn(spec)
+        try:
+            plan.serve(proc.sockets)
+            status = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    # Only after the plan stopped its services: they served these sockets.
+    for sock in proc.sockets:
+        sock.close()
+    if proc.exec_error:
+        print(proc.exec_error, file=sys.stderr)
+    if not quiet:
+        for line in (plan.denied_summary(), plan.log_error(), f"network log: {log}"):
+            if line:
+                print(f"nsbuild env update: {line}", file=sys.stderr)
+    return status
 
 
 def remove_env(name: str, keep_tarball: bool = False) -> list[str]:
