@@ -10,6 +10,7 @@ distribution. `nsbuild build DIR` first makes a source package with
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -291,7 +292,8 @@ def _changelog_head(changelog: Path) -> tuple[str, str]:
     try:
         fd = os.open(changelog, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise BuildInputError(f"{changelog}: cannot read: {e.strerror}") from None
+        why = "a symbolic link (not followed)" if e.errno == errno.ELOOP else e.strerror
+        raise BuildInputError(f"{changelog}: cannot read: {why}") from None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BuildInputError(f"{changelog}: not a regular file")
@@ -300,7 +302,7 @@ def _changelog_head(changelog: Path) -> tuple[str, str]:
     m = _CHANGELOG_RE.match(first)
     if not m or not _SOURCE_RE.match(m.group(1)) or not _VERSION_RE.match(m.group(2)):
         raise BuildInputError(
-            f"{changelog}: cannot parse the newest entry: {printable(first, 80)!r}"
+            f"{changelog}: cannot parse the newest entry: {printable(first, 80)}"
         )
     return m.group(1), m.group(2)
 
