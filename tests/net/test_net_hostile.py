@@ -251,3 +251,58 @@ def test_many_distinct_hosts_through_the_proxy_keep_the_log_bounded() -> None:
     line = log.denied_summary()
     assert line is not None and line.startswith(f"network: {hosts} attempts denied: ")
     assert f"{hosts - MAX_NAMES} more names past the first {MAX_NAMES}" in line, line
+
+
+# Opens argv[2] connections to the proxy at argv[1] without a word on them,
+# waits until they are accepted (or the guard ends), then holds them until
+# its stdin closes.
+HOLD = r"""
+import resource, select, socket, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (2048, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+port, count = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for _ in range(count):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.1", port))
+    socks.append(s)
+poller = select.poll()
+for s in socks:
+    poller.register(s, select.POLLOUT)
+pending, guard = len(socks), time.monotonic() + 5
+while pending and time.monotonic() < guard:
+    pending -= len(poller.poll(100))
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_flood_of_connections_leaves_the_proxy_serving() -> None:
+    """Each connection the sandbox opens costs nsbuild a thread and a
+    descriptor: a flood of them (more than nsbuild may open) must neither
+    take nsbuild's descriptors nor stop the proxy for the rest of the run."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with origin("A") as a, _proxy([f"127.0.0.1:{a.port}"], {}) as (pp, _):
+            holder = subprocess.Popen([sys.executable, "-c", HOLD, str(pp), "600"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert holder.stdout is not None and holder.stdin is not None
+                assert holder.stdout.readline() == "open\n"
+                fds = len(os.listdir("/proc/self/fd"))
+                holder.stdin.close()
+                assert holder.wait(timeout=HANG_GUARD) == 0
+            finally:
+                holder.kill()
+                holder.wait()
+            with socket.create_connection(("127.0.0.1", pp), timeout=HANG_GUARD) as s:
+                s.sendall(f"GET http://127.0.0.1:{a.port}/after HTTP/1.1\r\n"
+                          "Connection: close\r\n\r\n".encode())
+                answer = s.makefile("rb").read()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert fds < 200, fds  # nsbuild kept descriptors of its own
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"A /after\n"), answer

@@ -32,14 +32,19 @@ next request), and only when the response ended where its framing said:
 Content-Length, chunked coding (HEAD, 1xx, 204 and 304 have no body); a
 response that ends with the server's close, or whose framing is ambiguous, is
 relayed and then its connection closed.
-One thread per client connection.
+One thread per client connection, MAX_CLIENTS of them at once: the sandbox
+opens as many connections as it likes, and each costs this process a thread
+and descriptors (run out of those and nsbuild itself fails); the others wait
+in the listening socket's backlog.
 """
 
 from __future__ import annotations
 
 import _socket
+import errno
 import socket
 import threading
+import time
 from typing import Any
 
 from nsbuild.net.allowlist import Allowlist, AllowRule, IPAddress, address_refusal
@@ -62,6 +67,11 @@ from nsbuild.net.stream import Stream, Truncated
 from nsbuild.net.upstream import Upstream, UpstreamPool
 
 HEAD_TIMEOUT = 60.0  # for a request head to arrive, also between kept-alive requests
+MAX_CLIENTS = 32  # client connections served at once
+# accept() failures that pass (the peer gave up, or descriptors or memory ran
+# short for a moment): the proxy goes on accepting.
+_TRANSIENT = {errno.ECONNABORTED, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+              errno.EPROTO}
 
 __all__ = ["EgressProxy", "Resolver"]
 
@@ -98,6 +108,7 @@ class EgressProxy:
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._stopping = False
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self._thread = threading.Thread(target=self._accept_loop, name="nsbuild-proxy", daemon=True)
 
     # -- life cycle -------------------------------------------------------
@@ -136,11 +147,18 @@ class EgressProxy:
 
     def _accept_loop(self) -> None:
         while not self._stopping:
+            if not self._slots.acquire(timeout=0.2):  # all taken: look at _stopping again
+                continue
             try:
                 client, _ = self._listener.accept()
-            except OSError:
-                return
+            except OSError as e:
+                self._slots.release()
+                if self._stopping or e.errno not in _TRANSIENT:
+                    return
+                time.sleep(0.05)  # let a client give its descriptors back
+                continue
             if self._stopping:
+                self._slots.release()
                 client.close()
                 return
             self._track(client)
@@ -151,7 +169,11 @@ class EgressProxy:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass  # not a TCP socket: nothing to delay
-            threading.Thread(target=self._serve_client, args=(client,), daemon=True).start()
+            try:
+                threading.Thread(target=self._serve_client, args=(client,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: this client is not served
+                self._slots.release()
+                self._close(client)
 
     # -- one client connection, one request after another -----------------
 
@@ -164,6 +186,7 @@ class EgressProxy:
             pass  # the client went away, or the relay broke off: nothing to answer
         finally:
             self._close(client)
+            self._slots.release()
 
     def _serve_request(self, conn: Stream) -> bool:
         """Read, decide and answer one request; True to read another on `conn`."""

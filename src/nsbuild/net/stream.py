@@ -15,30 +15,70 @@ often and moves less each time. splice(2) costs the proxy itself less but
 passes on the server's page-sized pieces, which the receiver reads more
 slowly. One loop serves every body: Content-Length, chunked, to EOF,
 tunnels.
+
+How many connections copy at once is the sandbox's choice, so the large
+buffers are shared: at most BIG_BUFFERS in the whole process, each taken
+for one read and write and given back, and taken only once the socket is
+readable (an idle connection or tunnel holds none). A copy that finds none
+free uses its thread's small one: slower, and bounded.
 """
 
 from __future__ import annotations
 
 import mmap
+import select
 import socket
 import threading
 
 from nsbuild.net.httphead import MAX_HEAD, BadRequest, chunk_size
 
 COPY_BUF = 4 * 1024 * 1024  # see above; 2 MiB gained nothing, 8 and 16 MiB no more than 4
+BIG_BUFFERS = 6  # COPY_BUF buffers in the process, at most
+SMALL_BUF = 64 * 1024  # a thread's own, when every big one is taken
 MAX_LINE = 4096  # a chunk-size or trailer line
 
-_relay = threading.local()  # .buf: this thread's copy buffer, made when it first needs one
+
+class _Buffers:
+    """The shared copy buffers: take() one, give() it back after one write."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[memoryview] = []
+        self._made = 0
+        self._small = threading.local()
+
+    def take(self) -> memoryview:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            make = self._made < BIG_BUFFERS
+            self._made += make
+        if make:
+            # Anonymous memory, not a bytearray (which fills all 4 MiB with
+            # zeros): a page costs memory only once a read was that long.
+            return memoryview(mmap.mmap(-1, COPY_BUF))
+        small: memoryview | None = getattr(self._small, "buf", None)
+        if small is None:
+            small = self._small.buf = memoryview(bytearray(SMALL_BUF))
+        return small
+
+    def give(self, buf: memoryview) -> None:
+        if len(buf) == COPY_BUF:
+            with self._lock:
+                self._free.append(buf)
 
 
-def _copy_buffer() -> memoryview:
-    # Anonymous memory, not a bytearray (which fills all 4 MiB with zeros):
-    # a page costs memory only once a body was that long, so an idle tunnel
-    # or a small answer holds next to nothing in the host-side proxy.
-    buf: memoryview | None = getattr(_relay, "buf", None)
-    if buf is None:
-        buf = _relay.buf = memoryview(mmap.mmap(-1, COPY_BUF))
-    return buf
+_buffers = _Buffers()
+
+
+def _wait_readable(sock: socket.socket) -> None:
+    """Block until `sock` has something to read (or EOF), as recv would,
+    within the socket's timeout."""
+    timeout = sock.gettimeout()
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
+    if not poller.poll(None if timeout is None else int(timeout * 1000)):
+        raise TimeoutError("timed out")
 
 
 class Truncated(BadRequest):
@@ -111,16 +151,26 @@ class Stream:
             del self.buf[:total]
         if n is not None and total == n:
             return total
-        view = _copy_buffer()
         recv_into, sendall = self.sock.recv_into, dst.sendall
         while n is None or total < n:
-            want = COPY_BUF if n is None else min(COPY_BUF, n - total)
-            got = recv_into(view, want)
+            view = _buffers.take()
+            try:
+                want = len(view) if n is None else min(len(view), n - total)
+                try:
+                    got = recv_into(view, want, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    got = -1  # nothing yet: wait without holding the buffer
+                if got > 0:
+                    sendall(view[:got])
+            finally:
+                _buffers.give(view)
+            if got < 0:
+                _wait_readable(self.sock)
+                continue
             if not got:
                 if n is None:
                     return total
                 raise Truncated("the connection closed inside a body")
-            sendall(view[:got])
             total += got
         return total
 
