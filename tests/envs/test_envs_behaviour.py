@@ -75,7 +75,7 @@ def test_overlay_probe_is_remembered(xdg: Path) -> None:
 def test_copy_fallback_when_overlay_is_off(bookworm: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NSBUILD_NO_OVERLAY", "1")
     with throwaway(load_config().get(bookworm)) as s:
-        assert s.copied and s.root == Bind(str(s.upper), "/")
+        assert s.copied and s.root == Bind(str(s.upper), "/", private=True)
         r = run(s.sandbox(["sh", "-c", "stat -c %U /var/cache/apt/archives/partial | "
                                        "grep -qx _apt && echo x > /etc/mark"]))  # fmt: skip
         assert r == 0

@@ -99,8 +99,9 @@ def test_cli_list_show_and_errors(xdg: Path) -> None:
     write(d, "bad", "Name: x\nPath: /x.tar\nFoo: 1\n")
     bad = nsbuild("env", "list", check=False)
     assert bad.returncode == 2
-    known = "Name, Type, Path, Aliases, Description, Suite, Architecture, Mirror, Bind-Mounts"
-    assert bad.stderr == f"nsbuild: {d / 'bad'}:3: unknown field 'Foo' (known: {known}, Unpack)\n"
+    known = ("Name, Type, Path, Aliases, Description, Suite, Architecture, Mirror, Bind-Mounts, "
+             "Unpack, Unpack-Limit")
+    assert bad.stderr == f"nsbuild: {d / 'bad'}:3: unknown field 'Foo' (known: {known})\n"
 
 
 def test_python_debian_is_not_imported_by_the_cli_module() -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 from nsbuild.envs.config import Config, load_config
 from nsbuild.envs.errors import EnvError
 from nsbuild.envs.owner import tmp_name, tmp_owner
-from nsbuild.envs.paths import Layout
+from nsbuild.envs.paths import Layout, cache_dir
 from nsbuild.envs.remove import remove_tree
 from nsbuild.envs.session import RECORD, Session
-from nsbuild.envs.store import base_complete, layout_for, tarball_digest, try_lock_for_delete
+from nsbuild.envs.store import base_complete, tarball_digest, try_lock_for_delete
 
 
 @dataclass
@@ -89,7 +89,9 @@ def _sessions(layout: Layout, report: GcReport, dry_run: bool) -> set[str]:
 def _configured_bases(config: Config, layout: Layout, report: GcReport) -> set[str]:
     digests: set[str] = set()
     for env in config:
-        if env.type == "tarball" and env.path and layout_for(env) == layout:
+        # Compared by path: an Unpack folder refused as not private is
+        # reported once by gc(), not again here.
+        if env.type == "tarball" and env.path and (env.unpack or cache_dir()) == layout.root:
             try:
                 digests.add(tarball_digest(layout, env.path))
             except EnvError as e:
@@ -145,7 +147,10 @@ def gc(dry_run: bool = False) -> GcReport:
     layouts = [Layout.default()]
     for env in config:
         if env.unpack and Layout(env.unpack) not in layouts:
-            layouts.append(Layout(env.unpack))
+            try:
+                layouts.append(Layout.private(env.unpack))
+            except EnvError as e:  # the others are still cleaned
+                report.errors.append(f"environment {env.name!r}: {e}")
     for layout in layouts:
         keep = _sessions(layout, report, dry_run)
         keep |= _configured_bases(config, layout, report)

@@ -10,6 +10,8 @@
     Mirror: http://deb.debian.org/debian
     Bind-Mounts: /srv/data:/data:ro, /home/me/src
     Unpack: /var/tmp/nsbuild      # optional: cache root for this environment's store
+    Unpack-Limit: 8G              # optional: most an unpack may write (default:
+                                  # 10 times the tarball's size on disk + 64M)
 
 Files in `$XDG_CONFIG_HOME/nsbuild/chroot.d/` win over `/etc/nsbuild/chroot.d/`;
 a file may hold several paragraphs. Field values are parsed by python-debian
@@ -43,6 +45,7 @@ FIELDS = (
     "Mirror",
     "Bind-Mounts",
     "Unpack",
+    "Unpack-Limit",
 )
 _CANONICAL = {f.lower(): f for f in FIELDS}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]*\Z")
@@ -73,6 +76,7 @@ class EnvConfig:
     mirrors: tuple[str, ...] = ()
     bind_mounts: tuple[BindMount, ...] = ()
     unpack: Path | None = None
+    unpack_limit: int | None = None  # bytes
     # Where it was declared, "FILE:LINE", for messages.
     source: str = field(default="", compare=False)
 
@@ -88,6 +92,7 @@ class EnvConfig:
             "mirrors": list(self.mirrors),
             "bind_mounts": [[b.src, b.dst, b.readonly] for b in self.bind_mounts],
             "unpack": str(self.unpack) if self.unpack else None,
+            "unpack_limit": self.unpack_limit,
             "source": self.source,
         }
 
@@ -101,6 +106,7 @@ class EnvConfig:
             v = d.get(key)
             return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else ()
 
+        limit = d.get("unpack_limit")
         binds: list[BindMount] = []
         raw = d.get("bind_mounts")
         for b in raw if isinstance(raw, list) else ():
@@ -117,6 +123,7 @@ class EnvConfig:
             mirrors=strs("mirrors"),
             bind_mounts=tuple(binds),
             unpack=Path(s("unpack")) if s("unpack") else None,
+            unpack_limit=limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
             source=s("source"),
         )
 
@@ -134,6 +141,7 @@ class EnvConfig:
             ("Mirror", " ".join(self.mirrors)),
             ("Bind-Mounts", ", ".join(str(b) for b in self.bind_mounts)),
             ("Unpack", str(self.unpack) if self.unpack else ""),
+            ("Unpack-Limit", _size_text(self.unpack_limit) if self.unpack_limit else ""),
         ):
             if value:
                 lines.append(f"{key}: {value}")
@@ -241,6 +249,24 @@ def _abs_path(value: str, where: str, key: str) -> Path:
     return path
 
 
+_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def _size(value: str, where: str, key: str) -> int:
+    """A size such as 8G, 512M or 1048576 (binary units; KiB, MB... alike)."""
+    m = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:i?B)?", value.strip(), re.IGNORECASE)
+    if not m or int(m.group(1)) == 0:
+        raise ConfigError(f"{where}: bad {key} {value.strip()!r} (want a size: 8G, 512M...)")
+    return int(m.group(1)) << _UNITS[m.group(2).upper()]
+
+
+def _size_text(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n % (1 << _UNITS[unit]) == 0:
+            return f"{n >> _UNITS[unit]}{unit}"
+    return str(n)
+
+
 def _bind_mounts(value: str, where: str) -> tuple[BindMount, ...]:
     out: list[BindMount] = []
     for item in (x.strip() for x in re.split(r"[,\n]", value)):
@@ -311,6 +337,10 @@ def _parse_paragraph(p: _Paragraph) -> EnvConfig:
         mirrors=mirrors,
         bind_mounts=_bind_mounts(value("Bind-Mounts"), where("Bind-Mounts")),
         unpack=_abs_path(value("Unpack"), where("Unpack"), "Unpack") if value("Unpack") else None,
+        unpack_limit=(
+            _size(value("Unpack-Limit"), where("Unpack-Limit"), "Unpack-Limit")
+            if value("Unpack-Limit") else None
+        ),
         source=f"{p.file}:{p.line}",
     )
 
@@ -371,11 +401,11 @@ def load_config(dirs: tuple[Path, ...] | None = None) -> Config:
 
     The parsed result is cached (keyed by the files' identities and mtimes) so
     that `nsbuild run --env` does not pay python-debian's import on every run."""
-    from nsbuild.envs.paths import cache_dir
+    from nsbuild.envs.paths import private_cache_dir
 
     dirs = dirs if dirs is not None else config_dirs()
     key = _fingerprint(dirs)
-    cache = cache_dir() / "config-cache.json"
+    cache = private_cache_dir() / "config-cache.json"
     try:
         data = json.loads(cache.read_text())
         if data["key"] == key:

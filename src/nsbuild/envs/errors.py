@@ -19,3 +19,7 @@ class ConfigError(EnvError):
 
 class UnsafeTarball(EnvError):
     """A tarball has a member that could write outside its target directory."""
+
+
+class CacheNotPrivate(EnvError):
+    """The cache folder is a symlink, not a folder, or belongs to someone else."""

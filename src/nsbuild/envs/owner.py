@@ -71,20 +71,29 @@ def tmp_owner(name: str) -> Owner | None:
     return Owner(int(parts[0]), int(parts[1]))
 
 
-def give_to_sandbox_root(*paths: os.PathLike[str] | str) -> None:
-    """Make `paths` belong to uid/gid 0 of the caller's sandboxes.
-
-    For a user that is already so (inside uid 0 is the caller). Run by root,
-    the sandbox's root is the first id of root's subordinate range, never host
-    root: an overlay upper dir made by host root would be read-only inside."""
+def sandbox_root_ids() -> tuple[int, int] | None:
+    """Host uid and gid of uid/gid 0 in the caller's sandboxes, when that is not
+    the caller (only when run by root: then its subordinate range's first id)."""
     if os.geteuid() != 0:
-        return
+        return None
     from nsbuild.sandbox import caller_idmap
 
     idmap = caller_idmap()
     uid = next((r.outside for r in idmap.uids if r.inside == 0), None)
     gid = next((r.outside for r in idmap.gids if r.inside == 0), None)
     if uid is None or gid is None or (uid, gid) == (0, 0):
+        return None
+    return uid, gid
+
+
+def give_to_sandbox_root(*paths: os.PathLike[str] | str) -> None:
+    """Make `paths` belong to uid/gid 0 of the caller's sandboxes.
+
+    For a user that is already so (inside uid 0 is the caller). Run by root,
+    the sandbox's root is the first id of root's subordinate range, never host
+    root: an overlay upper dir made by host root would be read-only inside."""
+    ids = sandbox_root_ids()
+    if ids is None:
         return
     for path in paths:
-        os.chown(path, uid, gid)
+        os.chown(path, *ids)

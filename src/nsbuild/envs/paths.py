@@ -10,6 +10,10 @@
         sessions/ID/{upper,work}/         a copy-on-write session over a base
         sessions/ID/session.json          what it is, and who owns it
 
+The top folder is private (mode 0700, see `ensure_private`): below it lie
+unpacked bases with world-writable directories and setuid files, and open
+sessions' trees; no other local user may walk into them.
+
 Everything being created is first made under a `.tmp-PID-START-RANDOM` name
 and renamed into place when complete, so a crash leaves only names that say
 which (dead) process made them, and `nsbuild gc` can remove them safely.
@@ -20,8 +24,12 @@ overlayfs requires.
 from __future__ import annotations
 
 import os
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from nsbuild.envs.errors import CacheNotPrivate
 
 SYSTEM_CONFIG_DIR = Path("/etc/nsbuild/chroot.d")
 
@@ -51,6 +59,72 @@ def cache_dir() -> Path:
     return _xdg("XDG_CACHE_HOME", ".cache") / "nsbuild"
 
 
+def private_cache_dir() -> Path:
+    """`cache_dir()`, made or checked private: use this to open the cache."""
+    return ensure_private(cache_dir())
+
+
+def _owners() -> tuple[int, ...]:
+    """Who may own a cache root. Root's sandboxes run as the first id of its
+    subordinate range, and must walk into the cache to mount their layers:
+    root's cache belongs to that id (no other user has it)."""
+    me = os.geteuid()
+    if me != 0:
+        return (me,)
+    from nsbuild.envs.owner import sandbox_root_ids
+
+    ids = sandbox_root_ids()
+    return (me,) if ids is None else (ids[0], me)
+
+
+def ensure_private(root: Path) -> Path:
+    """Make the cache folder `root` (mode 0700, owned by the user) if missing;
+    return it once no other user can walk into it.
+
+    A folder of ours open to others is closed (chmod 0700) with a notice; a
+    symlink, a non-folder or a folder of someone else is refused
+    (CacheNotPrivate): a link or a folder another user controls could put
+    the store, sessions and logs where that user reads and writes them."""
+    owners = _owners()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise CacheNotPrivate(f"{root}: cannot make the cache folder: {e.strerror}") from e
+    try:
+        # O_NOFOLLOW: what is checked and repaired is the folder itself, not
+        # where a link swapped in meanwhile points. O_PATH: a folder of
+        # someone else may be unreadable, and must still be named.
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        what = "a symlink" if os.path.islink(root) else f"not a usable folder ({e.strerror})"
+        raise CacheNotPrivate(
+            f"{root}: the cache folder is {what}; refusing to use it "
+            "(remove it, or set XDG_CACHE_HOME elsewhere)"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in owners:
+            raise CacheNotPrivate(
+                f"{root}: the cache folder belongs to uid {st.st_uid}, not to you; "
+                "refusing to use it (set XDG_CACHE_HOME elsewhere)"
+            )
+        here = f"/proc/self/fd/{fd}"  # the opened folder itself, whatever its path is now
+        if st.st_uid != owners[0]:
+            os.chown(here, owners[0], -1)  # root's cache, made before it was handed over
+        mode = stat.S_IMODE(st.st_mode)
+        if mode != 0o700:
+            os.chmod(here, 0o700)
+            if mode & 0o077:
+                print(f"nsbuild: {root} was open to other users: made it private (mode 0700)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+    finally:
+        os.close(fd)
+    return root
+
+
 @dataclass(frozen=True)
 class Layout:
     """The folders of one cache root; `Layout.default()` follows $XDG_CACHE_HOME."""
@@ -59,7 +133,12 @@ class Layout:
 
     @classmethod
     def default(cls) -> Layout:
-        return cls(cache_dir())
+        return cls(private_cache_dir())
+
+    @classmethod
+    def private(cls, root: Path) -> Layout:
+        """The layout at `root` (an environment's `Unpack:`), checked private."""
+        return cls(ensure_private(root))
 
     @property
     def tarballs(self) -> Path:
@@ -91,5 +170,6 @@ class Layout:
         return self.sessions / session_id
 
     def ensure(self) -> None:
+        ensure_private(self.root)
         for d in (self.tarballs, self.digests, self.bases, self.locks, self.sessions):
             d.mkdir(parents=True, exist_ok=True)

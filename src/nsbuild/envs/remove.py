@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from nsbuild.envs.errors import EnvError
+from nsbuild.printable import printable
 
 
 def _unescape(field: str) -> str:
@@ -53,14 +54,17 @@ def _rm_in_userns(path: Path) -> None:
         argv=("rm", "-rf", "--one-file-system", "--", f"/target/{name}"),
         idmap=caller_idmap(),
         root=Tmpfs("/"),
-        mounts=(*host_view(), Bind(str(parent), "/target")),
+        # rm makes nothing; `private` only spares it the setuid filter.
+        mounts=(*host_view(), Bind(str(parent), "/target", private=True)),
     )
     proc = spawn(spec, stderr=PIPE)
     assert proc.stderr is not None
-    err = proc.stderr.read().decode(errors="replace").strip()
+    # rm's messages name files a sandbox made: bounded, and escaped.
+    err = proc.stderr.read(64 << 10).decode(errors="replace").strip()
     proc.stderr.close()
     if proc.wait() != 0 or os.path.lexists(path):
-        raise EnvError(f"{path}: cannot remove inside the user namespace: {err or 'rm failed'}")
+        why = printable(err.splitlines()[0], 300) if err else "rm failed"
+        raise EnvError(f"{path}: cannot remove inside the user namespace: {why}")
 
 
 def remove_tree(path: Path) -> None:

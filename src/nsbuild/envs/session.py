@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsbuild.envs.config import EnvConfig, load_config
-from nsbuild.envs.errors import EnvError
+from nsbuild.envs.errors import ConfigError, EnvError
 from nsbuild.envs.overlay import overlay_usable
 from nsbuild.envs.owner import Owner, give_to_sandbox_root, tmp_name
 from nsbuild.envs.paths import Layout
@@ -92,7 +92,9 @@ class Session:
         if self.config.type == "host":
             return Tmpfs("/")
         if self.copied:
-            return Bind(str(self.upper), "/")
+            # The session's own tree, under the private cache: dpkg in it
+            # may make setuid files.
+            return Bind(str(self.upper), "/", private=True)
         # A throwaway session is discarded after use (and by gc after a
         # crash): its writes need not survive a power loss.
         volatile = self.kind == "throwaway"
@@ -231,7 +233,7 @@ def _copy_layers(lowers: Sequence[str], upper: Path) -> None:
         argv=("sh", "-c", script),
         idmap=caller_idmap(),
         root=Tmpfs("/"),
-        mounts=(*host_view(), *binds, Bind(str(upper), "/upper")),
+        mounts=(*host_view(), *binds, Bind(str(upper), "/upper", private=True)),
     )
     status = run(spec)
     if status != 0:
@@ -317,10 +319,12 @@ def begin_session(name_or_config: str | EnvConfig) -> Session:
 def _layouts() -> list[Layout]:
     layouts = [Layout.default()]
     # Environments with their own Unpack folder keep their sessions there.
-    with contextlib.suppress(EnvError):
-        for env in load_config():
-            if env.unpack and Layout(env.unpack) not in layouts:
-                layouts.append(Layout(env.unpack))
+    unpacks: list[Path] = []
+    with contextlib.suppress(ConfigError):
+        unpacks = [env.unpack for env in load_config() if env.unpack]
+    for root in unpacks:
+        if Layout(root) not in layouts:
+            layouts.append(Layout.private(root))
     return layouts
 
 

@@ -5,6 +5,12 @@ overlayfs over the unpacked base instead of unpacking again. Hashing a big
 tarball on every use would spoil that, so the digest is remembered per
 (path, device, inode, size, mtime); a changed file is hashed again.
 
+The tarball is opened once, as a regular file (never a FIFO or a device),
+and what is unpacked is read from that same descriptor and hashed as it
+streams: a tarball swapped or rewritten after its digest was taken is
+refused, never stored under the old digest. What an unpack may write is
+bounded (`unpack_limit`), so a small tarball cannot expand to fill the disk.
+
 Locking (fcntl.flock on store/locks/SHA.lock): users hold it shared while
 they look up a base and record a session that refers to it; unpacking and
 deleting hold it exclusive. So two first uses do not both unpack, and gc
@@ -16,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -33,6 +41,14 @@ from nsbuild.envs.owner import give_to_sandbox_root, tmp_name
 from nsbuild.envs.paths import Layout
 from nsbuild.envs.remove import remove_tree
 from nsbuild.envs.tarcheck import TarReport, sanitize
+from nsbuild.printable import printable
+
+# What an unpack may write by default: this many times the tarball's size on
+# disk, plus SLACK. Compressed Debian bases expand about 4 to 6 times; a
+# sparse member or a stream of compressed zeros expands without bound.
+EXPANSION = 10
+SLACK = 64 << 20
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -44,7 +60,49 @@ class Base:
 
 
 def layout_for(env: EnvConfig) -> Layout:
-    return Layout(env.unpack) if env.unpack else Layout.default()
+    return Layout.private(env.unpack) if env.unpack else Layout.default()
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(st: os.stat_result) -> str | None:
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "of an unknown type")
+    return f"not a regular file ({kind})"
+
+
+@contextlib.contextmanager
+def opened_tarball(path: Path) -> Iterator[int]:
+    """A read-only descriptor of the tarball at `path`: a regular file the user
+    can read (a symlink only to one). Anything else is an EnvError naming the
+    path: a FIFO would hang every reader, /dev/zero never ends.
+
+    The type is checked before opening (so a device is never opened) and
+    again on the descriptor; O_NONBLOCK keeps a FIFO swapped in between from
+    blocking the open."""
+    try:
+        why = _not_regular(os.stat(path))
+        if why is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            why = _not_regular(os.fstat(fd))
+            if why is not None:
+                os.close(fd)
+    except OSError as e:
+        raise EnvError(f"{path}: cannot use tarball: {e.strerror}") from None
+    if why is not None:
+        raise EnvError(f"{path}: cannot use tarball: {why}")
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _digest_record(layout: Layout, path: Path) -> Path:
@@ -56,34 +114,59 @@ def _stat_key(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def remember_digest(layout: Layout, path: Path, digest: str) -> None:
-    """Record `digest` as the sha256 of `path` as it is now (for a file we just wrote)."""
+def _remember(layout: Layout, path: Path, st: os.stat_result, digest: str) -> None:
     layout.digests.mkdir(parents=True, exist_ok=True)
     record = _digest_record(layout, path)
     tmp = record.with_name(f"{tmp_name()}.json")
-    tmp.write_text(
-        json.dumps({"path": str(path), "stat": _stat_key(os.stat(path)), "sha256": digest})
-    )
+    tmp.write_text(json.dumps({"path": str(path), "stat": _stat_key(st), "sha256": digest}))
     os.replace(tmp, record)
 
 
-def tarball_digest(layout: Layout, path: Path) -> str:
-    """sha256 of the tarball at `path`, hashed only when the file changed."""
+def remember_digest(layout: Layout, path: Path, digest: str) -> None:
+    """Record `digest` as the sha256 of `path` as it is now (for a file we just wrote)."""
+    _remember(layout, path, os.stat(path), digest)
+
+
+def _hash_fd(fd: int, path: Path) -> str:
+    h = hashlib.sha256()
+    offset = 0
     try:
-        st = os.stat(path)
+        while chunk := os.pread(fd, _CHUNK, offset):
+            h.update(chunk)
+            offset += len(chunk)
     except OSError as e:
-        raise EnvError(f"{path}: cannot use tarball: {e.strerror}") from e
+        raise EnvError(f"{path}: cannot read tarball: {e.strerror}") from None
+    return h.hexdigest()
+
+
+def _digest_of(layout: Layout, path: Path, fd: int) -> str:
+    """sha256 of the open tarball `fd`, hashed only when the file changed."""
+    st = os.fstat(fd)
     record = _digest_record(layout, path)
     try:
         cached = json.loads(record.read_text())
         if cached.get("stat") == _stat_key(st):
             return str(cached["sha256"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    remember_digest(layout, path, digest)
+    digest = _hash_fd(fd, path)
+    _remember(layout, path, st, digest)
     return digest
+
+
+def tarball_digest(layout: Layout, path: Path) -> str:
+    """sha256 of the tarball at `path`, hashed only when the file changed."""
+    with opened_tarball(path) as fd:
+        return _digest_of(layout, path, fd)
+
+
+def unpack_limit(env: EnvConfig, fd: int) -> int:
+    """Bytes an unpack of `env`'s open tarball may write: its `Unpack-Limit:`,
+    else EXPANSION times the space the tarball takes on disk, plus SLACK
+    (space on disk, not its length: a sparse tarball is small on disk)."""
+    if env.unpack_limit is not None:
+        return env.unpack_limit
+    return EXPANSION * os.fstat(fd).st_blocks * 512 + SLACK
 
 
 @contextlib.contextmanager
@@ -111,28 +194,78 @@ def base_complete(layout: Layout, digest: str) -> bool:
     return (layout.base_dir(digest) / "meta.json").exists()
 
 
-def _decompressor(path: Path) -> list[str] | None:
-    """tarfile reads gz/bz2/xz itself; zstd (mmdebstrap's .tar.zst) needs a helper."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    return ["zstd", "-dcq", "--", str(path)] if magic == b"\x28\xb5\x2f\xfd" else None
+class _HashingReader(io.RawIOBase):
+    """Reads a descriptor from its start, hashing every byte read: the digest
+    is of exactly what was read (pread: the file offset is not shared)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.offset = 0
+        self.sha256 = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = os.pread(self.fd, len(buffer), self.offset)
+        n = len(data)
+        buffer[:n] = data
+        self.offset += n
+        self.sha256.update(data)
+        return n
 
 
-def _feed(path: Path, sink: IO[bytes], label: str, result: list[TarReport | BaseException]) -> None:
+
+def _pump(src: IO[bytes], dst: IO[bytes]) -> None:
+    """Thread body: copy `src` to `dst` until either ends, then close `dst`."""
+    try:
+        while chunk := src.read(_CHUNK):
+            dst.write(chunk)
+    except (BrokenPipeError, ValueError):
+        pass  # the reader stopped (done, or failed: the caller says why)
+    finally:
+        with contextlib.suppress(OSError):
+            dst.close()
+
+
+def _drain(src: IO[bytes]) -> None:
+    """Read (and so hash) what the extraction left unread, to the end."""
+    while src.read(_CHUNK):
+        pass
+
+
+def _sanitize_stream(raw: _HashingReader, sink: IO[bytes], label: str, limit: int,
+                     hint: str) -> TarReport:
+    """Check the tarball read through `raw` into `sink`, then read `raw` to its
+    end. tarfile reads gz/bz2/xz itself; zstd (mmdebstrap's .tar.zst) needs a
+    helper, fed from the same reader so that what it reads is hashed too."""
+    src = io.BufferedReader(raw, _CHUNK)
+    if src.peek(4)[:4] != b"\x28\xb5\x2f\xfd":
+        report = sanitize(src, sink, label, limit, hint)
+        _drain(src)
+        return report
+    unzstd = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert unzstd.stdin is not None and unzstd.stdout is not None
+    pump = threading.Thread(target=_pump, args=(src, unzstd.stdin))
+    pump.start()
+    try:
+        report = sanitize(unzstd.stdout, sink, label, limit, hint)
+    finally:
+        # zstd may hold data past the end of the archive: stop it (the pump
+        # then stops too), and read the rest of the file here.
+        unzstd.kill()
+        pump.join()
+        unzstd.stdout.close()
+        unzstd.wait()
+    _drain(src)
+    return report
+
+
+def _feed(raw: _HashingReader, sink: IO[bytes], label: str, limit: int, hint: str,
+          result: list[TarReport | BaseException]) -> None:
     """Thread body: read the tarball, write the checked stream to `sink`."""
     try:
-        cmd = _decompressor(path)
-        if cmd:
-            unzstd = subprocess.Popen(cmd, stdout=subprocess.PIPE)
-            assert unzstd.stdout is not None
-            try:
-                result.append(sanitize(unzstd.stdout, sink, label))
-            finally:
-                unzstd.kill()
-                unzstd.wait()
-        else:
-            with open(path, "rb") as f:
-                result.append(sanitize(f, sink, label))
+        result.append(_sanitize_stream(raw, sink, label, limit, hint))
     except BaseException as e:  # handed to the main thread
         result.append(e)
     finally:
@@ -140,13 +273,15 @@ def _feed(path: Path, sink: IO[bytes], label: str, result: list[TarReport | Base
             sink.close()
 
 
-def extract(tarball: Path, target: Path) -> TarReport:
-    """Unpack `tarball` into the empty directory `target`, inside a user namespace.
+def extract(fd: int, label: str, target: Path, limit: int, hint: str = ""
+            ) -> tuple[TarReport, str]:
+    """Unpack the open tarball `fd` into the empty directory `target`, inside a
+    user namespace; return what was unpacked and the sha256 of the bytes read.
 
     `tar` runs as root of the subuid map (so ownership and modes are kept) in a
     sandbox that can write only to `target`, and reads the checked stream made
-    by tarcheck.sanitize. Raises UnsafeTarball or EnvError; the caller removes
-    `target` then."""
+    by tarcheck.sanitize, which refuses to pass on more than `limit` bytes.
+    Raises UnsafeTarball or EnvError; the caller removes `target` then."""
     from nsbuild.sandbox import PIPE, Bind, Sandbox, Tmpfs, caller_idmap, host_view, spawn
 
     spec = Sandbox(
@@ -158,25 +293,28 @@ def extract(tarball: Path, target: Path) -> TarReport:
         ),
         idmap=caller_idmap(),
         root=Tmpfs("/"),
-        mounts=(*host_view(), Bind(str(target), "/target")),
+        # Under the private store: setuid files of the base are kept.
+        mounts=(*host_view(), Bind(str(target), "/target", private=True)),
     )  # fmt: skip
     proc = spawn(spec, stdin=PIPE, stderr=PIPE)
     assert proc.stdin is not None and proc.stderr is not None
     result: list[TarReport | BaseException] = []
-    feeder = threading.Thread(target=_feed, args=(tarball, proc.stdin, str(tarball), result))
+    raw = _HashingReader(fd)
+    feeder = threading.Thread(target=_feed, args=(raw, proc.stdin, label, limit, hint, result))
     feeder.start()
-    err = proc.stderr.read().decode(errors="replace").strip()
+    # tar's messages name members: bounded and escaped before they are shown.
+    err = proc.stderr.read(64 << 10).decode(errors="replace").strip()
     proc.stderr.close()
     status = proc.wait()
     feeder.join()
-    outcome = result[0] if result else EnvError(f"{tarball}: extraction thread failed")
+    outcome = result[0] if result else EnvError(f"{label}: extraction thread failed")
     if isinstance(outcome, UnsafeTarball | EnvError):
         raise outcome
     if isinstance(outcome, BaseException) and not isinstance(outcome, BrokenPipeError):
-        raise EnvError(f"{tarball}: cannot read: {outcome}") from outcome
+        raise EnvError(f"{label}: cannot read: {outcome}") from outcome
     if status != 0 or not isinstance(outcome, TarReport):
-        raise EnvError(f"{tarball}: unpacking into {target} failed: {_tar_error(err, status)}")
-    return outcome
+        raise EnvError(f"{label}: unpacking into {target} failed: {_tar_error(err, status)}")
+    return outcome, raw.sha256.hexdigest()
 
 
 def _tar_error(err: str, status: int) -> str:
@@ -185,19 +323,26 @@ def _tar_error(err: str, status: int) -> str:
     lines = [ln for ln in err.splitlines() if ln and "Exiting with failure status" not in ln]
     if any("No space left on device" in ln for ln in lines):
         return "the cache filesystem is full (No space left on device)"
-    return lines[0] if lines else f"tar exit status {status}"
+    return printable(lines[0], 300) if lines else f"tar exit status {status}"
 
 
-def _unpack(layout: Layout, tarball: Path, digest: str) -> None:
+def _unpack(layout: Layout, env: EnvConfig, fd: int, digest: str) -> None:
+    assert env.path is not None
     layout.bases.mkdir(parents=True, exist_ok=True)
     tmp = layout.bases / tmp_name()
     (tmp / "root").mkdir(parents=True)
     give_to_sandbox_root(tmp / "root")
+    limit = unpack_limit(env, fd)
+    hint = f" (if the tarball is genuine, raise Unpack-Limit: in {env.source or 'its config'})"
     try:
         start = time.monotonic()
-        report = extract(tarball, tmp / "root")
+        report, read = extract(fd, str(env.path), tmp / "root", limit, hint)
+        if read != digest:
+            # The file changed since it was hashed: what was unpacked is not
+            # what the store entry would be named after.
+            raise EnvError(f"{env.path}: changed while it was being unpacked; try again")
         meta = {
-            "tarball": str(tarball),
+            "tarball": str(env.path),
             "sha256": digest,
             "members": report.members,
             "bytes": report.bytes,
@@ -228,18 +373,21 @@ def use_base(env: EnvConfig, quiet: bool = False) -> Iterator[Base]:
     if env.type != "tarball" or env.path is None:
         raise EnvError(f"environment {env.name!r} of Type {env.type} has no base layer")
     layout = layout_for(env)
-    digest = tarball_digest(layout, env.path)
-    with locked_file(layout.base_lock(digest), fcntl.LOCK_SH) as fd:
-        if not base_complete(layout, digest):
-            # Converting to exclusive waits for other users and unpackers; then
-            # look again: someone else may have unpacked it meanwhile.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with contextlib.ExitStack() as held:
+        # One descriptor is hashed and, if needed, unpacked.
+        with opened_tarball(env.path) as tarball:
+            digest = _digest_of(layout, env.path, tarball)
+            fd = held.enter_context(locked_file(layout.base_lock(digest), fcntl.LOCK_SH))
             if not base_complete(layout, digest):
-                if not quiet:
-                    print(f"nsbuild: unpacking {env.path} for {env.name!r} (once)...",
-                          file=sys.stderr, flush=True)  # fmt: skip
-                _unpack(layout, env.path, digest)
-            fcntl.flock(fd, fcntl.LOCK_SH)
+                # Converting to exclusive waits for other users and unpackers; then
+                # look again: someone else may have unpacked it meanwhile.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not base_complete(layout, digest):
+                    if not quiet:
+                        print(f"nsbuild: unpacking {env.path} for {env.name!r} (once)...",
+                              file=sys.stderr, flush=True)  # fmt: skip
+                    _unpack(layout, env, tarball, digest)
+                fcntl.flock(fd, fcntl.LOCK_SH)
         yield Base(layout.base_dir(digest) / "root", digest)
 
 
@@ -280,9 +428,10 @@ def disk_usage(path: Path) -> int:
     total = 0
     seen: set[tuple[int, int]] = set()
     try:
-        dev = os.lstat(path).st_dev
+        st_root = os.lstat(path)
     except OSError:
         return 0
+    dev = st_root.st_dev
     for dirpath, dirnames, filenames in os.walk(path):
         for name in dirnames + filenames:
             try:
@@ -294,6 +443,14 @@ def disk_usage(path: Path) -> int:
             if (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512
-        # Do not descend into other filesystems or unreadable dirs.
-        dirnames[:] = [d for d in dirnames if os.lstat(os.path.join(dirpath, d)).st_dev == dev]
-    return total + os.lstat(path).st_blocks * 512
+        # Do not descend into other filesystems; a session may remove what
+        # was just listed.
+        dirnames[:] = [d for d in dirnames if _same_dev(os.path.join(dirpath, d), dev)]
+    return total + st_root.st_blocks * 512
+
+
+def _same_dev(path: str, dev: int) -> bool:
+    try:
+        return os.lstat(path).st_dev == dev
+    except OSError:
+        return False

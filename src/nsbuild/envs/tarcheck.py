@@ -17,6 +17,13 @@ than `security.capability` are dropped (a `user.overlay.*` attribute in a
 lower layer would steer overlayfs), and every pax header that could carry a
 path is rebuilt from the checked name.
 
+Bounded: an extended header (pax, GNU long name) of more than _MAX_HEADER
+bytes is refused before tarfile reads it whole into memory; the members'
+sizes (a sparse member counts at its full size, as tar writes it) and a
+header's worth per member add up to at most the caller's limit, checked
+before a member is passed on: a small compressed or sparse tarball cannot
+fill the disk.
+
 Extraction also runs in a sandbox that can write only to its target, so even
 a mistake here cannot write outside the store.
 """
@@ -30,6 +37,30 @@ from typing import IO
 from nsbuild.envs.errors import UnsafeTarball
 
 _KEPT_XATTRS = ("SCHILY.xattr.security.capability",)
+# What a member costs besides its data (its header, about an inode).
+_MEMBER_COST = 512
+# tarfile reads an extended header whole: bound it (real ones hold a path).
+_MAX_HEADER = 1 << 20
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+             tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses an oversized extended header before reading it."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED and self.size > _MAX_HEADER:
+            raise tarfile.HeaderError(
+                f"extended header of {self.size} bytes (at most {_MAX_HEADER})"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
+
+
+def human_size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
 
 
 @dataclass
@@ -60,7 +91,8 @@ class _Checker:
         self.seen: set[str] = set()
 
     def refuse(self, member: tarfile.TarInfo, why: str) -> UnsafeTarball:
-        return UnsafeTarball(f"{self.label}: refusing member {member.name!r}: {why}")
+        name = member.name if len(member.name) <= 200 else member.name[:200] + "..."
+        return UnsafeTarball(f"{self.label}: refusing member {name!r}: {why}")
 
     def _through_symlink(self, path: str) -> str | None:
         parts = path.split("/")
@@ -106,16 +138,21 @@ def _scrub(m: tarfile.TarInfo, name: str) -> None:
     m.uname = m.gname = ""  # extraction uses --numeric-owner
 
 
-def sanitize(src: IO[bytes], dst: IO[bytes], label: str) -> TarReport:
+def sanitize(
+    src: IO[bytes], dst: IO[bytes], label: str, limit: int | None = None, hint: str = ""
+) -> TarReport:
     """Copy the tar stream `src` (optionally gz/bz2/xz) to `dst` as a checked pax stream.
 
-    Raises UnsafeTarball on the first hostile member; whatever was written to
-    `dst` by then must be discarded by the caller."""
+    Raises UnsafeTarball on the first hostile member, or on the member that
+    would take what is written past `limit` bytes (`hint` then says how to
+    raise it); whatever was written to `dst` by then must be discarded by the
+    caller."""
     report = TarReport()
     checker = _Checker(label)
+    written = 0
     try:
         with (
-            tarfile.open(fileobj=src, mode="r|*") as tin,
+            tarfile.open(fileobj=src, mode="r|*", tarinfo=_BoundedTarInfo) as tin,
             tarfile.open(fileobj=dst, mode="w|", format=tarfile.PAX_FORMAT) as tout,
         ):
             for m in tin:
@@ -125,6 +162,11 @@ def sanitize(src: IO[bytes], dst: IO[bytes], label: str) -> TarReport:
                 if not (m.isreg() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
                     raise checker.refuse(m, f"unsupported member type {m.type!r}")
                 name = checker.check(m)
+                written += _MEMBER_COST + (m.size if m.isreg() else 0)
+                if limit is not None and written > limit:
+                    raise checker.refuse(
+                        m, f"unpacked, it would exceed the limit of {human_size(limit)}{hint}"
+                    )
                 data = tin.extractfile(m) if m.isreg() else None
                 _scrub(m, name)
                 tout.addfile(m, data)

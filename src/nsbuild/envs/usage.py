@@ -68,8 +68,10 @@ def env_usage() -> list[EnvUsage]:
             try:
                 row.tarball_bytes = env.path.stat().st_size
                 row.base = tarball_digest(layout, env.path)
-            except (OSError, EnvError):
+            except OSError:
                 row.status = "tarball missing"
+            except EnvError as e:
+                row.status = f"tarball unusable ({e})"
             else:
                 if base_complete(layout, row.base):
                     row.base_bytes = disk_usage(layout.base_dir(row.base))
