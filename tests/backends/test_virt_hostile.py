@@ -15,6 +15,7 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from virt_helpers import Env
@@ -174,3 +175,49 @@ def test_a_huge_file_of_the_testbed_is_never_read_whole(server_env: Env) -> None
         srv.stop()
     assert read < 256 << 20, f"the server read {read >> 20} MiB"
     assert not (cache / "apt-lists" / os.path.basename(release)).exists()
+
+
+def test_what_the_servers_own_commands_print_reaches_the_terminal_escaped(
+    server_env: Env, tmp_path: Path
+) -> None:
+    proc = subprocess.Popen(["autopkgtest-virt-nsbuild", "bookworm"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+
+    def say(line: str) -> str:
+        proc.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+        return proc.stdout.readline().decode()  # type: ignore[union-attr]
+
+    try:
+        assert proc.stdout.readline() == b"ok\n"
+        assert say("open").startswith("ok ")
+        ex = [unquote(a) for a in say("print-execute-command").split()[1].split(",")]
+        # The testbed's `cat`, which copyup runs, now writes a terminal title
+        # and clears the screen.
+        _ok(ex, "printf '#!/bin/sh\\nprintf \"\\\\033]0;PWNED\\\\007\\\\033[2J\" >&2\\nexit 1\\n' "
+                "> /usr/bin/cat && chmod 755 /usr/bin/cat")  # fmt: skip
+        assert say(f"copyup /etc/hostname {tmp_path}/hostname") == "copy-failed\n"
+        proc.stdin.write(b"quit\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=120) == 0
+        err = proc.stderr.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "\x1b" not in err and "\x07" not in err, repr(err)
+    assert "\\x1b]0;PWNED\\x07\\x1b[2J" in err, err
+
+
+def test_the_client_escapes_what_a_server_says(tmp_path: Path) -> None:
+    # Any virt server's stderr may carry what its testbed printed.
+    program = tmp_path / "autopkgtest-virt-loud"
+    program.write_text("#!/bin/sh\nprintf '\\033]0;PWNED\\007\\n' >&2\n"
+                       "printf '\\033[2Jnot the protocol\\n'\nsleep 5\n")  # fmt: skip
+    program.chmod(0o755)
+    with pytest.raises(VirtServerError) as failed:
+        VirtServer([str(program)])
+    said = str(failed.value)
+    assert "\x1b" not in said and "\x07" not in said, repr(said)
+    assert "\\x1b[2Jnot the protocol" in said and "\\x1b]0;PWNED\\x07" in said, said

@@ -27,6 +27,7 @@ from typing import NoReturn
 from urllib.parse import quote, unquote
 
 from nsbuild.backends.base import BackendError
+from nsbuild.printable import printable
 
 # Seconds to wait for an answer, by kind of command. `open` and `revert` may
 # unpack a tarball or boot a machine; copies move whole trees.
@@ -209,8 +210,7 @@ class VirtServer:
         line = self._readline(what, timeout)
         words = line.split()
         if not words or words[0] != "ok" or (exact and len(words) != 1):
-            shown = line if len(line) <= 80 else line[:77] + "..."
-            self._fail(f"answered {what} with {shown!r}, expected 'ok'")
+            self._fail(f"answered {what} with '{printable(line, 80)}', expected 'ok'")
         return words[1:]
 
     def _readline(self, what: str, timeout: float) -> str:
@@ -239,7 +239,7 @@ class VirtServer:
         raw, _, self._buffer = self._buffer.partition(b"\n")
         line = raw.decode(errors="replace").strip()
         if self.debug:
-            print(f"nsbuild: virt <- {line}", flush=True, file=sys.stderr)
+            print(f"nsbuild: virt <- {printable(line)}", flush=True, file=sys.stderr)
         return line
 
     def _died(self, doing: str) -> NoReturn:
@@ -271,7 +271,8 @@ class VirtServer:
             lines = self._stderr.read().decode(errors="replace").strip().splitlines()
         except (OSError, ValueError):
             return ""
-        return lines[-1].strip()[:200] if lines else ""
+        # The server's stderr carries what its testbed printed: escaped.
+        return printable(lines[-1].strip(), 200) if lines else ""
 
 
 def _group_alive(pgid: int) -> bool:

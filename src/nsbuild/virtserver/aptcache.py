@@ -139,7 +139,8 @@ class AptCache:
                 part.mkdir(parents=True)
             give_to_sandbox_root(*parts)
         self._keyring(lowers)
-        self.cache.mkdir(parents=True, exist_ok=True)
+        # The owner's alone: another user must not plant a .deb or a list here.
+        self.cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         with _locked(self.cache / ".lock", fcntl.LOCK_SH, self.notice):
             for name, pattern in ((LISTS, _LIST_RE), (ARCHIVES, _DEB_RE)):
                 for fname, src in _files(self.cache / name, pattern).items():
@@ -186,7 +187,7 @@ class AptCache:
         if not new:
             return
         cache = self.cache / LISTS
-        cache.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         cached = _files(cache, _LIST_RE)
         take: dict[str, Path] = {}
         drop: set[str] = set()
@@ -284,7 +285,7 @@ class AptCache:
         if not new:
             return
         cache = self.cache / ARCHIVES
-        cache.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         known = _deb_hashes(list(_files(self.cache / LISTS, _LIST_RE).values()), set(new))
         taken = 0
         for fname, path in sorted(new.items()):

@@ -23,6 +23,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from typing import IO, TYPE_CHECKING, NoReturn
@@ -90,6 +91,7 @@ class Server:
         self.live: LiveSandbox | None = None
         self.normal_user: str | None = None
         self._stack = ExitStack()
+        self._relays: list[threading.Thread] = []
 
     # -- the conversation --
 
@@ -224,11 +226,28 @@ class Server:
         return [sys.executable, "-I", "-S", "-c", boot_code(), str(self.testbed.record),
                 *self.live.execute_args()]  # fmt: skip
 
-    def _spawn(self, argv: list[str], stdin: int | None, stdout: int | None) -> Process:
+    def _spawn(self, argv: list[str], stdin: int | None, stdout: int | None,
+               stderr: int | None = None) -> Process:  # fmt: skip
+        """A command of the server's own in the testbed. What it prints (stdout
+        too: ours carries the protocol only) reaches our stderr through a
+        relay, escaped: the testbed may have replaced the program."""
         assert self.live is not None
-        # stdout defaults to our stderr: our stdout carries the protocol only.
-        return self.live.start(argv, stdin=stdin if stdin is not None else _devnull(),
-                               stdout=stdout if stdout is not None else 2, stderr=2)  # fmt: skip
+        out, relay = _relay()
+        self._relays.append(relay)
+        try:
+            return self.live.start(argv, stdin=stdin if stdin is not None else _devnull(),
+                                   stdout=stdout if stdout is not None else out,
+                                   stderr=stderr if stderr is not None else out)  # fmt: skip
+        finally:
+            os.close(out)
+
+    def drain_output(self) -> None:
+        """Let the output of the commands just run reach our stderr before
+        the answer (a process they left running may keep its relay open)."""
+        deadline = time.monotonic() + RELAY_GRACE
+        for relay in self._relays:
+            relay.join(max(0.0, deadline - time.monotonic()))
+        self._relays = [r for r in self._relays if r.is_alive()]
 
     def _run_inside(self, argv: list[str], *, timeout: float, stdin: int | None = None,
                     stdout: int | None = None) -> int:  # fmt: skip
@@ -414,7 +433,7 @@ class Server:
         except OSError as e:
             raise CommandFailed("shell-failed", f"shell: no terminal: {e}") from None
         try:
-            proc = self._spawn(["sh", "-c", script], tty, tty)
+            proc = self._spawn(["sh", "-c", script], tty, tty, tty)
             proc.wait()
         finally:
             os.close(tty)
@@ -461,6 +480,42 @@ def _why(e: Exception) -> str:
         where = os.fsdecode(name) if isinstance(name, bytes) else str(name)
         return e.strerror + (f": {printable(where, 200)}" if where else "")
     return printable(str(e))
+
+
+# Lines of one command relayed, at most; the rest is read and counted.
+RELAY_LINES = 50
+RELAY_LINE_BYTES = 1024
+# How long an answer waits for the output of the command it ran to be relayed.
+RELAY_GRACE = 2.0
+
+
+def _relay() -> tuple[int, threading.Thread]:
+    """The write end of a pipe whose lines a thread writes to our stderr,
+    each escaped and cut, the first RELAY_LINES only; and that thread."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    thread = threading.Thread(target=_pump, args=(r,), daemon=True)
+    thread.start()
+    return w, thread
+
+
+def _pump(fd: int) -> None:
+    from nsbuild.printable import printable
+
+    shown = dropped = 0
+    with open(fd, "rb") as output:
+        # Ends when the last writer is gone (a process the command left
+        # running in the testbed may hold it until the testbed goes).
+        while line := output.readline(RELAY_LINE_BYTES):
+            if shown == RELAY_LINES:
+                dropped += 1
+                continue
+            text = line.decode(errors="surrogateescape").removesuffix("\n")
+            sys.stderr.write(printable(text, RELAY_LINE_BYTES) + "\n")
+            sys.stderr.flush()
+            shown += 1
+    if dropped:
+        sys.stderr.write(f"{PROG}: ({dropped} more lines of output not shown)\n")
+        sys.stderr.flush()
 
 
 _DEVNULL = -1
@@ -593,7 +648,10 @@ def _loop(server: Server, stdin: IO[bytes], debug: bool) -> int:
             say(f"<- {text}")
             words = [unquote(w) for w in text.split()]
             try:
-                results = server.dispatch(words)
+                try:
+                    results = server.dispatch(words)
+                finally:
+                    server.drain_output()
             except CommandFailed as e:
                 sys.stderr.write(f"{PROG}: {e}\n")
                 reply = [e.answer]
