@@ -306,3 +306,45 @@ def test_a_flood_of_connections_leaves_the_proxy_serving() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert fds < 200, fds  # nsbuild kept descriptors of its own
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"A /after\n"), answer
+
+
+# --- root: the nftables engine -------------------------------------------------
+
+UDP_FLOOD = """
+import os, socket, sys
+open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[3])):
+    try:
+        s.sendto(b"x", ("127.0.0.1", int(sys.argv[2])))
+    except PermissionError:  # refused on the way out
+        pass
+"""
+
+
+@pytest.mark.root
+def test_a_packet_flood_under_the_nftables_engine_is_counted_not_logged_one_by_one(
+        tmp_path: Path) -> None:
+    """Every refused packet was an NFLOG message, a record and a line of the
+    log file; now the log takes a bounded rate of them and the rest are
+    counted from the table's counters."""
+    import argparse
+
+    from nsbuild.net import network, options_from_args
+
+    packets = 50_000
+    log = tmp_path / "net.jsonl"
+    opts = options_from_args(argparse.Namespace(
+        net="allow", allow=["127.0.0.1:9"], egress_engine="nftables", net_log=str(log)))
+    with network(opts) as plan:
+        assert plan.cgroup is not None
+        subprocess.run([sys.executable, "-c", UDP_FLOOD, plan.cgroup, "7", str(packets)],
+                       check=True, timeout=HANG_GUARD)
+    summary = plan.denied_summary()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    *logged, rest = records
+    assert {(r["kind"], r["host"], r["port"]) for r in logged} == {("udp", "127.0.0.1", 7)}
+    assert rest["decision"] == "dropped" and rest["count"] == packets - len(logged)
+    assert summary is not None and summary.startswith(
+        f"network: {packets} attempts denied: 127.0.0.1:7 x{len(logged)}; "
+        f"{rest['count']} packets over the log rate were refused"), summary

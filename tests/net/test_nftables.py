@@ -42,7 +42,8 @@ def test_ruleset_names_the_cgroup_the_allowed_destinations_and_rejects_the_rest(
     assert 'socket cgroupv2 level 1 "unified/nsbuild-net.42.0" jump sandbox' in text
     assert "ip daddr 127.0.0.1 tcp dport 8080 counter accept" in text
     assert "ip6 daddr 2001:db8::1 tcp dport 443 counter accept" in text
-    assert 'log prefix "nsbuild_42_0 " group 3200 reject' in text
+    assert 'limit rate 100/second burst 200 packets log prefix "nsbuild_42_0 " group 3200\n' in text
+    assert 'counter reject comment "refused"' in text
 
 
 def test_cgroup2_mount_comes_from_mountinfo(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import _struct as struct  # what struct.py re-exports: one module fewer
 import _thread
 import time
 
-from nsbuild.net.netlog import NetLog
+from nsbuild.net.netlog import DNS_OVER_RATE, NetLog
 
 QTYPES = {
     1: "A",
@@ -152,7 +152,8 @@ class DnsResponder:
         reply, name, qtype = answer(packet)
         if not self._bucket.take():
             if name is not None:
-                self._log.tally(kind="dns", host=name, port=53, decision="nxdomain")
+                self._log.tally(engine="dns", kind="dns", host=name, port=53,
+                                decision="nxdomain", what=DNS_OVER_RATE)
             return
         if name is not None:
             self._log.add(

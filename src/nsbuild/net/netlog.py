@@ -35,6 +35,9 @@ MAX_RECORDS = 1000  # records kept in memory for records()
 MAX_TEXT = 256  # characters of a string field kept in memory (the file keeps all)
 MAX_DROPPED_COUNTED = 1 << 16  # distinct names past MAX_NAMES counted exactly
 SHOWN = 5  # names in the denied line
+# Attempts counted but not written one by one, as the denied line says them.
+DNS_OVER_RATE = "DNS queries over the rate limit were neither answered nor logged one by one"
+PACKETS_OVER_RATE = "packets over the log rate were refused and not logged one by one"
 
 Key = tuple[bool, str, str, int]  # (denied, kind, host, port)
 
@@ -62,9 +65,9 @@ class NetSummary:
         self.denied_unnamed = 0
         self._dropped: set[int] = set()
         self._dropped_more = False
-        # Queries over the DNS responder's rate: neither answered nor written
-        # to the file one by one (they are counted above all the same).
-        self.unanswered = 0
+        # Attempts not written to the file one by one (over a rate: a DNS
+        # query unanswered, a packet refused unlogged), by what they were.
+        self.unlogged: dict[str, int] = {}
 
     def count(self, denied: bool, kind: str, host: str, port: int, n: int = 1) -> None:
         self.attempts += n
@@ -103,7 +106,8 @@ class NetSummary:
             for h in part._dropped:
                 out._drop(h)
             out._dropped_more |= part._dropped_more
-            out.unanswered += part.unanswered
+            for what, n in part.unlogged.items():
+                out.unlogged[what] = out.unlogged.get(what, 0) + n
         return out
 
     def denied_line(self) -> str | None:
@@ -126,9 +130,8 @@ class NetSummary:
             at_least = "" if self.dropped_exact else "over "
             line += (f" ({at_least}{self.names_dropped} more names past the first "
                      f"{MAX_NAMES} were not counted by name)")
-        if self.unanswered:
-            line += (f"; {self.unanswered} DNS queries over the rate limit were neither "
-                     "answered nor logged one by one")
+        for what, n in self.unlogged.items():
+            line += f"; {n} {what}"
         return line
 
 
@@ -148,6 +151,7 @@ class NetLog:
         self._records: list[dict[str, Any]] = []
         self.records_dropped = 0  # records past MAX_RECORDS: in the file only
         self._summary = NetSummary()
+        self._unlogged_as: dict[str, tuple[str, str, int]] = {}  # (engine, kind, port)
         self._path = path
         self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
         # The first write that failed (a full disk): said once, at the end.
@@ -187,12 +191,26 @@ class NetLog:
             self._write(record)
         return record
 
-    def tally(self, *, kind: str, host: str, port: int, decision: str) -> None:
-        """Count an attempt that is not answered and not written one by one
-        (a DNS query over the responder's rate)."""
+    def tally(self, *, engine: str, kind: str, host: str, port: int, decision: str,
+              what: str) -> None:
+        """Count an attempt that is not written one by one (a DNS query over
+        the responder's rate: `what` says so in the denied line)."""
         with self._lock:
             self._summary.count(decision != "allow", kind, host, port)
-            self._summary.unanswered += 1
+            self._unlogged(engine, kind, port, what, 1)
+
+    def refused_unlogged(self, n: int, *, engine: str, kind: str, what: str) -> None:
+        """Count `n` refused attempts nobody saw one by one (packets over the
+        log rate of the nftables engine, known from its counters)."""
+        with self._lock:
+            self._summary.attempts += n
+            self._summary.denied += n
+            self._unlogged(engine, kind, 0, what, n)
+
+    def _unlogged(self, engine: str, kind: str, port: int, what: str, n: int) -> None:
+        unlogged = self._summary.unlogged
+        unlogged[what] = unlogged.get(what, 0) + n
+        self._unlogged_as.setdefault(what, (engine, kind, port))
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is None:
@@ -234,14 +252,12 @@ class NetLog:
 
     def close(self) -> None:
         with self._lock:
-            unanswered = self._summary.unanswered
-            if unanswered and self._file is not None:
-                # The file says how many queries it holds no line for.
-                self._write({"time": _now(), "engine": "dns", "kind": "dns", "host": "",
-                             "port": 53, "decision": "dropped",
-                             "rule": "over the DNS rate limit: neither answered nor "
-                                     "logged one by one",
-                             "bytes_out": 0, "bytes_in": 0, "count": unanswered})
+            # The file says how many attempts it holds no line for.
+            for what, n in self._summary.unlogged.items():
+                engine, kind, port = self._unlogged_as[what]
+                self._write({"time": _now(), "engine": engine, "kind": kind, "host": "",
+                             "port": port, "decision": "dropped", "rule": what,
+                             "bytes_out": 0, "bytes_in": 0, "count": n})
             if self._file is not None:
                 try:
                     self._file.close()

@@ -7,6 +7,7 @@ bytes of each packet, parse the IP and transport headers.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -121,7 +122,9 @@ class NflogReader:
                 if self._stopping:
                     return
                 continue
-            except OSError:
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    continue  # the kernel dropped messages it could not queue: go on
                 return
             self._handle(data)
 

@@ -7,6 +7,10 @@ accepts TCP to the allowlist's resolved addresses and ports and logs (NFLOG
 group) and rejects everything else. Processes outside the cgroup are not
 touched. The ruleset is generated as text and applied with `nft -f`; the
 table is named `nsbuild_<owner pid>_<n>` so `gc()` can tell a dead owner's.
+
+The log takes at most LOG_RATE packets: every refused packet would otherwise
+be a message to nsbuild and a line of its log, as many as the sandbox likes
+to send; the reject rules' counters count them all.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import ipaddress
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from nsbuild.net.allowlist import Allowlist, IPAddress, address_refusal
 from nsbuild.net.errors import NetError
 
 TABLE_PREFIX = "nsbuild_"
+LOG_RATE = "limit rate 100/second burst 200 packets"
+REFUSED = "refused"  # the comment of the reject rules, whose counters count every packet
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,10 @@ def ruleset(
         *allow,
         # Replies on connections that the host opened to a sandbox server.
         "\t\tct state established,related accept",
-        f"\t\tmeta l4proto tcp counter log prefix {prefix} group {log_group} reject with tcp reset",
-        f"\t\tcounter log prefix {prefix} group {log_group} reject",
+        # No verdict: a packet over the rate goes on unlogged to be refused.
+        f"\t\t{LOG_RATE} log prefix {prefix} group {log_group}",
+        f"\t\tmeta l4proto tcp counter reject with tcp reset comment {_quote(REFUSED)}",
+        f"\t\tcounter reject comment {_quote(REFUSED)}",
         "\t}",
         "}",
     ]
@@ -133,19 +142,30 @@ def owner_pid(table: str) -> int | None:
     return int(pid) if table.startswith(TABLE_PREFIX) and pid.isdigit() else None
 
 
-def allow_counters(table: str) -> dict[str, tuple[int, int, int]]:
-    """comment -> (packets sent, bytes sent, bytes received) of each allowed destination."""
+def _rules(table: str) -> list[dict[str, Any]]:
+    """The table's rules that carry a comment, as `nft -j` gives them."""
     import json
 
     proc = subprocess.run(
         ["nft", "-j", "list", "table", "inet", table], capture_output=True, text=True
     )
     if proc.returncode != 0:
-        return {}
+        return []
+    items = json.loads(proc.stdout).get("nftables", [])
+    return [item["rule"] for item in items if "comment" in item.get("rule", {})]
+
+
+def refused_packets(table: str) -> int:
+    """Packets the table refused (logged or not)."""
+    return sum(expr["counter"]["packets"] for rule in _rules(table)
+               if rule["comment"] == REFUSED for expr in rule.get("expr", []) if "counter" in expr)
+
+
+def allow_counters(table: str) -> dict[str, tuple[int, int, int]]:
+    """comment -> (packets sent, bytes sent, bytes received) of each allowed destination."""
     out: dict[str, tuple[int, int, int]] = {}
-    for item in json.loads(proc.stdout).get("nftables", []):
-        rule = item.get("rule")
-        if not rule or "comment" not in rule or rule.get("chain") not in ("sandbox", "replies"):
+    for rule in _rules(table):
+        if rule["comment"] == REFUSED or rule.get("chain") not in ("sandbox", "replies"):
             continue
         for expr in rule.get("expr", []):
             if "counter" in expr:

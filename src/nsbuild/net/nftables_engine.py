@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from nsbuild.net import cgroups, nftables
 from nsbuild.net.errors import NetError
-from nsbuild.net.netlog import NetLog
+from nsbuild.net.netlog import PACKETS_OVER_RATE, NetLog
 from nsbuild.sandbox.spec import File
 
 if TYPE_CHECKING:
@@ -54,10 +54,13 @@ def nftables_plan(allowlist: Allowlist, log: NetLog, debug: bool) -> Generator[N
     )
     reader = None
     applied = False
+    logged = [0]  # packets the reader saw; the table counts every one it refused
+    refused: int | None = None
     try:
 
         def seen(proto: str, addr: str, port: int, prefix: str) -> None:
             if prefix.strip() == table:
+                logged[0] += 1
                 log.add(
                     engine="nftables",
                     kind=proto,
@@ -84,6 +87,7 @@ def nftables_plan(allowlist: Allowlist, log: NetLog, debug: bool) -> Generator[N
             mounts=(File("/etc/hosts", hosts_file(destinations, allowlist)),),
         )
         yield plan
+        refused = nftables.refused_packets(table)
         for label, (packets, nbytes, received) in nftables.allow_counters(table).items():
             if packets:
                 dest = next(d for d in destinations if f"{d.label} {d.addr}" == label)
@@ -104,6 +108,9 @@ def nftables_plan(allowlist: Allowlist, log: NetLog, debug: bool) -> Generator[N
         cgroups.remove_cgroup(cgroup)
         if reader is not None:
             reader.stop()
+        if refused is not None and refused > logged[0]:
+            log.refused_unlogged(refused - logged[0], engine="nftables", kind="packets",
+                                 what=PACKETS_OVER_RATE)
 
 
 def gc() -> list[str]:
