@@ -149,6 +149,22 @@ def test_the_network_log_file_keeps_a_name_as_sent(tmp_path: Path) -> None:
     assert log.denied_summary() == "network: 1 attempt denied: \\x1b[2K.example.org (dns)"
 
 
+def test_summaries_of_several_runs_add_up_within_the_cap() -> None:
+    """A build runs several sandboxes: their summaries merge, still bounded."""
+    first, second = NetLog(), NetLog()
+    for log, prefix in ((first, "a"), (second, "b")):
+        for i in range(MAX_NAMES + 10):
+            log.add(engine="dns", kind="dns", host=f"{prefix}{i}.test", port=53,
+                    decision="nxdomain", rule="--net none: no network")
+    second.add(engine="proxy", kind="GET", host="mirror", port=80, decision="allow", rule="m")
+    total = first.summary().merge(second.summary())
+    assert (total.attempts, total.denied) == (2 * (MAX_NAMES + 10) + 1, 2 * (MAX_NAMES + 10))
+    assert len(total.counts) == MAX_NAMES
+    assert total.names_dropped == MAX_NAMES + 20
+    line = total.denied_line()
+    assert line is not None and f"({MAX_NAMES + 20} more names past the first" in line, line
+
+
 # -- the egress proxy ------------------------------------------------------------
 
 

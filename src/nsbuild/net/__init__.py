@@ -14,7 +14,9 @@ API (cheap to import; engines load lazily):
         ... Sandbox(share_net=plan.share_net, inside_sockets=plan.inside_sockets,
                     mounts=... + plan.mounts, env=... + plan.env, cgroup=plan.cgroup)
         plan.serve(proc.sockets)
-    plan.denied_summary(); plan.records()
+    plan.denied_summary()                 # one line, escaped; None if nothing was denied
+    plan.summary()                        # NetSummary: bounded counts, .merge(), .denied_line()
+    plan.records()                        # the first netlog.MAX_RECORDS records only
     gc()                                  # leftovers of dead runs (root engine)
 """
 
@@ -27,12 +29,14 @@ TYPE_CHECKING = False  # no typing import at run time: `nsbuild run` starts here
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from nsbuild.net.netlog import NetSummary
     from nsbuild.net.plan import NetPlan, Network
 
 __all__ = [
     "NetError",
     "NetOptions",
     "NetPlan",
+    "NetSummary",
     "add_arguments",
     "gc",
     "network",
@@ -59,4 +63,8 @@ def __getattr__(name: str) -> object:
         from nsbuild.net.plan import NetPlan
 
         return NetPlan
+    if name == "NetSummary":
+        from nsbuild.net.netlog import NetSummary
+
+        return NetSummary
     raise AttributeError(name)

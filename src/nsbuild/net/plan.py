@@ -10,7 +10,7 @@
         # proc.wait() once its socket is first readable (`nsbuild run`)
         # plan.serve(proc.sockets, when_readable=proc.when_readable)
         status = proc.wait()
-    print(plan.denied_summary())        # when not None
+    print(plan.denied_summary())        # when not None (escaped for a terminal)
 
 Inside sockets replace the issue's "Unix socket bound into the sandbox": the
 runtime creates the proxy's listening socket and the DNS socket inside the
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from nsbuild.net.allowlist import Allowlist
+    from nsbuild.net.netlog import NetSummary
     from nsbuild.net.options import NetOptions
     from nsbuild.sandbox.spec import Mount
 
@@ -137,7 +138,13 @@ class NetPlan:
         return self._log.error
 
     def records(self) -> list[dict[str, Any]]:
+        """The first netlog.MAX_RECORDS records of this run (the file has all)."""
         return self._log.records()
+
+    def summary(self) -> NetSummary:
+        """Counts of this run's attempts, bounded whatever the sandbox did; add
+        several runs' with NetSummary.merge, print with denied_line()."""
+        return self._log.summary()
 
 
 class Network:
