@@ -10,12 +10,14 @@ read whole, no directory other users can reach.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 from virt_helpers import Env
@@ -221,3 +223,124 @@ def test_the_client_escapes_what_a_server_says(tmp_path: Path) -> None:
     said = str(failed.value)
     assert "\x1b" not in said and "\x07" not in said, repr(said)
     assert "\\x1b[2Jnot the protocol" in said and "\\x1b]0;PWNED\\x07" in said, said
+
+
+class _Raw:
+    """The server spoken to line by line: a refused copy does not end it."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(["autopkgtest-virt-nsbuild", "bookworm"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)  # fmt: skip
+        assert self._line() == "ok"
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().decode().strip()
+
+    def say(self, *words: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((" ".join(quote(w) for w in words) + "\n").encode())
+        self.proc.stdin.flush()
+        return self._line()
+
+    def execute_command(self) -> list[str]:
+        return [unquote(a) for a in self.say("print-execute-command").split()[1].split(",")]
+
+    def quit(self) -> str:
+        """The server's stderr, once it quit."""
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        self.proc.stdin.write(b"quit\n")
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=120) == 0
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def raw(server_env: Env) -> Iterator[_Raw]:
+    srv = _Raw()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes], fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = 0o644
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+def test_copyup_refuses_a_hostile_tar_stream(raw: _Raw, tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "out"
+    out.mkdir(parents=True)
+    (out / "dir").mkdir()
+    cases = {
+        "climbs": (_tar((_member("../../escaped"), b"x")), "climbs out with .."),
+        "absolute": (_tar((_member(f"{tmp_path}/absolute"), b"x")), "an absolute name"),
+        "pax": (_tar((_member("p", pax_headers={"comment": "x" * (1 << 20)}), b"x"),
+                     fmt=tarfile.PAX_FORMAT), "an extended tar header of"),
+        "long-name": (_tar((_member("n" * 8192), b"x")), "an extended tar header of"),
+        "sparse": (_tar((_member("s", tarfile.GNUTYPE_SPARSE), b"")), "an entry of type S"),
+        "over-a-dir": (_tar((_member("dir"), b"x")), "dir: a directory on the host"),
+        "garbage": (b"\x1b]0;PWNED\x07" * 100, "bad"),
+    }  # fmt: skip
+    assert raw.say("open").startswith("ok ")
+    ex = raw.execute_command()
+    for name, (stream, _) in cases.items():
+        (tmp_path / f"{name}.tar").write_bytes(stream)
+        assert raw.say("copydown", str(tmp_path / f"{name}.tar"), f"/root/{name}.tar") == "ok"
+    # The testbed's `tar` emits the stream named in /root/which.
+    _ok(ex, "printf '#!/bin/sh\\nexec cat /root/$(cat /root/which).tar\\n' > /usr/bin/tar && "
+            "chmod 755 /usr/bin/tar && mkdir -p /srv/t")  # fmt: skip
+    for name in cases:
+        _ok(ex, f"echo {name} > /root/which")
+        assert raw.say("copyup", "/srv/t/", f"{out}/") == "copy-failed", name
+    err = raw.quit()
+    for name, (_, why) in cases.items():
+        assert why in err, (name, err)
+    assert "\x1b" not in err
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "absolute").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["dir"]
+
+
+def test_copies_through_the_downtmp_never_follow_its_symlinks_on_the_host(
+    raw: _Raw, tmp_path: Path
+) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "key").write_text("HOST ONLY\n")
+    assert raw.say("open").startswith("ok ")
+    shared = next(unquote(c.split("=", 1)[1]) for c in raw.say("capabilities").split()
+                  if c.startswith("downtmp-host="))  # fmt: skip
+    ex = raw.execute_command()
+    _ok(ex, f"ln -s {secrets} /tmp/autopkgtest/link && mkdir /srv/in")
+    # Host paths through the testbed's link: nothing of the host goes in...
+    assert raw.say("copydown", f"{shared}/link/", "/srv/in/tree/") == "copy-failed"
+    assert raw.say("copydown", f"{shared}/link/key", "/srv/in/key") == "copy-failed"
+    assert _ok(ex, "ls -A /srv/in") == ""
+    # ...and nothing is written there.
+    _ok(ex, "echo testbed > /srv/in/file")
+    assert raw.say("copyup", "/srv/in/file", f"{shared}/link/key") == "copy-failed"
+    assert raw.say("copyup", "/srv/in/", f"{shared}/link/") == "copy-failed"
+    assert (secrets / "key").read_text() == "HOST ONLY\n"
+    assert sorted(p.name for p in secrets.iterdir()) == ["key"]
+    err = raw.quit()
+    assert err.count("link: a symlink on the host, not followed") == 4, err
