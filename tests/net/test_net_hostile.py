@@ -364,3 +364,31 @@ def test_a_packet_flood_under_the_nftables_engine_is_counted_not_logged_one_by_o
     assert summary is not None and summary.startswith(
         f"network: {packets} attempts denied: 127.0.0.1:7 x{len(logged)}; "
         f"{rest['count']} packets over the log rate were refused"), summary
+
+
+def test_kept_alive_server_connections_are_bounded_in_all() -> None:
+    """Each (address, port) a request went to may keep a few connections for
+    later requests; a sandbox that asks for many (a wildcard's names may have
+    as many addresses as their DNS likes) must not make nsbuild keep them all."""
+    import ipaddress
+
+    from nsbuild.net.upstream import MAX_IDLE, UpstreamPool
+
+    listeners = []
+    for _ in range(MAX_IDLE + 40):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)  # the connection completes in the backlog: nobody need accept
+        listeners.append(sock)
+    pool = UpstreamPool()
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        for sock in listeners:
+            up = pool.connect([ipaddress.ip_address("127.0.0.1")], sock.getsockname()[1])
+            pool.put(up)
+        kept = len(os.listdir("/proc/self/fd")) - before
+    finally:
+        pool.close()
+        for sock in listeners:
+            sock.close()
+    assert kept == MAX_IDLE

@@ -9,6 +9,10 @@ made it, because every request is decided before it takes one.
 A connection goes back to the pool only when the response before it ended
 exactly where its framing said and nothing more arrived; one that waited too
 long, or that the server closed or wrote to while idle, is discarded.
+
+The sandbox chooses how many addresses its requests go to (the names under a
+wildcard have whatever addresses their DNS gives), so the pool keeps
+MAX_IDLE connections in all: one more closes the one idle longest.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from nsbuild.net.stream import Stream
 CONNECT_TIMEOUT = 30.0
 IDLE_SECONDS = 30.0  # below the keep-alive timeouts of common servers
 MAX_IDLE_PER_KEY = 8
+MAX_IDLE = 32  # in all: each is a descriptor of nsbuild's own
 
 Key = tuple[str, int]
 
@@ -62,6 +67,8 @@ class UpstreamPool:
                 with self._lock:
                     idle = self._idle.get(key)
                     up = idle.pop() if idle else None
+                    if idle == []:
+                        del self._idle[key]  # no empty lists: keys are the sandbox's choice
                 if up is None:
                     break
                 if _still_usable(up, now):
@@ -90,12 +97,27 @@ class UpstreamPool:
     def put(self, up: Upstream) -> None:
         """Keep `up` for another request (its response ended cleanly)."""
         up.idle_since = time.monotonic()
+        oldest: Upstream | None = None
         with self._lock:
-            idle = self._idle.setdefault(up.key, [])
+            idle = self._idle.get(up.key, [])
             if self._closed or up.buf or len(idle) >= MAX_IDLE_PER_KEY:
                 up.sock.close()
                 return
             idle.append(up)
+            self._idle[up.key] = idle
+            if sum(map(len, self._idle.values())) > MAX_IDLE:
+                oldest = self._take_oldest()
+        if oldest is not None:
+            oldest.sock.close()
+
+    def _take_oldest(self) -> Upstream:
+        """Remove the connection idle longest (each key's list is oldest first)."""
+        key = min((k for k, ups in self._idle.items() if ups),
+                  key=lambda k: self._idle[k][0].idle_since)
+        oldest = self._idle[key].pop(0)
+        if not self._idle[key]:
+            del self._idle[key]
+        return oldest
 
     def close(self) -> None:
         with self._lock:
