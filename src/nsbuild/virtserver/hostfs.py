@@ -36,6 +36,8 @@ def shown(name: str | bytes) -> str:
 def split(rel: str | bytes) -> list[bytes]:
     """The components of a relative name; `..` and absolute names are refused."""
     raw = os.fsencode(rel)
+    if b"\0" in raw:
+        raise Refused(f"{shown(raw)}: a name with a NUL byte")
     if raw.startswith(b"/"):
         raise Refused(f"{shown(raw)}: an absolute name")
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]

@@ -245,9 +245,9 @@ class Server:
         """Let the output of the commands just run reach our stderr before
         the answer (a process they left running may keep its relay open)."""
         deadline = time.monotonic() + RELAY_GRACE
-        for relay in self._relays:
+        relays, self._relays = self._relays, []
+        for relay in relays:
             relay.join(max(0.0, deadline - time.monotonic()))
-        self._relays = [r for r in self._relays if r.is_alive()]
 
     def _run_inside(self, argv: list[str], *, timeout: float, stdin: int | None = None,
                     stdout: int | None = None) -> int:  # fmt: skip
@@ -381,13 +381,13 @@ class Server:
             argv = ["sh", "-c", _COPYUP_FILE, "copyup", inside]
             status = _wait(self._spawn(argv, None, fd), deadline, argv)
         except BaseException:
-            os.unlink(name, dir_fd=parent)
+            _remove(name, parent)
             raise
         finally:
             os.close(fd)
         if status != 0:
             # Nothing half-copied stays behind under the caller's name.
-            os.unlink(name, dir_fd=parent)
+            _remove(name, parent)
             raise CommandFailed("copy-failed", f"copyup of {inside}: status {status}")
 
     def _copyup_tree(self, inside: str, top: int, deadline: float) -> None:
@@ -470,6 +470,11 @@ def _both(proc: Process, tar: subprocess.Popen[bytes], deadline: float, what: st
         )
 
 
+def _remove(name: bytes, dir_fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
 def _why(e: Exception) -> str:
     """An error in one line; a name in it may be the testbed's (escaped)."""
     from nsbuild.printable import printable
@@ -510,12 +515,20 @@ def _pump(fd: int) -> None:
                 dropped += 1
                 continue
             text = line.decode(errors="surrogateescape").removesuffix("\n")
-            sys.stderr.write(printable(text, RELAY_LINE_BYTES) + "\n")
-            sys.stderr.flush()
             shown += 1
+            if not _to_stderr(printable(text, RELAY_LINE_BYTES)):
+                shown = RELAY_LINES  # nobody reads our stderr: only drain the pipe
     if dropped:
-        sys.stderr.write(f"{PROG}: ({dropped} more lines of output not shown)\n")
+        _to_stderr(f"{PROG}: ({dropped} more lines of output not shown)")
+
+
+def _to_stderr(line: str) -> bool:
+    try:
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 _DEVNULL = -1

@@ -142,14 +142,22 @@ def _padding(size: int) -> int:
     return -size % BLOCK
 
 
+def _decimal(text: bytes) -> int:
+    # Bounded: int() of a long enough string of digits raises, or takes long.
+    if not (0 < len(text) <= 20 and text.isdigit()):
+        raise TarError("a bad number in a pax header")
+    return int(text)
+
+
 def _pax(data: bytes) -> dict[bytes, bytes]:
     """The records of a pax extended header: `LEN key=value\\n` each."""
     records: dict[bytes, bytes] = {}
     while data:
         length_text, sep, _ = data.partition(b" ")
-        if not sep or not length_text.isdigit() or int(length_text) > len(data):
+        length = _decimal(length_text)
+        if not sep or not len(length_text) + 1 < length <= len(data):
             raise TarError("a bad pax header")
-        record, data = data[: int(length_text)], data[int(length_text) :]
+        record, data = data[:length], data[length:]
         key, sep, value = record[len(length_text) + 1 :].partition(b"=")
         if not sep or not value.endswith(b"\n"):
             raise TarError("a bad pax header")
@@ -185,9 +193,7 @@ def _next(stream: _Stream) -> Entry | None:
         elif long_name is not None:
             entry.name = long_name
         if b"size" in pax:
-            if not pax[b"size"].isdigit():
-                raise TarError("a bad size in a pax header")
-            entry.size = int(pax[b"size"])
+            entry.size = _decimal(pax[b"size"])
         return entry
 
 
