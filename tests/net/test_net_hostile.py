@@ -392,3 +392,30 @@ def test_kept_alive_server_connections_are_bounded_in_all() -> None:
         for sock in listeners:
             sock.close()
     assert kept == MAX_IDLE
+
+
+def test_a_flood_of_refused_requests_is_counted_not_written_one_by_one(tmp_path: Path) -> None:
+    """Refused requests cost the sandbox next to nothing; each was a line of
+    the network log file. Past a rate, they are counted instead."""
+    requests = 20_000
+    path = tmp_path / "net.jsonl"
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    log = NetLog(str(path))
+    proxy = EgressProxy(listener, Allowlist.parse(["allowed.example.test"]), log,
+                        resolver=_resolver({}))
+    proxy.start()
+    try:
+        out = exchange(listener.getsockname()[1],
+                       b"GET http://other.example.test/ HTTP/1.1\r\n\r\n" * requests)
+    finally:
+        proxy.stop()
+        log.close()
+    assert out.count(b"HTTP/1.1 403 ") == requests
+    *written, rest = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {(r["host"], r["decision"]) for r in written} == {("other.example.test", "deny")}
+    assert rest["decision"] == "dropped" and rest["count"] == requests - len(written) > 0
+    assert log.denied_summary() == (
+        f"network: {requests} attempts denied: other.example.test:80 x{requests}; "
+        f"{rest['count']} refused attempts over the log rate were not logged one by one")

@@ -16,9 +16,8 @@ from __future__ import annotations
 import _socket  # not socket, threading: their imports cost ~5 ms on every run
 import _struct as struct  # what struct.py re-exports: one module fewer
 import _thread
-import time
 
-from nsbuild.net.netlog import DNS_OVER_RATE, NetLog
+from nsbuild.net.netlog import DNS_OVER_RATE, NetLog, TokenBucket
 
 QTYPES = {
     1: "A",
@@ -37,26 +36,6 @@ FORMERR = 1
 MAX_NAME = 255  # octets of a name on the wire (RFC 1035)
 RATE = 100.0  # answers a second, on average
 BURST = 200  # answers at once after a quiet time
-
-
-class TokenBucket:
-    """take() is True at most `burst` times at once and `rate` times a second
-    on average."""
-
-    def __init__(self, rate: float = RATE, burst: int = BURST) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._last = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
 
 def parse_question(packet: bytes) -> tuple[int, int, str, int, int]:
@@ -111,7 +90,7 @@ class DnsResponder:
         self._log = log
         self._rule = rule
         self._stopping = False
-        self._bucket = TokenBucket()  # one thread at a time takes from it
+        self._bucket = TokenBucket(RATE, BURST)  # one thread at a time takes from it
         self._done = _thread.allocate_lock()  # held while the thread serves
 
     def start(self) -> None:

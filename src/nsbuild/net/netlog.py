@@ -13,7 +13,9 @@ is written and flushed record by record so a crash loses nothing.
 Names and counts come from inside the sandbox, which may send as many as it
 likes: records stream to the file and are not kept, but for the first
 MAX_RECORDS (`records()`); the summary counts attempts by (kind, host, port)
-for the first MAX_NAMES of those and only counts the rest. The memory of
+for the first MAX_NAMES of those and only counts the rest. Refused attempts
+are written at LOG_RATE a second at most (they cost the sandbox nothing);
+the rest are counted, and the file ends with a record of how many. The memory of
 nsbuild's own process stays bounded whatever the sandbox does. The file
 keeps each name as it came (JSON escapes control characters); what is
 printed goes through `printable`.
@@ -35,9 +37,11 @@ MAX_RECORDS = 1000  # records kept in memory for records()
 MAX_TEXT = 256  # characters of a string field kept in memory (the file keeps all)
 MAX_DROPPED_COUNTED = 1 << 16  # distinct names past MAX_NAMES counted exactly
 SHOWN = 5  # names in the denied line
+LOG_RATE, LOG_BURST = 100.0, 1000  # refused attempts written a second, and at once
 # Attempts counted but not written one by one, as the denied line says them.
 DNS_OVER_RATE = "DNS queries over the rate limit were neither answered nor logged one by one"
 PACKETS_OVER_RATE = "packets over the log rate were refused and not logged one by one"
+REFUSED_OVER_RATE = "refused attempts over the log rate were not logged one by one"
 
 Key = tuple[bool, str, str, int]  # (denied, kind, host, port)
 
@@ -49,6 +53,26 @@ def _now() -> str:
 
 def _clip(value: Any) -> Any:
     return value[:MAX_TEXT] if isinstance(value, str) else value
+
+
+class TokenBucket:
+    """take() is True at most `burst` times at once and `rate` times a second
+    on average. Not thread-safe: the caller serialises."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 class NetSummary:
@@ -152,6 +176,7 @@ class NetLog:
         self.records_dropped = 0  # records past MAX_RECORDS: in the file only
         self._summary = NetSummary()
         self._unlogged_as: dict[str, tuple[str, str, int]] = {}  # (engine, kind, port)
+        self._refusals = TokenBucket(LOG_RATE, LOG_BURST)
         self._path = path
         self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
         # The first write that failed (a full disk): said once, at the end.
@@ -183,6 +208,10 @@ class NetLog:
         }
         record.update(extra)
         with self._lock:
+            if decision != "allow" and not self._refusals.take():
+                self._summary.count(True, kind, host, port)
+                self._unlogged(engine, kind, port, REFUSED_OVER_RATE, 1)
+                return record
             self._summary.count(decision != "allow", kind, host, port)
             if len(self._records) < MAX_RECORDS:
                 self._records.append({k: _clip(v) for k, v in record.items()})
