@@ -165,6 +165,40 @@ def test_summaries_of_several_runs_add_up_within_the_cap() -> None:
     assert line is not None and f"({MAX_NAMES + 20} more names past the first" in line, line
 
 
+# Sends argv[1] requests for distinct hosts, none allowed, on one kept-alive
+# connection to the egress proxy inside, reading the answers as they come.
+PROXY_FLOOD = r"""
+import socket, sys, threading
+count = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", 3128))
+def send():
+    for i in range(0, count, 1000):
+        s.sendall(b"".join(b"GET http://h%d.example.test/ HTTP/1.1\r\n\r\n" % j
+                           for j in range(i, min(i + 1000, count))))
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=send).start()
+refused, tail = 0, b""
+while chunk := s.recv(1 << 16):
+    data = tail + chunk
+    refused += data.count(b"HTTP/1.1 403 ")
+    tail = data[-12:]
+print("refused", refused)
+"""
+
+
+@pytest.mark.userns
+def test_a_request_flood_through_the_proxy_keeps_nsbuild_small(tmp_path: Path) -> None:
+    requests = 200_000
+    status, out, err, peak_kib = _run_measured(
+        [*NSBUILD, "run", "--net", "allow", "--allow", "allowed.example.test", "--",
+         "/usr/bin/python3", "-c", PROXY_FLOOD, str(requests)], tmp_path)
+    assert status == 0 and out == f"refused {requests}\n", err
+    assert peak_kib < MEMORY_LIMIT_KIB, f"nsbuild grew to {peak_kib} KiB\n{err}"
+    assert f"network: {requests} attempts denied: " in err, err
+    assert f"more names past the first {MAX_NAMES} were not counted by name" in err, err
+    print(f"peak RSS {peak_kib} KiB; {err.strip()}")
+
+
 # -- the egress proxy ------------------------------------------------------------
 
 
