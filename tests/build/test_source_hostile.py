@@ -9,6 +9,7 @@ what it writes is taken in only as the .dsc and the files it lists.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -126,3 +127,18 @@ def test_a_quilt_tree_builds_and_stays_as_it_was(bookworm: Env, tmp_path: Path) 
     assert (tmp_path / "out" / "nsb-quilt_1.0-1_all.deb").is_file()
     assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*")) == before
     assert (tree / "greeting").read_text() == "hello\n"
+
+
+def test_a_dsc_is_read_only_as_a_bounded_regular_file(tmp_path: Path) -> None:
+    from nsbuild.build.dsc import load_dsc
+    from nsbuild.build.errors import BuildInputError
+
+    fifo = tmp_path / "fifo.dsc"
+    os.mkfifo(fifo)  # opened as it is, reading it would wait for a writer forever
+    with pytest.raises(BuildInputError, match="not a regular file"):
+        load_dsc(fifo)
+    huge = tmp_path / "huge.dsc"
+    with huge.open("wb") as f:
+        f.truncate(1 << 30)  # sparse: a GiB would be read into memory
+    with pytest.raises(BuildInputError, match=r"too large for a \.dsc"):
+        load_dsc(huge)

@@ -27,6 +27,8 @@ from nsbuild.printable import printable
 # Policy 5.6.1 / 5.6.12: names and versions as dpkg accepts them.
 _SOURCE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _VERSION_RE = re.compile(r"^(?:[0-9]+:)?[0-9][A-Za-z0-9.+~:-]*$")
+# A .dsc is a few KiB (a large Package-List stays well under a MiB).
+_MAX_DSC = 4 << 20
 _HASHES = (("Checksums-Sha256", "sha256"), ("Checksums-Sha1", "sha1"), ("Files", "md5"))
 
 
@@ -82,10 +84,7 @@ class SourcePackage:
 def load_dsc(path: str | os.PathLike[str]) -> SourcePackage:
     """Parse and verify `path`. Raises BuildInputError naming the first problem."""
     dsc = Path(path).absolute()
-    try:
-        raw = dsc.read_bytes()
-    except OSError as e:
-        raise BuildInputError(f"cannot read {dsc}: {e.strerror}") from None
+    raw = _read_dsc(dsc)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -124,6 +123,22 @@ def load_dsc(path: str | os.PathLike[str]) -> SourcePackage:
         build_conflicts_arch=rel("Build-Conflicts-Arch"),
         build_conflicts_indep=rel("Build-Conflicts-Indep"),
     )
+
+
+def _read_dsc(dsc: Path) -> bytes:
+    """The bytes of a .dsc: a regular file of bounded size (not a FIFO that
+    hangs the read, nor a device or a huge file that fills memory)."""
+    try:
+        fd = os.open(dsc, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise BuildInputError(f"cannot read {dsc}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BuildInputError(f"{dsc}: not a regular file")
+        if st.st_size > _MAX_DSC:
+            raise BuildInputError(f"{dsc}: over {_MAX_DSC} bytes, too large for a .dsc")
+        return f.read(_MAX_DSC + 1)
 
 
 def _parse(dsc: Path, text: str) -> dict[str, str]:
@@ -198,6 +213,8 @@ def _verify(dsc: Path, entry: tuple[str, int, str | None], fields: dict[str, str
         raise BuildInputError(f"{dsc}: listed file {name} is missing") from None
     except OSError as e:
         raise BuildInputError(f"{dsc}: cannot read listed file {name}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BuildInputError(f"{dsc}: listed file {name} is not a regular file")
     if st.st_size != size:
         raise BuildInputError(
             f"{dsc}: size mismatch for {name}: .dsc says {size}, file has {st.st_size}"
@@ -251,9 +268,6 @@ def _changelog_text(pkg: SourcePackage) -> str | None:
     return None
 
 
-# A .dsc is a few KiB (a large Package-List stays well under a MiB): one made
-# in a sandbox is not read beyond this.
-_MAX_DSC = 4 << 20
 _MAX_CHANGELOG_HEAD = 65536
 # Inside the sandbox that makes a source package.
 _TREES, _OUT, _ORIGS = "/src", "/out", "/orig"
@@ -368,8 +382,8 @@ def _tail(stream: typing.IO[bytes], keep: int = 4096) -> bytes:
 
 def _take_in(tree: Path, dsc: Path, origs: list[Path]) -> SourcePackage:
     """The source package the sandbox left in dsc's directory, checked before any
-    of it is read: regular files of one name each, the .dsc of bounded size, and
-    nothing but the .dsc and the files it lists (their sizes and checksums
+    of it is read: regular files of one name each (load_dsc bounds the .dsc's
+    size), and nothing but the .dsc and the files it lists (their sizes and checksums
     verified by load_dsc). The orig tarballs are the user's own again."""
     workdir = dsc.parent
     for orig in origs:
@@ -392,8 +406,6 @@ def _take_in(tree: Path, dsc: Path, origs: list[Path]) -> SourcePackage:
             )
     if not dsc.is_file():
         raise BuildInputError(f"{tree}: dpkg-source -b made no {dsc.name}")
-    if dsc.stat().st_size > _MAX_DSC:
-        raise BuildInputError(f"{tree}: dpkg-source -b made a {dsc.name} over {_MAX_DSC} bytes")
     pkg = load_dsc(dsc)
     listed = {dsc.name, *(f.name for f in pkg.files)}
     extra = sorted(set(os.listdir(workdir)) - listed)
