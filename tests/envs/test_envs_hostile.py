@@ -235,6 +235,27 @@ def test_an_oversized_extended_header_is_refused_before_it_is_read() -> None:
     assert stream.tell() < 1 << 20
 
 
+def _gnu_sparse_with_map(blocks: int) -> bytes:
+    """An old-GNU sparse member whose map goes on for `blocks` extension blocks."""
+    info = tarfile.TarInfo("sparse")
+    info.type = tarfile.GNUTYPE_SPARSE
+    head = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    head[482] = 1  # isextended: a block of 21 more map entries follows
+    head[148:156] = b"        "
+    head[148:156] = b"%06o\0 " % sum(head)
+    entry = b"%011o\0%011o\0" % (1, 1)
+    out = [bytes(head)]
+    for i in range(blocks):
+        out.append(entry * 21 + (b"\1" if i < blocks - 1 else b"\0") + bytes(7))
+    return b"".join(out) + bytes(1024)
+
+
+def test_a_sparse_map_is_not_read_without_bound() -> None:
+    stream = io.BytesIO(gzip.compress(_gnu_sparse_with_map(8192)))  # 4 MiB of map
+    with pytest.raises(UnsafeTarball, match=r"a member's headers take more than 2097152 bytes"):
+        sanitize(stream, io.BytesIO(), "sparse.tar.gz")
+
+
 @pytest.mark.userns
 def test_a_sparse_member_cannot_fill_the_cache(xdg: Path) -> None:
     work = xdg / "sparse"

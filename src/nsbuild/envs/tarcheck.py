@@ -18,7 +18,8 @@ lower layer would steer overlayfs), and every pax header that could carry a
 path is rebuilt from the checked name.
 
 Bounded: an extended header (pax, GNU long name) of more than _MAX_HEADER
-bytes is refused before tarfile reads it whole into memory; the members'
+bytes is refused before tarfile reads it whole into memory, and no member's
+headers (with a GNU sparse map) may take more than twice that; the members'
 sizes (a sparse member counts at its full size, as tar writes it) and a
 header's worth per member add up to at most the caller's limit, checked
 before a member is passed on: a small compressed or sparse tarball cannot
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from nsbuild.envs.errors import UnsafeTarball
 
@@ -45,15 +46,40 @@ _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
              tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 
 
+class _Budget:
+    """The tar stream as a member's header sees it: reads past `left` bytes
+    raise, so no header (a pax record, a GNU sparse map in extension blocks
+    or in the data of a sparse 1.0 member) makes tarfile read without bound."""
+
+    def __init__(self, inner: Any, left: int) -> None:
+        self.inner = inner
+        self.left = left
+
+    def read(self, n: int) -> bytes:
+        if n > self.left:
+            raise tarfile.HeaderError(f"a member's headers take more than {2 * _MAX_HEADER} bytes")
+        self.left -= n
+        data: bytes = self.inner.read(n)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
-    """A TarInfo that refuses an oversized extended header before reading it."""
+    """A TarInfo whose headers are bounded before tarfile reads them whole."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _EXTENDED and self.size > _MAX_HEADER:
             raise tarfile.HeaderError(
                 f"extended header of {self.size} bytes (at most {_MAX_HEADER})"
             )
-        return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
+        inner = tarfile_.fileobj
+        tarfile_.fileobj = _Budget(inner, 2 * _MAX_HEADER)  # type: ignore[assignment]
+        try:
+            return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
+        finally:
+            tarfile_.fileobj = inner
 
 
 def human_size(n: int) -> str:
