@@ -134,10 +134,10 @@ def _note(choice: Choice, used: str) -> str | None:
 
 @contextlib.contextmanager
 def _creation_lock(name: str) -> Iterator[None]:
-    from nsbuild.envs.paths import cache_dir
+    from nsbuild.envs.paths import private_cache_dir
     from nsbuild.envs.store import locked_file
 
-    with locked_file(cache_dir() / "locks" / f"create-{name}.lock"):
+    with locked_file(private_cache_dir() / "locks" / f"create-{name}.lock"):
         yield
 
 
