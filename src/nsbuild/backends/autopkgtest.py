@@ -18,10 +18,10 @@ mirrors.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import shutil
-import stat
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsbuild.backends.base import (
+    MAX_COPY_OUT,
+    MAX_REASON,
     STDOUT,
     Backend,
     BackendError,
@@ -37,6 +39,7 @@ from nsbuild.backends.base import (
     CopyRefused,
     Network,
     Stream,
+    copy_bounded,
 )
 from nsbuild.backends.virtproto import VirtServer, VirtServerError
 
@@ -52,7 +55,11 @@ _IN_DIR = 'cd -- "$1" || exit 125; shift; exec "$@"'
 _CHECK_OUT = (
     'set -f; p=$1; IFS=/; for part in $2; do p="$p/$part"; '
     'if [ -L "$p" ]; then echo "$p is a symlink" >&2; exit 3; fi; done; '
-    'if [ ! -f "$p" ]; then echo "$p is not a regular file" >&2; exit 4; fi'
+    'if [ ! -f "$p" ]; then echo "$p is not a regular file" >&2; exit 4; fi; '
+    'n=$(stat -c %h -- "$p") || exit 1; '
+    'if [ "$n" != 1 ]; then echo "$p is a hard link ($n names)" >&2; exit 5; fi; '
+    'n=$(stat -c %s -- "$p") || exit 1; '
+    'if [ "$n" -gt "$3" ]; then echo "$p is larger than $3 bytes" >&2; exit 6; fi'
 )
 
 
@@ -210,38 +217,58 @@ class AutopkgtestBackend(Backend):
         else:
             self.server.copydown(str(host_path), guest_path)
 
-    def copy_out(self, guest_path: str, host_path: Path, *, within: str | None = None) -> None:
+    def copy_out(
+        self,
+        guest_path: str,
+        host_path: Path,
+        *,
+        within: str | None = None,
+        limit: int = MAX_COPY_OUT,
+    ) -> None:
         within = _absolute(within or self.work_dir).rstrip("/") or "/"
         guest_path = _absolute(guest_path)
+        shown = guest_path
         prefix = within if within.endswith("/") else within + "/"
         if not guest_path.startswith(prefix):
-            raise CopyRefused(f"refusing to copy {guest_path}: outside {within}")
+            raise CopyRefused(f"refusing to copy {shown}: outside {within}")
         rel = guest_path[len(prefix) :]
         # Checked inside first (servers copy up with `cat` or through a shared
         # directory, and either would follow a symlink), then again on the
         # host on what arrived.
         with tempfile.TemporaryFile() as err:
-            status = self.run(["sh", "-c", _CHECK_OUT, "check", within, rel], stderr=err)
+            status = self.run(
+                ["sh", "-c", _CHECK_OUT, "check", within, rel, str(limit)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
             err.seek(0)
-            why = err.read().decode(errors="replace").strip()
-        if status in (3, 4):
-            raise CopyRefused(f"refusing to copy {guest_path}: {why}")
+            why = err.read(MAX_REASON).decode(errors="replace").strip()
+        if status in (3, 4, 5, 6):
+            raise CopyRefused(f"refusing to copy {shown}: {why}")
         if status != 0:
             raise BackendError(
-                f"{self.server.name}: checking {guest_path} failed: {why or f'status {status}'}"
+                f"{self.server.name}: checking {shown} failed: {why or f'status {status}'}"
             )
         host_path.parent.mkdir(parents=True, exist_ok=True)
         landing = Path(tempfile.mkdtemp(prefix=".nsbuild-copyup-", dir=host_path.parent))
         try:
             arrived = landing / posixpath.basename(guest_path)
             self.server.copyup(guest_path, str(arrived))
-            if not stat.S_ISREG(os.lstat(arrived).st_mode):
-                raise CopyRefused(f"refusing to copy {guest_path}: not a regular file on arrival")
-            os.replace(arrived, host_path)
-        except FileNotFoundError:
-            raise BackendError(
-                f"{self.server.name}: copyup of {guest_path} reported success but nothing arrived"
-            ) from None
+            # The server wrote it: its data is copied into a file of our own,
+            # never its mode (setuid, setgid), a link, or more than the bound.
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            try:
+                fd = os.open(arrived, flags)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    raise BackendError(f"{self.server.name}: copyup of {shown} reported "
+                                       "success but nothing arrived") from None  # fmt: skip
+                raise CopyRefused(f"refusing to copy {shown}: not a regular file on arrival "
+                                  f"({e.strerror})") from None  # fmt: skip
+            try:
+                copy_bounded(fd, host_path, limit, guest_path)
+            finally:
+                os.close(fd)
         finally:
             shutil.rmtree(landing, ignore_errors=True)
 

@@ -16,12 +16,15 @@ say plainly which guarantee was not given.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import stat
 import tarfile
 import tempfile
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -34,6 +37,12 @@ Network = Literal["none", "allow", "host"]
 Stream = int | IO[Any] | None
 # For `stderr`: send it where stdout goes.
 STDOUT = -2
+# The largest result copied out by default: a bound on what a sparse file
+# made inside (a few blocks there) may write on the host.
+MAX_COPY_OUT = 8 << 30
+# What check_output keeps of a command's output, and of a refusal's reason.
+MAX_OUTPUT = 16 << 20
+MAX_REASON = 4096
 
 
 class BackendError(NsbuildError):
@@ -150,14 +159,23 @@ class Backend(ABC):
                 f"(tar exit status {status})"
             )
 
-    def copy_out(self, guest_path: str, host_path: Path, *, within: str | None = None) -> None:
-        """Copy the regular file `guest_path` to `host_path`.
+    def copy_out(
+        self,
+        guest_path: str,
+        host_path: Path,
+        *,
+        within: str | None = None,
+        limit: int = MAX_COPY_OUT,
+    ) -> None:
+        """Copy the regular file `guest_path` to `host_path`, as a new file of
+        mode 0644 (no setuid or setgid bit, no owner's mode of the inside).
 
         Refused (CopyRefused) when the path leaves `within` (default: work_dir),
-        when any part of it is a symlink, or when it is not a regular file with
-        a single name (a FIFO, a device, a hard link are refused). The
-        inside is never trusted: the check is repeated on the host on what
-        actually arrives."""
+        when any part of it is a symlink, when it is not a regular file with
+        a single name (a FIFO, a device, a hard link are refused), or when it
+        is larger than `limit` bytes. The inside is never trusted: the checks
+        are repeated on the host on what actually arrives, and no more than
+        the bound is ever written."""
         within = _normal(within or self.work_dir)
         guest_path = _normal(guest_path)
         if not guest_path.startswith(within.rstrip("/") + "/"):
@@ -174,29 +192,39 @@ class Backend(ABC):
             # a build tool: whose file it really is cannot be told.
             'n=$(stat -c %h -- "$p") || exit 1; '
             'if [ "$n" != 1 ]; then echo "$p is a hard link ($n names)" >&2; exit 5; fi; '
+            'n=$(stat -c %s -- "$p") || exit 1; '
+            'if [ "$n" -gt "$3" ]; then echo "$p is larger than $3 bytes" >&2; exit 6; fi; '
             'exec tar -C "$dir" --no-recursion -cf - -- "$2"'
         )
-        argv = ["sh", "-c", script, "copy-out", within, rel]
-        with tempfile.TemporaryFile() as tmp, tempfile.TemporaryFile() as err:
-            status = self.run(argv, stdout=tmp, stderr=err)
-            err.seek(0)
-            why = err.read().decode(errors="replace").strip()
-            if status in (3, 4, 5):
-                raise CopyRefused(f"refusing to copy {guest_path}: {why}")
-            if status != 0:
-                raise BackendError(
-                    f"{self.name}: copying {guest_path} out failed: "
-                    f"{why or f'exit status {status}'}"
-                )
-            tmp.seek(0)
-            _extract_one(tmp, rel, guest_path, host_path)
+        argv = ["sh", "-c", script, "copy-out", within, rel, str(limit)]
+        # The tar stream: the file, its header and the end blocks.
+        with _Sink(limit + (64 << 10)) as out, _Sink(MAX_REASON) as err:
+            status = self.run(argv, stdout=out.fd, stderr=err.fd)
+        why = err.text().strip()
+        if status in (3, 4, 5, 6):
+            raise CopyRefused(f"refusing to copy {guest_path}: {why}")
+        if status != 0 or out.overflow:
+            raise BackendError(
+                f"{self.name}: copying {guest_path} out failed: "
+                f"{why or f'exit status {status}'}"
+                + (" (more output than the file's bound)" if out.overflow else "")
+            )
+        with out.file:
+            out.file.seek(0)
+            _extract_one(out.file, rel, guest_path, host_path, limit)
 
     def check_output(self, argv: Sequence[str], **kwargs: Any) -> tuple[int, str]:
-        """run() with stdout captured: (status, text)."""
-        with tempfile.TemporaryFile() as tmp:
-            status = self.run(argv, stdout=tmp, **kwargs)
-            tmp.seek(0)
-            return status, tmp.read().decode(errors="replace")
+        """run() with stdout captured (its first MAX_OUTPUT bytes): (status, text)."""
+        with _Sink(MAX_OUTPUT) as out:
+            status = self.run(argv, stdout=out.fd, **kwargs)
+        return status, out.text()
+
+    def take_downloads(self) -> list[str]:
+        """Take what apt downloaded in this session into the environment's
+        shared caches, where the backend keeps them; lines saying what was
+        taken. Only to be called while nothing but apt has run in the session:
+        the maintainer scripts of a package could have planted anything."""
+        return []
 
     # -- optional, declared in capabilities --
 
@@ -240,25 +268,109 @@ def _normal(path: str) -> str:
     return posixpath.normpath(path)
 
 
-def _extract_one(stream: IO[bytes], rel: str, guest_path: str, host_path: Path) -> None:
-    """Take exactly one regular file named `rel` out of a tar stream."""
+def _extract_one(stream: IO[bytes], rel: str, guest_path: str, host_path: Path, limit: int) -> None:
+    """Take exactly one regular file named `rel`, of at most `limit` bytes, out
+    of a tar stream, into a new file of mode 0644."""
+    shown = guest_path
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             member = tar.next()
             if member is None or member.name.rstrip("/") != rel:
-                raise CopyRefused(f"refusing to copy {guest_path}: unexpected archive content")
+                raise CopyRefused(f"refusing to copy {shown}: unexpected archive content")
             if not member.isreg():
-                raise CopyRefused(f"refusing to copy {guest_path}: not a regular file")
+                raise CopyRefused(f"refusing to copy {shown}: not a regular file")
+            if member.size > limit:
+                raise CopyRefused(f"refusing to copy {shown}: larger than {limit} bytes")
             data = tar.extractfile(member)
             assert data is not None
             host_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = host_path.with_name(f".{host_path.name}.part")
-            with open(tmp, "wb") as out:
+            with _new_file(tmp) as out:
                 while block := data.read(1 << 20):
                     out.write(block)
             os.replace(tmp, host_path)
     except tarfile.TarError as e:
-        raise BackendError(f"copying {guest_path} out: bad archive from inside: {e}") from None
+        raise BackendError(f"copying {shown} out: bad archive from inside: {e}") from None
+
+
+@contextlib.contextmanager
+def _new_file(path: Path) -> Iterator[IO[bytes]]:
+    """A file made anew at `path` (never through a link left there), mode
+    0644, removed again if writing it fails."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o644)
+    os.fchmod(fd, 0o644)  # whatever the umask
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def copy_bounded(src_fd: int, host_path: Path, limit: int, what: str) -> None:
+    """Copy the open regular file `src_fd` (at most `limit` bytes) to a new
+    file `host_path` of mode 0644: its data only, never its mode or links."""
+    st = os.fstat(src_fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise CopyRefused(f"refusing to copy {what}: not a regular file")
+    if st.st_size > limit:
+        raise CopyRefused(f"refusing to copy {what}: larger than {limit} bytes")
+    tmp = host_path.with_name(f".{host_path.name}.part")
+    left = limit
+    with _new_file(tmp) as out:
+        while block := os.read(src_fd, min(1 << 20, left + 1)):
+            left -= len(block)
+            if left < 0:
+                raise CopyRefused(f"refusing to copy {what}: larger than {limit} bytes")
+            out.write(block)
+    os.replace(tmp, host_path)
+
+
+class _Sink:
+    """A pipe whose read end a thread copies into a temporary file, up to
+    `limit` bytes: a command's output, bounded whatever the command (or a
+    program replaced inside) writes. Past the bound the pipe is closed, and
+    the writer gets EPIPE."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.overflow = False
+        self.file: IO[bytes] = tempfile.TemporaryFile()
+        self._read_fd, self.fd = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._copy, name="nsbuild-sink", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # The command is over: its output ends with the write end closed here
+        # (a process left behind that keeps it open would keep this waiting,
+        # as it keeps the command's own run waiting).
+        os.close(self.fd)
+        self._thread.join()
+
+    def _copy(self) -> None:
+        left = self.limit
+        try:
+            while data := os.read(self._read_fd, 1 << 16):
+                if len(data) > left:
+                    self.file.write(data[:left])
+                    self.overflow = True
+                    break
+                self.file.write(data)
+                left -= len(data)
+        finally:
+            os.close(self._read_fd)
+
+    def text(self) -> str:
+        with self.file:
+            self.file.seek(0)
+            return self.file.read(self.limit).decode(errors="replace")
 
 
 _DEVNULL: IO[bytes] | None = None

@@ -12,15 +12,25 @@ Besides the session, the backend keeps on the host:
 - a work directory (`<session dir>/build`), bind-mounted at /build in every
   run: the build tree lives outside the overlay, so it is never part of a
   kept dependency layer and survives `keep_layer()`/`use_layer()`;
-- persistent caches (e.g. apt's lists and downloaded packages), mounted only
-  in trusted runs (as root, with network) and never in the build itself.
+- persistent caches (e.g. apt's lists and downloaded packages), shared by
+  the builds of an environment. A session never writes them: in trusted runs
+  (as root, with network) each is the read-only lower of an overlay whose
+  upper is the session's own (`<session dir>/cache/NAME/`), never seen in the
+  build itself. What apt wrote there is taken into the shared cache by
+  `take_downloads()`, which the driver calls only while nothing but apt has
+  run in the session: a maintainer script that plants a package in
+  /var/cache/apt/archives plants it in its own session, thrown away with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import mmap
 import os
 import re
+import stat
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -43,6 +53,19 @@ CACHE_MOUNTS = {
     "apt-archives": "/var/cache/apt/archives",
 }
 _URL_RE = re.compile(r"\b(?:https?|ftp)://[^\s\]\"']+")
+# What apt keeps at the top of those folders and a later build may reuse:
+# package lists (not the lock), downloaded packages, and the binary caches
+# of the lists that APT_OPTS of the build driver name.
+_TAKEN = {
+    "apt-lists": re.compile(r"(?!lock$)[A-Za-z0-9][A-Za-z0-9._+~%-]*"),
+    "apt-archives": re.compile(
+        r"[a-z0-9][a-z0-9.+-]*_[A-Za-z0-9.+~%-]+_[a-z0-9-]+\.deb|nsbuild-(src)?pkgcache\.bin"
+    ),
+}
+# A bound on one file taken into a shared cache (the largest .debs are a few GiB).
+MAX_TAKEN = 8 << 30
+# apt names a downloaded package NAME_VERSION_ARCH.deb, an epoch's ':' as %3a.
+_DEB_NAME = re.compile(r"([a-z0-9][a-z0-9.+-]*)_([A-Za-z0-9.+~%-]+)_([a-z0-9-]+)\.deb")
 
 
 def open_local(options: BackendOptions) -> LocalBackend:
@@ -108,6 +131,11 @@ class LocalBackend(Backend):
         self._stack = ExitStack()
         self._session: Any = None
         self._build_dir: Path | None = None
+        # The session's own upper directory of each cache overlay, and what
+        # was already taken from it (name -> (inode, size, mtime)).
+        self._cache_uppers: dict[str, Path] = {}
+        self._taken: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._known: dict[str, tuple[int, str]] = {}
         self._open(())
 
     # -- session handling --
@@ -122,6 +150,7 @@ class LocalBackend(Backend):
             build = session.dir / "build"
             build.mkdir(exist_ok=True)
             give_to_sandbox_root(build)
+            uppers = self._cache_dirs(session)
         except BaseException:
             stack.close()
             raise
@@ -135,6 +164,94 @@ class LocalBackend(Backend):
         self._stack = stack
         self._session = session
         self._build_dir = build
+        self._cache_uppers = uppers
+        self._taken = {}
+
+    def _cache_dirs(self, session: Any) -> dict[str, Path]:
+        """The session's upper and work directories of each cache overlay
+        (none where the session could not use overlayfs: apt then writes in
+        the session alone, and nothing is shared)."""
+        from nsbuild.envs.owner import give_to_sandbox_root
+
+        if session.copied or session.config.type == "host":
+            return {}
+        uppers = {}
+        for name in self._caches:
+            upper, work = (session.dir / "cache" / name / sub for sub in ("upper", "work"))
+            upper.mkdir(parents=True)
+            work.mkdir()
+            give_to_sandbox_root(upper, work)
+            uppers[name] = upper
+        return uppers
+
+    def take_downloads(self) -> list[str]:
+        """Copy into the shared caches what apt wrote in this session: new
+        regular files of apt's own names, with one link, of bounded size;
+        a name apt removed (an overlay whiteout) is removed there too.
+        Under the caches' lock, as no overlay of them is mounted then."""
+        said: list[str] = []
+        with _cache_lock(self._caches):
+            for name, upper in self._cache_uppers.items():
+                taken = removed = 0
+                entries = [e for e in os.scandir(upper) if _TAKEN[name].fullmatch(e.name)]
+                self._known = self._indexed({e.name for e in entries if e.name.endswith(".deb")})
+                for entry in sorted(entries, key=lambda e: e.name):
+                    what = self._take(name, entry)
+                    taken += what == "taken"
+                    removed += what == "removed"
+                if taken or removed:
+                    said.append(f"apt cache {name}: {taken} files taken, {removed} removed")
+        return said
+
+    def _indexed(self, debs: set[str]) -> dict[str, tuple[int, str]]:
+        """deb -> (size, SHA256) of the package files `debs` as the package
+        indexes of the session's apt lists give them (the session's own, else
+        the shared ones: both only ever written by apt, which checked them
+        against their signed InRelease)."""
+        wanted = {m.groups(): deb for deb in debs if (m := _DEB_NAME.fullmatch(deb))}
+        folders = [self._cache_uppers.get("apt-lists"), self._caches.get("apt-lists")]
+        found: dict[str, tuple[int, str]] = {}
+        seen: set[str] = set()
+        for folder in folders:
+            for index in sorted(folder.glob("*_Packages")) if folder and wanted else ():
+                if index.name in seen or index.is_symlink() or not index.is_file():
+                    continue
+                seen.add(index.name)
+                found.update(_package_entries(index, wanted))
+        return found
+
+    def _take(self, name: str, entry: os.DirEntry[str]) -> str | None:
+        shared = self._caches[name] / entry.name
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            # A whiteout: apt deleted the file (an index no longer listed).
+            if shared.exists():
+                shared.unlink()
+                return "removed"
+            return None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._taken.get((name, entry.name)) == stamp:
+            return None  # taken already, unchanged since
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > MAX_TAKEN:
+                return None
+            if entry.name.endswith(".deb"):
+                # apt checked it as it downloaded; checked again here, as
+                # what the cache gives a later build must be the archive's.
+                expected = self._known.get(entry.name)
+                if expected is None or expected != (st.st_size, _sha256_fd(fd)):
+                    return None
+                os.lseek(fd, 0, os.SEEK_SET)
+            _put(fd, st, shared)
+        finally:
+            os.close(fd)
+        self._taken[(name, entry.name)] = stamp
+        return "taken"
 
     def revert(self) -> None:
         self._build_dir = None
@@ -171,7 +288,12 @@ class LocalBackend(Backend):
             argv=("cp", "-a", "--", "/src/.", "/dest/"),
             idmap=self._idmap,
             root=Tmpfs("/"),
-            mounts=(*host_view(), Bind(str(src), "/src", readonly=True), Bind(str(dest), "/dest")),
+            mounts=(
+                *host_view(),
+                Bind(str(src), "/src", readonly=True),
+                # A dependency layer in the private cache: dpkg's setuid programs stay so.
+                Bind(str(dest), "/dest", private=True),
+            ),
         )
         if spawn(spec).wait() != 0:
             raise BackendError(f"local backend: cannot copy layer {src} to {dest}")
@@ -235,7 +357,7 @@ class LocalBackend(Backend):
     ) -> int:
         from nsbuild import net
         from nsbuild.net.allowlist import Allowlist
-        from nsbuild.sandbox import Bind, Sandbox, spawn
+        from nsbuild.sandbox import Bind, Overlay, Sandbox, spawn
 
         assert self._session is not None and self._build_dir is not None
         trusted = user == "root" and network != "none"
@@ -247,10 +369,14 @@ class LocalBackend(Backend):
             allowlist=Allowlist.parse(self.options.allow),
             allow_from_env=network == "allow",
         )
-        mounts: list[Any] = [Bind(str(self._build_dir), WORK_DIR)]
-        caches = self._caches if trusted else {}
+        # The build directory is nsbuild's own, under the private cache: the
+        # build may make setuid files there (debian/tmp), no one else reaches them.
+        mounts: list[Any] = [Bind(str(self._build_dir), WORK_DIR, private=True)]
+        caches = self._caches if trusted and self._cache_uppers else {}
         for name, host in caches.items():
-            mounts.append(Bind(str(host), CACHE_MOUNTS[name]))
+            upper = self._cache_uppers[name]
+            mounts.append(Overlay((str(host),), str(upper), str(upper.parent / "work"),
+                                  CACHE_MOUNTS[name], volatile=True))  # fmt: skip
         with (
             _cache_lock(caches),
             net.network(opts, mirrors=mirrors, debug=self.options.debug) as plan,
@@ -307,6 +433,63 @@ class LocalBackend(Backend):
         self._stack.close()
         self._session = None
         self._build_dir = None
+
+
+def _put(fd: int, st: os.stat_result, dest: Path) -> None:
+    """Copy the open file `fd` into a shared cache as a new file of nsbuild's
+    own (never through a name something else planted), mode 0644, with the
+    file's time (apt asks a mirror for what is newer than its InRelease's),
+    then renamed over the old one: whole or not at all."""
+    out_fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    try:
+        left = st.st_size
+        while left > 0:
+            sent = os.sendfile(out_fd, fd, None, min(left, 1 << 30))
+            if sent == 0:
+                raise OSError(f"{dest.name}: shorter than its size")
+            left -= sent
+        os.fchmod(out_fd, 0o644)
+        os.utime(out_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.close(out_fd)
+        out_fd = -1
+        os.replace(tmp, dest)
+    except BaseException:
+        if out_fd >= 0:
+            os.close(out_fd)
+        os.unlink(tmp)
+        raise
+
+
+def _package_entries(index: Path, wanted: dict[tuple[str, ...], str]) -> dict[str, tuple[int, str]]:
+    """deb -> (Size, SHA256) of the `wanted` packages ((name, version as in
+    the file name, arch) -> deb) that a Packages index lists, in one pass."""
+    names = sorted({key[0] for key in wanted})
+    start = re.compile(rb"^Package: (" + b"|".join(re.escape(n.encode()) for n in names) + rb")\n",
+                       re.M)  # fmt: skip
+    found: dict[str, tuple[int, str]] = {}
+    with open(index, "rb") as f:
+        try:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # empty
+            return found
+        with data:
+            for hit in start.finditer(data):
+                end = data.find(b"\n\n", hit.start())
+                stanza = data[hit.start() : end if end >= 0 else len(data)].decode(errors="replace")
+                fields = dict(re.findall(r"^([A-Za-z0-9-]+): (.*)$", stanza, re.M))
+                key = (fields.get("Package", ""), fields.get("Version", "").replace(":", "%3a"),
+                       fields.get("Architecture", ""))  # fmt: skip
+                with contextlib.suppress(KeyError, ValueError):
+                    if key in wanted:
+                        found[wanted[key]] = (int(fields["Size"]), fields["SHA256"].lower())
+    return found
+
+
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    while block := os.read(fd, 1 << 20):
+        h.update(block)
+    return h.hexdigest()
 
 
 __all__ = ["LocalBackend", "open_local"]

@@ -79,6 +79,7 @@ def register(sub: Any) -> None:
 def handler(args: argparse.Namespace) -> int:
     from nsbuild.build.driver import BuildRequest, build
     from nsbuild.errors import NsbuildError
+    from nsbuild.printable import printable
 
     selected = args.arch_any or args.arch_all or args.source
     if args.backend == "local" and args.backend_args:
@@ -114,25 +115,35 @@ def handler(args: argparse.Namespace) -> int:
                 else {"status": "error", "exit_status": e.exit_status, "message": str(e)}
             )
             print(json.dumps(doc, indent=1))
-        print(f"nsbuild build: {e}", file=sys.stderr)
+        # Messages quote what the build made (file names, a refusal's
+        # reason): escaped, as everything from inside that is printed.
+        print(f"nsbuild build: {printable(str(e), MESSAGE_LIMIT)}", file=sys.stderr)
         if partial is not None and partial.log:
-            print(f"nsbuild build: log: {partial.log}", file=sys.stderr)
+            print(f"nsbuild build: log: {printable(partial.log)}", file=sys.stderr)
         return e.exit_status
     if args.json:
-        print(json.dumps(result.to_json(), indent=1))
+        print(json.dumps(result.to_json(), indent=1))  # JSON escapes control characters
     else:
         for art in result.artifacts:
-            print(art.path)
+            print(printable(art.path))
     summary = _denied_line(result.network_records)
     if summary:
         print(f"nsbuild build: {summary}", file=sys.stderr)
-    print(f"nsbuild build: log: {result.log}", file=sys.stderr)
+    print(f"nsbuild build: log: {printable(str(result.log))}", file=sys.stderr)
     return 0
 
 
+# Long enough for a list of unmet dependencies, short enough for a terminal.
+MESSAGE_LIMIT = 4096
+
+
 def _denied_line(records: list[dict[str, Any]]) -> str | None:
+    """One line naming the first denied destinations; the names are the
+    build's own (a DNS question may hold anything) and are escaped."""
+    from nsbuild.printable import printable
+
     denied = [r for r in records if r.get("decision") != "allow"]
     if not denied:
         return None
-    hosts = sorted({f"{r.get('host')}:{r.get('port')}" for r in denied})
+    hosts = sorted({printable(f"{r.get('host')}:{r.get('port')}", 300) for r in denied})
     return f"network: {len(denied)} attempt(s) denied: {', '.join(hosts[:5])}"

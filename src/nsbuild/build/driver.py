@@ -2,10 +2,14 @@
 
     Prepare                     fresh session; the source package copied in
     Install build dependencies  trusted: only apt and dpkg run, network `allow`
-                                (the environment's mirrors), or a cached layer
+                                (the environment's mirrors), or a cached layer;
+                                what apt downloads is shared with later builds
+                                only from runs of apt alone, before any
+                                maintainer script
     Build                       untrusted: dpkg-buildpackage as an unprivileged
                                 user, network `none`, fixed path /build/PKG-VERSION
-    Collect                     .changes and everything it lists, copied out
+    Collect                     the .changes and the package's own results it
+                                lists, copied out (anything else: refused)
 
 The driver knows the environment only as a `Backend` picked by name from the
 registry: it never imports a backend module and never touches the
@@ -44,6 +48,7 @@ from nsbuild.build.errors import (
 )
 from nsbuild.build.log import BuildLog, kept_logs_dir
 from nsbuild.errors import NsbuildError
+from nsbuild.printable import printable
 
 BUILD_USER = "nsbuild"
 BUILD_UID = 2000
@@ -345,7 +350,8 @@ class _Build:
         assert self.log is not None
         self.log.line(f"$ {' '.join(argv)}")
         start = time.monotonic()
-        status = backend.run(argv, stdout=self.log.file, stderr=STDOUT, **kw)
+        with self.log.command_output() as output:
+            status = backend.run(argv, stdout=output, stderr=STDOUT, **kw)
         # Each step's duration: where a phase's time goes, read from the log.
         self.log.line(f"[nsbuild: {argv[0]} exited {status} after {time.monotonic() - start:.1f}s]")
         return status
@@ -418,6 +424,9 @@ class _Build:
             raise UnsatisfiableDependencies(
                 f"apt-get update failed (exit status {status}); see the log"
             )
+        # Only apt has run in the session so far: its package lists may go
+        # to the environment's shared cache.
+        self._take_downloads(backend)
         satisfy = ["apt-get", *APT_OPTS]
         extras = [f"{backend.work_dir}/extra/{p.name}" for p in self.req.extra_packages]
         for e in extras:
@@ -426,7 +435,21 @@ class _Build:
         if conflicts:
             satisfy.append(f"Conflicts: {conflicts}")
         base = backend.base_id()
-        if not (caps.dependency_layers and base and self.req.use_cache):
+        # A layer is reused on its key's word: the archive's packages it
+        # names, as their signed archive made them. An extra package (or one
+        # from a source apt does not check) is nobody's signed word, and its
+        # maintainer scripts ran as root over the whole session: they may have
+        # changed other packages' files, apt's configuration or keys, in ways
+        # its checksum in the key does not pin (a script may act on the time,
+        # on chance, on what it finds). Such a session is used once.
+        layers = bool(caps.dependency_layers and base and self.req.use_cache)
+        if layers and (self.req.extra_packages or self._unchecked_sources(backend)):
+            log.line(
+                "No dependency layer is kept: an extra package, or an apt source "
+                "marked trusted, puts unsigned packages in this session"
+            )
+            layers = False
+        if not layers or base is None:
             # No layer to look up or to store: apt installs at once, and is
             # asked what it would do only if that fails (to name what is unmet).
             self._install(backend, satisfy, network)
@@ -495,6 +518,13 @@ class _Build:
         # Nothing a build reads comes from man-db's index of manual pages;
         # building it when man-db is installed costs seconds.
         self._cmd(backend, ["sh", "-c", MAN_DB_OFF])
+        # Downloads first, in a run of apt alone, which checks each package
+        # against the signed indexes: those may go to the shared cache. Then
+        # dpkg runs the packages' maintainer scripts, and from then on
+        # nothing of the session is taken (they could plant anything).
+        download = [satisfy[0], "--download-only", *satisfy[1:]]
+        if self._cmd(backend, download, network=network, env=APT_ENV) == 0:
+            self._take_downloads(backend)
         status = self._cmd(backend, satisfy, network=network, env=APT_ENV)
         if status != 0:
             # Unmet dependencies are named (exit status 3) by the resolver.
@@ -504,6 +534,23 @@ class _Build:
             )
         # No `apt-get clean`: the downloaded packages are in the apt cache
         # mount (kept for the next build), or in a session that is thrown away.
+
+    def _take_downloads(self, backend: Backend) -> None:
+        assert self.log is not None
+        for line in backend.take_downloads():
+            self.log.line(line)
+
+    def _unchecked_sources(self, backend: Backend) -> bool:
+        """Whether the environment has an apt source marked trusted, whose
+        packages apt installs unchecked."""
+        script = (
+            "cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list "
+            "/etc/apt/sources.list.d/*.sources 2>/dev/null; true"
+        )
+        status, text = backend.check_output(["sh", "-c", script])
+        return status != 0 or bool(
+            re.search(r"trusted=yes|^\s*trusted:\s*yes", text, re.IGNORECASE | re.MULTILINE)
+        )
 
     def _keep_layer(
         self,
@@ -666,22 +713,36 @@ class _Build:
         return " ".join([*opts, f"parallel={jobs}"])
 
     def _collect(self, backend: Backend, pkg: SourcePackage, results: Path) -> None:
+        """Copy out the .changes and what it lists. The .changes is the build's
+        own word: only names that are this package's results are taken (never
+        another file of --out, nor nsbuild's logs), each bounded by the size
+        the .changes gives and checked against its checksum."""
         assert self.log is not None
         self.log.section("Collect")
         work = backend.work_dir
-        prefix = f"{pkg.source}_{pkg.upstream_less_epoch}_"
+        own = _ResultNames(pkg, self.result.architecture, self.req.source)
         status, text = backend.check_output(["ls", "-1", work])
-        changes = [n for n in text.split() if n.startswith(prefix) and n.endswith(".changes")]
+        changes = [n for n in text.splitlines() if n in own.changes]
         if status != 0 or len(changes) != 1:
-            raise BuildFailed(f"no single {prefix}*.changes after the build (found {changes})")
+            found = ", ".join(changes)
+            raise BuildFailed(f"no single {own.prefix}*.changes after the build (found: {found})")
         names = [changes[0]]
-        backend.copy_out(f"{work}/{changes[0]}", results / changes[0])
+        backend.copy_out(f"{work}/{changes[0]}", results / changes[0], limit=MAX_CHANGES)
         listed = _changes_files(results / changes[0])
+        for fname, _size, _sha in listed:
+            if "/" in fname or fname in (".", ".."):
+                raise BuildFailed(f"{changes[0]} lists a file with a path: '{fname}'")
+        refused = [fname for fname, _size, _sha in listed if not own.result(fname)]
+        if refused:
+            raise BuildFailed(
+                f"{changes[0]} lists files that are not results of {pkg.source} "
+                f"{pkg.version}, refused: " + ", ".join(f"'{n}'" for n in refused)
+            )
         for fname, size, sha in listed:
-            if "/" in fname or fname.startswith("."):
-                raise BuildFailed(f"{changes[0]} lists a file with a path: {fname!r}")
-            backend.copy_out(f"{work}/{fname}", results / fname)
+            if fname in names:
+                continue
             got = results / fname
+            backend.copy_out(f"{work}/{fname}", got, limit=max(size, 0))
             if got.stat().st_size != size or (sha and _sha256(got) != sha):
                 raise BuildFailed(f"{fname}: does not match its checksum in {changes[0]}")
             names.append(fname)
@@ -724,7 +785,8 @@ class _Build:
         log = self.log
         log.section("Summary")
         if message:
-            log.line(message)
+            # It may quote the build (file names): one line, whatever they hold.
+            log.line(printable(message, 4096))
             log.line()
         times = dict(res.phases)
         fields = [
@@ -766,6 +828,41 @@ class _Build:
         tmpnet.write_text("".join(json.dumps(r) + "\n" for r in res.network_records))
         shutil.move(str(tmpnet), netlog)
         res.network_log = str(netlog)
+
+
+# A .changes is a few KiB; one larger than this was not made by dpkg-genchanges.
+MAX_CHANGES = 16 << 20
+# What a file name in a .changes may be: Debian's package, version and
+# architecture characters, nothing a shell or a terminal reads specially.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_-]{0,254}")
+_DEB_NAME = re.compile(
+    r"([a-z0-9][a-z0-9.+-]*)_([0-9][A-Za-z0-9.+~-]*)_([a-z0-9-]+)\.(deb|udeb|ddeb)"
+)
+
+
+class _ResultNames:
+    """The names a build of `pkg` may leave as results: its .changes and
+    .buildinfo, the .debs of the binary packages its .dsc declares (and their
+    -dbgsym), and with --source its own source files. Not nsbuild's logs
+    (`.build`, `.network.jsonl`), not another package's files."""
+
+    def __init__(self, pkg: SourcePackage, arch: str, source: bool) -> None:
+        self.prefix = f"{pkg.source}_{pkg.upstream_less_epoch}_"
+        arches = (arch, "all", "source")
+        self.changes = {f"{self.prefix}{a}.changes" for a in arches}
+        self.buildinfo = {f"{self.prefix}{a}.buildinfo" for a in arches}
+        self.binaries = {*pkg.binaries, *(f"{b}-dbgsym" for b in pkg.binaries)}
+        self.deb_arches = {arch, "all"}
+        self.sources = {p.name for p in pkg.paths()} if source else set()
+
+    def result(self, name: str) -> bool:
+        if not _FILE_NAME.fullmatch(name):
+            return False
+        if name in self.changes or name in self.buildinfo or name in self.sources:
+            return True
+        m = _DEB_NAME.fullmatch(name)
+        # Any version: a source may give its binaries versions of their own.
+        return bool(m and m.group(1) in self.binaries and m.group(3) in self.deb_arches)
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:

@@ -21,16 +21,20 @@
     ...
 
 People and tools (e.g. scripts that grep `Status:`) read these, so the shape
-follows sbuild's. Command output is written straight to the file descriptor,
-never held in memory.
+follows sbuild's. Commands never hold the log file: they write into a pipe
+that nsbuild copies into it as the output comes (never held in memory), so a
+build cannot seek in its log, truncate it or write over nsbuild's sections.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import os
+import select
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -58,18 +62,23 @@ def _box(title: str, right: str = "", rule: str = "-") -> str:
 
 
 class BuildLog:
-    """An open .build log. `fileno()` lets commands write into it directly."""
+    """An open .build log, written by nsbuild alone."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._f: IO[bytes] = open(path, "wb", buffering=0)  # closed in close()
 
-    def fileno(self) -> int:
-        return self._f.fileno()
-
-    @property
-    def file(self) -> IO[bytes]:
-        return self._f
+    @contextlib.contextmanager
+    def command_output(self) -> Iterator[int]:
+        """The write end of a pipe for one command's output (stdout and
+        stderr), copied into the log until the command is over."""
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        copier = _Copier(read_fd, self._f)
+        try:
+            yield write_fd
+        finally:
+            os.close(write_fd)
+            copier.finish()
 
     def write(self, text: str) -> None:
         self._f.write(text.encode(errors="replace"))
@@ -98,3 +107,48 @@ class BuildLog:
         if not self._f.closed:
             os.fsync(self._f.fileno())
             self._f.close()
+
+
+class _Copier:
+    """Copies a pipe into the log in a thread, so that a command never waits
+    on a full pipe (no deadlock) and nothing it wrote is lost."""
+
+    def __init__(self, fd: int, out: IO[bytes]) -> None:
+        self._fd = fd
+        self._out = out
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._copy, name="nsbuild-log", daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        """Called once the command is over: what it wrote is taken, then the copy ends."""
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        os.close(self._wake_w)
+        os.close(self._wake_r)
+
+    def _copy(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        over = False
+        try:
+            while True:
+                # Once the command is over, only what is already in the pipe
+                # is taken: a process it left behind (in a testbed that
+                # outlives the command) may hold the pipe open for ever.
+                ready = dict(poller.poll(0 if over else None))
+                if self._wake_r in ready:
+                    poller.unregister(self._wake_r)
+                    over = True
+                if self._fd not in ready:
+                    if over:
+                        break
+                    continue
+                data = os.read(self._fd, 1 << 16)
+                if not data:
+                    break
+                with contextlib.suppress(OSError):  # a full disk loses output, never the build
+                    self._out.write(data)
+        finally:
+            os.close(self._fd)
