@@ -103,6 +103,10 @@ def test_copyup_takes_no_links_devices_or_setuid_bits(server: VirtServer, tmp_pa
     # One file copied up alone: the same.
     server.copyup("/srv/u/suid", str(tmp_path / "one"))
     assert not (tmp_path / "one").stat().st_mode & (stat.S_ISUID | stat.S_ISGID)
+    # The caller's own links, outside the testbed's reach, are followed.
+    (tmp_path / "via").symlink_to(out)
+    server.copyup("/srv/u/sgid/", f"{tmp_path}/via/")
+    assert (out / "g").read_text() == "g\n"
 
 
 def test_the_shared_downtmp_answers_no_for_a_testbeds_symlink(

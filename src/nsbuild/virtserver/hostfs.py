@@ -105,7 +105,8 @@ def host_dir(path: str, beneath: str | None, *, create: bool = False) -> int:
             os.close(top)
     if create:
         os.makedirs(path, exist_ok=True)
-    return os.open(path, _DIR)
+    # The caller's own path: its links are the caller's to follow.
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def open_host_file(path: str, beneath: str | None) -> int:
