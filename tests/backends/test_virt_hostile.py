@@ -317,7 +317,16 @@ def test_copyup_refuses_a_hostile_tar_stream(raw: _Raw, tmp_path: Path) -> None:
     for name in cases:
         _ok(ex, f"echo {name} > /root/which")
         assert raw.say("copyup", "/srv/t/", f"{out}/") == "copy-failed", name
+    # A link in the stream is left out, in a line that says so; the rest is copied.
+    links = _tar((_member("ln\x1b[2J", tarfile.SYMTYPE, linkname=str(tmp_path)), b""),
+                 (_member("kept"), b"kept\n"))  # fmt: skip
+    (tmp_path / "links.tar").write_bytes(links)
+    assert raw.say("copydown", str(tmp_path / "links.tar"), "/root/links.tar") == "ok"
+    _ok(ex, "echo links > /root/which")
+    assert raw.say("copyup", "/srv/t/", f"{out}/") == "ok"
+    (out / "kept").unlink()
     err = raw.quit()
+    assert "copyup: not copied (a symlink): ln\\x1b[2J" in err, err
     for name, (_, why) in cases.items():
         assert why in err, (name, err)
     assert "\x1b" not in err

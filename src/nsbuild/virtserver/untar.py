@@ -208,13 +208,13 @@ def extract(fd: int, dest_fd: int, deadline: float, say: Say) -> None:
     skipped = 0
     while (entry := _next(stream)) is not None:
         kind = entry.kind
-        if kind in _SKIPPED or kind not in (*_FILE, _DIR):
-            what = _SKIPPED.get(kind, f"an entry of type {shown(kind)}")
-            if kind not in _SKIPPED:
-                raise TarError(f"{shown(entry.name)}: {what}")
+        if kind not in (*_FILE, _DIR, *_SKIPPED):
+            # GNU sparse, multi-volume, incremental entries: not of a `tar -c`.
+            raise TarError(f"{shown(entry.name)}: an entry of type {shown(kind)}")
+        if kind in _SKIPPED:
             skipped += 1
             if skipped <= MAX_SKIP_LINES:
-                say(f"copyup: not copied ({what}): {shown(entry.name)}")
+                say(f"copyup: not copied ({_SKIPPED[kind]}): {shown(entry.name)}")
             stream.skip(entry.size + _padding(entry.size))
             continue
         parts = split(entry.name)
