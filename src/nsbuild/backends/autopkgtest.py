@@ -38,6 +38,7 @@ from nsbuild.backends.base import (
     Capabilities,
     CopyRefused,
     Network,
+    Sink,
     Stream,
     copy_bounded,
 )
@@ -235,14 +236,10 @@ class AutopkgtestBackend(Backend):
         # Checked inside first (servers copy up with `cat` or through a shared
         # directory, and either would follow a symlink), then again on the
         # host on what arrived.
-        with tempfile.TemporaryFile() as err:
-            status = self.run(
-                ["sh", "-c", _CHECK_OUT, "check", within, rel, str(limit)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-            err.seek(0)
-            why = err.read(MAX_REASON).decode(errors="replace").strip()
+        with Sink(MAX_REASON) as err:
+            argv = ["sh", "-c", _CHECK_OUT, "check", within, rel, str(limit)]
+            status = self.run(argv, stdout=subprocess.DEVNULL, stderr=err.fd)
+        why = err.text().strip()
         if status in (3, 4, 5, 6):
             raise CopyRefused(f"refusing to copy {shown}: {why}")
         if status != 0:

@@ -198,7 +198,7 @@ class Backend(ABC):
         )
         argv = ["sh", "-c", script, "copy-out", within, rel, str(limit)]
         # The tar stream: the file, its header and the end blocks.
-        with _Sink(limit + (64 << 10)) as out, _Sink(MAX_REASON) as err:
+        with Sink(limit + (64 << 10)) as out, Sink(MAX_REASON) as err:
             status = self.run(argv, stdout=out.fd, stderr=err.fd)
         why = err.text().strip()
         if status in (3, 4, 5, 6):
@@ -215,7 +215,7 @@ class Backend(ABC):
 
     def check_output(self, argv: Sequence[str], **kwargs: Any) -> tuple[int, str]:
         """run() with stdout captured (its first MAX_OUTPUT bytes): (status, text)."""
-        with _Sink(MAX_OUTPUT) as out:
+        with Sink(MAX_OUTPUT) as out:
             status = self.run(argv, stdout=out.fd, **kwargs)
         return status, out.text()
 
@@ -330,7 +330,7 @@ def copy_bounded(src_fd: int, host_path: Path, limit: int, what: str) -> None:
     os.replace(tmp, host_path)
 
 
-class _Sink:
+class Sink:
     """A pipe whose read end a thread copies into a temporary file, up to
     `limit` bytes: a command's output, bounded whatever the command (or a
     program replaced inside) writes. Past the bound the pipe is closed, and
@@ -344,7 +344,7 @@ class _Sink:
         self._thread = threading.Thread(target=self._copy, name="nsbuild-sink", daemon=True)
         self._thread.start()
 
-    def __enter__(self) -> _Sink:
+    def __enter__(self) -> Sink:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -62,6 +62,8 @@ _TAKEN = {
         r"[a-z0-9][a-z0-9.+-]*_[A-Za-z0-9.+~%-]+_[a-z0-9-]+\.deb|nsbuild-(src)?pkgcache\.bin"
     ),
 }
+# Network records kept for the build's summary and log (a flood makes many).
+MAX_RECORDS = 10000
 # A bound on one file taken into a shared cache (the largest .debs are a few GiB).
 MAX_TAKEN = 8 << 30
 # apt names a downloaded package NAME_VERSION_ARCH.deb, an epoch's ':' as %3a.
@@ -416,7 +418,9 @@ class LocalBackend(Backend):
                     proc.kill()
                     proc.wait()
                     raise
-            self._records.extend(plan.records())
+            # Each attempt from inside is a record: a bounded number is kept.
+            room = max(MAX_RECORDS - len(self._records), 0)
+            self._records.extend(plan.records()[:room])
         # Only after the plan stopped its services: they serve these sockets.
         for sock in proc.sockets:
             sock.close()

@@ -734,9 +734,10 @@ class _Build:
                 raise BuildFailed(f"{changes[0]} lists a file with a path: '{fname}'")
         refused = [fname for fname, _size, _sha in listed if not own.result(fname)]
         if refused:
+            more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
             raise BuildFailed(
                 f"{changes[0]} lists files that are not results of {pkg.source} "
-                f"{pkg.version}, refused: " + ", ".join(f"'{n}'" for n in refused)
+                f"{pkg.version}, refused: " + ", ".join(f"'{n}'" for n in refused[:10]) + more
             )
         for fname, size, sha in listed:
             if fname in names:
