@@ -466,8 +466,10 @@ def apt_cache_root() -> Path:
 
 def apt_cache_dir(env_name: str) -> Path:
     """One environment's apt caches: `apt-lists/`, `apt-archives/` and `.lock`,
-    held exclusively by whoever writes them (shared by the virt server while
-    it takes a snapshot of them)."""
+    held exclusively by whoever writes them or mounts them as an overlay's
+    lower (shared by the virt server while it takes a snapshot of them). No
+    sandbox writes them: nsbuild copies in what apt downloaded, once checked
+    (the local backend's take_downloads, the virt server's harvest)."""
     return apt_cache_root() / env_name
 
 

@@ -155,8 +155,9 @@ class Progress:
         self.stream = stream
 
     def say(self, text: str) -> None:
+        # Names in it come from the source (its changelog's distribution).
         if self.stream is not None:
-            print(f"nsbuild: {text}", file=self.stream, flush=True)
+            print(f"nsbuild: {printable(text)}", file=self.stream, flush=True)
 
 
 def build(request: BuildRequest, progress: IO[str] | None = sys.stderr) -> BuildResult:
