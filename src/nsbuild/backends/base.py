@@ -197,8 +197,10 @@ class Backend(ABC):
             'exec tar -C "$dir" --no-recursion -cf - -- "$2"'
         )
         argv = ["sh", "-c", script, "copy-out", within, rel, str(limit)]
-        # The tar stream: the file, its header and the end blocks.
-        with Sink(limit + (64 << 10)) as out, Sink(MAX_REASON) as err:
+        # The tar stream (the file, its header and the end blocks) waits
+        # beside its destination, not in a /tmp that may be memory.
+        host_path.parent.mkdir(parents=True, exist_ok=True)
+        with Sink(limit + (64 << 10), host_path.parent) as out, Sink(MAX_REASON) as err:
             status = self.run(argv, stdout=out.fd, stderr=err.fd)
         why = err.text().strip()
         if status in (3, 4, 5, 6):
@@ -336,10 +338,10 @@ class Sink:
     program replaced inside) writes. Past the bound the pipe is closed, and
     the writer gets EPIPE."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, folder: Path | None = None) -> None:
         self.limit = limit
         self.overflow = False
-        self.file: IO[bytes] = tempfile.TemporaryFile()
+        self.file: IO[bytes] = tempfile.TemporaryFile(dir=folder)
         self._read_fd, self.fd = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._copy, name="nsbuild-sink", daemon=True)
         self._thread.start()
