@@ -11,12 +11,17 @@ Removed:
 Never removed: persistent sessions, sessions of live owners, bases in use
 (their lock is taken exclusively, without waiting, before deleting). Deleting
 goes through `remove_tree`, which refuses to cross a mount point.
+
+Each entry is handled on its own: whatever goes wrong with one (a tree or a
+record shaped by code in a sandbox) is one line of the report, and gc goes
+on with the next.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from nsbuild.envs.paths import Layout, cache_dir
 from nsbuild.envs.remove import remove_tree
 from nsbuild.envs.session import RECORD, Session
 from nsbuild.envs.store import base_complete, tarball_digest, try_lock_for_delete
+from nsbuild.printable import printable
 
 
 @dataclass
@@ -43,6 +49,17 @@ def _entries(directory: Path) -> list[str]:
         return []
 
 
+@contextlib.contextmanager
+def _each(report: GcReport, path: Path) -> Iterator[None]:
+    """Handle one entry: an error is one line of the report, not the end of gc."""
+    try:
+        yield
+    except EnvError as e:
+        report.errors.append(str(e))
+    except Exception as e:  # any error of this entry, said in one line
+        report.errors.append(f"{path}: {printable(str(e) or type(e).__name__, 300)}")
+
+
 def _dead_tmp(name: str) -> bool:
     owner = tmp_owner(name)
     return owner is not None and not owner.alive()
@@ -52,38 +69,36 @@ def _remove(path: Path, what: str, report: GcReport, dry_run: bool) -> None:
     if dry_run:
         report.removed.append(f"{what} (dry run)")
         return
-    try:
+    with _each(report, path):
         remove_tree(path)
         report.removed.append(what)
-    except EnvError as e:
-        report.errors.append(str(e))
 
 
 def _sessions(layout: Layout, report: GcReport, dry_run: bool) -> set[str]:
     """Remove dead sessions; return the bases the remaining ones use."""
     in_use: set[str] = set()
     for name in _entries(layout.sessions):
-        path = layout.sessions / name
-        if name.startswith("."):
-            if _dead_tmp(name):
-                _remove(path, f"unfinished session {path}", report, dry_run)
-            continue
-        try:
-            session = Session.load(path)
-        except EnvError as e:
-            if not (path / RECORD).exists():
-                report.errors.append(f"{path}: not a session (no {RECORD}); left alone")
-            else:
-                report.errors.append(str(e))
-            continue
-        if session.alive():
-            report.kept.append(f"session {session.id} ({session.kind})")
-            if session.base:
-                in_use.add(session.base)
-            continue
-        pid = session.owner.pid if session.owner else "?"
-        _remove(path, f"session {session.id} (owner pid {pid} gone)", report, dry_run)
+        with _each(report, layout.sessions / name):
+            _session(layout.sessions / name, report, dry_run, in_use)
     return in_use
+
+
+def _session(path: Path, report: GcReport, dry_run: bool, in_use: set[str]) -> None:
+    if path.name.startswith("."):
+        if _dead_tmp(path.name):
+            _remove(path, f"unfinished session {path}", report, dry_run)
+        return
+    if not os.path.lexists(path / RECORD):
+        report.errors.append(f"{path}: not a session (no {RECORD}); left alone")
+        return
+    session = Session.load(path)
+    if session.alive():
+        report.kept.append(f"session {session.id} ({session.kind})")
+        if session.base:
+            in_use.add(session.base)
+        return
+    pid = session.owner.pid if session.owner else "?"
+    _remove(path, f"session {session.id} (owner pid {pid} gone)", report, dry_run)
 
 
 def _configured_bases(config: Config, layout: Layout, report: GcReport) -> set[str]:
@@ -94,8 +109,8 @@ def _configured_bases(config: Config, layout: Layout, report: GcReport) -> set[s
         if env.type == "tarball" and env.path and (env.unpack or cache_dir()) == layout.root:
             try:
                 digests.add(tarball_digest(layout, env.path))
-            except EnvError as e:
-                report.errors.append(f"environment {env.name!r}: {e}")
+            except Exception as e:  # one line per environment
+                report.errors.append(f"environment {env.name!r}: {printable(str(e), 300)}")
     return digests
 
 
@@ -111,34 +126,39 @@ def _still_used(layout: Layout, digest: str) -> bool:
 
 def _bases(layout: Layout, keep: set[str], report: GcReport, dry_run: bool) -> None:
     for name in _entries(layout.bases):
-        path = layout.bases / name
-        if name.startswith("."):
-            if _dead_tmp(name):
-                _remove(path, f"unfinished base {path}", report, dry_run)
-            continue
-        if name in keep:
-            continue
-        try:
-            with try_lock_for_delete(layout, name):
-                if _still_used(layout, name) or not base_complete(layout, name):
-                    continue
-                if dry_run:
-                    report.removed.append(f"unused base {path} (dry run)")
-                    continue
-                doomed = layout.bases / tmp_name()
-                os.rename(path, doomed)
-            _remove(doomed, f"unused base {name[:12]}", report, dry_run)
-            with contextlib.suppress(FileNotFoundError):
-                layout.base_lock(name).unlink()
-        except BlockingIOError:
-            report.kept.append(f"base {name[:12]} (in use)")
+        if name not in keep:
+            with _each(report, layout.bases / name):
+                _base(layout, name, report, dry_run)
+
+
+def _base(layout: Layout, name: str, report: GcReport, dry_run: bool) -> None:
+    path = layout.bases / name
+    if name.startswith("."):
+        if _dead_tmp(name):
+            _remove(path, f"unfinished base {path}", report, dry_run)
+        return
+    try:
+        with try_lock_for_delete(layout, name):
+            if _still_used(layout, name) or not base_complete(layout, name):
+                return
+            if dry_run:
+                report.removed.append(f"unused base {path} (dry run)")
+                return
+            doomed = layout.bases / tmp_name()
+            os.rename(path, doomed)
+        _remove(doomed, f"unused base {name[:12]}", report, dry_run)
+        with contextlib.suppress(FileNotFoundError):
+            layout.base_lock(name).unlink()
+    except BlockingIOError:
+        report.kept.append(f"base {name[:12]} (in use)")
 
 
 def _leftover_files(layout: Layout, report: GcReport, dry_run: bool) -> None:
     for directory in (layout.tarballs, layout.digests):
         for name in _entries(directory):
             if name.startswith(".") and _dead_tmp(name.rsplit(".", 1)[0]):
-                _remove(directory / name, f"unfinished file {directory / name}", report, dry_run)
+                path = directory / name
+                _remove(path, f"unfinished file {path}", report, dry_run)
 
 
 def gc(dry_run: bool = False) -> GcReport:
@@ -162,8 +182,11 @@ def gc(dry_run: bool = False) -> GcReport:
 def remove_unused_base(layout: Layout, digest: str) -> bool:
     """Remove one base now if nothing uses it (after `env remove` or `env update`)."""
     report = GcReport()
-    keep = {s.base for s in map(Session.load, _session_dirs(layout)) if s.alive() and s.base}
-    if digest in keep:
+    try:
+        sessions = [Session.load(d) for d in _session_dirs(layout)]
+    except EnvError:
+        return False  # a session we cannot read may use it: gc says which
+    if any(s.alive() and s.base == digest for s in sessions):
         return False
     _bases_only(layout, digest, report)
     return any(digest[:12] in r for r in report.removed)
@@ -173,7 +196,7 @@ def _session_dirs(layout: Layout) -> list[Path]:
     return [
         layout.sessions / n
         for n in _entries(layout.sessions)
-        if not n.startswith(".") and (layout.sessions / n / RECORD).exists()
+        if not n.startswith(".") and os.path.lexists(layout.sessions / n / RECORD)
     ]
 
 

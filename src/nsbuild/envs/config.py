@@ -23,7 +23,6 @@ unknown fields — and reports every problem as `FILE:LINE: problem`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -402,24 +401,21 @@ def load_config(dirs: tuple[Path, ...] | None = None) -> Config:
     The parsed result is cached (keyed by the files' identities and mtimes) so
     that `nsbuild run --env` does not pay python-debian's import on every run."""
     from nsbuild.envs.paths import private_cache_dir
+    from nsbuild.envs.records import read_record, write_record
 
     dirs = dirs if dirs is not None else config_dirs()
     key = _fingerprint(dirs)
     cache = private_cache_dir() / "config-cache.json"
-    try:
-        data = json.loads(cache.read_text())
+    # Anything but a cache of ours for these files is parsed again and replaced.
+    with contextlib.suppress(EnvError, KeyError, TypeError, AttributeError):
+        data = read_record(cache)
         if data["key"] == key:
             return Config([EnvConfig.from_json(e) for e in data["envs"]])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     envs: list[EnvConfig] = []
     for directory in dirs:
         envs.extend(parse_dir(directory))
-    with contextlib.suppress(OSError):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".config-cache.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "envs": [e.to_json() for e in envs]}))
-        os.replace(tmp, cache)
+    with contextlib.suppress(OSError):  # not remembered: parsed again next time
+        write_record(cache, {"key": key, "envs": [e.to_json() for e in envs]})
     return Config(envs)
 
 

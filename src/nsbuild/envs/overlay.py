@@ -10,13 +10,15 @@ copy (for filesystems where overlayfs misbehaves without refusing).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import sys
 from pathlib import Path
 
+from nsbuild.envs.errors import EnvError
 from nsbuild.envs.owner import give_to_sandbox_root, tmp_name
 from nsbuild.envs.paths import Layout
+from nsbuild.envs.records import read_record, write_record
 from nsbuild.envs.remove import remove_tree
 
 PROBE = "overlay-probe.json"
@@ -54,12 +56,11 @@ def overlay_usable(layout: Layout) -> bool:
     layout.sessions.mkdir(parents=True, exist_ok=True)
     key = {"kernel": os.uname().release, "dev": os.stat(layout.sessions).st_dev}
     record = layout.root / PROBE
-    try:
-        data = json.loads(record.read_text())
+    # Anything but a record of ours for this key is probed again and replaced.
+    with contextlib.suppress(EnvError, KeyError, TypeError, AttributeError):
+        data = read_record(record)
         if data.get("key") == key:
             return bool(data["usable"])
-    except (OSError, ValueError, KeyError):
-        pass
     why = _probe(layout.sessions)
     if why:
         print(
@@ -67,7 +68,6 @@ def overlay_usable(layout: Layout) -> bool:
             "to a full copy of their environment (slower, uses disk)",
             file=sys.stderr,
         )
-    tmp = record.with_name(f"{tmp_name()}.json")
-    tmp.write_text(json.dumps({"key": key, "usable": why is None, "why": why}))
-    os.replace(tmp, record)
+    with contextlib.suppress(OSError):  # not remembered: probed again next time
+        write_record(record, {"key": key, "usable": why is None, "why": why})
     return why is None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import secrets
 import time
@@ -34,8 +33,10 @@ from nsbuild.envs.errors import ConfigError, EnvError
 from nsbuild.envs.overlay import overlay_usable
 from nsbuild.envs.owner import Owner, give_to_sandbox_root, tmp_name
 from nsbuild.envs.paths import Layout
+from nsbuild.envs.records import UnreadableRecord, read_record, write_record
 from nsbuild.envs.remove import remove_tree
 from nsbuild.envs.store import layout_for, use_base
+from nsbuild.printable import printable
 from nsbuild.sandbox import (
     Bind,
     Dev,
@@ -113,21 +114,25 @@ class Session:
         return default_env()
 
     def mirrors(self) -> tuple[str, ...]:
-        """The config's mirrors, then every archive in the session's apt sources:
+        """The config's mirrors, then every archive in the base's apt sources:
         what `--allow-from-env` lets through. Read from the host side, never by
-        running anything inside, and only from the read-only layers: the
-        session's own changes were made by code inside, which is not trusted
-        to widen its own allowlist (or to point a symlink at a host file)."""
+        running anything inside, and only from the base (the environment as
+        configured): the session's own changes, and any layer above the base
+        (a dependency layer, kept after build dependencies' maintainer scripts
+        ran), were made by code inside, which is not trusted to widen its own
+        allowlist (or to point a symlink at a host file)."""
         from nsbuild.envs.create import apt_mirrors
 
         found = list(self.config.mirrors)
-        if self.config.type == "host":
-            layers: list[Path] = [Path("/")]
-        else:
-            layers = [Path(lower) for lower in self.lowers]
-        for layer in layers:
-            found += [m for m in apt_mirrors(layer) if m not in found]
+        base = Path("/") if self.config.type == "host" else self.base_layer
+        if base is not None:
+            found += [m for m in apt_mirrors(base) if m not in found]
         return tuple(found)
+
+    @property
+    def base_layer(self) -> Path | None:
+        """The lowest layer: the environment's base (None if it has no layers)."""
+        return Path(self.lowers[-1]) if self.lowers else None
 
     def sandbox(
         self,
@@ -166,7 +171,7 @@ class Session:
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
         """Hold while a command runs: `end_session` then refuses to delete the session."""
-        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             yield
@@ -188,7 +193,10 @@ class Session:
     @classmethod
     def load(cls, directory: Path) -> Session:
         try:
-            data = json.loads((directory / RECORD).read_text())
+            data = read_record(directory / RECORD)
+        except UnreadableRecord as e:
+            raise EnvError(f"{directory / RECORD}: unreadable session record: {e.why}") from None
+        try:
             return cls(
                 id=str(data["id"]),
                 config=EnvConfig.from_json(data["env"]),
@@ -200,8 +208,9 @@ class Session:
                 created=float(data["created"]),
                 copied=data.get("copied") is True,
             )
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise EnvError(f"{directory / RECORD}: unreadable session record: {e}") from e
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            why = f"{type(e).__name__} {printable(str(e), 100)}"
+            raise EnvError(f"{directory / RECORD}: unreadable session record: {why}") from None
 
     def alive(self) -> bool:
         """Persistent sessions live until ended; throwaway ones while their owner runs."""
@@ -286,7 +295,7 @@ def _create(
                 created=time.time(),
                 copied=copied,
             )
-            (tmp / RECORD).write_text(json.dumps(session.to_json(), indent=1) + "\n")
+            write_record(tmp / RECORD, session.to_json())
             # The rename publishes the session while the base is still locked
             # against gc, which looks for session records before deleting a base.
             os.rename(tmp, session.dir)
@@ -369,7 +378,7 @@ def _delete(session: Session) -> None:
 def end_session(session_id: str) -> None:
     """Delete a session and its files; refused while a command runs in it."""
     session = get_session(session_id)
-    fd = os.open(session.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(session.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -23,8 +23,8 @@ import contextlib
 import fcntl
 import hashlib
 import io
-import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -39,7 +39,8 @@ from nsbuild.envs.config import EnvConfig
 from nsbuild.envs.errors import EnvError, UnsafeTarball
 from nsbuild.envs.owner import give_to_sandbox_root, tmp_name
 from nsbuild.envs.paths import Layout
-from nsbuild.envs.remove import remove_tree
+from nsbuild.envs.records import read_record, write_record
+from nsbuild.envs.remove import read_messages, remove_tree
 from nsbuild.envs.tarcheck import TarReport, sanitize
 from nsbuild.printable import printable
 
@@ -49,6 +50,7 @@ from nsbuild.printable import printable
 EXPANSION = 10
 SLACK = 64 << 20
 _CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -117,9 +119,8 @@ def _stat_key(st: os.stat_result) -> list[int]:
 def _remember(layout: Layout, path: Path, st: os.stat_result, digest: str) -> None:
     layout.digests.mkdir(parents=True, exist_ok=True)
     record = _digest_record(layout, path)
-    tmp = record.with_name(f"{tmp_name()}.json")
-    tmp.write_text(json.dumps({"path": str(path), "stat": _stat_key(st), "sha256": digest}))
-    os.replace(tmp, record)
+    with contextlib.suppress(OSError):  # not remembered: hashed again next time
+        write_record(record, {"path": str(path), "stat": _stat_key(st), "sha256": digest})
 
 
 def remember_digest(layout: Layout, path: Path, digest: str) -> None:
@@ -143,12 +144,11 @@ def _digest_of(layout: Layout, path: Path, fd: int) -> str:
     """sha256 of the open tarball `fd`, hashed only when the file changed."""
     st = os.fstat(fd)
     record = _digest_record(layout, path)
-    try:
-        cached = json.loads(record.read_text())
-        if cached.get("stat") == _stat_key(st):
+    # Anything but a record of ours for this file is hashed again and replaced.
+    with contextlib.suppress(EnvError, KeyError, TypeError, AttributeError):
+        cached = read_record(record)
+        if cached.get("stat") == _stat_key(st) and _SHA256.fullmatch(str(cached["sha256"])):
             return str(cached["sha256"])
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
     digest = _hash_fd(fd, path)
     _remember(layout, path, st, digest)
     return digest
@@ -175,7 +175,7 @@ def locked_file(path: Path, mode: int = fcntl.LOCK_EX,
     """flock `path` (made if missing, with its parent) for the block; yields the
     fd. `on_wait` is called once if the lock is held elsewhere, before waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         if on_wait is None:
             fcntl.flock(fd, mode)
@@ -303,8 +303,7 @@ def extract(fd: int, label: str, target: Path, limit: int, hint: str = ""
     feeder = threading.Thread(target=_feed, args=(raw, proc.stdin, label, limit, hint, result))
     feeder.start()
     # tar's messages name members: bounded and escaped before they are shown.
-    err = proc.stderr.read(64 << 10).decode(errors="replace").strip()
-    proc.stderr.close()
+    err = read_messages(proc.stderr)
     status = proc.wait()
     feeder.join()
     outcome = result[0] if result else EnvError(f"{label}: extraction thread failed")
@@ -350,7 +349,7 @@ def _unpack(layout: Layout, env: EnvConfig, fd: int, digest: str) -> None:
             "unpacked": int(time.time()),
             "seconds": round(time.monotonic() - start, 3),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_record(tmp / "meta.json", meta)
         os.rename(tmp, layout.base_dir(digest))
     except BaseException:
         remove_tree(tmp)
@@ -421,36 +420,3 @@ def copy_tarball_atomically(
             tmp.unlink()
         raise
     return h.hexdigest()
-
-
-def disk_usage(path: Path) -> int:
-    """Bytes allocated under `path`, each inode counted once, mounts not crossed."""
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    try:
-        st_root = os.lstat(path)
-    except OSError:
-        return 0
-    dev = st_root.st_dev
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if st.st_dev != dev:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-        # Do not descend into other filesystems; a session may remove what
-        # was just listed.
-        dirnames[:] = [d for d in dirnames if _same_dev(os.path.join(dirpath, d), dev)]
-    return total + st_root.st_blocks * 512
-
-
-def _same_dev(path: str, dev: int) -> bool:
-    try:
-        return os.lstat(path).st_dev == dev
-    except OSError:
-        return False

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from nsbuild.envs.config import EnvConfig, load_config
 from nsbuild.envs.errors import EnvError
 from nsbuild.envs.session import list_sessions
-from nsbuild.envs.store import base_complete, disk_usage, layout_for, tarball_digest
+from nsbuild.envs.store import base_complete, layout_for, tarball_digest
+from nsbuild.envs.walk import disk_usage
 
 
 @dataclass
