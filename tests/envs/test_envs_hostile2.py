@@ -9,9 +9,13 @@ commands finish, say one line per bad entry, and clean up what they can.
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import stat
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,6 +125,78 @@ def test_gc_removes_a_deep_leftover_and_goes_on(xdg: Path) -> None:
     assert f"removed unfinished session {deep}" in r.stdout
     assert f"removed unfinished session {after}" in r.stdout
     assert os.listdir(sessions) == []
+
+
+# -- A13: rm's messages are drained, not cut off ---------------------------------------
+
+
+def _test_user() -> pwd.struct_passwd:
+    name = os.environ.get("NSBUILD_TEST_USER", "nsbtest")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pytest.skip(f"no test user {name!r} (set NSBUILD_TEST_USER)")
+
+
+def _first_subuid(name: str) -> int:
+    with open("/etc/subuid") as f:
+        for line in f:
+            fields = line.strip().split(":")
+            if fields[0] == name:
+                return int(fields[1])
+    pytest.skip(f"no /etc/subuid range for {name!r}")
+
+
+_REMOVE = """
+import sys
+from pathlib import Path
+from nsbuild.envs import EnvError, remove_tree
+try:
+    remove_tree(Path(sys.argv[1]))
+except EnvError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.root
+def test_rm_that_says_a_lot_still_removes_all_it_can() -> None:
+    # Folders of host root, which no id in the user's namespace may write in:
+    # rm says one line per file it cannot remove (over a megabyte here), and
+    # folders of a subordinate id that only rm in the namespace can delete.
+    user = _test_user()
+    other = _first_subuid(user.pw_name) + 1000
+    top = Path(tempfile.mkdtemp(prefix="nsbuild-rm-", dir="/var/tmp"))
+    try:
+        top.chmod(0o755)
+        tree = top / "tree"
+        tree.mkdir()
+        os.chown(tree, user.pw_uid, user.pw_gid)
+        for i in range(30):
+            (tree / f"locked{i}").mkdir()
+            for j in range(200):
+                (tree / f"locked{i}" / f"{'x' * 200}{j}").touch()
+        for i in range(100):
+            (tree / f"sub{i}").mkdir()
+            (tree / f"sub{i}" / "f").touch()
+            os.chown(tree / f"sub{i}" / "f", other, other)
+            os.chown(tree / f"sub{i}", other, other)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/", "LANG": "C.UTF-8"}
+        if "PYTHONPATH" in os.environ:  # the nsbuild under test, wherever it is
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        r = subprocess.run(
+            ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+             "--", sys.executable, "-c", _REMOVE, str(tree)],
+            cwd="/", env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+            timeout=HANG_GUARD, check=False,
+        )  # fmt: skip
+        assert r.returncode == 3, r.stderr
+        (line,) = r.stdout.splitlines()
+        assert "cannot remove inside the user namespace" in line and "Permission denied" in line
+        # Every folder rm could remove is gone: it ran to its end.
+        assert sorted(os.listdir(tree)) == sorted(f"locked{i}" for i in range(30))
+    finally:
+        shutil.rmtree(top)
 
 
 # -- records in the cache: regular, bounded, not followed ---------------------------
