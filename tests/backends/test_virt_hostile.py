@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
-from virt_helpers import Env
+from virt_helpers import Env, sessions
 
 from nsbuild.backends.virtproto import VirtServer, VirtServerError
 
@@ -43,9 +43,11 @@ def _ok(cmd: list[str], script: str) -> str:
     return done.stdout
 
 
-def _shared(server: VirtServer) -> Path:
-    (path,) = [c.split("=", 1)[1] for c in server.capabilities() if c.startswith("downtmp-host=")]
-    return Path(path)
+def _shared(env: Env) -> Path:
+    """The host folder of the open testbed's downtmp (not offered to clients,
+    but a client that names it gets the same checks)."""
+    (session,) = sessions(env)
+    return env.cache / "nsbuild" / "sessions" / session / "downtmp"
 
 
 def _copyup_error(server: VirtServer, inside: str, host: str) -> str | None:
@@ -110,13 +112,13 @@ def test_copyup_takes_no_links_devices_or_setuid_bits(server: VirtServer, tmp_pa
 
 
 def test_the_shared_downtmp_answers_no_for_a_testbeds_symlink(
-    server: VirtServer, tmp_path: Path
+    server: VirtServer, server_env: Env, tmp_path: Path
 ) -> None:
     secret = tmp_path / "secret"
     secret.write_text("HOST ONLY\n")
     server.open()
     ex = server.execute_command()
-    shared = _shared(server)
+    shared = _shared(server_env)
     # A regular file (setuid by the testbed) is answered, without its setuid bit.
     _ok(ex, "cp /usr/bin/id /tmp/autopkgtest/tool && chmod 4755 /tmp/autopkgtest/tool")
     server.copyup("/tmp/autopkgtest/tool", str(shared / "tool"))
@@ -128,11 +130,11 @@ def test_the_shared_downtmp_answers_no_for_a_testbeds_symlink(
 
 
 def test_the_shared_downtmp_answers_no_for_a_tree_holding_a_symlink(
-    server: VirtServer, tmp_path: Path
+    server: VirtServer, server_env: Env, tmp_path: Path
 ) -> None:
     server.open()
     ex = server.execute_command()
-    shared = _shared(server)
+    shared = _shared(server_env)
     _ok(ex, "mkdir -p /tmp/autopkgtest/art/sub && echo log > /tmp/autopkgtest/art/sub/log")
     server.copyup("/tmp/autopkgtest/art/", f"{shared}/art/")
     _ok(ex, f"ln -s {tmp_path} /tmp/autopkgtest/art/sub/home")
@@ -140,10 +142,10 @@ def test_the_shared_downtmp_answers_no_for_a_tree_holding_a_symlink(
     assert error is not None and "art/sub/home: not a regular file" in error, error
 
 
-def test_the_downtmp_is_private_to_its_owner(server: VirtServer) -> None:
+def test_the_downtmp_is_private_to_its_owner(server: VirtServer, server_env: Env) -> None:
     server.open()
     ex = server.execute_command()
-    shared = _shared(server)
+    shared = _shared(server_env)
     # Writable by every user of the testbed, as autopkgtest wants it...
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
     # ...but no other user of the host reaches it: its session folder is the
@@ -335,14 +337,13 @@ def test_copyup_refuses_a_hostile_tar_stream(raw: _Raw, tmp_path: Path) -> None:
 
 
 def test_copies_through_the_downtmp_never_follow_its_symlinks_on_the_host(
-    raw: _Raw, tmp_path: Path
+    raw: _Raw, server_env: Env, tmp_path: Path
 ) -> None:
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "key").write_text("HOST ONLY\n")
     assert raw.say("open").startswith("ok ")
-    shared = next(unquote(c.split("=", 1)[1]) for c in raw.say("capabilities").split()
-                  if c.startswith("downtmp-host="))  # fmt: skip
+    shared = str(_shared(server_env))
     ex = raw.execute_command()
     _ok(ex, f"ln -s {secrets} /tmp/autopkgtest/link && mkdir /srv/in")
     # Host paths through the testbed's link: nothing of the host goes in...

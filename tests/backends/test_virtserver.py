@@ -48,19 +48,21 @@ def test_open_run_copy_revert_close(server: VirtServer, server_env: Env, tmp_pat
     scratch = server.open()
     caps = server.capabilities()
     assert "suggested-normal-user=nsbuild" in caps
-    (shared,) = [Path(c.split("=", 1)[1]) for c in caps if c.startswith("downtmp-host=")]
+    # The scratch folder is the testbed's: a client copies to and from it.
+    assert not any(c.startswith("downtmp-host=") for c in caps)
     ex = server.execute_command()
 
     # Root inside, and the suggested user exists.
     assert _exec(ex, "id", "-u").stdout.strip() == "0"
     as_user = _exec(ex, "runuser", "-u", "nsbuild", "--", "id", "-un")
     assert as_user.stdout.strip() == "nsbuild", as_user.stderr
-    # The testbed keeps its files from one command to the next, /tmp included;
-    # the scratch folder is the host's downtmp-host.
+    # The testbed keeps its files from one command to the next, /tmp and the
+    # scratch folder included.
     assert _exec(ex, "sh", "-c", f"echo kept > /etc/marker && echo tmp > /tmp/t && "
-                                 f"echo shared > {scratch}/s").returncode == 0  # fmt: skip
-    assert _exec(ex, "cat", "/etc/marker", "/tmp/t").stdout == "kept\ntmp\n"
-    assert (shared / "s").read_text() == "shared\n"
+                                 f"echo scratch > {scratch}/s").returncode == 0  # fmt: skip
+    assert _exec(ex, "cat", "/etc/marker", "/tmp/t", f"{scratch}/s").stdout == (
+        "kept\ntmp\nscratch\n"
+    )
     # The exit status is the command's.
     assert _exec(ex, "sh", "-c", "exit 7").returncode == 7
 
@@ -286,7 +288,7 @@ def test_a_dead_testbed_fails_commands_in_one_line(server: VirtServer) -> None:
     running = subprocess.Popen([*ex, "sleep", "86435"], stdin=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     _until(lambda: bool(_marked("86435")), "the command runs")
-    waiter = int(ex[-4])  # the address of the testbed's sandbox: PID START MODE CGROUP
+    waiter = int(ex[-5])  # the address of the testbed's sandbox: PID START MODE CGROUP SETID
     os.kill(waiter, signal.SIGKILL)
     assert running.wait(timeout=120) == 255
     assert running.stderr is not None
@@ -313,7 +315,7 @@ def test_revert_heals_a_dead_testbed(server_env: Env) -> None:
         assert proc.stdout.readline() == "ok\n"
         assert say("open") == "ok /tmp/autopkgtest"
         ex = [unquote(w) for w in say("print-execute-command").split()[1].split(",")]
-        os.kill(int(ex[-4]), signal.SIGKILL)
+        os.kill(int(ex[-5]), signal.SIGKILL)
         assert say("copydown /etc/hostname /tmp/hostname") == "copy-failed"
         assert say("revert") == "ok /tmp/autopkgtest"
         ex = [unquote(w) for w in say("print-execute-command").split()[1].split(",")]

@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nsbuild.virtserver.hostfs import opened_regular, read_bounded
+from nsbuild.virtserver.hostfs import open_in_layer, opened_regular, read_bounded
 
 if TYPE_CHECKING:
     from nsbuild.sandbox import Mount
@@ -124,7 +124,7 @@ class AptCache:
         out: list[Mount] = []
         for name, dst in MOUNTS.items():
             mine = [str(self.dir / name / sub) for sub in ("lower", "upper", "work")]
-            below = [f"{layer}{dst}" for layer in lowers if os.path.isdir(f"{layer}{dst}")]
+            below = [f"{layer}{dst}" for layer in lowers if _layer_dir(layer, dst)]
             out.append(Overlay((mine[0], *below), mine[1], mine[2], dst, volatile=True))
         return tuple(out)
 
@@ -156,22 +156,15 @@ class AptCache:
         """One binary keyring of the layers' apt keys (armoured ones decoded):
         what gpgv checks the InRelease files against. Read on the host side
         from the read-only layers, never from the testbed."""
-        found: dict[str, Path] = {}
+        found: dict[str, bytes] = {}
         for layer in reversed(lowers):  # the top layer wins
             for rel in _KEY_DIRS:
-                for p in sorted(Path(layer, rel).glob("*")):
-                    if p.suffix in (".gpg", ".asc") and _regular(p):
-                        found[f"{rel}/{p.name}"] = p
+                found.update(_layer_keys(layer, rel, None))
             for rel in _KEY_FILES:
-                if _regular(Path(layer, rel)):
-                    found[rel] = Path(layer, rel)
+                found.update(_layer_keys(layer, os.path.dirname(rel), os.path.basename(rel)))
         with open(self.dir / "trusted.gpg", "wb") as out:
-            for p in found.values():
-                try:
-                    data = read_bounded(p, MAX_KEY)
-                except OSError:
-                    continue  # replaced since, or too large for a key: not a key of ours
-                out.write(_dearmor(data) if p.suffix == ".asc" else data)
+            for rel, data in found.items():
+                out.write(_dearmor(data) if rel.endswith(".asc") else data)
 
     def harvest(self, say: Say) -> None:
         """Take what the testbed's apt wrote into the cache, once checked."""
@@ -297,6 +290,39 @@ class AptCache:
             taken += 1
         if taken:
             say(f"apt cache: {taken} .deb files taken")
+
+
+def _layer_dir(layer: str, path: str) -> bool:
+    """Whether `path` is a directory of the layer itself, reached without a
+    symlink: the overlay's lower directory must not be a host folder a link
+    names. (The layers are the store's, which nothing changes once unpacked.)"""
+    try:
+        os.close(open_in_layer(layer, path.lstrip("/"), os.O_PATH | os.O_DIRECTORY))
+    except OSError:
+        return False  # missing, a symlink on the way, or no directory: not used
+    return True
+
+
+def _layer_keys(layer: str, folder: str, only: str | None) -> dict[str, bytes]:
+    """The apt keys in the layer's `folder` (`only` that file, else every
+    .gpg and .asc): regular files reached without a symlink, each of at
+    most MAX_KEY bytes. Path in the layer -> bytes."""
+    try:
+        dir_fd = open_in_layer(layer, folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return {}
+    keys: dict[str, bytes] = {}
+    try:
+        names = [only] if only else sorted(n for n in os.listdir(dir_fd)
+                                            if n.endswith((".gpg", ".asc")))  # fmt: skip
+        for name in names:
+            try:
+                keys[f"{folder}/{name}"] = read_bounded(name, MAX_KEY, dir_fd)
+            except OSError:
+                continue  # a link, no regular file, too large for a key: not a key
+    finally:
+        os.close(dir_fd)
+    return keys
 
 
 def _dearmor(data: bytes) -> bytes:

@@ -1,12 +1,14 @@
 """The execute command of autopkgtest-virt-nsbuild: run one command in the testbed.
 
-    python3 -I -S -c BOOT RECORD PID START MODE CGROUP [--nsbuild-net MODE] CMD [ARG...]
+    python3 -I -S -c BOOT RECORD PID START MODE CGROUP SETID [--nsbuild-net MODE] CMD [ARG...]
 
 `print-execute-command` hands out this program (BOOT puts the package on
 sys.path and calls entry(): no site, no stdlib beyond what entering needs, as
 it starts once for every command the client runs) with the address of the
 testbed's sandbox: the PID and start time of its waiter, the server's network
-mode and the sandbox's cgroup (`-`: none); the client appends the command. The
+mode, the sandbox's cgroup (`-`: none) and `deny-setid` when the command may
+make no setuid/setgid file, as the sandbox's own processes (`-`: it may); the
+client appends the command. The
 command enters that sandbox as root, with the caller's stdin, stdout and
 stderr, and its exit status is ours (128+N when killed by signal N). When this
 program itself fails (the testbed is gone, entering failed) it exits 255, as
@@ -41,9 +43,10 @@ def boot_code() -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 6:
-        return _fail("usage: execute RECORD PID START MODE CGROUP [--nsbuild-net MODE] CMD...")
-    record, pid_text, start_text, mode, cgroup, *command = argv
+    if len(argv) < 7:
+        return _fail("usage: execute RECORD PID START MODE CGROUP SETID [--nsbuild-net MODE] "
+                     "CMD...")  # fmt: skip
+    record, pid_text, start_text, mode, cgroup, setid, *command = argv
     requested = mode
     if command[0] == NET_ARG:
         if len(command) < 3:
@@ -56,13 +59,15 @@ def main(argv: list[str]) -> int:
 
     pid, start = int(pid_text), int(start_text)
     group = None if cgroup == "-" else cgroup
+    deny = setid != "-"
     try:
         if requested == mode:
-            status = enter(pid, command, expect_start=start, cgroup=group)
+            status = enter(pid, command, expect_start=start, cgroup=group, deny_setid=deny)
         elif requested == "none":
-            status = enter(pid, command, new_net=True, expect_start=start, cgroup=group)
+            status = enter(pid, command, new_net=True, expect_start=start, cgroup=group,
+                           deny_setid=deny)  # fmt: skip
         elif requested == "allow":
-            status = _with_proxy(record, pid, start, group, command)
+            status = _with_proxy(record, pid, start, group, deny, command)
         elif requested == "host":
             return _fail(f"{NET_ARG} host: the server was not started with --net host")
         else:
@@ -84,7 +89,8 @@ def main(argv: list[str]) -> int:
     return status
 
 
-def _with_proxy(record: str, pid: int, start: int, cgroup: str | None, command: list[str]) -> int:
+def _with_proxy(record: str, pid: int, start: int, cgroup: str | None, deny_setid: bool,
+                command: list[str]) -> int:  # fmt: skip
     """`allow` in a testbed without it: a fresh network namespace with the
     proxy's sockets, served from here (the proxy engine: an nftables table
     would need the sandbox's network shared with the host's)."""
@@ -100,7 +106,8 @@ def _with_proxy(record: str, pid: int, start: int, cgroup: str | None, command: 
         env.update(plan.env)
         return enter(pid, command, env=tuple(env.items()), new_net=True,
                      inside_sockets=plan.inside_sockets, cgroup=cgroup, expect_start=start,
-                     on_start=lambda proc: plan.serve(proc.sockets))  # fmt: skip
+                     on_start=lambda proc: plan.serve(proc.sockets),
+                     deny_setid=deny_setid)  # fmt: skip
 
 
 def _say_if_full(record: str, pid: int) -> None:

@@ -20,6 +20,9 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO in place of a file must not block the open.
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _SETID = stat.S_ISUID | stat.S_ISGID
+# openat2(2) resolve flags (linux/openat2.h).
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
 
 
 class Refused(OSError):
@@ -146,10 +149,10 @@ def opened_regular(path: str | os.PathLike[str], limit: int | None = None,
         os.close(fd)
 
 
-def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
+def read_bounded(path: str | os.PathLike[str], limit: int, dir_fd: int | None = None) -> bytes:
     """The whole of a regular file of at most `limit` bytes (checked before
     reading, and again while reading: the file may grow)."""
-    with opened_regular(path, limit) as fd:
+    with opened_regular(path, limit, dir_fd) as fd:
         chunks: list[bytes] = []
         size = 0
         while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
@@ -158,6 +161,20 @@ def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
             if size > limit:
                 raise Refused(f"{shown(os.fsdecode(path))}: larger than {limit >> 20} MiB")
     return b"".join(chunks)
+
+
+def open_in_layer(layer: str, rel: str, flags: int) -> int:
+    """`rel` below the directory `layer`, opened with no symlink on the way
+    and no `..` above it (ELOOP, EXDEV otherwise). A layer unpacked from a
+    tarball holds what its author chose: a link there may name any host path,
+    for a host lookup (and a mount) would follow it."""
+    from nsbuild.sandbox import syscalls as sc
+
+    top = os.open(layer, _DIR)
+    try:
+        return sc.openat2(top, rel, flags, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+    finally:
+        os.close(top)
 
 
 def check_shared(top: str, rel: str, *, is_dir: bool) -> None:
@@ -227,5 +244,5 @@ def _check_file(dir_fd: int, name: bytes, where: str, what: str) -> None:
         os.close(fd)
 
 
-__all__ = ["Refused", "check_shared", "host_dir", "open_dir", "open_host_file", "opened_regular",
-           "read_bounded", "shown", "split"]  # fmt: skip
+__all__ = ["Refused", "check_shared", "host_dir", "open_dir", "open_host_file", "open_in_layer",
+           "opened_regular", "read_bounded", "shown", "split"]  # fmt: skip

@@ -42,6 +42,9 @@ class LiveSandbox:
         self.start_time = 0
         self.cgroup: str | None = None
         self.env: tuple[tuple[str, str], ...] = ()
+        # As the sandbox's own processes: no setuid or setgid file while a
+        # host folder others may reach is bound writable.
+        self.deny_setid = False
         self._stack = ExitStack()
 
     def __enter__(self) -> LiveSandbox:
@@ -79,6 +82,7 @@ class LiveSandbox:
             self.start_time = start_time(self.pid)
             self.cgroup = spec.cgroup
             self.env = spec.env
+            self.deny_setid = bool(spec.shared_writable())
         except BaseException:
             stack.close()
             raise
@@ -93,11 +97,13 @@ class LiveSandbox:
         from nsbuild.sandbox.enter import start
 
         return start(self.pid, argv, env=self.env, stdin=stdin, stdout=stdout, stderr=stderr,
-                     cgroup=self.cgroup, expect_start=self.start_time)  # fmt: skip
+                     cgroup=self.cgroup, expect_start=self.start_time,
+                     deny_setid=self.deny_setid)  # fmt: skip
 
     def execute_args(self) -> list[str]:
         """What the execute helper needs to find this sandbox (see execute.py)."""
-        return [str(self.pid), str(self.start_time), self.testbed.net.mode, self.cgroup or "-"]
+        return [str(self.pid), str(self.start_time), self.testbed.net.mode, self.cgroup or "-",
+                "deny-setid" if self.deny_setid else "-"]  # fmt: skip
 
 
 def _stop(proc: Process, init: int, init_fd: int) -> None:

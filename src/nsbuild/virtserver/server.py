@@ -39,6 +39,9 @@ PROG = "autopkgtest-virt-nsbuild"
 # As long as autopkgtest's own servers wait for a copy.
 COPY_TIMEOUT = float(os.environ.get("AUTOPKGTEST_VIRT_COPY_TIMEOUT", "300"))
 SETUP_TIMEOUT = 300.0
+# What one copyup may write on the host, at most: a sparse file of the
+# testbed reaches the host with all its bytes.
+DEFAULT_COPY_LIMIT = "4G"
 # The testbed's writes go to a tmpfs of this size (the kernel's own default
 # for a tmpfs: half of the RAM); it only takes the memory that is written.
 DEFAULT_TMPFS = "50%"
@@ -80,10 +83,11 @@ class Signalled(BaseException):
 class Server:
     def __init__(self, config: EnvConfig, policy: NetPolicy,
                  tmpfs_size: str | None = DEFAULT_TMPFS, apt_cache: bool = True,
-                 debug: bool = False) -> None:  # fmt: skip
+                 debug: bool = False, copy_limit: int | None = None) -> None:  # fmt: skip
         self.config = config
         self.policy = policy
         self.tmpfs_size = tmpfs_size
+        self.copy_limit = copy_limit if copy_limit is not None else _bytes(DEFAULT_COPY_LIMIT)
         # A `Type: host` environment's apt folders are the host's own.
         self.apt_cache = apt_cache and config.type != "host"
         self.debug = debug
@@ -136,10 +140,13 @@ class Server:
 
         caps = ["revert", "revert-full-system", "root-on-testbed", "isolation-container"]
         caps.append(NET_CAPABILITY)
-        if self.testbed is not None:
-            caps.append(f"downtmp-host={quote(str(self.testbed.downtmp_host))}")
-            if self.normal_user:
-                caps.append(f"suggested-normal-user={self.normal_user}")
+        # No downtmp-host: a client told where the downtmp is on the host
+        # reads and writes there by path (autopkgtest builds packages and
+        # writes lists into it), so a symlink or a file swapped in by a
+        # process in the testbed would redirect its reads and writes. Without
+        # it every file crosses over copyup and copydown, as checked here.
+        if self.testbed is not None and self.normal_user:
+            caps.append(f"suggested-normal-user={self.normal_user}")
         return caps
 
     # -- the testbed --
@@ -378,20 +385,49 @@ class Server:
             os.unlink(name, dir_fd=parent)
         fd = os.open(name, _NEW_FILE, 0o644, dir_fd=parent)
         try:
-            argv = ["sh", "-c", _COPYUP_FILE, "copyup", inside]
-            status = _wait(self._spawn(argv, None, fd), deadline, argv)
+            self._cat_into(inside, fd, deadline)
         except BaseException:
+            # Nothing half-copied stays behind under the caller's name.
             _remove(name, parent)
             raise
         finally:
             os.close(fd)
+
+    def _cat_into(self, inside: str, fd: int, deadline: float) -> None:
+        """The testbed's file `inside` into the host file `fd`, through a pipe
+        (not the file itself): this side counts the bytes, and no process of
+        the testbed keeps a descriptor of a host file."""
+        argv = ["sh", "-c", _COPYUP_FILE, "copyup", inside]
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = self._spawn(argv, None, w)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        try:
+            _copy_bounded(r, fd, self.copy_limit, deadline)
+        except BaseException as e:
+            proc.kill()
+            proc.wait()
+            if isinstance(e, _TooLarge):
+                raise CommandFailed("copy-failed", f"copyup of {inside}: {self._over()}") from None
+            if isinstance(e, _Late):
+                raise CommandFailed("timeout", f"copyup of {inside}: timed out") from None
+            raise
+        finally:
+            os.close(r)
+        status = _wait(proc, deadline, argv)
         if status != 0:
-            # Nothing half-copied stays behind under the caller's name.
-            _remove(name, parent)
             raise CommandFailed("copy-failed", f"copyup of {inside}: status {status}")
 
+    def _over(self) -> str:
+        return (f"more than {_size_text(self.copy_limit)} to copy (the server's --copy-limit; "
+                "a sparse file of the testbed counts whole)")  # fmt: skip
+
     def _copyup_tree(self, inside: str, top: int, deadline: float) -> None:
-        from nsbuild.virtserver.untar import Timeout, extract
+        from nsbuild.virtserver.untar import Timeout, TooLarge, extract
 
         argv = ["sh", "-c", _COPYUP_DIR, "copyup", inside]
         r, w = os.pipe()
@@ -404,7 +440,7 @@ class Server:
             os.close(w)
         try:
             try:
-                extract(r, top, deadline, self._notice)
+                extract(r, top, deadline, self._notice, self.copy_limit)
             finally:
                 # The testbed's end sees a closed pipe if it writes on.
                 os.close(r)
@@ -413,6 +449,9 @@ class Server:
             proc.wait()
             if isinstance(e, Timeout):
                 raise CommandFailed("timeout", f"copyup of {inside}: timed out") from None
+            if isinstance(e, TooLarge):
+                raise CommandFailed("copy-failed",
+                                    f"copyup of {inside}: {e}: {self._over()}") from None
             raise
         status = _wait(proc, deadline, argv)
         if status != 0:
@@ -451,6 +490,52 @@ def _wait(proc: Process, deadline: float, argv: list[str]) -> int:
         proc.wait()
         raise CommandFailed("timeout", f"{' '.join(argv[:3])}...: timed out")
     return proc.wait()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Late(Exception):
+    pass
+
+
+def _copy_bounded(r: int, out: int, limit: int, deadline: float) -> None:
+    """Copy from the pipe `r` to `out` until its end: _TooLarge past `limit`
+    bytes, _Late past `deadline`."""
+    total = 0
+    while True:
+        ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise _Late()
+        data = os.read(r, 1 << 20)
+        if not data:
+            return
+        total += len(data)
+        if total > limit:
+            raise _TooLarge()
+        while data:
+            data = data[os.write(out, data) :]
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _bytes(text: str) -> int:
+    """A size such as 512M or 4G (powers of 1024) in bytes; ValueError otherwise."""
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    number = text[: len(text) - len(unit)]
+    if not number.isdigit() or int(number) == 0:
+        raise ValueError(f"bad size {text!r}")
+    return int(number) * _UNITS[unit]
+
+
+def _size_text(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]} {unit}iB"
+    return f"{n} bytes"
 
 
 def _both(proc: Process, tar: subprocess.Popen[bytes], deadline: float, what: str,
@@ -582,9 +667,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="do not share the environment's apt package lists and .debs between testbeds",
     )
+    parser.add_argument(
+        "--copy-limit",
+        metavar="SIZE",
+        default=DEFAULT_COPY_LIMIT,
+        help="refuse a copyup that would write more than SIZE on the host (e.g. 512M, 20G; "
+        f"default {DEFAULT_COPY_LIMIT}): a sparse file of the testbed counts whole",
+    )
     net.add_arguments(parser)
     parser.add_argument("env", metavar="ENV", help="nsbuild environment name or alias")
     args = parser.parse_args(argv)
+    try:
+        args.copy_limit = _bytes(args.copy_limit)
+    except ValueError:
+        parser.error(f"--copy-limit {args.copy_limit!r}: expected a size such as 512M or 20G")
     from nsbuild.sandbox.spec import is_tmpfs_size
 
     if args.tmpfs is not None and not is_tmpfs_size(args.tmpfs):
@@ -624,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     if policy.mode == "host":
         sys.stderr.write(f"{PROG}: warning: --net host: commands share the host's network, "
                          "its loopback services and abstract sockets\n")  # fmt: skip
-    server = Server(config, policy, args.tmpfs, args.apt_cache, args.debug)
+    server = Server(config, policy, args.tmpfs, args.apt_cache, args.debug, args.copy_limit)
 
     def on_signal(signum: int, _frame: object) -> None:
         raise Signalled(signum)

@@ -11,8 +11,9 @@ every command) meet here:
 
     sessions/ID/testbed.json   the record below: the network policy, for the
                                commands that ask for another network mode
-    sessions/ID/downtmp/       bind-mounted at DOWNTMP: the scratch space, also
-                               seen by the host (downtmp-host)
+    sessions/ID/downtmp/       bind-mounted at DOWNTMP: the scratch space. Not
+                               offered to clients as downtmp-host (server.py):
+                               they copy from and to it, never by host path
 
 /tmp is not a tmpfs here, as it is for `nsbuild run`: it lives in the session.
 """

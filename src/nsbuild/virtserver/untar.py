@@ -52,6 +52,10 @@ class Timeout(Exception):
     """The stream did not end before the deadline."""
 
 
+class TooLarge(Refused):
+    """The files of the stream hold more bytes than the limit."""
+
+
 class _Stream:
     """Reads from a pipe, never past `deadline`."""
 
@@ -200,12 +204,14 @@ def _next(stream: _Stream) -> Entry | None:
 Say = Callable[[str], None]
 
 
-def extract(fd: int, dest_fd: int, deadline: float, say: Say) -> None:
+def extract(fd: int, dest_fd: int, deadline: float, say: Say, limit: int) -> None:
     """Extract the tar stream read from `fd` under the directory `dest_fd`.
-    Raises Refused (a TarError for a malformed stream) or Timeout; `say`
-    gets a line for each entry skipped."""
+    Raises Refused (a TarError for a malformed stream, TooLarge once its
+    files hold more than `limit` bytes in all) or Timeout; `say` gets a line
+    for each entry skipped."""
     stream = _Stream(fd, deadline)
     skipped = 0
+    total = 0
     while (entry := _next(stream)) is not None:
         kind = entry.kind
         if kind not in (*_FILE, _DIR, *_SKIPPED):
@@ -226,6 +232,11 @@ def extract(fd: int, dest_fd: int, deadline: float, say: Say) -> None:
         elif not parts:
             raise TarError("a file entry without a name")
         else:
+            # Checked before the file is made: a sparse file of the testbed
+            # comes as all its bytes, which the host would have to store.
+            total += entry.size
+            if total > limit:
+                raise TooLarge(f"{shown(entry.name)}: more than {limit} bytes in all")
             _write_file(stream, dest_fd, parts, entry)
     if skipped > MAX_SKIP_LINES:
         say(f"copyup: {skipped - MAX_SKIP_LINES} more entries not copied")
@@ -261,4 +272,4 @@ def _write_file(stream: _Stream, dest_fd: int, parts: list[bytes], entry: Entry)
         os.close(parent)
 
 
-__all__ = ["TarError", "Timeout", "extract"]
+__all__ = ["TarError", "Timeout", "TooLarge", "extract"]
