@@ -6,14 +6,13 @@ PATH_MAX, and hold symlinks anywhere. A `Cursor` holds the folder it stands
 in open; going down opens a child by name relative to it, never following a
 symlink and never leaving the top's filesystem; going up opens ".." and
 checks that it is the folder we came from. Callers keep their own stack of
-what is left to visit, so no depth costs a frame or a descriptor.
+what is left to visit: a deeper tree costs no stack frame and no descriptor.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from nsbuild.envs.errors import EnvError
@@ -21,21 +20,16 @@ from nsbuild.envs.errors import EnvError
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-@dataclass
 class Cursor:
     """An open folder inside the tree at `top` (see the module's doc)."""
 
-    top: Path
-    fd: int = -1
-    dev: int = 0
-    # (device, inode) of each folder above the current one, the top first.
-    _above: list[tuple[int, int]] = field(default_factory=list)
-    _ino: int = 0
-
-    def __post_init__(self) -> None:
-        self.fd = os.open(self.top, _DIR_FLAGS)
+    def __init__(self, top: Path) -> None:
+        self.top = top
+        self.fd = os.open(top, _DIR_FLAGS)
         st = os.fstat(self.fd)
         self.dev, self._ino = st.st_dev, st.st_ino
+        # (device, inode) of each folder above the current one, the top first.
+        self._above: list[tuple[int, int]] = []
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -47,10 +41,6 @@ class Cursor:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-    @property
-    def depth(self) -> int:
-        return len(self._above)
 
     def entries(self) -> list[os.DirEntry[str]]:
         """The current folder's entries (their stat() is relative to it)."""
