@@ -271,3 +271,15 @@ def test_a_build_may_make_setuid_files_in_its_own_tree(bookworm: Env, tmp_path: 
     result = _build(bookworm, tree, out)
     assert result.returncode == 0, result.stderr
     assert (out / "nsb-suid_1.0_all.deb").is_file()
+
+
+def test_a_build_works_under_a_cache_no_one_else_can_enter(bookworm: Env, tmp_path: Path) -> None:
+    # The build directory, the session and the results (setuid files among
+    # them) live under the cache's top: a build closes it first, even one
+    # whose input turns out to be missing.
+    top = bookworm.cache / "nsbuild"
+    top.mkdir(parents=True, exist_ok=True)
+    top.chmod(0o755)
+    result = bookworm.nsbuild("build", "--env", "bookworm", str(tmp_path / "missing_1.0.dsc"))
+    assert result.returncode == 2, result.stderr
+    assert stat.S_IMODE(top.stat().st_mode) == 0o700

@@ -103,7 +103,7 @@ class LocalBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         from nsbuild.envs.config import load_config
         from nsbuild.envs.owner import give_to_sandbox_root
-        from nsbuild.envs.paths import cache_dir
+        from nsbuild.envs.paths import private_cache_dir
         from nsbuild.sandbox import caller_idmap
 
         if not options.env:
@@ -124,7 +124,7 @@ class LocalBackend(Backend):
         for name in options.caches:
             if name not in CACHE_MOUNTS:
                 raise BackendError(f"local backend: unknown cache {name!r}")
-            host = cache_dir() / "apt" / self.config.name / name
+            host = private_cache_dir() / "apt" / self.config.name / name
             host.mkdir(parents=True, exist_ok=True)
             give_to_sandbox_root(host)
             self._caches[name] = host

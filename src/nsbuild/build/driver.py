@@ -894,8 +894,12 @@ def _work_dir(stack: ExitStack) -> Path:
     that says which process made it, so `nsbuild gc` removes it after a crash."""
     from nsbuild.build.cache import builds_root
     from nsbuild.envs.owner import tmp_name
+    from nsbuild.envs.paths import private_cache_dir
     from nsbuild.envs.remove import remove_tree
 
+    # Under the cache's top, which no other user may walk into: the build
+    # directory, the session's and the results may hold setuid files.
+    private_cache_dir()
     root = builds_root()
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / tmp_name()
