@@ -22,6 +22,7 @@ import errno
 import os
 import posixpath
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsbuild.backends.base import (
+    MAX_COPY_IN,
     MAX_COPY_OUT,
     MAX_REASON,
     STDOUT,
@@ -208,8 +210,16 @@ class AutopkgtestBackend(Backend):
 
     # -- copies through the protocol --
 
-    def copy_in(self, host_path: Path, guest_path: str) -> None:
+    def copy_in(self, host_path: Path, guest_path: str, *, limit: int = MAX_COPY_IN) -> None:
         guest_path = _absolute(guest_path)
+        # The server reads the file by its path: it must be one nothing else
+        # can change (the build driver's private copies), and it is bounded.
+        st = host_path.lstat()
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size > limit:
+                raise CopyRefused(f"refusing to copy {host_path}: larger than {limit} bytes")
+        elif not stat.S_ISDIR(st.st_mode):
+            raise CopyRefused(f"refusing to copy {host_path}: not a regular file")
         parent = posixpath.dirname(guest_path)
         if self.run(["mkdir", "-p", "--", parent], stdout=subprocess.DEVNULL) != 0:
             raise BackendError(f"{self.server.name}: cannot create {parent} in the testbed")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from nsbuild.errors import NsbuildError
+from nsbuild.net.netlog import NetSummary
 
 Network = Literal["none", "allow", "host"]
 # A stream argument: None inherits nsbuild's own, an int is a host fd, or an
@@ -40,6 +41,9 @@ STDOUT = -2
 # The largest result copied out by default: a bound on what a sparse file
 # made inside (a few blocks there) may write on the host.
 MAX_COPY_OUT = 8 << 30
+# The largest file copied in by default (callers that know a file's size
+# give it as the bound).
+MAX_COPY_IN = 8 << 30
 # What check_output keeps of a command's output, and of a refusal's reason.
 MAX_OUTPUT = 16 << 20
 MAX_REASON = 4096
@@ -141,18 +145,21 @@ class Backend(ABC):
     # -- copies: generic implementations over run() and tar; override when the
     # backend has a faster way (a shared directory, a protocol verb). --
 
-    def copy_in(self, host_path: Path, guest_path: str) -> None:
+    def copy_in(self, host_path: Path, guest_path: str, *, limit: int = MAX_COPY_IN) -> None:
         """Copy a host file or directory tree to `guest_path` (parents are made).
-        Symlinks in the tree are copied as symlinks, never followed."""
+        Symlinks in the tree are copied as symlinks, never followed; a file is
+        read from one descriptor, refused unless it is a regular file of at
+        most `limit` bytes (in a tree: each file). The tar stream goes straight
+        into the command that unpacks it: nothing is spooled on the host, where
+        a sparse file would grow to its full size."""
         guest_path = _normal(guest_path)
         parent, base = posixpath.split(guest_path)
-        with tempfile.TemporaryFile() as tmp:
-            with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                tar.add(str(host_path), arcname=base, recursive=True)
-            tmp.seek(0)
-            script = 'mkdir -p -- "$1" && exec tar -C "$1" --no-same-owner -xf -'
-            argv = ["sh", "-c", script, "copy-in", parent]
-            status = self.run(argv, stdin=tmp, stderr=STDOUT, stdout=_devnull())
+        script = 'mkdir -p -- "$1" && exec tar -C "$1" --no-same-owner -xf -'
+        argv = ["sh", "-c", script, "copy-in", parent]
+        with _TarFeeder(host_path, base, limit) as feeder:
+            status = self.run(argv, stdin=feeder.fd, stderr=STDOUT, stdout=_devnull())
+        if feeder.error is not None:
+            raise feeder.error
         if status != 0:
             raise BackendError(
                 f"{self.name}: copying {host_path} in to {guest_path} failed "
@@ -248,8 +255,15 @@ class Backend(ABC):
         raise BackendError(f"backend {self.name} cannot use dependency layers")
 
     def network_records(self) -> list[dict[str, Any]]:
-        """Network attempts seen so far (allowed and denied), as net log records."""
+        """Network attempts seen so far (allowed and denied), as net log records:
+        the first ones only, a bounded number."""
         return []
+
+    def network_summary(self) -> NetSummary | None:
+        """Counts of every network attempt so far, bounded whatever their
+        number; None when the backend keeps none (network_records then says
+        what it knows)."""
+        return None
 
     def describe(self) -> str:
         """One line for the build log header."""
@@ -373,6 +387,84 @@ class Sink:
         with self.file:
             self.file.seek(0)
             return self.file.read(self.limit).decode(errors="replace")
+
+
+class _TarFeeder:
+    """The write side of copy_in: a tar stream of `host_path` (as `name`)
+    written by a thread into a pipe whose read end is `fd`, for the command
+    that unpacks it. What went wrong on this side is in `error` once done."""
+
+    def __init__(self, host_path: Path, name: str, limit: int) -> None:
+        self.error: NsbuildError | None = None
+        self._limit = limit
+        self._what = str(host_path)
+        # The file is opened (and checked) now: a refusal comes before any run.
+        self._file = _open_regular(host_path, limit) if not host_path.is_dir() else None
+        self._path, self._name = host_path, name
+        self.fd, self._write_fd = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._feed, name="nsbuild-copy-in", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> _TarFeeder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # The reader is gone: a writer still at it gets EPIPE, not a hang.
+        os.close(self.fd)
+        self._thread.join()
+        if self._file is not None:
+            self._file.close()
+
+    def _feed(self) -> None:
+        try:
+            with open(self._write_fd, "wb") as pipe, tarfile.open(
+                fileobj=pipe, mode="w|", format=tarfile.PAX_FORMAT
+            ) as tar:
+                if self._file is not None:
+                    tar.addfile(self._info(), self._file)
+                else:
+                    tar.add(str(self._path), arcname=self._name, filter=self._bounded)
+        except NsbuildError as e:
+            self.error = e
+        except (OSError, tarfile.TarError) as e:
+            # EPIPE: the command stopped reading; its status says why.
+            if not isinstance(e, BrokenPipeError):
+                self.error = BackendError(f"copying {self._what} in: {e}")
+
+    def _info(self) -> tarfile.TarInfo:
+        assert self._file is not None
+        st = os.fstat(self._file.fileno())
+        info = tarfile.TarInfo(self._name)
+        if st.st_size > self._limit:  # grown since it was opened
+            raise CopyRefused(f"refusing to copy {self._what}: larger than {self._limit} bytes")
+        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), st.st_mode & 0o777
+        return info
+
+    def _bounded(self, member: tarfile.TarInfo) -> tarfile.TarInfo:
+        if member.size > self._limit:
+            raise CopyRefused(
+                f"refusing to copy {self._what}/{member.name}: larger than {self._limit} bytes"
+            )
+        return member
+
+
+def _open_regular(path: Path, limit: int) -> IO[bytes]:
+    """`path` open for reading, when it is a regular file (not a link, a
+    FIFO or a device, whose very opening can hang or act) of at most `limit`
+    bytes; CopyRefused otherwise."""
+    try:
+        handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise CopyRefused(f"refusing to copy {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(handle)
+        if not stat.S_ISREG(st.st_mode):
+            raise CopyRefused(f"refusing to copy {path}: not a regular file")
+        if st.st_size > limit:
+            raise CopyRefused(f"refusing to copy {path}: larger than {limit} bytes")
+        return open(f"/proc/self/fd/{handle}", "rb")
+    finally:
+        os.close(handle)
 
 
 _DEVNULL: IO[bytes] | None = None

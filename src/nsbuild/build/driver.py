@@ -23,12 +23,15 @@ beside the results, or for a build that did not succeed, in nsbuild's cache
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -48,6 +51,7 @@ from nsbuild.build.errors import (
 )
 from nsbuild.build.log import BuildLog, kept_logs_dir
 from nsbuild.errors import NsbuildError
+from nsbuild.net.netlog import NetSummary
 from nsbuild.printable import printable
 
 BUILD_USER = "nsbuild"
@@ -115,12 +119,21 @@ class BuildResult:
     artifacts: list[Artifact] = field(default_factory=list)
     log: str | None = None
     network_log: str | None = None
+    # The first attempts one by one (a bounded number); the summary counts all.
     network_records: list[dict[str, Any]] = field(default_factory=list)
+    network_summary: NetSummary | None = None
     dependency_layer: dict[str, object] | None = None
     limitations: list[str] = field(default_factory=list)
 
     def denied(self) -> list[dict[str, Any]]:
         return [r for r in self.network_records if r.get("decision") != "allow"]
+
+    def attempts(self) -> tuple[int, int]:
+        """(attempts, denied) of the whole build: the summary's counts, or
+        for a backend without one, its records'."""
+        if self.network_summary is not None:
+            return self.network_summary.attempts, self.network_summary.denied
+        return len(self.network_records), len(self.denied())
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -137,7 +150,7 @@ class BuildResult:
             "log": self.log,
             "network_log": self.network_log,
             "network": {
-                "attempts": len(self.network_records),
+                "attempts": self.attempts()[0],
                 "denied": [
                     {k: r.get(k) for k in ("time", "kind", "host", "port", "decision", "rule")}
                     for r in self.denied()
@@ -175,6 +188,7 @@ class _Build:
         self.env_note: str | None = None
         self.times: dict[str, float] = {}
         self.space = 0
+        self.logs_placed = False
         self._pending: tuple[DepCache, Path, str, dict[str, object], Syncer] | None = None
 
     # -- the whole run --
@@ -210,16 +224,20 @@ class _Build:
             pkg = source_from_tree(src, made)
             default_out = src.absolute().parent
         else:
-            pkg = load_dsc(src)
+            # The build copies in what load_dsc checked, not whatever stands
+            # next to the .dsc by then: that folder may be the package author's.
+            checked = tmp / "checked"
+            checked.mkdir()
+            pkg = load_dsc(src, keep=checked)
             default_out = pkg.directory
         out = (self.req.out or default_out).absolute()
         if out.exists() and not out.is_dir():
             raise BuildInputError(f"--out {out}: not a directory")
-        for extra in self.req.extra_packages:
-            if not extra.is_file() or not extra.name.endswith((".deb", ".udeb")):
-                raise BuildInputError(f"--extra-package {extra}: not a .deb file")
         if not (self.req.arch_any or self.req.arch_all or self.req.source):
             raise BuildInputError("nothing to build: give --arch-any, --arch-all or --source")
+        extras = tmp / "extra"
+        extras.mkdir()
+        self.extras = [_take_extra(extra, extras) for extra in self.req.extra_packages]
         self.result.package, self.result.version = pkg.source, pkg.version
         return pkg, out
 
@@ -236,12 +254,16 @@ class _Build:
         where = (f"in {env_name}" if self.req.backend == "local"
                  else f"through backend {self.req.backend} {' '.join(self.req.backend_args)}")
         self.progress.say(f"[1/4] {PHASES[0]}: {pkg.source} {pkg.version} {where}".rstrip())
+        # Where the backend writes every network attempt: a private file,
+        # placed beside the results (or the kept log) at the end.
+        self.net_log = tmp / "network.jsonl"
         backend = open_backend(
             self.req.backend,
             BackendOptions(
                 env=env_name,
                 args=self.req.backend_args,
                 caches=("apt-lists", "apt-archives") if self.req.use_cache else (),
+                net_log=str(self.net_log),
                 debug=self.req.debug,
             ),
         )
@@ -266,29 +288,32 @@ class _Build:
 
         t2 = time.monotonic()
         self.progress.say(f"[3/4] {PHASES[2]}: dpkg-buildpackage")
-        status = self._build(backend, pkg)
+        failed = self._build(backend, pkg)
         self._phase_done(2, t2)
-        if status != 0:
+        if failed is not None:
             if self.req.shell_on_failure:
                 self._shell(backend, pkg)
-            raise BuildFailed(
-                f"{pkg.source} {pkg.version}: dpkg-buildpackage failed "
-                f"(exit status {status}); see the log"
-            )
+            raise BuildFailed(f"{pkg.source} {pkg.version}: {failed}")
 
         t3 = time.monotonic()
         self.progress.say(f"[4/4] {PHASES[3]}")
-        self._collect(backend, pkg, results)
+        same_as_input = self._collect(backend, pkg, results)
         self._publish_layer()
         self._phase_done(3, t3)
-        self._finish("successful", 0, "")
-        # Only now does anything reach --out; the .changes goes last, so a set
-        # with its .changes is complete even when a kill comes between moves.
+        # Only now does anything reach --out, opened once for all of it.
         out.mkdir(parents=True, exist_ok=True)
+        self.out_dir = _Folder(out)
+        stack.callback(self.out_dir.close)
+        self._finish("successful", 0, "")
+        # The .changes goes last, so a set with its .changes is complete even
+        # when a kill comes between moves. A source file the same as the
+        # input's is not written over the input itself.
+        in_place = self.out_dir.same_as(pkg.directory)
         for art in sorted(self.result.artifacts, key=lambda a: a.name.endswith(".changes")):
-            dest = out / art.name
-            shutil.move(str(results / art.name), dest)
-            art.path = str(dest)
+            if art.name in same_as_input and in_place:
+                art.path = str(out / art.name)
+                continue
+            art.path = str(self.out_dir.put(results / art.name, art.name))
 
     def _default_env(self, pkg: SourcePackage) -> str:
         """The environment named after the changelog's distribution; for the
@@ -351,6 +376,7 @@ class _Build:
         assert self.log is not None
         self.log.line(f"$ {' '.join(argv)}")
         start = time.monotonic()
+        self.output_start = self.log.path.stat().st_size
         with self.log.command_output() as output:
             status = backend.run(argv, stdout=output, stderr=STDOUT, **kw)
         # Each step's duration: where a phase's time goes, read from the log.
@@ -376,12 +402,11 @@ class _Build:
                 raise NsbuildError("cannot create the build user inside; see the log")
         else:
             self.log.line("Warning: the backend cannot give an unprivileged user; building as root")
-        for path in pkg.paths():
-            # The file the user named, even when it is a link (dpkg-source -b
-            # links orig tarballs).
-            backend.copy_in(path.resolve(), f"{work}/{path.name}")
-        for extra in self.req.extra_packages:
-            backend.copy_in(extra.resolve(), f"{work}/extra/{extra.name}")
+        # Private copies of what was checked (never links), each bounded by
+        # the size it was checked at.
+        for path in (*pkg.paths(), *self.extras):
+            where = f"{work}/extra" if path in self.extras else work
+            backend.copy_in(path, f"{where}/{path.name}", limit=path.lstat().st_size)
         self.log.line(f"Copied {len(pkg.paths())} source files to {work}")
         return user
 
@@ -429,7 +454,7 @@ class _Build:
         # to the environment's shared cache.
         self._take_downloads(backend)
         satisfy = ["apt-get", *APT_OPTS]
-        extras = [f"{backend.work_dir}/extra/{p.name}" for p in self.req.extra_packages]
+        extras = [f"{backend.work_dir}/extra/{p.name}" for p in self.extras]
         for e in extras:
             satisfy += ["--with-source", e]
         satisfy += ["satisfy", deps]
@@ -458,7 +483,7 @@ class _Build:
             return
 
         cache = DepCache()
-        extra_sums = [_sha256(p) for p in self.req.extra_packages]
+        extra_sums = [_sha256(p) for p in self.extras]
         # apt's answer is a function of the question and of what it knows:
         # when both are as in an earlier build, so is the answer (its layer).
         lists = self._lists_state(backend, network)
@@ -578,7 +603,7 @@ class _Build:
             "base": base,
             "architecture": arch,
             "packages": resolution,
-            "extra_packages": [p.name for p in self.req.extra_packages],
+            "extra_packages": [p.name for p in self.extras],
         }
         try:
             backend.keep_layer(staging / "layer")
@@ -653,7 +678,8 @@ class _Build:
             )
         return sorted(actions)
 
-    def _build(self, backend: Backend, pkg: SourcePackage) -> int:
+    def _build(self, backend: Backend, pkg: SourcePackage) -> str | None:
+        """Unpack and build; None when it succeeded, else which step failed and why."""
         assert self.log is not None
         log = self.log
         log.section("Build")
@@ -671,14 +697,14 @@ class _Build:
             user=user, cwd=work,
         )  # fmt: skip
         if status != 0:
-            return status
+            return self._failed("dpkg-source -x", status)
         status, text = backend.check_output(
             ["dpkg-parsechangelog", "-STimestamp"], user=user, cwd=tree
         )
         epoch = text.strip()
         if status != 0 or not epoch.isdigit():
             log.line(f"cannot read the changelog's date: {text.strip()}")
-            return status or 1
+            return f"cannot read the changelog's date (exit status {status}); see the log"
         env = {
             "SOURCE_DATE_EPOCH": epoch,
             "DEB_BUILD_OPTIONS": self._build_options(),
@@ -700,9 +726,26 @@ class _Build:
         _, text = backend.check_output(["du", "-sk", tree])
         with contextlib.suppress(ValueError, IndexError):
             self.space = int(text.split()[0]) * 1024
+        failed = self._failed("dpkg-buildpackage", status) if status != 0 else None
         log.line()
         log.line(f"dpkg-buildpackage exit status: {status}")
-        return status
+        return failed
+
+    def _failed(self, step: str, status: int) -> str:
+        """What a failed step says: its name, and its last line of output
+        (where dpkg's tools say why they stop), escaped: the package chose it."""
+        assert self.log is not None
+        tool = step.split()[0]
+        with open(self.log.path, "rb") as f:
+            start = max(self.output_start, f.seek(0, os.SEEK_END) - 4096)
+            f.seek(start)
+            lines = f.read().decode(errors="surrogateescape").splitlines()
+        # The log's own line after each command ("[nsbuild: ... exited ...]").
+        said = [ln for ln in lines if ln.strip() and not ln.startswith("[nsbuild: ")]
+        if not said:
+            return f"{step} failed (exit status {status}); see the log"
+        last = said[-1].strip().removeprefix(f"{tool}: error: ")
+        return f"{step} failed: {printable(last, 300)}"
 
     def _build_options(self) -> str:
         opts = [
@@ -713,11 +756,12 @@ class _Build:
         jobs = self.req.jobs or os.cpu_count() or 1
         return " ".join([*opts, f"parallel={jobs}"])
 
-    def _collect(self, backend: Backend, pkg: SourcePackage, results: Path) -> None:
+    def _collect(self, backend: Backend, pkg: SourcePackage, results: Path) -> set[str]:
         """Copy out the .changes and what it lists. The .changes is the build's
         own word: only names that are this package's results are taken (never
         another file of --out, nor nsbuild's logs), each bounded by the size
-        the .changes gives and checked against its checksum."""
+        the .changes gives and checked against its checksum. Returns the
+        names of source files the same as the input's."""
         assert self.log is not None
         self.log.section("Collect")
         work = backend.work_dir
@@ -748,11 +792,29 @@ class _Build:
             if got.stat().st_size != size or (sha and _sha256(got) != sha):
                 raise BuildFailed(f"{fname}: does not match its checksum in {changes[0]}")
             names.append(fname)
+        same = self._same_as_input(pkg, results, names)
         for n in names:
             p = results / n
             art = Artifact(n, str(p), p.stat().st_size, _sha256(p))
             self.result.artifacts.append(art)
             self.log.line(f"{n} {art.size} {art.sha256}")
+        return same
+
+    def _same_as_input(self, pkg: SourcePackage, results: Path, names: list[str]) -> set[str]:
+        """The results named like a file of the input .dsc: each must be that
+        very file (the build chose their bytes, and by default they would
+        land on the user's own files), else the build fails naming them."""
+        if pkg.kept is None:  # built from a tree: the input is no such file
+            return set()
+        inputs = {p.name: p for p in pkg.paths()}
+        named = [n for n in names if n in inputs]
+        differ = [n for n in named if _sha256(results / n) != _sha256(inputs[n])]
+        if differ:
+            raise BuildFailed(
+                f"{pkg.source} {pkg.version}: source files the build made differ from the "
+                "input's of the same name, refused: " + ", ".join(f"'{n}'" for n in differ)
+            )
+        return set(named)
 
     def _shell(self, backend: Backend, pkg: SourcePackage) -> None:
         self.progress.say(f"build failed: opening a shell in {self.tree} (exit it to clean up)")
@@ -778,8 +840,11 @@ class _Build:
         if backend is not None:
             with contextlib.suppress(Exception):
                 res.network_records = backend.network_records()
-        if self.log is None:
+            with contextlib.suppress(Exception):
+                res.network_summary = backend.network_summary()
+        if self.log is None or self.logs_placed:
             return
+        self.logs_placed = True
         if status == "interrupted":
             # Nothing reaches --out from an interrupted build, not even its log.
             self.log.close()
@@ -811,8 +876,7 @@ class _Build:
         if res.dependency_layer:
             state = "cached" if res.dependency_layer["cached"] else "stored"
             fields.append(("Dependency-Layer", f"{state} {str(res.dependency_layer['key'])[:16]}"))
-        denied = res.denied()
-        fields.append(("Network-Denied", str(len(denied))))
+        fields.append(("Network-Denied", str(res.attempts()[1])))
         log.fields(fields)
         for name, took in res.phases:
             log.line(f"Phase {name}: {took:.1f}s")
@@ -820,16 +884,26 @@ class _Build:
         log.close()
         # A successful build's logs go to --out beside its results; a failed
         # build writes nothing there, its logs are kept apart (and named).
-        where = self.out if status == "successful" else kept_logs_dir(self.base_name)
-        where.mkdir(parents=True, exist_ok=True)
-        dest = where / log.path.name
-        shutil.move(str(log.path), dest)
-        res.log = str(dest)
-        netlog = where / f"{self.base_name}.network.jsonl"
-        tmpnet = self.tmp / netlog.name
-        tmpnet.write_text("".join(json.dumps(r) + "\n" for r in res.network_records))
-        shutil.move(str(tmpnet), netlog)
-        res.network_log = str(netlog)
+        if status == "successful":
+            self._put_logs(self.out_dir)
+        else:
+            where = kept_logs_dir(self.base_name)
+            where.mkdir(parents=True, exist_ok=True)
+            folder = _Folder(where)
+            try:
+                self._put_logs(folder)
+            finally:
+                folder.close()
+
+    def _put_logs(self, folder: _Folder) -> None:
+        assert self.log is not None
+        res = self.result
+        res.log = str(folder.put(self.log.path, self.log.path.name))
+        if not self.net_log.exists():
+            # The backend keeps no file of its own: what it recorded, the
+            # first records only, as lines.
+            self.net_log.write_text("".join(json.dumps(r) + "\n" for r in res.network_records))
+        res.network_log = str(folder.put(self.net_log, f"{self.base_name}.network.jsonl"))
 
 
 # A .changes is a few KiB; one larger than this was not made by dpkg-genchanges.
@@ -865,6 +939,103 @@ class _ResultNames:
         m = _DEB_NAME.fullmatch(name)
         # Any version: a source may give its binaries versions of their own.
         return bool(m and m.group(1) in self.binaries and m.group(3) in self.deb_arches)
+
+
+# The largest extra package taken (the largest .debs are a few GiB).
+MAX_EXTRA = 8 << 30
+
+
+def _take_extra(path: Path, folder: Path) -> Path:
+    """A private copy, in `folder`, of the package the user named with
+    --extra-package: the user's own path followed once, the file it leads to
+    opened once (no link followed then), checked to be a regular file of
+    bounded size and copied as it is read. The build gets this copy: the
+    named file may be swapped (for a link to the user's home, say) once checked."""
+    if not path.name.endswith((".deb", ".udeb")):
+        raise BuildInputError(f"--extra-package {path}: not a .deb file")
+    try:
+        handle = os.open(path.resolve(), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise BuildInputError(f"--extra-package {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(handle)
+        if not stat.S_ISREG(st.st_mode):
+            raise BuildInputError(f"--extra-package {path}: not a .deb file")
+        if st.st_size > MAX_EXTRA:
+            raise BuildInputError(f"--extra-package {path}: larger than {MAX_EXTRA} bytes")
+        copy = folder / path.name
+        # Opens the very file just checked (its type known: no FIFO to hang on).
+        with open(f"/proc/self/fd/{handle}", "rb") as f, copy.open("xb") as out:
+            left = st.st_size
+            while left >= 0 and (block := f.read(min(1 << 20, left + 1))):
+                out.write(block)
+                left -= len(block)
+        if left != 0:
+            raise BuildInputError(f"--extra-package {path}: changed while it was read")
+    except OSError as e:
+        raise BuildInputError(f"--extra-package {path}: {e.strerror}") from None
+    finally:
+        os.close(handle)
+    return copy
+
+
+class _Folder:
+    """A folder results and logs are written into, opened once (the path the
+    user gave followed then, never again). Each file arrives under a name of
+    its own and is renamed over its final name: a link or file already there
+    is replaced, never written through."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise NsbuildError(f"cannot open {path}: {e.strerror}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def same_as(self, path: Path) -> bool:
+        try:
+            return os.path.samestat(os.fstat(self.fd), os.stat(path))
+        except OSError:
+            return False
+
+    def put(self, src: Path, name: str) -> Path:
+        """Move the private file `src` here as `name`: renamed on the same
+        filesystem, else copied into a new file beside `name`, then renamed."""
+        src_dir = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.rename(src.name, name, src_dir_fd=src_dir, dst_dir_fd=self.fd)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise NsbuildError(f"cannot write {self.path / name}: {e.strerror}") from None
+            self._copy(src, name)
+            os.unlink(src.name, dir_fd=src_dir)
+        finally:
+            os.close(src_dir)
+        return self.path / name
+
+    def _copy(self, src: Path, name: str) -> None:
+        part = f".{name}.{secrets.token_hex(4)}.part"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(part, flags, 0o644, dir_fd=self.fd)
+        except OSError as e:
+            raise NsbuildError(f"cannot write in {self.path}: {e.strerror}") from None
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask
+            with open(src, "rb") as f, open(fd, "wb", closefd=False) as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+            os.rename(part, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(part, dir_fd=self.fd)
+            raise NsbuildError(f"cannot write {self.path / name}: {e.strerror}") from None
+        finally:
+            os.close(fd)
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
