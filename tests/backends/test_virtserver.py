@@ -317,6 +317,8 @@ def test_revert_heals_a_dead_testbed(server_env: Env) -> None:
         ex = [unquote(w) for w in say("print-execute-command").split()[1].split(",")]
         os.kill(int(ex[-5]), signal.SIGKILL)
         assert say("copydown /etc/hostname /tmp/hostname") == "copy-failed"
+        # What autopkgtest asks after a testbed failure: answered, not fatal.
+        assert say("auxverb_debug_fail") == "ok"
         assert say("revert") == "ok /tmp/autopkgtest"
         ex = [unquote(w) for w in say("print-execute-command").split()[1].split(",")]
         assert _exec(ex, "true").returncode == 0

@@ -103,7 +103,8 @@ class Server:
         """Run one command; return the words after `ok`, each already URL-encoded."""
         name, args = words[0], words[1:]
         arity = {"capabilities": 0, "open": 0, "revert": 0, "close": 0, "quit": 0,
-                 "print-execute-command": 0, "copydown": 2, "copyup": 2}  # fmt: skip
+                 "print-execute-command": 0, "copydown": 2, "copyup": 2,
+                 "auxverb_debug_fail": 0}  # fmt: skip
         if name == "shell":
             if not args:
                 raise Misuse("`shell' needs a directory")
@@ -113,6 +114,10 @@ class Server:
             raise Misuse(f"`{name}' takes {arity[name]} arguments, got {len(args)}")
         if name == "capabilities":
             return self.capabilities()
+        if name == "auxverb_debug_fail":
+            # autopkgtest asks for a testbed's debugging output after a
+            # failure; nsbuild has none beyond what its commands printed.
+            return []
         if name == "open":
             if self.testbed is not None:
                 raise Misuse("`open' when already open")
