@@ -17,6 +17,11 @@ to install or remove) and the checksums of any extra packages given. A changed
 base (the environment was updated) gives a different key, so old layers are
 never used against a new base; `nsbuild gc` trims the unused ones (`gc()`
 below), and with them the build apt caches of environments that are gone.
+
+Every path into the cache goes through `private_cache_dir()`: the layers hold
+setuid programs and the trees of builds. The records (layer.json, answers)
+sit beside trees a sandbox shaped and are read with `nsbuild.envs.records`:
+regular files of bounded size, no link followed, never a FIFO to hang on.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import threading
@@ -43,12 +47,38 @@ if TYPE_CHECKING:
 TMP_PREFIX = ".tmp-"
 # Remembered resolutions: one file per question, holding a layer key.
 ANSWERS = "answers"
+# An answer holds one key; a layer's record, its package list.
+MAX_ANSWER = 4096
+MAX_LAYER_RECORD = 4 << 20
+
+
+class BadLayerRecord(Exception):
+    """A layer.json that is not a record nsbuild wrote."""
+
+
+def _is_key(value: object) -> bool:
+    hexdigits = "0123456789abcdef"
+    return isinstance(value, str) and len(value) == 64 and all(c in hexdigits for c in value)
+
+
+def read_layer_record(path: Path) -> dict[str, object]:
+    """A layer's metadata: a JSON object in a regular file (raises BadLayerRecord, one line)."""
+    from nsbuild.envs.errors import EnvError
+    from nsbuild.envs.records import read_record
+
+    try:
+        meta = read_record(path, MAX_LAYER_RECORD)
+    except EnvError as e:
+        raise BadLayerRecord(str(e)) from None
+    if not isinstance(meta, dict):
+        raise BadLayerRecord(f"{path}: not a JSON object")
+    return meta
 
 
 def cache_root() -> Path:
-    from nsbuild.envs.paths import cache_dir
+    from nsbuild.envs.paths import private_cache_dir
 
-    return cache_dir() / "deps"
+    return private_cache_dir() / "deps"
 
 
 def layer_key(
@@ -90,35 +120,37 @@ class DepCache:
         """The layer for `key` if one is complete, held (shared lock) until exit
         so that gc cannot remove it from under a running build."""
         entry = self.root / key
-        if not (entry / "layer.json").is_file():
+        if not _complete(entry):
             yield None
             return
         self.root.mkdir(parents=True, exist_ok=True)
         with _locked(self._lock_path(key), fcntl.LOCK_SH):
             # gc may have removed it between the check and the lock.
-            if not (entry / "layer.json").is_file():
+            if not _complete(entry):
                 yield None
                 return
-            os.utime(entry / "layer.json")  # last use, for gc
+            # Last use, for gc; a link swapped in since keeps its target's time.
+            os.utime(entry / "layer.json", follow_symlinks=False)
             yield Layer(key, entry / "layer")
 
     def recall(self, question: str) -> str | None:
         """The layer key an earlier build resolved `question` to, if any."""
+        from nsbuild.envs.errors import EnvError
+        from nsbuild.envs.records import read_record
+
         try:
-            key = (self.root / ANSWERS / question).read_text().strip()
-        except OSError:
+            key = read_record(self.root / ANSWERS / question, MAX_ANSWER)
+        except EnvError:
             return None
-        return key if len(key) == 64 and all(c in "0123456789abcdef" for c in key) else None
+        return key if _is_key(key) else None
 
     def remember(self, question: str, key: str) -> None:
         """Note that `question` resolved to layer `key` (whole file or nothing)."""
-        from nsbuild.envs.owner import tmp_name
+        from nsbuild.envs.records import write_record
 
         answers = self.root / ANSWERS
         answers.mkdir(parents=True, exist_ok=True)
-        tmp = answers / tmp_name()
-        tmp.write_text(key + "\n")
-        os.replace(tmp, answers / question)
+        write_record(answers / question, key)
 
     def staging(self) -> Path:
         """A fresh directory to store a new layer in; commit() it or let gc take it
@@ -142,12 +174,12 @@ class DepCache:
         layer is trusted as complete by every later build, and the session
         that wrote it had fsync turned off. Its record and the rename are
         made durable here."""
+        from nsbuild.envs.records import write_record
+
         meta = {**meta, "key": key, "created": int(time.time())}
         record = staging / "layer.json"
-        with open(record, "w", encoding="utf-8") as f:
-            f.write(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_record(record, meta)
+        _fsync_file(record)
         try:
             os.rename(staging, self.root / key)
         except OSError:
@@ -168,14 +200,24 @@ class DepCache:
             return out
         for d in self.root.iterdir():
             meta_path = d / "layer.json"
-            if d.name.startswith(TMP_PREFIX) or not meta_path.is_file():
+            if d.name.startswith(TMP_PREFIX) or not _is_key(d.name):
                 continue
             try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
+                meta = read_layer_record(meta_path)
+                used = os.stat(meta_path, follow_symlinks=False).st_mtime
+            except (BadLayerRecord, OSError):
                 continue
-            out.append((d.name, meta, meta_path.stat().st_mtime))
+            out.append((d.name, meta, used))
         return out
+
+
+def _complete(entry: Path) -> bool:
+    """Whether the layer directory `entry` holds a readable record (a published layer)."""
+    try:
+        read_layer_record(entry / "layer.json")
+    except BadLayerRecord:
+        return False
+    return True
 
 
 class Syncer:
@@ -206,6 +248,14 @@ class Syncer:
         if self._error is not None:
             raise self._error
         return self._took
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -265,7 +315,8 @@ def gc(
 
     errs: list[str] = errors if errors is not None else []
     config = load_config()
-    removed = _gc_layers(DepCache(), _current_bases(config, errs), max_age_days, dry_run, errs)
+    bases, untold = _current_bases(config, errs)
+    removed = _gc_layers(DepCache(), bases, untold, max_age_days, dry_run, errs)
     removed += _gc_apt_caches({env.name for env in config}, max_age_days, dry_run, errs)
     removed += _gc_logs(max_age_days, dry_run, errs)
     removed += _gc_work_dirs(dry_run, errs)
@@ -274,9 +325,9 @@ def gc(
 
 def builds_root() -> Path:
     """Where running builds keep their private work directories."""
-    from nsbuild.envs.paths import cache_dir
+    from nsbuild.envs.paths import private_cache_dir
 
-    return cache_dir() / "builds"
+    return private_cache_dir() / "builds"
 
 
 def _gc_work_dirs(dry_run: bool, errs: list[str]) -> list[str]:
@@ -290,13 +341,26 @@ def _gc_work_dirs(dry_run: bool, errs: list[str]) -> list[str]:
         owner = tmp_owner(entry)
         if owner is None or owner.alive():
             continue
+        # One that cannot go (a mount point inside, an rm that failed) is
+        # said, and the next one is tried: any error, as a build shaped it.
         try:
             if not dry_run:
                 remove_tree(root / entry)
             removed.append(f"work directory of a dead build {root / entry}")
-        except OSError as e:
-            errs.append(f"{root / entry}: {e}")
+        except Exception as e:
+            errs.append(_error_line(root / entry, e))
     return removed
+
+
+def _error_line(path: Path, e: BaseException) -> str:
+    """One line for an error met at `path`; it may quote names a build made."""
+    from nsbuild.printable import printable
+
+    what = str(e) if isinstance(e, Exception) and str(e) else type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        what = e.strerror
+    text = what if what.startswith(str(path)) else f"{path}: {what}"
+    return printable(text, 1024)
 
 
 def _gc_logs(max_age_days: float, dry_run: bool, errs: list[str]) -> list[str]:
@@ -307,13 +371,14 @@ def _gc_logs(max_age_days: float, dry_run: bool, errs: list[str]) -> list[str]:
     if not root.is_dir():
         return []
     limit = time.time() - max_age_days * 86400
-    old = [d for d in sorted(root.iterdir()) if d.is_dir() and d.stat().st_mtime < limit]
+    old = [d for d in sorted(root.iterdir())
+           if d.is_dir() and not d.is_symlink() and d.stat().st_mtime < limit]  # fmt: skip
     if not dry_run:
         for d in old:
             try:
                 shutil.rmtree(d)
-            except OSError as e:
-                errs.append(f"{d}: cannot remove: {e.strerror}")
+            except Exception as e:
+                errs.append(_error_line(d, e))
     if not old:
         return []
     return [
@@ -322,84 +387,107 @@ def _gc_logs(max_age_days: float, dry_run: bool, errs: list[str]) -> list[str]:
     ]
 
 
-def _current_bases(config: Config, errs: list[str]) -> set[str] | None:
-    """Base ids of every configured tarball environment; None if one cannot be
-    told (then no layer is removed for its base)."""
-    from nsbuild.envs.errors import EnvError
+def _current_bases(config: Config, errs: list[str]) -> tuple[set[str], set[str]]:
+    """Base ids of the configured tarball environments, and the names of
+    those whose base cannot be told (one line each): their layers are not
+    removed for their base, as it may be theirs."""
     from nsbuild.envs.store import layout_for, tarball_digest
+    from nsbuild.printable import printable
 
     bases: set[str] = set()
+    untold: set[str] = set()
     for env in config:
-        if env.type != "tarball" or env.path is None or not env.path.exists():
+        if env.type != "tarball" or env.path is None or not os.path.lexists(env.path):
             continue
         try:
             bases.add(tarball_digest(layout_for(env), env.path))
-        except EnvError as e:
-            errs.append(f"dependency layers: environment {env.name!r}: {e}; base layers kept")
-            return None
-    return bases
+        except Exception as e:
+            untold.add(env.name)
+            errs.append(f"dependency layers: environment {env.name!r}: "
+                        f"{printable(str(e), 1024)}; its layers kept")  # fmt: skip
+    return bases, untold
 
 
 def _gc_layers(
     cache: DepCache,
-    bases: set[str] | None,
+    bases: set[str],
+    untold: set[str],
     max_age_days: float,
     dry_run: bool,
     errs: list[str],
 ) -> list[str]:
-    from nsbuild.envs.owner import tmp_name, tmp_owner
-
+    """Remove stale layers (see gc()); `untold` names environments whose base
+    is unknown: their layers are not removed for their base."""
     removed: list[str] = []
     if not cache.root.is_dir():
         return removed
-    now = time.time()
-    suffix = " (dry run)" if dry_run else ""
     for entry in sorted(cache.root.iterdir()):
-        name = entry.name
-        if name.startswith(TMP_PREFIX):
-            owner = tmp_owner(name)
-            if owner is not None and not owner.alive():
-                _discard(
-                    cache, entry, f"unfinished dependency layer {entry}", removed, errs, dry_run
-                )
-            continue
-        if name.endswith(".lock"):
-            if not (cache.root / name[: -len(".lock")]).exists():
-                _drop_lock(entry, dry_run)
-            continue
-        meta_path = entry / "layer.json"
-        if not meta_path.is_file():
-            continue
+        # Each entry on its own: one that fails is said, the next is tried.
         try:
-            meta = json.loads(meta_path.read_text())
-            last_use = meta_path.stat().st_mtime
-        except (OSError, ValueError):
-            continue
-        why = None
-        if bases is not None and meta.get("base") not in bases:
-            why = "its environment's base changed or is gone"
-        elif now - last_use > max_age_days * 86400:
-            why = f"unused for {(now - last_use) / 86400:.0f} days"
-        if why is None:
-            continue
-        what = f"dependency layer {name[:16]} ({meta.get('environment', '?')}: {why})"
-        if dry_run:
-            removed.append(what + suffix)
-            continue
-        try:
-            with _try_exclusive(cache._lock_path(name)):
-                doomed = cache.root / tmp_name()
-                os.rename(entry, doomed)
-                cache._lock_path(name).unlink()
-        except BlockingIOError:
-            continue  # a build is using it
-        except OSError as e:
-            errs.append(f"{entry}: cannot remove: {e.strerror}")
-            continue
-        _discard(cache, doomed, what, removed, errs, dry_run=False)
+            _gc_entry(cache, entry, bases, untold, max_age_days, dry_run, removed, errs)
+        except Exception as e:
+            errs.append(_error_line(entry, e))
     if not dry_run:
         _gc_answers(cache)
     return removed
+
+
+def _gc_entry(
+    cache: DepCache,
+    entry: Path,
+    bases: set[str],
+    untold: set[str],
+    max_age_days: float,
+    dry_run: bool,
+    removed: list[str],
+    errs: list[str],
+) -> None:
+    from nsbuild.envs.owner import tmp_name, tmp_owner
+    from nsbuild.printable import printable
+
+    name = entry.name
+    if name.startswith(TMP_PREFIX):
+        owner = tmp_owner(name)
+        if owner is not None and not owner.alive():
+            _discard(cache, entry, f"unfinished dependency layer {entry}", removed, errs, dry_run)
+        return
+    if name.endswith(".lock"):
+        if not (cache.root / name[: -len(".lock")]).exists():
+            _drop_lock(entry, dry_run)
+        return
+    meta_path = entry / "layer.json"
+    if not _is_key(name) or not os.path.lexists(meta_path):
+        return
+    try:
+        meta = read_layer_record(meta_path)
+    except BadLayerRecord as e:
+        errs.append(f"dependency layer {name[:16]}: {printable(str(e), 1024)}; kept")
+        return
+    last_use = os.stat(meta_path, follow_symlinks=False).st_mtime
+    environment = meta.get("environment")
+    why = None
+    if meta.get("base") not in bases and environment not in untold:
+        why = "its environment's base changed or is gone"
+    elif time.time() - last_use > max_age_days * 86400:
+        why = f"unused for {(time.time() - last_use) / 86400:.0f} days"
+    if why is None:
+        return
+    shown = printable(environment, 100) if isinstance(environment, str) else "?"
+    what = f"dependency layer {name[:16]} ({shown}: {why})"
+    if dry_run:
+        removed.append(what + " (dry run)")
+        return
+    try:
+        with _try_exclusive(cache._lock_path(name)):
+            doomed = cache.root / tmp_name()
+            os.rename(entry, doomed)
+            cache._lock_path(name).unlink()
+    except BlockingIOError:
+        return  # a build is using it
+    except OSError as e:
+        errs.append(f"{entry}: cannot remove: {e.strerror}")
+        return
+    _discard(cache, doomed, what, removed, errs, dry_run=False)
 
 
 def _gc_answers(cache: DepCache) -> None:
@@ -414,7 +502,7 @@ def _gc_answers(cache: DepCache) -> None:
         else:
             key = cache.recall(entry.name)
             stale = key is None or not (cache.root / key / "layer.json").is_file()
-        if stale:
+        if stale:  # a FIFO or a link is no answer either
             with contextlib.suppress(OSError):
                 entry.unlink()
 
@@ -422,7 +510,7 @@ def _gc_answers(cache: DepCache) -> None:
 @contextmanager
 def _try_exclusive(path: Path) -> Iterator[None]:
     """Exclusive lock without waiting: BlockingIOError while a build holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield
@@ -445,23 +533,21 @@ def _drop_lock(path: Path, dry_run: bool) -> None:
 def _discard(
     cache: DepCache, path: Path, what: str, removed: list[str], errs: list[str], dry_run: bool
 ) -> None:
-    from nsbuild.envs.errors import EnvError
-
     if dry_run:
         removed.append(f"{what} (dry run)")
         return
     try:
         cache.discard(path)
         removed.append(what)
-    except EnvError as e:
-        errs.append(str(e))
+    except Exception as e:
+        errs.append(_error_line(path, e))
 
 
 def apt_cache_root() -> Path:
     """Where the local backend keeps each environment's apt lists and archives."""
-    from nsbuild.envs.paths import cache_dir
+    from nsbuild.envs.paths import private_cache_dir
 
-    return cache_dir() / "apt"
+    return private_cache_dir() / "apt"
 
 
 def apt_cache_dir(env_name: str) -> Path:
@@ -476,7 +562,6 @@ def apt_cache_dir(env_name: str) -> Path:
 def _gc_apt_caches(
     configured: set[str], max_age_days: float, dry_run: bool, errs: list[str]
 ) -> list[str]:
-    from nsbuild.envs.errors import EnvError
     from nsbuild.envs.remove import remove_tree
 
     removed: list[str] = []
@@ -485,7 +570,7 @@ def _gc_apt_caches(
         return removed
     suffix = " (dry run)" if dry_run else ""
     limit = time.time() - max_age_days * 86400
-    for env_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for env_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
         try:
             # The local backend holds this lock while apt runs with these caches.
             with _try_exclusive(env_dir / ".lock"):
@@ -498,7 +583,7 @@ def _gc_apt_caches(
                 old = [
                     deb
                     for deb in (env_dir / "apt-archives").glob("*.deb")
-                    if max(deb.stat().st_atime, deb.stat().st_mtime) < limit
+                    if max(deb.lstat().st_atime, deb.lstat().st_mtime) < limit
                 ]
                 if not dry_run:
                     for deb in old:
@@ -510,6 +595,6 @@ def _gc_apt_caches(
                     )
         except BlockingIOError:
             continue  # a build is installing with it right now
-        except (OSError, EnvError) as e:
-            errs.append(f"{env_dir}: {getattr(e, 'strerror', None) or e}")
+        except Exception as e:  # one environment's caches; the next is tried
+            errs.append(_error_line(env_dir, e))
     return removed

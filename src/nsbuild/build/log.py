@@ -43,9 +43,9 @@ WIDTH = 80
 
 def logs_root() -> Path:
     """Where the logs of builds that did not succeed are kept ($XDG_CACHE_HOME/nsbuild/logs)."""
-    from nsbuild.envs.paths import cache_dir
+    from nsbuild.envs.paths import private_cache_dir
 
-    return cache_dir() / "logs"
+    return private_cache_dir() / "logs"
 
 
 def kept_logs_dir(name: str) -> Path:
