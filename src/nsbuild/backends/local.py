@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nsbuild.backends.base import (
     STDOUT,
@@ -46,13 +46,15 @@ from nsbuild.backends.base import (
     Stream,
 )
 
+if TYPE_CHECKING:
+    from nsbuild.net.netlog import NetSummary
+
 WORK_DIR = "/build"
 # Persistent caches a caller may ask for by name, mounted in trusted runs only.
 CACHE_MOUNTS = {
     "apt-lists": "/var/lib/apt/lists",
     "apt-archives": "/var/cache/apt/archives",
 }
-_URL_RE = re.compile(r"\b(?:https?|ftp)://[^\s\]\"']+")
 # What apt keeps at the top of those folders and a later build may reuse:
 # package lists (not the lock), downloaded packages, and the binary caches
 # of the lists that APT_OPTS of the build driver name.
@@ -80,6 +82,21 @@ def _fd(stream: Stream, default: int) -> int:
     if isinstance(stream, int):
         return stream
     return stream.fileno()
+
+
+@contextlib.contextmanager
+def _stdin_fd(stdin: Stream) -> Iterator[int]:
+    """The descriptor a run reads: the caller's, else /dev/null. Never
+    nsbuild's own stdin by default: it may be the user's terminal, and code
+    in the build (debian/rules, maintainer scripts) would read what is typed."""
+    if stdin is not None:
+        yield _fd(stdin, 0)
+        return
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -129,7 +146,7 @@ class LocalBackend(Backend):
             give_to_sandbox_root(host)
             self._caches[name] = host
         self._records: list[dict[str, Any]] = []
-        self._mirrors: tuple[str, ...] | None = None
+        self._net_summary: NetSummary | None = None
         self._stack = ExitStack()
         self._session: Any = None
         self._build_dir: Path | None = None
@@ -307,21 +324,11 @@ class LocalBackend(Backend):
     # -- running --
 
     def mirrors(self) -> tuple[str, ...]:
-        """URLs of the environment's mirrors: its config, then its own apt sources."""
-        if self._mirrors is None:
-            found = list(self.config.mirrors)
-            script = (
-                "cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list "
-                "/etc/apt/sources.list.d/*.sources 2>/dev/null; true"
-            )
-            _status, text = self.check_output(["sh", "-c", script])
-            for line in text.splitlines():
-                line = line.split("#", 1)[0]
-                for url in _URL_RE.findall(line):
-                    if url not in found:
-                        found.append(url)
-            self._mirrors = tuple(found)
-        return self._mirrors
+        """URLs of the environment's mirrors: its config, then the apt sources
+        of its base, read on the host. Never what the session holds: a
+        dependency layer or a script that ran in it could add its own."""
+        mirrors: tuple[str, ...] = self._session.mirrors()
+        return mirrors
 
     def run(
         self,
@@ -336,12 +343,12 @@ class LocalBackend(Backend):
         stderr: Stream = None,
     ) -> int:
         out_fd = _fd(stdout, 1)
-        in_fd = _fd(stdin, 0)
         # stderr joins stdout through its own descriptor: the runtime wants
         # three distinct fds to place on 0, 1 and 2.
         err_fd = os.dup(out_fd) if stderr == STDOUT else _fd(stderr, 2)
         try:
-            return self._run(argv, user, network, cwd, env, in_fd, out_fd, err_fd)
+            with _stdin_fd(stdin) as in_fd:
+                return self._run(argv, user, network, cwd, env, in_fd, out_fd, err_fd)
         finally:
             if stderr == STDOUT:
                 os.close(err_fd)
@@ -370,6 +377,8 @@ class LocalBackend(Backend):
             mode=network,
             allowlist=Allowlist.parse(self.options.allow),
             allow_from_env=network == "allow",
+            # Every run appends to the same file: one network log for the build.
+            log_path=self.options.net_log,
         )
         # The build directory is nsbuild's own, under the private cache: the
         # build may make setuid files there (debian/tmp), no one else reaches them.
@@ -418,9 +427,14 @@ class LocalBackend(Backend):
                     proc.kill()
                     proc.wait()
                     raise
-            # Each attempt from inside is a record: a bounded number is kept.
+            # Each attempt from inside is a record: a bounded number is kept,
+            # and the bounded counts of every run add up.
             room = max(MAX_RECORDS - len(self._records), 0)
             self._records.extend(plan.records()[:room])
+            summary = plan.summary()
+            if self._net_summary is not None:
+                summary = self._net_summary.merge(summary)
+            self._net_summary = summary
         # Only after the plan stopped its services: they serve these sockets.
         for sock in proc.sockets:
             sock.close()
@@ -432,6 +446,11 @@ class LocalBackend(Backend):
 
     def network_records(self) -> list[dict[str, Any]]:
         return list(self._records)
+
+    def network_summary(self) -> NetSummary | None:
+        """Counts of the network attempts of every run so far (None before the
+        first run): bounded, whatever the runs did."""
+        return self._net_summary
 
     def close(self) -> None:
         self._stack.close()
