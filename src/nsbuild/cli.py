@@ -409,6 +409,10 @@ def _usage(msg: str) -> Exception:
     return NsbuildError(msg)
 
 
+# Long enough for a list of unmet dependencies, short enough for a terminal.
+MESSAGE_LIMIT = 4096
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args: argparse.Namespace | _Args | None = _fast_run_args(args_list)
@@ -430,15 +434,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not plain_run:
         _complete_site()
     from nsbuild.errors import NsbuildError
+    from nsbuild.printable import printable
 
+    # Messages may quote names a sandbox made (files, hosts, paths): one
+    # line, escaped, whatever they hold.
     try:
         status: int = args.func(args)
         return status
     except NsbuildError as e:
-        sys.stderr.write(f"nsbuild: {e}\n")
+        sys.stderr.write(f"nsbuild: {printable(str(e), MESSAGE_LIMIT)}\n")
         return e.exit_status
     except ValueError as e:  # SpecError and friends: bad input
-        sys.stderr.write(f"nsbuild: {e}\n")
+        sys.stderr.write(f"nsbuild: {printable(str(e), MESSAGE_LIMIT)}\n")
         return 2
     except KeyboardInterrupt:
         return 130
