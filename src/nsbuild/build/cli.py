@@ -126,7 +126,9 @@ def handler(args: argparse.Namespace) -> int:
     else:
         for art in result.artifacts:
             print(printable(art.path))
-    summary = _denied_line(result.network_records)
+    # The backend's bounded counts of the whole build, else its first records.
+    counts = result.network_summary
+    summary = counts.denied_line() if counts is not None else _denied_line(result.network_records)
     if summary:
         print(f"nsbuild build: {summary}", file=sys.stderr)
     print(f"nsbuild build: log: {printable(str(result.log))}", file=sys.stderr)
