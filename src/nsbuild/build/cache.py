@@ -352,13 +352,11 @@ def _gc_work_dirs(dry_run: bool, errs: list[str]) -> list[str]:
     return removed
 
 
-def _error_line(path: Path, e: BaseException) -> str:
+def _error_line(path: Path, e: Exception) -> str:
     """One line for an error met at `path`; it may quote names a build made."""
     from nsbuild.printable import printable
 
-    what = str(e) if isinstance(e, Exception) and str(e) else type(e).__name__
-    if isinstance(e, OSError) and e.strerror:
-        what = e.strerror
+    what = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
     text = what if what.startswith(str(path)) else f"{path}: {what}"
     return printable(text, 1024)
 
