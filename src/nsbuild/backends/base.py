@@ -443,7 +443,7 @@ class _TarFeeder:
     def _bounded(self, member: tarfile.TarInfo) -> tarfile.TarInfo:
         if member.size > self._limit:
             raise CopyRefused(
-                f"refusing to copy {self._what}/{member.name}: larger than {self._limit} bytes"
+                f"refusing to copy {self._what}: {member.name} is larger than {self._limit} bytes"
             )
         return member
 
