@@ -225,6 +225,22 @@ def test_a_compressed_stream_that_expands_too_far_is_refused() -> None:
     assert sanitize(io.BytesIO(small), io.BytesIO(), "zeros.tar.gz", limit=65 << 20).members == 1
 
 
+def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+def test_a_member_under_a_hard_link_to_a_symlink_is_refused(tmp_path: Path) -> None:
+    # tar makes `h` a second symlink to etc, then would write x through it.
+    tar = _tar(tmp_path / "t.tar", [_dir("etc/"), _link("s", "etc", tarfile.SYMTYPE),
+                                    _link("h", "s", tarfile.LNKTYPE), _file("h/x", b"x")])
+    with tar.open("rb") as src, pytest.raises(
+        UnsafeTarball, match=r"^t\.tar: refusing member 'h/x': its path goes through the "
+                             r"symlink 'h'$"):
+        sanitize(src, io.BytesIO(), "t.tar")
+
+
 def test_an_oversized_extended_header_is_refused_before_it_is_read() -> None:
     # tarfile reads a pax header whole: 1 GiB of it would be 1 GiB of nsbuild's memory.
     head = tarfile.TarInfo("././@PaxHeader")

@@ -8,7 +8,8 @@ check-then-use race on the file). Refused, with the member named:
 
 - absolute names and names with a `..` component (also in hard-link targets);
 - a member whose path goes through an earlier symlink member (the classic
-  "symlink to / then write through it"), or that replaces a symlink;
+  "symlink to / then write through it"), or a hard link to one, or that
+  replaces a symlink;
 - a hard link to something not extracted before it.
 
 Neutralised: device nodes are skipped (they cannot be created in a user
@@ -148,6 +149,10 @@ class _Checker:
                     m, f"hard link to {m.linkname!r}, which is not a member before it"
                 )
             m.linkname = target
+            if target in self.symlinks:
+                # tar makes a hard link to a symlink as another symlink: a
+                # later member under this name would be written through it.
+                self.symlinks.add(name)
         if m.issym():
             if name == "":
                 raise self.refuse(m, "the root is a symlink")
