@@ -141,3 +141,81 @@ def test_writable_root_bind_counts_as_shared() -> None:
                       root=Bind("/srv/tree", "/", private=True),
                       mounts=(Bind("/x", "/x", readonly=True), Tmpfs("/tmp")))
     assert private.shared_writable() == ()
+
+
+# --- the kernel making the file: overlayfs copy-up, mqueue -----------------------
+
+# Inside, as root of the sandbox: the mount system call and the new mount API,
+# each printing its errno name or "ok". The new API's numbers are the same on
+# every architecture; mount goes through libc.
+MOUNT_ATTEMPTS = """
+    import ctypes, errno, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+
+    def result(ret):
+        return "ok" if ret >= 0 else errno.errorcode[ctypes.get_errno()]
+
+    for d in ("/out/up", "/out/wk", "/tmp/o"):
+        os.makedirs(d, exist_ok=True)
+    ret = libc.mount(b"overlay", b"/tmp/o", b"overlay", 0,
+                     b"lowerdir=/lower,upperdir=/out/up,workdir=/out/wk")
+    print("mount", result(ret))
+    if ret == 0:
+        # Opening for writing copies the file up into /out/up, with its mode.
+        open("/tmp/o/su", "ab").close()
+    AT_FDCWD, OPEN_TREE_CLONE = -100, 1
+    for name, nr, args in (
+        ("fsopen", 430, (b"tmpfs", 0)),
+        ("fspick", 433, (AT_FDCWD, b"/out", 0)),
+        ("open_tree", 428, (AT_FDCWD, b"/out", OPEN_TREE_CLONE)),
+        ("move_mount", 429, (-1, b"", -1, b"", 0)),
+        ("mount_setattr", 442, (AT_FDCWD, b"/out", 0, None, 0)),
+        ("open_tree_attr", 467, (AT_FDCWD, b"/out", OPEN_TREE_CLONE, None, 0)),
+    ):
+        print(name, result(libc.syscall(nr, *args)))
+"""
+
+
+def test_overlay_copy_up_of_a_setuid_file_fails(tmp_path: Path) -> None:
+    """An overlay whose upper layer is in a shared bind: writing to a setuid
+    file of the lower layer copies it up, and the kernel itself gives the copy
+    its mode, 4755, owned by the caller, with no chmod to refuse. The lower
+    file must have a mapped owner: one the caller made, bound read-only."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    su = lower / "su"
+    su.write_bytes(Path("/bin/true").read_bytes())
+    su.chmod(0o4755)
+    shared = tmp_path / "out"
+    shared.mkdir()
+    r = ok(nsbuild("--ro-bind", f"{lower}:/lower", "--bind", f"{shared}:/out", "--",
+                   *py(MOUNT_ATTEMPTS), cwd=tmp_path))
+    copy = shared / "up" / "su"
+    assert not copy.exists() or setid_bits(copy) == 0, explain(r)
+    assert r.stdout.splitlines() == [
+        "mount EPERM", "fsopen EPERM", "fspick EPERM", "open_tree EPERM",
+        "move_mount EPERM", "mount_setattr EPERM", "open_tree_attr EPERM"], explain(r)
+
+
+def test_private_sandbox_can_still_mount() -> None:
+    """Without a shared writable bind (an environment's session, where builds
+    and their tests may unshare and mount), mount keeps working."""
+    script = ("mkdir /tmp/m && mount -t tmpfs -o size=1M none /tmp/m && touch /tmp/m/x"
+              " && umount /tmp/m")
+    spec = Sandbox(argv=("/bin/sh", "-c", script), idmap=caller_idmap(), mounts=host_view())
+    assert run(spec) == 0
+
+
+def test_setuid_message_queue_fails(tmp_path: Path) -> None:
+    """mq_open(O_CREAT) sets the queue's mode as given, with no chmod. The
+    queue lives in the sandbox's own IPC namespace, out of the host's reach,
+    but a setuid mode has no use there either; plain queues keep working."""
+    r = ok(nsbuild("--", *py("""
+        import ctypes, errno, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        for name, mode in ((b"/setid", 0o4755), (b"/plain", 0o644)):
+            fd = libc.mq_open(name, os.O_CREAT | os.O_RDWR, mode, None)
+            print(name.decode(), "made" if fd >= 0 else errno.errorcode[ctypes.get_errno()])
+    """), cwd=tmp_path))
+    assert r.stdout.splitlines() == ["/setid EPERM", "/plain made"], explain(r)

@@ -998,8 +998,8 @@ def _harden(spec: Sandbox, chan: Channel, stdio: list[int | None],
     if sc.install_seccomp_filter(deny_setid=bool(shared)):
         say("keyring system calls fail (ENOSYS): the caller's keys are out of reach")
         if shared:
-            say(f"setuid/setgid modes fail (EPERM) in the whole sandbox: {shared[0].src} is "
-                "bound writable and other users may reach it")
+            say(f"setuid/setgid modes and new mounts fail (EPERM) in the whole sandbox: "
+                f"{shared[0].src} is bound writable and other users may reach it")
     elif shared:
         say(f"no seccomp filter on this architecture: setuid/setgid files made in "
             f"{shared[0].src} would keep their bits")

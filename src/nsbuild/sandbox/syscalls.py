@@ -220,23 +220,36 @@ _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_ERRNO = 0x00050000
 _X32 = 0x40000000
 _KEYRING = {"add_key", "request_key", "keyctl"}
-_GENERIC = {"io_uring_setup": 425, "openat2": 437, "fchmodat2": 452}  # one number everywhere
+# The calls that make a mount, old and new API. A new mount lets the kernel
+# itself write a file's mode in a shared bind, where no chmod is seen: an
+# overlay whose upper layer is there copies a setuid file of its lower layer
+# up with mode 4755 on the first write (the copy is the caller's, and other
+# users could run it). Sandboxes with no shared bind keep mount: builds and
+# their tests use it in nested namespaces.
+_MOUNT = {"mount", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
+          "mount_setattr", "open_tree_attr"}
+_GENERIC = {"io_uring_setup": 425, "openat2": 437, "fchmodat2": 452,  # one number everywhere
+            "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
+            "fsmount": 432, "fspick": 433, "mount_setattr": 442, "open_tree_attr": 467}
 _X86_64 = {"add_key": 248, "request_key": 249, "keyctl": 250, "open": 2, "creat": 85,
            "chmod": 90, "fchmod": 91, "mknod": 133, "openat": 257, "mknodat": 259,
-           "fchmodat": 268, **_GENERIC}
-_I386_ARM = {"open": 5, "creat": 8, "mknod": 14, "chmod": 15, "fchmod": 94, **_GENERIC}
+           "fchmodat": 268, "mount": 165, "mq_open": 240, **_GENERIC}
+_I386_ARM = {"open": 5, "creat": 8, "mknod": 14, "chmod": 15, "mount": 21, "fchmod": 94,
+             **_GENERIC}
 # (audit arch, syscall numbers by name) for each ABI a process may use; arm64
 # has no open, creat, mknod or chmod.
 _ABIS: dict[str, tuple[tuple[int, dict[str, int]], ...]] = {
     "x86_64": ((0xC000003E, _X86_64),
                (0xC000003E, {name: _X32 | nr for name, nr in _X86_64.items()}),  # x32
                (0x40000003, {"add_key": 286, "request_key": 287, "keyctl": 288, "openat": 295,
-                             "mknodat": 297, "fchmodat": 306, **_I386_ARM})),  # i386
+                             "mknodat": 297, "fchmodat": 306, "mq_open": 277,
+                             **_I386_ARM})),  # i386
     "aarch64": ((0xC00000B7, {"add_key": 217, "request_key": 218, "keyctl": 219,
-                              "mknodat": 33, "fchmod": 52, "fchmodat": 53, "openat": 56,
-                              **_GENERIC}),
-                (0x40000028, {"add_key": 309, "request_key": 310, "keyctl": 311, "openat": 322,
-                              "mknodat": 324, "fchmodat": 333, **_I386_ARM})),  # arm (compat)
+                              "mknodat": 33, "mount": 40, "fchmod": 52, "fchmodat": 53,
+                              "openat": 56, "mq_open": 180, **_GENERIC}),
+                (0x40000028, {"add_key": 309, "request_key": 310, "keyctl": 311, "mq_open": 274,
+                              "openat": 322, "mknodat": 324, "fchmodat": 333,
+                              **_I386_ARM})),  # arm (compat)
 }
 _SETID = 0o6000  # S_ISUID | S_ISGID
 _CREATES = 0o100 | 0o20000000  # O_CREAT | __O_TMPFILE, the same on every ABI listed
@@ -244,11 +257,14 @@ _CREATES = 0o100 | 0o20000000  # O_CREAT | __O_TMPFILE, the same on every ABI li
 # flags argument that says whether the call creates, or None: it always
 # sets the mode). mkdir needs no rule: the kernel drops S_ISUID and S_ISGID
 # from its mode (a directory gets S_ISGID only from its parent), and a
-# directory runs nothing. mknod does: it makes regular files too.
+# directory runs nothing. mknod does: it makes regular files too. mq_open
+# makes a file of the IPC namespace's mqueue filesystem with the mode given:
+# a setuid queue has no use, and the refusal keeps plain queues working
+# (test suites use them).
 _MODE_ARGUMENT: dict[str, tuple[int, int | None]] = {
     "chmod": (1, None), "fchmod": (1, None), "fchmodat": (2, None), "fchmodat2": (2, None),
     "creat": (1, None), "mknod": (1, None), "mknodat": (2, None),
-    "open": (2, 1), "openat": (3, 2),
+    "open": (2, 1), "openat": (3, 2), "mq_open": (2, 1),
 }
 # Calls whose mode the filter cannot see: openat2's is in a struct in memory
 # (seccomp reads registers only), and io_uring's opens bypass seccomp
@@ -311,8 +327,9 @@ def _filter(abis: tuple[tuple[int, dict[str, int]], ...], deny_setid: bool) -> l
     """A classic BPF seccomp program. The keyring system calls of each listed
     ABI fail with ENOSYS (as on a kernel without keyrings). With deny_setid,
     a mode with S_ISUID or S_ISGID fails with EPERM on every call that sets
-    one (_MODE_ARGUMENT), and the calls whose mode it cannot see fail with
-    ENOSYS. Everything else runs."""
+    one (_MODE_ARGUMENT), the calls whose mode it cannot see fail with
+    ENOSYS, and the mount calls (_MOUNT) fail with EPERM. Everything else
+    runs."""
     lines: list[_Line] = []
     for i, (arch, nrs) in enumerate(abis):
         # A block per ABI; a call it does not match goes on to the next block
@@ -321,6 +338,7 @@ def _filter(abis: tuple[tuple[int, dict[str, int]], ...], deny_setid: bool) -> l
         targets = [(nr, "enosys") for name, nr in nrs.items() if name in _KEYRING]
         if deny_setid:
             targets += [(nrs[name], "enosys") for name in _MODE_UNSEEN if name in nrs]
+            targets += [(nr, "eperm") for name, nr in nrs.items() if name in _MOUNT]
             targets += [(nr, _mode_check(*_MODE_ARGUMENT[name])) for name, nr in nrs.items()
                         if name in _MODE_ARGUMENT]
         lines += [(_JEQ, label, 0, nr) for nr, label in targets]
@@ -348,8 +366,10 @@ def install_seccomp_filter(*, deny_setid: bool) -> bool:
     grants a key's owner access by uid: without the filter, the command could
     link the caller's user keyring by its serial and read its keys.
     deny_setid: inside, uid 0 is the caller, so a setuid file left in a host
-    directory other users can reach would run with the caller's ids for them.
-    A filter cannot tell one path from another: it applies to every path."""
+    directory other users can reach would run with the caller's ids for them;
+    and no new mounts, through which the kernel would set such modes itself.
+    A filter cannot tell one path from another: it applies to every path.
+    Install it after the sandbox's own mounts: none can be made after it."""
     abis = _ABIS.get(posix.uname().machine)
     if abis is None:
         return False
