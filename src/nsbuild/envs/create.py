@@ -25,7 +25,7 @@ from pathlib import Path
 from nsbuild.envs.config import NAME_RE, EnvConfig, load_config, remove_entry, write_entry
 from nsbuild.envs.errors import EnvError
 from nsbuild.envs.owner import tmp_name
-from nsbuild.envs.paths import Layout, cache_dir, user_config_dir
+from nsbuild.envs.paths import Layout, private_cache_dir, user_config_dir
 from nsbuild.envs.session import Session, throwaway
 from nsbuild.envs.store import (
     copy_tarball_atomically,
@@ -242,7 +242,7 @@ def update_env(name: str, quiet: bool = False) -> EnvConfig:
 
 def update_net_log(env: EnvConfig) -> Path:
     """Where `update_env` writes the network log of its last run."""
-    return cache_dir() / "logs" / f"{env.name}.update.network.jsonl"
+    return private_cache_dir() / "logs" / f"{env.name}.update.network.jsonl"
 
 
 def _upgrade(session: Session, quiet: bool) -> int:
