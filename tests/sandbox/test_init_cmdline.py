@@ -41,3 +41,13 @@ def test_pid1_shows_neither_host_paths_nor_host_environment(tmp_path: Path) -> N
 def test_pid1_is_named_nsbuild_init(tmp_path: Path) -> None:
     r = ok(nsbuild("--", "cat", "/proc/1/comm", cwd=tmp_path))
     assert r.stdout == "nsbuild-init\n", explain(r)
+
+
+@pytest.mark.parametrize("host_argument_length", [10, 3000])
+def test_pid1_cmdline_does_not_give_away_the_host_command_line_length(
+        tmp_path: Path, host_argument_length: int) -> None:
+    """The name alone, however long nsbuild's own command line was: the
+    memory it overwrites is as long as that command line."""
+    r = ok(nsbuild("--setenv", "PADDING=" + "x" * host_argument_length, "--",
+                   *READ_PID1, cwd=tmp_path))
+    assert r.stdout.splitlines()[0] == "cmdline: b'nsbuild-init\\x00'", explain(r)

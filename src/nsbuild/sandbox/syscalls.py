@@ -387,7 +387,8 @@ def set_process_title(title: str) -> None:
     environ memory, which /proc/PID/cmdline and environ show. prctl(PR_SET_MM)
     could point them elsewhere but needs CAP_SYS_RESOURCE on the host: the
     areas themselves are overwritten instead, as setproctitle does (Python
-    and libc hold their own copies of argv and the environment)."""
+    and libc hold their own copies of argv and the environment); the
+    command line shown is the title and its NUL alone."""
     with open("/proc/self/stat", "rb") as f:
         stat = f.read()
     # Fields 48-51: arg_start, arg_end, env_start, env_end; the split starts
@@ -395,9 +396,15 @@ def set_process_title(title: str) -> None:
     fields = stat[stat.rindex(b")") + 2:].split()
     arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
     if 0 < arg_start < arg_end:
-        raw = title.encode()[: arg_end - arg_start - 1]
-        _libc.memset(arg_start, 0, arg_end - arg_start)
+        size = arg_end - arg_start
+        raw = title.encode()[: size - 1]
+        _libc.memset(arg_start, 0, size)
         _libc.memmove(arg_start, raw, len(raw))
+        if len(raw) + 2 <= size:
+            # The area's last byte not NUL: the kernel then shows the area up
+            # to its first NUL (get_mm_cmdline's setproctitle case), not the
+            # whole area, whose length is that of the host command line.
+            _libc.memset(arg_end - 1, ord("."), 1)
     if 0 < env_start < env_end:
         _libc.memset(env_start, 0, env_end - env_start)
     with open("/proc/self/comm", "w") as f:
