@@ -128,6 +128,9 @@ def test_entered_commands_follow_deny_setid(tmp_path: Path) -> None:
         assert setid_bits(own / "x") == 0
         assert enter(command, CHMOD_4755) == 0
         assert setid_bits(own / "x") == stat.S_ISUID
+        mount = ("/bin/sh", "-c", "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m")
+        assert enter(command, mount, deny_setid=True) != 0
+        assert enter(command, mount) == 0
     finally:
         proc.kill()
         proc.wait()

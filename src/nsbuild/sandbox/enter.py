@@ -10,7 +10,7 @@ view. The entered command runs as root in that sandbox, in its PID namespace
 (orphans are reaped by the sandbox's init, and die with it), and gets the
 runtime's hardening before exec: a new session (TIOCSTI cannot reach the
 caller's terminal), a new empty session keyring and the seccomp filter
-(keyrings; setuid/setgid modes with deny_setid), no_new_privs, the
+(keyrings; setuid/setgid modes and mounts with deny_setid), no_new_privs, the
 parent-death signal, no descriptor but 0, 1 and 2.
 
     caller (host)                        waits, relays signals
@@ -140,8 +140,8 @@ def start(
     cgroup v2 directory to join first (the sandbox's, when the runtime placed
     it in one). expect_start: refuse unless `pid` started then (see
     start_time), so that a reused PID is never entered. deny_setid: the
-    command may not make setuid/setgid files, as in a sandbox with writable
-    binds others may reach (Sandbox.shared_writable(): give its value)."""
+    command may not make setuid/setgid files nor mount, as in a sandbox with
+    writable binds others may reach (Sandbox.shared_writable(): give its value)."""
     if not argv:
         raise SandboxError("no command given")
     if inside_sockets and not new_net:

@@ -53,7 +53,7 @@ class Bind:
     # The source is a directory of nsbuild's own that no other user can reach
     # (a session's tree, a build directory under the private cache). Only
     # there may the sandbox make setuid/setgid files: a writable bind that is
-    # not private makes the sandbox refuse such mode changes.
+    # not private makes the sandbox refuse such mode changes, and new mounts.
     private: bool = False
 
     def describe(self) -> str:
@@ -223,8 +223,9 @@ class Sandbox:
 
     def shared_writable(self) -> tuple[Bind, ...]:
         """The writable binds of host paths other users may reach. While there
-        is one, the sandbox refuses setuid/setgid modes (syscalls.py): inside,
-        uid 0 is the caller, and such a file would run as the caller for them."""
+        is one, the sandbox refuses setuid/setgid modes, and mounts, through
+        which the kernel would set them itself (syscalls.py): inside, uid 0 is
+        the caller, and such a file would run as the caller for them."""
         return tuple(m for m in (self.root, *self.mounts)
                      if isinstance(m, Bind) and not m.readonly and not m.private)
 
