@@ -229,7 +229,9 @@ def test_mounts_are_locked(tmp_path: Path) -> None:
                                                         None))))
     attempt("write ro", lambda: open("/ro/f", "w").write("changed"))
     """
-    res = probe(code, "--ro-bind", f"{ro}:/ro", cwd=tmp_path)
+    # From "/": no working directory is bound writable, so no seccomp filter
+    # refuses the mounts first (tests/sandbox/test_setid.py); the lock must.
+    res = probe(code, "--ro-bind", f"{ro}:/ro", cwd="/")
     for name in res:
         failed(res, name)
     assert (ro / "f").read_text() == "keep"
