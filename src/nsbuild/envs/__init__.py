@@ -27,6 +27,8 @@ API (everything raises EnvError, an NsbuildError, with a one-line message):
     update_env(name);  remove_env(name)
     gc(dry_run=False) -> GcReport
     remove_tree(path)  # delete subuid-owned trees (from a user namespace), no mounts crossed
+    cache_masks(mounts) -> list[Bind]  # read-only empty folders over the cache folders
+                                       # that writable binds show: mount them after those
 
 `extra_lowers` stack read-only layers (top first) between the base and the
 upper dir: the build layer's cached dependency layer goes there.
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from nsbuild.envs.config import BindMount, Config, EnvConfig, load_config
     from nsbuild.envs.create import create_env, remove_env, update_env
     from nsbuild.envs.errors import ConfigError, EnvError, UnsafeTarball
+    from nsbuild.envs.paths import cache_masks
     from nsbuild.envs.remove import remove_tree
     from nsbuild.envs.session import (
         Session,
@@ -62,6 +65,7 @@ _WHERE = {
     "ConfigError": "errors",
     "EnvError": "errors",
     "UnsafeTarball": "errors",
+    "cache_masks": "paths",
     "GcReport": "cleanup",
     "gc": "cleanup",
     "remove_tree": "remove",
@@ -92,6 +96,7 @@ __all__ = [
     "Session",
     "UnsafeTarball",
     "begin_session",
+    "cache_masks",
     "create_env",
     "end_session",
     "gc",

@@ -9,6 +9,8 @@
         store/locks/SHA256.lock           flock: exclusive to unpack or delete, shared to use
         sessions/ID/{upper,work}/         a copy-on-write session over a base
         sessions/ID/session.json          what it is, and who owns it
+        empty/                            an empty folder: what a sandbox sees of the
+                                          cache through a writable bind (`cache_masks`)
 
 The top folder is private (mode 0700, see `ensure_private`): below it lie
 unpacked bases with world-writable directories and setuid files, and open
@@ -26,10 +28,12 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nsbuild.envs.errors import CacheNotPrivate
+from nsbuild.envs.errors import CacheNotPrivate, EnvError
+from nsbuild.sandbox.spec import Bind
 
 SYSTEM_CONFIG_DIR = Path("/etc/nsbuild/chroot.d")
 
@@ -77,16 +81,84 @@ def _owners() -> tuple[int, ...]:
     return (me,) if ids is None else (ids[0], me)
 
 
+# Symlinks followed on the way to a cache folder, at most (as the kernel's limit).
+_MAX_LINKS = 40
+
+
+def _judge_ancestor(root: Path, path: str, st: os.stat_result) -> None:
+    """Refuse `path` on the way to the cache `root` unless only root or the
+    user can change what it holds: it is theirs, and no one else may write
+    in it, or only with the sticky bit (as /tmp), where no one can rename
+    or remove another's entries (OpenSSH's StrictModes, with sticky folders
+    allowed)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder"
+    elif st.st_uid not in (0, os.geteuid()):
+        problem = f"belongs to uid {st.st_uid}"
+    elif mode & 0o022 and not mode & stat.S_ISVTX:
+        problem = f"can be written by other users (mode {mode:04o}, not sticky)"
+    else:
+        return
+    raise CacheNotPrivate(
+        f"{root}: the folder {path} on its way {problem}, so another user could swap "
+        "the cache; refusing to use it (choose a folder of your own)"
+    )
+
+
+def _make_ancestors(root: Path) -> None:
+    """Walk to `root`'s parent as the kernel would, making missing folders
+    (mode 0700, as XDG asks), and refuse it (CacheNotPrivate) if another user
+    could change any folder or symlink on the way: a check of the cache
+    folder alone holds only while no one else can swap it, or a folder above
+    it, between the check and every later use by path."""
+    todo = [part for part in reversed(str(root.parent).split("/")) if part]
+    here, links = "/", 0
+    _judge_ancestor(root, here, os.lstat(here))
+    while todo:
+        name = todo.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            here = os.path.dirname(here)  # `here` is a real folder: its parent is judged
+            continue
+        path = os.path.join(here, name)
+        try:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                os.mkdir(path, 0o700)
+                st = os.lstat(path)
+        except OSError as e:
+            raise CacheNotPrivate(f"{root}: cannot make or reach {path}: {e.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            # A link of root's or ours, in a folder judged above: no one else can change it.
+            links += 1
+            if st.st_uid not in (0, os.geteuid()) or links > _MAX_LINKS:
+                why = (f"belongs to uid {st.st_uid}" if links <= _MAX_LINKS
+                       else f"is one more than {_MAX_LINKS} symlinks")
+                raise CacheNotPrivate(
+                    f"{root}: the symlink {path} on its way {why}; refusing to use it"
+                )
+            target = os.readlink(path)
+            here = "/" if target.startswith("/") else here
+            todo += [part for part in reversed(target.split("/")) if part]
+            continue
+        _judge_ancestor(root, path, st)
+        here = path
+
+
 def ensure_private(root: Path) -> Path:
     """Make the cache folder `root` (mode 0700, owned by the user) if missing;
-    return it once no other user can walk into it.
+    return it once no other user can walk into it, nor swap it.
 
     A folder of ours open to others is closed (chmod 0700) with a notice; a
     symlink, a non-folder or a folder of someone else is refused
     (CacheNotPrivate): a link or a folder another user controls could put
-    the store, sessions and logs where that user reads and writes them."""
+    the store, sessions and logs where that user reads and writes them. So
+    is a folder under one another user can write (see `_make_ancestors`)."""
     owners = _owners()
-    root.parent.mkdir(parents=True, exist_ok=True)
+    _make_ancestors(root)
     try:
         os.mkdir(root, 0o700)
     except FileExistsError:
@@ -169,7 +241,89 @@ class Layout:
     def session_dir(self, session_id: str) -> Path:
         return self.sessions / session_id
 
+    @property
+    def empty(self) -> Path:
+        return self.root / "empty"
+
     def ensure(self) -> None:
         ensure_private(self.root)
         for d in (self.tarballs, self.digests, self.bases, self.locks, self.sessions):
             d.mkdir(parents=True, exist_ok=True)
+
+
+def protected_dirs() -> list[Path]:
+    """The cache folder and every environment's `Unpack:` folder."""
+    from nsbuild.envs.config import load_config, parse_dir
+
+    try:
+        envs = list(load_config())
+    except EnvError:  # the cache (where parsed configs are kept) refused: read them all
+        envs = []
+        for directory in config_dirs():
+            try:
+                envs += parse_dir(directory)
+            except EnvError:
+                continue
+    return [cache_dir(), *(env.unpack for env in envs if env.unpack)]
+
+
+def _empty_dir(top: str) -> str:
+    """`top`/empty, an empty folder of ours that only nsbuild writes in."""
+    path = str(Layout(Path(top)).empty)
+    try:
+        try:
+            os.mkdir(path, 0o555)
+        except FileExistsError:
+            pass
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise CacheNotPrivate(f"{path}: cannot make it an empty folder: {e.strerror}") from None
+    try:
+        if os.fstat(fd).st_uid not in _owners() or os.listdir(fd):
+            raise CacheNotPrivate(f"{path}: not an empty folder of yours; remove it")
+    finally:
+        os.close(fd)
+    return path
+
+
+def _is_ours(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid in _owners()
+
+
+def _covered(src: str, dirs: list[str]) -> list[str]:
+    """The folders of `dirs` at or under `src`, but none under another one."""
+    under = [d for d in dirs if os.path.commonpath([src, d]) == src]
+    return [d for d in under if not any(o != d and os.path.commonpath([o, d]) == o for o in under)]
+
+
+def cache_masks(mounts: Iterable[object], protected: Iterable[Path] | None = None) -> list[Bind]:
+    """Read-only binds of an empty folder over every cache folder (default:
+    `protected_dirs()`) that a writable bind of `mounts` shows, to be
+    mounted after them.
+
+    Inside, uid 0 is the user: through such a bind, a sandbox could hard-link
+    the store's setuid files to where other users reach them, or rewrite the
+    bases every later build uses. Binds made private by nsbuild are its own
+    folders, not the user's, and need none."""
+    mounts = list(mounts)
+    binds = [m for m in mounts if isinstance(m, Bind) and not m.readonly and not m.private]
+    if not binds:
+        return []
+    dirs = {os.path.realpath(p) for p in (protected_dirs() if protected is None else protected)}
+    # A folder of someone else's is no store of ours: the sandbox, as the
+    # user, can do there no more than the user can.
+    existing = sorted(d for d in dirs if _is_ours(d))
+    masks: list[Bind] = []
+    for bind in binds:
+        src = os.path.realpath(bind.src)
+        for top in _covered(src, existing):
+            rel = os.path.relpath(top, src)
+            dst = bind.dst if rel == "." else os.path.join(bind.dst, rel)
+            mask = Bind(_empty_dir(top), dst, readonly=True)
+            if mask not in masks and mask not in mounts:
+                masks.append(mask)
+    return masks

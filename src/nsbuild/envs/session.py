@@ -32,7 +32,7 @@ from nsbuild.envs.config import EnvConfig, load_config
 from nsbuild.envs.errors import ConfigError, EnvError
 from nsbuild.envs.overlay import overlay_usable
 from nsbuild.envs.owner import Owner, give_to_sandbox_root, tmp_name
-from nsbuild.envs.paths import Layout
+from nsbuild.envs.paths import Layout, cache_masks
 from nsbuild.envs.records import UnreadableRecord, read_record, write_record
 from nsbuild.envs.remove import remove_tree
 from nsbuild.envs.store import layout_for, use_base
@@ -103,8 +103,12 @@ class Session:
 
     @property
     def mounts(self) -> tuple[Mount, ...]:
-        """Default mounts: /proc, /dev, /sys, tmpfs /tmp, then the config's Bind-Mounts."""
-        binds = tuple(Bind(b.src, b.dst, readonly=b.readonly) for b in self.config.bind_mounts)
+        """Default mounts: /proc, /dev, /sys, tmpfs /tmp, then the config's
+        Bind-Mounts, with the cache folders they show masked (`cache_masks`)."""
+        binds: tuple[Mount, ...] = tuple(
+            Bind(b.src, b.dst, readonly=b.readonly) for b in self.config.bind_mounts
+        )
+        binds += tuple(cache_masks(binds))
         if self.config.type == "host":
             return (*host_view(), *binds)
         return (Proc(), Dev(), Sys(), Tmpfs("/tmp", 0o1777), *binds)
