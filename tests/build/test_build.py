@@ -163,6 +163,9 @@ def test_failing_build_exits_1_keeps_only_its_log_and_opens_a_shell(
     stdout, stderr = proc.communicate('echo "in shell: $(pwd): $(cat failed-marker)"\nexit\n')
     assert proc.returncode == 1, stderr
     assert "in shell: /build/nsb-fails-1.0: left by the failed build" in stdout
+    # The step that failed, and the last thing it said.
+    said = "dpkg-buildpackage failed: debian/rules binary subprocess returned exit status 2"
+    assert said in stderr
     # Nothing reaches --out; the logs are kept in nsbuild's cache, and named.
     assert not out.exists()
     log_path = kept_log(bookworm, stderr, "nsb-fails_1.0_amd64.build")

@@ -824,6 +824,8 @@ class _Build:
             cwd=self.tree,
             network="none",
             env={"PS1": "(nsbuild: failed build) \\w\\$ "},
+            # The one run that reads the user's terminal: the shell asked for.
+            stdin=0,
         )
 
     def _phase_done(self, index: int, start: float) -> None:
