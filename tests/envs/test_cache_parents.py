@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from envs_helpers import chroot_d, nsbuild
 
-from nsbuild.envs.paths import cache_masks
+from nsbuild.envs.masks import cache_masks
 from nsbuild.sandbox.spec import Bind, Tmpfs
 
 HANG_GUARD = 300.0  # only a guard against a hang: a hang is the failure
@@ -189,6 +189,7 @@ def test_a_bind_holding_the_cache_shows_an_empty_read_only_folder(xdg: Path) -> 
         f"Name: h\nType: host\nBind-Mounts: {xdg}:/w\n\n"
         f"Name: other\nPath: {xdg / 'none.tar'}\nUnpack: {unpack}\n"
     )
+    nsbuild("session", "list")  # opens every Unpack folder: a store from now on
     script = (
         'for d in /w/cache/nsbuild /w/unpack; do'
         '  echo "$d: $(ls -A "$d" | wc -l) entries";'
@@ -216,7 +217,7 @@ def test_cache_masks_cover_the_cache_folders_a_writable_bind_holds(tmp_path: Pat
     for d in (cache, unpack, inner, tmp_path / "elsewhere"):
         d.mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "home")
-    protected = [cache, unpack, inner, tmp_path / "missing"]
+    protected = [str(d) for d in (cache, unpack, inner, tmp_path / "missing")]
 
     def masks(*mounts: object) -> list[Bind]:
         return cache_masks(mounts, protected)

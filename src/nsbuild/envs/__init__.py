@@ -34,14 +34,19 @@ API (everything raises EnvError, an NsbuildError, with a one-line message):
 upper dir: the build layer's cached dependency layer goes there.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
+# Not `typing` (and the re, enum... it imports): `nsbuild run` imports this
+# package for masks.py on every run.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from nsbuild.envs.cleanup import GcReport, gc
     from nsbuild.envs.config import BindMount, Config, EnvConfig, load_config
     from nsbuild.envs.create import create_env, remove_env, update_env
     from nsbuild.envs.errors import ConfigError, EnvError, UnsafeTarball
-    from nsbuild.envs.paths import cache_masks
+    from nsbuild.envs.masks import cache_masks
     from nsbuild.envs.remove import remove_tree
     from nsbuild.envs.session import (
         Session,
@@ -65,7 +70,7 @@ _WHERE = {
     "ConfigError": "errors",
     "EnvError": "errors",
     "UnsafeTarball": "errors",
-    "cache_masks": "paths",
+    "cache_masks": "masks",
     "GcReport": "cleanup",
     "gc": "cleanup",
     "remove_tree": "remove",

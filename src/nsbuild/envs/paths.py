@@ -10,7 +10,8 @@
         sessions/ID/{upper,work}/         a copy-on-write session over a base
         sessions/ID/session.json          what it is, and who owns it
         empty/                            an empty folder: what a sandbox sees of the
-                                          cache through a writable bind (`cache_masks`)
+                                          cache through a writable bind (masks.py)
+        unpack-folders                    the Unpack folders used so far (masks.py)
 
 The top folder is private (mode 0700, see `ensure_private`): below it lie
 unpacked bases with world-writable directories and setuid files, and open
@@ -28,12 +29,11 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nsbuild.envs.errors import CacheNotPrivate, EnvError
-from nsbuild.sandbox.spec import Bind
+from nsbuild.envs.errors import CacheNotPrivate
+from nsbuild.envs.masks import cache_path, remember_unpack
 
 SYSTEM_CONFIG_DIR = Path("/etc/nsbuild/chroot.d")
 
@@ -56,11 +56,7 @@ def config_dirs() -> tuple[Path, ...]:
 
 
 def cache_dir() -> Path:
-    # Root's sandboxes run as its subordinate ids, which cannot walk into
-    # /root (mode 0700): root's cache is the system one.
-    if os.geteuid() == 0 and not os.path.isabs(os.environ.get("XDG_CACHE_HOME", "")):
-        return Path("/var/cache/nsbuild")
-    return _xdg("XDG_CACHE_HOME", ".cache") / "nsbuild"
+    return Path(cache_path())
 
 
 def private_cache_dir() -> Path:
@@ -209,8 +205,11 @@ class Layout:
 
     @classmethod
     def private(cls, root: Path) -> Layout:
-        """The layout at `root` (an environment's `Unpack:`), checked private."""
-        return cls(ensure_private(root))
+        """The layout at `root` (an environment's `Unpack:`), checked private,
+        and written down in the cache: `cache_masks` hides it from sandboxes."""
+        layout = cls(ensure_private(root))
+        remember_unpack(str(private_cache_dir()), str(layout.root))
+        return layout
 
     @property
     def tarballs(self) -> Path:
@@ -241,89 +240,8 @@ class Layout:
     def session_dir(self, session_id: str) -> Path:
         return self.sessions / session_id
 
-    @property
-    def empty(self) -> Path:
-        return self.root / "empty"
-
     def ensure(self) -> None:
         ensure_private(self.root)
         for d in (self.tarballs, self.digests, self.bases, self.locks, self.sessions):
             d.mkdir(parents=True, exist_ok=True)
 
-
-def protected_dirs() -> list[Path]:
-    """The cache folder and every environment's `Unpack:` folder."""
-    from nsbuild.envs.config import load_config, parse_dir
-
-    try:
-        envs = list(load_config())
-    except EnvError:  # the cache (where parsed configs are kept) refused: read them all
-        envs = []
-        for directory in config_dirs():
-            try:
-                envs += parse_dir(directory)
-            except EnvError:
-                continue
-    return [cache_dir(), *(env.unpack for env in envs if env.unpack)]
-
-
-def _empty_dir(top: str) -> str:
-    """`top`/empty, an empty folder of ours that only nsbuild writes in."""
-    path = str(Layout(Path(top)).empty)
-    try:
-        try:
-            os.mkdir(path, 0o555)
-        except FileExistsError:
-            pass
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise CacheNotPrivate(f"{path}: cannot make it an empty folder: {e.strerror}") from None
-    try:
-        if os.fstat(fd).st_uid not in _owners() or os.listdir(fd):
-            raise CacheNotPrivate(f"{path}: not an empty folder of yours; remove it")
-    finally:
-        os.close(fd)
-    return path
-
-
-def _is_ours(path: str) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid in _owners()
-
-
-def _covered(src: str, dirs: list[str]) -> list[str]:
-    """The folders of `dirs` at or under `src`, but none under another one."""
-    under = [d for d in dirs if os.path.commonpath([src, d]) == src]
-    return [d for d in under if not any(o != d and os.path.commonpath([o, d]) == o for o in under)]
-
-
-def cache_masks(mounts: Iterable[object], protected: Iterable[Path] | None = None) -> list[Bind]:
-    """Read-only binds of an empty folder over every cache folder (default:
-    `protected_dirs()`) that a writable bind of `mounts` shows, to be
-    mounted after them.
-
-    Inside, uid 0 is the user: through such a bind, a sandbox could hard-link
-    the store's setuid files to where other users reach them, or rewrite the
-    bases every later build uses. Binds made private by nsbuild are its own
-    folders, not the user's, and need none."""
-    mounts = list(mounts)
-    binds = [m for m in mounts if isinstance(m, Bind) and not m.readonly and not m.private]
-    if not binds:
-        return []
-    dirs = {os.path.realpath(p) for p in (protected_dirs() if protected is None else protected)}
-    # A folder of someone else's is no store of ours: the sandbox, as the
-    # user, can do there no more than the user can.
-    existing = sorted(d for d in dirs if _is_ours(d))
-    masks: list[Bind] = []
-    for bind in binds:
-        src = os.path.realpath(bind.src)
-        for top in _covered(src, existing):
-            rel = os.path.relpath(top, src)
-            dst = bind.dst if rel == "." else os.path.join(bind.dst, rel)
-            mask = Bind(_empty_dir(top), dst, readonly=True)
-            if mask not in masks and mask not in mounts:
-                masks.append(mask)
-    return masks

@@ -30,9 +30,10 @@ from pathlib import Path
 
 from nsbuild.envs.config import EnvConfig, load_config
 from nsbuild.envs.errors import ConfigError, EnvError
+from nsbuild.envs.masks import cache_masks
 from nsbuild.envs.overlay import overlay_usable
 from nsbuild.envs.owner import Owner, give_to_sandbox_root, tmp_name
-from nsbuild.envs.paths import Layout, cache_masks
+from nsbuild.envs.paths import Layout
 from nsbuild.envs.records import UnreadableRecord, read_record, write_record
 from nsbuild.envs.remove import remove_tree
 from nsbuild.envs.store import layout_for, use_base
