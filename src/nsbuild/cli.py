@@ -334,6 +334,11 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         root, mounts = Tmpfs("/"), list(host_view(cwd))
         base_env, mirrors, workdir = posixutil.environ(), (), args.chdir or cwd
     mounts += extra_mounts(args)  # type: ignore[arg-type]
+    # A writable bind (the working directory, --bind, --root) may hold the
+    # cache or an Unpack folder: the sandbox must not reach the store.
+    from nsbuild.envs.masks import cache_masks
+
+    mounts += cache_masks([root, *mounts])
     with network(opts, mirrors=mirrors, debug=args.debug) as plan, \
             _limits(args, plan.cgroup) as lim:
         spec = Sandbox(

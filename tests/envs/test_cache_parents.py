@@ -210,6 +210,27 @@ def test_a_bind_holding_the_cache_shows_an_empty_read_only_folder(xdg: Path) -> 
     assert os.listdir(cache / "empty") == []
 
 
+@pytest.mark.userns
+def test_a_working_directory_holding_the_cache_shows_an_empty_read_only_folder(
+        xdg: Path) -> None:
+    """Plain `nsbuild run` binds the working directory writable: run from the
+    home (here: the folder holding XDG_CACHE_HOME), the store is out of reach."""
+    cache = xdg / "cache" / "nsbuild"
+    nsbuild("session", "list")  # makes the cache
+    (cache / "store").mkdir(exist_ok=True)
+    (cache / "store" / "secret").write_text("the store\n")
+    script = ('echo "$(ls -A cache/nsbuild | wc -l) entries";'
+              ' touch cache/nsbuild/x 2>&1;'
+              ' ln cache/nsbuild/store/secret out 2>/dev/null && echo "linked out"; echo end')
+    r = nsbuild("run", "--", "sh", "-c", script, cwd=xdg)
+    assert r.stdout == (
+        "0 entries\n"
+        "touch: cannot touch 'cache/nsbuild/x': Read-only file system\n"
+        "end\n"
+    ), r.stdout + r.stderr
+    assert not (xdg / "out").exists()
+
+
 def test_cache_masks_cover_the_cache_folders_a_writable_bind_holds(tmp_path: Path) -> None:
     cache = tmp_path / "home" / ".cache" / "nsbuild"
     unpack = tmp_path / "home" / "unpack"
