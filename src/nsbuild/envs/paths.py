@@ -81,6 +81,24 @@ def _owners() -> tuple[int, ...]:
 _MAX_LINKS = 40
 
 
+def _trusted_owners() -> tuple[int, ...]:
+    """Root, the user and, where nsbuild itself runs in a user namespace that
+    maps only some ids (a container), the overflow id: there the host's own
+    folders (`/`, `/tmp`) show as owned by it, and nsbuild could not run at
+    all otherwise. Who really owns such a folder cannot be told from inside;
+    the mode check still applies."""
+    owners: tuple[int, ...] = (0, os.geteuid())
+    try:
+        with open("/proc/self/uid_map") as f:
+            identity = f.read().split() == ["0", "0", "4294967295"]
+        if not identity:
+            with open("/proc/sys/kernel/overflowuid") as f:
+                owners += (int(f.read()),)
+    except (OSError, ValueError):
+        pass
+    return owners
+
+
 def _judge_ancestor(root: Path, path: str, st: os.stat_result) -> None:
     """Refuse `path` on the way to the cache `root` unless only root or the
     user can change what it holds: it is theirs, and no one else may write
@@ -90,7 +108,7 @@ def _judge_ancestor(root: Path, path: str, st: os.stat_result) -> None:
     mode = stat.S_IMODE(st.st_mode)
     if not stat.S_ISDIR(st.st_mode):
         problem = "is not a folder"
-    elif st.st_uid not in (0, os.geteuid()):
+    elif st.st_uid not in _trusted_owners():
         problem = f"belongs to uid {st.st_uid}"
     elif mode & 0o022 and not mode & stat.S_ISVTX:
         problem = f"can be written by other users (mode {mode:04o}, not sticky)"
