@@ -19,13 +19,22 @@ the rest are counted, and the file ends with a record of how many. The memory of
 nsbuild's own process stays bounded whatever the sandbox does. The file
 keeps each name as it came (JSON escapes control characters); what is
 printed goes through `printable`.
+
+The path may lie in a folder a sandbox could write (the working folder of
+`nsbuild run` is bound writable), so a run may have left a link or a FIFO
+there: the file is opened without following a symbolic link and without
+blocking, and written only if it is a regular file of the user's with no
+other name (or a character device, which no sandbox can make: /dev/null).
 """
 
 from __future__ import annotations
 
 import _thread  # threading's core: threading itself costs ~2 ms on every run
+import posix
+import stat
 import time
 
+from nsbuild.net.errors import NetError
 from nsbuild.printable import printable
 
 TYPE_CHECKING = False
@@ -169,6 +178,46 @@ def _what(key: Key) -> str:
     return f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
 
 
+_REFUSED = "nsbuild appends only to a regular file of yours that has no other name"
+_OPEN_FLAGS = (posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT | posix.O_NOFOLLOW
+               | posix.O_NONBLOCK | posix.O_CLOEXEC)
+
+
+def open_log(path: str) -> IO[str]:
+    """`path` opened for appending, or NetError (one line) when it is not a
+    file nsbuild may write: a symbolic link, a hard link, a FIFO, a socket, a
+    folder or a file of someone else's."""
+    import errno
+
+    try:
+        fd = posix.open(path, _OPEN_FLAGS, 0o600)
+    except OSError as e:
+        why = {errno.ELOOP: "is a symbolic link",
+               errno.ENXIO: "is a FIFO or socket"}.get(e.errno or 0, e.strerror or str(e))
+        raise NetError(f"--net-log {path}: {why}; {_REFUSED}") from None
+    try:
+        _check_log(path, posix.fstat(fd))
+        posix.set_blocking(fd, True)  # a terminal may make a write wait
+        return open(fd, "a", encoding="utf-8")
+    except BaseException:
+        posix.close(fd)
+        raise
+
+
+def _check_log(path: str, st: posix.stat_result) -> None:
+    if stat.S_ISCHR(st.st_mode):
+        return  # /dev/null, /dev/full, a terminal: a sandbox cannot make one
+    if not stat.S_ISREG(st.st_mode):
+        why = "is a FIFO" if stat.S_ISFIFO(st.st_mode) else "is not a regular file"
+    elif st.st_uid != posix.geteuid():
+        why = f"is owned by uid {st.st_uid}, not by you"
+    elif st.st_nlink != 1:
+        why = f"is a hard link ({st.st_nlink} names for one file)"
+    else:
+        return
+    raise NetError(f"--net-log {path}: {why}; {_REFUSED}")
+
+
 class NetLog:
     def __init__(self, path: str | None = None) -> None:
         self._lock = _thread.allocate_lock()
@@ -178,7 +227,7 @@ class NetLog:
         self._unlogged_as: dict[str, tuple[str, str, int]] = {}  # (engine, kind, port)
         self._refusals = TokenBucket(LOG_RATE, LOG_BURST)
         self._path = path
-        self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
+        self._file: IO[str] | None = open_log(path) if path else None
         # The first write that failed (a full disk): said once, at the end.
         self.error: str | None = None
 
