@@ -62,8 +62,17 @@ def parse_question(packet: bytes) -> tuple[int, int, str, int, int]:
     if pos + 4 > len(packet):
         raise ValueError("truncated question")
     qtype = struct.unpack("!H", packet[pos : pos + 2])[0]
-    name = ".".join(label.decode("ascii", "backslashreplace") for label in labels) or "."
+    name = ".".join(_label_text(label) for label in labels) or "."
     return qid, flags, name, qtype, pos + 4
+
+
+def _label_text(label: bytes) -> str:
+    """A label as dig shows it: a dot or backslash inside it escaped, so that
+    one label `evil.example` never reads as two (`evil\\.example`). The
+    label's own backslashes are doubled first, which tells them apart from
+    the `\\xff` that stands for a byte past ASCII."""
+    escaped = label.replace(b"\\", b"\\\\").replace(b".", b"\\.")
+    return escaped.decode("ascii", "backslashreplace")
 
 
 def answer(packet: bytes, rcode: int = NXDOMAIN) -> tuple[bytes, str | None, int]:
