@@ -84,6 +84,15 @@ def test_mirror_urls_become_rules() -> None:
         rule_from_url("ftp://ftp.debian.org/debian")
 
 
+def test_only_a_trusted_mirror_url_may_reach_a_non_global_address() -> None:
+    """An apt source read from a root is held to global addresses; the
+    environment's Mirror: (the user's config) is not."""
+    source = rule_from_url("http://127.0.0.1:3142/debian")
+    mirror = rule_from_url("http://127.0.0.1:3142/debian", trusted=True)
+    assert source.global_only and source.needs_global and source.source.startswith("apt source")
+    assert not mirror.global_only and not mirror.needs_global
+
+
 @pytest.mark.parametrize(
     "addr",
     ["127.0.0.1", "::1", "0.0.0.0", "169.254.169.254", "fe80::1", "224.0.0.1", "::ffff:127.0.0.1"],

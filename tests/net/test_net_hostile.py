@@ -453,3 +453,142 @@ def test_a_flood_of_refused_requests_is_counted_not_written_one_by_one(tmp_path:
     assert log.denied_summary() == (
         f"network: {requests} attempts denied: other.example.test:80 x{requests}; "
         f"{rest['count']} refused attempts over the log rate were not logged one by one")
+
+
+# -- the network log file: a path in a folder the sandbox could write ----------
+
+# One DNS query for the name made of the labels argv[1:] (as bytes, hex),
+# waiting for the answer so that nsbuild has seen it.
+QUERY = r"""
+import socket, struct, sys
+labels = [bytes.fromhex(a) for a in sys.argv[1:]]
+name = b"".join(bytes([len(p)]) + p for p in labels) + b"\0"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(60)
+s.sendto(struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + name + b"\0\1\0\1", ("127.0.0.1", 53))
+print(len(s.recv(512)))
+"""
+
+
+def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NSBUILD, *argv], cwd=cwd, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=HANG_GUARD)
+
+
+def _query_argv(*labels: bytes) -> list[str]:
+    return ["/usr/bin/python3", "-c", QUERY, *(label.hex() for label in labels)]
+
+
+VICTIM_TEXT = "# the user's shell start-up file\n"
+
+
+@pytest.mark.userns
+@pytest.mark.parametrize(
+    ("planted", "kind"),
+    [
+        ("ln -s victimrc net.jsonl", "symbolic link"),
+        ("ln victimrc net.jsonl", "hard link"),
+        ("mkfifo net.jsonl", "FIFO"),
+    ],
+    ids=["symlink", "hardlink", "fifo"],
+)
+def test_a_network_log_the_sandbox_replaced_is_not_written_through(
+        tmp_path: Path, planted: str, kind: str) -> None:
+    """The working folder is bound writable: a first run replaces its own
+    --net-log file with a link to a file of the user's (or a FIFO); the next
+    run with the same command line must not append the names the sandbox
+    asks (JSON leaves `$(...)` alone) to that file, nor hang on the FIFO."""
+    victim = tmp_path / "victimrc"
+    victim.write_text(VICTIM_TEXT)
+    log = tmp_path / "net.jsonl"
+    first = _run(["run", "--net", "none", "--net-log", str(log), "--",
+                  "/bin/sh", "-c", f"rm net.jsonl && {planted}"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert log.is_symlink() or log.stat().st_nlink == 2 or log.is_fifo()
+
+    second = _run(["run", "--net", "none", "--net-log", str(log), "--",
+                   *_query_argv(b"$(touch PWNED)", b"example", b"org")], tmp_path)
+    assert second.returncode != 0, second.stderr
+    assert second.stdout == ""  # refused before anything ran
+    [line] = second.stderr.splitlines()
+    assert line.startswith(f"nsbuild: --net-log {log}: ") and kind in line, line
+    assert victim.read_text() == VICTIM_TEXT
+    assert not (tmp_path / "PWNED").exists()
+
+
+# -- DNS names: a dot inside a label -----------------------------------------------
+
+
+@pytest.mark.userns
+def test_a_dot_inside_a_dns_label_does_not_print_as_another_name(tmp_path: Path) -> None:
+    """`evil.example` as one label is not the name evil.example.org: the
+    denied line shows the dot escaped, as dig does (and a backslash too)."""
+    r = _run(["run", "--net", "none", "--", *_query_argv(b"evil.example", b"org")], tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().isdigit(), r.stderr
+    assert "denied: evil\\\\.example.org (dns)" in r.stderr, r.stderr
+    r = _run(["run", "--net", "none", "--", *_query_argv(b"a\\.b", b"org")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "denied: a\\\\\\\\\\\\.b.org (dns)" in r.stderr, r.stderr
+
+
+# -- apt sources of an environment: global addresses only -----------------------
+
+
+@contextmanager
+def _served_plan(mirrors: list[str], trusted: list[str]) -> Iterator[int]:
+    """The real `--net allow --allow-from-env` plan of the network layer for
+    these mirrors, its proxy serving a socket of ours; yields the port."""
+    import argparse
+
+    from nsbuild.net import network, options_from_args
+
+    opts = options_from_args(argparse.Namespace(net="allow", allow=[], allow_from_env=True))
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(8)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    with network(opts, mirrors=mirrors, trusted_mirrors=trusted) as plan:
+        plan.serve([tcp, udp])
+        yield tcp.getsockname()[1]
+
+
+def test_an_apt_source_of_the_environment_does_not_reach_host_loopback() -> None:
+    """A base's sources.list may hold what code in a sandbox wrote (`env
+    update` packs it): `deb http://127.0.0.1:PORT/` there must not let the
+    sandbox reach a service of the host. The same URL as the environment's
+    Mirror: (the user's own config) does."""
+    with origin("A") as a:
+        url = f"http://127.0.0.1:{a.port}/debian"
+        with _served_plan([url], []) as pp:
+            status, body = _get(pp, f"http://127.0.0.1:{a.port}/dists/bookworm/InRelease")
+        assert a.requests == []
+        assert status == "403", body
+        assert "loopback" in body and "global" in body, body
+        with _served_plan([url], [url]) as pp:
+            assert _get(pp, f"http://127.0.0.1:{a.port}/ok") == ("200", "A /ok\n")
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("169.254.169.254", "link-local"),
+     ("0.0.0.0", "unspecified"), ("100.64.1.1", "not a global")],
+)
+def test_a_name_in_the_apt_sources_may_not_resolve_to_an_internal_address(
+        address: str, why: str) -> None:
+    from nsbuild.net.allowlist import rule_from_url
+
+    with origin("A") as a:
+        url = f"http://mirror.example.test:{a.port}/debian"
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        proxy = EgressProxy(listener, Allowlist((rule_from_url(url, trusted=False),)),
+                            NetLog(), resolver=_resolver({"mirror.example.test": address}))
+        proxy.start()
+        try:
+            status, body = _get(listener.getsockname()[1], url + "/x")
+        finally:
+            proxy.stop()
+        assert a.requests == []
+    assert status == "403" and why in body, body

@@ -10,7 +10,7 @@ API (cheap to import; engines load lazily):
     add_arguments(parser)                 # --net --allow --allow-from-env
                                           # --egress-engine --net-log
     opts = options_from_args(args)        # NetOptions, or NetError (one line)
-    with network(opts, mirrors=(...), debug=False) as plan:   # NetPlan
+    with network(opts, mirrors=(...), trusted_mirrors=(...), debug=False) as plan:
         ... Sandbox(share_net=plan.share_net, inside_sockets=plan.inside_sockets,
                     mounts=... + plan.mounts, env=... + plan.env, cgroup=plan.cgroup)
         plan.serve(proc.sockets)
@@ -44,11 +44,16 @@ __all__ = [
 ]
 
 
-def network(opts: NetOptions, *, mirrors: Sequence[str] = (), debug: bool = False) -> Network:
-    """A context manager yielding the NetPlan; stops serving and cleans up on exit."""
+def network(opts: NetOptions, *, mirrors: Sequence[str] = (),
+            trusted_mirrors: Sequence[str] = (), debug: bool = False) -> Network:
+    """A context manager yielding the NetPlan; stops serving and cleans up on exit.
+
+    With --allow-from-env: `trusted_mirrors` (the environment's Mirror:, the
+    user's own config) may reach any address; `mirrors` (apt sources read
+    from a root, which a sandbox may have written) global addresses only."""
     from nsbuild.net.plan import Network
 
-    return Network(opts, mirrors=mirrors, debug=debug)
+    return Network(opts, mirrors=mirrors, trusted_mirrors=trusted_mirrors, debug=debug)
 
 
 def gc() -> list[str]:

@@ -17,6 +17,12 @@ address. Why wildcards are stricter: a plain name is one the user wrote out
 (a mirror on the local network may well be private), while a wildcard
 covers names nobody reviewed, whose DNS someone else may run.
 
+Rules made from an environment's apt sources (`rule_from_url(url,
+trusted=False)`) are held to global addresses only, by name or as a literal
+address: those files may hold what code in a sandbox wrote (an upgrade's
+maintainer scripts), which must not open the host's own services to it. Only
+`--allow` and the environment's `Mirror:` reach other addresses.
+
 Stdlib only, no I/O.
 """
 
@@ -104,6 +110,14 @@ class AllowRule:
     ports: tuple[int, ...]
     wildcard: bool = False
     source: str = ""  # how the user wrote it, for messages and the network log
+    # Read from a file a sandbox may have written (apt sources): only global
+    # addresses, even when the rule names an address.
+    global_only: bool = False
+
+    @property
+    def needs_global(self) -> bool:
+        """Whether only global addresses will do for this rule."""
+        return self.wildcard or self.global_only
 
     @property
     def address(self) -> IPAddress | None:
@@ -148,8 +162,10 @@ def parse_rule(text: str, source: str | None = None) -> AllowRule:
     return AllowRule(str(canon), ports, wildcard, source or text)
 
 
-def rule_from_url(url: str) -> AllowRule:
-    """An allowlist rule for a mirror URL (`http://deb.debian.org/debian`)."""
+def rule_from_url(url: str, *, trusted: bool = False) -> AllowRule:
+    """An allowlist rule for a mirror URL (`http://deb.debian.org/debian`).
+    `trusted`: the user's own (an environment's `Mirror:`), which may name
+    any address; otherwise (an apt source read from a root) global ones only."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in _SCHEME_PORTS:
@@ -162,7 +178,9 @@ def rule_from_url(url: str) -> AllowRule:
         canon = canonical_host(host)
     except ValueError as e:
         raise NetError(f"mirror {url!r}: {e}") from None
-    return AllowRule(str(canon), (port or _SCHEME_PORTS[scheme],), False, f"mirror {url}")
+    source = f"mirror {url}" if trusted else f"apt source {url}"
+    return AllowRule(str(canon), (port or _SCHEME_PORTS[scheme],), False, source,
+                     global_only=not trusted)
 
 
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")  # Linux reads 0.x.y.z as this host
@@ -186,7 +204,7 @@ def embedded_ipv4(addr: IPAddress) -> ipaddress.IPv4Address | None:
 
 def address_refusal(addr: IPAddress, *, wildcard: bool = False) -> str | None:
     """Why a *name* may not resolve to `addr` (None if it may); `wildcard`:
-    the name was allowed by a wildcard entry, so only global addresses will do."""
+    only global addresses will do (AllowRule.needs_global)."""
     inner = embedded_ipv4(addr)
     if inner is not None:
         return address_refusal(inner, wildcard=wildcard)
@@ -202,8 +220,8 @@ def address_refusal(addr: IPAddress, *, wildcard: bool = False) -> str | None:
         return "resolves to a reserved address"
     if wildcard and not addr.is_global:
         if addr.is_private:
-            return "resolves to a private address, and a wildcard allows global ones only"
-        return "resolves to an address that is not a global one, and a wildcard allows no other"
+            return "resolves to a private address, and this entry allows global ones only"
+        return "resolves to an address that is not a global one, and this entry allows no other"
     return None
 
 

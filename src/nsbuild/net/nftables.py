@@ -47,7 +47,8 @@ def resolve_allowlist(allowlist: Allowlist, resolver: object = None) -> list[Des
             raise NetError(f"--allow {rule.source!r}: the nftables engine cannot enforce wildcards")
         addrs: list[IPAddress] = []
         if rule.address is not None:
-            addrs = [rule.address]
+            if not (rule.global_only and address_refusal(rule.address, wildcard=True)):
+                addrs = [rule.address]
         else:
             try:
                 infos = resolve(rule.host, None, type=socket.SOCK_STREAM)  # type: ignore[operator]
@@ -57,9 +58,12 @@ def resolve_allowlist(allowlist: Allowlist, resolver: object = None) -> list[Des
                 ) from None
             for info in infos:
                 addr = ipaddress.ip_address(info[4][0].split("%")[0])
-                if address_refusal(addr) is None and addr not in addrs:
+                if address_refusal(addr, wildcard=rule.global_only) is None \
+                        and addr not in addrs:
                     addrs.append(addr)
-            if not addrs:
+            # An apt source (from the environment, not the user) that leads
+            # nowhere allowed opens nothing; the user's own entries must work.
+            if not addrs and not rule.global_only:
                 raise NetError(
                     f"--allow {rule.source!r}: {rule.host} resolves to no usable address"
                 )

@@ -151,9 +151,11 @@ class Network:
     """Context manager: enter -> NetPlan (nothing runs yet); exit -> stop serving,
     remove the nftables table and cgroup, close the network log."""
 
-    def __init__(self, opts: NetOptions, *, mirrors: Sequence[str] = (), debug: bool = False):
+    def __init__(self, opts: NetOptions, *, mirrors: Sequence[str] = (),
+                 trusted_mirrors: Sequence[str] = (), debug: bool = False):
         self._opts = opts
         self._mirrors = tuple(mirrors)
+        self._trusted_mirrors = tuple(trusted_mirrors)
         self._debug = debug
         self._log: NetLog | None = None
         self._plan: NetPlan | None = None
@@ -162,7 +164,8 @@ class Network:
     def __enter__(self) -> NetPlan:
         opts = self._opts
         # Validate before anything is opened or started.
-        allowlist = _allowlist(opts, self._mirrors) if opts.mode == "allow" else None
+        allowlist = (_allowlist(opts, self._mirrors, self._trusted_mirrors)
+                     if opts.mode == "allow" else None)
         log = self._log = NetLog(opts.log_path)
         try:
             if opts.mode == "host":
@@ -217,14 +220,20 @@ def _none_plan(log: NetLog) -> NetPlan:
     return plan
 
 
-def _allowlist(opts: NetOptions, mirrors: Sequence[str]) -> Allowlist:
+def _allowlist(opts: NetOptions, mirrors: Sequence[str],
+               trusted_mirrors: Sequence[str]) -> Allowlist:
+    """--allow, then the trusted mirrors (the environment's Mirror:, the
+    user's own), then the rest (apt sources read from a root a sandbox may
+    have written: global addresses only). The first rule that matches wins."""
     from nsbuild.net.allowlist import Allowlist, rule_from_url
 
     allowlist = opts.allowlist or Allowlist(())
     if opts.allow_from_env:
-        if not mirrors:
+        if not mirrors and not trusted_mirrors:
             raise NetError("--allow-from-env: the environment names no mirror or apt source")
-        allowlist = allowlist.extend([rule_from_url(m) for m in mirrors])
+        allowlist = allowlist.extend(
+            [rule_from_url(m, trusted=True) for m in trusted_mirrors]
+            + [rule_from_url(m) for m in mirrors if m not in trusted_mirrors])
     return allowlist
 
 

@@ -10,11 +10,12 @@ on its request line alone, one by one also when many come on one connection:
 2. host and port must match an allowlist rule;
 3. a name is resolved here, on the host (`namecache`: once for the life of
    the proxy); addresses a name must not resolve to (loopback, link-local,
-   ..., and for a name allowed by a wildcard anything not global: see
-   `allowlist.address_refusal`) are dropped (DNS rebinding), and the
-   connection goes to an address that was checked, never re-resolved. A
-   literal address entry is the only way to such an address, asked for by
-   that address: a name never borrows it.
+   ..., and for a name allowed by a wildcard or an apt source anything not
+   global: see `allowlist.address_refusal`) are dropped (DNS rebinding), and
+   the connection goes to an address that was checked, never re-resolved. A
+   literal address entry (in --allow or Mirror:, not in the apt sources) is
+   the only way to such an address, asked for by that address: a name never
+   borrows it.
 
 A refusal is a 403 whose body names the rule that refused it, and a record in
 the network log; every request, allowed or not, is one record.
@@ -243,6 +244,14 @@ class EgressProxy:
                 f"({self._allowlist.describe()})",
             )
         if not isinstance(req.host, str):
+            why = address_refusal(req.host, wildcard=True) if rule.global_only else None
+            if why is not None:
+                raise Denied(
+                    "apt sources reach global addresses only",
+                    f"{req.host_text} {why.replace('resolves to', 'is')}; an address in the "
+                    "environment's apt sources must be a global one (name it in --allow "
+                    "or the environment's Mirror: to reach it)",
+                )
             return rule, [req.host]
         try:
             infos = self._names.resolve(req.host, req.port)
@@ -252,7 +261,7 @@ class EgressProxy:
         refused: list[str] = []
         for info in infos:
             addr = ipaddress.ip_address(info[4][0].split("%")[0])
-            why = address_refusal(addr, wildcard=rule.wildcard)
+            why = address_refusal(addr, wildcard=rule.needs_global)
             if why is None:
                 if addr not in allowed:
                     allowed.append(addr)
