@@ -339,7 +339,10 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
     from nsbuild.envs.masks import cache_masks
 
     mounts += cache_masks([root, *mounts])
-    with network(opts, mirrors=mirrors, debug=args.debug) as plan, \
+    # The environment's Mirror: is the user's own config; apt sources read
+    # from its root may reach global addresses only.
+    trusted = session.config.mirrors if session is not None else ()
+    with network(opts, mirrors=mirrors, trusted_mirrors=trusted, debug=args.debug) as plan, \
             _limits(args, plan.cgroup) as lim:
         spec = Sandbox(
             argv=tuple(argv),

@@ -95,3 +95,35 @@ def test_apt_reaches_the_allowed_repository_only(tmp_path: Path, env_home: EnvHo
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert {(x["port"], x["decision"]) for x in records} == {(port, "allow"), (other, "deny")}
     assert "nsbuild: network: " in r.stderr and f"127.0.0.1:{other}" in r.stderr
+
+
+def test_a_mirror_of_the_config_on_loopback_is_reached_with_allow_from_env(
+    tmp_path: Path, env_home: EnvHome
+) -> None:
+    """An environment's `Mirror:` is the user's own config: on loopback (a
+    local apt cache) it is allowed by --allow-from-env, while apt sources read
+    from the environment's root may reach global addresses only."""
+    repo = make_repository(tmp_path)
+    chroot_d = env_home.config / "nsbuild" / "chroot.d"
+    tarball = (chroot_d / "bookworm").read_text().split("Path: ")[1].split("\n")[0]
+    with static_server(str(repo)) as port:
+        (chroot_d / "localmirror").write_text(
+            f"Name: localmirror\nType: tarball\nPath: {tarball}\nSuite: bookworm\n"
+            f"Mirror: http://127.0.0.1:{port}/\n"
+        )
+        script = (
+            f'echo "deb [trusted=yes] http://127.0.0.1:{port}/ ./" > /etc/apt/sources.list; '
+            "rm -f /etc/apt/sources.list.d/*; apt-get update >/dev/null; "
+            "cd /tmp && apt-get download nsb-hello >/dev/null && echo downloaded"
+        )
+        try:
+            r = subprocess.run(
+                [sys.executable, "-m", "nsbuild", "run", "--env", "localmirror", "--net", "allow",
+                 "--allow-from-env", "--", "sh", "-c", script],
+                cwd=tmp_path, env=env_home.vars(), capture_output=True, text=True,
+                stdin=subprocess.DEVNULL, timeout=600,
+            )  # fmt: skip
+        finally:
+            (chroot_d / "localmirror").unlink()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "downloaded", r.stdout + r.stderr

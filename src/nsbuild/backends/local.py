@@ -390,7 +390,8 @@ class LocalBackend(Backend):
                                   CACHE_MOUNTS[name], volatile=True))  # fmt: skip
         with (
             _cache_lock(caches),
-            net.network(opts, mirrors=mirrors, debug=self.options.debug) as plan,
+            net.network(opts, mirrors=mirrors, trusted_mirrors=self._session.config.mirrors,
+                        debug=self.options.debug) as plan,
         ):
             base = self._session.sandbox(
                 argv,

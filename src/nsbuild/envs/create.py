@@ -259,7 +259,8 @@ def _upgrade(session: Session, quiet: bool) -> int:
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     log.unlink(missing_ok=True)  # the log of this run only
     opts = net.NetOptions(mode="allow", allow_from_env=True, log_path=str(log))
-    with net.network(opts, mirrors=session.mirrors()) as plan:
+    with net.network(opts, mirrors=session.mirrors(),
+                     trusted_mirrors=session.config.mirrors) as plan:
         spec = session.sandbox(
             ["sh", "-c", UPGRADE_SCRIPT],
             mounts=plan.mounts,

@@ -100,7 +100,8 @@ def _with_proxy(record: str, pid: int, start: int, cgroup: str | None, deny_seti
 
     testbed = Testbed.load(record)
     opts = testbed.net.options("allow", engine="proxy")
-    with net.network(opts, mirrors=testbed.mirrors) as plan:
+    with net.network(opts, mirrors=testbed.mirrors,
+                     trusted_mirrors=testbed.trusted_mirrors) as plan:
         # The testbed's own variables, the proxy's on top.
         env = dict(environ(pid))
         env.update(plan.env)

@@ -56,8 +56,11 @@ class LiveSandbox:
         stack = self._stack
         try:
             opts = self.testbed.net.options()
-            mirrors = self.testbed.mirrors if opts.mode == "allow" else ()
-            plan = stack.enter_context(net.network(opts, mirrors=mirrors))
+            allow = opts.mode == "allow"
+            mirrors = self.testbed.mirrors if allow else ()
+            trusted = self.testbed.trusted_mirrors if allow else ()
+            plan = stack.enter_context(net.network(opts, mirrors=mirrors,
+                                                   trusted_mirrors=trusted))
             extra = (*plan.mounts, *(host_resolver_mounts() if plan.share_net else ()))
             spec = self.testbed.sandbox(
                 self.session,

@@ -170,7 +170,7 @@ class Server:
             # (setuid programs too), so no user of the host may reach it.
             os.chmod(session.dir, 0o700)
             testbed = Testbed(str(session.dir), self.policy, session.mirrors(), self.tmpfs_size,
-                              self.apt_cache)  # fmt: skip
+                              self.apt_cache, session.config.mirrors)  # fmt: skip
             testbed.downtmp_host.mkdir(mode=0o700)
             # Writable by the test user too, as autopkgtest's own downtmp is.
             testbed.downtmp_host.chmod(0o1777)

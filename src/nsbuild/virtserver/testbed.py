@@ -91,6 +91,9 @@ class Testbed:
     tmpfs_size: str | None = None
     # The environment's apt caches are seen through overlays (aptcache.py).
     apt_cache: bool = False
+    # The environment's Mirror: (the user's own config): unlike `mirrors`,
+    # read from its root, these may reach non-global addresses.
+    trusted_mirrors: tuple[str, ...] = ()
 
     @property
     def record(self) -> Path:
@@ -125,6 +128,7 @@ class Testbed:
             mirrors=tuple(data.get("mirrors", ())),
             tmpfs_size=data.get("tmpfs_size"),
             apt_cache=data.get("apt_cache") is True,
+            trusted_mirrors=tuple(data.get("trusted_mirrors", ())),
         )
 
     def sandbox(
