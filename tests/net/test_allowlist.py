@@ -84,13 +84,14 @@ def test_mirror_urls_become_rules() -> None:
         rule_from_url("ftp://ftp.debian.org/debian")
 
 
-def test_only_a_trusted_mirror_url_may_reach_a_non_global_address() -> None:
-    """An apt source read from a root is held to global addresses; the
+def test_only_a_trusted_mirror_url_may_reach_a_host_local_address() -> None:
+    """An apt source read from a root is held to what a name may reach; the
     environment's Mirror: (the user's config) is not."""
     source = rule_from_url("http://127.0.0.1:3142/debian")
     mirror = rule_from_url("http://127.0.0.1:3142/debian", trusted=True)
-    assert source.global_only and source.needs_global and source.source.startswith("apt source")
-    assert not mirror.global_only and not mirror.needs_global
+    assert source.from_sources and source.source.startswith("apt source")
+    assert not mirror.from_sources
+    assert not source.needs_global and not mirror.needs_global
 
 
 @pytest.mark.parametrize(
@@ -104,3 +105,18 @@ def test_names_may_not_resolve_to_internal_addresses(addr: str) -> None:
 def test_public_and_private_lan_addresses_are_fine() -> None:
     assert address_refusal(ipaddress.ip_address("151.101.2.132")) is None
     assert address_refusal(ipaddress.ip_address("10.1.2.3")) is None  # apt-cacher-ng on a LAN
+
+
+def test_an_apt_source_may_name_a_mirror_on_the_local_network_not_the_host() -> None:
+    """What a sandbox could write into apt sources never reaches the host
+    itself or its link; a LAN mirror (private or documentation range, as this
+    project's own CI machines resolve Debian's mirrors) stays usable."""
+    import ipaddress
+
+    from nsbuild.net.allowlist import address_refusal
+
+    for lan in ("10.1.2.3", "192.168.0.5", "203.0.113.80", "fd00::5"):
+        assert address_refusal(ipaddress.ip_address(lan)) is None, lan
+        assert address_refusal(ipaddress.ip_address(lan), wildcard=True) is not None, lan
+    for host_local in ("127.0.0.1", "::1", "169.254.169.254", "0.0.0.0", "::ffff:127.0.0.1"):
+        assert address_refusal(ipaddress.ip_address(host_local)) is not None, host_local

@@ -18,10 +18,13 @@ address. Why wildcards are stricter: a plain name is one the user wrote out
 covers names nobody reviewed, whose DNS someone else may run.
 
 Rules made from an environment's apt sources (`rule_from_url(url,
-trusted=False)`) are held to global addresses only, by name or as a literal
-address: those files may hold what code in a sandbox wrote (an upgrade's
-maintainer scripts), which must not open the host's own services to it. Only
-`--allow` and the environment's `Mirror:` reach other addresses.
+trusted=False)`) are held to what a name may reach, even when the URL gives
+an address: never a loopback, link-local, multicast, reserved or unspecified
+one. Those files may hold what code in a sandbox wrote (an upgrade's
+maintainer scripts), which must not open the host's own services to it. A
+mirror on the local network (a private address, by name or literally) stays
+usable, as apt sources of such sites commonly name one. Only `--allow` and
+the environment's `Mirror:` reach the host itself (a local apt cache).
 
 Stdlib only, no I/O.
 """
@@ -110,14 +113,14 @@ class AllowRule:
     ports: tuple[int, ...]
     wildcard: bool = False
     source: str = ""  # how the user wrote it, for messages and the network log
-    # Read from a file a sandbox may have written (apt sources): only global
-    # addresses, even when the rule names an address.
-    global_only: bool = False
+    # Read from a file a sandbox may have written (apt sources): held to what
+    # a name may reach (address_refusal) even when the rule names an address.
+    from_sources: bool = False
 
     @property
     def needs_global(self) -> bool:
         """Whether only global addresses will do for this rule."""
-        return self.wildcard or self.global_only
+        return self.wildcard
 
     @property
     def address(self) -> IPAddress | None:
@@ -165,7 +168,8 @@ def parse_rule(text: str, source: str | None = None) -> AllowRule:
 def rule_from_url(url: str, *, trusted: bool = False) -> AllowRule:
     """An allowlist rule for a mirror URL (`http://deb.debian.org/debian`).
     `trusted`: the user's own (an environment's `Mirror:`), which may name
-    any address; otherwise (an apt source read from a root) global ones only."""
+    any address; otherwise (an apt source read from a root) none a name may
+    not reach either (address_refusal)."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in _SCHEME_PORTS:
@@ -180,7 +184,7 @@ def rule_from_url(url: str, *, trusted: bool = False) -> AllowRule:
         raise NetError(f"mirror {url!r}: {e}") from None
     source = f"mirror {url}" if trusted else f"apt source {url}"
     return AllowRule(str(canon), (port or _SCHEME_PORTS[scheme],), False, source,
-                     global_only=not trusted)
+                     from_sources=not trusted)
 
 
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")  # Linux reads 0.x.y.z as this host

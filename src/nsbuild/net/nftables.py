@@ -47,7 +47,7 @@ def resolve_allowlist(allowlist: Allowlist, resolver: object = None) -> list[Des
             raise NetError(f"--allow {rule.source!r}: the nftables engine cannot enforce wildcards")
         addrs: list[IPAddress] = []
         if rule.address is not None:
-            if not (rule.global_only and address_refusal(rule.address, wildcard=True)):
+            if not (rule.from_sources and address_refusal(rule.address)):
                 addrs = [rule.address]
         else:
             try:
@@ -58,12 +58,12 @@ def resolve_allowlist(allowlist: Allowlist, resolver: object = None) -> list[Des
                 ) from None
             for info in infos:
                 addr = ipaddress.ip_address(info[4][0].split("%")[0])
-                if address_refusal(addr, wildcard=rule.global_only) is None \
+                if address_refusal(addr) is None \
                         and addr not in addrs:
                     addrs.append(addr)
             # An apt source (from the environment, not the user) that leads
             # nowhere allowed opens nothing; the user's own entries must work.
-            if not addrs and not rule.global_only:
+            if not addrs and not rule.from_sources:
                 raise NetError(
                     f"--allow {rule.source!r}: {rule.host} resolves to no usable address"
                 )

@@ -244,13 +244,13 @@ class EgressProxy:
                 f"({self._allowlist.describe()})",
             )
         if not isinstance(req.host, str):
-            why = address_refusal(req.host, wildcard=True) if rule.global_only else None
+            why = address_refusal(req.host) if rule.from_sources else None
             if why is not None:
                 raise Denied(
-                    "apt sources reach global addresses only",
-                    f"{req.host_text} {why.replace('resolves to', 'is')}; an address in the "
-                    "environment's apt sources must be a global one (name it in --allow "
-                    "or the environment's Mirror: to reach it)",
+                    "apt sources reach no host-local address",
+                    f"{req.host_text} {why.replace('resolves to', 'is')}; the environment's "
+                    "apt sources may not name one (name it in --allow or the "
+                    "environment's Mirror: to reach it)",
                 )
             return rule, [req.host]
         try:
