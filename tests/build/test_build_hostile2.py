@@ -181,21 +181,65 @@ def test_links_planted_in_out_are_replaced_never_written_through(
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(names)
 
 
-def test_a_source_build_cannot_replace_the_input_files(bookworm: Env, tmp_path: Path) -> None:
+def test_a_source_build_replaces_its_dsc_but_never_an_upstream_tarball(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    """With --source the results land next to the input by default. The .dsc
+    and the Debian part are what the user asked to rebuild (as with sbuild);
+    the upstream tarball, which every revision reuses, must come out as it
+    went in. A build that forges it in its `clean` step is refused, named,
+    and the user's files stay as they were."""
     tree = make_package(tmp_path / "in", "nsb-resrc")
-    # `clean` runs before the source is built again inside: the new source
-    # differs from the one the user gave.
-    with (tree / "debian" / "rules").open("a") as rules:
-        rules.write("\noverride_dh_auto_clean:\n\techo changed > debian/changed-by-clean\n")
-    dsc = _dsc(tree)
+    changelog = tree / "debian" / "changelog"
+    changelog.write_text(changelog.read_text().replace("(1.0)", "(1.0-1)", 1))
+    (tree / "debian" / "source" / "format").write_text("3.0 (quilt)\n")
+    (tree / "upstream.txt").write_text("upstream\n")
+    subprocess.run(["tar", "--exclude=debian", "-czf", "nsb-resrc_1.0.orig.tar.gz", tree.name],
+                   cwd=tree.parent, check=True)  # fmt: skip
+    forge = ("cd .. && rm -rf forged && mkdir -p forged/nsb-resrc-1.0"
+             " && cp $(CURDIR)/upstream.txt forged/nsb-resrc-1.0/"
+             " && echo forged > forged/nsb-resrc-1.0/FORGED"
+             " && tar -C forged -czf nsb-resrc_1.0.orig.tar.gz nsb-resrc-1.0 && rm -rf forged")
+    rules = tree / "debian" / "rules"
+    plain = rules.read_text()
+    subprocess.run(["dpkg-source", "-b", tree.name], cwd=tree.parent, check=True,
+                   capture_output=True)  # fmt: skip
+    dsc = tree.parent / "nsb-resrc_1.0-1.dsc"
     shutil.rmtree(tree)
     inputs = {p.name: p.read_bytes() for p in dsc.parent.iterdir()}
-    assert sorted(inputs) == ["nsb-resrc_1.0.dsc", "nsb-resrc_1.0.tar.xz"]
+    assert sorted(inputs) == ["nsb-resrc_1.0-1.debian.tar.xz", "nsb-resrc_1.0-1.dsc",
+                              "nsb-resrc_1.0.orig.tar.gz"]
+
+    # An honest source build: the .dsc is the build's, the orig the same bytes.
+    result = _build(bookworm, dsc, "--source")
+    assert result.returncode == 0, result.stderr
+    assert (dsc.parent / "nsb-resrc_1.0.orig.tar.gz").read_bytes() == inputs[
+        "nsb-resrc_1.0.orig.tar.gz"]
+    assert (dsc.parent / "nsb-resrc_1.0-1_source.changes").is_file()
+
+    # A forged upstream tarball: refused, the input untouched.
+    for p in dsc.parent.iterdir():
+        if p.name not in inputs:
+            p.unlink()
+        else:
+            p.write_bytes(inputs[p.name])
+    unpacked = tmp_path / "again"
+    subprocess.run(["dpkg-source", "-x", str(dsc), str(unpacked)], check=True,
+                   capture_output=True)  # fmt: skip
+    (unpacked / "debian" / "rules").write_text(
+        plain + f"\noverride_dh_auto_clean:\n\t{forge}\n")
+    subprocess.run(["dpkg-source", "-b", unpacked.name], cwd=tmp_path, check=True,
+                   capture_output=True)  # fmt: skip
+    forged_dsc = tmp_path / dsc.name
+    for name in ("nsb-resrc_1.0-1.debian.tar.xz", dsc.name):
+        (dsc.parent / name).write_bytes((tmp_path / name).read_bytes())
+    inputs = {p.name: p.read_bytes() for p in dsc.parent.iterdir()}
+    assert forged_dsc.exists()
     result = _build(bookworm, dsc, "--source")
     assert result.returncode == 1, result.stderr
-    refusal = [ln for ln in result.stderr.splitlines() if "differ from the input" in ln]
+    refusal = [ln for ln in result.stderr.splitlines() if "upstream tarballs" in ln]
     assert len(refusal) == 1, result.stderr
-    assert "'nsb-resrc_1.0.dsc'" in refusal[0]
+    assert "'nsb-resrc_1.0.orig.tar.gz'" in refusal[0]
     assert {p.name: p.read_bytes() for p in dsc.parent.iterdir()} == inputs
 
 

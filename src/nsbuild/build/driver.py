@@ -801,20 +801,24 @@ class _Build:
         return same
 
     def _same_as_input(self, pkg: SourcePackage, results: Path, names: list[str]) -> set[str]:
-        """The results named like a file of the input .dsc: each must be that
-        very file (the build chose their bytes, and by default they would
-        land on the user's own files), else the build fails naming them."""
+        """The results named like a file of the input .dsc (with --source, by
+        default next to the user's own files). The .dsc and the Debian part
+        are the source build asked for and replace the input's, as with
+        sbuild; an upstream tarball never changes in a source build, and other
+        revisions reuse it: one the build made differently fails the build,
+        named. Returns the names identical to the input (nothing to write)."""
         if pkg.kept is None:  # built from a tree: the input is no such file
             return set()
         inputs = {p.name: p for p in pkg.paths()}
         named = [n for n in names if n in inputs]
-        differ = [n for n in named if _sha256(results / n) != _sha256(inputs[n])]
-        if differ:
+        same = {n for n in named if _sha256(results / n) == _sha256(inputs[n])}
+        forged = [n for n in named if n not in same and _ORIG.search(n)]
+        if forged:
             raise BuildFailed(
-                f"{pkg.source} {pkg.version}: source files the build made differ from the "
-                "input's of the same name, refused: " + ", ".join(f"'{n}'" for n in differ)
+                f"{pkg.source} {pkg.version}: upstream tarballs the build made differ from the "
+                "input's of the same name, refused: " + ", ".join(f"'{n}'" for n in forged)
             )
-        return set(named)
+        return same
 
     def _shell(self, backend: Backend, pkg: SourcePackage) -> None:
         self.progress.say(f"build failed: opening a shell in {self.tree} (exit it to clean up)")
@@ -910,6 +914,8 @@ class _Build:
 
 # A .changes is a few KiB; one larger than this was not made by dpkg-genchanges.
 MAX_CHANGES = 16 << 20
+# An upstream tarball of a source package (main or component), or its signature.
+_ORIG = re.compile(r"\.orig(-[A-Za-z0-9][A-Za-z0-9-]*)?\.tar\.[a-z0-9]+(\.asc)?$")
 # What a file name in a .changes may be: Debian's package, version and
 # architecture characters, nothing a shell or a terminal reads specially.
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_-]{0,254}")
