@@ -335,3 +335,22 @@ def test_a_listed_file_that_is_not_regular_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BuildInputError, match=r"bomb_1\.0\.orig\.tar\.gz is not a regular file"):
         load_dsc(dsc, keep=kept)
     assert list(kept.iterdir()) == []
+
+
+def test_a_listed_file_of_a_huge_size_is_refused_before_it_is_copied(tmp_path: Path) -> None:
+    """A sparse "orig" of a huge listed size would be written out whole into
+    the build's private copy before its checksum could fail."""
+    src = tmp_path / "src"
+    src.mkdir()
+    dsc = _write_dsc(src, "3.0 (quilt)", {"bomb_1.0.orig.tar.gz": b""})
+    text = dsc.read_text().replace(" 0 bomb_1.0.orig.tar.gz", f" {9 << 30} bomb_1.0.orig.tar.gz")
+    dsc.write_text(text)
+    with open(src / "bomb_1.0.orig.tar.gz", "wb") as f:
+        f.truncate(9 << 30)  # sparse: nothing is written
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    from nsbuild.build.errors import BuildInputError
+
+    with pytest.raises(BuildInputError, match=r"bomb_1\.0\.orig\.tar\.gz is \d+ bytes, more than"):
+        load_dsc(dsc, keep=kept)
+    assert list(kept.iterdir()) == []

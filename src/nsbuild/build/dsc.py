@@ -40,6 +40,7 @@ _SOURCE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _VERSION_RE = re.compile(r"^(?:[0-9]+:)?[0-9][A-Za-z0-9.+~:-]*$")
 # A .dsc is a few KiB (a large Package-List stays well under a MiB).
 _MAX_DSC = 4 << 20
+_MAX_LISTED = 8 << 30  # one file a .dsc lists (the largest Debian sources are far smaller)
 # Listed files are read, hashed and copied in pieces of this size.
 _CHUNK = 1 << 20
 _HASHES = (("Checksums-Sha256", "sha256"), ("Checksums-Sha1", "sha1"), ("Files", "md5"))
@@ -250,6 +251,13 @@ def _verify(
     `keep`) the very bytes whose size and checksum are checked. A link is
     followed once, when opened: tools leave orig tarballs as links."""
     name, size, _ = entry
+    if size > _MAX_LISTED:
+        # Copied whole into the build's private folder: a sparse file of a
+        # huge listed size would fill the disk before any check failed.
+        raise BuildInputError(
+            f"{dsc}: listed file {name} is {size} bytes, more than the {_MAX_LISTED >> 30} GiB "
+            "nsbuild takes of one source file"
+        )
     try:
         fd = _open_regular(dsc.parent / name)
     except FileNotFoundError:
