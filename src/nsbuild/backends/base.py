@@ -399,7 +399,7 @@ class _TarFeeder:
         self._limit = limit
         self._what = str(host_path)
         # The file is opened (and checked) now: a refusal comes before any run.
-        self._file = _open_regular(host_path, limit) if not host_path.is_dir() else None
+        self._file = open_regular(host_path, limit) if not host_path.is_dir() else None
         self._path, self._name = host_path, name
         self.fd, self._write_fd = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._feed, name="nsbuild-copy-in", daemon=True)
@@ -448,7 +448,7 @@ class _TarFeeder:
         return member
 
 
-def _open_regular(path: Path, limit: int) -> IO[bytes]:
+def open_regular(path: Path, limit: int) -> IO[bytes]:
     """`path` open for reading, when it is a regular file (not a link, a
     FIFO or a device, whose very opening can hang or act) of at most `limit`
     bytes; CopyRefused otherwise."""

@@ -31,7 +31,6 @@ import re
 import secrets
 import shutil
 import signal
-import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nsbuild.backends import STDOUT, Backend, BackendOptions, Network, open_backend
+from nsbuild.backends.base import CopyRefused, open_regular
 from nsbuild.build.cache import DepCache, Syncer, answer_key, layer_key
 from nsbuild.build.dsc import SourcePackage, load_dsc, source_from_tree
 from nsbuild.build.errors import (
@@ -962,28 +962,20 @@ def _take_extra(path: Path, folder: Path) -> Path:
     if not path.name.endswith((".deb", ".udeb")):
         raise BuildInputError(f"--extra-package {path}: not a .deb file")
     try:
-        handle = os.open(path.resolve(), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise BuildInputError(f"--extra-package {path}: {e.strerror}") from None
+        source = open_regular(path.resolve(), MAX_EXTRA)
+    except CopyRefused as e:
+        raise BuildInputError(f"--extra-package {path}: {e}") from None
+    copy = folder / path.name
     try:
-        st = os.fstat(handle)
-        if not stat.S_ISREG(st.st_mode):
-            raise BuildInputError(f"--extra-package {path}: not a .deb file")
-        if st.st_size > MAX_EXTRA:
-            raise BuildInputError(f"--extra-package {path}: larger than {MAX_EXTRA} bytes")
-        copy = folder / path.name
-        # Opens the very file just checked (its type known: no FIFO to hang on).
-        with open(f"/proc/self/fd/{handle}", "rb") as f, copy.open("xb") as out:
-            left = st.st_size
-            while left >= 0 and (block := f.read(min(1 << 20, left + 1))):
+        with source, copy.open("xb") as out:
+            left = os.fstat(source.fileno()).st_size
+            while left >= 0 and (block := source.read(min(1 << 20, left + 1))):
                 out.write(block)
                 left -= len(block)
-        if left != 0:
-            raise BuildInputError(f"--extra-package {path}: changed while it was read")
     except OSError as e:
         raise BuildInputError(f"--extra-package {path}: {e.strerror}") from None
-    finally:
-        os.close(handle)
+    if left != 0:
+        raise BuildInputError(f"--extra-package {path}: changed while it was read")
     return copy
 
 
