@@ -33,6 +33,7 @@ from nsbuild.backends.base import (
     MAX_COPY_IN,
     MAX_COPY_OUT,
     MAX_REASON,
+    NOT_SPARSE,
     STDOUT,
     Backend,
     BackendError,
@@ -62,7 +63,9 @@ _CHECK_OUT = (
     'n=$(stat -c %h -- "$p") || exit 1; '
     'if [ "$n" != 1 ]; then echo "$p is a hard link ($n names)" >&2; exit 5; fi; '
     'n=$(stat -c %s -- "$p") || exit 1; '
-    'if [ "$n" -gt "$3" ]; then echo "$p is larger than $3 bytes" >&2; exit 6; fi'
+    'if [ "$n" -gt "$3" ]; then echo "$p is larger than $3 bytes" >&2; exit 6; fi; '
+    + NOT_SPARSE
+    + "true"
 )
 
 
@@ -250,7 +253,7 @@ class AutopkgtestBackend(Backend):
             argv = ["sh", "-c", _CHECK_OUT, "check", within, rel, str(limit)]
             status = self.run(argv, stdout=subprocess.DEVNULL, stderr=err.fd)
         why = err.text().strip()
-        if status in (3, 4, 5, 6):
+        if status in (3, 4, 5, 6, 7):
             raise CopyRefused(f"refusing to copy {shown}: {why}")
         if status != 0:
             raise BackendError(

@@ -41,6 +41,15 @@ STDOUT = -2
 # The largest result copied out by default: a bound on what a sparse file
 # made inside (a few blocks there) may write on the host.
 MAX_COPY_OUT = 8 << 30
+# Shell text for a copy-out check, after $p (the file) and $n (its size) are
+# set: exit 7 for a sparse file. What a build leaves is compressed data or
+# text, never mostly holes; tar would stream the holes as zeros, so a
+# `truncate -s 1T` costing nothing inside would fill the host's disk.
+NOT_SPARSE = (
+    'a=$(stat -c "%b*%B" -- "$p") || exit 1; '
+    'if [ "$n" -gt 1048576 ] && [ $(($a * 2)) -lt "$n" ]; then '
+    'echo "$p is sparse ($n bytes, $(($a)) allocated)" >&2; exit 7; fi; '
+)
 # The largest file copied in by default (callers that know a file's size
 # give it as the bound).
 MAX_COPY_IN = 8 << 30
@@ -201,7 +210,8 @@ class Backend(ABC):
             'if [ "$n" != 1 ]; then echo "$p is a hard link ($n names)" >&2; exit 5; fi; '
             'n=$(stat -c %s -- "$p") || exit 1; '
             'if [ "$n" -gt "$3" ]; then echo "$p is larger than $3 bytes" >&2; exit 6; fi; '
-            'exec tar -C "$dir" --no-recursion -cf - -- "$2"'
+            + NOT_SPARSE
+            + 'exec tar -C "$dir" --no-recursion -cf - -- "$2"'
         )
         argv = ["sh", "-c", script, "copy-out", within, rel, str(limit)]
         # The tar stream (the file, its header and the end blocks) waits
@@ -210,7 +220,7 @@ class Backend(ABC):
         with Sink(limit + (64 << 10), host_path.parent) as out, Sink(MAX_REASON) as err:
             status = self.run(argv, stdout=out.fd, stderr=err.fd)
         why = err.text().strip()
-        if status in (3, 4, 5, 6):
+        if status in (3, 4, 5, 6, 7):
             raise CopyRefused(f"refusing to copy {guest_path}: {why}")
         if status != 0 or out.overflow:
             raise BackendError(

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nsbuild.backends import STDOUT, Backend, BackendOptions, Network, open_backend
-from nsbuild.backends.base import CopyRefused, open_regular
+from nsbuild.backends.base import MAX_COPY_OUT, CopyRefused, open_regular
 from nsbuild.build.cache import DepCache, Syncer, answer_key, layer_key
 from nsbuild.build.dsc import SourcePackage, load_dsc, source_from_tree
 from nsbuild.build.errors import (
@@ -189,6 +189,9 @@ class _Build:
         self.times: dict[str, float] = {}
         self.space = 0
         self.logs_placed = False
+        # Results at another version than the source's: never written over a
+        # file of --out (it may be another package's, the user's own).
+        self.no_replace: set[str] = set()
         self._pending: tuple[DepCache, Path, str, dict[str, object], Syncer] | None = None
 
     # -- the whole run --
@@ -304,6 +307,13 @@ class _Build:
         out.mkdir(parents=True, exist_ok=True)
         self.out_dir = _Folder(out)
         stack.callback(self.out_dir.close)
+        taken = sorted(n for n in self.no_replace if self.out_dir.has(n))
+        if taken:
+            raise BuildFailed(
+                f"{taken[0]} is in {out} already and is not at {pkg.source}'s version "
+                f"{pkg.version}: not replaced"
+                + (f" (nor {len(taken) - 1} more)" if len(taken) > 1 else "")
+            )
         self._finish("successful", 0, "")
         # The .changes goes last, so a set with its .changes is complete even
         # when a kill comes between moves. A source file the same as the
@@ -313,7 +323,8 @@ class _Build:
             if art.name in same_as_input and in_place:
                 art.path = str(out / art.name)
                 continue
-            art.path = str(self.out_dir.put(results / art.name, art.name))
+            replace = art.name not in self.no_replace
+            art.path = str(self.out_dir.put(results / art.name, art.name, replace=replace))
 
     def _default_env(self, pkg: SourcePackage) -> str:
         """The environment named after the changelog's distribution; for the
@@ -469,10 +480,10 @@ class _Build:
         # its checksum in the key does not pin (a script may act on the time,
         # on chance, on what it finds). Such a session is used once.
         layers = bool(caps.dependency_layers and base and self.req.use_cache)
-        if layers and (self.req.extra_packages or self._unchecked_sources(backend)):
+        if layers and (self.req.extra_packages or unchecked_sources(backend)):
             log.line(
-                "No dependency layer is kept: an extra package, or an apt source "
-                "marked trusted, puts unsigned packages in this session"
+                "No dependency layer is kept: an extra package, or an apt source or "
+                "setting that lets unchecked packages in, puts unsigned packages in this session"
             )
             layers = False
         if not layers or base is None:
@@ -565,18 +576,6 @@ class _Build:
         assert self.log is not None
         for line in backend.take_downloads():
             self.log.line(line)
-
-    def _unchecked_sources(self, backend: Backend) -> bool:
-        """Whether the environment has an apt source marked trusted, whose
-        packages apt installs unchecked."""
-        script = (
-            "cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list "
-            "/etc/apt/sources.list.d/*.sources 2>/dev/null; true"
-        )
-        status, text = backend.check_output(["sh", "-c", script])
-        return status != 0 or bool(
-            re.search(r"trusted=yes|^\s*trusted:\s*yes", text, re.IGNORECASE | re.MULTILINE)
-        )
 
     def _keep_layer(
         self,
@@ -784,14 +783,19 @@ class _Build:
                 f"{changes[0]} lists files that are not results of {pkg.source} "
                 f"{pkg.version}, refused: " + ", ".join(f"'{n}'" for n in refused[:10]) + more
             )
+        _check_sizes(changes[0], listed)
         for fname, size, sha in listed:
             if fname in names:
                 continue
             got = results / fname
-            backend.copy_out(f"{work}/{fname}", got, limit=max(size, 0))
+            backend.copy_out(f"{work}/{fname}", got, limit=size)
             if got.stat().st_size != size or (sha and _sha256(got) != sha):
                 raise BuildFailed(f"{fname}: does not match its checksum in {changes[0]}")
+            if _DEB_NAME.fullmatch(fname) and not _is_deb(got):
+                raise BuildFailed(f"{fname}: not a Debian package (no ar archive of debian-binary)")
             names.append(fname)
+            if not own.own_version(fname):
+                self.no_replace.add(fname)
         same = self._same_as_input(pkg, results, names)
         for n in names:
             p = results / n
@@ -912,6 +916,20 @@ class _Build:
         res.network_log = str(folder.put(self.net_log, f"{self.base_name}.network.jsonl"))
 
 
+# A source that may let an unsigned package in: an option about trust or
+# insecurity (any spelling, any value), or a local repository (whose
+# Release file, if any, is whoever made it).
+_UNCHECKED_SOURCE = re.compile(
+    r"trusted|allow-insecure|allow-weak|allow-downgrade|\b(file|copy|cdrom):", re.IGNORECASE
+)
+# A line of `apt-config dump`, and the settings that let unsigned packages in
+# (at any scope, as Binary::apt::APT::Get::AllowUnauthenticated), unless off.
+_APT_SETTING = re.compile(r'^(\S+) "(.*)";$', re.MULTILINE)
+_UNCHECKED_SETTING = re.compile(
+    r"AllowUnauthenticated|AllowInsecure|AllowDowngrade|AllowWeak|allow-unauthenticated",
+    re.IGNORECASE,
+)
+_OFF = {"0", "no", "false", "off", "without", "disable"}
 # A .changes is a few KiB; one larger than this was not made by dpkg-genchanges.
 MAX_CHANGES = 16 << 20
 # An upstream tarball of a source package (main or component), or its signature.
@@ -938,6 +956,7 @@ class _ResultNames:
         self.binaries = {*pkg.binaries, *(f"{b}-dbgsym" for b in pkg.binaries)}
         self.deb_arches = {arch, "all"}
         self.sources = {p.name for p in pkg.paths()} if source else set()
+        self.version = re.compile(re.escape(pkg.upstream_less_epoch) + r"(\+b[0-9]+)?")
 
     def result(self, name: str) -> bool:
         if not _FILE_NAME.fullmatch(name):
@@ -947,6 +966,13 @@ class _ResultNames:
         m = _DEB_NAME.fullmatch(name)
         # Any version: a source may give its binaries versions of their own.
         return bool(m and m.group(1) in self.binaries and m.group(3) in self.deb_arches)
+
+    def own_version(self, name: str) -> bool:
+        """Whether a result is at this source's own version (a .deb may add a
+        binNMU's +bN): only such a file may replace one of its name in --out.
+        A .deb at another version may be another source's, the user's own."""
+        m = _DEB_NAME.fullmatch(name)
+        return m is None or bool(self.version.fullmatch(m.group(2)))
 
 
 # The largest extra package taken (the largest .debs are a few GiB).
@@ -1003,22 +1029,45 @@ class _Folder:
         except OSError:
             return False
 
-    def put(self, src: Path, name: str) -> Path:
+    def has(self, name: str) -> bool:
+        """Whether `name` is here (as anything, a link included)."""
+        try:
+            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def put(self, src: Path, name: str, *, replace: bool = True) -> Path:
         """Move the private file `src` here as `name`: renamed on the same
-        filesystem, else copied into a new file beside `name`, then renamed."""
+        filesystem, else copied into a new file beside `name`, then renamed.
+        With replace=False, linked into place instead: an existing `name` is
+        left as it is, and the move refused."""
         src_dir = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.rename(src.name, name, src_dir_fd=src_dir, dst_dir_fd=self.fd)
+            self._place(src.name, src_dir, name, replace)
+            if not replace:
+                os.unlink(src.name, dir_fd=src_dir)
         except OSError as e:
             if e.errno != errno.EXDEV:
-                raise NsbuildError(f"cannot write {self.path / name}: {e.strerror}") from None
-            self._copy(src, name)
+                raise self._refused(name, e) from None
+            self._copy(src, name, replace)
             os.unlink(src.name, dir_fd=src_dir)
         finally:
             os.close(src_dir)
         return self.path / name
 
-    def _copy(self, src: Path, name: str) -> None:
+    def _place(self, src: str, src_dir: int, name: str, replace: bool) -> None:
+        if replace:
+            os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=self.fd)
+        else:
+            os.link(src, name, src_dir_fd=src_dir, dst_dir_fd=self.fd, follow_symlinks=False)
+
+    def _refused(self, name: str, e: OSError) -> NsbuildError:
+        if e.errno == errno.EEXIST:
+            return NsbuildError(f"{self.path / name} exists and is not this build's: not replaced")
+        return NsbuildError(f"cannot write {self.path / name}: {e.strerror}")
+
+    def _copy(self, src: Path, name: str, replace: bool = True) -> None:
         part = f".{name}.{secrets.token_hex(4)}.part"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -1029,11 +1078,13 @@ class _Folder:
             os.fchmod(fd, 0o644)  # whatever the umask
             with open(src, "rb") as f, open(fd, "wb", closefd=False) as out:
                 shutil.copyfileobj(f, out, 1 << 20)
-            os.rename(part, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            self._place(part, self.fd, name, replace)
+            if not replace:
+                os.unlink(part, dir_fd=self.fd)
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(part, dir_fd=self.fd)
-            raise NsbuildError(f"cannot write {self.path / name}: {e.strerror}") from None
+            raise self._refused(name, e) from None
         finally:
             os.close(fd)
 
@@ -1077,6 +1128,58 @@ def _work_dir(stack: ExitStack) -> Path:
     tmp.mkdir(mode=0o700)
     stack.callback(remove_tree, tmp)
     return tmp
+
+
+def unchecked_sources(backend: Backend) -> bool:
+    """Whether apt in this session may install packages no signature
+    vouches for. apt spells its booleans many ways (yes, true, 1, on...),
+    so no value is interpreted: a source with any option about trust or
+    insecurity, or a local (file:, copy:, cdrom:) one, is enough; so is
+    an Allow* setting of apt's that is not plainly off, or any failure
+    to tell. Run before any maintainer script, by apt's own tools."""
+    # The source lists where apt's configuration (which may move them) says.
+    sources = (
+        'eval "$(apt-config shell SL Dir::Etc::sourcelist/f SP Dir::Etc::sourceparts/d)" '
+        '&& cat -- "$SL" "$SP"*.list "$SP"*.sources 2>/dev/null; true'
+    )
+    status, text = backend.check_output(["sh", "-c", sources])
+    if status != 0:
+        return True
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    if any(_UNCHECKED_SOURCE.search(ln) for ln in lines):
+        return True
+    status, text = backend.check_output(["apt-config", "dump"])
+    if status != 0:
+        return True
+    for m in _APT_SETTING.finditer(text):
+        if _UNCHECKED_SETTING.search(m.group(1)) and m.group(2).lower() not in _OFF:
+            return True
+    return False
+
+
+# What one build may write to --out, all its results together.
+MAX_RESULTS = MAX_COPY_OUT
+# How every .deb, .udeb and .ddeb begins: an ar archive whose first member
+# is debian-binary.
+_DEB_MAGIC = b"!<arch>\ndebian-binary"
+
+
+def _check_sizes(changes: str, listed: list[tuple[str, int, str | None]]) -> None:
+    """Refuse, before anything is copied, a result or a set of results
+    larger than any build makes: the .changes is the build's own word."""
+    for fname, size, _sha in listed:
+        if not 0 <= size <= MAX_COPY_OUT:
+            raise BuildFailed(f"{changes} lists {fname} of {size} bytes, over {MAX_COPY_OUT}")
+    total = sum(size for _f, size, _s in listed)
+    if total > MAX_RESULTS:
+        raise BuildFailed(
+            f"{changes} lists {total} bytes of results, over the bound of {MAX_RESULTS} bytes"
+        )
+
+
+def _is_deb(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(_DEB_MAGIC)) == _DEB_MAGIC
 
 
 def _changes_files(path: Path) -> list[tuple[str, int, str | None]]:
