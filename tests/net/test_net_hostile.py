@@ -79,22 +79,37 @@ print(len(s.recv(512)))
 """
 
 
+# Started by a small interpreter of its own: a process's peak RSS includes
+# the memory of the process it was forked from, up to its exec (the kernel
+# keeps the old image's high-water mark), and pytest itself grows to hundreds
+# of MiB over a whole run.
+_MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _run_measured(argv: list[str], cwd: Path) -> tuple[int, str, str, int]:
     """Run `argv` as a child; (status, stdout, stderr, peak RSS in KiB of it and
     every process it waited for: nsbuild and its sandbox)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as peak:
+        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, peak.name, *argv], cwd=cwd,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err)  # fmt: skip
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         except BaseException:
             proc.kill()
             proc.wait()
             raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         return (proc.returncode, out.read().decode(errors="replace"),
-                err.read().decode(errors="replace"), usage.ru_maxrss)
+                err.read().decode(errors="replace"), int(peak.read() or 0))
 
 
 @pytest.mark.userns
