@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from nsbuild.printable import printable
@@ -49,10 +49,18 @@ def split(rel: str | bytes) -> list[bytes]:
     return parts
 
 
-def open_dir(dir_fd: int, parts: list[bytes], *, create: bool = False, mode: int = 0o755) -> int:
+def open_dir(
+    dir_fd: int,
+    parts: list[bytes],
+    *,
+    create: bool = False,
+    mode: int = 0o755,
+    on_mkdir: Callable[[bytes], object] | None = None,
+) -> int:
     """A descriptor of the directory `parts` below `dir_fd`, each component
     opened without following a symlink (created with `mode` when missing and
-    `create`). A symlink on the way is refused, never followed."""
+    `create`; `on_mkdir` is called with its name first and may raise to
+    refuse it). A symlink on the way is refused, never followed."""
     fd = os.dup(dir_fd)
     try:
         for i, part in enumerate(parts):
@@ -61,6 +69,8 @@ def open_dir(dir_fd: int, parts: list[bytes], *, create: bool = False, mode: int
             except FileNotFoundError:
                 if not create:
                     raise
+                if on_mkdir is not None:
+                    on_mkdir(part)
                 os.mkdir(part, mode, dir_fd=fd)
                 child = os.open(part, _DIR, dir_fd=fd)
             except OSError as e:

@@ -29,6 +29,8 @@ from contextlib import ExitStack
 from typing import IO, TYPE_CHECKING, NoReturn
 from urllib.parse import quote, unquote
 
+from nsbuild.virtserver.untar import ENTRY_COST
+
 if TYPE_CHECKING:
     from nsbuild.envs.config import EnvConfig
     from nsbuild.sandbox import Process
@@ -40,7 +42,8 @@ PROG = "autopkgtest-virt-nsbuild"
 COPY_TIMEOUT = float(os.environ.get("AUTOPKGTEST_VIRT_COPY_TIMEOUT", "300"))
 SETUP_TIMEOUT = 300.0
 # What one copyup may write on the host, at most: a sparse file of the
-# testbed reaches the host with all its bytes.
+# testbed reaches the host with all its bytes; in a tree, every folder and
+# file is charged ENTRY_COST besides (inodes and blocks, not only bytes).
 DEFAULT_COPY_LIMIT = "4G"
 # The testbed's writes go to a tmpfs of this size (the kernel's own default
 # for a tmpfs: half of the RAM); it only takes the memory that is written.
@@ -427,9 +430,13 @@ class Server:
         if status != 0:
             raise CommandFailed("copy-failed", f"copyup of {inside}: status {status}")
 
-    def _over(self) -> str:
-        return (f"more than {_size_text(self.copy_limit)} to copy (the server's --copy-limit; "
-                "a sparse file of the testbed counts whole)")  # fmt: skip
+    def _over(self, tree: bool = False) -> str:
+        counts = "a sparse file of the testbed counts whole"
+        if tree:
+            each = _size_text(ENTRY_COST)
+            counts = f"each folder and file counts {each} besides its bytes; {counts}"
+        limit = _size_text(self.copy_limit)
+        return f"more than {limit} to copy (the server's --copy-limit; {counts})"
 
     def _copyup_tree(self, inside: str, top: int, deadline: float) -> None:
         from nsbuild.virtserver.untar import Timeout, TooLarge, extract
@@ -456,7 +463,7 @@ class Server:
                 raise CommandFailed("timeout", f"copyup of {inside}: timed out") from None
             if isinstance(e, TooLarge):
                 raise CommandFailed("copy-failed",
-                                    f"copyup of {inside}: {e}: {self._over()}") from None
+                                    f"copyup of {inside}: {e}: {self._over(tree=True)}") from None
             raise
         status = _wait(proc, deadline, argv)
         if status != 0:
@@ -677,7 +684,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="SIZE",
         default=DEFAULT_COPY_LIMIT,
         help="refuse a copyup that would write more than SIZE on the host (e.g. 512M, 20G; "
-        f"default {DEFAULT_COPY_LIMIT}): a sparse file of the testbed counts whole",
+        f"default {DEFAULT_COPY_LIMIT}): every folder and file counts, {_size_text(ENTRY_COST)} "
+        "besides its bytes, and a sparse file of the testbed counts whole",
     )
     net.add_arguments(parser)
     parser.add_argument("env", metavar="ENV", help="nsbuild environment name or alias")

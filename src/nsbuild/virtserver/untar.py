@@ -17,7 +17,10 @@ every header, and:
   names are refused;
 - replaces a file by unlinking it and creating a new one (never writing into
   another name of the same inode), with its permission bits only: no
-  setuid, setgid or sticky bit, and the caller's umask applied.
+  setuid, setgid or sticky bit, and the caller's umask applied;
+- charges every folder and file it makes against the caller's limit, not
+  only the files' bytes, and takes a bounded number of entries, each at a
+  bounded depth.
 """
 
 from __future__ import annotations
@@ -37,6 +40,17 @@ MAX_NAME = 4096
 MAX_PAX = 64 * 1024
 # Lines about skipped entries, before they are only counted.
 MAX_SKIP_LINES = 20
+# What a folder or file costs the host beyond its bytes and its name: an
+# empty file still takes an inode, an empty folder an inode and a block of
+# 4 KiB. Counted so, many empty entries fill the limit as bytes would
+# (inodes run out before the disk's bytes otherwise).
+ENTRY_COST = 4096
+# Entries of any kind, those that make nothing included (skipped links, a
+# folder already there): each takes time to read and open.
+MAX_ENTRIES = 1_000_000
+# Folders below the destination; each entry opens its path component by
+# component, and no tree of tests' results is that deep.
+MAX_DEPTH = 256
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _FILE, _DIR = (b"0", b"\0", b"7"), b"5"
@@ -53,7 +67,31 @@ class Timeout(Exception):
 
 
 class TooLarge(Refused):
-    """The files of the stream hold more bytes than the limit."""
+    """The stream would make more than the limit on the host."""
+
+
+class _Budget:
+    """What the stream's entries cost the host so far, against `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.spent = 0
+        self.entries = 0
+        self.name = b""  # the entry being made, for the message
+
+    def entry(self, name: bytes) -> None:
+        """Counts one entry of the stream, of any kind."""
+        self.entries += 1
+        self.name = name
+        if self.entries > MAX_ENTRIES:
+            raise Refused(f"more than {MAX_ENTRIES} entries in the tar stream")
+
+    def charge(self, name: bytes, size: int = 0) -> None:
+        """Charges one folder or file named `name` (a component) holding
+        `size` bytes, before it is made."""
+        self.spent += ENTRY_COST + len(name) + size
+        if self.spent > self.limit:
+            raise TooLarge(f"{shown(self.name)}: more than {self.limit} bytes in all")
 
 
 class _Stream:
@@ -206,17 +244,19 @@ Say = Callable[[str], None]
 
 def extract(fd: int, dest_fd: int, deadline: float, say: Say, limit: int) -> None:
     """Extract the tar stream read from `fd` under the directory `dest_fd`.
-    Raises Refused (a TarError for a malformed stream, TooLarge once its
-    files hold more than `limit` bytes in all) or Timeout; `say` gets a line
-    for each entry skipped."""
+    Raises Refused (a TarError for a malformed stream, TooLarge once what it
+    makes would cost more than `limit` bytes in all, ENTRY_COST for each
+    folder and file besides its bytes) or Timeout; `say` gets a line for
+    each entry skipped."""
     stream = _Stream(fd, deadline)
+    budget = _Budget(limit)
     skipped = 0
-    total = 0
     while (entry := _next(stream)) is not None:
         kind = entry.kind
         if kind not in (*_FILE, _DIR, *_SKIPPED):
             # GNU sparse, multi-volume, incremental entries: not of a `tar -c`.
             raise TarError(f"{shown(entry.name)}: an entry of type {shown(kind)}")
+        budget.entry(entry.name)
         if kind in _SKIPPED:
             skipped += 1
             if skipped <= MAX_SKIP_LINES:
@@ -224,20 +264,18 @@ def extract(fd: int, dest_fd: int, deadline: float, say: Say, limit: int) -> Non
             stream.skip(entry.size + _padding(entry.size))
             continue
         parts = split(entry.name)
+        if len(parts) > MAX_DEPTH:
+            raise Refused(f"{shown(entry.name)}: deeper than {MAX_DEPTH} folders")
         if kind == _DIR:
             if parts:
                 # Its owner may always write into it: later entries go there.
-                os.close(open_dir(dest_fd, parts, create=True, mode=(entry.mode & 0o777) | 0o700))
+                mode = (entry.mode & 0o777) | 0o700
+                os.close(open_dir(dest_fd, parts, create=True, mode=mode, on_mkdir=budget.charge))
             stream.skip(entry.size + _padding(entry.size))
         elif not parts:
             raise TarError("a file entry without a name")
         else:
-            # Checked before the file is made: a sparse file of the testbed
-            # comes as all its bytes, which the host would have to store.
-            total += entry.size
-            if total > limit:
-                raise TooLarge(f"{shown(entry.name)}: more than {limit} bytes in all")
-            _write_file(stream, dest_fd, parts, entry)
+            _write_file(stream, dest_fd, parts, entry, budget)
     if skipped > MAX_SKIP_LINES:
         say(f"copyup: {skipped - MAX_SKIP_LINES} more entries not copied")
     # GNU tar pads the archive to a whole record: read it to the end, so the
@@ -247,10 +285,17 @@ def extract(fd: int, dest_fd: int, deadline: float, say: Say, limit: int) -> Non
         raise TarError("data after the end of the tar archive")
 
 
-def _write_file(stream: _Stream, dest_fd: int, parts: list[bytes], entry: Entry) -> None:
-    parent = open_dir(dest_fd, parts[:-1], create=True)
+def _write_file(
+    stream: _Stream, dest_fd: int, parts: list[bytes], entry: Entry, budget: _Budget
+) -> None:
+    # Folders a file's path names without entries of their own count too.
+    parent = open_dir(dest_fd, parts[:-1], create=True, on_mkdir=budget.charge)
     try:
         name = parts[-1]
+        # Charged before the file is made (or an old one removed): a sparse
+        # file of the testbed comes as all its bytes, which the host would
+        # have to store.
+        budget.charge(name, entry.size)
         try:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
