@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nsbuild.backends import Backend, BackendOptions, open_backend
+from nsbuild.backends import Backend, BackendOptions, CopyRefused, open_backend
 from nsbuild.build.driver import unchecked_sources
 
 from .conftest import TARBALL, Env
@@ -261,3 +261,29 @@ def test_no_layer_is_kept_from_an_unsigned_repository(
     assert "Kept dependency layer" not in logs[0]
     assert "Using cached dependency layer" not in logs[1]
     assert "WRAPPED-BY-LAYER" in logs[0]  # the helper's script did run
+
+
+def test_both_backends_refuse_to_copy_out_a_sparse_file(backend: Backend, tmp_path: Path) -> None:
+    with open_backend("autopkgtest", BackendOptions(args=("null",))) as null:
+        for b in (backend, null):
+            script = f"truncate -s 2M {b.work_dir}/holes.deb"
+            status, text = b.check_output(["sh", "-c", script])
+            assert status == 0, text
+            with pytest.raises(CopyRefused, match=r"holes\.deb is sparse \(2097152 bytes"):
+                b.copy_out(f"{b.work_dir}/holes.deb", tmp_path / "holes.deb")
+            assert list(tmp_path.iterdir()) == []
+
+
+def test_results_have_a_bound_all_together(bookworm: Env, tmp_path: Path) -> None:
+    """Each under the bound of one file, together over the bound of a build."""
+    binary = OWN_DEB.format(name="many") + "".join(
+        f"truncate -s 5G ../many_{v}_all.deb\ndpkg-distaddfile many_{v}_all.deb misc optional\n"
+        for v in ("2.0", "3.0")
+    )
+    tree = _raw_package(tmp_path, "many", binary)
+    out = tmp_path / "out"
+    result = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out), str(tree))
+    assert result.returncode != 0, result.stderr
+    said = [ln for ln in result.stderr.splitlines() if "bytes of results, over the bound" in ln]
+    assert len(said) == 1, result.stderr
+    assert _large_files(tmp_path) == []
