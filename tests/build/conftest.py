@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from nsbuild.backends import Backend
+
 
 def _fixtures() -> Path:
     """The shared fixture packages: $NSBUILD_FIXTURES, else `shared/` beside this
@@ -185,3 +187,19 @@ def make_package(
     (tree / "debian" / "rules").write_text(rules)
     (tree / "debian" / "rules").chmod(0o755)
     return tree
+
+
+@pytest.fixture
+def backend(bookworm: Env) -> Iterator[Backend]:
+    """The local backend on the test environment, nsbuild's variables set in
+    this process while it is open."""
+    from nsbuild.backends import BackendOptions, open_backend
+
+    old = dict(os.environ)
+    os.environ.update(bookworm.vars)
+    try:
+        with open_backend("local", BackendOptions(env="bookworm")) as b:
+            yield b
+    finally:
+        os.environ.clear()
+        os.environ.update(old)

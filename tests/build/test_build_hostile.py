@@ -12,7 +12,6 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,18 +26,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.userns]
 
 def _build(env: Env, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return env.nsbuild("build", "--env", "bookworm", "--out", str(out), *extra, str(source))
-
-
-@pytest.fixture
-def backend(bookworm: Env) -> Iterator[Backend]:
-    old = dict(os.environ)
-    os.environ.update(bookworm.vars)
-    try:
-        with open_backend("local", BackendOptions(env="bookworm")) as b:
-            yield b
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
 
 
 # dpkg-distaddfile adds any file of .. to the .changes: other sources' files,

@@ -7,11 +7,9 @@ unchecked. Each test is such an attack, and what the user sees afterwards.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -152,18 +150,6 @@ def test_a_deb_that_is_no_debian_package_is_refused(bookworm: Env, tmp_path: Pat
 
 
 # -- apt sources that let unsigned packages in --------------------------------
-
-
-@pytest.fixture
-def backend(bookworm: Env) -> Iterator[Backend]:
-    old = dict(os.environ)
-    os.environ.update(bookworm.vars)
-    try:
-        with open_backend("local", BackendOptions(env="bookworm")) as b:
-            yield b
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
 
 
 UNCHECKED = {

@@ -9,29 +9,15 @@ nothing at all lands outside.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nsbuild.backends import Backend, BackendOptions, CopyRefused, open_backend
+from nsbuild.backends import Backend, CopyRefused
 
 from .conftest import Env, kept_log, make_package
 
 pytestmark = [pytest.mark.slow, pytest.mark.userns]
-
-
-@pytest.fixture
-def backend(bookworm: Env) -> Iterator[Backend]:
-    old = dict(os.environ)
-    os.environ.update(bookworm.vars)
-    try:
-        with open_backend("local", BackendOptions(env="bookworm")) as b:
-            yield b
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
 
 
 def test_copy_out_refuses_all_but_plain_files(backend: Backend, tmp_path: Path) -> None:
