@@ -514,11 +514,15 @@ def _changelog_head(changelog: Path) -> tuple[str, str]:
 def _run_dpkg_source(tree: Path, workdir: Path, origs: list[Path]) -> str | None:
     """Run `dpkg-source -b` on `tree` in a sandbox writing to `workdir`; None on
     success, else the last line it printed (escaped)."""
+    from nsbuild.envs.owner import give_to_sandbox_root
     from nsbuild.sandbox import PIPE, Bind, Overlay, Sandbox, Tmpfs, caller_idmap, host_view, spawn
 
     inside = f"{_TREES}/{tree.name}"
     for orig in origs:
         os.symlink(f"{_ORIGS}/{orig.name}", workdir / orig.name)
+    # Run by root, the sandbox's root is its first subordinate id, which may
+    # not write a folder host root made.
+    give_to_sandbox_root(workdir)
     spec = Sandbox(
         argv=("dpkg-source", "-b", inside),
         idmap=caller_idmap(),
