@@ -17,10 +17,10 @@ import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import pytest
-from virt_helpers import Env, sessions
+from virt_helpers import Env, RawServer, sessions
 
 from nsbuild.backends.virtproto import VirtServer, VirtServerError
 
@@ -234,45 +234,9 @@ def test_the_client_escapes_what_a_server_says(tmp_path: Path) -> None:
     assert "\\x1b[2Jnot the protocol" in said and "\\x1b]0;PWNED\\x07" in said, said
 
 
-class _Raw:
-    """The server spoken to line by line: a refused copy does not end it."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(["autopkgtest-virt-nsbuild", "bookworm"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)  # fmt: skip
-        assert self._line() == "ok"
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.readline().decode().strip()
-
-    def say(self, *words: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((" ".join(quote(w) for w in words) + "\n").encode())
-        self.proc.stdin.flush()
-        return self._line()
-
-    def execute_command(self) -> list[str]:
-        return [unquote(a) for a in self.say("print-execute-command").split()[1].split(",")]
-
-    def quit(self) -> str:
-        """The server's stderr, once it quit."""
-        assert self.proc.stdin is not None and self.proc.stderr is not None
-        self.proc.stdin.write(b"quit\n")
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=120) == 0
-        return self.proc.stderr.read().decode(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
-def raw(server_env: Env) -> Iterator[_Raw]:
-    srv = _Raw()
+def raw(server_env: Env) -> Iterator[RawServer]:
+    srv = RawServer("bookworm")
     try:
         yield srv
     finally:
@@ -297,7 +261,7 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> tarfi
     return info
 
 
-def test_copyup_refuses_a_hostile_tar_stream(raw: _Raw, tmp_path: Path) -> None:
+def test_copyup_refuses_a_hostile_tar_stream(raw: RawServer, tmp_path: Path) -> None:
     out = tmp_path / "deep" / "out"
     out.mkdir(parents=True)
     (out / "dir").mkdir()
@@ -340,7 +304,7 @@ def test_copyup_refuses_a_hostile_tar_stream(raw: _Raw, tmp_path: Path) -> None:
 
 
 def test_copies_through_the_downtmp_never_follow_its_symlinks_on_the_host(
-    raw: _Raw, server_env: Env, tmp_path: Path
+    raw: RawServer, server_env: Env, tmp_path: Path
 ) -> None:
     secrets = tmp_path / "secrets"
     secrets.mkdir()

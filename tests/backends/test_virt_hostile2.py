@@ -16,10 +16,9 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote, unquote
 
 import pytest
-from virt_helpers import TARBALL, Env, run, sessions, tiny_package
+from virt_helpers import TARBALL, Env, RawServer, run, sessions, tiny_package
 
 from nsbuild.backends.virtproto import VirtServer
 
@@ -197,43 +196,8 @@ def test_a_plain_testbed_makes_setuid_files(server: VirtServer) -> None:
 # -- a size limit for copyup --
 
 
-class _Raw:
-    """The server spoken to line by line: a refused copy does not end it."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(["autopkgtest-virt-nsbuild", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        assert self._line() == "ok"
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.readline().decode().strip()
-
-    def say(self, *words: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((" ".join(quote(w) for w in words) + "\n").encode())
-        self.proc.stdin.flush()
-        return self._line()
-
-    def execute_command(self) -> list[str]:
-        return [unquote(a) for a in self.say("print-execute-command").split()[1].split(",")]
-
-    def quit(self) -> str:
-        """The server's stderr, once it quit."""
-        assert self.proc.stdin is not None and self.proc.stderr is not None
-        self.proc.stdin.write(b"quit\n")
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=120) == 0
-        return self.proc.stderr.read().decode(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def test_copyup_stops_at_its_size_limit(server_env: Env, tmp_path: Path) -> None:
-    srv = _Raw("--copy-limit", "1M", "bookworm")
+    srv = RawServer("--copy-limit", "1M", "bookworm")
     try:
         assert srv.say("open").startswith("ok ")
         ex = srv.execute_command()

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_virt_hostile2 import _ok, _Raw
-from virt_helpers import Env
+from test_virt_hostile2 import _ok
+from virt_helpers import Env, RawServer
 
 pytestmark = pytest.mark.userns
 
@@ -72,8 +72,8 @@ def _made(top: Path) -> tuple[int, int]:
 
 
 @pytest.fixture
-def server(server_env: Env) -> Iterator[_Raw]:
-    srv = _Raw("--copy-limit", "1M", "bookworm")
+def server(server_env: Env) -> Iterator[RawServer]:
+    srv = RawServer("--copy-limit", "1M", "bookworm")
     try:
         assert srv.say("open").startswith("ok ")
         yield srv
@@ -81,7 +81,7 @@ def server(server_env: Env) -> Iterator[_Raw]:
         srv.kill()
 
 
-def _send(srv: _Raw, tmp_path: Path, data: bytes | None) -> None:
+def _send(srv: RawServer, tmp_path: Path, data: bytes | None) -> None:
     """Make the testbed's tar send `data` (None: the real tar again)."""
     ex = srv.execute_command()
     if data is None:
@@ -92,7 +92,7 @@ def _send(srv: _Raw, tmp_path: Path, data: bytes | None) -> None:
 
 
 def test_copyup_counts_every_folder_and_file_against_its_limit(
-    server: _Raw, tmp_path: Path
+    server: RawServer, tmp_path: Path
 ) -> None:
     ex = server.execute_command()
     (tmp_path / "tar").write_text(_FAKE_TAR)

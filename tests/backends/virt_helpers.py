@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 TESTS = Path(__file__).resolve().parent.parent
 if str(TESTS) not in sys.path:
@@ -97,3 +98,39 @@ def tiny_package(parent: Path, tests: dict[str, str] | None = None) -> Path:
             stanzas.append(stanza)
         (tree / "debian" / "tests" / "control").write_text("\n".join(stanzas))
     return tree
+
+
+class RawServer:
+    """autopkgtest-virt-nsbuild spoken to line by line: a refused copy does not
+    end it (VirtServer raises on any answer but ok)."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(["autopkgtest-virt-nsbuild", *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        assert self._line() == "ok"
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().decode().strip()
+
+    def say(self, *words: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((" ".join(quote(w) for w in words) + "\n").encode())
+        self.proc.stdin.flush()
+        return self._line()
+
+    def execute_command(self) -> list[str]:
+        return [unquote(a) for a in self.say("print-execute-command").split()[1].split(",")]
+
+    def quit(self) -> str:
+        """The server's stderr, once it quit."""
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        self.proc.stdin.write(b"quit\n")
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=120) == 0
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
