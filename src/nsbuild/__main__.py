@@ -1,3 +1,3 @@
-from nsbuild.cli import entry
+from nsbuild.cli.main import entry
 
 entry()

@@ -1,6 +1,6 @@
 """Fixtures for the backend and virt-server tests: real clients, real servers.
 
-The environment is the build tests' `bookworm` (tests/build/conftest.py: the
+The environment is the build tests' `bookworm` (tests/debbuild/conftest.py: the
 NSBUILD_TEST_TARBALL registered in a private XDG config, one cache per test
 session), imported rather than repeated. Real clients (autopkgtest, sbuild)
 find `autopkgtest-virt-nsbuild` on PATH: the venv's bin folder goes first.
@@ -20,7 +20,7 @@ for folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from build.conftest import bookworm  # noqa: E402
+from debbuild.conftest import bookworm  # noqa: E402
 from virt_helpers import HERE, SYSTEM_PATH, VENV_BIN, Env, alive  # noqa: E402
 
 __all__ = ["bookworm"]

@@ -12,7 +12,7 @@ TESTS = Path(__file__).resolve().parent.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from build.conftest import FIXTURES, TARBALL, Env, fixture_dsc  # noqa: E402
+from debbuild.conftest import FIXTURES, TARBALL, Env, fixture_dsc  # noqa: E402
 
 __all__ = ["FIXTURES", "TARBALL", "Env", "fixture_dsc"]
 

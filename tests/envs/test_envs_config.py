@@ -105,7 +105,7 @@ def test_cli_list_show_and_errors(xdg: Path) -> None:
 
 
 def test_python_debian_is_not_imported_by_the_cli_module() -> None:
-    code = "import sys, nsbuild.envs.cli, nsbuild.envs; print('debian' in sys.modules)"
+    code = "import sys, nsbuild.cli.envs, nsbuild.envs; print('debian' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

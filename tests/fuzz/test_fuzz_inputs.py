@@ -210,8 +210,8 @@ _dsc = st.one_of(
 @given(text=_dsc)
 @example(text="Format: 3.0 (native)\nSource: a\nVersion: 1\nFiles:\n x 1 ../../etc/passwd\n")
 def test_dsc_parsing(text: str) -> None:
-    from nsbuild.build.dsc import load_dsc
-    from nsbuild.build.errors import BuildInputError
+    from nsbuild.debbuild.dsc import load_dsc
+    from nsbuild.debbuild.errors import BuildInputError
 
     with tempfile.TemporaryDirectory() as d:
         Path(d, "empty.tar.xz").write_bytes(b"")
@@ -239,7 +239,7 @@ _changes_files_field = st.lists(
 @given(files=_changes_files_field, sums=_changes_files_field)
 @example(files=" abc", sums="")
 def test_changes_left_by_a_build(files: str, sums: str) -> None:
-    from nsbuild.build.driver import _changes_files
+    from nsbuild.debbuild.driver import _changes_files
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d, "p.changes")
@@ -354,7 +354,7 @@ def test_run_options_never_run_anything_and_fail_in_one_line(
     pairs: list[tuple[str, str, bool]]
 ) -> None:
     """`nsbuild run OPTIONS` without a command: a one-line usage error (exit 2)."""
-    from nsbuild.cli import main
+    from nsbuild.cli.main import main
 
     args = _render(pairs)
     # A value that is itself an option's name shifts the pairing: what is left

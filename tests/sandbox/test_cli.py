@@ -122,7 +122,7 @@ def test_run_path_imports_only_the_standard_library(tmp_path: Path) -> None:
     # The one module of envs the run path needs: it masks the cache where a
     # writable bind holds it (posix only, no config parsing).
     loaded -= {"nsbuild.envs", "nsbuild.envs.errors", "nsbuild.envs.masks"}
-    assert not {n for n in loaded if n.startswith(("nsbuild.build", "nsbuild.envs"))}, loaded
+    assert not {n for n in loaded if n.startswith(("nsbuild.debbuild", "nsbuild.envs"))}, loaded
 
 
 def test_console_script_run_path_does_without_os(tmp_path: Path) -> None:

@@ -436,7 +436,7 @@ def no_helper(*args, **kwargs):
     raise AssertionError("a joined run fell back to a helper")
 runner.spawn = no_helper
 sys.argv = ["nsbuild", "run", "--", "true"]
-from nsbuild.cli import entry
+from nsbuild.cli.main import entry
 entry()
 """
 
@@ -489,13 +489,13 @@ def no_helper(*args, **kwargs):
 runner.spawn = no_helper
 sys.argv = ["nsbuild", "run", "--", "/bin/sh", "-c",
             "getent hosts a.example; echo got $?; echo still-here"]
-from nsbuild.cli import entry
+from nsbuild.cli.main import entry
 entry()
 """
 
 HANDLERS_AFTER = """
 import signal, sys
-from nsbuild.cli import main
+from nsbuild.cli.main import main
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
 before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 status = main(["run", "--", "true"])

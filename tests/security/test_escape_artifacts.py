@@ -4,7 +4,7 @@ work directory and the destination it is given.
 
 The tree is crafted by a command run in the real local backend (the
 `bookworm` environment), as a hostile build would leave it. Checks of the
-.changes names themselves belong to the build tests (tests/build)."""
+.changes names themselves belong to the build tests (tests/debbuild)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The environment's apt caches, shared by its testbeds without trusting them.
 
-The same folders the build path keeps (nsbuild.build.cache.apt_cache_dir:
+The same folders the build path keeps (nsbuild.debbuild.cache.apt_cache_dir:
 `apt-lists/` and `apt-archives/` of the environment, and its `.lock`), so a
 testbed's `apt-get update` finds the package lists of the last run and
 `apt-get install` finds the .debs it downloaded before.
@@ -109,7 +109,7 @@ class AptCache:
     def __init__(self, env_name: str, session_dir: str | os.PathLike[str],
                  notice: Say = lambda _text: None) -> None:
         """`notice` gets what the user should hear of at once (a wait)."""
-        from nsbuild.build.cache import apt_cache_dir
+        from nsbuild.debbuild.cache import apt_cache_dir
 
         self.cache = apt_cache_dir(env_name)
         self.dir = Path(session_dir) / "apt"

@@ -77,7 +77,7 @@ def register(sub: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from nsbuild.build.driver import BuildRequest, build
+    from nsbuild.debbuild.driver import BuildRequest, build
     from nsbuild.errors import NsbuildError
     from nsbuild.printable import printable
 

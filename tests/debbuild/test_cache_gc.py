@@ -1,4 +1,4 @@
-"""`nsbuild.build.cache.gc`: dependency layers and build apt caches are trimmed,
+"""`nsbuild.debbuild.cache.gc`: dependency layers and build apt caches are trimmed,
 never while a build uses them."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nsbuild.build.cache import DepCache, gc
+from nsbuild.debbuild.cache import DepCache, gc
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_gc_spares_a_layer_in_use(home: Path) -> None:
 def test_gc_removes_what_a_dead_build_left(home: Path) -> None:
     # A process that is gone by the time gc runs left a half-stored layer.
     code = (
-        "from nsbuild.build.cache import DepCache\n"
+        "from nsbuild.debbuild.cache import DepCache\n"
         "s = DepCache().staging(); (s / 'layer').mkdir(); print(s)\n"
     )
     left = Path(

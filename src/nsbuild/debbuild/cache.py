@@ -363,7 +363,7 @@ def _error_line(path: Path, e: Exception) -> str:
 
 def _gc_logs(max_age_days: float, dry_run: bool, errs: list[str]) -> list[str]:
     """The kept logs of builds that did not succeed, once older than the limit."""
-    from nsbuild.build.log import logs_root
+    from nsbuild.debbuild.log import logs_root
 
     root = logs_root()
     if not root.is_dir():

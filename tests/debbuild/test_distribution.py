@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nsbuild.build.distribution import choose, resolve
-from nsbuild.build.errors import BuildInputError
+from nsbuild.debbuild.distribution import choose, resolve
+from nsbuild.debbuild.errors import BuildInputError
 
 from .conftest import make_package
 

@@ -130,8 +130,8 @@ def test_a_quilt_tree_builds_and_stays_as_it_was(bookworm: Env, tmp_path: Path) 
 
 
 def test_a_dsc_is_read_only_as_a_bounded_regular_file(tmp_path: Path) -> None:
-    from nsbuild.build.dsc import load_dsc
-    from nsbuild.build.errors import BuildInputError
+    from nsbuild.debbuild.dsc import load_dsc
+    from nsbuild.debbuild.errors import BuildInputError
 
     fifo = tmp_path / "fifo.dsc"
     os.mkfifo(fifo)  # opened as it is, reading it would wait for a writer forever

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from nsbuild.build.errors import BuildInputError
+from nsbuild.debbuild.errors import BuildInputError
 
 DEFAULT_DISTRIBUTION = "unstable"
 _TO_UNSTABLE = ("UNRELEASED", "sid", "experimental", "rc-buggy")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nsbuild.build.dsc import load_dsc
-from nsbuild.build.errors import BuildInputError
+from nsbuild.debbuild.dsc import load_dsc
+from nsbuild.debbuild.errors import BuildInputError
 
 from .conftest import fixture_dsc
 

@@ -21,11 +21,11 @@ if TYPE_CHECKING:
 
 # Subcommand -> module providing `register(subparsers)`; imported on demand.
 _LAZY_COMMANDS = {
-    "env": "nsbuild.envs.cli",
-    "session": "nsbuild.envs.cli",
-    "shell": "nsbuild.envs.cli",
-    "gc": "nsbuild.envs.cli",
-    "build": "nsbuild.build.cli",
+    "env": "nsbuild.cli.envs",
+    "session": "nsbuild.cli.envs",
+    "shell": "nsbuild.cli.envs",
+    "gc": "nsbuild.cli.envs",
+    "build": "nsbuild.cli.build",
 }
 _HELP_ONLY = {
     "env": "manage environments (chroots)",

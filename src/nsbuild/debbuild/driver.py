@@ -41,15 +41,15 @@ from typing import IO, Any
 
 from nsbuild.backends import STDOUT, Backend, BackendOptions, Network, open_backend
 from nsbuild.backends.base import MAX_COPY_OUT, CopyRefused, open_regular
-from nsbuild.build.cache import DepCache, Syncer, answer_key, layer_key
-from nsbuild.build.dsc import SourcePackage, load_dsc, source_from_tree
-from nsbuild.build.errors import (
+from nsbuild.debbuild.cache import DepCache, Syncer, answer_key, layer_key
+from nsbuild.debbuild.dsc import SourcePackage, load_dsc, source_from_tree
+from nsbuild.debbuild.errors import (
     BuildFailed,
     BuildInputError,
     BuildInterrupted,
     UnsatisfiableDependencies,
 )
-from nsbuild.build.log import BuildLog, kept_logs_dir
+from nsbuild.debbuild.log import BuildLog, kept_logs_dir
 from nsbuild.errors import NsbuildError
 from nsbuild.net.netlog import NetSummary
 from nsbuild.printable import printable
@@ -329,7 +329,7 @@ class _Build:
     def _default_env(self, pkg: SourcePackage) -> str:
         """The environment named after the changelog's distribution; for the
         local backend, created on first use."""
-        from nsbuild.build.distribution import choose, resolve
+        from nsbuild.debbuild.distribution import choose, resolve
 
         choice = choose(pkg.distribution())
         # Environments are the local backend's: another backend gets the name
@@ -1114,7 +1114,7 @@ def _work_dir(stack: ExitStack) -> Path:
     """The build's private host directory (log in progress, results before they
     move to --out), removed at the end. It lives in nsbuild's cache under a name
     that says which process made it, so `nsbuild gc` removes it after a crash."""
-    from nsbuild.build.cache import builds_root
+    from nsbuild.debbuild.cache import builds_root
     from nsbuild.envs.owner import tmp_name
     from nsbuild.envs.paths import private_cache_dir
     from nsbuild.envs.remove import remove_tree

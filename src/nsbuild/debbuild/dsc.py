@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nsbuild.build.errors import BuildInputError
+from nsbuild.debbuild.errors import BuildInputError
 from nsbuild.envs.tarcheck import _EXTENDED, _BoundedTarInfo, _Budget
 from nsbuild.printable import printable
 

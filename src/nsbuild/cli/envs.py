@@ -19,7 +19,7 @@ Subparsers = argparse._SubParsersAction  # type: ignore[type-arg]
 
 
 def _sandbox_options(p: argparse.ArgumentParser) -> None:
-    from nsbuild.cli import add_sandbox_options
+    from nsbuild.cli.main import add_sandbox_options
 
     add_sandbox_options(p)
 
@@ -177,7 +177,7 @@ def cmd_session_begin(args: argparse.Namespace) -> int:
 
 def _run_in(session: Session, args: argparse.Namespace, argv: list[str]) -> int:
     """Run like `nsbuild run --env`: the same options, network policy and log."""
-    from nsbuild import cli
+    from nsbuild.cli import main as cli
     from nsbuild.net import network, options_from_args
 
     opts = options_from_args(args)  # bad network options fail before anything runs
@@ -272,7 +272,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     report = gc(dry_run=args.dry_run)
     removed, errors = list(report.removed), list(report.errors)
     # Dependency layers, apt caches and kept logs of the build layer.
-    from nsbuild.build.cache import gc as build_gc
+    from nsbuild.debbuild.cache import gc as build_gc
 
     removed += build_gc(dry_run=args.dry_run, errors=errors)
     if not args.dry_run:

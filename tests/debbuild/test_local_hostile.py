@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from nsbuild.backends import BackendOptions, open_backend
-from nsbuild.build.cache import (
+from nsbuild.debbuild.cache import (
     ANSWERS,
     DepCache,
     apt_cache_root,
@@ -29,7 +29,7 @@ from nsbuild.build.cache import (
     cache_root,
     gc,
 )
-from nsbuild.build.log import logs_root
+from nsbuild.debbuild.log import logs_root
 from nsbuild.envs.errors import CacheNotPrivate
 
 from .conftest import Env, make_package
@@ -122,7 +122,7 @@ for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
         f.write(text)
 mount("none", "/", None, 0x40000 | 0x4000)  # MS_PRIVATE | MS_REC
 mount("tmpfs", sys.argv[1], "tmpfs")
-from nsbuild.cli import main
+from nsbuild.cli.main import main
 sys.exit(main(["gc"]))
 """
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from nsbuild.build.dsc import load_dsc
+from nsbuild.debbuild.dsc import load_dsc
 
 MIB = 1 << 20
 # Well above what nsbuild needs to start and read a .dsc, well below the bombs.
@@ -330,7 +330,7 @@ def test_a_listed_file_that_is_not_regular_is_refused(tmp_path: Path) -> None:
     dsc = _write_dsc(src, "3.0 (quilt)", {"bomb_1.0.orig.tar.gz": b""})
     kept = tmp_path / "kept"
     kept.mkdir()
-    from nsbuild.build.errors import BuildInputError
+    from nsbuild.debbuild.errors import BuildInputError
 
     with pytest.raises(BuildInputError, match=r"bomb_1\.0\.orig\.tar\.gz is not a regular file"):
         load_dsc(dsc, keep=kept)
@@ -349,7 +349,7 @@ def test_a_listed_file_of_a_huge_size_is_refused_before_it_is_copied(tmp_path: P
         f.truncate(9 << 30)  # sparse: nothing is written
     kept = tmp_path / "kept"
     kept.mkdir()
-    from nsbuild.build.errors import BuildInputError
+    from nsbuild.debbuild.errors import BuildInputError
 
     with pytest.raises(BuildInputError, match=r"bomb_1\.0\.orig\.tar\.gz is \d+ bytes, more than"):
         load_dsc(dsc, keep=kept)
