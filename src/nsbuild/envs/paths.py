@@ -12,6 +12,9 @@
         empty/                            an empty folder: what a sandbox sees of the
                                           cache through a writable bind (masks.py)
         unpack-folders                    the Unpack folders used so far (masks.py)
+        deps/                             dependency layers of builds (deps_root)
+        builds/                           running builds' private work folders
+        apt/ENV/                          an environment's apt lists and archives
 
 The top folder is private (mode 0700, see `ensure_private`): below it lie
 unpacked bases with world-writable directories and setuid files, and open
@@ -62,6 +65,30 @@ def cache_dir() -> Path:
 def private_cache_dir() -> Path:
     """`cache_dir()`, made or checked private: use this to open the cache."""
     return ensure_private(cache_dir())
+
+
+def deps_root() -> Path:
+    """Where dependency layers of builds are kept."""
+    return private_cache_dir() / "deps"
+
+
+def builds_root() -> Path:
+    """Where running builds keep their private work folders."""
+    return private_cache_dir() / "builds"
+
+
+def apt_cache_root() -> Path:
+    """Where each environment's apt lists and archives are kept."""
+    return private_cache_dir() / "apt"
+
+
+def apt_cache_dir(env_name: str) -> Path:
+    """One environment's apt caches: `apt-lists/`, `apt-archives/` and `.lock`,
+    held exclusively by whoever writes them or mounts them as an overlay's
+    lower (shared by the virt server while it takes a snapshot of them). No
+    sandbox writes them: nsbuild copies in what apt downloaded, once checked
+    (the local backend's take_downloads, the virt server's harvest)."""
+    return apt_cache_root() / env_name
 
 
 def _owners() -> tuple[int, ...]:
