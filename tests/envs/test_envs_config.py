@@ -134,7 +134,7 @@ def test_apt_sources_of_a_layer_are_read_inside_it_only(tmp_path: Path) -> None:
     without following links out of it, opening FIFOs or devices."""
     import os
 
-    from nsbuild.envs.create import apt_mirrors
+    from nsbuild.envs.aptsources import apt_mirrors
 
     host_file = tmp_path / "host-secret"
     host_file.write_text("deb http://from-the-host.example/ x main\n")

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nsbuild.envs.aptsources import apt_mirrors
 from nsbuild.envs.config import EnvConfig, load_config
 from nsbuild.envs.errors import ConfigError, EnvError
 from nsbuild.envs.masks import cache_masks
@@ -126,8 +127,6 @@ class Session:
         (a dependency layer, kept after build dependencies' maintainer scripts
         ran), were made by code inside, which is not trusted to widen its own
         allowlist (or to point a symlink at a host file)."""
-        from nsbuild.envs.create import apt_mirrors
-
         found = list(self.config.mirrors)
         base = Path("/") if self.config.type == "host" else self.base_layer
         if base is not None:
