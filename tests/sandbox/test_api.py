@@ -13,7 +13,6 @@ import pytest
 from nsbuild.sandbox import (
     PIPE,
     Bind,
-    InsideSocket,
     Proc,
     Sandbox,
     SandboxError,
@@ -190,19 +189,3 @@ def test_wait_without_reaping_the_helper_leaves_no_mount_and_the_right_status(
     # The status pipe is closed; the helper is left for the caller to reap.
     assert set(os.listdir("/proc/self/fd")) < fds_before
     assert os.waitpid(proc.pid, 0)[0] == proc.pid
-
-
-@pytest.mark.parametrize("asks", [True, False], ids=["asked", "never-asked"])
-def test_a_service_starts_when_its_socket_is_first_readable(tmp_path: Path, asks: bool) -> None:
-    # Socket activation: wait() starts the service once the command sends to
-    # its inside socket, and never when the command does not.
-    send = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-            "s.sendto(b'ping', ('127.0.0.1', 5353))")
-    argv = ("/usr/bin/python3", "-c", send) if asks else ("true",)
-    p = spawn(spec(tmp_path, *argv, inside_sockets=(InsideSocket("udp", "127.0.0.1", 5353),)))
-    assert len(p.sockets) == 1
-    started: list[bytes] = []
-    p.when_readable(p.sockets[0].fileno(), lambda: started.append(p.sockets[0].recv(16)))
-    assert p.wait() == 0
-    assert started == ([b"ping"] if asks else [])
-    p.sockets[0].close()

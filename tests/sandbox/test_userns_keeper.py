@@ -127,12 +127,14 @@ def test_later_runs_join_the_kept_namespace_and_nest_their_own(
     try:
         assert p.stdout is not None
         assert p.stdout.readline() == "ready\n"
-        # The command line's run is itself the sandbox's outside process: it
-        # joined the kept namespace, and its one child is the sandbox's init.
-        (init,) = [pid for pid in pids() if (stat_fields(pid) or (0, 0))[0] == p.pid]
+        # nsbuild's helper joined the kept namespace; its one child is the
+        # sandbox's init.
+        (helper,) = [pid for pid in pids() if (stat_fields(pid) or (0, 0))[0] == p.pid]
+        (init,) = [pid for pid in pids() if (stat_fields(pid) or (0, 0))[0] == helper]
         (command,) = [pid for pid in processes_with_arg(marker) if cmdline(pid)[0] == PY]
-        assert _userns(p.pid) == _userns(keeper), "nsbuild joined the kept namespace"
-        assert (stat_fields(command) or (0, 0))[0] == init, "init is nsbuild's own child"
+        assert _userns(helper) == _userns(keeper), "the helper joined the kept namespace"
+        assert _userns(p.pid) == _userns("self"), "nsbuild itself stays on the host"
+        assert (stat_fields(command) or (0, 0))[0] == init, "init is the helper's child"
         assert _userns(command) not in (_userns(keeper), _userns("self")), \
             "the command runs in a nested namespace of its own"
     finally:
@@ -397,11 +399,9 @@ print(len(got), flush=True)
 def test_a_joined_run_relays_the_terminals_interrupt_once_and_answers_dns(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    """The run that is itself the sandbox's outside process stays in the
-    caller's process group (Ctrl-C reaches it) while the sandbox's init does
-    not: the command sees one SIGINT, not one relayed and one of its own.
-    Its DNS responder answers without a thread (the process made the PID
-    namespace, so it may start none)."""
+    """nsbuild stays in the caller's process group (Ctrl-C reaches it) while
+    the sandbox does not: the command sees one SIGINT, not one relayed and
+    one of its own. Its DNS responder answers."""
     ok(nsbuild("--", "true", cwd=tmp_path, env=env))
     _the_keeper(env)
     # A terminal sends SIGINT to its foreground process group: this one.
@@ -420,21 +420,19 @@ def test_a_joined_run_relays_the_terminals_interrupt_once_and_answers_dns(
     r = nsbuild("--", *sh("getent hosts example.org; echo $?"), cwd=tmp_path, env=env,
                 debug=True)
     assert r.returncode == 0 and r.stdout == "2\n", explain(r)
-    assert "this process joined the one kept by process" in r.stderr, r.stderr
+    assert "joined the one kept by process" in r.stderr, r.stderr
     assert "denied: example.org (dns)" in r.stderr, r.stderr
 
 
-# nsbuild's own steps after it joined the kept namespace, made to fail as a
-# kernel refusing them would (loopback: a network namespace nsbuild makes).
+# nsbuild's own steps after its helper joined the kept namespace, made to
+# fail as a kernel refusing them would (loopback: a network namespace the
+# helper makes).
 FAILING_STEP = """
 import errno, sys
 from nsbuild.sandbox import runner
 def refuse():
     raise PermissionError(errno.EPERM, "Operation not permitted")
 runner.loopback_up = refuse
-def no_helper(*args, **kwargs):
-    raise AssertionError("a joined run fell back to a helper")
-runner.spawn = no_helper
 sys.argv = ["nsbuild", "run", "--", "true"]
 from nsbuild.cli.main import entry
 entry()
@@ -480,13 +478,9 @@ def test_a_network_log_that_cannot_be_written_ends_in_one_line_not_the_command(
 FAILING_SERVICE = """
 import sys
 from nsbuild.net import dns
-from nsbuild.sandbox import runner
 def broken(packet, rcode=3):
     raise RuntimeError("no answer")
 dns.answer = broken
-def no_helper(*args, **kwargs):
-    raise AssertionError("a joined run fell back to a helper")
-runner.spawn = no_helper
 sys.argv = ["nsbuild", "run", "--", "/bin/sh", "-c",
             "getent hosts a.example; echo got $?; echo still-here"]
 from nsbuild.cli.main import entry
@@ -507,8 +501,8 @@ print(status, after == before, flush=True)
 def test_a_service_that_fails_in_a_joined_run_stops_alone(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    """The DNS responder, served from nsbuild's wait(), raising: the command
-    runs on (its question unanswered), nsbuild says so in one line."""
+    """The DNS responder raising: the command runs on (its question
+    unanswered), nsbuild says so in one line."""
     r = _joined_script(tmp_path, env, FAILING_SERVICE)
     assert (r.returncode, r.stdout) == (0, "got 2\nstill-here\n"), explain(r)
     assert one_line_error(r) == "nsbuild: a service of the sandbox stopped: no answer"

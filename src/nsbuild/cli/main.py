@@ -292,17 +292,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         with throwaway(args.env_name) as session:
             return run_sandboxed(args, argv, opts, network, session)
-    return run_sandboxed(args, argv, opts, network, None, last=True)
+    return run_sandboxed(args, argv, opts, network, None)
 
 
 def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
-                  network: Any, session: Any, *, last: bool = False) -> int:
+                  network: Any, session: Any) -> int:
     """Run `argv` as the parsed sandbox options say: on the host view, on
     --root, or in `session` (an environment); with the network plan of `opts`
-    and the resource limits asked for. Shared by run, session run and shell.
-    last: this process only reports and exits afterwards, so it may itself be
-    the sandbox's outside process (runner.run's in_process), joining the
-    sandbox's user namespace for good."""
+    and the resource limits asked for. Shared by run, session run and shell."""
     from nsbuild.sandbox import (
         Bind,
         Dev,
@@ -315,7 +312,7 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         host_view,
         run,
     )
-    from nsbuild.sandbox.errors import SETUP_FAILED
+    from nsbuild.sandbox.errors import SandboxError
 
     cwd = posix.getcwd()
     root: Any
@@ -362,10 +359,7 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         def started(proc: Any) -> None:
             if lim:
                 lim.leave()
-            # Services start when first asked (the DNS responder of --net none
-            # mostly never is); wait() watches their sockets.
-            plan.serve(proc.sockets, when_readable=proc.when_readable,
-                       inline=not proc.threads)
+            plan.serve(proc.sockets)
 
         if lim:
             lim.join()
@@ -373,15 +367,16 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         # be waited for, unless a cgroup of the run's must be emptied first
         # (nor may a user namespace keeper be left in one).
         status = run(spec, on_start=started, reap_helper=bool(spec.cgroup),
-                     leave_keeper=lim is None, in_process=last and not plan.host_network)
+                     leave_keeper=lim is None)
     summary = plan.denied_summary()
     if summary:
         sys.stderr.write(f"nsbuild: {summary}\n")
     lost = plan.log_error()
     if lost:
         # Asked for and not written: nsbuild's own failure, if the command's is not.
+        if not status:
+            raise SandboxError(lost)
         sys.stderr.write(f"nsbuild: {lost}\n")
-        return status or SETUP_FAILED
     return status
 
 

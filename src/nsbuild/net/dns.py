@@ -16,6 +16,7 @@ from __future__ import annotations
 import _socket  # not socket, threading: their imports cost ~5 ms on every run
 import _struct as struct  # what struct.py re-exports: one module fewer
 import _thread
+import sys
 
 from nsbuild.net.netlog import DNS_OVER_RATE, NetLog, TokenBucket
 
@@ -91,8 +92,7 @@ def answer(packet: bytes, rcode: int = NXDOMAIN) -> tuple[bytes, str | None, int
 
 
 class DnsResponder:
-    """Serve one bound UDP socket from one daemon thread until stop(), or
-    query by query through handle_ready()."""
+    """Serve one bound UDP socket from one daemon thread until stop()."""
 
     def __init__(self, sock: _socket.socket, log: NetLog, rule: str) -> None:
         self._sock = sock
@@ -113,6 +113,9 @@ class DnsResponder:
     def _serve_then_release(self) -> None:
         try:
             self._serve()
+        except Exception as e:
+            # The service alone stops: the command runs on, its names unanswered.
+            sys.stderr.write(f"nsbuild: a service of the sandbox stopped: {e}\n")
         finally:
             self._done.release()
 
@@ -125,16 +128,6 @@ class DnsResponder:
             if self._stopping:
                 return
             self._reply(packet, peer)
-
-    def handle_ready(self) -> None:
-        """Answer the query waiting on the socket, from the caller's thread:
-        serving without a thread of its own (a process that may start none)."""
-        try:
-            # Never blocking the caller's wait(), whatever woke it.
-            packet, peer = self._sock.recvfrom(4096, _socket.MSG_DONTWAIT)
-        except OSError:
-            return
-        self._reply(packet, peer)
 
     def _reply(self, packet: bytes, peer: tuple[str, int]) -> None:
         reply, name, qtype = answer(packet)

@@ -83,7 +83,6 @@ def nftables_plan(allowlist: Allowlist, log: NetLog, debug: bool) -> Generator[N
             log,
             share_net=True,
             cgroup=cgroup,
-            host_network=True,
             mounts=(File("/etc/hosts", hosts_file(destinations, allowlist)),),
         )
         yield plan

@@ -6,9 +6,6 @@
                        cgroup=plan.cgroup)
         proc = spawn(spec)
         plan.serve(proc.sockets)        # right after spawn; background threads
-        # or socket activation: each service is made and started by
-        # proc.wait() once its socket is first readable (`nsbuild run`)
-        # plan.serve(proc.sockets, when_readable=proc.when_readable)
         status = proc.wait()
     print(plan.denied_summary())        # when not None (escaped for a terminal)
 
@@ -55,34 +52,22 @@ class NetPlan:
         mounts: tuple[Mount, ...] = (),
         env: tuple[tuple[str, str], ...] = (),
         cgroup: str | None = None,
-        host_network: bool = False,
     ) -> None:
         self.share_net = share_net
         self.inside_sockets = inside_sockets
         self.mounts = mounts
         self.env = env
         self.cgroup = cgroup
-        # Its services reach out from the host's network namespace (the
-        # egress proxy): whoever serves them must stay there.
-        self.host_network = host_network
         self._log = log
         self._services: list[Any] = []
         # One service per inside socket that needs one: (index into the
         # inside sockets, what makes the service from that socket).
         self._service_for: list[tuple[int, Callable[[_socket.socket], Any]]] = []
         self._serving = False
-        self._idle: list[_socket.socket] = []  # activated by nothing yet
 
-    def serve(self, sockets: list[_socket.socket], *,
-              when_readable: Callable[[int, Callable[[], object]], None] | None = None,
-              inline: bool = False) -> None:
-        """Serve the inside sockets (proc.sockets, in inside_sockets order).
-        when_readable (Process.when_readable): socket activation instead, each
-        service made and started only once its socket is first readable, so
-        that a command that never asks costs no import and no thread. inline
-        (with when_readable, for a caller that may start no thread: a
-        Process with threads False): each service answers from the caller's
-        wait(), request by request (the DNS responder alone can)."""
+    def serve(self, sockets: list[_socket.socket]) -> None:
+        """Serve the inside sockets (proc.sockets, in inside_sockets order),
+        each from a thread of its own."""
         if self._serving or not self._service_for:
             return
         if len(sockets) < len(self.inside_sockets):
@@ -91,44 +76,19 @@ class NetPlan:
             )
         self._serving = True
         for index, make in self._service_for:
-            if when_readable is None:
-                self._start(make, sockets[index])
-            else:
-                self._idle.append(sockets[index])
-                when_readable(sockets[index].fileno(),
-                              self._starter(make, sockets[index], inline))
-
-    def _starter(self, make: Callable[[_socket.socket], Any], sock: _socket.socket,
-                 inline: bool) -> Callable[[], object]:
-        return lambda: self._start(make, sock, inline)
-
-    def _start(self, make: Callable[[_socket.socket], Any], sock: _socket.socket,
-               inline: bool = False) -> Callable[[], None] | None:
-        service = make(sock)
-        if sock in self._idle:
-            self._idle.remove(sock)
-        if inline:
-            handle: Callable[[], None] | None = getattr(service, "handle_ready", None)
-            if handle is None:
+            sock = sockets[index]
+            try:
+                service = make(sock)
+                service.start()
+            except BaseException:
                 sock.close()
-                raise NetError(f"{type(service).__name__} cannot be served without a thread")
-            self._services.append(service)
-            return handle  # the query that woke it is answered by the next poll
-        try:
-            service.start()
-        except BaseException:
-            sock.close()
-            raise
-        self._services.append(service)  # stop() stops only what started
-        return None
+                raise
+            self._services.append(service)  # stop() stops only what started
 
     def stop(self) -> None:
         services, self._services = self._services, []
         for service in services:
             service.stop()
-        idle, self._idle = self._idle, []
-        for sock in idle:
-            sock.close()
 
     def denied_summary(self) -> str | None:
         return self._log.denied_summary()
@@ -210,8 +170,6 @@ def _none_plan(log: NetLog) -> NetPlan:
     )
 
     def dns(sock: _socket.socket) -> Any:
-        # Imported only when a command asks a name (socket activation), or
-        # once the sandbox is being set up: never on the start-up path.
         from nsbuild.net.dns import DnsResponder
 
         return DnsResponder(sock, log, "--net none: no network")
@@ -259,7 +217,6 @@ def _proxy_plan(allowlist: Allowlist, log: NetLog) -> NetPlan:
         ),
         mounts=(RESOLV_CONF,),
         env=proxy_env(),
-        host_network=True,
     )
     plan._service_for = [
         (0, lambda sock: EgressProxy(sock, allowlist, log)),

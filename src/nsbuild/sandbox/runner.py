@@ -13,15 +13,6 @@
                 └─ command                 posix_spawn()ed: vfork and exec, no
                                            copy of the Python process
 
-The command line's plain `nsbuild run`, once a user namespace is kept, has
-no helper: nsbuild itself joins that namespace for good and does the helper's
-part, init being its own child (_spawn_here; runner.run's in_process), one
-fork and one process fewer on every run. It then stays in the sandbox's
-user, IPC, UTS, cgroup and network namespaces, and may start no thread (the
-kernel refuses one once the process made a PID namespace for its children):
-the DNS responder answers from its wait(). Below, "the helper" is whichever
-process plays that part.
-
 Setup failures travel back over a close-on-exec SEQPACKET channel; EOF on it
 means the command was exec'd. The same channel carries sockets made inside the
 sandbox's network namespace back to the parent (SCM_RIGHTS). The helper and
@@ -50,10 +41,6 @@ import _struct as struct
 import errno
 import fcntl  # here, not where used: after the pivot the host's Python may be out of sight
 import posix  # not os: see posixutil
-
-# Imported here, not when wait() first polls: an import after the fork costs
-# about a millisecond of copied pages (built into Debian's Python, 0.07 ms here).
-import select
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
@@ -132,14 +119,11 @@ def report_failure(chan: Channel, e: BaseException) -> NoReturn:
 class Process:
     """A running sandbox. `pid` is the helper process on the host side; it
     writes the command's status on a pipe (status_fd) once init, and with it
-    every process and mount of the sandbox, is gone, then exits itself. Or,
-    without a helper (_spawn_here), `pid` is init, this process's own child,
-    and status_fd a pidfd of it."""
+    every process and mount of the sandbox, is gone, then exits itself."""
 
     def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
                  stderr: IO[bytes] | None, sockets: list[_socket.socket],
-                 exec_error: str | None, status_fd: int | None = None, *,
-                 helper: bool = True) -> None:
+                 exec_error: str | None, status_fd: int | None = None) -> None:
         self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
@@ -148,14 +132,6 @@ class Process:
         self.exec_error = exec_error
         self.returncode: int | None = None
         self._status_fd = status_fd
-        # helper False (_spawn_here): pid is init, a child of this process, and
-        # status_fd a pidfd that only tells it is over (the helper writes the
-        # status on its pipe); and this process can start no thread while the
-        # sandbox runs (it made the sandbox's PID namespace itself).
-        self._helper = helper
-        self.threads = helper
-        self._activations: dict[int, Callable[[], object]] = {}
-        self._handlers: dict[int, Callable[[], object]] = {}
 
     def _set(self, status: int) -> int:
         code = posix.waitstatus_to_exitcode(status)
@@ -175,68 +151,16 @@ class Process:
                 self._set(status)
         return self.returncode
 
-    def when_readable(self, fd: int, start: Callable[[], object]) -> None:
-        """Socket activation: wait() calls `start()`, once, when `fd` is first
-        readable while the sandbox runs (a service that the command never asks
-        for then costs nothing). An exception from it kills the sandbox. If
-        it returns a callable, wait() calls that whenever `fd` is readable,
-        from the next poll on (a service served inline, without a thread); an
-        exception from that stops that service alone, in one line on stderr.
-        Without a status pipe to wait on as well (an entered sandbox), at once."""
-        if self._status_fd is None:
-            start()
-            return
-        self._activations[fd] = start
-
-    def _activate_until_done(self) -> None:
-        assert self._status_fd is not None
-        poller = select.poll()
-        # Readable (or hung up) once the helper told the status, or died; a
-        # pidfd once init ended.
-        poller.register(self._status_fd, select.POLLIN)
-        for fd in self._activations:
-            poller.register(fd, select.POLLIN)
-        while self._activations or self._handlers:
-            for fd, _events in poller.poll():
-                if fd == self._status_fd:
-                    return
-                handler = self._handlers.get(fd)
-                if handler is not None:
-                    try:
-                        handler()
-                    except Exception as e:
-                        # The service alone stops, as a thread of its own would.
-                        del self._handlers[fd]
-                        poller.unregister(fd)
-                        posix.write(2, f"nsbuild: a service of the sandbox stopped: {e}\n"
-                                    .encode(errors="replace"))
-                    continue
-                start = self._activations.pop(fd)
-                try:
-                    again = start()
-                except BaseException:
-                    self._activations.clear()
-                    self._handlers.clear()
-                    self.kill()
-                    self.wait()
-                    raise
-                if callable(again):
-                    self._handlers[fd] = again  # still readable: the next poll calls it
-                else:
-                    poller.unregister(fd)
-
     def wait(self, *, reap_helper: bool = True) -> int:
         """The command's exit status. With reap_helper=False, return as soon
         as the sandbox is gone, leaving the helper's own exit (a few hundred
         microseconds of freeing its copy of this process) unwaited for: for a
         caller about to exit, whose helper its reaper then collects."""
-        if self.returncode is None and (self._activations or self._handlers):
-            self._activate_until_done()
         if self.returncode is None:
             # Only then: a helper forked meanwhile for another sandbox (a
             # threaded caller) would hold this pipe open too.
             told = (posix.read(self._status_fd, 16)
-                    if not reap_helper and self._helper and self._status_fd is not None
+                    if not reap_helper and self._status_fd is not None
                     else b"")
             if told:
                 self.returncode = int(told)
@@ -248,7 +172,7 @@ class Process:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        """Deliver `sig` to the command (relayed by the helper, if any, and init)."""
+        """Deliver `sig` to the command (relayed by the helper and init)."""
         if self.returncode is None:
             try:
                 posix.kill(self.pid, sig)
@@ -256,8 +180,7 @@ class Process:
                 pass
 
     def kill(self) -> None:
-        """Kill the whole sandbox: the helper's death takes init and all with it
-        (without a helper, init's death takes all)."""
+        """Kill the whole sandbox: the helper's death takes init and all with it."""
         if self.returncode is None:
             try:
                 posix.kill(self.pid, signal.SIGKILL)
@@ -266,20 +189,14 @@ class Process:
 
 
 def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
-        reap_helper: bool = True, leave_keeper: bool = True, in_process: bool = False) -> int:
+        reap_helper: bool = True, leave_keeper: bool = True) -> int:
     """Run the sandbox with the caller's stdio; return the command's exit status
     (128+N when killed by signal N). `on_start` gets the Process once the
     command runs (e.g. to serve its inside sockets). reap_helper: see
-    Process.wait; leave_keeper: see spawn. in_process: this process may
-    itself be the sandbox's outside process (see _spawn_here), for good: only
-    for a caller that exits next and needs nothing of the host's network
-    after the sandbox started (the command line's plain `nsbuild run`)."""
-    # The caller's handlers, restored at the end: _spawn_here relays to init
-    # from the moment it is forked.
-    previous = {s: signal.getsignal(s) for s in FORWARDED_SIGNALS}
+    Process.wait; leave_keeper: see spawn."""
+    proc = spawn(spec, leave_keeper=leave_keeper)
+    previous = {s: signal.getsignal(s) for s in FORWARDED_SIGNALS}  # restored at the end
     try:
-        proc = (_spawn_here(spec) if in_process else None) or spawn(spec,
-                                                                   leave_keeper=leave_keeper)
         if on_start is not None:
             try:
                 on_start(proc)
@@ -384,80 +301,6 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     files = [None if fd is None else open(fd, "wb" if i == 0 else "rb")
              for i, fd in enumerate(parent_ends)]
     return Process(pid, files[0], files[1], files[2], sockets, exec_error, status_r)
-
-
-def _spawn_here(spec: Sandbox) -> Process | None:
-    """Start the sandbox with this process in the helper's place: it joins the
-    user namespace kept by an earlier run, for good, makes the PID, IPC, UTS,
-    cgroup and network namespaces, forks init and waits for it itself. A
-    fork, a process and a hand-over fewer than spawn() (about 1 ms of every
-    `nsbuild run` on the benchmark machine), the sandbox and its guarantees the same: init is this
-    process's child, dies with it (parent-death signal), and is gone, with
-    every mount, when wait() returns. None, with nothing done, when no user
-    namespace is kept for these ids or the run has a cgroup of its own:
-    spawn() then."""
-    spec.validate()
-    if spec.cgroup or not spec.idmap.helper or not userns.lifetime():
-        return None
-    kept = userns.join_fd(spec.idmap)
-    if kept is None:
-        return None
-    ns, keeper = kept
-    try:
-        plan = m.prepare(spec)
-    except BaseException:
-        posix.close(ns)
-        raise
-    try:
-        sc.setns(ns, sc.CLONE_NEWUSER)
-    except OSError:
-        m.release(plan)
-        return None  # spawn() joins or makes one
-    finally:
-        posix.close(ns)
-    say = _debug_printer(spec.debug)
-    if spec.idmap.warning:
-        posix.write(2, f"nsbuild: warning: {spec.idmap.warning}\n".encode())
-    if spec.debug:
-        say(f"user namespace: this process joined the one kept by process {keeper}; "
-            + _describe_idmap(posix.getpid(), spec.idmap).partition(": ")[2]
-            + " already mapped")
-    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-    init = -1
-    try:
-        link = _start_init(spec, plan, Channel(theirs), [None, None, None], False,
-                           (ours.fileno(),), spec.new_session, say)
-        init = link.init
-        theirs.close()
-        m.release(plan)
-        done = posix.pidfd_open(init)
-        try:
-            sockets = _tend_init(spec, link, None, say)
-            more, exec_error = _reports(ours, init)
-        except BaseException:
-            posix.close(done)
-            raise
-    except BaseException as e:
-        theirs.close()
-        ours_failed = isinstance(e, Exception) and not isinstance(e, SandboxError)
-        if init <= 0:
-            m.release(plan)
-        else:
-            posix.kill(init, signal.SIGKILL)
-            posix.waitpid(init, 0)
-            if ours_failed:
-                # What init reported before it died comes first: a failure out
-                # here (the namespace it no longer takes) follows from it.
-                _reports(ours, init)
-        if not ours_failed:
-            raise
-        # nsbuild's own step, in one line, as the helper's report would have been.
-        if isinstance(e, OSError):
-            raise SetupError(m.Step.current, e.errno or errno.EIO, e.filename) from None
-        raise SandboxError(f"{m.Step.current}: {type(e).__name__}: {e}") from None
-    finally:
-        ours.close()
-    return Process(init, None, None, None, sockets + more, exec_error, done, helper=False)
 
 
 def _relay(pid: int, sig: int) -> None:
@@ -604,7 +447,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         # just gave, not mapped ids: make them while nsbuild writes the maps.
         # This helper never changes its ids: it stays dumpable and keeps its
         # parent-death signal.
-        link = _start_init(spec, plan, chan, stdio, not joined, (status_w,), False, say)
+        link = _start_init(spec, plan, chan, stdio, not joined, status_w, say)
         init = link.init
         _close_stdio(stdio)
         m.release(plan)
@@ -631,13 +474,10 @@ class _InitLink:
 
 
 def _start_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
-                maps_pending: bool, close_in_init: tuple[int, ...], own_session: bool,
-                say: Callable[[str], None]) -> _InitLink:
+                maps_pending: bool, status_w: int, say: Callable[[str], None]) -> _InitLink:
     """In the sandbox's user namespace: make the PID, IPC, UTS and cgroup
     namespaces and fork init into them. Not the mount namespace: init makes
-    that, so that no mount of the sandbox outlives init. own_session: init
-    leaves this process's session (this process stays in the caller's, and
-    relays the terminal's signals once)."""
+    that, so that no mount of the sandbox outlives init."""
     m.Step.current = "unshare PID, IPC, UTS and cgroup namespaces"
     say("unshare PID, IPC, UTS and cgroup namespaces")
     sc.unshare(sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
@@ -658,9 +498,7 @@ def _start_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | No
     if init == 0:
         for s in FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)  # until init relays them
-        if own_session:
-            posix.setsid()
-        for fd in (life_w, ask_r, mapped_w, proc, *close_in_init):
+        for fd in (life_w, ask_r, mapped_w, proc, status_w):
             posix.close(fd)
         if net_here is not None:
             net_here.close()
@@ -672,14 +510,13 @@ def _start_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | No
     return _InitLink(init, life_w, ask_r, mapped_w, proc, net_here)
 
 
-def _tend_init(spec: Sandbox, link: _InitLink, chan: Channel | None,
-               say: Callable[[str], None]) -> list[_socket.socket]:
+def _tend_init(spec: Sandbox, link: _InitLink, chan: Channel,
+               say: Callable[[str], None]) -> None:
     """While init builds the root: make the network namespace and hand it to
     init, relay signals, map init's nested user namespace when it asks. The
-    inside sockets go to nsbuild on `chan`, or are returned (chan None)."""
-    sockets: list[_socket.socket] = []
+    inside sockets go to nsbuild on `chan`."""
     if link.net is not None:
-        sockets = _make_network(spec, chan, Channel(link.net), link.proc, say)
+        _make_network(spec, chan, Channel(link.net), link.proc, say)
     for s in FORWARDED_SIGNALS:
         signal.signal(s, lambda sig, _f: _relay(link.init, sig))
     if posix.read(link.ask_r, 1) == b"L":  # EOF: init failed, and reported why
@@ -688,15 +525,14 @@ def _tend_init(spec: Sandbox, link: _InitLink, chan: Channel | None,
         posix.write(link.mapped_w, b"M")
     for fd in (link.ask_r, link.mapped_w, link.proc):
         posix.close(fd)
-    return sockets
 
 
 # ------------------------------------------------------------------ PID 1
 
-def new_network(inside_sockets: tuple[InsideSocket, ...], chan: Channel | None,
-                say: Callable[[str], None]) -> list[_socket.socket]:
+def new_network(inside_sockets: tuple[InsideSocket, ...], chan: Channel,
+                say: Callable[[str], None]) -> None:
     """Move into a new network namespace with lo up, and send nsbuild the
-    inside sockets made there (or return them: chan None)."""
+    inside sockets made there."""
     m.Step.current = "unshare network namespace"
     say("unshare the network namespace")
     sc.unshare(sc.CLONE_NEWNET)
@@ -706,26 +542,22 @@ def new_network(inside_sockets: tuple[InsideSocket, ...], chan: Channel | None,
     if inside_sockets:
         m.Step.current = "create inside sockets"
         socks = [inside_socket(s, say) for s in inside_sockets]
-        if chan is None:
-            return socks
         chan.send("SOCK", fds=[s.fileno() for s in socks])
         for s in socks:
             s.close()
-    return []
 
 
-def _make_network(spec: Sandbox, chan: Channel | None, to_init: Channel, proc: int,
-                  say: Callable[[str], None]) -> list[_socket.socket]:
+def _make_network(spec: Sandbox, chan: Channel, to_init: Channel, proc: int,
+                  say: Callable[[str], None]) -> None:
     """Outside init, while it builds the root: the sandbox's network
     namespace, handed to init."""
-    sockets = new_network(spec.inside_sockets, chan, say)
+    new_network(spec.inside_sockets, chan, say)
     ns = posix.open("self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC, dir_fd=proc)
     try:
         to_init.send("N", fds=[ns])
     finally:
         posix.close(ns)
         to_init.sock.close()
-    return sockets
 
 
 def _join_network(net: _socket.socket | None) -> None:
