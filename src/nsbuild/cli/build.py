@@ -77,6 +77,7 @@ def register(sub: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
+    from nsbuild.cli.exits import USAGE, exit_status
     from nsbuild.debbuild.driver import BuildRequest, build
     from nsbuild.errors import NsbuildError
     from nsbuild.printable import printable
@@ -85,10 +86,10 @@ def handler(args: argparse.Namespace) -> int:
     if args.backend == "local" and args.backend_args:
         print(f"nsbuild build: the local backend takes no arguments after '--' "
               f"(got {' '.join(args.backend_args)!r})", file=sys.stderr)
-        return 2
+        return USAGE
     if args.jobs is not None and args.jobs < 1:
         print("nsbuild build: --jobs must be at least 1", file=sys.stderr)
-        return 2
+        return USAGE
     request = BuildRequest(
         input=args.input,
         env=args.env,
@@ -107,22 +108,24 @@ def handler(args: argparse.Namespace) -> int:
     try:
         result = build(request)
     except NsbuildError as e:
+        status = exit_status(e)
         partial = getattr(e, "result", None)
         if args.json:
-            doc = (
-                partial.to_json()
-                if partial is not None
-                else {"status": "error", "exit_status": e.exit_status, "message": str(e)}
+            doc: dict[str, object] = (
+                partial.to_json() if partial is not None else {"status": "error", "message": str(e)}
             )
+            doc["exit_status"] = status
             print(json.dumps(doc, indent=1))
         # Messages quote what the build made (file names, a refusal's
         # reason): escaped, as everything from inside that is printed.
         print(f"nsbuild build: {printable(str(e), MESSAGE_LIMIT)}", file=sys.stderr)
         if partial is not None and partial.log:
             print(f"nsbuild build: log: {printable(partial.log)}", file=sys.stderr)
-        return e.exit_status
+        return status
     if args.json:
-        print(json.dumps(result.to_json(), indent=1))  # JSON escapes control characters
+        doc = result.to_json()
+        doc["exit_status"] = 0
+        print(json.dumps(doc, indent=1))  # JSON escapes control characters
     else:
         for art in result.artifacts:
             print(printable(art.path))
