@@ -253,3 +253,89 @@ def test_the_environments_own_lists_stay_below_the_cached_ones(tmp_path: Path) -
         str(tmp_path / "session/apt/apt-lists/lower"),
         str(with_lists / "var/lib/apt/lists"),
     )
+
+
+# -- how the cache reads apt's files (aptformats.py), on text made here --
+
+_SUM_A, _SUM_B = "a" * 64, "b" * 64
+_RELEASE = f"""Origin: Debian
+Label: Debian
+Suite: stable
+Codename: bookworm
+Date: Sat, 10 Jun 2023 08:56:43 UTC
+SHA256:
+ {_SUM_A} 12 main/binary-amd64/Packages
+ {_SUM_A} 13 main/twice
+ {_SUM_B} 13 main/twice
+ {_SUM_B} 14 main/same-twice
+ {_SUM_B} 14 main/same-twice
+ {_SUM_B} x main/bad-size
+ nothex 15 main/bad-sum
+\t{_SUM_B} 16 main/tab
+"""
+
+
+def test_a_release_lists_a_file_twice_with_other_sums_vouches_for_neither() -> None:
+    from nsbuild.virtserver.aptformats import parse_release, sha256_entries
+
+    assert sha256_entries(parse_release(_RELEASE)) == {
+        "main/binary-amd64/Packages": (12, _SUM_A),
+        "main/same-twice": (14, _SUM_B),
+        "main/tab": (16, _SUM_B),
+    }
+    # Only the first paragraph counts, as for apt; a one-line SHA256 is none.
+    later = parse_release(f"Codename: x\n\nSHA256:\n {_SUM_A} 1 f\n")
+    assert sha256_entries(later) == {}
+    assert sha256_entries(parse_release(f"SHA256: {_SUM_A} 1 f\n")) == {}
+
+
+def test_a_release_field_folded_over_lines_counts_as_missing() -> None:
+    from nsbuild.virtserver.aptformats import date, identity, names_its_suite, parse_release
+
+    name = "deb.debian.org_debian_dists_bookworm_InRelease"
+    assert names_its_suite(name, parse_release(_RELEASE))
+    assert identity(parse_release(_RELEASE)) == ("Debian", "Debian", "bookworm")
+    assert date(parse_release(_RELEASE)) == 1686387403
+    folded = _RELEASE.replace("Suite: stable\nCodename: bookworm", "Codename:\n bookworm")
+    assert not names_its_suite(name, parse_release(folded))
+    assert identity(parse_release(folded)) == ("Debian", "Debian", "")
+    split = _RELEASE.replace("Codename: bookworm", "Codename: book\n worm")
+    assert not names_its_suite(name, parse_release(split))
+    assert date(parse_release(_RELEASE.replace("Date: Sat,", "Date:\n Sat,"))) == 0
+    assert not names_its_suite("deb.debian.org_debian_._InRelease", parse_release(_RELEASE))
+
+
+def test_debs_are_known_by_the_stanzas_of_the_packages_wanted(tmp_path: Path) -> None:
+    from nsbuild.virtserver.aptcache import _deb_hashes
+
+    index = tmp_path / "x_dists_bookworm_main_binary-amd64_Packages"
+    index.write_text(
+        f"Package: m4\nVersion: 1.4.19-3\nArchitecture: amd64\nSize: 10\nSHA256: {_SUM_A}\n\n"
+        # Package not first; an epoch, which apt writes as %3a.
+        f"SHA256: {_SUM_B.upper()}\nSize: 20\nPackage: ed\nVersion: 1:1.19-1\n"
+        "Architecture: amd64\n\n"
+        f"Package: hello\nVersion: 2.10-3\nArchitecture: amd64\nSize:\n 30\nSHA256: {_SUM_A}\n"
+    )
+    wanted = {"m4_1.4.19-3_amd64.deb", "ed_1%3a1.19-1_amd64.deb", "hello_2.10-3_amd64.deb",
+              "m4_9_amd64.deb"}  # fmt: skip
+    assert _deb_hashes([index, tmp_path / "other_InRelease"], wanted) == {
+        "m4_1.4.19-3_amd64.deb": (10, _SUM_A),
+        "ed_1%3a1.19-1_amd64.deb": (20, _SUM_B),
+    }
+
+
+def test_an_armoured_key_is_read_as_its_key_blocks() -> None:
+    import base64
+
+    from nsbuild.virtserver.aptformats import dearmor
+
+    key = os.urandom(300)
+    body = base64.encodebytes(key).decode()
+    block = (f"-----BEGIN PGP PUBLIC KEY BLOCK-----\nComment: made here\n\n{body}=AbCd\n"
+             "-----END PGP PUBLIC KEY BLOCK-----\n")  # fmt: skip
+    assert dearmor(block.encode()) == key
+    assert dearmor(block.replace("\n", "\r\n").encode()) == key
+    assert dearmor((block + block.replace("Comment: made here\n", "")).encode()) == key + key
+    # Another kind of block, or base64 that does not decode: no key.
+    assert dearmor(block.replace("PUBLIC KEY BLOCK", "SIGNATURE").encode()) == b""
+    assert dearmor(block.replace(body[:4], "!!!!").encode()) == b""

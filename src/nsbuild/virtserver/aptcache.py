@@ -1,6 +1,6 @@
 """The environment's apt caches, shared by its testbeds without trusting them.
 
-The same folders the build path keeps (nsbuild.debbuild.cache.apt_cache_dir:
+The same folders the build path keeps (nsbuild.envs.paths.apt_cache_dir:
 `apt-lists/` and `apt-archives/` of the environment, and its `.lock`), so a
 testbed's `apt-get update` finds the package lists of the last run and
 `apt-get install` finds the .debs it downloaded before.
@@ -23,8 +23,8 @@ InRelease is believed. So the cache is never mounted writable in a testbed:
   be the same archive and release as the one cached (Origin, Label,
   Codename),
   not be older than it, and not have expired (Valid-Until); an index must
-  have the size and SHA256 its InRelease gives; a
-  .deb the size and SHA256 of a verified Packages index. Everything else
+  have the size and SHA256 its InRelease gives; a .deb the size and SHA256
+  of a verified Packages index (aptformats.py reads them). Everything else
   is dropped. This runs under the cache's exclusive lock, the lock the
   build path holds while its apt writes to the same folders.
 
@@ -34,7 +34,6 @@ InRelease is believed. So the cache is never mounted writable in a testbed:
 
 from __future__ import annotations
 
-import email.utils
 import fcntl
 import hashlib
 import mmap
@@ -43,23 +42,25 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
-from base64 import b64decode
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nsbuild.envs.paths import apt_cache_dir
+from nsbuild.virtserver import aptformats
+from nsbuild.virtserver.aptformats import DEB_RE
 from nsbuild.virtserver.hostfs import open_in_layer, opened_regular, read_bounded
 
 if TYPE_CHECKING:
+    from debian.deb822 import Release
+
     from nsbuild.sandbox import Mount
 
 LISTS, ARCHIVES = "apt-lists", "apt-archives"
 MOUNTS = {LISTS: "/var/lib/apt/lists", ARCHIVES: "/var/cache/apt/archives"}
 # What apt keeps at the top of those folders (not lock, partial/, auxfiles/).
 _LIST_RE = re.compile(r"(?!lock$)[A-Za-z0-9][A-Za-z0-9._+~%-]*")
-_DEB_RE = re.compile(r"([a-z0-9][a-z0-9.+-]*)_([A-Za-z0-9.+~%-]+)_([a-z0-9-]+)\.deb")
 _KEY_DIRS = ("etc/apt/trusted.gpg.d",)
 _KEY_FILES = ("etc/apt/trusted.gpg",)
 # What the host side reads whole, at most: Debian's InRelease is some 150 KB,
@@ -85,11 +86,6 @@ def _files(folder: Path, pattern: re.Pattern[str]) -> dict[str, Path]:
         return {}
 
 
-def _sha256(fd: int) -> str:
-    with open(fd, "rb", closefd=False) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 @contextmanager
 def _locked(path: Path, mode: int, notice: Say) -> Iterator[None]:
     from nsbuild.envs.store import locked_file
@@ -109,8 +105,6 @@ class AptCache:
     def __init__(self, env_name: str, session_dir: str | os.PathLike[str],
                  notice: Say = lambda _text: None) -> None:
         """`notice` gets what the user should hear of at once (a wait)."""
-        from nsbuild.debbuild.cache import apt_cache_dir
-
         self.cache = apt_cache_dir(env_name)
         self.dir = Path(session_dir) / "apt"
         self.notice = notice
@@ -142,7 +136,7 @@ class AptCache:
         # The owner's alone: another user must not plant a .deb or a list here.
         self.cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         with _locked(self.cache / ".lock", fcntl.LOCK_SH, self.notice):
-            for name, pattern in ((LISTS, _LIST_RE), (ARCHIVES, _DEB_RE)):
+            for name, pattern in ((LISTS, _LIST_RE), (ARCHIVES, DEB_RE)):
                 for fname, src in _files(self.cache / name, pattern).items():
                     dst = self.dir / name / "lower" / fname
                     try:
@@ -164,12 +158,12 @@ class AptCache:
                 found.update(_layer_keys(layer, os.path.dirname(rel), os.path.basename(rel)))
         with open(self.dir / "trusted.gpg", "wb") as out:
             for rel, data in found.items():
-                out.write(_dearmor(data) if rel.endswith(".asc") else data)
+                out.write(aptformats.dearmor(data) if rel.endswith(".asc") else data)
 
     def harvest(self, say: Say) -> None:
         """Take what the testbed's apt wrote into the cache, once checked."""
         lists_up = _files(self.dir / LISTS / "upper", _LIST_RE)
-        debs_up = _files(self.dir / ARCHIVES / "upper", _DEB_RE)
+        debs_up = _files(self.dir / ARCHIVES / "upper", DEB_RE)
         if not lists_up and not debs_up:
             return
         with _locked(self.cache / ".lock", fcntl.LOCK_EX, self.notice):
@@ -184,19 +178,21 @@ class AptCache:
         cached = _files(cache, _LIST_RE)
         take: dict[str, Path] = {}
         drop: set[str] = set()
+        dates: dict[str, float] = {}
         # Fetched again, unchanged: nothing to take.
         same = {n for n, path in new.items() if n in cached and _same(path, cached[n])}
         releases = sorted({n for n in (*new, *cached) if n.endswith("_InRelease")})
         prefixes = [r[: -len("InRelease")] for r in releases]
         for rel, prefix in zip(releases, prefixes, strict=True):
-            release, body = self._pick_release(rel, new.get(rel), cached.get(rel), say)
-            if body is None:
+            path, release = self._pick_release(rel, new.get(rel), cached.get(rel), say)
+            if release is None:
                 continue  # nothing of this archive is taken, the cache stays
-            changed = release is new.get(rel)
+            changed = path is new.get(rel)
             if changed:
-                take[rel] = release
+                take[rel] = path
+                dates[rel] = aptformats.date(release)
             vouched: set[str] = set()
-            for relpath, (size, digest) in _sha256_entries(body).items():
+            for relpath, (size, digest) in aptformats.sha256_entries(release).items():
                 fname = prefix + relpath.replace("/", "_")
                 vouched.add(fname)
                 candidate = new.get(fname)
@@ -219,43 +215,46 @@ class AptCache:
         # old InRelease, under which the new indexes fail apt's own check.
         for fname, path in sorted(take.items(), key=lambda kv: kv[0].endswith("_InRelease")):
             _put(path, cache / fname)
-            if fname.endswith("_InRelease"):
-                _set_mtime_to_date(cache / fname)
+            if dates.get(fname, 0) > 0:
+                # apt asks the mirror for an InRelease newer than its file's
+                # mtime: the Date it carries, not the time the testbed gave it.
+                os.utime(cache / fname, (dates[fname], dates[fname]))
         if take:
             say(f"apt cache: {len(take)} package list files taken")
 
     def _pick_release(self, name: str, new: Path | None, cached: Path | None,
-                      say: Say) -> tuple[Path, str | None]:  # fmt: skip
-        """The InRelease to keep for one archive, and its verified text: the
-        new one if it is good and not older than the cached one."""
+                      say: Say) -> tuple[Path, Release | None]:  # fmt: skip
+        """The InRelease to keep for one archive, and its verified content:
+        the new one if it is good and not older than the cached one."""
         if new is not None and cached is not None and _same(new, cached):
             new = None
-        cached_body = self._verify(cached) if cached is not None else None
+        old = self._verify(cached) if cached is not None else None
         if new is not None:
-            body = self._verify(new)
-            if body is None:
+            release = self._verify(new)
+            if release is None:
                 say(f"apt cache: not taken (not one clearsigned message of at most "
                     f"{MAX_RELEASE >> 20} MiB with a good signature): lists/{name}")
-            elif not _names_its_suite(name, body):
+            elif not aptformats.names_its_suite(name, release):
                 say(f"apt cache: not taken (another suite's release): lists/{name}")
-            elif cached_body is not None and _identity(body) != _identity(cached_body):
+            elif old is not None and aptformats.identity(release) != aptformats.identity(old):
                 say(f"apt cache: not taken (another archive than the cached one): lists/{name}")
-            elif cached_body is not None and _date(body) < _date(cached_body):
+            elif old is not None and aptformats.date(release) < aptformats.date(old):
                 say(f"apt cache: not taken (older than the cached one): lists/{name}")
-            elif _expired(body):
+            elif aptformats.expired(release):
                 say(f"apt cache: not taken (expired, Valid-Until): lists/{name}")
             else:
-                return new, body
-        return (cached, cached_body) if cached is not None else (Path(), None)
+                return new, release
+        return (cached, old) if cached is not None else (Path(), None)
 
-    def _verify(self, release: Path) -> str | None:
-        """The signed text of an InRelease that is one clearsigned message (no
-        text around it, which gpgv ignores and apt refuses) whose signature
-        gpgv accepts, else None."""
+    def _verify(self, path: Path) -> Release | None:
+        """The signed content of an InRelease that is one clearsigned message
+        (no text around it, which gpgv ignores and apt refuses) whose
+        signature gpgv accepts, else None. Only what gpgv puts out as signed
+        is parsed, never the file itself."""
         if shutil.which("gpgv") is None:
             return None
         try:
-            raw = read_bounded(release, MAX_RELEASE)
+            raw = read_bounded(path, MAX_RELEASE)
         except OSError:
             return None
         if not _one_clearsigned_message(raw):
@@ -272,7 +271,7 @@ class AptCache:
             )  # fmt: skip
             if done.returncode != 0 or not out.is_file():
                 return None
-            return out.read_text(errors="replace")
+            return aptformats.parse_release(out.read_bytes().decode(errors="replace"))
 
     def _harvest_debs(self, new: dict[str, Path], say: Say) -> None:
         if not new:
@@ -325,41 +324,6 @@ def _layer_keys(layer: str, folder: str, only: str | None) -> dict[str, bytes]:
     return keys
 
 
-def _dearmor(data: bytes) -> bytes:
-    """An ASCII-armoured OpenPGP block as binary (its CRC line left out)."""
-    lines = data.decode("ascii", errors="replace").splitlines()
-    body: list[str] = []
-    inside = headers = False
-    for line in lines:
-        if line.startswith("-----BEGIN PGP"):
-            inside = headers = True
-        elif line.startswith("-----END PGP"):
-            inside = False
-        elif inside and headers:
-            headers = bool(line.strip())  # headers end at the first empty line
-        elif inside and not line.startswith("="):
-            body.append(line.strip())
-    try:
-        return b64decode("".join(body))
-    except ValueError:
-        return b""
-
-
-def _sha256_entries(body: str) -> dict[str, tuple[int, str]]:
-    """The SHA256 field of a Release text: path -> (size, hash)."""
-    entries: dict[str, tuple[int, str]] = {}
-    inside = False
-    for line in body.splitlines():
-        if not line.startswith(" "):
-            inside = line.startswith("SHA256:")
-            continue
-        if inside:
-            parts = line.split()
-            if len(parts) == 3 and parts[1].isdigit():
-                entries[parts[2]] = (int(parts[1]), parts[0].lower())
-    return entries
-
-
 _BEGIN, _SIGNATURE, _END = (b"-----BEGIN PGP SIGNED MESSAGE-----\n",
                              b"-----BEGIN PGP SIGNATURE-----\n", b"-----END PGP SIGNATURE-----\n")
 
@@ -369,65 +333,17 @@ def _one_clearsigned_message(raw: bytes) -> bool:
             and all(raw.count(mark) == 1 for mark in (_BEGIN, _SIGNATURE, _END)))
 
 
-def _field(body: str, name: str) -> str:
-    """A field of the Release paragraph (its first lines, up to the hashes)."""
-    m = re.search(rf"^{name}: *(\S.*)$", body.split("\n\n", 1)[0], re.M)
-    return m.group(1).strip() if m else ""
-
-
-def _names_its_suite(fname: str, body: str) -> bool:
-    """Whether the InRelease names the suite its file name says: apt names it
-    ..._dists_DIST_InRelease, with DIST's '/' as '_' (a flat archive has no
-    suite to check and is not cached)."""
-    head, sep, dist = fname.removesuffix("_InRelease").rpartition("_dists_")
-    if not sep or not head:
-        return False
-    named = {_field(body, "Codename"), _field(body, "Suite")} - {""}
-    return dist in {n.replace("/", "_") for n in named}
-
-
-def _identity(body: str) -> tuple[str, ...]:
-    # Which archive and release: not Suite, which moves on at each Debian
-    # release (stable -> oldstable) while the archive stays the same.
-    return tuple(_field(body, f) for f in ("Origin", "Label", "Codename"))
-
-
-def _expired(body: str) -> bool:
-    until = _parse_date(_field(body, "Valid-Until"))
-    return until > 0 and until < time.time()
-
-
-def _date(body: str) -> float:
-    return _parse_date(_field(body, "Date"))
-
-
-def _parse_date(text: str) -> float:
-    if not text:
-        return 0.0
-    try:
-        return email.utils.parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError):
-        return 0.0
-
-
-def _set_mtime_to_date(path: Path) -> None:
-    # apt asks the mirror for a newer InRelease than its file's mtime: the
-    # Date it carries, not whatever time the testbed gave the file.
-    try:
-        text = read_bounded(path, MAX_RELEASE).decode(errors="replace")
-    except OSError:
-        return
-    if text.startswith(_BEGIN.decode()):
-        text = text.split("\n\n", 1)[-1]  # past the armour's own header lines
-    when = _date(text)
-    if when > 0:
-        os.utime(path, (when, when))
-
-
 def _matches(path: Path, size: int, digest: str) -> bool:
+    """Whether a regular file has this size and SHA256 (read in chunks, and
+    no further than `size`: the file may grow)."""
     try:
         with opened_regular(path, size) as fd:
-            return os.fstat(fd).st_size == size and _sha256(fd) == digest
+            sha = hashlib.sha256()
+            left = size + 1
+            while left and (chunk := os.read(fd, min(1 << 20, left))):
+                sha.update(chunk)
+                left -= len(chunk)
+            return left == 1 and sha.hexdigest() == digest
     except OSError:
         return False
 
@@ -466,9 +382,9 @@ def _put(src: Path, dst: Path) -> None:
 
 def _deb_hashes(indexes: Sequence[Path], wanted: set[str]) -> dict[str, tuple[int, str]]:
     """archive file name -> (size, SHA256) of the `wanted` .debs, from the
-    verified Packages indexes (apt names a .deb NAME_VERSION_ARCH.deb, with
-    the epoch's ':' as %3a)."""
-    names = {m.group(1) for w in wanted if (m := _DEB_RE.fullmatch(w))}
+    verified Packages indexes. Only the stanzas of the packages wanted are
+    parsed, found by name: an index of Debian's main holds some 60,000."""
+    names = {m.group(1) for w in wanted if (m := DEB_RE.fullmatch(w))}
     if not names:
         return {}
     start = re.compile(
@@ -484,21 +400,18 @@ def _deb_hashes(indexes: Sequence[Path], wanted: set[str]) -> dict[str, tuple[in
             except ValueError:  # empty
                 continue
             with data:
-                for hit in start.finditer(data):
-                    end = data.find(b"\n\n", hit.start())
-                    stanza = bytes(data[hit.start() : end if end >= 0 else len(data)]).decode(
-                        errors="replace"
-                    )
-                    fields = dict(re.findall(r"^([A-Za-z0-9-]+): (.*)$", stanza, re.M))
-                    try:
-                        version = fields["Version"].replace(":", "%3a")
-                        fname = f"{fields['Package']}_{version}_{fields['Architecture']}.deb"
-                        entry = (int(fields["Size"]), fields["SHA256"].lower())
-                    except (KeyError, ValueError):
-                        continue
-                    if fname in wanted:
-                        found[fname] = entry
+                found.update(aptformats.deb_sums(_stanzas(data, start), wanted))
     return found
+
+
+def _stanzas(data: mmap.mmap, start: re.Pattern[bytes]) -> Iterator[bytes]:
+    """The whole stanzas (from the blank line before to the one after) in
+    which `start` matches."""
+    for hit in start.finditer(data):
+        before = data.rfind(b"\n\n", 0, hit.start())
+        begin = before + 2 if before >= 0 else 0
+        end = data.find(b"\n\n", hit.start())
+        yield bytes(data[begin : end if end >= 0 else len(data)])
 
 
 __all__ = ["MOUNTS", "AptCache"]
