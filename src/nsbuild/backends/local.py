@@ -366,7 +366,8 @@ class LocalBackend(Backend):
     ) -> int:
         from nsbuild import net
         from nsbuild.net.allowlist import Allowlist
-        from nsbuild.sandbox import Bind, Overlay, Sandbox, spawn
+        from nsbuild.net.launch import run_under
+        from nsbuild.sandbox import Bind, Mount, Overlay
 
         assert self._session is not None and self._build_dir is not None
         trusted = user == "root" and network != "none"
@@ -382,52 +383,22 @@ class LocalBackend(Backend):
         )
         # The build directory is nsbuild's own, under the private cache: the
         # build may make setuid files there (debian/tmp), no one else reaches them.
-        mounts: list[Any] = [Bind(str(self._build_dir), WORK_DIR, private=True)]
+        mounts: list[Mount] = [Bind(str(self._build_dir), WORK_DIR, private=True)]
         caches = self._caches if trusted and self._cache_uppers else {}
         for name, host in caches.items():
             upper = self._cache_uppers[name]
             mounts.append(Overlay((str(host),), str(upper), str(upper.parent / "work"),
                                   CACHE_MOUNTS[name], volatile=True))  # fmt: skip
+        spec = self._session.sandbox(argv, mounts=mounts, env=tuple((env or {}).items()),
+                                     user=None if user == "root" else user, cwd=cwd,
+                                     debug=self.options.debug)  # fmt: skip
         with (
             _cache_lock(caches),
             net.network(opts, mirrors=mirrors, trusted_mirrors=self._session.config.mirrors,
                         debug=self.options.debug) as plan,
         ):
-            base = self._session.sandbox(
-                argv,
-                mounts=(*mounts, *plan.mounts),
-                env=(*plan.env, *(env or {}).items()),
-                user=None if user == "root" else user,
-                cwd=cwd,
-                share_net=plan.share_net,
-                debug=self.options.debug,
-            )
-            # The session knows its root, default mounts and environment; the
-            # network plan adds its sockets and cgroup.
-            spec = Sandbox(
-                argv=base.argv,
-                idmap=base.idmap,
-                root=base.root,
-                mounts=base.mounts,
-                env=base.env,
-                user=base.user,
-                cwd=base.cwd,
-                hostname=base.hostname,
-                share_net=base.share_net,
-                inside_sockets=plan.inside_sockets,
-                cgroup=plan.cgroup,
-                debug=base.debug,
-            )
             with self._session.in_use():
-                proc = spawn(spec, stdin=in_fd, stdout=out_fd, stderr=err_fd)
-                try:
-                    plan.serve(proc.sockets)
-                    status = proc.wait()
-                except BaseException:
-                    # Interrupted: the helper's death takes the whole sandbox with it.
-                    proc.kill()
-                    proc.wait()
-                    raise
+                status = run_under(plan, spec, stdin=in_fd, stdout=out_fd, stderr=err_fd)
             # Each attempt from inside is a record: a bounded number is kept,
             # and the bounded counts of every run add up.
             room = max(MAX_RECORDS - len(self._records), 0)
@@ -436,13 +407,6 @@ class LocalBackend(Backend):
             if self._net_summary is not None:
                 summary = self._net_summary.merge(summary)
             self._net_summary = summary
-        # Only after the plan stopped its services: they serve these sockets.
-        for sock in proc.sockets:
-            sock.close()
-        if proc.exec_error:
-            msg = f"{proc.exec_error}\n".encode(errors="replace")
-            with contextlib.suppress(OSError):
-                os.write(err_fd, msg)
         return status
 
     def network_records(self) -> list[dict[str, Any]]:

@@ -28,6 +28,10 @@ from __future__ import annotations
 import os
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from nsbuild.sandbox import Process
+
 PROG = "autopkgtest-virt-nsbuild"
 FAILED = 255
 # Kept in step with testbed.py (not imported: this runs before anything else).
@@ -89,13 +93,14 @@ def main(argv: list[str]) -> int:
     return status
 
 
-def _with_proxy(record: str, pid: int, start: int, cgroup: str | None, deny_setid: bool,
+def _with_proxy(record: str, pid: int, started: int, cgroup: str | None, deny_setid: bool,
                 command: list[str]) -> int:  # fmt: skip
     """`allow` in a testbed without it: a fresh network namespace with the
     proxy's sockets, served from here (the proxy engine: an nftables table
     would need the sandbox's network shared with the host's)."""
     from nsbuild import net
-    from nsbuild.sandbox.enter import enter, environ
+    from nsbuild.net.launch import Launch
+    from nsbuild.sandbox.enter import environ, start
     from nsbuild.virtserver.testbed import Testbed
 
     testbed = Testbed.load(record)
@@ -105,10 +110,14 @@ def _with_proxy(record: str, pid: int, start: int, cgroup: str | None, deny_seti
         # The testbed's own variables, the proxy's on top.
         env = dict(environ(pid))
         env.update(plan.env)
-        return enter(pid, command, env=tuple(env.items()), new_net=True,
-                     inside_sockets=plan.inside_sockets, cgroup=cgroup, expect_start=start,
-                     on_start=lambda proc: plan.serve(proc.sockets),
-                     deny_setid=deny_setid)  # fmt: skip
+
+        def entered() -> Process:
+            return start(pid, command, env=tuple(env.items()), new_net=True,
+                         inside_sockets=plan.inside_sockets, cgroup=cgroup,
+                         expect_start=started, deny_setid=deny_setid)  # fmt: skip
+
+        with Launch(plan, entered, relay_signals=True) as proc:
+            return proc.wait()
 
 
 def _say_if_full(record: str, pid: int) -> None:

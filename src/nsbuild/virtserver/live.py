@@ -50,6 +50,7 @@ class LiveSandbox:
     def __enter__(self) -> LiveSandbox:
         from nsbuild import net
         from nsbuild.envs.session import host_resolver_mounts
+        from nsbuild.net.launch import Launch, planned
         from nsbuild.sandbox import spawn
         from nsbuild.sandbox.enter import sandbox_pids, start_time
 
@@ -61,27 +62,20 @@ class LiveSandbox:
             trusted = self.testbed.trusted_mirrors if allow else ()
             plan = stack.enter_context(net.network(opts, mirrors=mirrors,
                                                    trusted_mirrors=trusted))
-            extra = (*plan.mounts, *(host_resolver_mounts() if plan.share_net else ()))
-            spec = self.testbed.sandbox(
-                self.session,
-                WAITER,
-                share_net=plan.share_net,
-                extra_mounts=extra,
-                extra_env=plan.env,
-                inside_sockets=plan.inside_sockets,
-                cgroup=plan.cgroup,
-            )
+            resolver = host_resolver_mounts() if plan.share_net else ()
+            spec = planned(self.testbed.sandbox(self.session, WAITER, extra_mounts=resolver),
+                           plan)  # fmt: skip
             # No descriptor of ours in the sandbox: a client waiting for EOF on
             # our stderr must not wait for the testbed too.
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
-                proc = spawn(spec, stdin=null, stdout=null, stderr=null)
+                proc = stack.enter_context(
+                    Launch(plan, lambda: spawn(spec, stdin=null, stdout=null, stderr=null)))
             finally:
                 os.close(null)
             init, self.pid = sandbox_pids(proc)
             init_fd = os.pidfd_open(init)
             stack.callback(_stop, proc, init, init_fd)
-            plan.serve(proc.sockets)
             self.start_time = start_time(self.pid)
             self.cgroup = spec.cgroup
             self.env = spec.env
