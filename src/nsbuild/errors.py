@@ -1,8 +1,6 @@
-"""Errors shared by every layer. Libraries raise; only cli.main() maps them to
-exit statuses."""
+"""Errors shared by every layer. Libraries raise; only the command line maps
+them to exit statuses (nsbuild.cli.exits)."""
 
 
 class NsbuildError(Exception):
-    """A failure nsbuild explains in one line. `exit_status` is what main() exits with."""
-
-    exit_status = 2
+    """A failure nsbuild explains in one line."""

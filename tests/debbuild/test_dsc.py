@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from nsbuild.cli.exits import exit_status
 from nsbuild.debbuild.dsc import load_dsc
 from nsbuild.debbuild.errors import BuildInputError
 
@@ -29,7 +30,7 @@ def test_fixture_packages_are_valid() -> None:
 def _error(path: Path) -> str:
     with pytest.raises(BuildInputError) as info:
         load_dsc(path)
-    assert info.value.exit_status == 2
+    assert exit_status(info.value) == 2
     return str(info.value)
 
 

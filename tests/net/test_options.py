@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from nsbuild.cli.exits import exit_status
 from nsbuild.net import NetError, add_arguments, options_from_args
 
 
@@ -47,7 +48,7 @@ def test_bad_input(argv: tuple[str, ...], message: str) -> None:
         options_from_args(parse(*argv))
     assert message in str(e.value)
     assert "\n" not in str(e.value)
-    assert e.value.exit_status == 2
+    assert exit_status(e.value) == 2
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="checks the refusal for non-root callers")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from nsbuild.cli.exits import exit_status
 from nsbuild.sandbox import limits
 
 
@@ -24,7 +25,7 @@ def test_parse_size(text: str, size: int) -> None:
 def test_bad_sizes_are_one_line_usage_errors(text: str) -> None:
     with pytest.raises(limits.LimitError) as e:
         limits.parse_size(text)
-    assert e.value.exit_status == 2 and "\n" not in str(e.value)
+    assert exit_status(e.value) == 2 and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("text", ["0", "-3", "x", "", "1.5"])

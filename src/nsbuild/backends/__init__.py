@@ -32,7 +32,7 @@ _REGISTRY: dict[str, str | Factory] = {
 
 
 class UnknownBackend(BackendError):
-    exit_status = 2
+    """No backend of that name is registered: a usage error."""
 
 
 def register(name: str, factory: str | Factory) -> None:

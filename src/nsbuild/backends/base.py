@@ -61,14 +61,10 @@ MAX_REASON = 4096
 class BackendError(NsbuildError):
     """The backend itself failed (not the command it ran)."""
 
-    exit_status = 125
-
 
 class CopyRefused(BackendError):
     """A copy out was refused: a symlink, a special file, or a path escaping the
     directory the caller allowed."""
-
-    exit_status = 1
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Errors of the environments layer.
 
-`EnvError` is a usage/configuration error (exit status 2 once cli.main maps
-it). The message is one line that names the file, line or object at fault.
+`EnvError` is a usage or configuration error. The message is one line that
+names the file, line or object at fault.
 """
 
 from __future__ import annotations

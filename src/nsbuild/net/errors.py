@@ -4,4 +4,4 @@ from nsbuild.errors import NsbuildError
 
 
 class NetError(NsbuildError):
-    """A network policy error, explained in one line (exit status 2)."""
+    """A network policy error, explained in one line."""

@@ -6,10 +6,6 @@ import errno as _errno
 
 from nsbuild.errors import NsbuildError
 
-# Exit status for nsbuild's own failures, distinct from the command's (the
-# convention of podman and docker).
-SETUP_FAILED = 125
-
 _HINTS: dict[int, str] = {
     _errno.ENOSPC: "mount or namespace limit reached (see /proc/sys/user/max_*_namespaces "
     "and /proc/sys/fs/mount-max)",
@@ -17,7 +13,7 @@ _HINTS: dict[int, str] = {
 
 
 class SandboxError(NsbuildError):
-    exit_status = SETUP_FAILED
+    """The sandbox could not be set up or run: nsbuild's failure, not the command's."""
 
 
 class SetupError(SandboxError):
