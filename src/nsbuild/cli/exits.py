@@ -18,7 +18,8 @@ turns an error into a number, here.
     other  the command's own status
 
 126, 127 and 128+N come from the sandbox runtime, which reports how the
-command ended as a shell does; the rest from the errors below.
+command ended as a shell does (and 125 when one of its own processes dies
+before it could say why); the rest from the errors below.
 """
 
 from __future__ import annotations
