@@ -1,4 +1,4 @@
-"""Test tiers for the whole suite (see DESIGN.md, "Tests in tiers").
+"""Test tiers for the whole suite.
 
 - unmarked: pure unit tests, run anywhere.
 - ``@pytest.mark.userns``: need unprivileged user namespaces and must run as an
@@ -12,7 +12,10 @@
   user they are skipped with that reason.
 
 CI (``.ci/run`` -> ``scripts/setup-and-test``) runs ``-m "not root"`` as an
-unprivileged test user and ``-m root`` as root.
+unprivileged test user and ``-m root`` as root. What the slow tests read from
+outside the repository is in tests/inputs.py; tests/waiting.py is the one way
+to wait for an event; every test has a time limit (``timeout`` in
+pyproject.toml).
 """
 
 from __future__ import annotations

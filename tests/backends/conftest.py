@@ -14,14 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-# This folder (virt_helpers) and tests/ (the build tests' fixtures) are importable.
-for folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-from debbuild.conftest import bookworm  # noqa: E402
-from virt_helpers import HERE, SYSTEM_PATH, VENV_BIN, Env, alive  # noqa: E402
+from debbuild.conftest import bookworm
+from virt_helpers import HERE, SYSTEM_PATH, VENV_BIN, Env, alive
 
 __all__ = ["bookworm"]
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the backend tests (imported by name: this folder is on sys.path)."""
+"""Helpers shared by the backend tests."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import sys
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-TESTS = Path(__file__).resolve().parent.parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+from debbuild.conftest import Env
+from inputs import TARBALL, fixture_dsc
 
-from debbuild.conftest import FIXTURES, TARBALL, Env, fixture_dsc  # noqa: E402
-
-__all__ = ["FIXTURES", "TARBALL", "Env", "fixture_dsc"]
+__all__ = ["TARBALL", "Env", "fixture_dsc"]
 
 HERE = Path(__file__).resolve().parent
 VENV_BIN = str(Path(sys.executable).parent)

@@ -1,9 +1,9 @@
 """Shared fixtures for the build tests.
 
-The slow tests build real packages in a real bookworm environment: the
-tarball comes from NSBUILD_TEST_TARBALL (CI) or /srv/nsb-cache. Each test
-session gets its own config and cache directories, so the store is unpacked
-once per session and dependency layers never leak in from elsewhere.
+The slow tests build real packages in a real bookworm environment, on the
+tarball and source packages of tests/inputs.py. Each test session gets its
+own config and cache directories, so the store is unpacked once per session
+and dependency layers never leak in from elsewhere.
 """
 
 from __future__ import annotations
@@ -19,37 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from inputs import SOURCES, TARBALL, fixture_dsc, tarball  # noqa: F401 (TARBALL: test_build_hostile3)
 
 from nsbuild.backends import Backend
-
-
-def _fixtures() -> Path:
-    """The shared fixture packages: $NSBUILD_FIXTURES, else `shared/` beside this
-    checkout (where the project keeps it), else /work/shared."""
-    if os.environ.get("NSBUILD_FIXTURES"):
-        return Path(os.environ["NSBUILD_FIXTURES"])
-    beside = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "debian-src"
-    return beside if beside.is_dir() else Path("/work/shared/fixtures/debian-src")
-
-
-FIXTURES = _fixtures()
-TARBALL = Path(os.environ.get("NSBUILD_TEST_TARBALL", "/srv/nsb-cache/bookworm-buildd.tar"))
-
-
-def fixture_dsc(name: str) -> Path:
-    path = FIXTURES / f"{name}.dsc"
-    if not path.exists():
-        pytest.skip(f"fixture source package {path} not present")
-    return path
 
 
 @pytest.fixture
 def hello_copy(tmp_path: Path) -> Path:
     """A writable copy of hello's source package, for tests that corrupt it."""
     src = fixture_dsc("hello_2.10-3")
-    for f in FIXTURES.glob("hello_2.10*"):
+    for f in SOURCES.glob("hello_2.10*"):
         shutil.copy(f, tmp_path / f.name)
-        # The fixtures are read-only; the copies are for corrupting.
+        # The cached sources may be read-only; the copies are for corrupting.
         (tmp_path / f.name).chmod(0o644)
     return tmp_path / src.name
 
@@ -98,13 +79,11 @@ def _default_sigint() -> None:
 def bookworm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     if os.geteuid() == 0:
         pytest.skip("build tests run as an unprivileged user (the sandbox maps subuids)")
-    if not TARBALL.is_file():
-        pytest.skip(f"no bookworm tarball at {TARBALL} (set NSBUILD_TEST_TARBALL)")
     root = tmp_path_factory.mktemp("nsbuild-home")
     config = root / "config" / "nsbuild" / "chroot.d"
     config.mkdir(parents=True)
     (config / "bookworm").write_text(
-        f"Name: bookworm\nType: tarball\nPath: {TARBALL}\nSuite: bookworm\n"
+        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
         "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
         # A second name whose tarball does not exist: touching it would fail.
         "\nName: missing\nType: tarball\nPath: /nonexistent/missing.tar\nSuite: bookworm\n"

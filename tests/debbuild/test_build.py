@@ -8,10 +8,10 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from .conftest import Env, fixture_dsc, kept_log, make_package
 
@@ -195,13 +195,14 @@ die "never released\\n";
 """
 
 
-def _listeners() -> list[int]:
+def _processes(cmdline: bytes) -> list[int]:
+    """The processes whose command line starts with `cmdline`."""
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().startswith(b"nsb-port-listening"):
+                    if f.read().startswith(cmdline):
                         found.append(int(pid))
             except OSError:
                 continue
@@ -218,13 +219,13 @@ def test_two_builds_at_once_listen_on_the_same_port(bookworm: Env, tmp_path: Pat
     try:
         # Both must be listening at once before either is let go: the proof
         # that they overlapped, not merely ran one after the other.
-        deadline = time.monotonic() + 900
-        while len(listening := _listeners()) < 2:
+        def both_listen() -> bool:
             finished = [p for p in procs if p.poll() is not None]
             assert not finished, finished[0].communicate()[1]
-            assert time.monotonic() < deadline, "the two builds never listened at once"
-            time.sleep(0.5)
-        for pid in listening:
+            return len(_processes(b"nsb-port-listening")) >= 2
+
+        wait_for(both_listen, "both builds listen on 127.0.0.1:47613", timeout=900)
+        for pid in _processes(b"nsb-port-listening"):
             os.kill(pid, signal.SIGUSR1)
         results = [p.communicate(timeout=600) for p in procs]
     finally:
@@ -276,15 +277,16 @@ def test_unknown_environment_exits_2(bookworm: Env, tmp_path: Path) -> None:
 def test_sigint_during_build_exits_130_and_leaves_nothing(bookworm: Env, tmp_path: Path) -> None:
     # A dependency set of its own: its layer is kept by this build, which
     # must not publish it half-written.
-    tree = make_package(tmp_path, "nsb-slow", build="echo started; sleep 600", build_depends="dc")
+    tree = make_package(tmp_path, "nsb-slow", build="sleep 86417", build_depends="dc")
     out = tmp_path / "out"
     proc = bookworm.popen("build", "--env", "bookworm", "--out", str(out), str(tree))
-    assert proc.stderr is not None
-    # Wait for phase 3 as the user would: by reading the progress lines.
-    for line in proc.stderr:
-        if "[3/4] Build" in line:
-            break
-    time.sleep(2)  # let dpkg-buildpackage get going inside
+
+    def building() -> bool:
+        assert proc.poll() is None, proc.communicate()[1]
+        return bool(_processes(b"sleep\x0086417\x00"))
+
+    # Interrupted in the middle of the package's own build (debian/rules runs).
+    wait_for(building, "the package's build runs", timeout=900)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     assert proc.returncode == 130

@@ -1,20 +1,17 @@
 """Fixtures for the environments tests.
 
-The real bookworm buildd tarball is made once per test run with mmdebstrap
-(slow, needs the Debian archive), or taken from $NSBUILD_TEST_TARBALL when
-that names an existing file (CI caches one there). Its unpacked base lives in
-one cache folder shared by the whole run, so it is unpacked once too.
+The real bookworm buildd tarball is the one of tests/inputs.py. Its unpacked
+base lives in one cache folder shared by the whole run, so it is unpacked once.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from envs_helpers import chroot_d
+from inputs import tarball
 
 
 @pytest.fixture
@@ -32,21 +29,9 @@ def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     remove_tree(tmp_path / "cache")
 
 
-
-
 @pytest.fixture(scope="session")
-def bookworm_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cached = os.environ.get("NSBUILD_TEST_TARBALL")
-    if cached and os.path.isfile(cached):
-        return Path(cached)
-    out = Path(cached) if cached else tmp_path_factory.mktemp("tarball") / "bookworm.tar"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["mmdebstrap", "--mode=unshare", "--variant=buildd", "--format=tar",
-         "--skip=output/mknod", "bookworm", str(out)],
-        check=True, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    return out
+def bookworm_tarball() -> Path:
+    return tarball()
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 from envs_helpers import chroot_d, nsbuild
+from waiting import HANG_GUARD
 
 from nsbuild.envs.masks import cache_masks
 from nsbuild.sandbox.spec import Bind, Tmpfs
-
-HANG_GUARD = 300.0  # only a guard against a hang: a hang is the failure
 
 
 def _one_line(r: subprocess.CompletedProcess[str]) -> str:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from envs_helpers import chroot_d, nsbuild
+from inputs import tarball
 
 pytestmark = [pytest.mark.slow, pytest.mark.userns]
 
-TARBALL = Path(os.environ.get("NSBUILD_TEST_TARBALL", "/srv/nsb-cache/bookworm-buildd.tar"))
 
 PROBE = r"""#!/usr/bin/perl
 # Stands in for apt-get in the upgrade: reaches for what a postinst could.
@@ -77,8 +77,6 @@ class Listener:
 def home(tmp_path: Path) -> Iterator[dict[str, str]]:
     if os.geteuid() == 0:
         pytest.skip("environment tests run as the unprivileged test user")
-    if not TARBALL.is_file():
-        pytest.skip(f"no bookworm tarball at {TARBALL} (set NSBUILD_TEST_TARBALL)")
     env = dict(os.environ)
     env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
@@ -92,16 +90,16 @@ def home(tmp_path: Path) -> Iterator[dict[str, str]]:
 def _tarball_with_probe(tmp_path: Path, probe: str) -> Path:
     """A copy of the CI tarball (update replaces its tarball) with the probe as
     /usr/local/sbin/apt-get, ahead of /usr/bin on the environment's PATH."""
-    tarball = tmp_path / "bookworm-probe.tar"
-    shutil.copyfile(TARBALL, tarball)
+    copy = tmp_path / "bookworm-probe.tar"
+    shutil.copyfile(tarball(), copy)
     script = tmp_path / "apt-get"
     script.write_text(probe)
-    with tarfile.open(tarball, "a") as tar:
+    with tarfile.open(copy, "a") as tar:
         info = tar.gettarinfo(script, arcname="./usr/local/sbin/apt-get")
         info.mode, info.uid, info.gid, info.uname, info.gname = 0o755, 0, 0, "root", "root"
         with script.open("rb") as f:
             tar.addfile(info, f)
-    return tarball
+    return copy
 
 
 def test_update_reaches_no_host_service(home: dict[str, str], tmp_path: Path) -> None:
@@ -110,9 +108,9 @@ def test_update_reaches_no_host_service(home: dict[str, str], tmp_path: Path) ->
     abstract = Listener(socket.AF_UNIX, "\0" + abstract_name)
     try:
         probe = PROBE.replace("@PORT@", str(tcp.sock.getsockname()[1]))
-        tarball = _tarball_with_probe(tmp_path, probe.replace("@ABSTRACT@", abstract_name))
+        image = _tarball_with_probe(tmp_path, probe.replace("@ABSTRACT@", abstract_name))
         (chroot_d(tmp_path) / "probe").write_text(
-            f"Name: probe\nType: tarball\nPath: {tarball}\nSuite: bookworm\n"
+            f"Name: probe\nType: tarball\nPath: {image}\nSuite: bookworm\n"
             "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
         )
         result = nsbuild("env", "update", "probe", check=False, env=home, timeout=900)

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import pytest
 from envs_helpers import NSBUILD, chroot_d, nsbuild
+from waiting import HANG_GUARD, wait_for
 
 from nsbuild.envs import UnsafeTarball
 from nsbuild.envs.tarcheck import sanitize
-
-HANG_GUARD = 300.0  # only a guard against a hang: a hang is the failure
 
 
 def _one_line(r: subprocess.CompletedProcess[str]) -> str:
@@ -382,9 +381,11 @@ def test_a_tarball_swapped_after_hashing_is_not_stored_under_the_old_hash(
     proc = subprocess.Popen([*NSBUILD, "session", "begin", "t"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        while not _lock_waiter(lock):
+        def nsbuild_waits() -> bool:
             assert proc.poll() is None, proc.communicate()
-            os.sched_yield()
+            return _lock_waiter(lock)
+
+        wait_for(nsbuild_waits, "nsbuild waits for the lock")
         if swap == "rename":
             os.replace(other, tar)
         else:

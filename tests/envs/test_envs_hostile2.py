@@ -16,29 +16,21 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from envs_helpers import NSBUILD, chroot_d, nsbuild, processes_with
+from waiting import HANG_GUARD, wait_for
 
 from nsbuild.envs import throwaway
 
 pytestmark = [pytest.mark.userns]
 
-HANG_GUARD = 300.0  # only a guard against a hang: a hang is the failure
 DEPTH = 3000  # far past Python's recursion limit (1000) and PATH_MAX (4096 bytes)
 
 
 def _no_traceback(r: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in r.stderr, r.stderr
-
-
-def _wait_for(predicate: object) -> None:
-    """Poll until `predicate()` holds; HANG_GUARD guards against a hang."""
-    assert callable(predicate)
-    while not predicate():
-        time.sleep(0.02)
 
 
 def _cache() -> Path:
@@ -67,13 +59,13 @@ def test_a_deep_tree_in_a_dead_session_is_listed_and_removed(bookworm: str, xdg:
     )
     proc = subprocess.Popen([*NSBUILD, "run", "--env", bookworm, "--", "sh", "-c", script])
     try:
-        _wait_for(lambda: processes_with(marker) or proc.poll() is not None)
+        wait_for(lambda: processes_with(marker) or proc.poll() is not None, "the trees are made")
         assert proc.poll() is None, "the deep trees were not made"
         sessions = _cache() / "sessions"
         (session_dir,) = [p for p in sessions.iterdir() if not p.name.startswith(".")]
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        _wait_for(lambda: not processes_with(marker))
+        wait_for(lambda: not processes_with(marker), "the sandbox is gone")
     finally:
         proc.kill()
         proc.wait()

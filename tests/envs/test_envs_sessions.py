@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from envs_helpers import NSBUILD, chroot_d, mounts_under, nsbuild, processes_with
+from waiting import wait_for
 
 from nsbuild.envs import EnvError, begin_session, end_session, get_session, throwaway
 from nsbuild.sandbox import PIPE, run, spawn
@@ -19,13 +19,6 @@ pytestmark = [pytest.mark.userns, pytest.mark.slow]
 
 def output(session_id: str, *cmd: str, net: str = "none") -> str:
     return nsbuild("session", "run", "--net", net, session_id, "--", *cmd).stdout
-
-
-def wait_for(predicate: object, what: str) -> None:
-    """Poll until `predicate()` holds; the test's own timeout guards against hangs."""
-    assert callable(predicate)
-    while not predicate():
-        time.sleep(0.02)
 
 
 def test_throwaway_root_is_writable_and_forgotten(bookworm: str) -> None:

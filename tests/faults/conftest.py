@@ -7,19 +7,11 @@ report header, and NSBUILD_FAULT_SEED=N replays a run exactly."""
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parent.parent
-for folder in ("sandbox", "security", "faults"):
-    if str(TESTS / folder) not in sys.path:
-        sys.path.insert(0, str(TESTS / folder))
-
-from fault_seed import SEED  # noqa: E402
-from security_helpers import EnvHome, env_home_for  # noqa: E402
+from fault_seed import SEED
+from security_helpers import EnvHome, env_home_for
 
 
 def pytest_report_header() -> str:

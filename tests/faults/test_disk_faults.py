@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from security_helpers import NSBUILD, TARBALL, EnvHome, explain
+from inputs import tarball
+from security_helpers import NSBUILD, EnvHome, explain
 
 
 def _one_line(r: subprocess.CompletedProcess[str]) -> str:
@@ -31,7 +32,7 @@ def test_a_deleted_environment_tarball_is_one_clear_line(
     """An environment whose tarball was used (its base unpacked) and then deleted,
     and one whose tarball never existed."""
     link = tmp_path / "gone.tar"
-    link.symlink_to(TARBALL)
+    link.symlink_to(tarball())
     chroot_d = env_home.config / "nsbuild" / "chroot.d"
     (chroot_d / "gone").write_text(f"Name: gone\nPath: {link}\n\n"
                                    f"Name: never\nPath: {tmp_path / 'never.tar'}\n")
@@ -65,8 +66,7 @@ def _with_full_cache(check_message: bool) -> None:
     """The user's cache is a 64 MiB filesystem of its own: unpacking the
     environment fills it. Root makes the small filesystem; nsbuild runs as the
     test user, the way users run it; the rest of the host never sees a byte."""
-    if not os.path.isfile(TARBALL):
-        pytest.skip(f"no bookworm tarball at {TARBALL}")
+    image = tarball()
     uid, gid = _test_user()
     top = Path(tempfile.mkdtemp(prefix="nsbuild-fullcache-"))
     cache, config = top / "cache", top / "config"
@@ -77,7 +77,7 @@ def _with_full_cache(check_message: bool) -> None:
                         str(cache)], check=True)
         chroot_d = config / "nsbuild" / "chroot.d"
         chroot_d.mkdir(parents=True)
-        (chroot_d / "bookworm").write_text(f"Name: bookworm\nPath: {TARBALL}\n")
+        (chroot_d / "bookworm").write_text(f"Name: bookworm\nPath: {image}\n")
         for p in (cache, config, config / "nsbuild", chroot_d, chroot_d / "bookworm"):
             os.chown(p, uid, gid)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(top),

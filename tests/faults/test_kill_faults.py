@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 from fault_seed import SEED
-from sandbox_helpers import mountinfo_mentioning, pids, wait_until
+from sandbox_helpers import mountinfo_mentioning, pids
 from security_helpers import NSBUILD, EnvHome, explain, tiny_package
+from waiting import wait_for
 
 pytestmark = [pytest.mark.userns, pytest.mark.slow]
 
@@ -79,7 +80,7 @@ def _gc(home: EnvHome, cwd: Path) -> str:
 
 def _leftovers(home: EnvHome, marker: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
     """What a killed run left behind after gc (empty when all is well)."""
-    wait_until(lambda: _marked(marker) == [], f"processes of trial {marker} are gone")
+    wait_for(lambda: _marked(marker) == [], f"processes of trial {marker} are gone")
     found = [f"mount: {line}" for line in mountinfo_mentioning(str(home.cache))]
     nsb = home.cache / "nsbuild"
     sessions = nsb / "sessions"
@@ -279,7 +280,7 @@ def test_sigkill_with_the_nftables_engine_and_limits_as_root(rng: random.Random)
             delay = rng.uniform(0.0, 0.6)
             argv = [sys.executable, "-c", LIMITED_RUN, marker]
         _kill_at(argv, delay, env, Path("/"), marker)
-        wait_until(lambda m=marker: _marked(m) == [], f"processes of trial {marker} are gone")
+        wait_for(lambda m=marker: _marked(m) == [], f"processes of trial {marker} are gone")
         r = subprocess.run([*NSBUILD, "gc"], cwd="/", capture_output=True, text=True,
                            check=False)
         assert r.returncode == 0, f"seed {SEED}: {explain(r)}"

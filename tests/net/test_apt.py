@@ -14,12 +14,7 @@ from pathlib import Path
 
 import pytest
 from net_helpers import static_server
-
-TESTS = Path(__file__).resolve().parent.parent
-if str(TESTS / "security") not in sys.path:
-    sys.path.insert(0, str(TESTS / "security"))
-
-from security_helpers import EnvHome, env_home_for  # noqa: E402
+from security_helpers import EnvHome, env_home_for
 
 pytestmark = [pytest.mark.userns, pytest.mark.slow]
 

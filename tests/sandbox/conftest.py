@@ -33,7 +33,7 @@ def subids() -> tuple[SubRange, SubRange]:
 def scratch(tmp_path: Path) -> Iterator[Path]:
     """A directory bound into sandboxes, emptied afterwards from *inside* a
     sandbox: files created there under subordinate ids cannot be deleted by the
-    caller on the host (DESIGN.md)."""
+    caller on the host."""
     d = tmp_path / "scratch"
     d.mkdir()
     d.chmod(0o777)

@@ -1,23 +1,12 @@
 """The adversarial escape suite: every test is a real attempt, made from inside a
-sandbox, that must fail. See docs/security.md for the table of cases.
-
-The helpers of the sandbox and network tests are reused (their folders go on
-sys.path; their module names are unique across tests/)."""
+sandbox, that must fail. See docs/security.md for the table of cases."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parent.parent
-for folder in ("sandbox", "net", "security"):
-    if str(TESTS / folder) not in sys.path:
-        sys.path.insert(0, str(TESTS / folder))
-
-from security_helpers import EnvHome, env_home_for  # noqa: E402
+from security_helpers import EnvHome, env_home_for
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Helpers of the escape suite and the fault tests: run a probe inside a sandbox
 and read its findings, an environment home on the CI tarball.
 
-Named uniquely (not `helpers.py`): pytest puts each test folder on sys.path.
+Named uniquely (not `helpers.py`): tests import it by module name.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from inputs import tarball
+from waiting import HANG_GUARD
 
 NSBUILD = (sys.executable, "-m", "nsbuild")
 PY = "/usr/bin/python3"
-HANG_GUARD = 300.0
-TARBALL = os.environ.get("NSBUILD_TEST_TARBALL", "/var/cache/nsbuild-ci/bookworm-buildd.tar")
 
 # Prepended to every probe: `attempt(name, fn)` records what an attempt gave,
 # and `done()` prints the record as one JSON line for the test to judge.
@@ -109,8 +109,6 @@ class EnvHome:
 def env_home_for(factory: pytest.TempPathFactory) -> Iterator[EnvHome]:
     if os.geteuid() == 0:
         pytest.skip("environment tests run as the unprivileged test user")
-    if not os.path.isfile(TARBALL):
-        pytest.skip(f"no bookworm tarball at {TARBALL} (set NSBUILD_TEST_TARBALL)")
     base = factory.getbasetemp()
     config = base / "nsbuild-security-config"
     cache = base / "nsbuild-security-cache"
@@ -118,7 +116,7 @@ def env_home_for(factory: pytest.TempPathFactory) -> Iterator[EnvHome]:
     chroot_d.mkdir(parents=True, exist_ok=True)
     cache.mkdir(exist_ok=True)
     (chroot_d / "bookworm").write_text(
-        f"Name: bookworm\nType: tarball\nPath: {TARBALL}\nSuite: bookworm\n"
+        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
         "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
     )
     home = EnvHome(config, cache)

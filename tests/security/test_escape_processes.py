@@ -22,8 +22,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import processes_with_arg, wait_until
+from sandbox_helpers import processes_with_arg
 from security_helpers import NSBUILD, explain, failed, probe, probe_argv, results, run_nsbuild
+from waiting import wait_for
 
 pytestmark = pytest.mark.userns
 
@@ -209,7 +210,7 @@ def test_a_double_forked_daemon_ignoring_sigterm_dies_with_the_command(tmp_path:
     try:
         r = run_nsbuild("run", "--", "sh", "-c", script, cwd=tmp_path)
         assert r.returncode == 0 and "started" in r.stdout, explain(r)
-        wait_until(lambda: processes_with_arg(marker) == [], "the daemon is gone")
+        wait_for(lambda: processes_with_arg(marker) == [], "the daemon is gone")
     finally:
         for pid in processes_with_arg(marker):
             os.kill(pid, signal.SIGKILL)
@@ -225,13 +226,13 @@ def test_sigterm_ignoring_command_does_not_survive_a_killed_nsbuild(tmp_path: Pa
                          stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "started"
-        wait_until(lambda: len(processes_with_arg(marker)) >= 2, "command and daemon run")
+        wait_for(lambda: len(processes_with_arg(marker)) >= 2, "command and daemon run")
         p.send_signal(signal.SIGTERM)
         with pytest.raises(subprocess.TimeoutExpired):
             p.wait(timeout=1)  # the command ignores SIGTERM: nsbuild keeps waiting
         p.kill()
         p.wait()
-        wait_until(lambda: processes_with_arg(marker) == [], "everything inside is gone")
+        wait_for(lambda: processes_with_arg(marker) == [], "everything inside is gone")
     finally:
         p.kill()
         for pid in processes_with_arg(marker):

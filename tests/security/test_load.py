@@ -12,23 +12,26 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from security_helpers import HANG_GUARD, NSBUILD, EnvHome, explain, tiny_package
+from security_helpers import NSBUILD, EnvHome, explain, tiny_package
+from waiting import HANG_GUARD
 
 pytestmark = [pytest.mark.userns, pytest.mark.slow]
 
 RUNS = 8
 BUILDS = 4
 
-# Each run: listen on the same fixed port, leave a file in its own /tmp, and
-# report what it sees of the others (processes, files), then wait for a peer
-# connection to its own port, which only itself can make.
+# Each run: listen on the same fixed port, leave a file in its own /tmp, say
+# so, and wait until every run has (the test says go); then connect to its own
+# port, which only itself can answer, and report what it sees of the others
+# (processes, files).
 RUN = r"""
-import json, os, socket, sys, time
+import json, os, socket, sys
 me = sys.argv[1]
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", 8000)); s.listen(1)
 open(f"/tmp/{me}", "w").write(me)
-time.sleep(1.0)  # all runs are up by now, each with its files and its port
+print("up", flush=True)
+assert sys.stdin.readline() == "go\n"
 c = socket.create_connection(("127.0.0.1", 8000)); peer, _ = s.accept()
 c.sendall(me.encode()); got = peer.recv(64).decode()
 pids = [p for p in os.listdir("/proc") if p.isdigit()]
@@ -50,7 +53,16 @@ def test_eight_runs_and_four_builds_at_once(tmp_path: Path, env_home: EnvHome) -
         argv = [*NSBUILD, "run", "--", "/usr/bin/python3", "-c", RUN, f"run{n}"]
         runs.append(subprocess.Popen(argv, env=env_home.vars(), cwd=tmp_path,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True))
+                                     stdin=subprocess.PIPE, text=True))
+    # All runs are up at once, each with its file and its port, before any
+    # looks at the others.
+    for proc in runs:
+        assert proc.stdout is not None
+        if proc.stdout.readline() != "up\n":
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(explain(subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                                     out, err)))
 
     # The host stays usable: a host-side server answers while all of that runs.
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
@@ -63,7 +75,7 @@ def test_eight_runs_and_four_builds_at_once(tmp_path: Path, env_home: EnvHome) -
         server.shutdown()
 
     for n, proc in enumerate(runs):
-        out, err = proc.communicate(timeout=HANG_GUARD)
+        out, err = proc.communicate("go\n", timeout=HANG_GUARD)
         r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         assert proc.returncode == 0, explain(r)
         seen = json.loads(out)

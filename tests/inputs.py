@@ -1,0 +1,47 @@
+"""What the slow tests read from outside the repository: a Debian 12 buildd
+tarball and real Debian source packages (hello 2.10-3, pv 1.6.20-1).
+
+`scripts/setup-and-test` makes the tarball and fetches the source packages
+once, into a cache, and names them in NSBUILD_TEST_TARBALL and
+NSBUILD_TEST_SOURCES; the defaults are where it puts them. A test whose input
+is missing fails and says how to get it: a skip would let a clone silently
+test less.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SETUP = "scripts/setup-and-test --setup-only"
+
+
+def _cache() -> Path:
+    """scripts/setup-and-test's cache: the system's as root, else the user's."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/nsbuild-ci")
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nsbuild" / "test"
+
+
+TARBALL = Path(os.environ.get("NSBUILD_TEST_TARBALL") or _cache() / "bookworm-buildd.tar")
+SOURCES = Path(os.environ.get("NSBUILD_TEST_SOURCES") or TARBALL.parent / "sources")
+
+
+def tarball() -> Path:
+    """The bookworm buildd tarball; the calling test fails without it."""
+    if not TARBALL.is_file():
+        pytest.fail(f"no bookworm buildd tarball at {TARBALL}: `{SETUP}` makes it "
+                    "(or set NSBUILD_TEST_TARBALL to one)", pytrace=False)
+    return TARBALL
+
+
+def fixture_dsc(name: str) -> Path:
+    """The .dsc of a fetched source package (`hello_2.10-3`); the calling test
+    fails without it."""
+    path = SOURCES / f"{name}.dsc"
+    if not path.is_file():
+        pytest.fail(f"no source package {path}: `{SETUP}` fetches it "
+                    "(or set NSBUILD_TEST_SOURCES to a folder holding it)", pytrace=False)
+    return path
