@@ -444,14 +444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.func(args)
         return status
-    except NsbuildError as e:
-        sys.stderr.write(f"nsbuild: {printable(str(e), MESSAGE_LIMIT)}\n")
-        return e.exit_status
-    except ValueError as e:  # SpecError and friends: bad input
-        sys.stderr.write(f"nsbuild: {printable(str(e), MESSAGE_LIMIT)}\n")
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    except (NsbuildError, ValueError, KeyboardInterrupt) as e:  # ValueError: SpecError and friends
+        from nsbuild.cli.exits import exit_status
+
+        if not isinstance(e, KeyboardInterrupt):
+            sys.stderr.write(f"nsbuild: {printable(str(e), MESSAGE_LIMIT)}\n")
+        return exit_status(e)
 
 
 def _complete_site() -> None:
