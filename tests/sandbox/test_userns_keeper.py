@@ -429,10 +429,10 @@ def test_a_joined_run_relays_the_terminals_interrupt_once_and_answers_dns(
 # helper makes).
 FAILING_STEP = """
 import errno, sys
-from nsbuild.sandbox import runner
+from nsbuild.sandbox import netns
 def refuse():
     raise PermissionError(errno.EPERM, "Operation not permitted")
-runner.loopback_up = refuse
+netns.loopback_up = refuse
 sys.argv = ["nsbuild", "run", "--", "true"]
 from nsbuild.cli.main import entry
 entry()

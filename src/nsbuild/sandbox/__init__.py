@@ -11,10 +11,12 @@ API:
     host_view(cwd=...) -> tuple[Mount, ...]   # read-only view of the host
 """
 
+from nsbuild.sandbox.channel import FORWARDED_SIGNALS
 from nsbuild.sandbox.errors import SandboxError, SetupError
 from nsbuild.sandbox.hostview import host_view
 from nsbuild.sandbox.idmap import caller_idmap
-from nsbuild.sandbox.runner import PIPE, Process, run, spawn
+from nsbuild.sandbox.process import PIPE, Process
+from nsbuild.sandbox.runner import run, spawn
 from nsbuild.sandbox.spec import (
     Bind,
     Dev,
@@ -34,6 +36,7 @@ from nsbuild.sandbox.spec import (
 )
 
 __all__ = [
+    "FORWARDED_SIGNALS",
     "PIPE",
     "Bind",
     "Dev",

@@ -36,23 +36,21 @@ import os
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
 from nsbuild.sandbox import userns
-from nsbuild.sandbox.errors import SandboxError
 
-# Shared with runner.py rather than written twice: the channel, the child's
-# failure report, exec and descriptor handling are the same steps there.
-from nsbuild.sandbox.runner import (
+# The same channel, failure report, exec and descriptor handling as a
+# sandbox's own start (runner.py).
+from nsbuild.sandbox.channel import (
     FORWARDED_SIGNALS,
     SETUP_EXIT,
     Channel,
-    Process,
-    close_fds,
-    execvpe,
-    install_stdio,
-    new_network,
     raise_report,
     recv_with_fds,
     report_failure,
 )
+from nsbuild.sandbox.command import close_fds, execvpe, install_stdio
+from nsbuild.sandbox.errors import SandboxError
+from nsbuild.sandbox.netns import new_network
+from nsbuild.sandbox.process import Process
 from nsbuild.sandbox.spec import InsideSocket
 
 TYPE_CHECKING = False

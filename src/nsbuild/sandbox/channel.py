@@ -1,0 +1,95 @@
+"""What nsbuild's own processes tell one another while a sandbox starts.
+
+A child (the helper, init, the joiner of enter.py) reports on a
+close-on-exec SEQPACKET channel: a setup failure ("ERR" or "MSG"), the
+command's exec error ("EXEC"), sockets made inside the sandbox ("SOCK",
+SCM_RIGHTS). EOF on it means the command was exec'd. The parent turns a
+failure into a raised SetupError or SandboxError.
+"""
+
+from __future__ import annotations
+
+import _socket
+import _struct as struct
+import errno
+import posix
+
+from nsbuild.sandbox import mounts as m
+from nsbuild.sandbox.errors import SandboxError, SetupError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from typing import NoReturn
+else:
+    import _signal as signal
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# A child's exit status when setup failed, between nsbuild's own processes
+# only: the real error is on the channel, and the parent raises it.
+SETUP_EXIT = 125
+
+
+class Channel:
+    """The child side of the report channel."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, *fields: str, fds: list[int] | None = None) -> None:
+        data = "\t".join(fields).encode(errors="replace")
+        anc = ([(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+               if fds else [])
+        self.sock.sendmsg([data], anc)
+
+
+def recv_with_fds(sock: _socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the descriptors that came with it."""
+    data, anc, _flags, _addr = sock.recvmsg(4096, _socket.CMSG_LEN(16 * 4))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+    return data, fds
+
+
+def report_failure(chan: Channel, e: BaseException) -> NoReturn:
+    try:
+        if isinstance(e, SetupError):
+            chan.send("ERR", e.step, str(e.errno), e.path or "", e.hint or "")
+        elif isinstance(e, OSError):
+            chan.send("ERR", m.Step.current, str(e.errno or 0), str(e.filename or ""), "")
+        else:
+            chan.send("MSG", f"{m.Step.current}: {type(e).__name__}: {e}")
+    finally:
+        posix._exit(SETUP_EXIT)
+
+
+def raise_report(data: bytes, fds: list[int], pid: int) -> NoReturn:
+    for fd in fds:
+        posix.close(fd)
+    text = data.decode(errors="replace")
+    fields = text.split("\t")
+    if fields[0] == "ERR" and len(fields) == 5:
+        _, step, err, path, hint = fields
+        raise SetupError(step, int(err), path or None, hint or _hint_for(step, int(err)))
+    if fields[0] == "MSG":
+        raise SandboxError(fields[1])
+    if not data:
+        raise SandboxError("the sandbox helper died before it started the command")
+    raise SandboxError(f"unexpected message from the sandbox helper: {text!r}")
+
+
+def _hint_for(step: str, err: int) -> str | None:
+    if step == "unshare user namespace" and err in (errno.EPERM, errno.EACCES, errno.ENOSPC):
+        return ("unprivileged user namespaces are disabled or exhausted: check "
+                "'sysctl kernel.unprivileged_userns_clone' (must be 1), "
+                "'sysctl kernel.apparmor_restrict_unprivileged_userns' (must be 0) and "
+                "'sysctl user.max_user_namespaces'")
+    if "bind" in step and step.startswith("mount") and err == errno.EACCES:
+        return ("the sandbox's ids (your subordinate range) cannot reach this path: "
+                "a parent directory is private (e.g. mode 0700); run from, or bind, a "
+                "directory they can traverse")
+    if step.startswith("mount overlay") and err in (errno.EPERM, errno.EINVAL):
+        return "overlayfs in a user namespace needs Linux >= 5.11 (userxattr)"
+    return None

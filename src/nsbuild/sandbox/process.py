@@ -1,0 +1,87 @@
+"""The handle of a running sandbox: wait for it, pass signals on, kill it."""
+
+from __future__ import annotations
+
+import _socket
+import posix
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from typing import IO
+else:
+    import _signal as signal
+
+PIPE = -1
+
+
+class Process:
+    """A running sandbox. `pid` is the helper process on the host side; it
+    writes the command's status on a pipe (status_fd) once init, and with it
+    every process and mount of the sandbox, is gone, then exits itself."""
+
+    def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
+                 stderr: IO[bytes] | None, sockets: list[_socket.socket],
+                 exec_error: str | None, status_fd: int | None = None) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.sockets = sockets
+        self.exec_error = exec_error
+        self.returncode: int | None = None
+        self._status_fd = status_fd
+
+    def _set(self, status: int) -> int:
+        code = posix.waitstatus_to_exitcode(status)
+        self.returncode = 128 - code if code < 0 else code
+        self._close_status()
+        return self.returncode
+
+    def _close_status(self) -> None:
+        if self._status_fd is not None:
+            posix.close(self._status_fd)
+            self._status_fd = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = posix.waitpid(self.pid, posix.WNOHANG)
+            if pid:
+                self._set(status)
+        return self.returncode
+
+    def wait(self, *, reap_helper: bool = True) -> int:
+        """The command's exit status. With reap_helper=False, return as soon
+        as the sandbox is gone, leaving the helper's own exit (a few hundred
+        microseconds of freeing its copy of this process) unwaited for: for a
+        caller about to exit, whose helper its reaper then collects."""
+        if self.returncode is None:
+            # Only then: a helper forked meanwhile for another sandbox (a
+            # threaded caller) would hold this pipe open too.
+            told = (posix.read(self._status_fd, 16)
+                    if not reap_helper and self._status_fd is not None
+                    else b"")
+            if told:
+                self.returncode = int(told)
+                self._close_status()
+            else:
+                _, status = posix.waitpid(self.pid, 0)
+                self._set(status)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Deliver `sig` to the command (relayed by the helper and init)."""
+        if self.returncode is None:
+            try:
+                posix.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """Kill the whole sandbox: the helper's death takes init and all with it."""
+        if self.returncode is None:
+            try:
+                posix.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
