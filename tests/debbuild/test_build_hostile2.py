@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from nsbuild.backends import Backend, BackendOptions, CopyRefused, open_backend
-from nsbuild.debbuild.driver import BuildRequest, build
+from nsbuild.debbuild.driver import build
+from nsbuild.debbuild.result import BuildRequest
 from nsbuild.errors import NsbuildError
 
 from .conftest import Env, make_package

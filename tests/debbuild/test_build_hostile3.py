@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nsbuild.backends import Backend, BackendOptions, CopyRefused, open_backend
-from nsbuild.debbuild.driver import unchecked_sources
+from nsbuild.debbuild.apt import unchecked_sources
 
 from .conftest import TARBALL, Env
 

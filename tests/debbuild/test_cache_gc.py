@@ -1,4 +1,4 @@
-"""`nsbuild.debbuild.cache.gc`: dependency layers and build apt caches are trimmed,
+"""`nsbuild.debbuild.gc.gc`: dependency layers and build apt caches are trimmed,
 never while a build uses them."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nsbuild.debbuild.cache import DepCache, gc
+from nsbuild.debbuild.cache import DepCache
+from nsbuild.debbuild.gc import gc
 
 
 @pytest.fixture

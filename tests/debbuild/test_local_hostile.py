@@ -21,23 +21,18 @@ from pathlib import Path
 import pytest
 
 from nsbuild.backends import BackendOptions, open_backend
-from nsbuild.debbuild.cache import (
-    ANSWERS,
-    DepCache,
-    apt_cache_root,
-    builds_root,
-    cache_root,
-    gc,
-)
+from nsbuild.debbuild.cache import ANSWERS, DepCache
+from nsbuild.debbuild.gc import gc
 from nsbuild.debbuild.log import logs_root
 from nsbuild.envs.errors import CacheNotPrivate
+from nsbuild.envs.paths import apt_cache_root, builds_root, deps_root
 
 from .conftest import Env, make_package
 from .test_cache_gc import _base, _layer, home
 
 __all__ = ["home"]  # a fixture, used by name
 
-ROOTS: list[Callable[[], Path]] = [cache_root, builds_root, apt_cache_root, logs_root]
+ROOTS: list[Callable[[], Path]] = [deps_root, builds_root, apt_cache_root, logs_root]
 
 
 def _nsbuild(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

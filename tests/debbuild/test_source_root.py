@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nsbuild.debbuild.dsc import source_from_tree
+from nsbuild.debbuild.srctree import source_from_tree
 
 from .conftest import make_package
 

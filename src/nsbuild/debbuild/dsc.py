@@ -8,9 +8,7 @@ distribution. What a .dsc brings is the package author's, in a folder they may
 control: each listed file is opened once and hashed from that descriptor (and,
 given a private folder, copied there while hashing, so that the build copies in
 what was checked), and the tarball or diff is read with bounds on its headers,
-its members and the bytes it decompresses to. `nsbuild build DIR` first makes a
-source package with `dpkg-source -b`, in a sandbox: a tree's configuration can
-make it run programs.
+its members and the bytes it decompresses to.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import io
 import itertools
 import os
 import re
-import shutil
 import stat
 import tarfile
 import typing
@@ -36,13 +33,13 @@ from nsbuild.envs.tarcheck import _EXTENDED, _BoundedTarInfo, _Budget
 from nsbuild.printable import printable
 
 # Policy 5.6.1 / 5.6.12: names and versions as dpkg accepts them.
-_SOURCE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-_VERSION_RE = re.compile(r"^(?:[0-9]+:)?[0-9][A-Za-z0-9.+~:-]*$")
+SOURCE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+VERSION_RE = re.compile(r"^(?:[0-9]+:)?[0-9][A-Za-z0-9.+~:-]*$")
 # A .dsc is a few KiB (a large Package-List stays well under a MiB).
 _MAX_DSC = 4 << 20
 _MAX_LISTED = 8 << 30  # one file a .dsc lists (the largest Debian sources are far smaller)
 # Listed files are read, hashed and copied in pieces of this size.
-_CHUNK = 1 << 20
+CHUNK = 1 << 20
 _HASHES = (("Checksums-Sha256", "sha256"), ("Checksums-Sha1", "sha1"), ("Files", "md5"))
 
 
@@ -127,9 +124,9 @@ def load_dsc(path: str | os.PathLike[str], keep: Path | None = None) -> SourcePa
             raise BuildInputError(f"{dsc}: malformed .dsc: no {name} field")
     source = fields["Source"].strip()
     version = fields["Version"].strip()
-    if not _SOURCE_RE.match(source):
+    if not SOURCE_RE.match(source):
         raise BuildInputError(f"{dsc}: malformed .dsc: bad Source {source!r}")
-    if not _VERSION_RE.match(version):
+    if not VERSION_RE.match(version):
         raise BuildInputError(f"{dsc}: malformed .dsc: bad Version {version!r}")
 
     files = _file_list(dsc, fields)
@@ -310,7 +307,7 @@ def _open_regular(path: Path) -> int | None:
         os.close(handle)
 
 
-def _open_read(path: Path) -> typing.BinaryIO:
+def open_read(path: Path) -> typing.BinaryIO:
     fd = _open_regular(path)
     if fd is None:
         raise OSError(errno.EINVAL, "not a regular file")
@@ -327,7 +324,7 @@ def _hash_copy(
     length = 0
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(copy.open("xb")) if copy is not None else None
-        while length <= size and (chunk := f.read(min(_CHUNK, size + 1 - length))):
+        while length <= size and (chunk := f.read(min(CHUNK, size + 1 - length))):
             digest.update(chunk)
             length += len(chunk)
             if out is not None:
@@ -345,6 +342,8 @@ _MAX_SCAN_MEMBERS = 50_000
 _MAX_MEMBER_HEADER = 64 << 10
 _MAX_HEADER_CHAIN = 8
 _MAX_DIFF_LINE = 4096
+# What is read of a changelog: its newest entry is at its head.
+MAX_CHANGELOG_HEAD = 65536
 
 
 class _OverBound(Exception):
@@ -395,7 +394,7 @@ def _changelog_text(pkg: SourcePackage) -> str | None:
 
 def _changelog_in_tar(path: Path) -> str | None:
     with (
-        _open_read(path) as f,
+        open_read(path) as f,
         tarfile.open(fileobj=f, mode="r|*", tarinfo=_SourceTarInfo) as tar,
     ):
         for _ in range(_MAX_SCAN_MEMBERS):
@@ -407,7 +406,7 @@ def _changelog_in_tar(path: Path) -> str | None:
             if member.isfile() and _is_changelog(member.name):
                 fh = tar.extractfile(member)
                 assert fh is not None
-                return fh.read(_MAX_CHANGELOG_HEAD).decode("utf-8", "replace")
+                return fh.read(MAX_CHANGELOG_HEAD).decode("utf-8", "replace")
             # The next header is there: reaching it decompresses this member.
             if tar.offset > _MAX_SCAN_BYTES:
                 raise _OverBound(f"not within its first {_MAX_SCAN_BYTES >> 20} MiB")
@@ -423,7 +422,7 @@ def _is_changelog(name: str) -> bool:
 def _changelog_in_diff(path: Path) -> str | None:
     import gzip
 
-    with _open_read(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+    with open_read(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz:
         lines = _diff_lines(gz)
         for line in lines:
             words = line.split()
@@ -458,156 +457,3 @@ def _diff_lines(stream: io.BufferedIOBase) -> Iterator[bytes]:
         yield line
 
 
-_MAX_CHANGELOG_HEAD = 65536
-# Inside the sandbox that makes a source package.
-_TREES, _OUT, _ORIGS = "/src", "/out", "/orig"
-_CHANGELOG_RE = re.compile(r"^(\S+) \(([^() \t]+)\)")
-
-
-def source_from_tree(tree: str | os.PathLike[str], workdir: Path) -> SourcePackage:
-    """Make a source package from an unpacked tree with debian/, in `workdir`.
-
-    dpkg-source honours the tree's own configuration (debian/source/options, its
-    format, a VCS's config and hooks for `3.0 (git)`), so it runs in a sandbox:
-    the host's tools read-only, no network, no home of the user's, the tree as
-    the lower layer of a throw-away overlay (patches may be applied; the tree
-    itself is never written), and only `workdir` writable. What it leaves there
-    is taken in only as the .dsc and the regular files it lists."""
-    tree = Path(tree).absolute()
-    if not (tree / "debian" / "control").is_file():
-        raise BuildInputError(f"{tree}: not a source tree (no debian/control or debian/changelog)")
-    source, version = _changelog_head(tree / "debian" / "changelog")
-    upstream = version.split(":", 1)[-1].rsplit("-", 1)[0]
-    # The user's own neighbouring files, which dpkg-source looks for in its
-    # current directory (names checked above: no glob or path characters).
-    origs = sorted(
-        p for p in tree.parent.glob(f"{source}_{upstream}.orig*.tar.*") if p.is_file()
-    )
-    err = _run_dpkg_source(tree, workdir, origs)
-    if err is not None:
-        raise BuildInputError(f"{tree}: dpkg-source -b failed: {err}")
-    dsc = workdir / f"{source}_{version.split(':', 1)[-1]}.dsc"
-    return _take_in(tree, dsc, origs)
-
-
-def _changelog_head(changelog: Path) -> tuple[str, str]:
-    """Source and version of the newest entry, read without following a link
-    and without running a parser of the tree's choosing."""
-    try:
-        fd = os.open(changelog, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        why = "a symbolic link (not followed)" if e.errno == errno.ELOOP else e.strerror
-        raise BuildInputError(f"{changelog}: cannot read: {why}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BuildInputError(f"{changelog}: not a regular file")
-        head = f.read(_MAX_CHANGELOG_HEAD).decode("utf-8", "replace")
-    first = next((line for line in head.splitlines() if line.strip()), "")
-    m = _CHANGELOG_RE.match(first)
-    if not m or not _SOURCE_RE.match(m.group(1)) or not _VERSION_RE.match(m.group(2)):
-        raise BuildInputError(
-            f"{changelog}: cannot parse the newest entry: {printable(first, 80)}"
-        )
-    return m.group(1), m.group(2)
-
-
-def _run_dpkg_source(tree: Path, workdir: Path, origs: list[Path]) -> str | None:
-    """Run `dpkg-source -b` on `tree` in a sandbox writing to `workdir`; None on
-    success, else the last line it printed (escaped)."""
-    from nsbuild.envs.owner import give_to_sandbox_root
-    from nsbuild.sandbox import PIPE, Bind, Overlay, Sandbox, Tmpfs, caller_idmap, host_view, spawn
-
-    inside = f"{_TREES}/{tree.name}"
-    for orig in origs:
-        os.symlink(f"{_ORIGS}/{orig.name}", workdir / orig.name)
-    # Run by root, the sandbox's root is its first subordinate id, which may
-    # not write a folder host root made.
-    give_to_sandbox_root(workdir)
-    spec = Sandbox(
-        argv=("dpkg-source", "-b", inside),
-        idmap=caller_idmap(),
-        root=Tmpfs("/"),
-        mounts=(
-            *host_view(),
-            # dpkg-source unpacks the orig beside the tree to compare them.
-            Tmpfs(_TREES),
-            Overlay(lowers=(str(tree),), upper="", work="", dst=inside, tmpfs_size="50%"),
-            # Not private: the sandbox cannot make setuid files here.
-            Bind(str(workdir), _OUT),
-            *(Bind(str(o), f"{_ORIGS}/{o.name}", readonly=True) for o in origs),
-        ),
-        cwd=_OUT,
-        # Nothing of the user's environment or home: git and dpkg read their
-        # configuration from HOME and XDG_CONFIG_HOME.
-        env=(
-            ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-            ("HOME", "/tmp"),
-            ("TMPDIR", "/tmp"),
-            ("LANG", "C.UTF-8"),
-        ),
-    )
-    with open(os.devnull, "wb") as null:
-        proc = spawn(spec, stdout=null.fileno(), stderr=PIPE)
-    assert proc.stderr is not None
-    try:
-        tail = _tail(proc.stderr)
-        status = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        proc.stderr.close()
-    if proc.exec_error:
-        return f"{printable(proc.exec_error)} (is dpkg-dev installed?)"
-    if status == 0:
-        return None
-    lines = tail.decode("utf-8", "replace").strip().splitlines()
-    return printable(lines[-1]) if lines else f"exit status {status}"
-
-
-def _tail(stream: typing.IO[bytes], keep: int = 4096) -> bytes:
-    """The last `keep` bytes of `stream`, read to its end (a flood costs nothing)."""
-    tail = b""
-    while chunk := stream.read(65536):
-        tail = (tail + chunk)[-keep:]
-    return tail
-
-
-def _take_in(tree: Path, dsc: Path, origs: list[Path]) -> SourcePackage:
-    """The source package the sandbox left in dsc's directory, checked before any
-    of it is read: regular files of one name each (load_dsc bounds the .dsc's
-    size), and nothing but the .dsc and the files it lists (their sizes and checksums
-    verified by load_dsc). The orig tarballs are copied afresh from the user's
-    own: a copy, not a link, since the folder beside the tree may be shared, and
-    the build copies in what load_dsc checked."""
-    workdir = dsc.parent
-    for orig in origs:
-        # Whatever stands under the name now, the sandbox may have made it.
-        try:
-            (workdir / orig.name).unlink(missing_ok=True)
-        except OSError:
-            raise BuildInputError(
-                f"{tree}: dpkg-source -b left {orig.name}, not a plain file"
-            ) from None
-        try:
-            with _open_read(orig) as src, (workdir / orig.name).open("xb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)
-        except OSError as e:
-            raise BuildInputError(f"{orig}: cannot copy: {e.strerror}") from None
-    for entry in os.scandir(workdir):
-        st = entry.stat(follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            raise BuildInputError(
-                f"{tree}: dpkg-source -b left {printable(entry.name)}, not a plain file"
-            )
-    if not dsc.is_file():
-        raise BuildInputError(f"{tree}: dpkg-source -b made no {dsc.name}")
-    pkg = load_dsc(dsc)
-    listed = {dsc.name, *(f.name for f in pkg.files)}
-    extra = sorted(set(os.listdir(workdir)) - listed)
-    if extra:
-        raise BuildInputError(
-            f"{tree}: dpkg-source -b left {printable(extra[0])}, which {dsc.name} does not list"
-        )
-    return pkg

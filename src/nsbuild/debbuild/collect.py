@@ -1,0 +1,195 @@
+"""Collect: the .changes a build left and the package's own results it lists,
+copied out of the session and checked. Anything else is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from nsbuild.backends.base import MAX_COPY_OUT
+from nsbuild.debbuild.dsc import SourcePackage
+from nsbuild.debbuild.errors import BuildFailed
+from nsbuild.debbuild.result import Artifact
+from nsbuild.debbuild.steps import Steps
+
+# A .changes is a few KiB; one larger than this was not made by dpkg-genchanges.
+MAX_CHANGES = 16 << 20
+# What one build may write to --out, all its results together.
+MAX_RESULTS = MAX_COPY_OUT
+# How every .deb, .udeb and .ddeb begins: an ar archive whose first member
+# is debian-binary.
+_DEB_MAGIC = b"!<arch>\ndebian-binary"
+# An upstream tarball of a source package (main or component), or its signature.
+_ORIG = re.compile(r"\.orig(-[A-Za-z0-9][A-Za-z0-9-]*)?\.tar\.[a-z0-9]+(\.asc)?$")
+# What a file name in a .changes may be: Debian's package, version and
+# architecture characters, nothing a shell or a terminal reads specially.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_-]{0,254}")
+_DEB_NAME = re.compile(
+    r"([a-z0-9][a-z0-9.+-]*)_([0-9][A-Za-z0-9.+~-]*)_([a-z0-9-]+)\.(deb|udeb|ddeb)"
+)
+
+
+class Listed(NamedTuple):
+    """A file a .changes lists."""
+
+    name: str
+    size: int
+    sha256: str | None
+
+
+@dataclass
+class Collected:
+    """The results copied out, in the build's private folder."""
+
+    artifacts: list[Artifact] = field(default_factory=list)
+    # Source files identical to the input's (nothing to write over the input).
+    same_as_input: set[str] = field(default_factory=set)
+    # Results at another version than the source's: never written over a
+    # file of --out (it may be another package's, the user's own).
+    no_replace: set[str] = field(default_factory=set)
+
+
+class ResultNames:
+    """The names a build of `pkg` may leave as results: its .changes and
+    .buildinfo, the .debs of the binary packages its .dsc declares (and their
+    -dbgsym), and with --source its own source files. Not nsbuild's logs
+    (`.build`, `.network.jsonl`), not another package's files."""
+
+    def __init__(self, pkg: SourcePackage, arch: str, source: bool) -> None:
+        self.prefix = f"{pkg.source}_{pkg.upstream_less_epoch}_"
+        arches = (arch, "all", "source")
+        self.changes = {f"{self.prefix}{a}.changes" for a in arches}
+        self.buildinfo = {f"{self.prefix}{a}.buildinfo" for a in arches}
+        self.binaries = {*pkg.binaries, *(f"{b}-dbgsym" for b in pkg.binaries)}
+        self.deb_arches = {arch, "all"}
+        self.sources = {p.name for p in pkg.paths()} if source else set()
+        self.version = re.compile(re.escape(pkg.upstream_less_epoch) + r"(\+b[0-9]+)?")
+
+    def result(self, name: str) -> bool:
+        if not _FILE_NAME.fullmatch(name):
+            return False
+        if name in self.changes or name in self.buildinfo or name in self.sources:
+            return True
+        m = _DEB_NAME.fullmatch(name)
+        # Any version: a source may give its binaries versions of their own.
+        return bool(m and m.group(1) in self.binaries and m.group(3) in self.deb_arches)
+
+    def own_version(self, name: str) -> bool:
+        """Whether a result is at this source's own version (a .deb may add a
+        binNMU's +bN): only such a file may replace one of its name in --out.
+        A .deb at another version may be another source's, the user's own."""
+        m = _DEB_NAME.fullmatch(name)
+        return m is None or bool(self.version.fullmatch(m.group(2)))
+
+
+def collect(steps: Steps, pkg: SourcePackage, own: ResultNames, results: Path) -> Collected:
+    """Copy out the .changes and what it lists into `results`. The .changes
+    is the build's own word: only names that are this package's results are
+    taken (never another file of --out, nor nsbuild's logs), each bounded by
+    the size the .changes gives and checked against its checksum."""
+    backend, log = steps.backend, steps.log
+    log.section("Collect")
+    work = backend.work_dir
+    status, text = backend.check_output(["ls", "-1", work])
+    found = [n for n in text.splitlines() if n in own.changes]
+    if status != 0 or len(found) != 1:
+        raise BuildFailed(
+            f"no single {own.prefix}*.changes after the build (found: {', '.join(found)})"
+        )
+    changes = found[0]
+    backend.copy_out(f"{work}/{changes}", results / changes, limit=MAX_CHANGES)
+    listed = changes_files(results / changes)
+    _check_listed(changes, listed, own, pkg)
+    names = [changes]
+    done = Collected()
+    for fname, size, sha in listed:
+        if fname in names:
+            continue
+        got = results / fname
+        backend.copy_out(f"{work}/{fname}", got, limit=size)
+        if got.stat().st_size != size or (sha and sha256_file(got) != sha):
+            raise BuildFailed(f"{fname}: does not match its checksum in {changes}")
+        if _DEB_NAME.fullmatch(fname) and not _is_deb(got):
+            raise BuildFailed(f"{fname}: not a Debian package (no ar archive of debian-binary)")
+        names.append(fname)
+        if not own.own_version(fname):
+            done.no_replace.add(fname)
+    done.same_as_input = _same_as_input(pkg, results, names)
+    for n in names:
+        p = results / n
+        art = Artifact(n, str(p), p.stat().st_size, sha256_file(p))
+        done.artifacts.append(art)
+        log.line(f"{n} {art.size} {art.sha256}")
+    return done
+
+
+def _check_listed(changes: str, listed: list[Listed], own: ResultNames, pkg: SourcePackage) -> None:
+    """Refuse, before anything is copied, a name that is no result of this
+    package, and a result or a set of results larger than any build makes."""
+    for fname, _size, _sha in listed:
+        if "/" in fname or fname in (".", ".."):
+            raise BuildFailed(f"{changes} lists a file with a path: '{fname}'")
+    refused = [fname for fname, _size, _sha in listed if not own.result(fname)]
+    if refused:
+        more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
+        raise BuildFailed(
+            f"{changes} lists files that are not results of {pkg.source} "
+            f"{pkg.version}, refused: " + ", ".join(f"'{n}'" for n in refused[:10]) + more
+        )
+    for fname, size, _sha in listed:
+        if not 0 <= size <= MAX_COPY_OUT:
+            raise BuildFailed(f"{changes} lists {fname} of {size} bytes, over {MAX_COPY_OUT}")
+    total = sum(size for _f, size, _s in listed)
+    if total > MAX_RESULTS:
+        raise BuildFailed(
+            f"{changes} lists {total} bytes of results, over the bound of {MAX_RESULTS} bytes"
+        )
+
+
+def _same_as_input(pkg: SourcePackage, results: Path, names: list[str]) -> set[str]:
+    """The results named like a file of the input .dsc (with --source, by
+    default next to the user's own files). The .dsc and the Debian part
+    are the source build asked for and replace the input's, as with
+    sbuild; an upstream tarball never changes in a source build, and other
+    revisions reuse it: one the build made differently fails the build,
+    named. Returns the names identical to the input (nothing to write)."""
+    if pkg.kept is None:  # built from a tree: the input is no such file
+        return set()
+    inputs = {p.name: p for p in pkg.paths()}
+    named = [n for n in names if n in inputs]
+    same = {n for n in named if sha256_file(results / n) == sha256_file(inputs[n])}
+    forged = [n for n in named if n not in same and _ORIG.search(n)]
+    if forged:
+        raise BuildFailed(
+            f"{pkg.source} {pkg.version}: upstream tarballs the build made differ from the "
+            "input's of the same name, refused: " + ", ".join(f"'{n}'" for n in forged)
+        )
+    return same
+
+
+def changes_files(path: Path) -> list[Listed]:
+    """The files a .changes lists. The .changes comes out of the build: a
+    malformed one is the build's failure, said in one line."""
+    from debian.deb822 import Changes
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            changes = Changes(f)
+        sha = {e["name"]: e["sha256"] for e in changes.get("Checksums-Sha256", [])}
+        return [Listed(e["name"], int(e["size"]), sha.get(e["name"]))
+                for e in changes.get("Files", [])]  # fmt: skip
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise BuildFailed(f"{path.name}: malformed .changes left by the build ({e!r})") from None
+
+
+def _is_deb(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(_DEB_MAGIC)) == _DEB_MAGIC
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

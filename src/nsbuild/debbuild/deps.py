@@ -1,0 +1,192 @@
+"""Install build dependencies: the trusted phase, where only apt and dpkg run.
+
+apt runs with network `allow` (the environment's mirrors), or a cached
+dependency layer stands in for the whole install. What apt downloads is
+shared with later builds only from runs of apt alone, before any
+maintainer script.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from nsbuild.backends import Network
+from nsbuild.debbuild import apt
+from nsbuild.debbuild.cache import DepCache, answer_key, layer_key
+from nsbuild.debbuild.collect import sha256_file
+from nsbuild.debbuild.dsc import SourcePackage
+from nsbuild.debbuild.errors import UnsatisfiableDependencies
+from nsbuild.debbuild.layers import PendingLayer, use_layer
+from nsbuild.debbuild.result import BuildRequest, LayerUse
+from nsbuild.debbuild.steps import Steps
+
+
+@dataclass
+class Installed:
+    """What the phase leaves to the rest of the build."""
+
+    seconds: float = 0.0  # the Install-Time of the log; 0 when nothing was installed
+    layer: LayerUse | None = None
+    pending: PendingLayer | None = None  # a layer to publish when the build ends
+
+
+@dataclass
+class DepsPhase:
+    steps: Steps
+    req: BuildRequest
+    pkg: SourcePackage
+    arch: str
+    extras: tuple[Path, ...]  # private copies of the --extra-package files
+    environment: str
+    say: Callable[[str], None]  # a progress line
+
+    def run(self, stack: ExitStack) -> Installed:
+        log = self.steps.log
+        backend = self.steps.backend
+        log.section("Install package build dependencies")
+        start = time.monotonic()
+        caps = backend.capabilities
+        if not caps.root_inside:
+            log.line("Warning: the backend has no root inside; build dependencies not installed")
+            return Installed()
+        deps, conflicts = self._relations()
+        log.line(f"Build-Depends: {deps}")
+        if conflicts:
+            log.line(f"Build-Conflicts: {conflicts}")
+        network: Network = "allow" if caps.network_per_phase else "host"
+        # Without Generate=false, update deletes and rebuilds apt's caches even
+        # when no list changed; the next apt run checks them against the lists
+        # and rebuilds them only if they are stale.
+        update = ["apt-get", *apt.APT_OPTS, "-o", "pkgCacheFile::Generate=false", "update"]
+        status = self.steps.run(update, network=network, env=apt.APT_ENV)
+        if status != 0:
+            raise UnsatisfiableDependencies(
+                f"apt-get update failed (exit status {status}); see the log"
+            )
+        # Only apt has run in the session so far: its package lists may go
+        # to the environment's shared cache.
+        self._take_downloads()
+        satisfy = ["apt-get", *apt.APT_OPTS]
+        for p in self.extras:
+            satisfy += ["--with-source", f"{backend.work_dir}/extra/{p.name}"]
+        satisfy += ["satisfy", deps]
+        if conflicts:
+            satisfy.append(f"Conflicts: {conflicts}")
+        base = backend.base_id()
+        # A layer is reused on its key's word: the archive's packages it
+        # names, as their signed archive made them. An extra package (or one
+        # from a source apt does not check) is nobody's signed word, and its
+        # maintainer scripts ran as root over the whole session: they may have
+        # changed other packages' files, apt's configuration or keys, in ways
+        # its checksum in the key does not pin (a script may act on the time,
+        # on chance, on what it finds). Such a session is used once.
+        layers = bool(caps.dependency_layers and base and self.req.use_cache)
+        if layers and (self.req.extra_packages or apt.unchecked_sources(backend)):
+            log.line(
+                "No dependency layer is kept: an extra package, or an apt source or "
+                "setting that lets unchecked packages in, puts unsigned packages in this session"
+            )
+            layers = False
+        if not layers or base is None:
+            # No layer to look up or to store: apt installs at once, and is
+            # asked what it would do only if that fails (to name what is unmet).
+            self._install(satisfy, network)
+            return Installed(time.monotonic() - start)
+
+        cache = DepCache()
+        extra_sums = [sha256_file(p) for p in self.extras]
+        # apt's answer is a function of the question and of what it knows:
+        # when both are as in an earlier build, so is the answer (its layer).
+        status, lists = backend.check_output(["sh", "-c", apt.LISTS_STATE], network=network)
+        question = (
+            answer_key(base, self.arch, satisfy, extra_sums, lists)
+            if status == 0 and lists.strip()
+            else None
+        )
+        known = cache.recall(question) if question else None
+        if known and self._use(stack, cache, known, known=True):
+            return Installed(time.monotonic() - start, LayerUse(known, cached=True))
+        resolution = self._resolve(satisfy, network)
+        log.line(f"Resolved: {len(resolution)} package actions")
+        for line in resolution:
+            log.line(f"  {line}")
+        key = layer_key(base, self.arch, resolution, extra_sums)
+        if question:
+            cache.remember(question, key)
+        if self._use(stack, cache, key, known=False):
+            return Installed(time.monotonic() - start, LayerUse(key, cached=True))
+        self._install(satisfy, network)
+        took = time.monotonic() - start
+        meta: dict[str, object] = {
+            "environment": self.environment,
+            "base": base,
+            "architecture": self.arch,
+            "packages": resolution,
+            "extra_packages": [p.name for p in self.extras],
+        }
+        pending = PendingLayer.keep(backend, cache, key, meta)
+        stack.callback(pending.drop, backend)
+        log.line(f"Kept dependency layer {key[:16]} (published when the build ends)")
+        return Installed(took, LayerUse(key, cached=False), pending)
+
+    def _relations(self) -> tuple[str, str]:
+        """The build dependencies and conflicts of what is built."""
+        pkg = self.pkg
+        deps = ["build-essential", "fakeroot", pkg.build_depends]
+        conflicts = [pkg.build_conflicts]
+        if self.req.arch_any:
+            deps.append(pkg.build_depends_arch)
+            conflicts.append(pkg.build_conflicts_arch)
+        if self.req.arch_all:
+            deps.append(pkg.build_depends_indep)
+            conflicts.append(pkg.build_conflicts_indep)
+        return ", ".join(filter(None, deps)), ", ".join(filter(None, conflicts))
+
+    def _use(self, stack: ExitStack, cache: DepCache, key: str, *, known: bool) -> bool:
+        if not use_layer(stack, self.steps.backend, cache, key, self.steps.log, known):
+            return False
+        self.say(f"      using cached dependency layer {key[:16]}")
+        return True
+
+    def _install(self, satisfy: list[str], network: Network) -> None:
+        self.steps.run(["sh", "-c", apt.MAN_DB_OFF])
+        # Downloads first, in a run of apt alone, which checks each package
+        # against the signed indexes: those may go to the shared cache. Then
+        # dpkg runs the packages' maintainer scripts, and from then on
+        # nothing of the session is taken (they could plant anything).
+        download = [satisfy[0], "--download-only", *satisfy[1:]]
+        if self.steps.run(download, network=network, env=apt.APT_ENV) == 0:
+            self._take_downloads()
+        status = self.steps.run(satisfy, network=network, env=apt.APT_ENV)
+        if status != 0:
+            # The resolver names the unmet dependencies.
+            self._resolve(satisfy, network)
+            raise UnsatisfiableDependencies(
+                f"installing build dependencies failed (exit status {status}); see the log"
+            )
+        # No `apt-get clean`: the downloaded packages are in the apt cache
+        # mount (kept for the next build), or in a session that is thrown away.
+
+    def _take_downloads(self) -> None:
+        for line in self.steps.backend.take_downloads():
+            self.steps.log.line(line)
+
+    def _resolve(self, satisfy: list[str], network: Network) -> list[str]:
+        """apt's own answer to "what would satisfy these?", without installing.
+        Unmet dependencies end the build (UnsatisfiableDependencies)."""
+        argv = [satisfy[0], "-s", *satisfy[1:]]
+        status, text = self.steps.ask(argv, env=apt.APT_ENV, network=network)
+        unmet = apt.unmet(text)
+        if status != 0 or unmet or "E: " in text:
+            self.steps.log.write(text)
+            if not unmet:
+                unmet = [ln[3:] for ln in text.splitlines() if ln.startswith("E: ")]
+            listing = "; ".join(unmet) or f"apt-get exit status {status}"
+            raise UnsatisfiableDependencies(
+                f"unsatisfiable build dependencies: {listing}", tuple(unmet)
+            )
+        return apt.actions(text)
