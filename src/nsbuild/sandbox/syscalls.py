@@ -6,51 +6,20 @@ can name the step and the path in their own error.
 
 from __future__ import annotations
 
-# _ctypes, the C core of ctypes, and a few C types declared here: the ctypes
-# package itself takes ~2.5 ms to import (it builds every C type, imports
-# struct and loads a second library handle), on every `nsbuild run`.
-import _ctypes
+import ctypes
 import errno
-import posix
+import os
 import sys
+from ctypes import c_char_p, c_int, c_long, c_ubyte, c_uint, c_uint64, c_ulong, c_ushort
 
-from nsbuild.sandbox import posixutil
-
+# typing (with re and collections) is not imported at run time: every
+# `nsbuild run` imports this module, and the annotations are strings.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import NoReturn
 
-
-def _c_type(code: str) -> Any:
-    """A C scalar type by its struct-module code, as the ctypes package makes them."""
-    return type(f"c_{code}", (_ctypes._SimpleCData,), {"_type_": code})
-
-
-# int, unsigned int, long, unsigned long (also size_t: Linux is LP64 or ILP32
-# throughout), uint64_t, unsigned short, unsigned char, char *.
-_Int, _UInt, _Long, _ULong, _U64, _UShort, _UByte, _CharP = map(_c_type, "iIlLQHBz")
-
-
-class _Function(_ctypes.CFuncPtr):  # type: ignore[misc]
-    # cdecl, errno saved after each call (read with _ctypes.get_errno), int result.
-    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-    _restype_ = _Int
-
-
-class _Libc:
-    """libc's functions by name, as a CDLL of the running program with use_errno."""
-
-    def __init__(self) -> None:
-        self._handle = _ctypes.dlopen(None, posix.RTLD_LOCAL)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        # CFuncPtr((name, library)) looks the name up in library._handle.
-        function = _Function((name, self))  # type: ignore[arg-type]
-        setattr(self, name, function)
-        return function
-
-
-_libc = _Libc()
+# libc of the running program; errno is saved after each call (ctypes.get_errno).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -113,36 +82,36 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, 
 _SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 283, "s390x": 280}
 KEYCTL_JOIN_SESSION_KEYRING = 1
 
-_libc.unshare.argtypes = [_Int]
-_libc.setns.argtypes = [_Int, _Int]
-_libc.syncfs.argtypes = [_Int]
-_libc.mount.argtypes = [_CharP, _CharP, _CharP, _ULong, _CharP]
-_libc.umount2.argtypes = [_CharP, _Int]
-_libc.sethostname.argtypes = [_CharP, _ULong]
-_libc.prctl.argtypes = [_Int, _ULong, _ULong, _ULong, _ULong]
-_libc.syscall.restype = _Long
-_libc.memset.argtypes = [_ULong, _Int, _ULong]
-_libc.memset.restype = _ULong
-_libc.memmove.argtypes = [_ULong, _CharP, _ULong]
-_libc.memmove.restype = _ULong
+_libc.unshare.argtypes = [c_int]
+_libc.setns.argtypes = [c_int, c_int]
+_libc.syncfs.argtypes = [c_int]
+_libc.mount.argtypes = [c_char_p, c_char_p, c_char_p, c_ulong, c_char_p]
+_libc.umount2.argtypes = [c_char_p, c_int]
+_libc.sethostname.argtypes = [c_char_p, c_ulong]
+_libc.prctl.argtypes = [c_int, c_ulong, c_ulong, c_ulong, c_ulong]
+_libc.syscall.restype = c_long
+_libc.memset.argtypes = [c_ulong, c_int, c_ulong]
+_libc.memset.restype = c_ulong
+_libc.memmove.argtypes = [c_ulong, c_char_p, c_ulong]
+_libc.memmove.restype = c_ulong
 
 
-class _OpenHow(_ctypes.Structure):  # type: ignore[misc]
-    _fields_ = [("flags", _U64), ("mode", _U64), ("resolve", _U64)]
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", c_uint64), ("mode", c_uint64), ("resolve", c_uint64)]
 
 
-class _MountAttr(_ctypes.Structure):  # type: ignore[misc]
-    _fields_ = [("attr_set", _U64), ("attr_clr", _U64), ("propagation", _U64),
-                ("userns_fd", _U64)]
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", c_uint64), ("attr_clr", c_uint64), ("propagation", c_uint64),
+                ("userns_fd", c_uint64)]
 
 
 def _fail(path: str | None = None) -> NoReturn:
-    err = _ctypes.get_errno()
-    raise OSError(err, posix.strerror(err), path)
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), path)
 
 
 def _b(s: str | None) -> bytes | None:
-    return None if s is None else posixutil.fsencode(s)
+    return None if s is None else os.fsencode(s)
 
 
 def unshare(flags: int) -> None:
@@ -175,7 +144,7 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    nr = _SYS_PIVOT_ROOT.get(posix.uname().machine, 155)
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine, 155)
     if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
         _fail(new_root)
 
@@ -183,15 +152,15 @@ def pivot_root(new_root: str, put_old: str) -> None:
 def join_new_session_keyring() -> None:
     """Replace the session keyring with a new, empty, anonymous one: keys the
     caller keeps there (Kerberos tickets, fscrypt keys) are no longer possessed."""
-    nr = _SYS_KEYCTL.get(posix.uname().machine, 250)
+    nr = _SYS_KEYCTL.get(os.uname().machine, 250)
     if _libc.syscall(nr, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
-        err = _ctypes.get_errno()
+        err = ctypes.get_errno()
         if err != errno.ENOSYS:  # a kernel without keyrings has nothing to leak
-            raise OSError(err, posix.strerror(err), "keyctl(JOIN_SESSION_KEYRING)")
+            raise OSError(err, os.strerror(err), "keyctl(JOIN_SESSION_KEYRING)")
 
 
 OPEN_TREE_CLONE = 1
-OPEN_TREE_CLOEXEC = posix.O_CLOEXEC
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x04
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
@@ -199,8 +168,8 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x40
 def open_tree_clone(path: str) -> int:
     """A detached copy of the mount tree at `path` (recursive), as an fd that
     move_mount() can attach elsewhere, even in another mount namespace."""
-    fd = int(_libc.syscall(_SYS_OPEN_TREE, _Int(AT_FDCWD), _b(path),
-                           _UInt(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)))
+    fd = int(_libc.syscall(_SYS_OPEN_TREE, c_int(AT_FDCWD), _b(path),
+                           c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)))
     if fd < 0:
         _fail(path)
     return fd
@@ -208,8 +177,8 @@ def open_tree_clone(path: str) -> int:
 
 def move_mount_fd(tree_fd: int, target_fd: int, what: str) -> None:
     """Attach the detached tree `tree_fd` on the object `target_fd` (O_PATH)."""
-    ret = _libc.syscall(_SYS_MOVE_MOUNT, _Int(tree_fd), b"", _Int(target_fd), b"",
-                        _UInt(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
+    ret = _libc.syscall(_SYS_MOVE_MOUNT, c_int(tree_fd), b"", c_int(target_fd), b"",
+                        c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
     if ret != 0:
         _fail(what)
 
@@ -273,12 +242,12 @@ _MODE_ARGUMENT: dict[str, tuple[int, int | None]] = {
 _MODE_UNSEEN = ("openat2", "io_uring_setup")
 
 
-class _SockFilter(_ctypes.Structure):  # type: ignore[misc]
-    _fields_ = [("code", _UShort), ("jt", _UByte), ("jf", _UByte), ("k", _UInt)]
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", c_ushort), ("jt", c_ubyte), ("jf", c_ubyte), ("k", c_uint)]
 
 
-class _SockFprog(_ctypes.Structure):  # type: ignore[misc]
-    _fields_ = [("len", _UShort), ("filter", _ctypes.POINTER(_SockFilter))]
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k) of a struct sock_filter
@@ -323,27 +292,41 @@ def _mode_check(mode: int, flags: int | None) -> str:
     return f"mode {mode} flags {flags}"
 
 
+def _targets(nrs: dict[str, int], deny_setid: bool) -> list[tuple[int, str]]:
+    """(syscall number, label of its verdict) for each call of one ABI the filter acts on."""
+    targets = [(nr, "enosys") for name, nr in nrs.items() if name in _KEYRING]
+    if deny_setid:
+        targets += [(nrs[name], "enosys") for name in _MODE_UNSEEN if name in nrs]
+        targets += [(nr, "eperm") for name, nr in nrs.items() if name in _MOUNT]
+        targets += [(nr, _mode_check(*_MODE_ARGUMENT[name])) for name, nr in nrs.items()
+                    if name in _MODE_ARGUMENT]
+    return targets
+
+
 def _filter(abis: tuple[tuple[int, dict[str, int]], ...], deny_setid: bool) -> list[Insn]:
     """A classic BPF seccomp program. The keyring system calls of each listed
     ABI fail with ENOSYS (as on a kernel without keyrings). With deny_setid,
     a mode with S_ISUID or S_ISGID fails with EPERM on every call that sets
     one (_MODE_ARGUMENT), the calls whose mode it cannot see fail with
     ENOSYS, and the mount calls (_MOUNT) fail with EPERM. Everything else
-    runs."""
-    lines: list[_Line] = []
-    for i, (arch, nrs) in enumerate(abis):
-        # A block per ABI; a call it does not match goes on to the next block
-        # (x86_64 and x32 share an arch), and past the last one is allowed.
-        lines += [_load(4), (_JEQ, 0, f"abi{i + 1}", arch), _load(0)]
-        targets = [(nr, "enosys") for name, nr in nrs.items() if name in _KEYRING]
-        if deny_setid:
-            targets += [(nrs[name], "enosys") for name in _MODE_UNSEEN if name in nrs]
-            targets += [(nr, "eperm") for name, nr in nrs.items() if name in _MOUNT]
-            targets += [(nr, _mode_check(*_MODE_ARGUMENT[name])) for name, nr in nrs.items()
-                        if name in _MODE_ARGUMENT]
-        lines += [(_JEQ, label, 0, nr) for nr, label in targets]
-        lines.append(f"abi{i + 1}")
+    runs, calls of an arch not listed too.
+
+    The arch, then the number, and the arguments only in the branches of
+    the calls that _MODE_ARGUMENT names: the kernel (Linux >= 5.11) runs the
+    program once per number of its native and compat arch when it is
+    installed, and allows from then on, without running it, every call whose
+    verdict needed neither the arguments nor the instruction pointer."""
+    # x86_64 and x32 share an arch (x32's numbers carry the _X32 bit): one branch.
+    by_arch: dict[int, list[tuple[int, str]]] = {}
+    for arch, nrs in abis:
+        by_arch.setdefault(arch, []).extend(_targets(nrs, deny_setid))
+    lines: list[_Line] = [_load(4)]
+    lines += [(_JEQ, f"arch {arch}", 0, arch) for arch in by_arch]
     lines.append((_RET, 0, 0, _SECCOMP_RET_ALLOW))
+    for arch, targets in by_arch.items():
+        lines += [f"arch {arch}", _load(0)]
+        lines += [(_JEQ, label, 0, nr) for nr, label in targets]
+        lines.append((_RET, 0, 0, _SECCOMP_RET_ALLOW))
     if deny_setid:
         for mode, flags in sorted(set(_MODE_ARGUMENT.values()), key=str):
             lines.append(_mode_check(mode, flags))
@@ -370,13 +353,13 @@ def install_seccomp_filter(*, deny_setid: bool) -> bool:
     and no new mounts, through which the kernel would set such modes itself.
     A filter cannot tell one path from another: it applies to every path.
     Install it after the sandbox's own mounts: none can be made after it."""
-    abis = _ABIS.get(posix.uname().machine)
+    abis = _ABIS.get(os.uname().machine)
     if abis is None:
         return False
     insns = _filter(abis, deny_setid)
     array = (_SockFilter * len(insns))(*(_SockFilter(*i) for i in insns))
     prog = _SockFprog(len(insns), array)
-    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, _ctypes.addressof(prog), 0, 0) != 0:
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0) != 0:
         _fail()
     return True
 
@@ -425,17 +408,17 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
-    how = _OpenHow(flags | posix.O_CLOEXEC, mode, resolve)
-    fd = int(_libc.syscall(_SYS_OPENAT2, _Int(dirfd), _b(path), _ctypes.byref(how),
-                           _ULong(_ctypes.sizeof(how))))
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = int(_libc.syscall(_SYS_OPENAT2, c_int(dirfd), _b(path), ctypes.byref(how),
+                           c_ulong(ctypes.sizeof(how))))
     if fd < 0:
         _fail(path)
     return fd
 
 
 def _mount_setattr(dirfd: int, path: str, flags: int, attr: _MountAttr, what: str) -> None:
-    ret = _libc.syscall(_SYS_MOUNT_SETATTR, _Int(dirfd), _b(path), _UInt(flags),
-                        _ctypes.byref(attr), _ULong(_ctypes.sizeof(attr)))
+    ret = _libc.syscall(_SYS_MOUNT_SETATTR, c_int(dirfd), _b(path), c_uint(flags),
+                        ctypes.byref(attr), c_ulong(ctypes.sizeof(attr)))
     if ret != 0:
         _fail(what)
 
@@ -462,14 +445,14 @@ def last_cap() -> int:
         return CAP_LAST_CAP_FALLBACK
 
 
-class _RLimit64(_ctypes.Structure):  # type: ignore[misc]
-    _fields_ = [("soft", _U64), ("hard", _U64)]
+class _RLimit64(ctypes.Structure):
+    _fields_ = [("soft", c_uint64), ("hard", c_uint64)]
 
 
 def soft_limit(resource: int) -> int:
     """The soft value of a resource limit, through glibc's prlimit64 (64-bit
     fields on every ABI; the resource module costs ~0.2 ms to import)."""
     limit = _RLimit64()
-    if _libc.prlimit64(0, resource, None, _ctypes.byref(limit)) != 0:
+    if _libc.prlimit64(0, resource, None, ctypes.byref(limit)) != 0:
         _fail()
     return int(limit.soft)
