@@ -1,22 +1,16 @@
 """Run a sandbox under a network plan: the one sequence every caller shares.
 
     with network(opts, ...) as plan:
-        status = run_under(plan, spec, stdout=fd)    # a new sandbox, waited for
-
-    with network(opts, ...) as plan:                 # any start: spawn, or enter.start
+        status = run_under(plan, spec, stdout=fd)     # a new sandbox, waited for
+        # or any start (spawn, enter.start) of a process with the plan's sockets:
         with Launch(plan, lambda: spawn(planned(spec, plan))) as proc:
-            ...                                      # the plan serves proc's sockets
+            ...                                       # the plan serves proc meanwhile
 
-planned() gives a Sandbox the plan's network: its namespace (private or the
-host's), the sockets made inside for the plan's services, its mounts
-(resolv.conf), its variables (the proxy's) and its cgroup. Launch starts the
-process, says why its command could not be executed, serves the plan's
-services; at the end it kills whatever of the sandbox still runs, stops the
-services, and only then closes the sockets they served (a descriptor closed
-under a service's thread could be reused by the next one opened). A setup
-failure is raised by the start (SetupError) and passes through unchanged.
-
-On the path of every `nsbuild run`: posix and _signal only (see sandbox/runner.py).
+At the end Launch kills what still runs, stops the plan's services, and only
+then closes the sockets they served: a descriptor closed under a service's
+thread could be reused by the next one opened. Setup failures (SetupError)
+pass through unchanged. On the path of every `nsbuild run`: posix and
+_signal only (see sandbox/runner.py).
 """
 
 from __future__ import annotations
@@ -41,26 +35,20 @@ else:
 
 
 def planned(spec: Sandbox, plan: NetPlan) -> Sandbox:
-    """`spec` with the plan's network. The plan's variables win over the
-    spec's (the proxy the plan serves is the only way out); the spec's own
-    cgroup, if any, wins over the plan's (resource limits made inside it)."""
-    return replace(
-        spec,
-        share_net=plan.share_net,
-        inside_sockets=plan.inside_sockets,
-        mounts=(*spec.mounts, *plan.mounts),
-        env=tuple({**dict(spec.env), **dict(plan.env)}.items()),
-        cgroup=spec.cgroup or plan.cgroup,
-    )
+    """`spec` with the plan's network namespace, inside sockets, mounts,
+    variables (winning over the spec's: the plan's proxy is the only way out)
+    and cgroup (unless the spec has its own: limits made inside the plan's)."""
+    return replace(spec, share_net=plan.share_net, inside_sockets=plan.inside_sockets,
+                   mounts=(*spec.mounts, *plan.mounts),
+                   env=tuple({**dict(spec.env), **dict(plan.env)}.items()),
+                   cgroup=spec.cgroup or plan.cgroup)  # fmt: skip
 
 
 class Launch:
-    """Context manager: `start()` a sandbox process made with the plan's
-    inside sockets, serve the plan's services to it; yields the Process.
-
-    stderr: where to say that the command could not be executed (default 2).
-    relay_signals: pass SIGINT, SIGTERM, SIGHUP and SIGQUIT on to the command
-    while the block runs (main thread only: a command-line front end)."""
+    """Context manager: `start()` a process made with the plan's inside
+    sockets, say on `stderr` (default 2) why its command could not be
+    executed, serve the plan to it; yields the Process. relay_signals: pass
+    SIGINT, SIGTERM, SIGHUP and SIGQUIT on to it (main thread only)."""
 
     def __init__(self, plan: NetPlan, start: Callable[[], Process], *,
                  stderr: int | None = None, relay_signals: bool = False) -> None:  # fmt: skip
@@ -108,12 +96,11 @@ class Launch:
 def run_under(plan: NetPlan, spec: Sandbox, *, stdin: int | None = None,
               stdout: int | None = None, stderr: int | None = None,
               limits: Limits | None = None, relay_signals: bool = False) -> int:  # fmt: skip
-    """Run `spec` in a new sandbox under `plan`; its command's exit status
-    (128+N when killed by signal N). stdin, stdout, stderr: descriptors for
-    the command (default: the caller's). limits: the run's own cgroup (its
-    path becomes the sandbox's); cgroup v1 ones the sandbox inherits: this
-    process is in them while it forks the sandbox, which then leaves no user
-    namespace keeper behind (they must be empty at the end)."""
+    """Run `spec` in a new sandbox under `plan`, with these descriptors
+    (default: the caller's); the command's exit status (128+N: signal N).
+    limits: the run's own cgroup, the sandbox's; or cgroup v1 ones, which
+    it inherits: this process is in them while it forks the sandbox (and
+    leaves no user namespace keeper there: they must end empty)."""
     if limits is not None and limits.path:
         spec = replace(spec, cgroup=limits.path)
     spec = planned(spec, plan)
@@ -132,8 +119,7 @@ def run_under(plan: NetPlan, spec: Sandbox, *, stdin: int | None = None,
 
 
 def _relayed(proc: Process) -> Callable[[], None]:
-    """Pass the usual termination signals on to `proc`; returns what restores
-    the handlers there were."""
+    """Relay the usual termination signals to `proc`; returns the undoing."""
     previous = {sig: signal.signal(sig, lambda n, _f: proc.send_signal(n))
                 for sig in FORWARDED_SIGNALS}  # fmt: skip
 

@@ -28,10 +28,6 @@ from __future__ import annotations
 import os
 import sys
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from nsbuild.sandbox import Process
-
 PROG = "autopkgtest-virt-nsbuild"
 FAILED = 255
 # Kept in step with testbed.py (not imported: this runs before anything else).
@@ -110,13 +106,10 @@ def _with_proxy(record: str, pid: int, started: int, cgroup: str | None, deny_se
         # The testbed's own variables, the proxy's on top.
         env = dict(environ(pid))
         env.update(plan.env)
-
-        def entered() -> Process:
-            return start(pid, command, env=tuple(env.items()), new_net=True,
-                         inside_sockets=plan.inside_sockets, cgroup=cgroup,
-                         expect_start=started, deny_setid=deny_setid)  # fmt: skip
-
-        with Launch(plan, entered, relay_signals=True) as proc:
+        with Launch(plan, lambda: start(pid, command, env=tuple(env.items()), new_net=True,
+                                        inside_sockets=plan.inside_sockets, cgroup=cgroup,
+                                        expect_start=started, deny_setid=deny_setid),
+                    relay_signals=True) as proc:  # fmt: skip
             return proc.wait()
 
 
