@@ -19,7 +19,6 @@ from nsbuild.sandbox.spec import File
 
 if TYPE_CHECKING:
     from nsbuild.net.allowlist import Allowlist
-    from nsbuild.net.plan import NetPlan
 
 
 def hosts_file(destinations: list[nftables.Destination], allowlist: Allowlist) -> bytes:
@@ -36,11 +35,12 @@ def hosts_file(destinations: list[nftables.Destination], allowlist: Allowlist) -
     return ("\n".join(lines) + "\n").encode()
 
 
-def nftables_plan(allowlist: Allowlist, log: NetLog, debug: bool) -> Generator[NetPlan, None, None]:
-    """A generator: the first next() sets up and yields the plan, the second tears down."""
+def nftables_engine(allowlist: Allowlist, log: NetLog,
+                    debug: bool) -> Generator[tuple[str, File], None, None]:
+    """A generator: the first next() sets up and yields the run's cgroup and
+    the sandbox's /etc/hosts, the second tears down."""
     from nsbuild.net.nflog import NflogReader
     from nsbuild.net.options import check_nftables_usable
-    from nsbuild.net.plan import NetPlan
 
     check_nftables_usable(allowlist)
     destinations = nftables.resolve_allowlist(allowlist)
@@ -79,13 +79,7 @@ def nftables_plan(allowlist: Allowlist, log: NetLog, debug: bool) -> Generator[N
             print(f"nsbuild: nftables ruleset (nft -f):\n{script}", file=sys.stderr, end="")
         nftables.apply(script)
         applied = True
-        plan = NetPlan(
-            log,
-            share_net=True,
-            cgroup=cgroup,
-            mounts=(File("/etc/hosts", hosts_file(destinations, allowlist)),),
-        )
-        yield plan
+        yield cgroup, File("/etc/hosts", hosts_file(destinations, allowlist))
         refused = nftables.refused_packets(table)
         for label, (packets, nbytes, received) in nftables.allow_counters(table).items():
             if packets:

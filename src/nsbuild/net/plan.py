@@ -119,7 +119,7 @@ class Network:
         self._debug = debug
         self._log: NetLog | None = None
         self._plan: NetPlan | None = None
-        self._engine: Generator[NetPlan, None, None] | None = None
+        self._engine: Generator[tuple[str, File], None, None] | None = None
 
     def __enter__(self) -> NetPlan:
         opts = self._opts
@@ -136,11 +136,12 @@ class Network:
                 assert allowlist is not None
                 self._plan = _proxy_plan(allowlist, log)
             else:
-                from nsbuild.net.nftables_engine import nftables_plan
+                from nsbuild.net.nftables_engine import nftables_engine
 
                 assert allowlist is not None
-                self._engine = nftables_plan(allowlist, log, self._debug)
-                self._plan = next(self._engine)
+                self._engine = nftables_engine(allowlist, log, self._debug)
+                cgroup, hosts = next(self._engine)
+                self._plan = NetPlan(log, share_net=True, cgroup=cgroup, mounts=(hosts,))
         except BaseException:
             log.close()
             raise
