@@ -19,10 +19,10 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def run(
-    env: Env, argv: list[str], *, cwd: Path | None = None, timeout: float = 1800
+    env: Env, argv: list[str], *, cwd: Path | None = None, timeout: float | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run a program as a user would, output captured; `timeout` only keeps a
-    hang from stalling the suite (the test fails then)."""
+    """Run a program as a user would, output captured (a hang ends at the
+    test's time limit, or at `timeout` seconds)."""
     return subprocess.run(
         argv,
         env=env.vars,

@@ -52,9 +52,6 @@ class Env:
             capture_output=True,
             text=True,
             check=check,
-            # A hung build fails its test, not the whole run: the timeout kills
-            # nsbuild, and its sandbox dies with it.
-            timeout=900,
         )
 
     def popen(self, *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
