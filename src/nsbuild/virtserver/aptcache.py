@@ -167,14 +167,15 @@ class AptCache:
         if not lists_up and not debs_up:
             return
         with _locked(self.cache / ".lock", fcntl.LOCK_EX, self.notice):
-            self._harvest_lists(lists_up, say)
-            self._harvest_debs(debs_up, say)
+            for name in MOUNTS:
+                (self.cache / name).mkdir(mode=0o700, exist_ok=True)
+            if lists_up:
+                self._harvest_lists(lists_up, say)
+            if debs_up:
+                self._harvest_debs(debs_up, say)
 
     def _harvest_lists(self, new: dict[str, Path], say: Say) -> None:
-        if not new:
-            return
         cache = self.cache / LISTS
-        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         cached = _files(cache, _LIST_RE)
         take: dict[str, Path] = {}
         drop: set[str] = set()
@@ -274,10 +275,7 @@ class AptCache:
             return aptformats.parse_release(out.read_bytes().decode(errors="replace"))
 
     def _harvest_debs(self, new: dict[str, Path], say: Say) -> None:
-        if not new:
-            return
         cache = self.cache / ARCHIVES
-        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         known = _deb_hashes(list(_files(self.cache / LISTS, _LIST_RE).values()), set(new))
         taken = 0
         for fname, path in sorted(new.items()):
