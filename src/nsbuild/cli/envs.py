@@ -272,7 +272,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     report = gc(dry_run=args.dry_run)
     removed, errors = list(report.removed), list(report.errors)
     # Dependency layers, apt caches and kept logs of the build layer.
-    from nsbuild.debbuild.cache import gc as build_gc
+    from nsbuild.debbuild.gc import gc as build_gc
 
     removed += build_gc(dry_run=args.dry_run, errors=errors)
     if not args.dry_run:
