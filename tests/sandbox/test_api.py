@@ -189,3 +189,24 @@ def test_wait_without_reaping_the_helper_leaves_no_mount_and_the_right_status(
     # The status pipe is closed; the helper is left for the caller to reap.
     assert set(os.listdir("/proc/self/fd")) < fds_before
     assert os.waitpid(proc.pid, 0)[0] == proc.pid
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["status told", "helper failed"])
+def test_a_helper_that_fails_after_the_start_is_an_error_not_a_status(told: bool) -> None:
+    # The helper writes the command's status on its pipe, then exits with it:
+    # a command's own 125 is a status; the helper's 125 alone is its failure.
+    from nsbuild.sandbox import Process
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        if told:
+            os.write(w, b"125")
+        os._exit(125)
+    os.close(w)
+    proc = Process(pid, None, None, None, [], None, r)
+    if told:
+        assert proc.wait() == 125
+    else:
+        with pytest.raises(SandboxError, match="helper failed"):
+            proc.wait()

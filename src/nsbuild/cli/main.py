@@ -2,16 +2,30 @@
 
 Exit statuses: the command's own; 126 not executable; 127 not found; 128+N
 killed by signal N; 125 nsbuild's own setup failure; 2 usage or configuration
-error. Subcommands of other layers are imported only when used, so
-`nsbuild run` imports the standard library alone.
+error. Subcommands of other layers are imported only when used.
+
+The run path. A plain `nsbuild run` (without --env) is a start-up time
+benchmarked against bubblewrap (bench/startup), so it imports this module,
+nsbuild.sandbox, nsbuild.net (options, plan, netlog, dns), nsbuild.envs.masks
+and the few error modules, and from the standard library only what those
+need at run time. Not imported on it, because each costs more than a
+millisecond of every run (bench/startup; docs/performance.md):
+  - argparse: _fast_run_args parses a plain run, argparse anything else;
+  - typing: annotations are strings, and type-only imports sit under
+    `TYPE_CHECKING = False` (the typing module, re and collections with it);
+  - dataclasses: sandbox/record.py makes the frozen records;
+  - socket, signal, threading: their C cores _socket, _signal and _thread
+    (the Python modules import enum, selectors and collections);
+  - anything outside the standard library (python-debian, rich).
+bin/nsbuild starts Python with -I -S; _complete_site() gives every other
+command the site set-up. tests/sandbox/test_cli.py holds the one test of this
+rule; anything else on the path may use the standard library freely.
 """
 
 from __future__ import annotations
 
-import posix
+import os
 import sys
-
-from nsbuild.sandbox import posixutil
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -44,7 +58,7 @@ def _split_bind(spec: str) -> tuple[str, str]:
     src, sep, dst = spec.partition(":")
     if not src:
         raise BadOption(f"bad bind {spec!r}: expected SRC[:DST]")
-    src = posixutil.absolute(src)
+    src = os.path.abspath(src)
     return src, (dst if sep and dst else src)
 
 
@@ -77,7 +91,7 @@ def _limit(kind: str) -> Callable[[str], object]:
 
 
 # The sandbox options, once: they feed both argparse and the fast path of
-# `nsbuild run` (which must not import argparse, re and enum: ~15 ms).
+# `nsbuild run` (see the run path above).
 # name: (kind, default, convert, metavar, help); kind is flag, value or append.
 OptionTable = dict[str, tuple[str, object, "Callable[[str], object] | None", str, str]]
 SANDBOX_OPTIONS: OptionTable = {
@@ -314,7 +328,7 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
     )
     from nsbuild.sandbox.errors import SandboxError
 
-    cwd = posix.getcwd()
+    cwd = os.getcwd()
     root: Any
     mounts: list[Mount]
     if session is not None:
@@ -324,12 +338,12 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
         mirrors = session.mirrors() if getattr(opts, "allow_from_env", False) else ()
         workdir = args.chdir or "/"
     elif args.root:
-        root = Bind(posixutil.absolute(args.root), "/")
+        root = Bind(os.path.abspath(args.root), "/")
         mounts = [Proc(), Dev(), Sys(), Tmpfs("/tmp", 0o1777), Tmpfs("/run")]
-        base_env, mirrors, workdir = posixutil.environ(), (), args.chdir or "/"
+        base_env, mirrors, workdir = dict(os.environ), (), args.chdir or "/"
     else:
         root, mounts = Tmpfs("/"), list(host_view(cwd))
-        base_env, mirrors, workdir = posixutil.environ(), (), args.chdir or cwd
+        base_env, mirrors, workdir = dict(os.environ), (), args.chdir or cwd
     mounts += extra_mounts(args)  # type: ignore[arg-type]
     # A writable bind (the working directory, --bind, --root) may hold the
     # cache or an Unpack folder: the sandbox must not reach the store.
@@ -468,4 +482,4 @@ def entry() -> None:
     status = main()
     sys.stdout.flush()
     sys.stderr.flush()
-    posix._exit(status)
+    os._exit(status)

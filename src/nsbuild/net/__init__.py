@@ -25,7 +25,7 @@ from __future__ import annotations
 from nsbuild.net.errors import NetError
 from nsbuild.net.options import NetOptions, add_arguments, options_from_args
 
-TYPE_CHECKING = False  # no typing import at run time: `nsbuild run` starts here
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 

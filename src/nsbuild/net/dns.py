@@ -13,9 +13,9 @@ neither answered nor written to the log file one by one.
 
 from __future__ import annotations
 
-import _socket  # not socket, threading: their imports cost ~5 ms on every run
-import _struct as struct  # what struct.py re-exports: one module fewer
+import _socket
 import _thread
+import struct
 import sys
 
 from nsbuild.net.netlog import DNS_OVER_RATE, NetLog, TokenBucket

@@ -7,13 +7,12 @@ cgroup v2 mount.
 
 from __future__ import annotations
 
-import posix
+import os
 
 from nsbuild.net.errors import NetError
-from nsbuild.sandbox import posixutil
 
-# Cheap at run time (no typing, no dataclasses): this module is on the path of
-# every `nsbuild run`. The allowlist module (ipaddress) loads only when needed.
+# On the run path (cli/main.py); the allowlist module (ipaddress) loads only
+# when needed.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -100,8 +99,8 @@ def options_from_args(args: argparse.Namespace) -> NetOptions:
     if mode == "allow" and engine == "nftables":
         check_nftables_usable(allowlist)
     if log_path is not None:
-        parent = posixutil.split(posixutil.absolute(log_path))[0]
-        if not posixutil.is_dir(parent):
+        parent = os.path.split(os.path.abspath(log_path))[0]
+        if not os.path.isdir(parent):
             raise NetError(f"--net-log {log_path}: directory {parent} does not exist")
     return NetOptions(mode, allowlist, from_env, engine, log_path)
 
@@ -111,7 +110,7 @@ def check_nftables_usable(allowlist: Allowlist | None) -> None:
 
     from nsbuild.net.cgroups import cgroup2_mount
 
-    if posix.geteuid() != 0:
+    if os.geteuid() != 0:
         raise NetError("--egress-engine nftables needs root; use --egress-engine proxy")
     if shutil.which("nft") is None:
         raise NetError(

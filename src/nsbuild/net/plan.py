@@ -22,7 +22,6 @@ from nsbuild.net.errors import NetError
 from nsbuild.net.netlog import NetLog
 from nsbuild.sandbox.spec import File, InsideSocket
 
-# No typing/contextlib at run time: the `none` path runs on every `nsbuild run`.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import _socket

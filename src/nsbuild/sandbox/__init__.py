@@ -1,7 +1,7 @@
 """The sandbox runtime: user, mount, PID, IPC, UTS and network namespaces.
 
-Stdlib only and cheap to import: `nsbuild run` starts here. Knows nothing of
-Debian, configuration files or builds.
+Standard library only, and on the run path (nsbuild/cli/main.py says what
+that allows). Knows nothing of Debian, configuration files or builds.
 
 API:
     spec = Sandbox(argv=(...), idmap=caller_idmap(), root=..., mounts=...)

@@ -10,9 +10,9 @@ failure into a raised SetupError or SandboxError.
 from __future__ import annotations
 
 import _socket
-import _struct as struct
 import errno
-import posix
+import os
+import struct
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox.errors import SandboxError, SetupError
@@ -62,12 +62,12 @@ def report_failure(chan: Channel, e: BaseException) -> NoReturn:
         else:
             chan.send("MSG", f"{m.Step.current}: {type(e).__name__}: {e}")
     finally:
-        posix._exit(SETUP_EXIT)
+        os._exit(SETUP_EXIT)
 
 
 def raise_report(data: bytes, fds: list[int], pid: int) -> NoReturn:
     for fd in fds:
-        posix.close(fd)
+        os.close(fd)
     text = data.decode(errors="replace")
     fields = text.split("\t")
     if fields[0] == "ERR" and len(fields) == 5:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl  # here, not where used: after the pivot the host's Python may be out of sight
-import posix
+import os
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
@@ -79,20 +79,20 @@ def harden(spec: Sandbox, chan: Channel, stdio: list[int | None],
         say(f"switch to uid {uid} gid {gid} at exec")
         if uid != 0:
             _drop_bounding_caps()
-        posix.setgroups(groups)
+        os.setgroups(groups)
         # The real ids become the user's; posix_spawn's RESETIDS makes them the
         # effective ones in the command, and exec the saved ones.
-        posix.setresgid(gid, 0, 0)
-        posix.setresuid(uid, 0, 0)
+        os.setresgid(gid, 0, 0)
+        os.setresuid(uid, 0, 0)
     m.Step.current = "new session keyring"
     say("new, empty session keyring: the caller's keys are out of reach")
     sc.join_new_session_keyring()
     m.Step.current = "change directory"
     # As the user, not as root: access() checks with the real ids, which are
     # now the user's, and without root's capabilities.
-    if creds and creds[0] != 0 and not posix.access(spec.cwd, posix.X_OK):
-        raise PermissionError(errno.EACCES, posix.strerror(errno.EACCES), spec.cwd)
-    posix.chdir(spec.cwd)
+    if creds and creds[0] != 0 and not os.access(spec.cwd, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), spec.cwd)
+    os.chdir(spec.cwd)
     m.Step.current = "set no_new_privs"
     say("set no_new_privs; close inherited descriptors")
     sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
@@ -111,7 +111,7 @@ def harden(spec: Sandbox, chan: Channel, stdio: list[int | None],
     keep = {chan.sock.fileno(), *spec.pass_fds, *(fd for fd in stdio if fd is not None)}
     close_fds(keep=keep)
     for fd in spec.pass_fds:
-        posix.set_inheritable(fd, True)
+        os.set_inheritable(fd, True)
     return stdio
 
 
@@ -126,7 +126,7 @@ def spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
     env = dict(spec.env)
     if creds and "HOME" not in env:
         env["HOME"] = creds[3]
-    actions = [(posix.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)
+    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)
                if fd is not None and fd != i]
     m.Step.current = "exec"
     if spec.new_session:
@@ -134,14 +134,14 @@ def spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
     say(f"exec {' '.join(spec.argv)}")
     argv = list(spec.argv)
     try:
-        return _first_on_path(argv[0], env, lambda path: posix.posix_spawn(
+        return _first_on_path(argv[0], env, lambda path: os.posix_spawn(
             path, argv, env, file_actions=actions, setsid=spec.new_session,
             setsigdef=_DEFAULT_IN_COMMAND, resetids=creds is not None),
             probe=creds is None)  # init's stat sees as root: only when the command is root
     except OSError as e:
         code = e.errno or errno.ENOENT
         chan.send("EXEC", str(code), argv[0])
-        posix._exit(127 if code == errno.ENOENT else 126)
+        os._exit(127 if code == errno.ENOENT else 126)
 
 
 def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T], *,
@@ -161,7 +161,7 @@ def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T], *
         path = f"{directory or '.'}/{name}"
         if probe:
             try:
-                posix.stat(path)
+                os.stat(path)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError:
@@ -171,7 +171,7 @@ def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T], *
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR) and first is None:
                 first = e
-    raise first or FileNotFoundError(errno.ENOENT, posix.strerror(errno.ENOENT), name)
+    raise first or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
 def lift_stdio(stdio: list[int | None]) -> list[int | None]:
@@ -188,13 +188,13 @@ def install_stdio(stdio: list[int | None]) -> None:
     """dup2 each source onto 0, 1, 2."""
     for i, fd in enumerate(lift_stdio(stdio)):
         if fd is not None and fd != i:
-            posix.dup2(fd, i)
+            os.dup2(fd, i)
 
 
 def execvpe(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
     """os.execvpe without os.get_exec_path, which imports warnings (~1 ms
     before every command): search the command's own PATH."""
-    _first_on_path(argv[0], env, lambda path: posix.execve(path, list(argv), env))
+    _first_on_path(argv[0], env, lambda path: os.execve(path, list(argv), env))
     raise AssertionError("unreachable: execve returned")
 
 
@@ -213,12 +213,12 @@ def _drop_bounding_caps() -> None:
 def close_fds(keep: set[int]) -> None:
     lo = 3
     for fd in sorted(f for f in keep if f >= 3):
-        posix.closerange(lo, fd)
+        os.closerange(lo, fd)
         lo = fd + 1
-    posix.closerange(lo, 1 << 20)
+    os.closerange(lo, 1 << 20)
 
 
 def close_stdio(stdio: list[int | None]) -> None:
     """Close the command's stdio sources (each once: one fd may serve twice)."""
     for fd in {fd for fd in stdio if fd is not None and fd > 2}:
-        posix.close(fd)
+        os.close(fd)

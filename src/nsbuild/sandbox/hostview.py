@@ -8,9 +8,8 @@ users' files) is visible.
 
 from __future__ import annotations
 
-import posix
+import os
 
-from nsbuild.sandbox import posixutil
 from nsbuild.sandbox.spec import Bind, Dev, Dir, Mount, Proc, Symlink, Sys, Tmpfs
 
 _SYSTEM_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -20,9 +19,9 @@ def host_view(cwd: str | None = None) -> tuple[Mount, ...]:
     mounts: list[Mount] = [Bind("/usr", "/usr", readonly=True)]
     for name in _SYSTEM_DIRS:
         path = "/" + name
-        if posixutil.is_link(path):
-            mounts.append(Symlink(posix.readlink(path), path))
-        elif posixutil.is_dir(path):
+        if os.path.islink(path):
+            mounts.append(Symlink(os.readlink(path), path))
+        elif os.path.isdir(path):
             # A system without merged /usr: show the real directory.
             mounts.append(Bind(path, path, readonly=True))
     mounts += [

@@ -9,10 +9,9 @@ root's subordinate range, so nothing inside is ever host uid 0.
 
 from __future__ import annotations
 
-import posix
+import os
 import pwd
 
-from nsbuild.sandbox import posixutil
 from nsbuild.sandbox.errors import SandboxError
 from nsbuild.sandbox.spec import IdMap, IdRange
 
@@ -45,13 +44,13 @@ def _subordinate_range(path: str, user: str, uid: int) -> tuple[int, int] | None
 
 
 def caller_idmap() -> IdMap:
-    uid, gid = posix.getuid(), posix.getgid()
+    uid, gid = os.getuid(), os.getgid()
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    subuid = _subordinate_range(posixutil.getenv(_SUBUID_ENV) or "/etc/subuid", user, uid)
-    subgid = _subordinate_range(posixutil.getenv(_SUBGID_ENV) or "/etc/subgid", user, uid)
+    subuid = _subordinate_range(os.environ.get(_SUBUID_ENV) or "/etc/subuid", user, uid)
+    subgid = _subordinate_range(os.environ.get(_SUBGID_ENV) or "/etc/subgid", user, uid)
 
     if uid == 0:
         if subuid and subgid:
@@ -82,18 +81,18 @@ def caller_idmap() -> IdMap:
 
 def _start_helper(tool: str, pid: int, ranges: tuple[IdRange, ...]) -> int:
     path = next((f"{d}/{tool}" for d in ("/usr/bin", "/usr/local/bin", "/bin")
-                 if posix.access(f"{d}/{tool}", posix.X_OK)), None)
+                 if os.access(f"{d}/{tool}", os.X_OK)), None)
     if path is None:
         raise SandboxError(f"{tool} not found; hint: install it with 'apt install uidmap'")
     args = [tool, str(pid)]
     for r in ranges:
         args += [str(r.inside), str(r.outside), str(r.count)]
-    return posix.posix_spawn(path, args, posix.environ)
+    return os.posix_spawn(path, args, os.environ)
 
 
 def _check_helper(tool: str, child: int, pid: int) -> None:
-    _, status = posix.waitpid(child, 0)
-    if posix.waitstatus_to_exitcode(status) != 0:
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
         raise SandboxError(
             f"{tool} {pid} failed; hint: check your entry in /etc/sub{tool[3]}id and that "
             f"/usr/bin/{tool} is setuid root (ls -l /usr/bin/{tool})"
@@ -112,7 +111,7 @@ def write_maps(pid: int, idmap: IdMap) -> None:
         _check_helper("newgidmap", gids, pid)
         return
     try:
-        if posix.getuid() != 0:
+        if os.getuid() != 0:
             # An unprivileged single-id gid map is refused unless setgroups is
             # denied first (otherwise dropping groups could gain access).
             _write(f"/proc/{pid}/setgroups", "deny")
@@ -123,8 +122,8 @@ def write_maps(pid: int, idmap: IdMap) -> None:
 
 
 def _write(path: str, data: str) -> None:
-    fd = posix.open(path, posix.O_WRONLY)
+    fd = os.open(path, os.O_WRONLY)
     try:
-        posix.write(fd, data.encode())
+        os.write(fd, data.encode())
     finally:
-        posix.close(fd)
+        os.close(fd)

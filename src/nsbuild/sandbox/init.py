@@ -7,7 +7,7 @@ it; when it dies the kernel kills every process of the PID namespace.
 from __future__ import annotations
 
 import _socket
-import posix
+import os
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
@@ -33,26 +33,26 @@ def run_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None]
         m.Step.current = "name PID 1"
         # Its memory still shows nsbuild's host command line and environment.
         sc.set_process_title("nsbuild-init")
-        posix.set_blocking(life_r, False)
+        os.set_blocking(life_r, False)
         _check_lifeline(life_r)
         m.Step.current = "wait for the id maps"
         if maps_pending and chan.sock.recv(1) != b"M":
-            posix._exit(SETUP_EXIT)  # nsbuild is gone, or failed to map ids
+            os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to map ids
         m.Step.current = "unshare mount namespace"
         say("unshare the mount namespace")
         sc.unshare(sc.CLONE_NEWNS)
         m.Step.current = "become root in the user namespace"
-        posix.setresgid(0, 0, 0)
+        os.setresgid(0, 0, 0)
         if spec.idmap.full:
-            posix.setgroups([])
-        posix.setresuid(0, 0, 0)
+            os.setgroups([])
+        os.setresuid(0, 0, 0)
         # Changing ids (nsbuild run by root: host root becomes the range's
         # first id) clears the parent-death signal: set it again, then check
         # the helper lives. (It also makes init non-dumpable, which is fine:
         # the helper that writes init's nested id map is then host root too.)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _check_lifeline(life_r)
-        posix.close(life_r)
+        os.close(life_r)
 
         m.build_root(spec, plan, say, m.Step, before_sys=lambda: join_network(net))
         join_network(net)  # no /sys mounted
@@ -77,8 +77,8 @@ def run_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None]
 
 def _check_lifeline(life_r: int) -> None:
     try:
-        if posix.read(life_r, 1) == b"":
-            posix._exit(SETUP_EXIT)  # the helper died before we were watching
+        if os.read(life_r, 1) == b"":
+            os._exit(SETUP_EXIT)  # the helper died before we were watching
     except BlockingIOError:
         pass
 
@@ -92,17 +92,17 @@ def _lock_mounts(ask_w: int, mapped_r: int, say: Callable[[str], None]) -> None:
     m.Step.current = "lock mounts (nested user namespace)"
     say("lock every mount: move into a nested user and mount namespace")
     sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-    posix.write(ask_w, b"L")
-    if posix.read(mapped_r, 1) != b"M":
-        posix._exit(SETUP_EXIT)  # the helper failed, and reported why
-    posix.close(ask_w)
-    posix.close(mapped_r)
+    os.write(ask_w, b"L")
+    if os.read(mapped_r, 1) != b"M":
+        os._exit(SETUP_EXIT)  # the helper failed, and reported why
+    os.close(ask_w)
+    os.close(mapped_r)
     # Init now shares the command's user namespace: non-dumpable, so that root
     # in there cannot ptrace PID 1 or read its memory (the kernel then asks for
     # a capability in the namespace where init's memory began: the host's).
     sc.prctl(sc.PR_SET_DUMPABLE, 0)
-    posix.setresgid(0, 0, 0)
-    posix.setresuid(0, 0, 0)
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 
 
 def _reap(child: int, say: Callable[[str], None]) -> NoReturn:
@@ -111,7 +111,7 @@ def _reap(child: int, say: Callable[[str], None]) -> NoReturn:
 
     def relay(sig: int, _frame: object) -> None:
         try:
-            posix.kill(child, sig)
+            os.kill(child, sig)
         except ProcessLookupError:
             pass
 
@@ -120,16 +120,16 @@ def _reap(child: int, say: Callable[[str], None]) -> NoReturn:
     code = 0
     while True:
         try:
-            pid, status = posix.wait()
+            pid, status = os.wait()
         except ChildProcessError:
             break
         if pid == child:
-            code = posix.waitstatus_to_exitcode(status)
+            code = os.waitstatus_to_exitcode(status)
             code = 128 - code if code < 0 else code
             break
     say(f"command exited with status {code}; killing what is left in the sandbox")
     try:
-        posix.kill(-1, signal.SIGKILL)
+        os.kill(-1, signal.SIGKILL)
     except OSError:
         pass
-    posix._exit(code)
+    os._exit(code)

@@ -16,9 +16,8 @@ Runs in init (PID 1) inside the new namespaces. The order, and why:
 from __future__ import annotations
 
 import errno
-import posix
+import os
 
-from nsbuild.sandbox import posixutil
 from nsbuild.sandbox import syscalls as sc
 from nsbuild.sandbox.errors import SetupError
 from nsbuild.sandbox.spec import (
@@ -53,8 +52,8 @@ _DEV_LINKS = (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/se
 # Paths of a fresh /proc that must not be writable from inside.
 _PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 _NOSUID_NODEV = sc.MS_NOSUID | sc.MS_NODEV
-_O_DIR_PATH = posix.O_PATH | posix.O_DIRECTORY | posix.O_CLOEXEC
-_O_NEW_FILE = posix.O_CREAT | posix.O_WRONLY | posix.O_CLOEXEC
+_O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_O_NEW_FILE = os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def release(plan: Plan) -> None:
     """Close the plan's cloned trees in the process that no longer needs them."""
     for fd in (plan.root_tree, *(p.tree for p in plan.mounts)):
         if fd is not None:
-            posix.close(fd)
+            os.close(fd)
 
 
 def _tree(src: str) -> int | None:
@@ -89,7 +88,7 @@ def _tree(src: str) -> int | None:
     sandbox makes on it would appear on the host. None when not root or not
     possible (no open_tree or mount_setattr, or root without CAP_SYS_ADMIN):
     the plain bind is used."""
-    if posix.geteuid() != 0:
+    if os.geteuid() != 0:
         return None
     fd = -1
     try:
@@ -98,7 +97,7 @@ def _tree(src: str) -> int | None:
         return fd
     except OSError as e:
         if fd >= 0:
-            posix.close(fd)
+            os.close(fd)
         if e.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
             return None
         raise SetupError("clone bind source", e.errno or errno.EIO, src) from None
@@ -106,7 +105,7 @@ def _tree(src: str) -> int | None:
 
 def _resolve_src(src: str, what: str) -> str:
     try:
-        return posixutil.real(src)
+        return os.path.realpath(src, strict=True)
     except OSError as e:
         raise SetupError(f"check {what}", e.errno or errno.ENOENT, src) from None
 
@@ -117,7 +116,7 @@ def prepare(spec: Sandbox) -> Plan:
     root_src = None
     if isinstance(root, Bind):
         root_src = _resolve_src(root.src, "root directory")
-        if not posixutil.is_dir(root_src):
+        if not os.path.isdir(root_src):
             raise SetupError("check root directory", errno.ENOTDIR, root.src)
     elif isinstance(root, Overlay):
         _check_overlay(root)
@@ -127,10 +126,10 @@ def prepare(spec: Sandbox) -> Plan:
         root_tree = _tree(root_src) if root_src is not None else None
         for mnt in spec.mounts:
             if isinstance(mnt, Bind):
-                if mnt.optional and not posixutil.exists(mnt.src):
+                if mnt.optional and not os.path.exists(mnt.src):
                     continue
                 src = _resolve_src(mnt.src, "bind source")
-                planned.append(Planned(mnt, src, posixutil.is_dir(src), _tree(src)))
+                planned.append(Planned(mnt, src, os.path.isdir(src), _tree(src)))
             else:
                 if isinstance(mnt, Overlay):
                     _check_overlay(mnt)
@@ -143,7 +142,7 @@ def prepare(spec: Sandbox) -> Plan:
 
 def _check_overlay(o: Overlay) -> None:
     for p in (*o.lowers, *(() if o.tmpfs_size else (o.upper, o.work))):
-        if not posixutil.is_dir(p):
+        if not os.path.isdir(p):
             raise SetupError("check overlay directory", errno.ENOENT, p)
 
 
@@ -172,13 +171,13 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
     # /tmp always exists; the tmpfs on it becomes "/" and moves away with
     # pivot_root, so the host's /tmp is again visible as /oldroot/tmp.
     sc.mount("tmpfs", "/tmp", "tmpfs", _NOSUID_NODEV, "mode=0755")
-    posix.chdir("/tmp")
-    posix.mkdir("oldroot")
-    posix.mkdir("newroot")
-    posix.mkdir("files")
+    os.chdir("/tmp")
+    os.mkdir("oldroot")
+    os.mkdir("newroot")
+    os.mkdir("files")
     at("pivot into scratch base")
     sc.pivot_root(".", "oldroot")
-    posix.chdir("/")
+    os.chdir("/")
 
     root = spec.root
     at("mount new root")
@@ -186,7 +185,7 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
     if isinstance(root, Tmpfs):
         sc.mount("tmpfs", NEW, "tmpfs", _NOSUID_NODEV, _tmpfs_data(root))
     elif isinstance(root, Bind) and plan.root_tree is not None:
-        _attach(plan.root_tree, posix.open(NEW, _O_DIR_PATH), NEW)
+        _attach(plan.root_tree, os.open(NEW, _O_DIR_PATH), NEW)
     elif isinstance(root, Bind):
         assert plan.root_src is not None
         sc.mount(OLD + plan.root_src, NEW, None, sc.MS_BIND | sc.MS_REC)
@@ -194,7 +193,7 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
         at("mount overlay root")
         _forget_volatile_mark(root)
         sc.mount("overlay", NEW, "overlay", sc.MS_NOSUID, _overlay_data(root, "root", step))
-    root_fd = posix.open(NEW, _O_DIR_PATH)
+    root_fd = os.open(NEW, _O_DIR_PATH)
     try:
         for n, p in enumerate(plan.mounts):
             if before_sys is not None and isinstance(p.mount, Sys):
@@ -204,7 +203,7 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
             say(what)
             _execute(p, root_fd, n, spec)
     finally:
-        posix.close(root_fd)
+        os.close(root_fd)
     if isinstance(root, Bind) and root.readonly:
         at("make root read-only")
         say("make the root read-only")
@@ -214,12 +213,12 @@ def build_root(spec: Sandbox, plan: Plan, say: Say, step: type[Step],
 def pivot(say: Say, step: type[Step]) -> None:
     step.current = "pivot into new root"
     say("pivot_root into the new root and detach the old one")
-    posix.chdir(NEW)
+    os.chdir(NEW)
     sc.pivot_root(".", ".")
     # The scratch base (and /oldroot, the host tree, under it) is now stacked
     # on "/"; a lazy unmount takes it all away.
     sc.umount2(".", sc.MNT_DETACH)
-    posix.chdir("/")
+    os.chdir("/")
 
 
 def _tmpfs_data(t: Tmpfs) -> str:
@@ -239,7 +238,7 @@ def _forget_volatile_mark(o: Overlay) -> None:
     # throwaway session of a live owner: no restart since its last mount).
     if o.volatile and not o.tmpfs_size:
         mark = OLD + o.work + "/work/incompat/volatile"
-        for remove, path in ((posix.unlink, mark + "/dirty"), (posix.rmdir, mark)):
+        for remove, path in ((os.unlink, mark + "/dirty"), (os.rmdir, mark)):
             try:
                 remove(path)
             except FileNotFoundError:
@@ -252,10 +251,10 @@ def _upper_tmpfs(o: Overlay, name: str, step: type[Step]) -> tuple[str, str]:
     detached). Returns its upper and work directories."""
     step.current = f"mount tmpfs for the overlay upper on {o.dst}"
     at = f"/upper-{name}"
-    posix.mkdir(at)
+    os.mkdir(at)
     sc.mount("tmpfs", at, "tmpfs", _NOSUID_NODEV, f"mode=0755,size={o.tmpfs_size}")
-    posix.mkdir(at + "/upper")
-    posix.mkdir(at + "/work")
+    os.mkdir(at + "/upper")
+    os.mkdir(at + "/work")
     step.current = f"mount overlay on {o.dst} (upper on tmpfs)"
     return at + "/upper", at + "/work"
 
@@ -283,22 +282,22 @@ def _open_in_root(root_fd: int, dst: str, create: str | None) -> int:
     rel = dst.lstrip("/") or "."
     how = sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS
     try:
-        return sc.openat2(root_fd, rel, posix.O_PATH, how)
+        return sc.openat2(root_fd, rel, os.O_PATH, how)
     except FileNotFoundError:
         if create is None:
             raise
-    parent, name = posixutil.split(rel)
-    pfd = _open_in_root(root_fd, "/" + parent, "dir") if parent else posix.dup(root_fd)
+    parent, name = os.path.split(rel)
+    pfd = _open_in_root(root_fd, "/" + parent, "dir") if parent else os.dup(root_fd)
     try:
         if create == "dir":
-            posix.mkdir(name, 0o755, dir_fd=pfd)
+            os.mkdir(name, 0o755, dir_fd=pfd)
         else:
-            posix.close(posix.open(name, _O_NEW_FILE | posix.O_NOFOLLOW, 0o644, dir_fd=pfd))
+            os.close(os.open(name, _O_NEW_FILE | os.O_NOFOLLOW, 0o644, dir_fd=pfd))
     except FileExistsError:
         pass
     finally:
-        posix.close(pfd)
-    return sc.openat2(root_fd, rel, posix.O_PATH, how)
+        os.close(pfd)
+    return sc.openat2(root_fd, rel, os.O_PATH, how)
 
 
 def _remount_ro(path: str, recursive: bool) -> None:
@@ -310,7 +309,7 @@ def _remount_ro(path: str, recursive: bool) -> None:
             if e.errno != errno.ENOSYS:
                 raise
     # Flags locked by the user namespace (nosuid, nodev, ...) must be repeated.
-    st = posix.statvfs(path)
+    st = os.statvfs(path)
     keep = 0
     for st_flag, ms_flag in ((sc.ST_NOSUID, sc.MS_NOSUID), (sc.ST_NODEV, sc.MS_NODEV),
                              (sc.ST_NOEXEC, sc.MS_NOEXEC), (sc.ST_NOATIME, sc.MS_NOATIME),
@@ -327,7 +326,7 @@ def _mount_at(root_fd: int, dst: str, create: str, source: str | None, fstype: s
     try:
         sc.mount(source, _target(fd), fstype, flags, data)
     finally:
-        posix.close(fd)
+        os.close(fd)
 
 
 def _ro_at(root_fd: int, dst: str, recursive: bool = True) -> None:
@@ -335,7 +334,7 @@ def _ro_at(root_fd: int, dst: str, recursive: bool = True) -> None:
     try:
         _remount_ro(_target(fd), recursive)
     finally:
-        posix.close(fd)
+        os.close(fd)
 
 
 def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
@@ -358,16 +357,16 @@ def _execute(p: Planned, root_fd: int, n: int, spec: Sandbox) -> None:
         _mount_at(root_fd, mnt.dst, "dir", "overlay", "overlay", sc.MS_NOSUID,
                   _overlay_data(mnt, str(n), Step))
     elif isinstance(mnt, Dir):
-        posix.close(_open_in_root(root_fd, mnt.dst, "dir"))
+        os.close(_open_in_root(root_fd, mnt.dst, "dir"))
     elif isinstance(mnt, Symlink):
         _symlink(root_fd, mnt.target, mnt.dst)
     elif isinstance(mnt, File):
         src = f"/files/{n}"
-        fd = posix.open(src, posix.O_CREAT | posix.O_WRONLY | posix.O_CLOEXEC, mnt.mode)
+        fd = os.open(src, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, mnt.mode)
         try:
-            posix.write(fd, mnt.data)
+            os.write(fd, mnt.data)
         finally:
-            posix.close(fd)
+            os.close(fd)
         _mount_at(root_fd, mnt.dst, "file", src, None, sc.MS_BIND)
         _ro_at(root_fd, mnt.dst, recursive=False)
     elif isinstance(mnt, Proc):
@@ -382,20 +381,20 @@ def _attach(tree: int, target_fd: int, what: str) -> None:
     try:
         sc.move_mount_fd(tree, target_fd, what)
     finally:
-        posix.close(target_fd)
-        posix.close(tree)
+        os.close(target_fd)
+        os.close(tree)
 
 
 def _symlink(root_fd: int, target: str, dst: str) -> None:
-    parent, name = posixutil.split(dst.lstrip("/"))
+    parent, name = os.path.split(dst.lstrip("/"))
     pfd = _open_in_root(root_fd, "/" + parent, "dir")
     try:
-        posix.symlink(target, name, dir_fd=pfd)
+        os.symlink(target, name, dir_fd=pfd)
     except FileExistsError:
-        if posix.readlink(name, dir_fd=pfd) != target:
+        if os.readlink(name, dir_fd=pfd) != target:
             raise
     finally:
-        posix.close(pfd)
+        os.close(pfd)
 
 
 def _stage(n: int, what: str) -> str:
@@ -404,7 +403,7 @@ def _stage(n: int, what: str) -> str:
     (_move_into): its entries are made by plain paths, without resolving
     each inside the root, and no symlink of the root can take them elsewhere."""
     path = f"/{what}-{n}"
-    posix.mkdir(path, 0o755)
+    os.mkdir(path, 0o755)
     return path
 
 
@@ -431,17 +430,17 @@ def _mount_dev(root_fd: int, dst: str, n: int, spec: Sandbox) -> None:
     sc.mount("tmpfs", stage, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755")
     for node in _DEV_NODES:
         # Device nodes cannot be created in a user namespace: bind the host's.
-        if posixutil.exists(f"{OLD}/dev/{node}"):
-            posix.close(posix.open(f"{stage}/{node}", _O_NEW_FILE | posix.O_EXCL, 0o644))
+        if os.path.exists(f"{OLD}/dev/{node}"):
+            os.close(os.open(f"{stage}/{node}", _O_NEW_FILE | os.O_EXCL, 0o644))
             sc.mount(f"{OLD}/dev/{node}", f"{stage}/{node}", None, sc.MS_BIND)
     for name, target in _DEV_LINKS:
-        posix.symlink(target, f"{stage}/{name}")
-    posix.mkdir(f"{stage}/pts", 0o755)
+        os.symlink(target, f"{stage}/{name}")
+    os.mkdir(f"{stage}/pts", 0o755)
     # tty group 5 exists inside only when the full range is mapped.
     gid = ",gid=5" if spec.idmap.full else ""
     sc.mount("devpts", f"{stage}/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
              f"newinstance,ptmxmode=0666,mode=620{gid}")
-    posix.mkdir(f"{stage}/shm", 0o755)
+    os.mkdir(f"{stage}/shm", 0o755)
     sc.mount("tmpfs", f"{stage}/shm", "tmpfs", _NOSUID_NODEV, "mode=1777")
     _move_into(root_fd, dst, stage)
 

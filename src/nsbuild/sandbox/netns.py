@@ -9,9 +9,9 @@ in there and sent to nsbuild, which serves them from the host.
 from __future__ import annotations
 
 import _socket
-import _struct as struct
 import fcntl
-import posix
+import os
+import struct
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
@@ -49,11 +49,11 @@ def make_network(spec: Sandbox, chan: Channel, to_init: Channel, proc: int,
     """Outside init, while it builds the root: the sandbox's network
     namespace, handed to init."""
     new_network(spec.inside_sockets, chan, say)
-    ns = posix.open("self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC, dir_fd=proc)
+    ns = os.open("self/ns/net", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
     try:
         to_init.send("N", fds=[ns])
     finally:
-        posix.close(ns)
+        os.close(ns)
         to_init.sock.close()
 
 
@@ -66,11 +66,11 @@ def join_network(net: _socket.socket | None) -> None:
     data, fds = recv_with_fds(net)
     net.close()
     if data != b"N" or len(fds) != 1:
-        posix._exit(SETUP_EXIT)  # the helper failed, and reported why
+        os._exit(SETUP_EXIT)  # the helper failed, and reported why
     try:
         sc.setns(fds[0], sc.CLONE_NEWNET)
     finally:
-        posix.close(fds[0])
+        os.close(fds[0])
 
 
 def loopback_up() -> None:

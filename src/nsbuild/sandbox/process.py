@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import _socket
-import posix
+import os
+
+from nsbuild.sandbox.channel import SETUP_EXIT
+from nsbuild.sandbox.errors import SandboxError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,19 +36,33 @@ class Process:
         self._status_fd = status_fd
 
     def _set(self, status: int) -> int:
-        code = posix.waitstatus_to_exitcode(status)
+        """The command's status, from the helper's wait status."""
+        code = os.waitstatus_to_exitcode(status)
         self.returncode = 128 - code if code < 0 else code
+        # The helper exits with the command's status, which it also wrote on
+        # the pipe; SETUP_EXIT without that is its own failure.
+        failed = code == SETUP_EXIT and self._status_fd is not None and not self._told()
         self._close_status()
+        if failed:
+            raise SandboxError("the sandbox's helper failed after the command started")
         return self.returncode
+
+    def _told(self) -> bool:
+        assert self._status_fd is not None
+        os.set_blocking(self._status_fd, False)
+        try:
+            return os.read(self._status_fd, 16) != b""
+        except BlockingIOError:
+            return False
 
     def _close_status(self) -> None:
         if self._status_fd is not None:
-            posix.close(self._status_fd)
+            os.close(self._status_fd)
             self._status_fd = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = posix.waitpid(self.pid, posix.WNOHANG)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self._set(status)
         return self.returncode
@@ -58,14 +75,14 @@ class Process:
         if self.returncode is None:
             # Only then: a helper forked meanwhile for another sandbox (a
             # threaded caller) would hold this pipe open too.
-            told = (posix.read(self._status_fd, 16)
+            told = (os.read(self._status_fd, 16)
                     if not reap_helper and self._status_fd is not None
                     else b"")
             if told:
                 self.returncode = int(told)
                 self._close_status()
             else:
-                _, status = posix.waitpid(self.pid, 0)
+                _, status = os.waitpid(self.pid, 0)
                 self._set(status)
         assert self.returncode is not None
         return self.returncode
@@ -74,7 +91,7 @@ class Process:
         """Deliver `sig` to the command (relayed by the helper and init)."""
         if self.returncode is None:
             try:
-                posix.kill(self.pid, sig)
+                os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -82,6 +99,6 @@ class Process:
         """Kill the whole sandbox: the helper's death takes init and all with it."""
         if self.returncode is None:
             try:
-                posix.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass

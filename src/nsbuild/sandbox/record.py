@@ -1,8 +1,8 @@
 """Frozen records at a fraction of the import cost of dataclasses.
 
 `nsbuild run` is benchmarked against bubblewrap; importing dataclasses (and
-inspect with it) and generating code for a dozen classes costs ~20 ms, more
-than the rest of the startup. Modules write `@dataclass(frozen=True)` as
+inspect with it) and generating code for a dozen classes costs more than the
+rest of its start-up (the run path, nsbuild/cli/main.py). Modules write `@dataclass(frozen=True)` as
 usual and import it from here at run time, while type checkers see the real
 thing (`if TYPE_CHECKING: from dataclasses import dataclass, field`).
 Supported: frozen=True, defaults, field(default_factory=...), keyword or

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import _socket
 import errno
-import posix
+import os
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
@@ -75,7 +75,7 @@ def _debug_printer(enabled: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
         if enabled:
             ms = (time.monotonic() - start) * 1000
-            posix.write(2, f"nsbuild: [{ms:6.1f} ms] {msg}\n".encode(errors="replace"))
+            os.write(2, f"nsbuild: [{ms:6.1f} ms] {msg}\n".encode(errors="replace"))
 
     return say
 
@@ -100,7 +100,7 @@ def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
             signal.signal(s, lambda sig, _f: proc.send_signal(sig))
         status = proc.wait(reap_helper=reap_helper)
         if proc.exec_error:
-            posix.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
+            os.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
         return status
     finally:
         for s, h in previous.items():
@@ -121,7 +121,7 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     plan = m.prepare(spec)  # host-side checks: sources exist, resolved once
     say = _debug_printer(spec.debug)
     if spec.idmap.warning:
-        posix.write(2, f"nsbuild: warning: {spec.idmap.warning}\n".encode())
+        os.write(2, f"nsbuild: warning: {spec.idmap.warning}\n".encode())
 
     # A user namespace kept mapped by an earlier run (userns.py); else this
     # run makes one, and leaves a keeper in it unless the run has a cgroup of
@@ -133,18 +133,18 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     child_ends: list[int | None] = [None, None, None]
     for i, want in enumerate((stdin, stdout, stderr)):
         if want == PIPE:
-            r, w = posix.pipe()
+            r, w = os.pipe()
             parent_ends[i], child_ends[i] = (w, r) if i == 0 else (r, w)
         elif want is not None:
             child_ends[i] = want
 
     status_r = status_w = -1
     try:
-        status_r, status_w = posix.pipe()
+        status_r, status_w = os.pipe()
         parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-        parent_pid = posix.getpid()
+        parent_pid = os.getpid()
         try:
-            pid = posix.fork()
+            pid = os.fork()
         except OSError as e:
             parent_sock.close()
             child_sock.close()
@@ -152,41 +152,41 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     except BaseException:
         m.release(plan)
         for fd in {*parent_ends, *child_ends} - {None, stdin, stdout, stderr}:
-            posix.close(fd)  # type: ignore[arg-type]
+            os.close(fd)  # type: ignore[arg-type]
         for fd in (status_r, status_w, -1 if kept is None else kept[0]):
             if fd >= 0:
-                posix.close(fd)
+                os.close(fd)
         raise
     if pid == 0:
         parent_sock.close()
-        posix.close(status_r)
+        os.close(status_r)
         for fd in parent_ends:
             if fd is not None:
-                posix.close(fd)
+                os.close(fd)
         _helper(spec, plan, Channel(child_sock), child_ends, parent_pid,
                 None if kept is None else kept[0], keep, status_w, say)
 
     child_sock.close()
-    posix.close(status_w)
+    os.close(status_w)
     m.release(plan)  # the cloned trees live on in the child only
     if kept is not None:
-        posix.close(kept[0])
+        os.close(kept[0])
     for i, fd in enumerate(child_ends):
         if fd is not None and (stdin, stdout, stderr)[i] == PIPE:
-            posix.close(fd)
+            os.close(fd)
     try:
         sockets, exec_error = _parent_side(spec, pid, parent_sock,
                                            None if kept is None else kept[1], say)
     except BaseException:
         try:
-            posix.kill(pid, signal.SIGKILL)
-            posix.waitpid(pid, 0)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
         for fd in parent_ends:
             if fd is not None:
-                posix.close(fd)
-        posix.close(status_r)
+                os.close(fd)
+        os.close(status_r)
         raise
     finally:
         parent_sock.close()
@@ -197,7 +197,7 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
 
 def _relay(pid: int, sig: int) -> None:
     try:
-        posix.kill(pid, sig)
+        os.kill(pid, sig)
     except ProcessLookupError:
         pass
 
@@ -231,7 +231,7 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | No
             write_maps(pid, spec.idmap)
         except BaseException:
             if new_keeper:
-                posix.kill(new_keeper, signal.SIGKILL)  # its namespace has no ids
+                os.kill(new_keeper, signal.SIGKILL)  # its namespace has no ids
             raise
         sock.send(b"M")
         if new_keeper:
@@ -254,14 +254,14 @@ def _reports(sock: _socket.socket, pid: int) -> tuple[list[_socket.socket], str 
             return sockets, exec_error
         kind = data.split(b"\t", 1)[0]
         if kind == b"SOCK":
-            # The C-level socket type: socket.socket costs ~4 ms to import
-            # (its enums) on every run; wrap with socket.socket(fileno=s.detach()).
+            # The C-level socket type (the run path, cli/main.py); callers
+            # may wrap it: socket.socket(fileno=s.detach()).
             sockets += [_socket.socket(fileno=fd) for fd in fds]
         elif kind == b"EXEC":
             _, err, name = data.decode(errors="replace").split("\t", 2)
             code = int(err)
             exec_error = (f"{name}: command not found" if code == errno.ENOENT
-                          else f"{name}: cannot execute: {posix.strerror(code)}")
+                          else f"{name}: cannot execute: {os.strerror(code)}")
         else:
             raise_report(data, fds, pid)
 
@@ -282,14 +282,14 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         for s in FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if posix.getppid() != parent_pid:
-            posix._exit(SETUP_EXIT)  # nsbuild died before the signal was set
+        if os.getppid() != parent_pid:
+            os._exit(SETUP_EXIT)  # nsbuild died before the signal was set
         if spec.cgroup and chan.sock.recv(1) != b"C":
-            posix._exit(SETUP_EXIT)  # nsbuild is gone, or failed to place us
+            os._exit(SETUP_EXIT)  # nsbuild is gone, or failed to place us
         if spec.new_session:
             # Out of the caller's process group: terminal signals reach nsbuild
             # only, which relays them once, down the chain, to the command.
-            posix.setsid()
+            os.setsid()
         m.Step.current = "unshare user namespace"
         joined = False
         if kept is not None:
@@ -298,7 +298,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
                 joined = True
             except OSError:
                 pass  # make one, as if none had been kept
-            posix.close(kept)
+            os.close(kept)
         if joined:
             chan.send("J")
         else:
@@ -315,12 +315,12 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         m.release(plan)
         _tend_init(spec, link, chan, say)
         chan.sock.close()
-        _, status = posix.waitpid(init, 0)
-        code = posix.waitstatus_to_exitcode(status)
+        _, status = os.waitpid(init, 0)
+        code = os.waitstatus_to_exitcode(status)
         code = 128 - code if code < 0 else code
         # init, its namespaces and every mount of the sandbox are gone now.
-        posix.write(status_w, str(code).encode())
-        posix._exit(code)
+        os.write(status_w, str(code).encode())
+        os._exit(code)
     except BaseException as e:
         report_failure(chan, e)
 
@@ -344,29 +344,29 @@ def _start_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | No
     say("unshare PID, IPC, UTS and cgroup namespaces")
     sc.unshare(sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
     # A lifeline: init reads EOF on it if this process is already gone.
-    life_r, life_w = posix.pipe()
+    life_r, life_w = os.pipe()
     # init asks on `ask` for the id map of its nested user namespace (the
     # mount lock), which only a process of this namespace can write.
-    ask_r, ask_w = posix.pipe()
-    mapped_r, mapped_w = posix.pipe()
+    ask_r, ask_w = os.pipe()
+    mapped_r, mapped_w = os.pipe()
     # The host's /proc, held open for init's id map and the network namespace.
-    proc = posix.open("/proc", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
+    proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     # The network namespace is made out here while init builds the root (the
     # kernel takes a while over a new one), then handed to init.
     net_here, net_init = (None, None) if spec.share_net else _socket.socketpair(
         _socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     m.Step.current = "fork init (PID 1)"
-    init = posix.fork()
+    init = os.fork()
     if init == 0:
         for s in FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)  # until init relays them
         for fd in (life_w, ask_r, mapped_w, proc, status_w):
-            posix.close(fd)
+            os.close(fd)
         if net_here is not None:
             net_here.close()
         run_init(spec, plan, chan, stdio, life_r, (ask_w, mapped_r), maps_pending, net_init, say)
     for fd in (life_r, ask_w, mapped_r):
-        posix.close(fd)
+        os.close(fd)
     if net_init is not None:
         net_init.close()
     return _InitLink(init, life_w, ask_r, mapped_w, proc, net_here)
@@ -381,12 +381,12 @@ def _tend_init(spec: Sandbox, link: _InitLink, chan: Channel,
         make_network(spec, chan, Channel(link.net), link.proc, say)
     for s in FORWARDED_SIGNALS:
         signal.signal(s, lambda sig, _f: _relay(link.init, sig))
-    if posix.read(link.ask_r, 1) == b"L":  # EOF: init failed, and reported why
+    if os.read(link.ask_r, 1) == b"L":  # EOF: init failed, and reported why
         m.Step.current = "map the ids of the nested user namespace"
         _identity_map(link.proc, link.init, spec.idmap)
-        posix.write(link.mapped_w, b"M")
+        os.write(link.mapped_w, b"M")
     for fd in (link.ask_r, link.mapped_w, link.proc):
-        posix.close(fd)
+        os.close(fd)
 
 
 def _identity_map(proc: int, pid: int, idmap: IdMap) -> None:
@@ -394,8 +394,8 @@ def _identity_map(proc: int, pid: int, idmap: IdMap) -> None:
     # extents of the parent map.
     for name, ranges in (("uid_map", idmap.uids), ("gid_map", idmap.gids)):
         text = "\n".join(f"{r.inside} {r.inside} {r.count}" for r in ranges)
-        fd = posix.open(f"{pid}/{name}", posix.O_WRONLY | posix.O_CLOEXEC, dir_fd=proc)
+        fd = os.open(f"{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
         try:
-            posix.write(fd, text.encode())
+            os.write(fd, text.encode())
         finally:
-            posix.close(fd)
+            os.close(fd)

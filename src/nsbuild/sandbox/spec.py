@@ -11,10 +11,10 @@ symlinks, so an untrusted root cannot redirect a mount onto the host.
 
 from __future__ import annotations
 
-from nsbuild.sandbox import posixutil
+import os
 
-# Type checkers see real dataclasses; at run time a cheaper equivalent (see
-# record.py: nsbuild run's startup time is a feature).
+# Type checkers see real dataclasses; at run time record.py's (the run path,
+# cli/main.py).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from dataclasses import dataclass, field
@@ -38,7 +38,8 @@ def _check_dst(dst: str) -> str:
         raise SpecError(f"mount destination must be absolute: {dst!r}")
     if "\0" in dst or any(part == ".." for part in dst.split("/")):
         raise SpecError(f"mount destination must not contain '..' or NUL: {dst!r}")
-    return posixutil.normalize(dst)
+    # normpath keeps a leading "//" (POSIX leaves its meaning open): not here.
+    return "/" + os.path.normpath(dst).lstrip("/")
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,11 @@ so they are part of the record's name: a run with other limits makes its own.
 
 from __future__ import annotations
 
-import _stat as stat  # the C module that stat.py re-exports: one module fewer
-import _struct as struct  # what struct.py re-exports: one module fewer
 import fcntl
-import posix
+import os
+import stat
+import struct
 
-from nsbuild.sandbox import posixutil
 from nsbuild.sandbox import syscalls as sc
 from nsbuild.sandbox.spec import IdMap, IdRange, SpecError
 
@@ -62,7 +61,7 @@ _INHERITED_LIMITS = (6, 8, 11, 12)
 
 def lifetime() -> int:
     """Seconds a new keeper stays; 0: no keepers. A bad setting is a usage error."""
-    value = posixutil.getenv(_ENV_SWITCH)
+    value = os.environ.get(_ENV_SWITCH)
     if value is None:
         return KEEP_SECONDS
     if not (value.isascii() and value.isdigit()):
@@ -74,17 +73,17 @@ def lifetime() -> int:
 def _open_directory(create: bool) -> int | None:
     """The caller's private runtime directory for keeper records, opened; None
     when there is none we can trust (not ours, open to others, a symlink)."""
-    runtime = posixutil.getenv("XDG_RUNTIME_DIR")
-    path = f"{runtime}/nsbuild" if runtime else f"/tmp/nsbuild-{posix.geteuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    path = f"{runtime}/nsbuild" if runtime else f"/tmp/nsbuild-{os.geteuid()}"
     for attempt in (0, 1):
         try:
-            fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
-                            | posix.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                            | os.O_CLOEXEC)
         except FileNotFoundError:
             if not create or attempt:
                 return None
             try:
-                posix.mkdir(path, 0o700)
+                os.mkdir(path, 0o700)
             except FileExistsError:
                 pass
             except OSError:
@@ -92,10 +91,10 @@ def _open_directory(create: bool) -> int | None:
             continue
         except OSError:
             return None
-        st = posix.fstat(fd)
-        if st.st_mode & 0o077 == 0 and st.st_uid == posix.geteuid():
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 == 0 and st.st_uid == os.geteuid():
             return fd
-        posix.close(fd)
+        os.close(fd)
         return None
     return None
 
@@ -105,7 +104,7 @@ def can_record() -> bool:
     fd = _open_directory(create=True)
     if fd is None:
         return False
-    posix.close(fd)
+    os.close(fd)
     return True
 
 
@@ -118,26 +117,26 @@ def _record_name(idmap: IdMap) -> str:
 
 
 def _read_at(dir_fd: int, name: str) -> bytes:
-    fd = posix.open(name, posix.O_RDONLY | posix.O_CLOEXEC, dir_fd=dir_fd)
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        return posix.read(fd, 4096)
+        return os.read(fd, 4096)
     finally:
-        posix.close(fd)
+        os.close(fd)
 
 
 def _read_record(dir_fd: int, name: str) -> bytes:
     """A record: never through a symlink, never waiting on a FIFO, and only a
     regular file of the caller's (a command that can write the directory must
     not make a run block, or read its own stdin through /dev/stdin)."""
-    fd = posix.open(name, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC,
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                  dir_fd=dir_fd)
     try:
-        st = posix.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != posix.geteuid():
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             raise ValueError(f"{name} is not a regular file of the caller's")
-        return posix.read(fd, 4096)
+        return os.read(fd, 4096)
     finally:
-        posix.close(fd)
+        os.close(fd)
 
 
 def start_time(stat_line: bytes) -> int:
@@ -155,13 +154,13 @@ def _same_ranges(text: bytes, ranges: tuple[IdRange, ...]) -> bool:
 def _is_ours(ns: int) -> bool:
     """Owned by the caller and a child of the caller's own user namespace."""
     owner = struct.unpack("I", fcntl.ioctl(ns, _NS_GET_OWNER_UID, b"\0" * 4))[0]
-    if owner != posix.geteuid():
+    if owner != os.geteuid():
         return False
     parent = fcntl.ioctl(ns, _NS_GET_PARENT)
     try:
-        a, b = posix.fstat(parent), posix.stat("/proc/self/ns/user")
+        a, b = os.fstat(parent), os.stat("/proc/self/ns/user")
     finally:
-        posix.close(parent)
+        os.close(parent)
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
@@ -175,20 +174,20 @@ def join_fd(idmap: IdMap) -> tuple[int, int] | None:
         pid, started, inode = map(int, _read_record(directory, _record_name(idmap)).split())
         # Everything below is read through this directory: if the keeper is
         # gone and its pid reused, the reads fail instead of reading another.
-        proc = posix.open(f"/proc/{pid}", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
+        proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except (OSError, ValueError):
         return None
     finally:
-        posix.close(directory)
+        os.close(directory)
     ns = -1
     try:
-        ns = posix.open("ns/user", posix.O_RDONLY | posix.O_CLOEXEC, dir_fd=proc)
+        ns = os.open("ns/user", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
         line = _read_at(proc, "stat")
         # A keeper that ended but was not reaped yet still shows its namespace.
         state = line.rsplit(b")", 1)[1].split()[0]
         if (state not in (b"Z", b"X")
                 and start_time(line) == started
-                and posix.fstat(ns).st_ino == inode
+                and os.fstat(ns).st_ino == inode
                 and _is_ours(ns)
                 and _same_ranges(_read_at(proc, "uid_map"), idmap.uids)
                 and _same_ranges(_read_at(proc, "gid_map"), idmap.gids)
@@ -201,41 +200,41 @@ def join_fd(idmap: IdMap) -> tuple[int, int] | None:
     except (OSError, ValueError, IndexError):
         return None
     finally:
-        posix.close(proc)
+        os.close(proc)
         if ns >= 0:
-            posix.close(ns)
+            os.close(ns)
 
 
 def leave_keeper(seconds: int) -> int:
     """Called right after unshare(CLONE_NEWUSER), before any other namespace:
     start the keeper in this user namespace, outside the caller's process tree
     (a throwaway child starts it and exits). Its pid, or 0 if it could not."""
-    r, w = posix.pipe()
+    r, w = os.pipe()
     try:
-        child = posix.fork()
+        child = os.fork()
         if child == 0:
             try:
-                posix.chdir("/")
-                posix.closerange(3, w)
-                posix.closerange(w + 1, 1 << 20)
-                pid = posix.posix_spawn(
+                os.chdir("/")
+                os.closerange(3, w)
+                os.closerange(w + 1, 1 << 20)
+                pid = os.posix_spawn(
                     SLEEP, [KEEPER_NAME, str(seconds)], {}, setsid=True,
                     setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # ignored by Python
-                    file_actions=[(posix.POSIX_SPAWN_OPEN, 0, "/dev/null", posix.O_RDWR, 0),
-                                  (posix.POSIX_SPAWN_DUP2, 0, 1), (posix.POSIX_SPAWN_DUP2, 0, 2)])
-                posix.write(w, str(pid).encode())
+                    file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+                                  (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)])
+                os.write(w, str(pid).encode())
             finally:
-                posix._exit(0)
-        posix.close(w)
+                os._exit(0)
+        os.close(w)
         w = -1
-        posix.waitpid(child, 0)
-        return int(posix.read(r, 32) or 0)
+        os.waitpid(child, 0)
+        return int(os.read(r, 32) or 0)
     except (OSError, ValueError):
         return 0
     finally:
-        posix.close(r)
+        os.close(r)
         if w >= 0:
-            posix.close(w)
+            os.close(w)
 
 
 def publish(pid: int, idmap: IdMap) -> None:
@@ -244,23 +243,23 @@ def publish(pid: int, idmap: IdMap) -> None:
     directory = _open_directory(create=True)
     if directory is None:
         return
-    tmp = f".userns.{posix.getpid()}"
+    tmp = f".userns.{os.getpid()}"
     try:
         name = _record_name(idmap)
         with open(f"/proc/{pid}/stat", "rb") as f:
             started = start_time(f.read())
-        inode = posix.stat(f"/proc/{pid}/ns/user").st_ino
-        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW
-                        | posix.O_CLOEXEC, 0o600, dir_fd=directory)
+        inode = os.stat(f"/proc/{pid}/ns/user").st_ino
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                        | os.O_CLOEXEC, 0o600, dir_fd=directory)
         try:
-            posix.write(fd, f"{pid} {started} {inode}\n".encode())
+            os.write(fd, f"{pid} {started} {inode}\n".encode())
         finally:
-            posix.close(fd)
-        posix.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except (OSError, ValueError, IndexError):
         try:
-            posix.unlink(tmp, dir_fd=directory)
+            os.unlink(tmp, dir_fd=directory)
         except OSError:
             pass
     finally:
-        posix.close(directory)
+        os.close(directory)
