@@ -188,6 +188,9 @@ def remove_unused_base(layout: Layout, digest: str) -> bool:
         return False  # a session we cannot read may use it: gc says which
     if any(s.alive() and s.base == digest for s in sessions):
         return False
+    # Another environment may name the same tarball: its base is shared.
+    if digest in _configured_bases(load_config(), layout, report):
+        return False
     _bases_only(layout, digest, report)
     return any(digest[:12] in r for r in report.removed)
 
