@@ -9,13 +9,12 @@
 At the end Launch kills what still runs, stops the plan's services, and only
 then closes the sockets they served: a descriptor closed under a service's
 thread could be reused by the next one opened. Setup failures (SetupError)
-pass through unchanged. On the path of every `nsbuild run`: posix and
-_signal only (see sandbox/runner.py).
+pass through unchanged. On the run path (cli/main.py): _signal, not signal.
 """
 
 from __future__ import annotations
 
-import posix
+import os
 
 from nsbuild.sandbox import spawn
 from nsbuild.sandbox.channel import FORWARDED_SIGNALS
@@ -133,7 +132,7 @@ def _relayed(proc: Process) -> Callable[[], None]:
 
 def _say(fd: int, message: str) -> None:
     try:
-        posix.write(fd, f"nsbuild: {message}\n".encode(errors="replace"))
+        os.write(fd, f"nsbuild: {message}\n".encode(errors="replace"))
     except OSError:
         pass  # the caller's stderr is gone: nothing else to tell it with
 
