@@ -451,7 +451,7 @@ class _RLimit64(ctypes.Structure):
 
 def soft_limit(resource: int) -> int:
     """The soft value of a resource limit, through glibc's prlimit64 (64-bit
-    fields on every ABI; the resource module costs ~0.2 ms to import)."""
+    fields on every ABI: RLIM_INFINITY is 2**64 - 1 on each)."""
     limit = _RLimit64()
     if _libc.prlimit64(0, resource, None, ctypes.byref(limit)) != 0:
         _fail()
