@@ -8,18 +8,17 @@ users reach them, or rewrite the bases every later build uses.
 `cache_masks(mounts)` gives a read-only bind of an empty folder over each of
 them, to be mounted after the binds.
 
-`nsbuild run` calls this on every run (its startup time is a feature): posix
-only, no os, pathlib or config parsing. The `Unpack:` folders are those used
-so far, each written down in the cache (`remember_unpack`) when first used.
+`nsbuild run` calls this on every run: no pathlib or config parsing. The
+`Unpack:` folders are those used so far, each written down in the cache
+(`remember_unpack`) when first used.
 """
 
 from __future__ import annotations
 
-import posix
-from _stat import S_ISDIR
+import os
+from stat import S_ISDIR
 
 from nsbuild.envs.errors import CacheNotPrivate
-from nsbuild.sandbox import posixutil
 from nsbuild.sandbox.spec import Bind
 
 TYPE_CHECKING = False
@@ -34,32 +33,32 @@ _MAX_LIST = 1 << 20
 
 def cache_path() -> str:
     """$XDG_CACHE_HOME/nsbuild, else ~/.cache/nsbuild (root: /var/cache/nsbuild)."""
-    xdg = posixutil.getenv("XDG_CACHE_HOME") or ""
+    xdg = os.environ.get("XDG_CACHE_HOME") or ""
     # The XDG spec says relative values are invalid and must be ignored.
     if xdg.startswith("/"):
         return xdg.rstrip("/") + "/nsbuild"
     # Root's sandboxes run as its subordinate ids, which cannot walk into
     # /root (mode 0700): root's cache is the system one.
-    if posix.geteuid() == 0:
+    if os.geteuid() == 0:
         return "/var/cache/nsbuild"
-    home = posixutil.getenv("HOME")
+    home = os.environ.get("HOME")
     if home is None:
         import pwd
 
-        home = pwd.getpwuid(posix.getuid()).pw_dir
+        home = pwd.getpwuid(os.getuid()).pw_dir
     return home.rstrip("/") + "/.cache/nsbuild"
 
 
 def _read_list(cache: str) -> list[str]:
     try:
-        fd = posix.open(f"{cache}/{UNPACK_LIST}", posix.O_RDONLY | posix.O_NOFOLLOW
-                        | posix.O_NONBLOCK | posix.O_CLOEXEC)  # fmt: skip
+        fd = os.open(f"{cache}/{UNPACK_LIST}", os.O_RDONLY | os.O_NOFOLLOW
+                        | os.O_NONBLOCK | os.O_CLOEXEC)  # fmt: skip
     except OSError:
         return []
     try:
-        data = posix.read(fd, _MAX_LIST)
+        data = os.read(fd, _MAX_LIST)
     finally:
-        posix.close(fd)
+        os.close(fd)
     names = data.decode("utf-8", "surrogateescape").split("\0")
     return [name for name in names if name.startswith("/")]
 
@@ -69,12 +68,12 @@ def remember_unpack(cache: str, folder: str) -> None:
     folder `cache`, so that later runs mask it too."""
     if folder in _read_list(cache):
         return
-    fd = posix.open(f"{cache}/{UNPACK_LIST}", posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT
-                    | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC, 0o600)  # fmt: skip
+    fd = os.open(f"{cache}/{UNPACK_LIST}", os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                    | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)  # fmt: skip
     try:
-        posix.write(fd, posixutil.fsencode(folder) + b"\0")
+        os.write(fd, os.fsencode(folder) + b"\0")
     finally:
-        posix.close(fd)
+        os.close(fd)
 
 
 def protected_dirs() -> list[str]:
@@ -85,13 +84,13 @@ def protected_dirs() -> list[str]:
 
 def _is_ours(path: str) -> bool:
     try:
-        st = posix.lstat(path)
+        st = os.lstat(path)
     except OSError:
         return False
     # A folder of someone else's is no store of ours: the sandbox, as the
     # user, can do there no more than the user can. (Root's cache belongs to
     # its sandboxes' first subordinate id.)
-    return S_ISDIR(st.st_mode) and posix.geteuid() in (0, st.st_uid)
+    return S_ISDIR(st.st_mode) and os.geteuid() in (0, st.st_uid)
 
 
 def _empty_dir(top: str) -> str:
@@ -99,18 +98,18 @@ def _empty_dir(top: str) -> str:
     path = f"{top}/{EMPTY}"
     try:
         try:
-            posix.mkdir(path, 0o555)
+            os.mkdir(path, 0o555)
         except FileExistsError:
             pass
-        fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
-                        | posix.O_CLOEXEC)  # fmt: skip
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                        | os.O_CLOEXEC)  # fmt: skip
     except OSError as e:
         raise CacheNotPrivate(f"{path}: cannot make it an empty folder: {e.strerror}") from None
     try:
-        if posix.fstat(fd).st_uid != posix.geteuid() or posix.listdir(fd):
+        if os.fstat(fd).st_uid != os.geteuid() or os.listdir(fd):
             raise CacheNotPrivate(f"{path}: not an empty folder of yours; remove it")
     finally:
-        posix.close(fd)
+        os.close(fd)
     return path
 
 
@@ -137,7 +136,7 @@ def cache_masks(mounts: Iterable[object], protected: Iterable[str] | None = None
     existing = []
     for folder in protected_dirs() if protected is None else protected:
         try:
-            real = posixutil.real(str(folder))
+            real = os.path.realpath(str(folder), strict=True)
         except OSError:
             continue  # no such folder, no store to hide
         if _is_ours(real) and real not in existing:
@@ -145,12 +144,12 @@ def cache_masks(mounts: Iterable[object], protected: Iterable[str] | None = None
     masks: list[Bind] = []
     for bind in binds:
         try:
-            src = posixutil.real(bind.src)
+            src = os.path.realpath(bind.src, strict=True)
         except OSError:
             continue  # the sandbox will say it cannot bind it
         for top in _covered(src, existing):
             rel = top[len(src):].lstrip("/")
-            dst = posixutil.normalize(f"{bind.dst}/{rel}") if rel else bind.dst
+            dst = os.path.normpath(os.path.join(bind.dst, rel)) if rel else bind.dst
             mask = Bind(_empty_dir(top), dst, readonly=True)
             if mask not in masks and mask not in mounts:
                 masks.append(mask)

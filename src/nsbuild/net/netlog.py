@@ -29,8 +29,8 @@ other name (or a character device, which no sandbox can make: /dev/null).
 
 from __future__ import annotations
 
-import _thread  # threading's core: threading itself costs ~2 ms on every run
-import posix
+import _thread  # threading's core: see the run path's import rule in cli/main.py
+import os
 import stat
 import time
 
@@ -179,8 +179,8 @@ def _what(key: Key) -> str:
 
 
 _REFUSED = "nsbuild appends only to a regular file of yours that has no other name"
-_OPEN_FLAGS = (posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT | posix.O_NOFOLLOW
-               | posix.O_NONBLOCK | posix.O_CLOEXEC)
+_OPEN_FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+               | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 def open_log(path: str) -> IO[str]:
@@ -190,26 +190,26 @@ def open_log(path: str) -> IO[str]:
     import errno
 
     try:
-        fd = posix.open(path, _OPEN_FLAGS, 0o600)
+        fd = os.open(path, _OPEN_FLAGS, 0o600)
     except OSError as e:
         why = {errno.ELOOP: "is a symbolic link",
                errno.ENXIO: "is a FIFO or socket"}.get(e.errno or 0, e.strerror or str(e))
         raise NetError(f"--net-log {path}: {why}; {_REFUSED}") from None
     try:
-        _check_log(path, posix.fstat(fd))
-        posix.set_blocking(fd, True)  # a terminal may make a write wait
+        _check_log(path, os.fstat(fd))
+        os.set_blocking(fd, True)  # a terminal may make a write wait
         return open(fd, "a", encoding="utf-8")
     except BaseException:
-        posix.close(fd)
+        os.close(fd)
         raise
 
 
-def _check_log(path: str, st: posix.stat_result) -> None:
+def _check_log(path: str, st: os.stat_result) -> None:
     if stat.S_ISCHR(st.st_mode):
         return  # /dev/null, /dev/full, a terminal: a sandbox cannot make one
     if not stat.S_ISREG(st.st_mode):
         why = "is a FIFO" if stat.S_ISFIFO(st.st_mode) else "is not a regular file"
-    elif st.st_uid != posix.geteuid():
+    elif st.st_uid != os.geteuid():
         why = f"is owned by uid {st.st_uid}, not by you"
     elif st.st_nlink != 1:
         why = f"is a hard link ({st.st_nlink} names for one file)"
