@@ -178,13 +178,12 @@ def cmd_session_begin(args: argparse.Namespace) -> int:
 def _run_in(session: Session, args: argparse.Namespace, argv: list[str]) -> int:
     """Run like `nsbuild run --env`: the same options, network policy and log."""
     from nsbuild.cli import main as cli
-    from nsbuild.net import network, options_from_args
+    from nsbuild.net import options_from_args
 
     opts = options_from_args(args)  # bad network options fail before anything runs
     cli.warn_host_net(opts)
     with session.in_use():
-        status: int = cli.run_sandboxed(args, argv, opts, network, session)
-        return status
+        return cli.run_sandboxed(args, argv, opts, session)
 
 
 def _shell_argv() -> list[str]:

@@ -6,7 +6,7 @@ error. Subcommands of other layers are imported only when used.
 
 The run path. A plain `nsbuild run` (without --env) is a start-up time
 benchmarked against bubblewrap (bench/startup), so it imports this module,
-nsbuild.sandbox, nsbuild.net (options, plan, netlog, dns), nsbuild.envs.masks
+nsbuild.sandbox, nsbuild.net (options, plan, launch, netlog, dns), nsbuild.envs.masks
 and the few error modules, and from the standard library only what those
 need at run time. Not imported on it, because each costs more than a
 millisecond of every run (bench/startup; docs/performance.md):
@@ -31,7 +31,13 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
+    from contextlib import AbstractContextManager
     from typing import Any
+
+    from nsbuild.envs.session import Session
+    from nsbuild.net import NetOptions
+    from nsbuild.sandbox.limits import Limits
+    from nsbuild.sandbox.spec import Mount, RootMount
 
 # Subcommand -> module providing `register(subparsers)`; imported on demand.
 _LAZY_COMMANDS = {
@@ -276,10 +282,10 @@ def _environment(args: argparse.Namespace, base: dict[str, str]) -> tuple[tuple[
     return tuple(env.items())
 
 
-def extra_mounts(args: argparse.Namespace) -> list[object]:
+def extra_mounts(args: argparse.Namespace) -> list[Mount]:
     from nsbuild.sandbox.spec import Bind, Tmpfs
 
-    mounts: list[object] = [Bind(s, d) for s, d in args.bind]
+    mounts: list[Mount] = [Bind(s, d) for s, d in args.bind]
     mounts += [Bind(s, d, readonly=True) for s, d in args.ro_bind]
     mounts += [Tmpfs(d, 0o1777) for d in args.tmpfs]
     return mounts
@@ -297,7 +303,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise _usage("run: no command given (nsbuild run [OPTIONS] -- CMD [ARG...])")
     if args.env_name and args.root:
         raise _usage("run: --env and --root exclude each other")
-    from nsbuild.net import network, options_from_args
+    from nsbuild.net import options_from_args
 
     opts = options_from_args(args)  # bad network options fail before anything runs
     warn_host_net(opts)
@@ -305,83 +311,52 @@ def cmd_run(args: argparse.Namespace) -> int:
         from nsbuild.envs.session import throwaway
 
         with throwaway(args.env_name) as session:
-            return run_sandboxed(args, argv, opts, network, session)
-    return run_sandboxed(args, argv, opts, network, None)
+            return run_sandboxed(args, argv, opts, session)
+    return run_sandboxed(args, argv, opts, None)
 
 
-def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: Any,
-                  network: Any, session: Any) -> int:
+def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: NetOptions,
+                  session: Session | None) -> int:
     """Run `argv` as the parsed sandbox options say: on the host view, on
     --root, or in `session` (an environment); with the network plan of `opts`
     and the resource limits asked for. Shared by run, session run and shell."""
-    from nsbuild.sandbox import (
-        Bind,
-        Dev,
-        Mount,
-        Proc,
-        Sandbox,
-        Sys,
-        Tmpfs,
-        caller_idmap,
-        host_view,
-        run,
-    )
+    from nsbuild.envs.masks import cache_masks
+    from nsbuild.net import network
+    from nsbuild.net.launch import run_under
+    from nsbuild.sandbox import Bind, Dev, Proc, Sandbox, Sys, Tmpfs, caller_idmap, host_view
     from nsbuild.sandbox.errors import SandboxError
 
     cwd = os.getcwd()
-    root: Any
+    root: RootMount
     mounts: list[Mount]
+    mirrors: tuple[str, ...] = ()
+    trusted: tuple[str, ...] = ()
     if session is not None:
         # An environment: its own clean, reproducible variables, not the host's.
         root, mounts, base_env = session.root, list(session.mounts), dict(session.env)
         # Only --allow-from-env needs them (reading the layers' apt sources).
-        mirrors = session.mirrors() if getattr(opts, "allow_from_env", False) else ()
+        # The environment's Mirror: is the user's own config; apt sources read
+        # from its root may reach global addresses only.
+        mirrors = session.mirrors() if opts.allow_from_env else ()
+        trusted = session.config.mirrors
         workdir = args.chdir or "/"
     elif args.root:
         root = Bind(os.path.abspath(args.root), "/")
         mounts = [Proc(), Dev(), Sys(), Tmpfs("/tmp", 0o1777), Tmpfs("/run")]
-        base_env, mirrors, workdir = dict(os.environ), (), args.chdir or "/"
+        base_env, workdir = dict(os.environ), args.chdir or "/"
     else:
         root, mounts = Tmpfs("/"), list(host_view(cwd))
-        base_env, mirrors, workdir = dict(os.environ), (), args.chdir or cwd
-    mounts += extra_mounts(args)  # type: ignore[arg-type]
+        base_env, workdir = dict(os.environ), args.chdir or cwd
+    mounts += extra_mounts(args)
     # A writable bind (the working directory, --bind, --root) may hold the
     # cache or an Unpack folder: the sandbox must not reach the store.
-    from nsbuild.envs.masks import cache_masks
-
     mounts += cache_masks([root, *mounts])
-    # The environment's Mirror: is the user's own config; apt sources read
-    # from its root may reach global addresses only.
-    trusted = session.config.mirrors if session is not None else ()
+    spec = Sandbox(argv=tuple(argv), idmap=caller_idmap(), root=root, mounts=tuple(mounts),
+                   cwd=workdir, env=_environment(args, base_env), user=args.user,
+                   hostname=args.hostname, debug=args.debug)  # fmt: skip
     with network(opts, mirrors=mirrors, trusted_mirrors=trusted, debug=args.debug) as plan, \
             _limits(args, plan.cgroup) as lim:
-        spec = Sandbox(
-            argv=tuple(argv),
-            idmap=caller_idmap(),
-            root=root,
-            mounts=(*mounts, *plan.mounts),
-            cwd=workdir,
-            env=_environment(args, base_env) + tuple(plan.env),
-            user=args.user,
-            hostname=args.hostname,
-            share_net=plan.share_net,
-            inside_sockets=plan.inside_sockets,
-            cgroup=(lim.path if lim else None) or plan.cgroup,
-            debug=args.debug,
-        )
-
-        def started(proc: Any) -> None:
-            if lim:
-                lim.leave()
-            plan.serve(proc.sockets)
-
-        if lim:
-            lim.join()
-        # The command line exits right after: the helper's own exit need not
-        # be waited for, unless a cgroup of the run's must be emptied first
-        # (nor may a user namespace keeper be left in one).
-        status = run(spec, on_start=started, reap_helper=bool(spec.cgroup),
-                     leave_keeper=lim is None)
+        status = run_under(plan, spec, limits=lim, relay_signals=True)
     summary = plan.denied_summary()
     if summary:
         sys.stderr.write(f"nsbuild: {summary}\n")
@@ -405,7 +380,7 @@ class _NoLimits:
         return None
 
 
-def _limits(args: argparse.Namespace, parent: str | None) -> Any:
+def _limits(args: argparse.Namespace, parent: str | None) -> AbstractContextManager[Limits | None]:
     """The run's cgroup limits as a context manager (nothing when none asked)."""
     pids, memory = getattr(args, "pids_max", None), getattr(args, "memory_max", None)
     if pids is None and memory is None:

@@ -188,8 +188,7 @@ def _upgrade(session: Session, quiet: bool) -> int:
     every attempt in the network log. Maintainer scripts of the upgraded
     packages run here, and they are not trusted with more."""
     from nsbuild import net
-    from nsbuild.sandbox import spawn
-    from nsbuild.sandbox.record import replace
+    from nsbuild.net.launch import run_under
 
     log = update_net_log(session.config)
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -197,26 +196,7 @@ def _upgrade(session: Session, quiet: bool) -> int:
     opts = net.NetOptions(mode="allow", allow_from_env=True, log_path=str(log))
     with net.network(opts, mirrors=session.mirrors(),
                      trusted_mirrors=session.config.mirrors) as plan:
-        spec = session.sandbox(
-            ["sh", "-c", UPGRADE_SCRIPT],
-            mounts=plan.mounts,
-            env=plan.env,
-            share_net=plan.share_net,
-        )
-        spec = replace(spec, inside_sockets=plan.inside_sockets, cgroup=plan.cgroup)
-        proc = spawn(spec)
-        try:
-            plan.serve(proc.sockets)
-            status = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    # Only after the plan stopped its services: they served these sockets.
-    for sock in proc.sockets:
-        sock.close()
-    if proc.exec_error:
-        print(proc.exec_error, file=sys.stderr)
+        status = run_under(plan, session.sandbox(["sh", "-c", UPGRADE_SCRIPT]))
     if not quiet:
         for line in (plan.denied_summary(), plan.log_error(), f"network log: {log}"):
             if line:
