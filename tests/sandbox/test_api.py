@@ -153,44 +153,6 @@ def test_overlay_layers_may_have_any_name(tmp_path: Path) -> None:
     assert (upper / "made").read_text() == "new\n"
 
 
-@pytest.mark.parametrize(("script", "want"), [("exit 7", 7), ("kill -TERM $$", 128 + 15)])
-def test_wait_without_reaping_the_helper_leaves_no_mount_and_the_right_status(
-    tmp_path: Path, script: str, want: int
-) -> None:
-    """What the command line does: return once the sandbox is gone, without
-    waiting for the helper's own exit. The helper must then hold no mount of
-    the sandbox: it stays in the caller's mount namespace (init makes the
-    sandbox's), so nothing of the sandbox outlives init."""
-    marker = tmp_path / "marker-of-this-sandbox"
-    marker.mkdir()
-    proc = spawn(Sandbox(argv=("/bin/sh", "-c", f"read line; {script}"), idmap=caller_idmap(),
-                         cwd=str(tmp_path),
-                         mounts=(*host_view(str(tmp_path)), Bind(str(marker), "/marker"))),
-                 stdin=PIPE)
-    assert proc.stdin is not None
-    try:
-        assert os.readlink(f"/proc/{proc.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
-        with open(f"/proc/{proc.pid}/mountinfo") as f:
-            assert marker.name not in f.read()
-    finally:
-        proc.stdin.write(b"go\n")
-        proc.stdin.close()
-    fds_before = set(os.listdir("/proc/self/fd"))
-    assert proc.wait(reap_helper=False) == want
-    seen = []
-    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
-        try:
-            with open(f"/proc/{pid}/mountinfo") as f:
-                if marker.name in f.read():
-                    seen.append(pid)
-        except OSError:
-            pass
-    assert seen == [], f"processes still seeing the sandbox's mount: {seen}"
-    # The status pipe is closed; the helper is left for the caller to reap.
-    assert set(os.listdir("/proc/self/fd")) < fds_before
-    assert os.waitpid(proc.pid, 0)[0] == proc.pid
-
-
 @pytest.mark.parametrize("told", [True, False], ids=["status told", "helper failed"])
 def test_a_helper_that_fails_after_the_start_is_an_error_not_a_status(told: bool) -> None:
     # The helper writes the command's status on its pipe, then exits with it:

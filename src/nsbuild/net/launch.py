@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import os
 
-from nsbuild.sandbox import spawn
-from nsbuild.sandbox.channel import FORWARDED_SIGNALS
+from nsbuild.sandbox import FORWARDED_SIGNALS, spawn
 from nsbuild.sandbox.record import replace
 
 TYPE_CHECKING = False

@@ -176,21 +176,16 @@ def enter(
     inside_sockets: Sequence[InsideSocket] = (),
     cgroup: str | None = None,
     expect_start: int | None = None,
-    on_start: Callable[[Process], object] | None = None,
     deny_setid: bool = False,
 ) -> int:
     """Run `argv` in the sandbox of `pid` with the caller's stdio and return its
     exit status (128+N when killed by signal N). SIGINT, SIGTERM, SIGHUP and
-    SIGQUIT are passed on to the command. `on_start` gets the Process once the
-    command runs (e.g. to serve its inside sockets); the rest as for start()."""
+    SIGQUIT are passed on to the command; the rest as for start()."""
     proc = start(pid, argv, env=env, cwd=cwd, new_net=new_net, inside_sockets=inside_sockets,
                  cgroup=cgroup, expect_start=expect_start, deny_setid=deny_setid)  # fmt: skip
-    # Relayed from the start, also while on_start serves the command.
     previous = {sig: signal.signal(sig, lambda n, _f: proc.send_signal(n))
                 for sig in FORWARDED_SIGNALS}  # fmt: skip
     try:
-        if on_start is not None:
-            on_start(proc)
         return proc.wait()
     except BaseException:
         # The command does not outlive a failure here (nor the caller).

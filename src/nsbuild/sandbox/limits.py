@@ -4,7 +4,9 @@
     try:
         spec = Sandbox(..., cgroup=lim.path or plan.cgroup)
         lim.join()                    # cgroup v1 only: see below
-        status = run(spec, on_start=lambda proc: (lim.leave(), plan.serve(proc.sockets)))
+        proc = spawn(spec, leave_keeper=False)
+        lim.leave()                   # cgroup v1 only
+        status = proc.wait()
     finally:
         lim.close()                   # kills what is left, removes the cgroup(s)
 
@@ -20,8 +22,8 @@ Where the cgroup goes, in order of preference:
   controllers are bound to v1 and cgroup2 has none): one cgroup per
   hierarchy. The runtime places a sandbox in a single cgroup, so here the
   sandbox inherits them instead: `join()` moves nsbuild's own process in,
-  `spawn()` forks the sandbox, and `leave()` (call it from `on_start`) moves
-  nsbuild back. `Limits.path` is None then.
+  `spawn()` forks the sandbox, and `leave()` moves nsbuild back (see
+  nsbuild.net.launch.run_under). `Limits.path` is None then.
 
 When neither is possible (an unprivileged user without a delegated cgroup),
 `prepare()` raises LimitsUnavailable saying why; nothing is left behind.

@@ -67,23 +67,11 @@ class Process:
                 self._set(status)
         return self.returncode
 
-    def wait(self, *, reap_helper: bool = True) -> int:
-        """The command's exit status. With reap_helper=False, return as soon
-        as the sandbox is gone, leaving the helper's own exit (a few hundred
-        microseconds of freeing its copy of this process) unwaited for: for a
-        caller about to exit, whose helper its reaper then collects."""
+    def wait(self) -> int:
+        """The command's exit status."""
         if self.returncode is None:
-            # Only then: a helper forked meanwhile for another sandbox (a
-            # threaded caller) would hold this pipe open too.
-            told = (os.read(self._status_fd, 16)
-                    if not reap_helper and self._status_fd is not None
-                    else b"")
-            if told:
-                self.returncode = int(told)
-                self._close_status()
-            else:
-                _, status = os.waitpid(self.pid, 0)
-                self._set(status)
+            _, status = os.waitpid(self.pid, 0)
+            self._set(status)
         assert self.returncode is not None
         return self.returncode
 

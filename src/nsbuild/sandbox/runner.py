@@ -21,8 +21,8 @@ kills every process in the PID namespace, the command too, so nothing of the
 sandbox outlives a killed nsbuild (a user namespace keeper, userns.py, holds
 none of it). Only init and the command are ever in the sandbox's mount
 namespaces, so no mount is left once init is gone; the helper
-then writes the command's status to the parent on a pipe before its own exit,
-which a caller about to exit need not wait for (Process.wait(reap_helper=False)).
+then writes the command's status to the parent on a pipe before its own exit
+(so that a setup failure of the helper is told apart from a command's 125).
 
 Children never raise into the caller's code: everything after fork() ends in
 _exit(), and output from them goes through write(2) (no locks shared with
@@ -80,25 +80,16 @@ def _debug_printer(enabled: bool) -> Callable[[str], None]:
     return say
 
 
-def run(spec: Sandbox, on_start: Callable[[Process], object] | None = None, *,
-        reap_helper: bool = True, leave_keeper: bool = True) -> int:
+def run(spec: Sandbox) -> int:
     """Run the sandbox with the caller's stdio; return the command's exit status
-    (128+N when killed by signal N). `on_start` gets the Process once the
-    command runs (e.g. to serve its inside sockets). reap_helper: see
-    Process.wait; leave_keeper: see spawn."""
-    proc = spawn(spec, leave_keeper=leave_keeper)
+    (128+N when killed by signal N). A sandbox with network services to serve
+    runs through nsbuild.net.launch instead."""
+    proc = spawn(spec)
     previous = {s: signal.getsignal(s) for s in FORWARDED_SIGNALS}  # restored at the end
     try:
-        if on_start is not None:
-            try:
-                on_start(proc)
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
         for s in FORWARDED_SIGNALS:
             signal.signal(s, lambda sig, _f: proc.send_signal(sig))
-        status = proc.wait(reap_helper=reap_helper)
+        status = proc.wait()
         if proc.exec_error:
             os.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
         return status
