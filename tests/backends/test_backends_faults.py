@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from virt_helpers import alive, fixture_dsc
+from inputs import fixture_dsc
+from virt_helpers import alive
 
 # Long enough for any healthy answer here, short enough to keep the test quick.
 TIMEOUT = "3"

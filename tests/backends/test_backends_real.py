@@ -17,7 +17,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from virt_helpers import TARBALL, VENV_BIN, Env, fixture_dsc, run, sessions, tiny_package
+from inputs import TARBALL, fixture_dsc
+from virt_helpers import VENV_BIN, Env, run, sessions, tiny_package
 
 pytestmark = [pytest.mark.slow, pytest.mark.userns]
 

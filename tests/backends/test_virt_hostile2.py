@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from virt_helpers import TARBALL, Env, RawServer, run, sessions, tiny_package
+from inputs import TARBALL
+from virt_helpers import Env, RawServer, run, sessions, tiny_package
 
 from nsbuild.backends.virtproto import VirtServer
 

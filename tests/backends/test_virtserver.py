@@ -10,13 +10,13 @@ import os
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 from virt_helpers import Env, run, sessions
+from waiting import wait_for
 
 from nsbuild.backends.virtproto import VirtServer, VirtServerError
 from nsbuild.virtserver.testbed import GONE, NET_ARG
@@ -204,14 +204,6 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
-def _until(pred: Callable[[], bool], what: str) -> None:
-    # A guard against a hang only: no test asserts how long this takes.
-    deadline = time.monotonic() + 120
-    while not pred():
-        assert time.monotonic() < deadline, f"still not true: {what}"
-        time.sleep(0.05)
-
-
 def test_commands_share_processes_until_revert_and_close(
     server: VirtServer, server_env: Env
 ) -> None:
@@ -225,14 +217,14 @@ def test_commands_share_processes_until_revert_and_close(
     assert len(_marked("86431")) == 1
     # A test that signals every `sleep` does not end the testbed.
     assert _exec(ex, "sh", "-c", "kill -TERM -1; true").returncode == 0
-    _until(lambda: not _marked("86431"), "the test's own sleep got SIGTERM")
+    wait_for(lambda: not _marked("86431"), "the test's own sleep got SIGTERM")
     assert _exec(ex, "true").returncode == 0
 
     # revert: what ran is killed, the tree is clean.
     _exec(ex, "sh", "-c", "setsid sleep 86432 >/dev/null 2>&1 & touch /etc/reverted-away")
     assert len(_marked("86432")) == 1
     server.revert()
-    _until(lambda: not _marked("86432"), "revert killed what ran")
+    wait_for(lambda: not _marked("86432"), "revert killed what ran")
     ex = server.execute_command()
     assert _exec(ex, "test", "-e", "/etc/reverted-away").returncode == 1
 
@@ -275,10 +267,10 @@ def test_killing_the_execute_command_kills_its_command(server: VirtServer) -> No
     server.open()
     ex = server.execute_command()
     proc = subprocess.Popen([*ex, "sleep", "86434"], stdin=subprocess.DEVNULL)
-    _until(lambda: bool(_marked("86434")), "the command runs")
+    wait_for(lambda: bool(_marked("86434")), "the command runs")
     proc.kill()
     proc.wait()
-    _until(lambda: not _marked("86434"), "the command died with the execute command")
+    wait_for(lambda: not _marked("86434"), "the command died with the execute command")
     assert _exec(ex, "true").returncode == 0
 
 
@@ -287,7 +279,7 @@ def test_a_dead_testbed_fails_commands_in_one_line(server: VirtServer) -> None:
     ex = server.execute_command()
     running = subprocess.Popen([*ex, "sleep", "86435"], stdin=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _until(lambda: bool(_marked("86435")), "the command runs")
+    wait_for(lambda: bool(_marked("86435")), "the command runs")
     waiter = int(ex[-5])  # the address of the testbed's sandbox: PID START MODE CGROUP SETID
     os.kill(waiter, signal.SIGKILL)
     assert running.wait(timeout=120) == 255
@@ -337,7 +329,7 @@ def test_a_killed_server_fails_commands_in_one_line(server_env: Env) -> None:
         ex = srv.execute_command()
         os.kill(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait()
-        _until(lambda: _exec(ex, "true").returncode == 255, "the testbed died with its server")
+        wait_for(lambda: _exec(ex, "true").returncode == 255, "the testbed died with its server")
         gone = _exec(ex, "true")
         assert gone.stderr.strip() == f"autopkgtest-virt-nsbuild: {GONE}"
     finally:

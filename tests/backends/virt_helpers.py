@@ -9,9 +9,6 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from debbuild.conftest import Env
-from inputs import TARBALL, fixture_dsc
-
-__all__ = ["TARBALL", "Env", "fixture_dsc"]
 
 HERE = Path(__file__).resolve().parent
 VENV_BIN = str(Path(sys.executable).parent)

@@ -1,6 +1,7 @@
 """Local servers for the network tests: every one listens on 127.0.0.1 only.
 
-Named uniquely (not `helpers.py`): pytest puts each test folder on sys.path.
+Named uniquely (not `helpers.py`): tests import it by module name (pyproject's
+pytest pythonpath).
 """
 
 from __future__ import annotations

@@ -13,19 +13,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from net_helpers import origin
+from waiting import HANG_GUARD, wait_for
 
 from nsbuild.net import gc, network, options_from_args
 from nsbuild.net.cgroups import cgroup2_mount, nft_cgroup_path
 from nsbuild.net.nftables import Destination, ruleset
 from nsbuild.net.options import NetOptions
-
-HANG_GUARD = 120.0
 
 
 def test_ruleset_names_the_cgroup_the_allowed_destinations_and_rejects_the_rest() -> None:
@@ -199,10 +197,12 @@ def test_sigkill_of_nsbuild_then_gc_leaves_nothing(open_dir: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     mine = f"nsbuild_{proc.pid}_"
-    deadline = time.monotonic() + HANG_GUARD
-    while not any(t.startswith(mine) for t in nsbuild_tables()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run never started"
-        time.sleep(0.05)
+
+    def table_made() -> bool:
+        assert proc.poll() is None, "the run ended"
+        return any(t.startswith(mine) for t in nsbuild_tables())
+
+    wait_for(table_made, "the run's nftables table")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert any(t.startswith(mine) for t in nsbuild_tables())  # left behind by the crash

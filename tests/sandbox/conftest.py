@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import HANG_GUARD, SubRange, nsbuild_argv, subrange
+from sandbox_helpers import SubRange, nsbuild_argv, subrange
+from waiting import HANG_GUARD
 
 SUBUID = os.environ.get("NSBUILD_SUBUID_FILE", "/etc/subuid")
 SUBGID = os.environ.get("NSBUILD_SUBGID_FILE", "/etc/subgid")

@@ -1,8 +1,8 @@
 """Helpers for the sandbox tests: run `nsbuild run` the way a user does, and
 look at the host from outside (processes, mounts, subordinate id ranges).
 
-Named uniquely (not `helpers.py`) because pytest's default import mode puts
-each test folder on sys.path and module names must not collide across tests/.
+Named uniquely (not `helpers.py`): tests import it by module name (pyproject's
+pytest pythonpath), and module names must not collide across tests/.
 """
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ import pwd
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from waiting import HANG_GUARD
 
 # The interpreter running the tests has nsbuild installed (a venv or the system).
 NSBUILD = (sys.executable, "-m", "nsbuild")
 # Inside the default root (a read-only view of the host's /usr) the system
 # Python is available; the venv running the tests is not.
 PY = "/usr/bin/python3"
-# A guard against hangs only: no test asserts anything about duration.
-HANG_GUARD = 300.0
 
 SETUP_FAILED = 125
 USAGE = 2
@@ -188,15 +187,6 @@ def mountinfo_mentioning(text: str) -> list[str]:
             continue
         hits += [f"pid {pid}: {line}" for line in data.splitlines() if text in line]
     return hits
-
-
-def wait_until(pred: Callable[[], bool], what: str, deadline: float = HANG_GUARD) -> None:
-    """Poll until `pred()` holds. The deadline only guards against a hang."""
-    end = time.monotonic() + deadline
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"still not true after {deadline:.0f}s: {what}")
-        time.sleep(0.05)
 
 
 def kill_all(pids_: Iterator[int] | Sequence[int]) -> None:

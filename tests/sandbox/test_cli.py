@@ -8,16 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import (
-    HANG_GUARD,
-    NSBUILD,
-    USAGE,
-    explain,
-    nonblank_lines,
-    nsbuild,
-    ok,
-    one_line_error,
-)
+from sandbox_helpers import NSBUILD, USAGE, explain, nonblank_lines, nsbuild, ok, one_line_error
+from waiting import HANG_GUARD
 
 pytestmark = pytest.mark.userns
 

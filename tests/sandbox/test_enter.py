@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import HANG_GUARD, processes_with_arg, wait_until
+from sandbox_helpers import processes_with_arg
+from waiting import HANG_GUARD, wait_for
 
 from nsbuild.sandbox import Process, Sandbox, caller_idmap, host_view, spawn
 from nsbuild.sandbox.enter import NotRunning, enter, sandbox_pids, start, start_time
@@ -177,7 +178,7 @@ def test_network_of_the_sandbox_or_a_fresh_one(sandbox: Running) -> None:
     proc = start(sandbox.pid, [PY, "-c", serve, "86422"], stdin=_null())
     try:
         connect = "import socket; socket.create_connection(('127.0.0.1', 4711), timeout=5)"
-        wait_until(lambda: sandbox.run(PY, "-c", connect)[0] == 0, "the server listens")
+        wait_for(lambda: sandbox.run(PY, "-c", connect)[0] == 0, "the server listens")
         assert sandbox.run(PY, "-c", connect, new_net=True)[0] != 0
         _, out = sandbox.run("cat", "/proc/net/dev", new_net=True)
         assert [line.split(":")[0].strip() for line in out.splitlines()[2:]] == ["lo"]
@@ -190,18 +191,18 @@ def test_killing_the_caller_kills_the_command(sandbox: Running, tmp_path: Path) 
     code = (f"from nsbuild.sandbox.enter import enter; "
             f"enter({sandbox.pid}, ['sleep', '86423'])")  # fmt: skip
     caller = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
-    wait_until(lambda: bool(processes_with_arg("86423")), "the command runs")
+    wait_for(lambda: bool(processes_with_arg("86423")), "the command runs")
     caller.kill()
     caller.wait()
-    wait_until(lambda: not processes_with_arg("86423"), "the command is gone")
+    wait_for(lambda: not processes_with_arg("86423"), "the command is gone")
 
 
 def test_signals_reach_the_command(sandbox: Running) -> None:
     code = (f"import sys; from nsbuild.sandbox.enter import enter; "
             f"sys.exit(enter({sandbox.pid}, ['sleep', '86424']))")  # fmt: skip
     caller = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
-    wait_until(lambda: bool(processes_with_arg("86424")) and catches(caller.pid, signal.SIGTERM),
-               "the command runs and the caller relays SIGTERM")  # fmt: skip
+    wait_for(lambda: bool(processes_with_arg("86424")) and catches(caller.pid, signal.SIGTERM),
+             "the command runs and the caller relays SIGTERM")  # fmt: skip
     caller.send_signal(signal.SIGTERM)
     assert caller.wait(timeout=HANG_GUARD) == 128 + signal.SIGTERM
 
@@ -210,12 +211,12 @@ def test_the_end_of_the_sandbox_ends_what_was_entered(sandbox: Running) -> None:
     status, _ = sandbox.run("sh", "-c", "setsid sleep 86425 >/dev/null 2>&1 &")
     assert status == 0
     running = start(sandbox.pid, ["sleep", "86426"], stdin=_null())
-    wait_until(lambda: bool(processes_with_arg("86426")), "the command runs")
+    wait_for(lambda: bool(processes_with_arg("86426")), "the command runs")
     assert processes_with_arg("86425")
     sandbox.proc.kill()
     assert running.wait() == 128 + signal.SIGKILL
-    wait_until(lambda: not processes_with_arg("86425") and not processes_with_arg("86426"),
-               "every process of the sandbox is gone")  # fmt: skip
+    wait_for(lambda: not processes_with_arg("86425") and not processes_with_arg("86426"),
+             "every process of the sandbox is gone")  # fmt: skip
 
 
 def test_a_gone_or_reused_pid_is_not_entered(sandbox: Running) -> None:
@@ -224,7 +225,7 @@ def test_a_gone_or_reused_pid_is_not_entered(sandbox: Running) -> None:
     assert enter(sandbox.pid, ["true"], expect_start=start_time(sandbox.pid)) == 0
     sandbox.proc.kill()
     sandbox.proc.wait()
-    wait_until(lambda: start_failed(sandbox.pid), "the sandbox is gone")
+    wait_for(lambda: start_failed(sandbox.pid), "the sandbox is gone")
 
 
 def catches(pid: int, sig: int) -> bool:

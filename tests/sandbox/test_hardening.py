@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import HANG_GUARD, explain, nsbuild, nsbuild_argv, ok, py
+from sandbox_helpers import explain, nsbuild, nsbuild_argv, ok, py
+from waiting import HANG_GUARD
 
 pytestmark = pytest.mark.userns
 

@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import HANG_GUARD, explain, nsbuild, nsbuild_argv
+from sandbox_helpers import explain, nsbuild, nsbuild_argv
+from waiting import HANG_GUARD
 
 pytestmark = pytest.mark.userns
 
@@ -115,7 +116,6 @@ def test_spawn_takes_the_callers_stdout_and_stderr_crossed(tmp_path: Path) -> No
     # place, so the runtime must copy them before putting them in place.
     code = f"""
 import os, sys
-sys.path[:0] = {sys.path!r}
 from nsbuild.sandbox import Sandbox, Tmpfs, caller_idmap, host_view, spawn
 spec = Sandbox(argv=("sh", "-c", "cat; echo out; echo err >&2"), idmap=caller_idmap(),
                root=Tmpfs("/"), mounts=tuple(host_view({str(tmp_path)!r})), cwd={str(tmp_path)!r})

@@ -16,16 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import (
-    HANG_GUARD,
-    explain,
-    nonblank_lines,
-    nsbuild,
-    nsbuild_argv,
-    ok,
-    py,
-    sh,
-)
+from sandbox_helpers import explain, nonblank_lines, nsbuild, nsbuild_argv, ok, py, sh
+from waiting import HANG_GUARD
 
 pytestmark = pytest.mark.userns
 

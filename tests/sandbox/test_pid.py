@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from sandbox_helpers import (
-    HANG_GUARD,
     PY,
     alive,
     descendants,
@@ -22,8 +21,8 @@ from sandbox_helpers import (
     processes_with_arg,
     py,
     sh,
-    wait_until,
 )
+from waiting import HANG_GUARD, wait_for
 
 pytestmark = pytest.mark.userns
 
@@ -156,8 +155,7 @@ def test_sigkill_of_nsbuild_leaves_no_process_and_no_mount(tmp_path: Path) -> No
         assert mountinfo_mentioning(marker), "the bind mount should be visible while running"
         p.kill()
         p.wait()
-        wait_until(lambda: not alive(sandbox),
-                   f"processes of the sandbox still alive: {sorted(alive(sandbox))}")
+        wait_for(lambda: not alive(sandbox), "every process of the sandbox ends")
         assert processes_with_arg(marker) == []
         assert mountinfo_mentioning(marker) == []
         # The bound directory is an ordinary directory again and can be removed.

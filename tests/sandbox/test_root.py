@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from sandbox_helpers import (
-    HANG_GUARD,
     PY,
     cmdline,
     explain,
@@ -25,6 +24,7 @@ from sandbox_helpers import (
     sh,
     subrange,
 )
+from waiting import HANG_GUARD
 
 pytestmark = pytest.mark.root
 

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sandbox_helpers import HANG_GUARD, PY, nsbuild_argv, py
+from sandbox_helpers import PY, nsbuild_argv, py
+from waiting import HANG_GUARD
 
 pytestmark = pytest.mark.userns
 

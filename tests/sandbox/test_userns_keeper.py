@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from sandbox_helpers import (
-    HANG_GUARD,
     PY,
     USAGE,
     SubRange,
@@ -33,8 +32,8 @@ from sandbox_helpers import (
     py,
     sh,
     stat_fields,
-    wait_until,
 )
+from waiting import HANG_GUARD, wait_for
 
 pytestmark = pytest.mark.userns
 
@@ -227,7 +226,7 @@ def test_the_keeper_goes_away_after_its_time(tmp_path: Path, env: dict[str, str]
     ok(nsbuild("--", "true", cwd=tmp_path, env=env))
     keeper = _the_keeper(env)
     assert cmdline(keeper)[:2] == [KEEPER, "1"]
-    wait_until(lambda: not _is_keeper(keeper), f"keeper {keeper} still running")
+    wait_for(lambda: not _is_keeper(keeper), f"keeper {keeper} to end")
     # Its record is stale now: the next run makes and maps a namespace again.
     r = ok(nsbuild("--", "true", cwd=tmp_path, env=env, debug=True))
     assert "joined" not in r.stderr and "newuidmap" in r.stderr, r.stderr
@@ -269,7 +268,7 @@ def test_the_keeper_outlives_a_killed_run_and_is_joined_after_it(
                          cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: p.poll() is not None or any(
+        wait_for(lambda: p.poll() is not None or any(
             cmdline(pid)[0] == PY for pid in processes_with_arg(marker)), "the command started")
         assert p.poll() is None, f"nsbuild ended with {p.returncode}"
     finally:
