@@ -24,13 +24,13 @@ from typing import Any
 
 import pytest
 from net_helpers import exchange, origin
+from waiting import HANG_GUARD
 
 from nsbuild.net.allowlist import Allowlist, address_refusal
 from nsbuild.net.netlog import MAX_DROPPED_COUNTED, MAX_NAMES, MAX_RECORDS, NetLog
 from nsbuild.net.proxy import EgressProxy
 
 NSBUILD = (sys.executable, "-m", "nsbuild")
-HANG_GUARD = 600.0
 MEMORY_LIMIT_KIB = 100 * 1024
 
 # Sends queries with distinct names to the inside DNS socket until exactly
