@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from inputs import SOURCES, TARBALL, fixture_dsc, tarball  # noqa: F401 (TARBALL: test_build_hostile3)
+from inputs import SOURCES, fixture_dsc, tarball
 
 from nsbuild.backends import Backend
 

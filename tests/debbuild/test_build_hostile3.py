@@ -13,11 +13,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from inputs import TARBALL
 
 from nsbuild.backends import Backend, BackendOptions, CopyRefused, open_backend
 from nsbuild.debbuild.apt import unchecked_sources
 
-from .conftest import TARBALL, Env
+from .conftest import Env
 
 pytestmark = [pytest.mark.slow, pytest.mark.userns]
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from inputs import fixture_dsc
 
 from nsbuild.cli.exits import exit_status
 from nsbuild.debbuild.dsc import load_dsc
 from nsbuild.debbuild.errors import BuildInputError
-
-from .conftest import fixture_dsc
 
 
 def test_fixture_packages_are_valid() -> None:

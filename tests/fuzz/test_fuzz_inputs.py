@@ -239,14 +239,14 @@ _changes_files_field = st.lists(
 @given(files=_changes_files_field, sums=_changes_files_field)
 @example(files=" abc", sums="")
 def test_changes_left_by_a_build(files: str, sums: str) -> None:
-    from nsbuild.debbuild.driver import _changes_files
+    from nsbuild.debbuild.collect import changes_files
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d, "p.changes")
         path.write_text(f"Format: 1.8\nSource: p\nFiles:\n{files}\nChecksums-Sha256:\n{sums}\n",
                         encoding="utf-8")
         try:
-            for name, size, _sha in _changes_files(path):
+            for name, size, _sha in changes_files(path):
                 assert isinstance(name, str) and isinstance(size, int)
         except NsbuildError as e:
             one_line(e)

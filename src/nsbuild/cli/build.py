@@ -78,7 +78,8 @@ def register(sub: Any) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from nsbuild.cli.exits import USAGE, exit_status
-    from nsbuild.debbuild.driver import BuildRequest, build
+    from nsbuild.debbuild.driver import build
+    from nsbuild.debbuild.result import BuildRequest
     from nsbuild.errors import NsbuildError
     from nsbuild.printable import printable
 
