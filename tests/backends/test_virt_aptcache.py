@@ -24,7 +24,7 @@ import pytest
 from virt_helpers import Env
 
 from nsbuild.backends.virtproto import VirtServer
-from nsbuild.envs import remove_tree
+from nsbuild.envs.remove import remove_tree
 
 pytestmark = pytest.mark.userns
 

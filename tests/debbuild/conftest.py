@@ -92,7 +92,7 @@ def bookworm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     subprocess.run([sys.executable, "-m", "nsbuild", "gc"], env=env, capture_output=True)
     # Dependency layers and apt caches hold files of the subuid range, which
     # pytest's own clean-up of old temporary folders could not delete.
-    from nsbuild.envs import remove_tree
+    from nsbuild.envs.remove import remove_tree
 
     remove_tree(root / "cache")
 

@@ -24,7 +24,7 @@ def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         (tmp_path / sub).mkdir()
         monkeypatch.setenv(var, str(tmp_path / sub))
     yield tmp_path
-    from nsbuild.envs import remove_tree
+    from nsbuild.envs.remove import remove_tree
 
     remove_tree(tmp_path / "cache")
 
@@ -38,7 +38,7 @@ def bookworm_tarball() -> Path:
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("shared-cache")
     yield path
-    from nsbuild.envs import remove_tree
+    from nsbuild.envs.remove import remove_tree
 
     remove_tree(path)
 

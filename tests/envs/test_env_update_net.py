@@ -82,7 +82,7 @@ def home(tmp_path: Path) -> Iterator[dict[str, str]]:
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     yield env
     nsbuild("gc", check=False, env=env)
-    from nsbuild.envs import remove_tree
+    from nsbuild.envs.remove import remove_tree
 
     remove_tree(tmp_path / "cache")
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from envs_helpers import NSBUILD, chroot_d, nsbuild
 
-from nsbuild.envs import load_config, throwaway
+from nsbuild.envs.config import load_config
 from nsbuild.envs.overlay import overlay_usable
 from nsbuild.envs.paths import Layout
+from nsbuild.envs.session import throwaway
 from nsbuild.sandbox import Bind, run
 
 pytestmark = [pytest.mark.userns, pytest.mark.slow]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from envs_helpers import chroot_d, nsbuild
 
-from nsbuild.envs import ConfigError, EnvError, load_config
-from nsbuild.envs.config import parse_dir
+from nsbuild.envs.config import load_config, parse_dir
+from nsbuild.envs.errors import ConfigError, EnvError
 
 
 def write(d: Path, name: str, text: str) -> Path:

@@ -26,7 +26,7 @@ import pytest
 from envs_helpers import NSBUILD, chroot_d, nsbuild
 from waiting import HANG_GUARD, wait_for
 
-from nsbuild.envs import UnsafeTarball
+from nsbuild.envs.errors import UnsafeTarball
 from nsbuild.envs.tarcheck import sanitize
 
 
@@ -136,7 +136,7 @@ def user_home() -> Iterator[tuple[pwd.struct_passwd, Path, dict[str, str]]]:
         yield user, top, env
     finally:
         _as(user.pw_uid, user.pw_gid, sys.executable, "-c",
-            "import sys; from pathlib import Path; from nsbuild.envs import remove_tree; "
+            "import sys; from pathlib import Path; from nsbuild.envs.remove import remove_tree; "
             "remove_tree(Path(sys.argv[1]))", str(top / "cache"), env=env)
         shutil.rmtree(top)
 

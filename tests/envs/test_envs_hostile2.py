@@ -22,7 +22,7 @@ import pytest
 from envs_helpers import NSBUILD, chroot_d, nsbuild, processes_with
 from waiting import HANG_GUARD, wait_for
 
-from nsbuild.envs import throwaway
+from nsbuild.envs.session import throwaway
 
 pytestmark = [pytest.mark.userns]
 
@@ -142,7 +142,8 @@ def _first_subuid(name: str) -> int:
 _REMOVE = """
 import sys
 from pathlib import Path
-from nsbuild.envs import EnvError, remove_tree
+from nsbuild.envs.errors import EnvError
+from nsbuild.envs.remove import remove_tree
 try:
     remove_tree(Path(sys.argv[1]))
 except EnvError as e:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from envs_helpers import chroot_d, nsbuild
 
-from nsbuild.envs import begin_session, end_session, get_session, load_config
+from nsbuild.envs.config import load_config
+from nsbuild.envs.session import begin_session, end_session, get_session
 from nsbuild.sandbox import run
 
 pytestmark = [pytest.mark.userns, pytest.mark.slow]

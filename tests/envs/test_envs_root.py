@@ -28,7 +28,7 @@ def root_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         (d / sub).mkdir()
         monkeypatch.setenv(var, str(d / sub))
     yield d
-    from nsbuild.envs import remove_tree
+    from nsbuild.envs.remove import remove_tree
 
     remove_tree(d / "cache")
     shutil.rmtree(d)

@@ -11,7 +11,8 @@ import pytest
 from envs_helpers import NSBUILD, chroot_d, mounts_under, nsbuild, processes_with
 from waiting import wait_for
 
-from nsbuild.envs import EnvError, begin_session, end_session, get_session, throwaway
+from nsbuild.envs.errors import EnvError
+from nsbuild.envs.session import begin_session, end_session, get_session, throwaway
 from nsbuild.sandbox import PIPE, run, spawn
 
 pytestmark = [pytest.mark.userns, pytest.mark.slow]

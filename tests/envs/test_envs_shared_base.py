@@ -10,7 +10,7 @@ import pytest
 from envs_helpers import chroot_d, nsbuild
 from test_envs_tarball import GOOD, make_tar
 
-from nsbuild.envs import throwaway
+from nsbuild.envs.session import throwaway
 
 
 @pytest.mark.userns

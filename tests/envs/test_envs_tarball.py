@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from envs_helpers import chroot_d
 
-from nsbuild.envs import UnsafeTarball, load_config, throwaway
+from nsbuild.envs.config import load_config
+from nsbuild.envs.errors import UnsafeTarball
+from nsbuild.envs.session import throwaway
 from nsbuild.envs.tarcheck import sanitize
 
 Member = tuple[str, str, str]  # (type, name, link target or content)
@@ -160,7 +162,7 @@ def test_removal_never_crosses_a_mount_point(tmp_path: Path) -> None:
     (victim / "file").write_text("x")
     # A mount below the tree, in a user and mount namespace of our own.
     code = (
-        "import sys; from pathlib import Path; from nsbuild.envs import remove_tree\n"
+        "import sys; from pathlib import Path; from nsbuild.envs.remove import remove_tree\n"
         "try:\n    remove_tree(Path(sys.argv[1]))\nexcept Exception as e:\n    print(e)\n"
     )
     r = subprocess.run(

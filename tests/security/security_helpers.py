@@ -122,7 +122,7 @@ def env_home_for(factory: pytest.TempPathFactory) -> Iterator[EnvHome]:
     home = EnvHome(config, cache)
     yield home
     # Files of the subordinate range: only a user namespace can delete them.
-    from nsbuild.envs import remove_tree
+    from nsbuild.envs.remove import remove_tree
 
     subprocess.run([*NSBUILD, "gc"], env=home.vars(), capture_output=True, check=False)
     if cache.exists():

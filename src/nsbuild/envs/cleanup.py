@@ -1,7 +1,5 @@
 """`nsbuild gc`: remove what crashed or finished runs left behind.
 
-(Named cleanup, not gc, so that `nsbuild.envs.gc` stays the function.)
-
 Removed:
 - throw-away sessions whose owner process is gone (SIGKILL, crash);
 - anything under a `.tmp-PID-START-...` name whose maker is gone (a half-made
