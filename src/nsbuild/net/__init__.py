@@ -29,14 +29,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from nsbuild.net.netlog import NetSummary
-    from nsbuild.net.plan import NetPlan, Network
+    from nsbuild.net.plan import Network
 
 __all__ = [
     "NetError",
     "NetOptions",
-    "NetPlan",
-    "NetSummary",
     "add_arguments",
     "gc",
     "network",
@@ -62,14 +59,3 @@ def gc() -> list[str]:
 
     return _gc()
 
-
-def __getattr__(name: str) -> object:
-    if name == "NetPlan":
-        from nsbuild.net.plan import NetPlan
-
-        return NetPlan
-    if name == "NetSummary":
-        from nsbuild.net.netlog import NetSummary
-
-        return NetSummary
-    raise AttributeError(name)

@@ -86,16 +86,6 @@ def _connection_tokens(headers: tuple[tuple[str, str], ...]) -> set[str]:
     return tokens
 
 
-def split_head(buf: bytes) -> tuple[bytes, bytes] | None:
-    """(head without the blank line, rest) once the head is complete, else None."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buf) > MAX_HEAD:
-            raise BadRequest("request head too large", 431)
-        return None
-    return buf[:end], buf[end + 4 :]
-
-
 def _parse_fields(lines: list[str]) -> tuple[tuple[str, str], ...]:
     headers = []
     for line in lines:

@@ -23,7 +23,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     from collections.abc import Callable
-    from types import TracebackType
 
     from nsbuild.net.plan import NetPlan
     from nsbuild.sandbox import Process, Sandbox
@@ -70,8 +69,7 @@ class Launch:
             raise
         return proc
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(self, *exc: object) -> None:
         self._end()
 
     def _end(self) -> None:

@@ -222,7 +222,6 @@ class NetLog:
     def __init__(self, path: str | None = None) -> None:
         self._lock = _thread.allocate_lock()
         self._records: list[dict[str, Any]] = []
-        self.records_dropped = 0  # records past MAX_RECORDS: in the file only
         self._summary = NetSummary()
         self._unlogged_as: dict[str, tuple[str, str, int]] = {}  # (engine, kind, port)
         self._refusals = TokenBucket(LOG_RATE, LOG_BURST)
@@ -264,8 +263,6 @@ class NetLog:
             self._summary.count(decision != "allow", kind, host, port)
             if len(self._records) < MAX_RECORDS:
                 self._records.append({k: _clip(v) for k, v in record.items()})
-            else:
-                self.records_dropped += 1
             self._write(record)
         return record
 
@@ -315,7 +312,7 @@ class NetLog:
 
     def records(self) -> list[dict[str, Any]]:
         """The first MAX_RECORDS records (string fields cut to MAX_TEXT
-        characters); the rest are in the file only (records_dropped)."""
+        characters); the rest are in the file only."""
         with self._lock:
             return list(self._records)
 

@@ -195,16 +195,6 @@ def _allowlist(opts: NetOptions, mirrors: Sequence[str],
     return allowlist
 
 
-def proxy_env(url: str = PROXY_URL) -> tuple[tuple[str, str], ...]:
-    names = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
-    return tuple((n, url) for n in names)
-
-
-def apt_proxy_conf(url: str = PROXY_URL) -> bytes:
-    """apt.conf text for roots where /etc/apt/apt.conf.d can take a File mount."""
-    return f'Acquire::http::Proxy "{url}";\nAcquire::https::Proxy "{url}";\n'.encode()
-
-
 def _proxy_plan(allowlist: Allowlist, log: NetLog) -> NetPlan:
     from nsbuild.net.dns import DnsResponder
     from nsbuild.net.proxy import EgressProxy
@@ -216,7 +206,8 @@ def _proxy_plan(allowlist: Allowlist, log: NetLog) -> NetPlan:
             InsideSocket("udp", "127.0.0.1", 53),
         ),
         mounts=(RESOLV_CONF,),
-        env=proxy_env(),
+        env=tuple((n, PROXY_URL) for n in ("http_proxy", "https_proxy",
+                                             "HTTP_PROXY", "HTTPS_PROXY")),
     )
     plan._service_for = [
         (0, lambda sock: EgressProxy(sock, allowlist, log)),

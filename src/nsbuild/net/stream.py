@@ -134,11 +134,6 @@ class Stream:
             if not self._fill():
                 raise Truncated("the connection closed inside a chunked body")
 
-    def take_buffered(self) -> bytes:
-        data = bytes(self.buf)
-        self.buf.clear()
-        return data
-
     def copy_to(self, dst: socket.socket, n: int | None, prefix: bytes = b"") -> int:
         """Send exactly `n` bytes of this stream to dst (None: up to EOF), after
         `prefix` (a head: one write with what is buffered, not two small ones).
