@@ -177,17 +177,6 @@ def prepare(pids_max: int | None = None, memory_max: int | None = None, *,
         f"--pids-max/--memory-max cannot be enforced here: {'; '.join(reasons)}")
 
 
-def unavailable_reason() -> str | None:
-    """None when `prepare()` can make limits for this caller, else why not."""
-    try:
-        prepare(pids_max=1 << 20).close()
-    except LimitError as e:
-        return str(e)
-    except OSError as e:
-        return f"{e.filename or 'cgroup'}: {e.strerror}"
-    return None
-
-
 def gc() -> list[str]:
     """Remove limit cgroups whose owner process is gone. Returns what went."""
     removed: list[str] = []
