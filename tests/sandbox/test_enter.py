@@ -15,7 +15,8 @@ from sandbox_helpers import processes_with_arg
 from waiting import HANG_GUARD, wait_for
 
 from nsbuild.sandbox import Process, Sandbox, caller_idmap, host_view, spawn
-from nsbuild.sandbox.enter import NotRunning, enter, sandbox_pids, start, start_time
+from nsbuild.sandbox.enter import enter, sandbox_pids, start, start_time
+from nsbuild.sandbox.errors import NotRunning
 
 pytestmark = pytest.mark.userns
 

@@ -1,10 +1,11 @@
 """What nsbuild's own processes tell one another while a sandbox starts.
 
 A child (the helper, init, the joiner of enter.py) reports on a
-close-on-exec SEQPACKET channel: a setup failure ("ERR" or "MSG"), the
-command's exec error ("EXEC"), sockets made inside the sandbox ("SOCK",
-SCM_RIGHTS). EOF on it means the command was exec'd. The parent turns a
-failure into a raised SetupError or SandboxError.
+close-on-exec SEQPACKET channel: a setup failure ("ERR" or "MSG", or "GONE"
+when the sandbox to enter ended), the command's exec error ("EXEC"), sockets
+made inside the sandbox ("SOCK", SCM_RIGHTS). EOF on it means the command
+was exec'd. The parent turns a failure into a raised SetupError or
+SandboxError (NotRunning for "GONE").
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import struct
 
 from nsbuild.sandbox import mounts as m
-from nsbuild.sandbox.errors import SandboxError, SetupError
+from nsbuild.sandbox.errors import NotRunning, SandboxError, SetupError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,6 +54,29 @@ def recv_with_fds(sock: _socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
+def reports(sock: _socket.socket, pid: int) -> tuple[list[_socket.socket], str | None]:
+    """What the sandbox sends until the command was exec'd (EOF): inside
+    sockets and the command's exec error; a setup failure is raised."""
+    sockets: list[_socket.socket] = []
+    exec_error = None
+    while True:
+        data, fds = recv_with_fds(sock)
+        if not data:
+            return sockets, exec_error
+        kind = data.split(b"\t", 1)[0]
+        if kind == b"SOCK":
+            # The C-level socket type (the run path, cli/main.py); callers
+            # may wrap it: socket.socket(fileno=s.detach()).
+            sockets += [_socket.socket(fileno=fd) for fd in fds]
+        elif kind == b"EXEC":
+            _, err, name = data.decode(errors="replace").split("\t", 2)
+            code = int(err)
+            exec_error = (f"{name}: command not found" if code == errno.ENOENT
+                          else f"{name}: cannot execute: {os.strerror(code)}")
+        else:
+            raise_report(data, fds, pid)
+
+
 def report_failure(chan: Channel, e: BaseException) -> NoReturn:
     try:
         if isinstance(e, SetupError):
@@ -75,6 +99,8 @@ def raise_report(data: bytes, fds: list[int], pid: int) -> NoReturn:
         raise SetupError(step, int(err), path or None, hint or _hint_for(step, int(err)))
     if fields[0] == "MSG":
         raise SandboxError(fields[1])
+    if fields[0] == "GONE":
+        raise NotRunning("the sandbox ended before the command could enter it")
     if not data:
         raise SandboxError("the sandbox helper died before it started the command")
     raise SandboxError(f"unexpected message from the sandbox helper: {text!r}")

@@ -43,12 +43,11 @@ from nsbuild.sandbox.channel import (
     FORWARDED_SIGNALS,
     SETUP_EXIT,
     Channel,
-    raise_report,
-    recv_with_fds,
     report_failure,
+    reports,
 )
 from nsbuild.sandbox.command import close_fds, execvpe, install_stdio
-from nsbuild.sandbox.errors import SandboxError
+from nsbuild.sandbox.errors import NotRunning, SandboxError
 from nsbuild.sandbox.netns import new_network
 from nsbuild.sandbox.process import Process
 from nsbuild.sandbox.spec import InsideSocket
@@ -65,10 +64,6 @@ else:
 _ALL = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWNET
         | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)  # fmt: skip
 _NOT_RUNNING = (errno.ESRCH, errno.ENOENT)
-
-
-class NotRunning(SandboxError):
-    """The process to enter is gone (or its PID now names another process)."""
 
 
 def start_time(pid: int) -> int:
@@ -220,7 +215,7 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
             _joiner(pidfd, flags, argv, env, cwd, stdio, new_net, inside_sockets, cgroup,
                     deny_setid, Channel(theirs), caller)  # fmt: skip
         theirs.close()
-        sockets, exec_error = _await_exec(ours, joiner)
+        sockets, exec_error = reports(ours, joiner)
     except BaseException as e:
         theirs.close()
         if joiner < 0 and isinstance(e, OSError):
@@ -233,26 +228,6 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
     finally:
         ours.close()
     return Process(joiner, None, None, None, sockets, exec_error)
-
-
-def _await_exec(sock: _socket.socket, joiner: int) -> tuple[list[_socket.socket], str | None]:
-    """Read the channel to EOF: sockets, an exec failure, or a setup error (raised)."""
-    sockets: list[_socket.socket] = []
-    exec_error = None
-    eof: tuple[bytes, list[int]] = (b"", [])
-    for data, fds in iter(lambda: recv_with_fds(sock), eof):
-        kind, _, rest = data.decode(errors="replace").partition("\t")
-        if kind == "SOCK":
-            sockets += [_socket.socket(fileno=fd) for fd in fds]
-        elif kind == "GONE":
-            raise NotRunning("the sandbox ended before the command could enter it")
-        elif kind == "EXEC":
-            err, _, name = rest.partition("\t")
-            why = "command not found" if int(err) == errno.ENOENT else os.strerror(int(err))
-            exec_error = f"{name}: {why}"
-        else:
-            raise_report(data, fds, joiner)
-    return sockets, exec_error
 
 
 # ---------------------------------------------------------------- the joiner
@@ -394,4 +369,4 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str, deny_s
         report_failure(chan, e)
 
 
-__all__ = ["NotRunning", "enter", "environ", "sandbox_pids", "start", "start_time"]
+__all__ = ["enter", "environ", "sandbox_pids", "start", "start_time"]

@@ -16,6 +16,10 @@ class SandboxError(NsbuildError):
     """The sandbox could not be set up or run: nsbuild's failure, not the command's."""
 
 
+class NotRunning(SandboxError):
+    """The process to enter is gone (or its PID now names another process)."""
+
+
 class SetupError(SandboxError):
     """A named setup step failed; carries the step, path and errno."""
 

@@ -47,8 +47,8 @@ from nsbuild.sandbox.channel import (
     SETUP_EXIT,
     Channel,
     raise_report,
-    recv_with_fds,
     report_failure,
+    reports,
 )
 from nsbuild.sandbox.command import close_stdio
 from nsbuild.sandbox.errors import SandboxError, SetupError
@@ -231,30 +231,7 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | No
             userns.publish(new_keeper, spec.idmap)
     else:
         raise_report(ready, [], pid)
-    return _reports(sock, pid)
-
-
-def _reports(sock: _socket.socket, pid: int) -> tuple[list[_socket.socket], str | None]:
-    """What the sandbox sends until the command was exec'd (EOF): inside
-    sockets and the command's exec error; a setup failure is raised."""
-    sockets: list[_socket.socket] = []
-    exec_error = None
-    while True:
-        data, fds = recv_with_fds(sock)
-        if not data:
-            return sockets, exec_error
-        kind = data.split(b"\t", 1)[0]
-        if kind == b"SOCK":
-            # The C-level socket type (the run path, cli/main.py); callers
-            # may wrap it: socket.socket(fileno=s.detach()).
-            sockets += [_socket.socket(fileno=fd) for fd in fds]
-        elif kind == b"EXEC":
-            _, err, name = data.decode(errors="replace").split("\t", 2)
-            code = int(err)
-            exec_error = (f"{name}: command not found" if code == errno.ENOENT
-                          else f"{name}: cannot execute: {os.strerror(code)}")
-        else:
-            raise_report(data, fds, pid)
+    return reports(sock, pid)
 
 
 def _describe_idmap(pid: int, idmap: IdMap) -> str:
@@ -300,11 +277,7 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         # just gave, not mapped ids: make them while nsbuild writes the maps.
         # This helper never changes its ids: it stays dumpable and keeps its
         # parent-death signal.
-        link = _start_init(spec, plan, chan, stdio, not joined, status_w, say)
-        init = link.init
-        close_stdio(stdio)
-        m.release(plan)
-        _tend_init(spec, link, chan, say)
+        init = _start_init(spec, plan, chan, stdio, not joined, status_w, say)
         chan.sock.close()
         _, status = os.waitpid(init, 0)
         code = os.waitstatus_to_exitcode(status)
@@ -316,21 +289,14 @@ def _helper(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
         report_failure(chan, e)
 
 
-class _InitLink:
-    """The outside ends of a just-forked init: its lifeline, the lock's
-    request and answer, the host's /proc, the network namespace's way in."""
-
-    def __init__(self, init: int, life_w: int, ask_r: int, mapped_w: int, proc: int,
-                 net: _socket.socket | None) -> None:
-        self.init, self.life_w, self.ask_r, self.mapped_w = init, life_w, ask_r, mapped_w
-        self.proc, self.net = proc, net
-
-
 def _start_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
-                maps_pending: bool, status_w: int, say: Callable[[str], None]) -> _InitLink:
+                maps_pending: bool, status_w: int, say: Callable[[str], None]) -> int:
     """In the sandbox's user namespace: make the PID, IPC, UTS and cgroup
-    namespaces and fork init into them. Not the mount namespace: init makes
-    that, so that no mount of the sandbox outlives init."""
+    namespaces and fork init into them (not the mount namespace: init makes
+    that, so that no mount of the sandbox outlives init). Then, while init
+    builds the root: make the network namespace and hand it to init, relay
+    signals, map init's nested user namespace when it asks. The inside
+    sockets go to nsbuild on `chan`. Returns init's PID."""
     m.Step.current = "unshare PID, IPC, UTS and cgroup namespaces"
     say("unshare PID, IPC, UTS and cgroup namespaces")
     sc.unshare(sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
@@ -360,24 +326,19 @@ def _start_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | No
         os.close(fd)
     if net_init is not None:
         net_init.close()
-    return _InitLink(init, life_w, ask_r, mapped_w, proc, net_here)
-
-
-def _tend_init(spec: Sandbox, link: _InitLink, chan: Channel,
-               say: Callable[[str], None]) -> None:
-    """While init builds the root: make the network namespace and hand it to
-    init, relay signals, map init's nested user namespace when it asks. The
-    inside sockets go to nsbuild on `chan`."""
-    if link.net is not None:
-        make_network(spec, chan, Channel(link.net), link.proc, say)
+    close_stdio(stdio)
+    m.release(plan)
+    if net_here is not None:
+        make_network(spec, chan, Channel(net_here), proc, say)
     for s in FORWARDED_SIGNALS:
-        signal.signal(s, lambda sig, _f: _relay(link.init, sig))
-    if os.read(link.ask_r, 1) == b"L":  # EOF: init failed, and reported why
+        signal.signal(s, lambda sig, _f: _relay(init, sig))
+    if os.read(ask_r, 1) == b"L":  # EOF: init failed, and reported why
         m.Step.current = "map the ids of the nested user namespace"
-        _identity_map(link.proc, link.init, spec.idmap)
-        os.write(link.mapped_w, b"M")
-    for fd in (link.ask_r, link.mapped_w, link.proc):
+        _identity_map(proc, init, spec.idmap)
+        os.write(mapped_w, b"M")
+    for fd in (ask_r, mapped_w, proc):
         os.close(fd)
+    return init
 
 
 def _identity_map(proc: int, pid: int, idmap: IdMap) -> None:

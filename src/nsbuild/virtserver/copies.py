@@ -65,7 +65,7 @@ class Copies:
         if not inside.startswith("/"):
             raise CommandFailed("copy-failed", f"{verb}: {inside}: not an absolute testbed path")
         from nsbuild.sandbox import SandboxError
-        from nsbuild.sandbox.enter import NotRunning
+        from nsbuild.sandbox.errors import NotRunning
         from nsbuild.virtserver.hostfs import check_shared
 
         try:

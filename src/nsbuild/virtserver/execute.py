@@ -55,7 +55,8 @@ def main(argv: list[str]) -> int:
     if not (pid_text.isdigit() and start_text.isdigit()):
         return _fail(f"bad testbed address {pid_text} {start_text}")
     from nsbuild.errors import NsbuildError
-    from nsbuild.sandbox.enter import NotRunning, enter, start_time
+    from nsbuild.sandbox.enter import enter, start_time
+    from nsbuild.sandbox.errors import NotRunning
 
     pid, start = int(pid_text), int(start_text)
     group = None if cgroup == "-" else cgroup
