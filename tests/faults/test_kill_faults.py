@@ -100,8 +100,8 @@ def _leftovers(home: EnvHome, marker: str, extra_dirs: tuple[Path, ...] = ()) ->
 
 
 def _dead_cgroups() -> list[str]:
-    from nsbuild.net.cgroups import cgroup2_mount, pid_alive
     from nsbuild.sandbox import limits
+    from nsbuild.sandbox.cgroupfs import cgroup2_mount, pid_alive
 
     roots = [r for r in (cgroup2_mount(), *limits._v1_mounts().values()) if r]
     dead = []
@@ -267,7 +267,7 @@ def test_sigkill_with_the_nftables_engine_and_limits_as_root(rng: random.Random)
     """Root's leftovers: the nftables table and cgroup of the egress engine, the
     cgroups of resource limits. After gc none of a dead run remains."""
     from nsbuild.net import nftables
-    from nsbuild.net.cgroups import pid_alive
+    from nsbuild.sandbox.cgroupfs import pid_alive
 
     env = dict(os.environ)
     for n in range(ROOT_NFT_TRIALS + ROOT_LIMIT_TRIALS):

@@ -21,9 +21,10 @@ from net_helpers import origin
 from waiting import HANG_GUARD, wait_for
 
 from nsbuild.net import gc, network, options_from_args
-from nsbuild.net.cgroups import cgroup2_mount, nft_cgroup_path
 from nsbuild.net.nftables import Destination, ruleset
+from nsbuild.net.nftables_engine import nft_cgroup_path
 from nsbuild.net.options import NetOptions
+from nsbuild.sandbox.cgroupfs import cgroup2_mount
 
 
 def test_ruleset_names_the_cgroup_the_allowed_destinations_and_rejects_the_rest() -> None:

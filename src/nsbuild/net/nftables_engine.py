@@ -8,17 +8,39 @@ cgroup being removed), then the cgroup (killing stragglers), then the reader.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Generator
 from typing import TYPE_CHECKING
 
-from nsbuild.net import cgroups, nftables
+from nsbuild.net import nftables
 from nsbuild.net.errors import NetError
 from nsbuild.net.netlog import PACKETS_OVER_RATE, NetLog
+from nsbuild.sandbox.cgroupfs import (
+    cgroup2_mount,
+    make_run_cgroup,
+    pid_alive,
+    remove_cgroup,
+    run_cgroup_owner,
+)
 from nsbuild.sandbox.spec import File
 
 if TYPE_CHECKING:
     from nsbuild.net.allowlist import Allowlist
+
+# A run's cgroup is `<cgroup2 mount>/nsbuild-net.<owner pid>.<n>`, at the top
+# of the hierarchy (level 1) so nftables can match it with `socket cgroupv2
+# level 1`, and so gc() finds leftovers of dead owners in one place.
+PREFIX = "nsbuild-net."
+
+
+def nft_cgroup_path(cgroup_dir: str) -> str:
+    """The path string nft wants for `socket cgroupv2 ... "PATH"`.
+
+    nft (1.0.x) resolves it as `/sys/fs/cgroup/PATH`, a hard-coded prefix, so
+    give it our directory relative to that prefix; it stays right when the
+    cgroup2 mount is elsewhere (here: /sys/fs/cgroup/unified)."""
+    return os.path.relpath(cgroup_dir, "/sys/fs/cgroup")
 
 
 def hosts_file(destinations: list[nftables.Destination], allowlist: Allowlist) -> bytes:
@@ -44,14 +66,12 @@ def nftables_engine(allowlist: Allowlist, log: NetLog,
 
     check_nftables_usable(allowlist)
     destinations = nftables.resolve_allowlist(allowlist)
-    mount = cgroups.cgroup2_mount()
+    mount = cgroup2_mount()
     if mount is None:
         raise NetError("--egress-engine nftables: no cgroup v2 mount")
     gc()  # leftovers of crashed runs
-    cgroup = cgroups.create_run_cgroup(mount)
-    table = nftables.TABLE_PREFIX + cgroup.rsplit("/", 1)[1][len(cgroups.PREFIX) :].replace(
-        ".", "_"
-    )
+    cgroup = make_run_cgroup(mount, PREFIX)
+    table = nftables.TABLE_PREFIX + cgroup.rsplit("/", 1)[1][len(PREFIX) :].replace(".", "_")
     reader = None
     applied = False
     logged = [0]  # packets the reader saw; the table counts every one it refused
@@ -73,7 +93,7 @@ def nftables_engine(allowlist: Allowlist, log: NetLog,
         reader = NflogReader(seen)
         reader.start()
         script = nftables.ruleset(
-            table, cgroups.nft_cgroup_path(cgroup), destinations, reader.group
+            table, nft_cgroup_path(cgroup), destinations, reader.group
         )
         if debug:
             print(f"nsbuild: nftables ruleset (nft -f):\n{script}", file=sys.stderr, end="")
@@ -98,7 +118,7 @@ def nftables_engine(allowlist: Allowlist, log: NetLog,
     finally:
         if applied:
             nftables.delete_table(table)
-        cgroups.remove_cgroup(cgroup)
+        remove_cgroup(cgroup)
         if reader is not None:
             reader.stop()
         if refused is not None and refused > logged[0]:
@@ -108,7 +128,6 @@ def nftables_engine(allowlist: Allowlist, log: NetLog,
 
 def gc() -> list[str]:
     """Remove nsbuild tables and cgroups whose owner process is dead. Returns what went."""
-    import os
     import shutil
 
     removed: list[str] = []
@@ -117,15 +136,20 @@ def gc() -> list[str]:
     if shutil.which("nft") is not None:
         for table in nftables.list_tables():
             pid = nftables.owner_pid(table)
-            if pid is not None and not cgroups.pid_alive(pid):
+            if pid is not None and not pid_alive(pid):
                 nftables.delete_table(table)
                 removed.append(f"nftables table inet {table}")
-    mount = cgroups.cgroup2_mount()
-    if mount is not None:
-        for path in cgroups.stale_cgroups(mount):
+    mount = cgroup2_mount()
+    try:
+        entries = list(os.scandir(mount)) if mount is not None else []
+    except OSError:
+        entries = []
+    for entry in entries:
+        pid = run_cgroup_owner(entry.name, PREFIX)
+        if pid is not None and not pid_alive(pid):
             try:
-                cgroups.remove_cgroup(path)
-                removed.append(f"cgroup {path}")
+                remove_cgroup(entry.path)
+                removed.append(f"cgroup {entry.path}")
             except OSError:
                 pass
     return removed

@@ -108,7 +108,7 @@ def options_from_args(args: argparse.Namespace) -> NetOptions:
 def check_nftables_usable(allowlist: Allowlist | None) -> None:
     import shutil
 
-    from nsbuild.net.cgroups import cgroup2_mount
+    from nsbuild.sandbox.cgroupfs import cgroup2_mount
 
     if os.geteuid() != 0:
         raise NetError("--egress-engine nftables needs root; use --egress-engine proxy")
