@@ -26,8 +26,8 @@ Factory = Callable[[BackendOptions], Backend]
 
 # name -> "module:callable" (imported lazily) or the factory itself.
 _REGISTRY: dict[str, str | Factory] = {
-    "local": "nsbuild.backends.local:open_local",
-    "autopkgtest": "nsbuild.backends.autopkgtest:open_autopkgtest",
+    "local": "nsbuild.backends.local:LocalBackend",
+    "autopkgtest": "nsbuild.backends.autopkgtest:AutopkgtestBackend",
 }
 
 

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsbuild.backends.base import (
+    CHECK_OUT,
     MAX_COPY_IN,
     MAX_COPY_OUT,
     MAX_REASON,
-    NOT_SPARSE,
+    REFUSED,
     STDOUT,
     Backend,
     BackendError,
@@ -43,9 +44,10 @@ from nsbuild.backends.base import (
     Network,
     Sink,
     Stream,
+    absolute_path,
     copy_bounded,
 )
-from nsbuild.backends.virtproto import VirtServer, VirtServerError
+from nsbuild.backends.virtproto import VirtServer
 
 WORK_DIR = "/build"
 PREFIX = "autopkgtest-virt-"
@@ -55,18 +57,6 @@ NET_ARG = "--nsbuild-net"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # cd, then exec: the working directory travels as an argument, never as code.
 _IN_DIR = 'cd -- "$1" || exit 125; shift; exec "$@"'
-# Every component a real directory or, last, a regular file: what may be copied out.
-_CHECK_OUT = (
-    'set -f; p=$1; IFS=/; for part in $2; do p="$p/$part"; '
-    'if [ -L "$p" ]; then echo "$p is a symlink" >&2; exit 3; fi; done; '
-    'if [ ! -f "$p" ]; then echo "$p is not a regular file" >&2; exit 4; fi; '
-    'n=$(stat -c %h -- "$p") || exit 1; '
-    'if [ "$n" != 1 ]; then echo "$p is a hard link ($n names)" >&2; exit 5; fi; '
-    'n=$(stat -c %s -- "$p") || exit 1; '
-    'if [ "$n" -gt "$3" ]; then echo "$p is larger than $3 bytes" >&2; exit 6; fi; '
-    + NOT_SPARSE
-    + "true"
-)
 
 
 @dataclass(frozen=True)
@@ -106,10 +96,6 @@ def resolve_server(argv: Sequence[str]) -> list[str]:
     return list(argv)
 
 
-def open_autopkgtest(options: BackendOptions) -> AutopkgtestBackend:
-    return AutopkgtestBackend(options)
-
-
 class AutopkgtestBackend(Backend):
     name = "autopkgtest"
 
@@ -139,7 +125,6 @@ class AutopkgtestBackend(Backend):
             # The driver adds its own build user: only where root may, and where
             # the change goes away with the testbed.
             unprivileged_user=root and (revert or bool(suggested)),
-            shared_dir=any(c.startswith("downtmp-host=") for c in caps),
             dependency_layers=False,
             server=server.name,
         )
@@ -214,7 +199,7 @@ class AutopkgtestBackend(Backend):
     # -- copies through the protocol --
 
     def copy_in(self, host_path: Path, guest_path: str, *, limit: int = MAX_COPY_IN) -> None:
-        guest_path = _absolute(guest_path)
+        guest_path = absolute_path(guest_path)
         # The server reads the file by its path: it must be one nothing else
         # can change (the build driver's private copies), and it is bounded.
         st = host_path.lstat()
@@ -239,8 +224,8 @@ class AutopkgtestBackend(Backend):
         within: str | None = None,
         limit: int = MAX_COPY_OUT,
     ) -> None:
-        within = _absolute(within or self.work_dir).rstrip("/") or "/"
-        guest_path = _absolute(guest_path)
+        within = absolute_path(within or self.work_dir).rstrip("/") or "/"
+        guest_path = absolute_path(guest_path)
         shown = guest_path
         prefix = within if within.endswith("/") else within + "/"
         if not guest_path.startswith(prefix):
@@ -250,10 +235,10 @@ class AutopkgtestBackend(Backend):
         # directory, and either would follow a symlink), then again on the
         # host on what arrived.
         with Sink(MAX_REASON) as err:
-            argv = ["sh", "-c", _CHECK_OUT, "check", within, rel, str(limit)]
+            argv = ["sh", "-c", CHECK_OUT + "true", "check", within, rel, str(limit)]
             status = self.run(argv, stdout=subprocess.DEVNULL, stderr=err.fd)
         why = err.text().strip()
-        if status in (3, 4, 5, 6, 7):
+        if status in REFUSED:
             raise CopyRefused(f"refusing to copy {shown}: {why}")
         if status != 0:
             raise BackendError(
@@ -294,14 +279,3 @@ class AutopkgtestBackend(Backend):
         server = getattr(self, "server", None)
         if server is not None:
             server.stop()
-
-
-def _absolute(path: str) -> str:
-    if not path.startswith("/") or "\0" in path:
-        raise CopyRefused(f"not an absolute path: {path!r}")
-    if any(p == ".." for p in path.split("/")):
-        raise CopyRefused(f"refusing a path with '..': {path}")
-    return posixpath.normpath(path)
-
-
-__all__ = ["AutopkgtestBackend", "VirtCapabilities", "VirtServerError", "open_autopkgtest"]

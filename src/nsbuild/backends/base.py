@@ -41,15 +41,29 @@ STDOUT = -2
 # The largest result copied out by default: a bound on what a sparse file
 # made inside (a few blocks there) may write on the host.
 MAX_COPY_OUT = 8 << 30
-# Shell text for a copy-out check, after $p (the file) and $n (its size) are
-# set: exit 7 for a sparse file. What a build leaves is compressed data or
-# text, never mostly holes; tar would stream the holes as zeros, so a
-# `truncate -s 1T` costing nothing inside would fill the host's disk.
-NOT_SPARSE = (
+# Shell text run inside before a copy out of "$1/$2" of at most $3 bytes
+# (paths travel as arguments, never inside the script): every component a
+# real directory or, last, a regular file, since tar stores a symlink as a
+# link and a virt server's `cat` would follow one. Exits with a status in
+# REFUSED and the reason on stderr.
+CHECK_OUT = (
+    'set -f; p=$1; IFS=/; for part in $2; do p="$p/$part"; '
+    'if [ -L "$p" ]; then echo "$p is a symlink" >&2; exit 3; fi; done; '
+    'if [ ! -f "$p" ]; then echo "$p is not a regular file" >&2; exit 4; fi; '
+    # A second name for the file means it was made by linking, not by
+    # a build tool: whose file it really is cannot be told.
+    'n=$(stat -c %h -- "$p") || exit 1; '
+    'if [ "$n" != 1 ]; then echo "$p is a hard link ($n names)" >&2; exit 5; fi; '
+    'n=$(stat -c %s -- "$p") || exit 1; '
+    'if [ "$n" -gt "$3" ]; then echo "$p is larger than $3 bytes" >&2; exit 6; fi; '
+    # What a build leaves is compressed data or text, never mostly holes;
+    # tar would stream the holes as zeros, so a `truncate -s 1T` costing
+    # nothing inside would fill the host's disk.
     'a=$(stat -c "%b*%B" -- "$p") || exit 1; '
     'if [ "$n" -gt 1048576 ] && [ $(($a * 2)) -lt "$n" ]; then '
     'echo "$p is sparse ($n bytes, $(($a)) allocated)" >&2; exit 7; fi; '
 )
+REFUSED = (3, 4, 5, 6, 7)
 # The largest file copied in by default (callers that know a file's size
 # give it as the bound).
 MAX_COPY_IN = 8 << 30
@@ -80,8 +94,6 @@ class Capabilities:
     root_inside: bool = False
     # A second, unprivileged user exists or can be created for the build.
     unprivileged_user: bool = False
-    # A host directory is shared with the inside, so copies are cheap.
-    shared_dir: bool = False
     # keep_layer()/use_layer(): the installed state can be kept and reused.
     dependency_layers: bool = False
 
@@ -157,7 +169,7 @@ class Backend(ABC):
         most `limit` bytes (in a tree: each file). The tar stream goes straight
         into the command that unpacks it: nothing is spooled on the host, where
         a sparse file would grow to its full size."""
-        guest_path = _normal(guest_path)
+        guest_path = absolute_path(guest_path)
         parent, base = posixpath.split(guest_path)
         script = 'mkdir -p -- "$1" && exec tar -C "$1" --no-same-owner -xf -'
         argv = ["sh", "-c", script, "copy-in", parent]
@@ -188,27 +200,12 @@ class Backend(ABC):
         is larger than `limit` bytes. The inside is never trusted: the checks
         are repeated on the host on what actually arrives, and no more than
         the bound is ever written."""
-        within = _normal(within or self.work_dir)
-        guest_path = _normal(guest_path)
+        within = absolute_path(within or self.work_dir)
+        guest_path = absolute_path(guest_path)
         if not guest_path.startswith(within.rstrip("/") + "/"):
             raise CopyRefused(f"refusing to copy {guest_path}: outside {within}")
         rel = guest_path[len(within.rstrip("/")) + 1 :]
-        # Every component must be a real directory or, last, a regular file;
-        # then tar (which stores a symlink as a link, never its target) streams
-        # the file out. Paths travel as arguments, never inside the script.
-        script = (
-            'set -f; dir=$1; p=$1; IFS=/; for part in $2; do p="$p/$part"; '
-            'if [ -L "$p" ]; then echo "$p is a symlink" >&2; exit 3; fi; done; '
-            'if [ ! -f "$p" ]; then echo "$p is not a regular file" >&2; exit 4; fi; '
-            # A second name for the file means it was made by linking, not by
-            # a build tool: whose file it really is cannot be told.
-            'n=$(stat -c %h -- "$p") || exit 1; '
-            'if [ "$n" != 1 ]; then echo "$p is a hard link ($n names)" >&2; exit 5; fi; '
-            'n=$(stat -c %s -- "$p") || exit 1; '
-            'if [ "$n" -gt "$3" ]; then echo "$p is larger than $3 bytes" >&2; exit 6; fi; '
-            + NOT_SPARSE
-            + 'exec tar -C "$dir" --no-recursion -cf - -- "$2"'
-        )
+        script = CHECK_OUT + 'exec tar -C "$1" --no-recursion -cf - -- "$2"'
         argv = ["sh", "-c", script, "copy-out", within, rel, str(limit)]
         # The tar stream (the file, its header and the end blocks) waits
         # beside its destination, not in a /tmp that may be memory.
@@ -216,7 +213,7 @@ class Backend(ABC):
         with Sink(limit + (64 << 10), host_path.parent) as out, Sink(MAX_REASON) as err:
             status = self.run(argv, stdout=out.fd, stderr=err.fd)
         why = err.text().strip()
-        if status in (3, 4, 5, 6, 7):
+        if status in REFUSED:
             raise CopyRefused(f"refusing to copy {guest_path}: {why}")
         if status != 0 or out.overflow:
             raise BackendError(
@@ -282,7 +279,8 @@ class Backend(ABC):
         self.close()
 
 
-def _normal(path: str) -> str:
+def absolute_path(path: str) -> str:
+    """`path` normalised, when it is absolute, without NUL or '..'."""
     if not path.startswith("/") or "\0" in path:
         raise CopyRefused(f"not an absolute path: {path!r}")
     if any(p == ".." for p in path.split("/")):

@@ -72,10 +72,6 @@ MAX_TAKEN = 8 << 30
 _DEB_NAME = re.compile(r"([a-z0-9][a-z0-9.+-]*)_([A-Za-z0-9.+~%-]+)_([a-z0-9-]+)\.deb")
 
 
-def open_local(options: BackendOptions) -> LocalBackend:
-    return LocalBackend(options)
-
-
 def _fd(stream: Stream, default: int) -> int:
     if stream is None:
         return default
@@ -120,7 +116,7 @@ class LocalBackend(Backend):
     def __init__(self, options: BackendOptions) -> None:
         from nsbuild.envs.config import load_config
         from nsbuild.envs.owner import give_to_sandbox_root
-        from nsbuild.envs.paths import private_cache_dir
+        from nsbuild.envs.paths import apt_cache_dir
         from nsbuild.sandbox import caller_idmap
 
         if not options.env:
@@ -134,14 +130,13 @@ class LocalBackend(Backend):
             revert=True,
             root_inside=True,
             unprivileged_user=self._idmap.full,
-            shared_dir=True,
             dependency_layers=True,
         )
         self._caches: dict[str, Path] = {}
         for name in options.caches:
             if name not in CACHE_MOUNTS:
                 raise BackendError(f"local backend: unknown cache {name!r}")
-            host = private_cache_dir() / "apt" / self.config.name / name
+            host = apt_cache_dir(self.config.name) / name
             host.mkdir(parents=True, exist_ok=True)
             give_to_sandbox_root(host)
             self._caches[name] = host
@@ -478,6 +473,3 @@ def _sha256_fd(fd: int) -> str:
     while block := os.read(fd, 1 << 20):
         h.update(block)
     return h.hexdigest()
-
-
-__all__ = ["LocalBackend", "open_local"]
