@@ -283,6 +283,3 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-__all__ = ["TIMEOUTS", "TIMEOUT_ENV", "VirtServer", "VirtServerError", "timeouts"]

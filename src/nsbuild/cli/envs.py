@@ -15,9 +15,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nsbuild.envs.session import Session
 
-Subparsers = argparse._SubParsersAction  # type: ignore[type-arg]
-
-
 def _sandbox_options(p: argparse.ArgumentParser) -> None:
     from nsbuild.cli.main import add_sandbox_options
 

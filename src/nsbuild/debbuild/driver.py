@@ -282,6 +282,3 @@ def _arch(backend: Backend) -> str:
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
-
-
-__all__ = ["BuildRequest", "BuildResult", "build"]

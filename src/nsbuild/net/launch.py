@@ -132,6 +132,3 @@ def _say(fd: int, message: str) -> None:
         os.write(fd, f"nsbuild: {message}\n".encode(errors="replace"))
     except OSError:
         pass  # the caller's stderr is gone: nothing else to tell it with
-
-
-__all__ = ["Launch", "planned", "run_under"]

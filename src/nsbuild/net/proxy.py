@@ -74,8 +74,6 @@ MAX_CLIENTS = 32  # client connections served at once
 _TRANSIENT = {errno.ECONNABORTED, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
               errno.EPROTO}
 
-__all__ = ["EgressProxy", "Resolver"]
-
 
 class Denied(Exception):
     def __init__(self, rule: str, message: str) -> None:

@@ -367,6 +367,3 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str, deny_s
             os._exit(127 if e.errno == errno.ENOENT else 126)
     except BaseException as e:
         report_failure(chan, e)
-
-
-__all__ = ["enter", "environ", "sandbox_pids", "start", "start_time"]

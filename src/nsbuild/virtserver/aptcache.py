@@ -410,6 +410,3 @@ def _stanzas(data: mmap.mmap, start: re.Pattern[bytes]) -> Iterator[bytes]:
         begin = before + 2 if before >= 0 else 0
         end = data.find(b"\n\n", hit.start())
         yield bytes(data[begin : end if end >= 0 else len(data)])
-
-
-__all__ = ["MOUNTS", "AptCache"]

@@ -277,6 +277,3 @@ def size_text(n: int) -> str:
         if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
             return f"{n // _UNITS[unit]} {unit}iB"
     return f"{n} bytes"
-
-
-__all__ = ["COPY_TIMEOUT", "DEFAULT_COPY_LIMIT", "Copies", "parse_size", "size_text"]

@@ -252,7 +252,3 @@ def _check_file(dir_fd: int, name: bytes, where: str, what: str) -> None:
                 raise Refused(f"{shown(where)}: setuid or setgid, and {e.strerror}") from None
     finally:
         os.close(fd)
-
-
-__all__ = ["Refused", "check_shared", "host_dir", "open_dir", "open_host_file", "open_in_layer",
-           "opened_regular", "read_bounded", "shown", "split"]  # fmt: skip

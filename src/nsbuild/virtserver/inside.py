@@ -116,6 +116,3 @@ def _to_stderr(line: str) -> bool:
     except (OSError, ValueError):
         return False
     return True
-
-
-__all__ = ["Inside", "wait"]

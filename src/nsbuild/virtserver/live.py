@@ -119,6 +119,3 @@ def _stop(proc: Process, init: int, init_fd: int) -> None:
         proc.wait()
     finally:
         os.close(init_fd)
-
-
-__all__ = ["WAITER", "LiveSandbox"]

@@ -106,6 +106,3 @@ def _send(words: list[str]) -> None:
 def die(message: str, status: int) -> NoReturn:
     say(message)
     os._exit(status)
-
-
-__all__ = ["PROG", "CommandFailed", "Commands", "Misuse", "cleanup", "die", "say", "serve"]

@@ -318,6 +318,3 @@ def entry() -> None:
     status = main()
     sys.stderr.flush()
     os._exit(status)
-
-
-__all__ = ["Server", "entry", "main"]

@@ -168,15 +168,3 @@ class Testbed:
             share_net=share_net,
             **kw,
         )
-
-
-__all__ = [
-    "DOWNTMP",
-    "GONE",
-    "NET_ARG",
-    "NET_CAPABILITY",
-    "NORMAL_USER",
-    "NetPolicy",
-    "Testbed",
-    "TestbedGone",
-]

@@ -315,6 +315,3 @@ def _write_file(
         stream.skip(_padding(entry.size))
     finally:
         os.close(parent)
-
-
-__all__ = ["TarError", "Timeout", "TooLarge", "extract"]
