@@ -148,26 +148,6 @@ class AutopkgtestBackend(Backend):
 
     # -- running --
 
-    def command_line(
-        self,
-        argv: Sequence[str],
-        *,
-        user: str = "root",
-        network: Network = "none",
-        cwd: str = "/",
-        env: Mapping[str, str] | None = None,
-    ) -> list[str]:
-        """The host argv that runs `argv` in the testbed."""
-        line = list(self.exec_cmd)
-        if self.capabilities.network_per_phase:
-            line += [NET_ARG, network]
-        if user != "root" and self.capabilities.root_inside:
-            line += ["/sbin/runuser", "-u", user, "--"]
-        variables = {"PATH": DEFAULT_PATH, **(env or {})}
-        line += ["env", *(f"{k}={v}" for k, v in variables.items())]
-        line += ["sh", "-c", _IN_DIR, "in-dir", cwd, *argv]
-        return line
-
     def run(
         self,
         argv: Sequence[str],
@@ -180,7 +160,15 @@ class AutopkgtestBackend(Backend):
         stdout: Stream = None,
         stderr: Stream = None,
     ) -> int:
-        line = self.command_line(argv, user=user, network=network, cwd=cwd, env=env)
+        # The server's execute command, then the user, variables and directory.
+        line = list(self.exec_cmd)
+        if self.capabilities.network_per_phase:
+            line += [NET_ARG, network]
+        if user != "root" and self.capabilities.root_inside:
+            line += ["/sbin/runuser", "-u", user, "--"]
+        variables = {"PATH": DEFAULT_PATH, **(env or {})}
+        line += ["env", *(f"{k}={v}" for k, v in variables.items())]
+        line += ["sh", "-c", _IN_DIR, "in-dir", cwd, *argv]
         err = subprocess.STDOUT if stderr == STDOUT else stderr
         try:
             proc = subprocess.Popen(line, stdin=stdin, stdout=stdout, stderr=err)
