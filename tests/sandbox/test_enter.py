@@ -15,7 +15,7 @@ from sandbox_helpers import processes_with_arg
 from waiting import HANG_GUARD, wait_for
 
 from nsbuild.sandbox import Process, Sandbox, caller_idmap, host_view, spawn
-from nsbuild.sandbox.enter import enter, sandbox_pids, start, start_time
+from nsbuild.sandbox.enter import sandbox_pids, start, start_time
 from nsbuild.sandbox.errors import NotRunning
 
 pytestmark = pytest.mark.userns
@@ -189,8 +189,8 @@ def test_network_of_the_sandbox_or_a_fresh_one(sandbox: Running) -> None:
 
 
 def test_killing_the_caller_kills_the_command(sandbox: Running, tmp_path: Path) -> None:
-    code = (f"from nsbuild.sandbox.enter import enter; "
-            f"enter({sandbox.pid}, ['sleep', '86423'])")  # fmt: skip
+    code = (f"from nsbuild.sandbox.enter import start; "
+            f"start({sandbox.pid}, ['sleep', '86423']).wait_relaying()")  # fmt: skip
     caller = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
     wait_for(lambda: bool(processes_with_arg("86423")), "the command runs")
     caller.kill()
@@ -199,8 +199,8 @@ def test_killing_the_caller_kills_the_command(sandbox: Running, tmp_path: Path) 
 
 
 def test_signals_reach_the_command(sandbox: Running) -> None:
-    code = (f"import sys; from nsbuild.sandbox.enter import enter; "
-            f"sys.exit(enter({sandbox.pid}, ['sleep', '86424']))")  # fmt: skip
+    code = (f"import sys; from nsbuild.sandbox.enter import start; "
+            f"sys.exit(start({sandbox.pid}, ['sleep', '86424']).wait_relaying())")  # fmt: skip
     caller = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
     wait_for(lambda: bool(processes_with_arg("86424")) and catches(caller.pid, signal.SIGTERM),
              "the command runs and the caller relays SIGTERM")  # fmt: skip
@@ -223,7 +223,7 @@ def test_the_end_of_the_sandbox_ends_what_was_entered(sandbox: Running) -> None:
 def test_a_gone_or_reused_pid_is_not_entered(sandbox: Running) -> None:
     with pytest.raises(NotRunning):
         start(sandbox.pid, ["true"], expect_start=start_time(sandbox.pid) + 1)
-    assert enter(sandbox.pid, ["true"], expect_start=start_time(sandbox.pid)) == 0
+    assert start(sandbox.pid, ["true"], expect_start=start_time(sandbox.pid)).wait_relaying() == 0
     sandbox.proc.kill()
     sandbox.proc.wait()
     wait_for(lambda: start_failed(sandbox.pid), "the sandbox is gone")

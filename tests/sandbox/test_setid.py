@@ -15,7 +15,7 @@ import pytest
 from sandbox_helpers import explain, nsbuild, ok, py, sh
 
 from nsbuild.sandbox import Bind, Sandbox, Tmpfs, caller_idmap, host_view, run, spawn
-from nsbuild.sandbox.enter import enter, sandbox_pids
+from nsbuild.sandbox.enter import sandbox_pids, start
 
 pytestmark = pytest.mark.userns
 
@@ -124,13 +124,13 @@ def test_entered_commands_follow_deny_setid(tmp_path: Path) -> None:
         proc = spawn(spec, stdin=null.fileno(), stdout=null.fileno())
     try:
         _init, command = sandbox_pids(proc)
-        assert enter(command, CHMOD_4755, deny_setid=True) != 0
+        assert start(command, CHMOD_4755, deny_setid=True).wait_relaying() != 0
         assert setid_bits(own / "x") == 0
-        assert enter(command, CHMOD_4755) == 0
+        assert start(command, CHMOD_4755).wait_relaying() == 0
         assert setid_bits(own / "x") == stat.S_ISUID
         mount = ("/bin/sh", "-c", "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m")
-        assert enter(command, mount, deny_setid=True) != 0
-        assert enter(command, mount) == 0
+        assert start(command, mount, deny_setid=True).wait_relaying() != 0
+        assert start(command, mount).wait_relaying() == 0
     finally:
         proc.kill()
         proc.wait()

@@ -9,26 +9,23 @@
 At the end Launch kills what still runs, stops the plan's services, and only
 then closes the sockets they served: a descriptor closed under a service's
 thread could be reused by the next one opened. Setup failures (SetupError)
-pass through unchanged. On the run path (cli/main.py): _signal, not signal.
+pass through unchanged.
 """
 
 from __future__ import annotations
 
 import os
 
-from nsbuild.sandbox import FORWARDED_SIGNALS, spawn
+from nsbuild.sandbox import spawn
 from nsbuild.sandbox.record import replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import signal
     from collections.abc import Callable
 
     from nsbuild.net.plan import NetPlan
     from nsbuild.sandbox import Process, Sandbox
     from nsbuild.sandbox.limits import Limits
-else:
-    import _signal as signal
 
 
 def planned(spec: Sandbox, plan: NetPlan) -> Sandbox:
@@ -62,7 +59,7 @@ class Launch:
             _say(self._stderr, proc.exec_error)
         try:
             if self._relay:
-                self._restore = _relayed(proc)
+                self._restore = proc.relay_signals()
             self._plan.serve(proc.sockets)
         except BaseException:
             self._end()
@@ -112,19 +109,6 @@ def run_under(plan: NetPlan, spec: Sandbox, *, stdin: int | None = None,
 
     with Launch(plan, start, stderr=stderr, relay_signals=relay_signals) as proc:
         return proc.wait()
-
-
-def _relayed(proc: Process) -> Callable[[], None]:
-    """Relay the usual termination signals to `proc`; returns the undoing."""
-    previous = {sig: signal.signal(sig, lambda n, _f: proc.send_signal(n))
-                for sig in FORWARDED_SIGNALS}  # fmt: skip
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            # None: a handler not set from Python; the default is the nearest.
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-    return restore
 
 
 def _say(fd: int, message: str) -> None:

@@ -1,7 +1,7 @@
 """Enter a running sandbox: run one more command in the namespaces of a process inside it.
 
     proc = start(pid, ("make", "check"), cwd="/src", stdin=fd)  # a Process: .wait() .kill()
-    status = enter(pid, argv)             # blocking, the caller's stdio; 128+N on signal N
+    status = start(pid, argv).wait_relaying()  # the caller's stdio; 128+N on signal N
 
 `pid` is the host PID of a process in the sandbox, normally its command: the
 runtime moves the command into a nested user and mount namespace where every
@@ -159,39 +159,6 @@ def start(
                             tuple(inside_sockets), cgroup, deny_setid)  # fmt: skip
     finally:
         os.close(pidfd)
-
-
-def enter(
-    pid: int,
-    argv: Sequence[str],
-    *,
-    env: Sequence[tuple[str, str]] | None = None,
-    cwd: str = "/",
-    new_net: bool = False,
-    inside_sockets: Sequence[InsideSocket] = (),
-    cgroup: str | None = None,
-    expect_start: int | None = None,
-    deny_setid: bool = False,
-) -> int:
-    """Run `argv` in the sandbox of `pid` with the caller's stdio and return its
-    exit status (128+N when killed by signal N). SIGINT, SIGTERM, SIGHUP and
-    SIGQUIT are passed on to the command; the rest as for start()."""
-    proc = start(pid, argv, env=env, cwd=cwd, new_net=new_net, inside_sockets=inside_sockets,
-                 cgroup=cgroup, expect_start=expect_start, deny_setid=deny_setid)  # fmt: skip
-    previous = {sig: signal.signal(sig, lambda n, _f: proc.send_signal(n))
-                for sig in FORWARDED_SIGNALS}  # fmt: skip
-    try:
-        return proc.wait()
-    except BaseException:
-        # The command does not outlive a failure here (nor the caller).
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if proc.exec_error:
-            os.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
 
 
 def _same_net(pid: int) -> bool:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import _socket
 import os
 
-from nsbuild.sandbox.channel import SETUP_EXIT
+from nsbuild.sandbox.channel import FORWARDED_SIGNALS, SETUP_EXIT
 from nsbuild.sandbox.errors import SandboxError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
+    from collections.abc import Callable
     from typing import IO
 else:
     import _signal as signal
@@ -74,6 +75,36 @@ class Process:
             self._set(status)
         assert self.returncode is not None
         return self.returncode
+
+    def wait_relaying(self) -> int:
+        """Say why the command could not be executed, if so; then wait for
+        its exit status, with SIGINT, SIGTERM, SIGHUP and SIGQUIT passed on
+        to it meanwhile (main thread only). The command does not outlive a
+        failure here."""
+        if self.exec_error:
+            os.write(2, f"nsbuild: {self.exec_error}\n".encode(errors="replace"))
+        restore = self.relay_signals()
+        try:
+            return self.wait()
+        except BaseException:
+            self.kill()
+            self.wait()
+            raise
+        finally:
+            restore()
+
+    def relay_signals(self) -> Callable[[], None]:
+        """Pass SIGINT, SIGTERM, SIGHUP and SIGQUIT on to the command (main
+        thread only); returns what undoes it."""
+        previous = {sig: signal.signal(sig, lambda n, _f: self.send_signal(n))
+                    for sig in FORWARDED_SIGNALS}  # fmt: skip
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                # None: a handler not set from Python; the default is the nearest.
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+        return restore
 
     def send_signal(self, sig: int) -> None:
         """Deliver `sig` to the command (relayed by the helper and init)."""

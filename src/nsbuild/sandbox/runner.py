@@ -84,19 +84,7 @@ def run(spec: Sandbox) -> int:
     """Run the sandbox with the caller's stdio; return the command's exit status
     (128+N when killed by signal N). A sandbox with network services to serve
     runs through nsbuild.net.launch instead."""
-    proc = spawn(spec)
-    previous = {s: signal.getsignal(s) for s in FORWARDED_SIGNALS}  # restored at the end
-    try:
-        for s in FORWARDED_SIGNALS:
-            signal.signal(s, lambda sig, _f: proc.send_signal(sig))
-        status = proc.wait()
-        if proc.exec_error:
-            os.write(2, f"nsbuild: {proc.exec_error}\n".encode(errors="replace"))
-        return status
-    finally:
-        for s, h in previous.items():
-            # None: not set from Python; the default is the nearest to it.
-            signal.signal(s, signal.SIG_DFL if h is None else h)
+    return spawn(spec).wait_relaying()
 
 
 def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,

@@ -55,20 +55,21 @@ def main(argv: list[str]) -> int:
     if not (pid_text.isdigit() and start_text.isdigit()):
         return _fail(f"bad testbed address {pid_text} {start_text}")
     from nsbuild.errors import NsbuildError
-    from nsbuild.sandbox.enter import enter, start_time
+    from nsbuild.sandbox.enter import start, start_time
     from nsbuild.sandbox.errors import NotRunning
 
-    pid, start = int(pid_text), int(start_text)
+    pid, started = int(pid_text), int(start_text)
     group = None if cgroup == "-" else cgroup
     deny = setid != "-"
     try:
         if requested == mode:
-            status = enter(pid, command, expect_start=start, cgroup=group, deny_setid=deny)
+            status = start(pid, command, expect_start=started, cgroup=group,
+                           deny_setid=deny).wait_relaying()  # fmt: skip
         elif requested == "none":
-            status = enter(pid, command, new_net=True, expect_start=start, cgroup=group,
-                           deny_setid=deny)  # fmt: skip
+            status = start(pid, command, new_net=True, expect_start=started, cgroup=group,
+                           deny_setid=deny).wait_relaying()  # fmt: skip
         elif requested == "allow":
-            status = _with_proxy(record, pid, start, group, deny, command)
+            status = _with_proxy(record, pid, started, group, deny, command)
         elif requested == "host":
             return _fail(f"{NET_ARG} host: the server was not started with --net host")
         else:
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> int:
     if status >= 128:
         # Killed: by a signal of its own, or with the whole testbed?
         try:
-            if start_time(pid) == start:
+            if start_time(pid) == started:
                 return status
         except NotRunning:
             pass
