@@ -419,9 +419,9 @@ def load_config(dirs: tuple[Path, ...] | None = None) -> Config:
     return Config(envs)
 
 
-def write_entry(env: EnvConfig, directory: Path | None = None) -> Path:
-    """Write `env` as chroot.d/NAME (atomically) and return the file's path."""
-    directory = directory or user_config_dir()
+def write_entry(env: EnvConfig) -> Path:
+    """Write `env` as the user's chroot.d/NAME (atomically) and return the file's path."""
+    directory = user_config_dir()
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / env.name
     tmp = directory / f".{env.name}.tmp"

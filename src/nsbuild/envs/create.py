@@ -137,7 +137,7 @@ def create_env(
     return load_config().get(name)
 
 
-def update_env(name: str, quiet: bool = False) -> EnvConfig:
+def update_env(name: str) -> EnvConfig:
     """Upgrade with apt in a session, then replace the tarball atomically."""
     from nsbuild.sandbox import PIPE, Sys, spawn
     from nsbuild.sandbox.record import replace
@@ -148,7 +148,7 @@ def update_env(name: str, quiet: bool = False) -> EnvConfig:
     layout = layout_for(env)
     old = tarball_digest(layout, env.path)
     with throwaway(env) as session:
-        status = _upgrade(session, quiet)
+        status = _upgrade(session)
         if status != 0:
             raise EnvError(f"upgrading {env.name!r} failed (apt exit status {status})")
         pack = session.sandbox(
@@ -167,7 +167,7 @@ def update_env(name: str, quiet: bool = False) -> EnvConfig:
             proc.kill()
             proc.wait()
     remember_digest(layout, env.path, digest)
-    with use_base(env, quiet=quiet):
+    with use_base(env):
         pass
     if digest != old:
         from nsbuild.envs.cleanup import remove_unused_base
@@ -181,7 +181,7 @@ def update_net_log(env: EnvConfig) -> Path:
     return private_cache_dir() / "logs" / f"{env.name}.update.network.jsonl"
 
 
-def _upgrade(session: Session, quiet: bool) -> int:
+def _upgrade(session: Session) -> int:
     """Run apt's upgrade in `session`, with the network policy of a build's
     dependency phase: the environment's mirrors through the egress proxy,
     nothing else (no host loopback, no abstract sockets, no host interfaces),
@@ -197,10 +197,9 @@ def _upgrade(session: Session, quiet: bool) -> int:
     with net.network(opts, mirrors=session.mirrors(),
                      trusted_mirrors=session.config.mirrors) as plan:
         status = run_under(plan, session.sandbox(["sh", "-c", UPGRADE_SCRIPT]))
-    if not quiet:
-        for line in (plan.denied_summary(), plan.log_error(), f"network log: {log}"):
-            if line:
-                print(f"nsbuild env update: {line}", file=sys.stderr)
+    for line in (plan.denied_summary(), plan.log_error(), f"network log: {log}"):
+        if line:
+            print(f"nsbuild env update: {line}", file=sys.stderr)
     return status
 
 

@@ -36,11 +36,10 @@ class Destination:
     label: str  # the allowlist rule, shown as the rule's comment and in the log
 
 
-def resolve_allowlist(allowlist: Allowlist, resolver: object = None) -> list[Destination]:
+def resolve_allowlist(allowlist: Allowlist) -> list[Destination]:
     """Every (address, port) the allowlist names, resolved now, on the host."""
     import socket
 
-    resolve = resolver if resolver is not None else socket.getaddrinfo
     out: list[Destination] = []
     for rule in allowlist.rules:
         if rule.wildcard:
@@ -51,13 +50,13 @@ def resolve_allowlist(allowlist: Allowlist, resolver: object = None) -> list[Des
                 addrs = [rule.address]
         else:
             try:
-                infos = resolve(rule.host, None, type=socket.SOCK_STREAM)  # type: ignore[operator]
+                infos = socket.getaddrinfo(rule.host, None, type=socket.SOCK_STREAM)
             except OSError as e:
                 raise NetError(
                     f"--allow {rule.source!r}: cannot resolve {rule.host}: {e}"
                 ) from None
             for info in infos:
-                addr = ipaddress.ip_address(info[4][0].split("%")[0])
+                addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
                 if address_refusal(addr) is None \
                         and addr not in addrs:
                     addrs.append(addr)
