@@ -20,9 +20,9 @@ import pytest
 from net_helpers import origin
 from waiting import HANG_GUARD, wait_for
 
-from nsbuild.net import gc, network, options_from_args
+from nsbuild.net import network, options_from_args
 from nsbuild.net.nftables import Destination, ruleset
-from nsbuild.net.nftables_engine import nft_cgroup_path
+from nsbuild.net.nftables_engine import gc, nft_cgroup_path
 from nsbuild.net.options import NetOptions
 from nsbuild.sandbox.cgroupfs import cgroup2_mount
 

@@ -274,7 +274,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if not args.dry_run:
         # What other layers leave behind when a run dies: nftables tables and
         # cgroups of the root egress engine (only root can have made them).
-        from nsbuild.net import gc as net_gc
+        from nsbuild.net.nftables_engine import gc as net_gc
         from nsbuild.sandbox.limits import gc as limits_gc
 
         for what, collect in (("network", net_gc), ("resource limit", limits_gc)):

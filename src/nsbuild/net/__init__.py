@@ -11,13 +11,11 @@ API (cheap to import; engines load lazily):
                                           # --egress-engine --net-log
     opts = options_from_args(args)        # NetOptions, or NetError (one line)
     with network(opts, mirrors=(...), trusted_mirrors=(...), debug=False) as plan:
-        ... Sandbox(share_net=plan.share_net, inside_sockets=plan.inside_sockets,
-                    mounts=... + plan.mounts, env=... + plan.env, cgroup=plan.cgroup)
-        plan.serve(proc.sockets)
+        status = launch.run_under(plan, spec)   # or launch.Launch (net/launch.py)
     plan.denied_summary()                 # one line, escaped; None if nothing was denied
     plan.summary()                        # NetSummary: bounded counts, .merge(), .denied_line()
     plan.records()                        # the first netlog.MAX_RECORDS records only
-    gc()                                  # leftovers of dead runs (root engine)
+    nftables_engine.gc()                  # leftovers of dead runs (root engine)
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ __all__ = [
     "NetError",
     "NetOptions",
     "add_arguments",
-    "gc",
     "network",
     "options_from_args",
 ]
@@ -51,11 +48,4 @@ def network(opts: NetOptions, *, mirrors: Sequence[str] = (),
     from nsbuild.net.plan import Network
 
     return Network(opts, mirrors=mirrors, trusted_mirrors=trusted_mirrors, debug=debug)
-
-
-def gc() -> list[str]:
-    """Remove nftables tables and cgroups left by dead nsbuild runs; returns what went."""
-    from nsbuild.net.nftables_engine import gc as _gc
-
-    return _gc()
 
