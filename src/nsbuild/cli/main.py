@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 import sys
 
+from nsbuild.net.options import NET_OPTIONS
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -111,19 +113,8 @@ SANDBOX_OPTIONS: OptionTable = {
     "--clearenv": ("flag", False, None, "", "start from an empty environment"),
     "--user": ("value", None, None, "NAME|UID[:GID]",
                "run as this user of the sandbox's /etc/passwd (default: root)"),
-    "--net": ("value", None, _choice("--net", "none", "allow", "host"), "none|allow|host",
-              "network: none (loopback only, default), allow (only the --allow list, "
-              "through an egress engine), host (the host's network: explicit opt-in)"),
-    "--allow": ("append", [], None, "HOST[:PORT]",
-                "let --net allow reach HOST (wildcards *.example.org) on PORT (default 80 "
-                "and 443); repeatable; implies --net allow"),
-    "--allow-from-env": ("flag", False, None, "",
-                         "allow the environment's mirrors; implies --net allow"),
-    "--egress-engine": ("value", "proxy", _choice("--egress-engine", "proxy", "nftables"),
-                        "proxy|nftables", "proxy: rootless HTTP/CONNECT proxy (default); "
-                        "nftables: kernel-enforced for every protocol (root only)"),
-    "--net-log": ("value", None, None, "FILE",
-                  "write one JSON line per network attempt to FILE"),
+    **{name: (kind, default, _choice(name, *choices) if choices else None, metavar, text)
+       for name, (kind, default, choices, metavar, text) in NET_OPTIONS.items()},
     "--pids-max": ("value", None, _limit("pids"), "N",
                    "at most N processes and threads inside (a cgroup of the run's own)"),
     "--memory-max": ("value", None, _limit("memory"), "SIZE",

@@ -35,41 +35,36 @@ class NetOptions:
     log_path: str | None = None
 
 
+# The network options, once: cli/main.py puts them in its own tables (for
+# argparse and the fast path of `nsbuild run`), add_arguments() in any other
+# parser. name: (kind, default, choices, metavar, help); kind is flag, value
+# or append.
+NET_OPTIONS: dict[str, tuple[str, object, tuple[str, ...] | None, str, str]] = {
+    "--net": ("value", None, MODES, "none|allow|host",
+              "network: none (loopback only, default), allow (only the --allow list, "
+              "through an egress engine), host (the host's network: explicit opt-in)"),
+    "--allow": ("append", [], None, "HOST[:PORT]",
+                "let --net allow reach HOST (wildcards *.example.org) on PORT (default 80 "
+                "and 443); repeatable; implies --net allow"),
+    "--allow-from-env": ("flag", False, None, "",
+                         "allow the environment's mirrors and apt sources; implies --net allow"),
+    "--egress-engine": ("value", "proxy", ENGINES, "proxy|nftables",
+                        "proxy: rootless HTTP/CONNECT proxy (default); "
+                        "nftables: kernel-enforced for every protocol (root only)"),
+    "--net-log": ("value", None, None, "FILE",
+                  "write one JSON line per network attempt (allowed or denied) to FILE"),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("network")
-    group.add_argument(
-        "--net",
-        choices=MODES,
-        default=None,
-        help="none: loopback only (default); allow: only the --allow list, through an "
-        "egress engine; host: the host's network (explicit opt-in)",
-    )
-    group.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        metavar="HOST[:PORT]",
-        help="let --net allow reach HOST (wildcard *.example.org) on PORT "
-        "(default 80 and 443); repeatable; implies --net allow",
-    )
-    group.add_argument(
-        "--allow-from-env",
-        action="store_true",
-        help="allow the environment's mirrors and apt sources; implies --net allow",
-    )
-    group.add_argument(
-        "--egress-engine",
-        choices=ENGINES,
-        default="proxy",
-        help="proxy: rootless HTTP/CONNECT proxy (default); nftables: kernel-enforced "
-        "for every protocol (root only)",
-    )
-    group.add_argument(
-        "--net-log",
-        metavar="FILE",
-        default=None,
-        help="write one JSON line per network attempt (allowed or denied) to FILE",
-    )
+    for name, (kind, default, choices, metavar, text) in NET_OPTIONS.items():
+        if kind == "flag":
+            group.add_argument(name, action="store_true", help=text)
+        else:
+            group.add_argument(name, action="append" if kind == "append" else "store",
+                               default=list(default) if isinstance(default, list) else default,
+                               choices=choices, metavar=metavar, help=text)  # fmt: skip
 
 
 def options_from_args(args: argparse.Namespace) -> NetOptions:
