@@ -41,20 +41,14 @@ if TYPE_CHECKING:
     from nsbuild.sandbox.limits import Limits
     from nsbuild.sandbox.spec import Mount, RootMount
 
-# Subcommand -> module providing `register(subparsers)`; imported on demand.
-_LAZY_COMMANDS = {
-    "env": "nsbuild.cli.envs",
-    "session": "nsbuild.cli.envs",
-    "shell": "nsbuild.cli.envs",
-    "gc": "nsbuild.cli.envs",
-    "build": "nsbuild.cli.build",
-}
-_HELP_ONLY = {
-    "env": "manage environments (chroots)",
-    "session": "long-lived copy-on-write sessions",
-    "shell": "interactive shell in a throw-away environment",
-    "gc": "remove what crashed runs left behind",
-    "build": "build a Debian source package",
+# Subcommand -> (module providing `register(subparsers)`, imported only for
+# its own commands or the full help; the one-line help otherwise).
+_COMMANDS = {
+    "env": ("nsbuild.cli.envs", "manage environments (chroots)"),
+    "session": ("nsbuild.cli.envs", "long-lived copy-on-write sessions"),
+    "shell": ("nsbuild.cli.envs", "interactive shell in a throw-away environment"),
+    "gc": ("nsbuild.cli.envs", "remove what crashed runs left behind"),
+    "build": ("nsbuild.cli.build", "build a Debian source package"),
 }
 
 
@@ -239,30 +233,14 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     run.set_defaults(func=cmd_run)
 
-    registered: set[str] = set()
-    for name, module in _LAZY_COMMANDS.items():
-        if command in (None, name) and module not in registered and _try_register(module, sub):
-            registered.add(module)
-    for name, text in _HELP_ONLY.items():
-        if name not in sub.choices:
-            sub.add_parser(name, help=text + " (not available)")
-    return parser
-
-
-def _try_register(module: str, sub: argparse._SubParsersAction) -> bool:  # type: ignore[type-arg]
     import importlib
 
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return False
-        raise
-    register = getattr(mod, "register", None)
-    if register is None:
-        return False
-    register(sub)
-    return True
+    for module in dict.fromkeys(m for name, (m, _) in _COMMANDS.items() if command in (None, name)):
+        importlib.import_module(module).register(sub)
+    for name, (_, text) in _COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=text)
+    return parser
 
 
 def _environment(args: argparse.Namespace, base: dict[str, str]) -> tuple[tuple[str, str], ...]:
