@@ -1,8 +1,8 @@
 """Backends: where a build runs. A registry of names, looked up at run time.
 
 The build driver asks for a backend by name and never imports a backend
-module itself; each entry names its module and factory, imported only when
-that backend is opened, so adding one is a single `register()` line.
+module itself; each entry names its module and class, imported only when
+that backend is opened, so adding one is a single line in _REGISTRY.
 
     backend = open_backend("local", BackendOptions(env="bookworm"))
 """
@@ -10,7 +10,6 @@ that backend is opened, so adding one is a single `register()` line.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 
 from nsbuild.backends.base import (
     STDOUT,
@@ -22,10 +21,8 @@ from nsbuild.backends.base import (
     Network,
 )
 
-Factory = Callable[[BackendOptions], Backend]
-
-# name -> "module:callable" (imported lazily) or the factory itself.
-_REGISTRY: dict[str, str | Factory] = {
+# name -> "module:class", the class taking the BackendOptions.
+_REGISTRY = {
     "local": "nsbuild.backends.local:LocalBackend",
     "autopkgtest": "nsbuild.backends.autopkgtest:AutopkgtestBackend",
 }
@@ -35,29 +32,13 @@ class UnknownBackend(BackendError):
     """No backend of that name is registered: a usage error."""
 
 
-def register(name: str, factory: str | Factory) -> None:
-    """Add a backend: a factory, or "package.module:function" to import on first use."""
-    _REGISTRY[name] = factory
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def factory(name: str) -> Factory:
+def open_backend(name: str, options: BackendOptions) -> Backend:
     entry = _REGISTRY.get(name)
     if entry is None:
-        raise UnknownBackend(f"unknown backend {name!r} (known: {', '.join(names())})")
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        found: Factory = getattr(importlib.import_module(module), attr)
-        _REGISTRY[name] = found
-        return found
-    return entry
-
-
-def open_backend(name: str, options: BackendOptions) -> Backend:
-    return factory(name)(options)
+        raise UnknownBackend(f"unknown backend {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+    module, _, cls = entry.partition(":")
+    backend: Backend = getattr(importlib.import_module(module), cls)(options)
+    return backend
 
 
 __all__ = [
@@ -67,11 +48,7 @@ __all__ = [
     "BackendOptions",
     "Capabilities",
     "CopyRefused",
-    "Factory",
     "Network",
     "UnknownBackend",
-    "factory",
-    "names",
     "open_backend",
-    "register",
 ]
