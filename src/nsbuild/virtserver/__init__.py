@@ -19,6 +19,3 @@ def main(argv: list[str] | None = None) -> int:
     from nsbuild.virtserver.server import main as server_main
 
     return server_main(argv)
-
-
-__all__ = ["main"]

@@ -312,9 +312,3 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(s.signum, signal.SIG_DFL)
         os.kill(os.getpid(), s.signum)
         return 128 + s.signum
-
-
-def entry() -> None:
-    status = main()
-    sys.stderr.flush()
-    os._exit(status)
