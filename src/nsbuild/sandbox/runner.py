@@ -288,7 +288,8 @@ def _start_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | No
     m.Step.current = "unshare PID, IPC, UTS and cgroup namespaces"
     say("unshare PID, IPC, UTS and cgroup namespaces")
     sc.unshare(sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
-    # A lifeline: init reads EOF on it if this process is already gone.
+    # A lifeline: init reads EOF on it if this process is already gone (life_w
+    # stays open here until it exits).
     life_r, life_w = os.pipe()
     # init asks on `ask` for the id map of its nested user namespace (the
     # mount lock), which only a process of this namespace can write.
