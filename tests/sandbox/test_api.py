@@ -74,6 +74,18 @@ def test_spawn_poll_and_send_signal(tmp_path: Path) -> None:
     assert p.wait() == 9
 
 
+def test_a_signal_sent_while_the_sandbox_starts_is_not_lost(tmp_path: Path) -> None:
+    # PID 1 ignores signals it has no handler for: one that arrives before the
+    # command runs must still reach the command, at whatever moment it comes.
+    from waiting import wait_for
+
+    for _ in range(20):
+        p = spawn(spec(tmp_path, "sleep", "3600"))
+        p.send_signal(signal.SIGTERM)
+        wait_for(lambda p=p: p.poll() is not None, "the sandbox to end after SIGTERM", 60)
+        assert p.returncode == 128 + signal.SIGTERM
+
+
 def test_spawn_kill(tmp_path: Path) -> None:
     p = spawn(spec(tmp_path, "sleep", "3600"), stdout=PIPE)
     assert p.poll() is None

@@ -28,6 +28,11 @@ else:
 def run_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None],
              life_r: int, lock: tuple[int, int], maps_pending: bool,
              net: _socket.socket | None, say: Callable[[str], None]) -> NoReturn:
+    # PID 1 ignores a signal it has no handler for: one sent before the
+    # command runs is kept, and passed on once it does.
+    early: list[int] = []
+    for s in FORWARDED_SIGNALS:
+        signal.signal(s, lambda sig, _f: early.append(sig))
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         m.Step.current = "name PID 1"
@@ -70,7 +75,7 @@ def run_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None]
         command = spawn_command(spec, chan, sources, creds, say)
         chan.sock.close()
         close_stdio(sources)  # the lifted copies, if any: the originals are closed
-        _reap(command, say)
+        _reap(command, early, say)
     except BaseException as e:
         report_failure(chan, e)
 
@@ -105,7 +110,7 @@ def _lock_mounts(ask_w: int, mapped_r: int, say: Callable[[str], None]) -> None:
     os.setresuid(0, 0, 0)
 
 
-def _reap(child: int, say: Callable[[str], None]) -> NoReturn:
+def _reap(child: int, early: list[int], say: Callable[[str], None]) -> NoReturn:
     """PID 1: relay signals to the command, reap orphans, and when the command
     exits kill whatever is left so nothing outlives it."""
 
@@ -117,6 +122,8 @@ def _reap(child: int, say: Callable[[str], None]) -> NoReturn:
 
     for s in FORWARDED_SIGNALS:
         signal.signal(s, relay)
+    for sig in early:
+        relay(sig, None)
     code = 0
     while True:
         try:
