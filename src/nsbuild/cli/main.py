@@ -1,8 +1,7 @@
-"""Command-line front end: the only place that maps errors to exit statuses.
-
-Exit statuses: the command's own; 126 not executable; 127 not found; 128+N
-killed by signal N; 125 nsbuild's own setup failure; 2 usage or configuration
-error. Subcommands of other layers are imported only when used.
+"""Command-line front end: parses the command line, runs the subcommand, and
+turns what it raised into an exit status through nsbuild.cli.exits (the one
+table, and the list of statuses). Subcommands of other layers are imported
+only when used.
 
 The run path. A plain `nsbuild run` (without --env) is a start-up time
 benchmarked against bubblewrap (bench/startup), so it imports this module,
