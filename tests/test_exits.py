@@ -161,8 +161,12 @@ def test_interrupted_build_is_130_also_in_the_json(tmp_path: Path) -> None:
     # A virt server that never greets, and quits when told to.
     argv = [sys.executable, "-m", "nsbuild", "build", "--json", "--env", "any", "--backend",
             "autopkgtest", str(tiny_dsc(tmp_path)), "--", "/bin/sh", "-c", "read -r quit"]
+    # As from a terminal: a test runner started in the background inherits
+    # SIGINT ignored, and Python would keep it so.
     with subprocess.Popen(argv, cwd=tmp_path, env=_env(tmp_path), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                          ) as proc:  # fmt: skip
         assert proc.stderr is not None
         # Printed once the build runs, where SIGINT ends it as an interruption.
         assert "Prepare" in proc.stderr.readline()
