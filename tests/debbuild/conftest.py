@@ -97,6 +97,15 @@ def bookworm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     remove_tree(root / "cache")
 
 
+@pytest.fixture
+def bookworm_here(bookworm: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """nsbuild's own environment variables in this process, for backends and
+    builds run in it rather than through the command."""
+    for name, value in bookworm.vars.items():
+        monkeypatch.setenv(name, value)
+    return bookworm
+
+
 def kept_log(env: Env, stderr: str, name: str) -> Path:
     """The log a failed build names on stderr: kept under the cache, not in --out."""
     paths = [

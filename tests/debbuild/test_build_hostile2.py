@@ -34,19 +34,7 @@ def _build(env: Env, source: Path, *extra: str) -> subprocess.CompletedProcess[s
 
 
 @pytest.fixture
-def in_process(bookworm: Env) -> Iterator[Env]:
-    """nsbuild's own environment variables in this process, for builds run here."""
-    old = dict(os.environ)
-    os.environ.update(bookworm.vars)
-    try:
-        yield bookworm
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-
-
-@pytest.fixture
-def backend(in_process: Env) -> Iterator[Backend]:
+def backend(bookworm_here: Env) -> Iterator[Backend]:
     with open_backend("local", BackendOptions(env="bookworm")) as b:
         yield b
 
@@ -96,7 +84,7 @@ class _SwapAtPrepare:
 
 
 def test_source_files_and_extra_packages_swapped_after_the_check_are_not_used(
-    in_process: Env, tmp_path: Path
+    bookworm_here: Env, tmp_path: Path
 ) -> None:
     victim = tmp_path / "home"
     victim.mkdir()

@@ -15,7 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -244,21 +244,10 @@ def test_layer_records_are_private(home: Path) -> None:
 # -- the local backend --------------------------------------------------------
 
 
-@pytest.fixture
-def bookworm_env(bookworm: Env) -> Iterator[Env]:
-    old = dict(os.environ)
-    os.environ.update(bookworm.vars)
-    try:
-        yield bookworm
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-
-
 @pytest.mark.slow
 @pytest.mark.userns
 def test_the_allowlist_is_not_what_the_session_made_of_its_apt_sources(
-    bookworm_env: Env,
+    bookworm_here: Env,
 ) -> None:
     line = "deb http://planted.invalid/debian bookworm main"
     plant = f"echo '{line}' > /etc/apt/sources.list.d/planted.list"
@@ -272,7 +261,7 @@ def test_the_allowlist_is_not_what_the_session_made_of_its_apt_sources(
 @pytest.mark.slow
 @pytest.mark.userns
 def test_network_attempts_of_every_run_are_counted_and_logged(
-    bookworm_env: Env, tmp_path: Path
+    bookworm_here: Env, tmp_path: Path
 ) -> None:
     log = tmp_path / "net.jsonl"
     with open_backend("local", BackendOptions(env="bookworm", net_log=str(log))) as b:
@@ -288,7 +277,7 @@ def test_network_attempts_of_every_run_are_counted_and_logged(
 
 @pytest.mark.slow
 @pytest.mark.userns
-def test_a_run_does_not_read_nsbuilds_own_stdin(bookworm_env: Env) -> None:
+def test_a_run_does_not_read_nsbuilds_own_stdin(bookworm_here: Env) -> None:
     read_fd, write_fd = os.pipe()
     os.write(write_fd, b"secret typed by the user\n")
     os.close(write_fd)
