@@ -271,6 +271,7 @@ SHA256:
  {_SUM_B} 14 main/same-twice
  {_SUM_B} x main/bad-size
  nothex 15 main/bad-sum
+ {_SUM_B} 17 main/a trailing-word
 \t{_SUM_B} 16 main/tab
 """
 

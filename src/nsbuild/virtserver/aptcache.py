@@ -53,7 +53,7 @@ from nsbuild.virtserver.aptformats import DEB_RE
 from nsbuild.virtserver.hostfs import open_in_layer, opened_regular, read_bounded
 
 if TYPE_CHECKING:
-    from debian.deb822 import Release
+    from debian.deb822 import Deb822
 
     from nsbuild.sandbox import Mount
 
@@ -224,7 +224,7 @@ class AptCache:
             say(f"apt cache: {len(take)} package list files taken")
 
     def _pick_release(self, name: str, new: Path | None, cached: Path | None,
-                      say: Say) -> tuple[Path, Release | None]:  # fmt: skip
+                      say: Say) -> tuple[Path, Deb822 | None]:  # fmt: skip
         """The InRelease to keep for one archive, and its verified content:
         the new one if it is good and not older than the cached one."""
         if new is not None and cached is not None and _same(new, cached):
@@ -247,7 +247,7 @@ class AptCache:
                 return new, release
         return (cached, old) if cached is not None else (Path(), None)
 
-    def _verify(self, path: Path) -> Release | None:
+    def _verify(self, path: Path) -> Deb822 | None:
         """The signed content of an InRelease that is one clearsigned message
         (no text around it, which gpgv ignores and apt refuses) whose
         signature gpgv accepts, else None. Only what gpgv puts out as signed

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from debian.deb822 import Deb822, Release
+    from debian.deb822 import Deb822
 
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 _SIZE_RE = re.compile(r"[0-9]+")
@@ -34,11 +34,12 @@ _KEY_BLOCK = re.compile(
 Sums = dict[str, tuple[int, str]]
 
 
-def parse_release(text: str) -> Release:
-    """The first paragraph of a Release text (what apt reads of it)."""
-    from debian.deb822 import Release
+def parse_release(text: str) -> Deb822:
+    """The first paragraph of a Release text (what apt reads of it), its
+    fields as written: the SHA256 list is read line by line below."""
+    from debian.deb822 import Deb822
 
-    return Release(text)
+    return Deb822(text)
 
 
 def field(paragraph: Deb822, name: str) -> str:
@@ -48,15 +49,19 @@ def field(paragraph: Deb822, name: str) -> str:
     return "" if not isinstance(value, str) or "\n" in value else value.strip()
 
 
-def sha256_entries(release: Release) -> Sums:
-    """The SHA256 list of a Release: path -> (size, hash). A malformed line
-    is left out; so is a path listed twice with different sums."""
+def sha256_entries(release: Deb822) -> Sums:
+    """The SHA256 list of a Release: path -> (size, hash). A line that is not
+    exactly those three words is left out; so is a path listed twice with
+    different sums, and a list that starts on the field's own line."""
     entries: Sums = {}
     twice: set[str] = set()
-    listed = release.get("SHA256", [])
-    for entry in listed if isinstance(listed, list) else ():
-        name, size, digest = (entry.get(k, "") for k in ("name", "size", "sha256"))
-        if not name or not _SIZE_RE.fullmatch(size) or not _SHA256_RE.fullmatch(digest):
+    first, *lines = str(release.get("SHA256", "")).split("\n")
+    for line in lines if not first.strip() else ():
+        words = line.split()
+        if len(words) != 3:
+            continue
+        digest, size, name = words
+        if not _SIZE_RE.fullmatch(size) or not _SHA256_RE.fullmatch(digest):
             continue
         sums = (int(size), digest.lower())
         if entries.setdefault(name, sums) != sums:
@@ -64,7 +69,7 @@ def sha256_entries(release: Release) -> Sums:
     return {name: sums for name, sums in entries.items() if name not in twice}
 
 
-def names_its_suite(fname: str, release: Release) -> bool:
+def names_its_suite(fname: str, release: Deb822) -> bool:
     """Whether the InRelease names the suite its file name says: apt names it
     ..._dists_DIST_InRelease, with DIST's '/' as '_' (a flat archive has no
     suite to check and is not cached)."""
@@ -75,18 +80,18 @@ def names_its_suite(fname: str, release: Release) -> bool:
     return dist in {n.replace("/", "_") for n in named}
 
 
-def identity(release: Release) -> tuple[str, ...]:
+def identity(release: Deb822) -> tuple[str, ...]:
     # Which archive and release: not Suite, which moves on at each Debian
     # release (stable -> oldstable) while the archive stays the same.
     return tuple(field(release, f) for f in ("Origin", "Label", "Codename"))
 
 
-def date(release: Release) -> float:
+def date(release: Deb822) -> float:
     """The Release's Date as a timestamp (0 when missing or malformed)."""
     return _timestamp(field(release, "Date"))
 
 
-def expired(release: Release) -> bool:
+def expired(release: Deb822) -> bool:
     until = _timestamp(field(release, "Valid-Until"))
     return 0 < until < time.time()
 
