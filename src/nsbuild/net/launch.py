@@ -55,9 +55,9 @@ class Launch:
 
     def __enter__(self) -> Process:
         proc = self._proc = self._start()
-        if proc.exec_error:
-            _say(self._stderr, proc.exec_error)
         try:
+            if proc.exec_error:
+                _say(self._stderr, proc.exec_error)
             if self._relay:
                 self._restore = proc.relay_signals()
             self._plan.serve(proc.sockets)
