@@ -14,8 +14,6 @@ pass through unchanged.
 
 from __future__ import annotations
 
-import os
-
 from nsbuild.sandbox import spawn
 from nsbuild.sandbox.record import replace
 
@@ -56,8 +54,7 @@ class Launch:
     def __enter__(self) -> Process:
         proc = self._proc = self._start()
         try:
-            if proc.exec_error:
-                _say(self._stderr, proc.exec_error)
+            proc.tell_exec_error(self._stderr)
             if self._relay:
                 self._restore = proc.relay_signals()
             self._plan.serve(proc.sockets)
@@ -110,9 +107,3 @@ def run_under(plan: NetPlan, spec: Sandbox, *, stdin: int | None = None,
     with Launch(plan, start, stderr=stderr, relay_signals=relay_signals) as proc:
         return proc.wait()
 
-
-def _say(fd: int, message: str) -> None:
-    try:
-        os.write(fd, f"nsbuild: {message}\n".encode(errors="replace"))
-    except OSError:
-        pass  # the caller's stderr is gone: nothing else to tell it with

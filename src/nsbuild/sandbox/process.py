@@ -81,8 +81,7 @@ class Process:
         its exit status, with SIGINT, SIGTERM, SIGHUP and SIGQUIT passed on
         to it meanwhile (main thread only). The command does not outlive a
         failure here."""
-        if self.exec_error:
-            os.write(2, f"nsbuild: {self.exec_error}\n".encode(errors="replace"))
+        self.tell_exec_error(2)
         restore = self.relay_signals()
         try:
             return self.wait()
@@ -92,6 +91,14 @@ class Process:
             raise
         finally:
             restore()
+
+    def tell_exec_error(self, fd: int) -> None:
+        """Say on `fd` why the command could not be executed, if it could not."""
+        if self.exec_error:
+            try:
+                os.write(fd, f"nsbuild: {self.exec_error}\n".encode(errors="replace"))
+            except OSError:
+                pass  # the caller's stderr is gone: nothing else to tell it with
 
     def relay_signals(self) -> Callable[[], None]:
         """Pass SIGINT, SIGTERM, SIGHUP and SIGQUIT on to the command (main
