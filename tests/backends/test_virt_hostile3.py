@@ -100,21 +100,16 @@ def test_copyup_counts_every_folder_and_file_against_its_limit(
     _ok(ex, "mv /usr/bin/tar /usr/bin/tar.real && cp /tmp/faketar /usr/bin/tar && "
             "chmod 755 /usr/bin/tar && mkdir -p /srv/x")  # fmt: skip
 
-    # 2000 folders, each with an empty file: no bytes of content at all.
-    _send(server, tmp_path, _stream(_dirs_with_empty_files(2000)))
-    many = tmp_path / "many"
-    assert server.say("copyup", "/srv/x/", f"{many}/") == "copy-failed"
-    inodes, size = _made(many)
-    assert inodes * BLOCK <= LIMIT + BLOCK, f"{inodes} folders and files made on the host"
-    assert size <= LIMIT + BLOCK, f"{size} bytes written on the host"
-
-    # Folders made for a file's path count as much as listed ones.
-    _send(server, tmp_path, _stream(_files_in_unlisted_dirs(1000)))
-    parents = tmp_path / "parents"
-    assert server.say("copyup", "/srv/x/", f"{parents}/") == "copy-failed"
-    inodes, size = _made(parents)
-    assert inodes * BLOCK <= LIMIT + BLOCK, f"{inodes} folders and files made on the host"
-    assert size <= LIMIT + BLOCK, f"{size} bytes written on the host"
+    # 2000 folders, each with an empty file: no bytes of content at all; and
+    # folders made for a file's path, which count as much as listed ones.
+    for name, entries in (("many", _dirs_with_empty_files(2000)),
+                          ("parents", _files_in_unlisted_dirs(1000))):  # fmt: skip
+        _send(server, tmp_path, _stream(entries))
+        target = tmp_path / name
+        assert server.say("copyup", "/srv/x/", f"{target}/") == "copy-failed"
+        inodes, size = _made(target)
+        assert inodes * BLOCK <= LIMIT + BLOCK, f"{inodes} folders and files made on the host"
+        assert size <= LIMIT + BLOCK, f"{size} bytes written on the host"
 
     # A path deeper than any a tree copies: nothing of it is made.
     _send(server, tmp_path, _stream(_deep(300)))

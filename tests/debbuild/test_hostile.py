@@ -57,16 +57,7 @@ def test_a_symlink_in_place_of_a_deb_is_refused(bookworm: Env, tmp_path: Path) -
         "nsb-symlink",
         builddeb="rm ../nsb-symlink_1.0_all.deb\nln -s /etc/passwd ../nsb-symlink_1.0_all.deb",
     )
-    out = tmp_path / "out"
-    result = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out), str(tree))
-    assert result.returncode == 1, result.stderr
-    assert "nsb-symlink_1.0_all.deb is a symlink" in result.stderr
-    assert not out.exists()
-    assert (
-        "Status: failed"
-        in kept_log(bookworm, result.stderr, "nsb-symlink_1.0_amd64.build").read_text()
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsb-symlink-1.0"]
+    _refused(bookworm, tree, "nsb-symlink_1.0_all.deb is a symlink")
 
 
 # Run in the background by the package's own rules: debian/source/format
@@ -105,13 +96,19 @@ def test_a_changes_naming_a_path_is_refused(bookworm: Env, tmp_path: Path) -> No
         tmp_path, "nsb-dotdot", builddeb="perl debian/rewrite.pl </dev/null >/dev/null 2>&1 &"
     )
     (tree / "debian" / "rewrite.pl").write_text(REWRITER)
-    out = tmp_path / "out"
+    _refused(bookworm, tree, "lists a file with a path: '../x'")
+
+
+def _refused(bookworm: Env, tree: Path, message: str) -> None:
+    """Build `tree` (named NAME-1.0, alone in its folder): the build fails
+    saying `message`, nothing reaches --out, its log says so, and nothing
+    lands beside the tree."""
+    name = tree.name.removesuffix("-1.0")
+    out = tree.parent / "out"
     result = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out), str(tree))
     assert result.returncode == 1, result.stderr
-    assert "lists a file with a path: '../x'" in result.stderr
+    assert message in result.stderr
     assert not out.exists()
-    assert (
-        "Status: failed"
-        in kept_log(bookworm, result.stderr, "nsb-dotdot_1.0_amd64.build").read_text()
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nsb-dotdot-1.0"]
+    log = kept_log(bookworm, result.stderr, f"{name}_1.0_amd64.build")
+    assert "Status: failed" in log.read_text()
+    assert sorted(p.name for p in tree.parent.iterdir()) == [tree.name]
