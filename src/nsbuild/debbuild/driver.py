@@ -35,6 +35,7 @@ from typing import IO
 from nsbuild.backends import Backend, BackendOptions, open_backend
 from nsbuild.backends.base import CopyRefused
 from nsbuild.debbuild import phases
+from nsbuild.debbuild.checks import CheckInputs, run_checks
 from nsbuild.debbuild.collect import Collected, ResultNames, collect
 from nsbuild.debbuild.deps import DepsPhase
 from nsbuild.debbuild.dsc import SourcePackage
@@ -43,6 +44,7 @@ from nsbuild.debbuild.errors import (
     BuildInterrupted,
     UnsatisfiableDependencies,
 )
+from nsbuild.debbuild.hooks import Facts, Hooks
 from nsbuild.debbuild.inputs import Inputs, check_inputs, work_dir
 from nsbuild.debbuild.layers import PendingLayer
 from nsbuild.debbuild.log import BuildLog
@@ -89,6 +91,7 @@ class _Build:
         self.logs: Logs | None = None
         self.pending: PendingLayer | None = None
         self.out_dir: Folder | None = None  # --out, opened once the build succeeded
+        self.hooks: Hooks | None = None
         self.logs_placed = False
 
     # -- the whole run --
@@ -109,6 +112,7 @@ class _Build:
                 if isinstance(e, _PACKAGE_FAILED):
                     with contextlib.suppress(OSError):
                         self._publish_layer()
+                self._failed_hooks()
                 self._finish(_status(e), str(e))
                 e.result = self.result  # type: ignore[attr-defined]
                 raise
@@ -150,13 +154,26 @@ class _Build:
         self.logs = Logs(BuildLog(tmp / f"{name}.build"), net_log, name)
         self.logs.header(self.req, self.result, backend.describe(), self.env_note)
         steps = Steps(backend, self.logs.log)
+        facts = Facts(dsc=pkg.dsc, build_dir=backend.work_dir, host_arch=arch, build_arch=arch)
+        hooks = self.hooks = Hooks(self.req, steps, facts)
+        stack.callback(hooks.close)
+        self.result.fail_stage = "pre-build"
+        hooks.run("pre-build")
+        self.result.fail_stage = "chroot-setup"
+        hooks.run("chroot-setup")
+        self.result.fail_stage = "prepare"
         user = phases.prepare(steps, pkg, inputs.extras)
         self._phase_done(0, t0)
 
         t1 = time.monotonic()
         self.progress.say(f"[2/4] {PHASES[1]}")
+        self.result.fail_stage = "install-deps"
         deps = DepsPhase(steps, self.req, pkg, arch, inputs.extras, env_name, self.progress.say)
-        installed = deps.run(stack)
+        try:
+            installed = deps.run(stack)
+        except UnsatisfiableDependencies:
+            hooks.run("build-deps-failed")
+            raise
         self.stats.install_seconds = installed.seconds
         self.result.dependency_layer = installed.layer
         self.pending = installed.pending
@@ -164,25 +181,48 @@ class _Build:
 
         t2 = time.monotonic()
         self.progress.say(f"[3/4] {PHASES[2]}: dpkg-buildpackage")
+        facts.pkgbuild_dir = f"{backend.work_dir}/{pkg.source}-{pkg.upstream_less_epoch}"
+        self.result.fail_stage = "starting-build"
+        hooks.run("starting-build")
+        self.result.fail_stage = "build"
         built = phases.build(steps, pkg, user, self.req.build_type(), self.req.jobs)
         self.stats.build_seconds, self.stats.space = built.seconds, built.space
         self._phase_done(2, t2)
         if built.failed is not None:
+            hooks.run("build-failed")
             if self.req.shell_on_failure:
                 self.progress.say(
                     f"build failed: opening a shell in {built.tree} (exit it to clean up)"
                 )
                 phases.shell(steps, user, built.tree)
             raise BuildFailed(f"{pkg.source} {pkg.version}: {built.failed}")
+        self.result.fail_stage = "finished-build"
+        hooks.run("finished-build")
 
         t3 = time.monotonic()
         self.progress.say(f"[4/4] {PHASES[3]}")
+        self.result.fail_stage = "collect"
         own = ResultNames(pkg, arch, self.req.source)
         collected = collect(steps, pkg, own, results)
         self.result.artifacts = collected.artifacts
         self._publish_layer()
         self._phase_done(3, t3)
+        changes = next(a.name for a in collected.artifacts if a.name.endswith(".changes"))
+        facts.changes = f"{backend.work_dir}/{changes}"
+        self.result.fail_stage = "chroot-cleanup"
+        hooks.run("chroot-cleanup")
+        self.result.fail_stage = "deliver"
         self._deliver(stack, inputs, collected)
+        self.result.fail_stage = None
+        facts.changes = str(inputs.out / changes)
+        self.result.checks = run_checks(
+            CheckInputs(
+                self.req, env_name, arch, inputs.out / changes,
+                tuple(Path(a.path) for a in self.result.artifacts), self.logs.log,
+                self.progress.say,
+            )
+        )
+        hooks.run("post-build")
 
     def _deliver(self, stack: ExitStack, inputs: Inputs, collected: Collected) -> None:
         """Only now does anything reach --out, opened once for all of it."""
@@ -209,12 +249,21 @@ class _Build:
             replace = art.name not in collected.no_replace
             art.path = str(out_dir.put(Path(art.path), art.name, replace=replace))
 
+    def _failed_hooks(self) -> None:
+        """sbuild's commands of a build that did not succeed: each stage's own
+        failure is the one reported, whatever these do."""
+        if self.hooks is None:
+            return
+        for stage in ("chroot-cleanup", "post-build-failed"):
+            with contextlib.suppress(NsbuildError):
+                self.hooks.run(stage)
+
     def _default_env(self, pkg: SourcePackage) -> str:
         """The environment named after the changelog's distribution; for the
         local backend, created on first use."""
         from nsbuild.debbuild.distribution import choose, resolve
 
-        choice = choose(pkg.distribution())
+        choice = choose(self.req.dist or pkg.distribution())
         # Environments are the local backend's: another backend gets the name
         # and makes of it what it can.
         if self.req.backend != "local":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,42 @@ class BuildRequest:
     backend: str = "local"
     backend_args: tuple[str, ...] = ()
     debug: bool = False
+    # -- sbuild's everyday options, with sbuild's meaning (see `man sbuild`) --
+    dist: str | None = None  # -d: picks the environment; the .changes' Distribution
+    create_env: bool = True  # False: --no-create, never run mmdebstrap on the way
+    verbose: bool = False  # -v: the build's output on stderr as it runs
+    source_only_changes: bool = False
+    profiles: tuple[str, ...] = ()  # -P: DEB_BUILD_PROFILES, also for Build-Depends
+    debbuildopts: tuple[str, ...] = ()  # more dpkg-buildpackage arguments, in order
+    extra_repositories: tuple[str, ...] = ()  # 'deb URL SUITE COMP...' lines
+    extra_repository_keys: tuple[Path, ...] = ()
+    add_depends: tuple[str, ...] = ()
+    add_conflicts: tuple[str, ...] = ()
+    add_depends_arch: tuple[str, ...] = ()
+    add_conflicts_arch: tuple[str, ...] = ()
+    add_depends_indep: tuple[str, ...] = ()
+    add_conflicts_indep: tuple[str, ...] = ()
+    binnmu: int | None = None  # N of +bN; None or 0: no +bN suffix
+    make_binnmu: str | None = None  # the binNMU changelog entry's text
+    append_to_version: str | None = None
+    maintainer: str | None = None  # -m
+    uploader: str | None = None  # -e
+    build_path: str | None = None  # the build tree's path inside
+    clean_source: bool = True  # False: build a source tree as it is
+    purge_build: str = "always"  # always | successful | never: drop the session?
+    # External commands by stage (hooks.STAGES), each a /bin/sh command line.
+    commands: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Checks after a successful build, each with its own options.
+    run_lintian: bool = False
+    lintian_opts: tuple[str, ...] = ()
+    run_autopkgtest: bool = False
+    autopkgtest_opts: tuple[str, ...] = ()
+    run_piuparts: bool = False
+    piuparts_opts: tuple[str, ...] = ()
+
+    def commands_for(self, stage: str) -> tuple[str, ...]:
+        """The external commands of one stage, in the order given."""
+        return tuple(c for s, cmds in self.commands if s == stage for c in cmds)
 
     def build_type(self) -> str:
         """dpkg-buildpackage's --build value, as sbuild's logs name it."""
@@ -54,6 +91,21 @@ class LayerUse:
 
 
 @dataclass
+class CheckResult:
+    """The outcome of one check after the build (lintian, autopkgtest, ...)."""
+
+    name: str
+    status: str  # "pass", "fail" (the check found a problem) or "error" (it could not run)
+    summary: str = ""  # one line for the terminal and the log's summary
+    details: dict[str, Any] = field(default_factory=dict)  # e.g. lintian's tag counts
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "status": self.status, "summary": self.summary,
+                "details": self.details, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
 class Stats:
     """Figures of the log's summary; 0 where the step did not run to its end."""
 
@@ -80,6 +132,11 @@ class BuildResult:
     network_summary: NetSummary | None = None
     dependency_layer: LayerUse | None = None
     limitations: list[str] = field(default_factory=list)
+    fail_stage: str | None = None  # sbuild's Fail-Stage of a build that did not succeed
+    checks: list[CheckResult] = field(default_factory=list)
+    started: float = 0.0  # time.time() when the build began
+    total_seconds: float = 0.0
+    session: str | None = None  # the session kept by --purge-build, to enter
 
     def denied(self) -> list[dict[str, Any]]:
         return [r for r in self.network_records if r.get("decision") != "allow"]
@@ -114,4 +171,25 @@ class BuildResult:
             },
             "dependency_layer": layer.to_json() if layer is not None else None,
             "limitations": self.limitations,
+            "fail_stage": self.fail_stage,
+            "checks": [c.to_json() for c in self.checks],
+            "started": _iso(self.started),
+            "total_seconds": round(self.total_seconds, 3),
+            "nsbuild_version": _version(),
+            "session": self.session,
         }
+
+
+def _iso(when: float) -> str | None:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(when, UTC).isoformat() if when else None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nsbuild")
+    except PackageNotFoundError:
+        return "unknown"
