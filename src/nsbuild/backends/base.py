@@ -257,6 +257,11 @@ class Backend(ABC):
         """Start over from a fresh session with `layer` (made by keep_layer) below it."""
         raise BackendError(f"backend {self.name} cannot use dependency layers")
 
+    def keep_session(self) -> str | None:
+        """Keep the session past close() (sbuild's --purge-build), and return a
+        command line that enters it; None when the backend cannot keep one."""
+        return None
+
     def network_records(self) -> list[dict[str, Any]]:
         """Network attempts seen so far (allowed and denied), as net log records:
         the first ones only, a bounded number."""

@@ -185,7 +185,7 @@ class _Build:
         self.result.fail_stage = "starting-build"
         hooks.run("starting-build")
         self.result.fail_stage = "build"
-        built = phases.build(steps, pkg, user, self.req.build_type(), self.req.jobs)
+        built = phases.build(steps, pkg, user, self.req)
         self.stats.build_seconds, self.stats.space = built.seconds, built.space
         self._phase_done(2, t2)
         if built.failed is not None:
@@ -296,6 +296,9 @@ class _Build:
                 res.network_records = self.backend.network_records()
             with contextlib.suppress(Exception):
                 res.network_summary = self.backend.network_summary()
+        if self.backend is not None and _keep_session(self.req.purge_build, status):
+            with contextlib.suppress(Exception):
+                res.session = self.backend.keep_session()
         if self.logs is None or self.logs_placed:
             return
         self.logs_placed = True
@@ -310,6 +313,12 @@ class _Build:
             self.logs.put(self.out_dir, res)
         else:
             self.logs.keep(res)
+
+
+def _keep_session(purge: str, status: str) -> bool:
+    """sbuild's --purge-build: `never` keeps every session, `successful`
+    purges only a successful build's."""
+    return purge == "never" or (purge == "successful" and status != "successful")
 
 
 def _status(e: NsbuildError) -> str:

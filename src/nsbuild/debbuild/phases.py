@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsbuild.debbuild.dsc import SourcePackage
+from nsbuild.debbuild.result import BuildRequest
 from nsbuild.debbuild.steps import Steps
 from nsbuild.errors import NsbuildError
 
@@ -55,7 +56,7 @@ class Built:
     space: int = 0  # bytes of the build tree after the build
 
 
-def build(steps: Steps, pkg: SourcePackage, user: str, build_type: str, jobs: int | None) -> Built:
+def build(steps: Steps, pkg: SourcePackage, user: str, req: BuildRequest) -> Built:
     """Unpack the source and run dpkg-buildpackage."""
     backend, log = steps.backend, steps.log
     log.section("Build")
@@ -78,7 +79,7 @@ def build(steps: Steps, pkg: SourcePackage, user: str, build_type: str, jobs: in
         return Built(tree, f"cannot read the changelog's date (exit status {status}); see the log")
     env = {
         "SOURCE_DATE_EPOCH": epoch,
-        "DEB_BUILD_OPTIONS": build_options(jobs),
+        "DEB_BUILD_OPTIONS": build_options(req.jobs),
         "HOME": "/nonexistent",
         "USER": user,
         "LOGNAME": user,
@@ -89,7 +90,7 @@ def build(steps: Steps, pkg: SourcePackage, user: str, build_type: str, jobs: in
         env["DEB_BUILD_PROFILES"] = os.environ["DEB_BUILD_PROFILES"]
     log.line(f"SOURCE_DATE_EPOCH={epoch}")
     log.line(f"DEB_BUILD_OPTIONS={env['DEB_BUILD_OPTIONS']}")
-    argv = ["dpkg-buildpackage", "-us", "-uc", f"--build={build_type}"]
+    argv = ["dpkg-buildpackage", "-us", "-uc", f"--build={req.build_type()}"]
     # The package's own code runs here: unprivileged, no network.
     status = steps.run(argv, user=user, cwd=tree, network="none", env=env)
     took = time.monotonic() - start
