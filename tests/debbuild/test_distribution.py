@@ -82,3 +82,15 @@ def test_a_distribution_that_is_no_debian_suite_exits_2(config: Path, tmp_path: 
     assert "no environment for the changelog's distribution 'nsb-nowhere'" in result.stderr
     assert "--env NAME" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_no_create_refuses_and_names_the_command(config: Path) -> None:
+    _declare(config, "trixie")
+    with pytest.raises(BuildInputError) as e:
+        resolve(choose("bookworm-backports"), None, create=False)
+    assert str(e.value) == (
+        "no environment for the changelog's distribution 'bookworm-backports': "
+        "create it with: nsbuild env create bookworm --suite bookworm"
+    )
+    # What exists is still used.
+    assert resolve(choose("trixie"), None, create=False) == ("trixie", None)
