@@ -49,9 +49,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name")
     p.set_defaults(func=cmd_env_update)
 
-    p = env_sub.add_parser("remove", help="forget an environment and free its disk")
-    p.add_argument("name")
-    p.add_argument("--keep-tarball", action="store_true")
+    p = env_sub.add_parser(
+        "remove",
+        help="forget an environment and free its disk",
+        description="Remove the environment's chroot.d file, the tarball `nsbuild env create` "
+        "made for it, and its unpacked base. Refused while sessions use it, unless --force.",
+    )
+    p.add_argument("name", help="environment name (not an alias)")
+    p.add_argument(
+        "--keep-tarball",
+        action="store_true",
+        help="keep the tarball (its chroot.d file and unpacked base still go)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also end the environment's sessions that no command is running in, deleting "
+        "their files, and remove it; a session still running a command (or owned by a running "
+        "build) is kept with the unpacked base it uses, which `nsbuild gc` frees once it ends",
+    )
     p.set_defaults(func=cmd_env_remove)
 
     session = sub.add_parser("session", help="long-lived copy-on-write sessions")
@@ -160,7 +176,7 @@ def cmd_env_update(args: argparse.Namespace) -> int:
 def cmd_env_remove(args: argparse.Namespace) -> int:
     from nsbuild.envs.create import remove_env
 
-    for line in remove_env(args.name, keep_tarball=args.keep_tarball):
+    for line in remove_env(args.name, keep_tarball=args.keep_tarball, force=args.force):
         print(line)
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from nsbuild.envs.config import NAME_RE, EnvConfig, load_config, remove_entry, w
 from nsbuild.envs.errors import EnvError
 from nsbuild.envs.owner import tmp_name
 from nsbuild.envs.paths import Layout, private_cache_dir, user_config_dir
-from nsbuild.envs.session import Session, throwaway
+from nsbuild.envs.session import Session, end_session, list_sessions, throwaway
 from nsbuild.envs.store import (
     copy_tarball_atomically,
     layout_for,
@@ -203,15 +204,32 @@ def _upgrade(session: Session) -> int:
     return status
 
 
-def remove_env(name: str, keep_tarball: bool = False) -> list[str]:
-    """Forget `name`: its chroot.d file, its tarball if nsbuild made it, its unused base."""
+def remove_env(name: str, keep_tarball: bool = False, force: bool = False) -> list[str]:
+    """Forget `name`: its chroot.d file, its tarball if nsbuild made it, its unused base.
+
+    Refused while sessions use it, unless `force`: then the sessions no
+    command runs in are ended first; the others, and the base under them,
+    stay until they end (`nsbuild gc` frees the base then)."""
     env = load_config().get(name)
     if env.name != name:
-        raise EnvError(f"{name!r} is an alias of {env.name!r}: remove it by its name")
+        raise EnvError(
+            f"{name!r} is an alias of {env.name!r}: remove the environment by its name: "
+            f"nsbuild env remove {shlex.quote(env.name)}"
+        )
     file = env.source.rsplit(":", 1)[0]
     if not file.startswith(str(user_config_dir())):
         raise EnvError(f"environment {name!r} is declared in {file}: remove it there")
-    done = [f"removed {remove_entry(env)}"]
+    users = sorted((s for s in list_sessions() if s.config.name == env.name and s.alive()),
+                   key=lambda s: s.id)  # fmt: skip
+    if users and not force:
+        ids = [s.id for s in users]
+        raise EnvError(
+            f"environment {name!r} is used by session{'s' if len(ids) > 1 else ''} "
+            f"{', '.join(ids)}; nothing removed: end {'them' if len(ids) > 1 else 'it'} with: "
+            f"nsbuild session end {' '.join(ids)} (or give --force)"
+        )
+    done = [_end_for_removal(s) for s in users]
+    done.append(f"removed {remove_entry(env)}")
     layout = layout_for(env)
     digest: str | None = None
     if env.type == "tarball" and env.path and env.path.exists():
@@ -225,4 +243,26 @@ def remove_env(name: str, keep_tarball: bool = False) -> list[str]:
 
         if remove_unused_base(layout, digest):
             done.append(f"removed its unpacked base {digest[:12]}")
+        elif any(line.startswith("kept session") for line in done):
+            done.append(
+                "kept its unpacked base: sessions still use it; nsbuild gc frees it once they end"
+            )
     return done
+
+
+def _end_for_removal(session: Session) -> str:
+    """End one session of an environment being removed by force, or say why it stays."""
+    if session.kind != "persistent":
+        pid = session.owner.pid if session.owner else "?"
+        return (
+            f"kept session {session.id}: its process {pid} is running; "
+            "it goes when that process ends"
+        )
+    try:
+        end_session(session.id)
+    except EnvError:
+        return (
+            f"kept session {session.id}: a command is running in it; "
+            f"end it later with: nsbuild session end {session.id}"
+        )
+    return f"ended session {session.id}"
