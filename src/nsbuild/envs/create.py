@@ -80,6 +80,22 @@ def mmdebstrap_argv(
     return argv
 
 
+def _check_subordinate_ids() -> None:
+    """mmdebstrap's unshare mode maps 65536 ids and, without them, fails late
+    with a bare status 25: say what is missing and how to add it, first."""
+    from nsbuild.sandbox import caller_idmap
+    from nsbuild.sandbox.idmap import INSIDE_IDS, caller_user, range_hint
+
+    idmap = caller_idmap()
+    if sum(r.count for r in idmap.uids) < INSIDE_IDS:
+        user = caller_user()
+        raise EnvError(
+            f"nsbuild env create needs {INSIDE_IDS} subordinate ids for {user} in /etc/subuid "
+            f"and /etc/subgid (mmdebstrap's unshare mode maps them); add them with "
+            f"'{range_hint(user)}'"
+        )
+
+
 def create_env(
     name: str,
     suite: str,
@@ -99,6 +115,7 @@ def create_env(
         raise EnvError(f"environment {name!r} already exists ({existing.source})")
     if shutil.which("mmdebstrap") is None:
         raise EnvError("mmdebstrap not found: install the mmdebstrap package")
+    _check_subordinate_ids()
     arch = architecture or host_architecture()
     layout = Layout.default()
     layout.ensure()

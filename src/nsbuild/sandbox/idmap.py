@@ -17,6 +17,8 @@ from nsbuild.sandbox.spec import IdMap, IdRange
 
 INSIDE_IDS = 65536
 NOBODY = 65534
+# Where useradd starts subordinate ranges (login.defs' SUB_UID_MIN default).
+SUB_ID_MIN = 100000
 
 # Tests point these at other files to exercise the fallback.
 _SUBUID_ENV = "NSBUILD_SUBUID_FILE"
@@ -43,14 +45,62 @@ def _subordinate_range(path: str, user: str, uid: int) -> tuple[int, int] | None
     return None
 
 
+def _ranges(path: str) -> list[tuple[int, int]]:
+    """Every range of a subuid/subgid file, whoever it belongs to."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            found.append((int(parts[1]), int(parts[2])))
+    return found
+
+
+def _subid_files() -> tuple[str, str]:
+    return (
+        os.environ.get(_SUBUID_ENV) or "/etc/subuid",
+        os.environ.get(_SUBGID_ENV) or "/etc/subgid",
+    )
+
+
+def free_range(count: int = INSIDE_IDS) -> int:
+    """The first start, from SUB_ID_MIN up, of `count` ids that no range in
+    /etc/subuid or /etc/subgid overlaps: usable for both uids and gids."""
+    start = SUB_ID_MIN
+    for first, n in sorted(r for path in _subid_files() for r in _ranges(path)):
+        if first < start + count and start < first + n:
+            start = first + n
+    return start
+
+
+def range_hint(user: str) -> str:
+    """The command that gives `user` a free range of 65536 subordinate ids."""
+    import shlex
+
+    start = free_range()
+    ids = f"{start}-{start + INSIDE_IDS - 1}"
+    sudo = "" if os.getuid() == 0 else "sudo "
+    return f"{sudo}usermod --add-subuids {ids} --add-subgids {ids} {shlex.quote(user)}"
+
+
+def caller_user() -> str:
+    """The caller's user name as /etc/subuid names it (its uid if it has none)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
 def caller_idmap() -> IdMap:
     uid, gid = os.getuid(), os.getgid()
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = str(uid)
-    subuid = _subordinate_range(os.environ.get(_SUBUID_ENV) or "/etc/subuid", user, uid)
-    subgid = _subordinate_range(os.environ.get(_SUBGID_ENV) or "/etc/subgid", user, uid)
+    user = caller_user()
+    uid_file, gid_file = _subid_files()
+    subuid = _subordinate_range(uid_file, user, uid)
+    subgid = _subordinate_range(gid_file, user, uid)
 
     if uid == 0:
         if subuid and subgid:
@@ -60,8 +110,7 @@ def caller_idmap() -> IdMap:
         return IdMap(
             (IdRange(0, NOBODY, 1),), (IdRange(0, NOBODY, 1),), helper=False,
             warning="root has no range in /etc/subuid and /etc/subgid: the sandbox runs "
-            "as host uid 65534 with a single id; add one with "
-            "'usermod --add-subuids 300000-365535 --add-subgids 300000-365535 root'",
+            f"as host uid 65534 with a single id; add one with '{range_hint(user)}'",
         )
 
     if subuid and subgid:
@@ -74,8 +123,8 @@ def caller_idmap() -> IdMap:
     return IdMap(
         (IdRange(0, uid, 1),), (IdRange(0, gid, 1),), helper=False,
         warning=f"no range for {user} in /etc/subuid and /etc/subgid: only one id is mapped, "
-        "so programs that change user (apt's _apt, su, setpriv) will fail; add one with "
-        f"'sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}'",
+        f"so programs that change user (apt's _apt, su, setpriv) will fail; add one with "
+        f"'{range_hint(user)}'",
     )
 
 
