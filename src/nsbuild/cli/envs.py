@@ -166,10 +166,16 @@ def cmd_env_create(args: argparse.Namespace) -> int:
 
 
 def cmd_env_update(args: argparse.Namespace) -> int:
-    from nsbuild.envs.create import update_env
+    from nsbuild.envs.update import update_env
 
-    env = update_env(args.name)
-    print(f"updated environment {env.name!r}: {env.path}")
+    done = update_env(args.name)
+    if done.changed:
+        print(f"updated environment {done.env.name!r}: {done.env.path} (base {done.base[:12]})")
+    else:
+        print(
+            f"environment {done.env.name!r} is up to date: nothing upgraded, "
+            f"tarball and base {done.base[:12]} unchanged"
+        )
     return 0
 
 

@@ -29,7 +29,9 @@ session:
 
 create:
     create_env(name, suite, architecture=, variant=, mirror=, include=, aliases=)
-    update_env(name);  remove_env(name)
+    remove_env(name, keep_tarball=, force=)     # refused while sessions use it
+update:
+    update_env(name) -> Updated                 # .changed False: tarball and base untouched
 cleanup:
     gc(dry_run=False) -> GcReport
 remove:

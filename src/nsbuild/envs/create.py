@@ -4,10 +4,7 @@ Creation runs mmdebstrap in unshare mode (the tool the Debian world already
 uses; nsbuild writes no bootstrapper) into the cache's tarballs folder, then
 writes the chroot.d entry and unpacks the base once so the first use is fast.
 
-Update runs apt in a throw-away session, with only the environment's mirrors
-reachable (as a build's dependency phase), packs the result into a new tarball
-and renames it over the old one. Sessions and runs already using the old base
-keep it (their overlay names its directory); gc removes it once unused.
+Update is update.py's. Removal refuses while sessions use the environment.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,22 +22,11 @@ from nsbuild.envs.aptsources import apt_mirrors
 from nsbuild.envs.config import NAME_RE, EnvConfig, load_config, remove_entry, write_entry
 from nsbuild.envs.errors import EnvError
 from nsbuild.envs.owner import tmp_name
-from nsbuild.envs.paths import Layout, private_cache_dir, user_config_dir
-from nsbuild.envs.session import Session, end_session, list_sessions, throwaway
-from nsbuild.envs.store import (
-    copy_tarball_atomically,
-    layout_for,
-    remember_digest,
-    tarball_digest,
-    use_base,
-)
+from nsbuild.envs.paths import Layout, user_config_dir
+from nsbuild.envs.session import Session, end_session, list_sessions
+from nsbuild.envs.store import layout_for, tarball_digest, use_base
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-UPGRADE_SCRIPT = (
-    "set -e; export DEBIAN_FRONTEND=noninteractive; apt-get update; "
-    "apt-get -y -o Dpkg::Options::=--force-confold dist-upgrade; "
-    "apt-get -y autoremove; apt-get clean"
-)
 
 
 def host_architecture() -> str:
@@ -153,72 +138,6 @@ def create_env(
         mirrors = apt_mirrors(base.root) or env.mirrors
     write_entry(dataclasses.replace(env, mirrors=mirrors))
     return load_config().get(name)
-
-
-def update_env(name: str) -> EnvConfig:
-    """Upgrade with apt in a session, then replace the tarball atomically."""
-    from nsbuild.sandbox import PIPE, Sys, spawn
-    from nsbuild.sandbox.record import replace
-
-    env = load_config().get(name)
-    if env.type != "tarball" or env.path is None:
-        raise EnvError(f"environment {env.name!r} is of Type {env.type}: only tarballs can update")
-    layout = layout_for(env)
-    old = tarball_digest(layout, env.path)
-    with throwaway(env) as session:
-        status = _upgrade(session)
-        if status != 0:
-            raise EnvError(f"upgrading {env.name!r} failed (apt exit status {status})")
-        pack = session.sandbox(
-            ["tar", "--create", "--file=-", "--directory=/", "--one-file-system",
-             "--numeric-owner", "--xattrs", "--sort=name", "."],
-        )  # fmt: skip
-        # No sysfs while packing: tar sees its root's times move and fails
-        # ("file changed as we read it"); nothing of it belongs in the tarball.
-        pack = replace(pack, mounts=tuple(m for m in pack.mounts if not isinstance(m, Sys)))
-        proc = spawn(pack, stdout=PIPE)
-        assert proc.stdout is not None
-        try:
-            digest = copy_tarball_atomically(proc.stdout, env.path, check=proc.wait)
-        finally:
-            proc.stdout.close()
-            proc.kill()
-            proc.wait()
-    remember_digest(layout, env.path, digest)
-    with use_base(env):
-        pass
-    if digest != old:
-        from nsbuild.envs.cleanup import remove_unused_base
-
-        remove_unused_base(layout, old)
-    return env
-
-
-def update_net_log(env: EnvConfig) -> Path:
-    """Where `update_env` writes the network log of its last run."""
-    return private_cache_dir() / "logs" / f"{env.name}.update.network.jsonl"
-
-
-def _upgrade(session: Session) -> int:
-    """Run apt's upgrade in `session`, with the network policy of a build's
-    dependency phase: the environment's mirrors through the egress proxy,
-    nothing else (no host loopback, no abstract sockets, no host interfaces),
-    every attempt in the network log. Maintainer scripts of the upgraded
-    packages run here, and they are not trusted with more."""
-    from nsbuild import net
-    from nsbuild.net.launch import run_under
-
-    log = update_net_log(session.config)
-    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    log.unlink(missing_ok=True)  # the log of this run only
-    opts = net.NetOptions(mode="allow", allow_from_env=True, log_path=str(log))
-    with net.network(opts, mirrors=session.mirrors(),
-                     trusted_mirrors=session.config.mirrors) as plan:
-        status = run_under(plan, session.sandbox(["sh", "-c", UPGRADE_SCRIPT]))
-    for line in (plan.denied_summary(), plan.log_error(), f"network log: {log}"):
-        if line:
-            print(f"nsbuild env update: {line}", file=sys.stderr)
-    return status
 
 
 def remove_env(name: str, keep_tarball: bool = False, force: bool = False) -> list[str]:
