@@ -1,117 +1,175 @@
 """`nsbuild build`: the command-line face of the build driver.
 
 Kept apart from the driver so that `nsbuild --help` costs nothing: the driver,
-python-debian and the backends load only when a build runs.
+python-debian and the backends load only when a build runs. The options are
+nsbuild.cli.buildopts'; their defaults, nsbuild.cli.config's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from nsbuild.cli.buildopts import (
+    COMMAND_STAGES,
+    NO_OPS,
+    BadSetting,
+    add_setting_options,
+    check_conflicts,
+)
+
+
+def _paragraphs(*texts: str) -> str:
+    import textwrap
+
+    return "\n\n".join(textwrap.fill(t, 78) for t in texts)
+
 
 def register(sub: Any) -> None:
     """Add the `build` subcommand to an argparse subparsers object."""
+    from nsbuild.cli.exits import BUILD_FAILED, INTERRUPTED, SETUP_FAILED, UNSATISFIABLE, USAGE
+
     p = sub.add_parser(
         "build",
         help="build a Debian source package in a sealed environment",
-        description="Build PKG.dsc (or an unpacked source tree with debian/) in a fresh "
-        "copy-on-write session: build dependencies are installed with network limited "
-        "to the environment's mirrors, then the package builds as an unprivileged user "
-        "with no network. Results, a .build log and the network log go to --out; a build "
-        "that fails writes nothing there (its logs are kept in nsbuild's cache, and named).",
+        # An abbreviation of an option could be one of sbuild's that nsbuild refuses.
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(
+            "Build PKG.dsc (or an unpacked source tree with debian/) in a fresh copy-on-write "
+            "session: build dependencies are installed with network limited to the "
+            "environment's mirrors, then the package builds as an unprivileged user with no "
+            "network. Results, a .build log and the network log go to --out; a build that "
+            "fails writes nothing there (its logs are kept in nsbuild's cache, and named).",
+            "Options marked [sbuild] have sbuild's names and meaning (`man sbuild`); the "
+            "others are nsbuild's own. Defaults for any of them come from "
+            "$XDG_CONFIG_HOME/nsbuild/config.toml (see `nsbuild config`): the command line "
+            "overrides them, and adds to the lists of repeatable options.",
+        ),
+        epilog=_paragraphs(
+            "DEB_BUILD_OPTIONS inside is the caller's, with parallel= from --jobs, else the "
+            "caller's parallel= as given, else the number of CPUs. DEB_BUILD_PROFILES is "
+            "-P's, else the caller's.",
+            "sbuild's options that nsbuild has no use for are refused, each in one line. "
+            "Accepted and doing nothing, as nsbuild does that anyway: "
+            f"{', '.join(NO_OPS)}.",
+        ) + "\n\nexit status:\n"
+        "  0    the package built\n"
+        f"  {BUILD_FAILED}    the package's own build failed, or a result it made was refused\n"
+        f"  {USAGE}    bad options, configuration or input\n"
+        f"  {UNSATISFIABLE}    the build dependencies cannot be installed\n"
+        f"  {SETUP_FAILED}  nsbuild could not set up the sandbox or the backend\n"
+        f"  {INTERRUPTED}  interrupted",
     )
     p.add_argument("input", metavar="PKG.dsc|DIR", type=Path)
-    p.add_argument(
-        "--env",
-        metavar="NAME",
-        help="environment (default: the one named after the changelog's distribution, "
-        "created with mmdebstrap on first use)",
-    )
-    p.add_argument(
-        "--out", metavar="DIR", type=Path, help="where results go (default: next to the input)"
-    )
-    sel = p.add_argument_group("what to build (default: --arch-any --arch-all)")
-    sel.add_argument("--arch-any", action="store_true", help="architecture-dependent packages")
-    sel.add_argument("--arch-all", action="store_true", help="architecture-independent packages")
-    sel.add_argument("--source", action="store_true", help="the source package too")
-    p.add_argument(
-        "-j",
-        "--jobs",
-        type=int,
-        metavar="N",
-        help="parallel jobs (DEB_BUILD_OPTIONS parallel=N; default: CPUs)",
-    )
-    p.add_argument(
-        "--extra-package",
-        action="append",
-        default=[],
-        type=Path,
-        metavar="FILE.deb",
-        help="make FILE.deb available to the build-dependency resolver (repeatable)",
-    )
-    p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="neither use nor store a dependency layer; no apt caches",
-    )
-    p.add_argument(
-        "--shell-on-failure",
-        action="store_true",
-        help="open a shell in the failed build tree before cleaning up",
-    )
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    p.add_argument(
-        "--backend",
-        default="local",
-        help="where to build (default: local); what follows a final `--` goes to the "
-        "backend, e.g. `--backend autopkgtest -- autopkgtest-virt-unshare ...`",
-    )
+    add_setting_options(p)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     # Everything after `--` (split off before parsing, see nsbuild.cli.main):
     # argparse cannot give a trailing positional list after options reliably.
     p.set_defaults(func=handler, backend_args=[])
 
 
+# -- from settings to a request --
+
+
+# -- from settings to a request --
+
+
+def make_request(values: dict[str, Any], input: Path, backend_args: tuple[str, ...],
+                 debug: bool) -> Any:  # fmt: skip
+    """The BuildRequest of effective settings; BadSetting when they make no sense."""
+    from nsbuild.debbuild.result import BuildRequest
+
+    v = dict(values)
+    if v["binnmu"] is not None and v["make_binnmu"] is None and v["binnmu"] > 0:
+        raise BadSetting("--binNMU needs --make-binNMU (the binNMU changelog entry's text)")
+    if v["make_binnmu"] is not None and v["binnmu"] is None:
+        v["binnmu"] = 1  # sbuild's default
+    if v["make_binnmu"] is not None or v["append_to_version"] is not None:
+        v["arch_all"] = False  # as sbuild: a binNMU rebuilds arch-dependent packages only
+    if not (v["arch_any"] or v["arch_all"] or v["source"]):
+        raise BadSetting("nothing to build: --no-arch-any and --no-arch-all without --source")
+    if v["source_only_changes"] and not v["source"]:
+        raise BadSetting("--source-only-changes needs --source")
+    if v["backend"] == "local" and backend_args:
+        raise BadSetting(f"the local backend takes no arguments after '--' "
+                         f"(got {' '.join(backend_args)!r})")  # fmt: skip
+    commands = tuple(
+        (stage, tuple(v[f"{stage.replace('-', '_')}_commands"]))
+        for stage in COMMAND_STAGES
+        if v[f"{stage.replace('-', '_')}_commands"]
+    )
+    return BuildRequest(
+        input=input,
+        env=v["env"],
+        out=v["out"],
+        arch_any=v["arch_any"],
+        arch_all=v["arch_all"],
+        source=v["source"],
+        jobs=v["jobs"],
+        extra_packages=tuple(v["extra_packages"]),
+        use_cache=v["use_cache"],
+        shell_on_failure=v["shell_on_failure"],
+        backend=v["backend"],
+        backend_args=backend_args,
+        debug=debug,
+        dist=v["dist"],
+        create_env=v["create_env"],
+        verbose=v["verbose"],
+        source_only_changes=v["source_only_changes"],
+        profiles=tuple(v["profiles"]),
+        debbuildopts=tuple(v["debbuildopts"]),
+        extra_repositories=tuple(v["extra_repositories"]),
+        extra_repository_keys=tuple(v["extra_repository_keys"]),
+        **{f"add_{rel}{part}": tuple(v[f"add_{rel}{part}"])
+           for rel in ("depends", "conflicts") for part in ("", "_arch", "_indep")},
+        binnmu=v["binnmu"],
+        make_binnmu=v["make_binnmu"],
+        append_to_version=v["append_to_version"],
+        maintainer=v["maintainer"],
+        uploader=v["uploader"],
+        build_path=v["build_path"],
+        clean_source=v["clean_source"],
+        purge_build=v["purge_build"],
+        commands=commands,
+        run_lintian=v["run_lintian"],
+        lintian_opts=tuple(v["lintian_opts"]),
+        run_autopkgtest=v["run_autopkgtest"],
+        autopkgtest_opts=tuple(v["autopkgtest_opts"]),
+        run_piuparts=v["run_piuparts"],
+        piuparts_opts=tuple(v["piuparts_opts"]),
+    )  # fmt: skip
+
+
 def handler(args: argparse.Namespace) -> int:
+    from nsbuild.cli.config import ConfigError, effective
     from nsbuild.cli.exits import USAGE, exit_status
     from nsbuild.debbuild.driver import build
-    from nsbuild.debbuild.result import BuildRequest
+    from nsbuild.debbuild.extrarepo import check_request
     from nsbuild.errors import NsbuildError
     from nsbuild.printable import printable
 
-    selected = args.arch_any or args.arch_all or args.source
-    if args.backend == "local" and args.backend_args:
-        print(f"nsbuild build: the local backend takes no arguments after '--' "
-              f"(got {' '.join(args.backend_args)!r})", file=sys.stderr)
+    given: dict[str, object] = getattr(args, "given", {})
+    try:
+        check_conflicts(given, getattr(args, "flags", []))
+        values = {name: value for name, (value, _) in effective(given, os.environ).items()}
+        request = make_request(values, args.input, tuple(args.backend_args),
+                               bool(getattr(args, "debug", False)))  # fmt: skip
+        check_request(request)
+    except (BadSetting, ConfigError, NsbuildError) as e:
+        print(f"nsbuild build: {printable(str(e), MESSAGE_LIMIT)}", file=sys.stderr)
         return USAGE
-    if args.jobs is not None and args.jobs < 1:
-        print("nsbuild build: --jobs must be at least 1", file=sys.stderr)
-        return USAGE
-    request = BuildRequest(
-        input=args.input,
-        env=args.env,
-        out=args.out,
-        arch_any=args.arch_any or not selected,
-        arch_all=args.arch_all or not selected,
-        source=args.source,
-        jobs=args.jobs,
-        extra_packages=tuple(args.extra_package),
-        use_cache=not args.no_cache,
-        shell_on_failure=args.shell_on_failure,
-        backend=args.backend,
-        backend_args=tuple(args.backend_args),
-        debug=bool(getattr(args, "debug", False)),
-    )
+    as_json = bool(values["json"])
     try:
         result = build(request)
     except NsbuildError as e:
         status = exit_status(e)
         partial = getattr(e, "result", None)
-        if args.json:
+        if as_json:
             doc: dict[str, object] = (
                 partial.to_json() if partial is not None else {"status": "error", "message": str(e)}
             )
@@ -123,7 +181,7 @@ def handler(args: argparse.Namespace) -> int:
         if partial is not None and partial.log:
             print(f"nsbuild build: log: {printable(partial.log)}", file=sys.stderr)
         return status
-    if args.json:
+    if as_json:
         doc = result.to_json()
         doc["exit_status"] = 0
         print(json.dumps(doc, indent=1))  # JSON escapes control characters

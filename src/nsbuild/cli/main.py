@@ -48,6 +48,7 @@ _COMMANDS = {
     "shell": ("nsbuild.cli.envs", "interactive shell in a throw-away environment"),
     "gc": ("nsbuild.cli.envs", "remove what crashed runs left behind"),
     "build": ("nsbuild.cli.build", "build a Debian source package"),
+    "config": ("nsbuild.cli.config", "show `nsbuild build`'s settings and where each comes from"),
 }
 
 

@@ -1,13 +1,18 @@
 """Install build dependencies: the trusted phase, where only apt and dpkg run.
 
-apt runs with network `allow` (the environment's mirrors), or a cached
-dependency layer stands in for the whole install. What apt downloads is
-shared with later builds only from runs of apt alone, before any
-maintainer script.
+apt runs with network `allow` (the environment's mirrors, and the hosts of
+the extra repositories), or a cached dependency layer stands in for the
+whole install. What apt downloads is shared with later builds only from
+runs of apt alone, before any maintainer script.
+
+The question asked of apt is sbuild's: the source's relations for what is
+built, with --add-depends/--add-conflicts (-arch, -indep) appended, and
+restriction formulas (`<!nocheck>`) read for the build profiles (-P).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsbuild.backends import Network
-from nsbuild.debbuild import apt
+from nsbuild.debbuild import apt, extrarepo
 from nsbuild.debbuild.cache import DepCache, answer_key, layer_key
 from nsbuild.debbuild.collect import sha256_file
 from nsbuild.debbuild.dsc import SourcePackage
@@ -23,6 +28,7 @@ from nsbuild.debbuild.errors import UnsatisfiableDependencies
 from nsbuild.debbuild.layers import PendingLayer, use_layer
 from nsbuild.debbuild.result import BuildRequest, LayerUse
 from nsbuild.debbuild.steps import Steps
+from nsbuild.errors import NsbuildError
 
 
 @dataclass
@@ -57,7 +63,13 @@ class DepsPhase:
         log.line(f"Build-Depends: {deps}")
         if conflicts:
             log.line(f"Build-Conflicts: {conflicts}")
+        if self.req.profiles:
+            log.line(f"Build profiles: {' '.join(self.req.profiles)}")
         network: Network = "allow" if caps.network_per_phase else "host"
+        # What the layer keys must cover besides apt's answer.
+        identity = [f"profiles {','.join(self.req.profiles)}"] if self.req.profiles else []
+        if self.req.extra_repositories:
+            identity += self._extra_repositories(stack)
         # Without Generate=false, update deletes and rebuilds apt's caches even
         # when no list changed; the next apt run checks them against the lists
         # and rebuilds them only if they are stale.
@@ -71,6 +83,8 @@ class DepsPhase:
         # to the environment's shared cache.
         self._take_downloads()
         satisfy = ["apt-get", *apt.APT_OPTS]
+        if self.req.profiles:
+            satisfy += ["-o", f"APT::Build-Profiles={','.join(self.req.profiles)}"]
         for p in self.extras:
             satisfy += ["--with-source", f"{backend.work_dir}/extra/{p.name}"]
         satisfy += ["satisfy", deps]
@@ -91,14 +105,24 @@ class DepsPhase:
                 "setting that lets unchecked packages in, puts unsigned packages in this session"
             )
             layers = False
+        # An external command may have changed the session before apt ran (or,
+        # through the exec escape, while it runs): a layer would keep that.
+        touched = [s for s in ("pre-build", "chroot-setup") if self.req.commands_for(s)]
+        if layers and touched:
+            log.line(
+                "No dependency layer is used or kept: external commands "
+                f"({', '.join(f'--{s}-commands' for s in touched)}) may change the session"
+            )
+            layers = False
         if not layers or base is None:
             # No layer to look up or to store: apt installs at once, and is
             # asked what it would do only if that fails (to name what is unmet).
             self._install(satisfy, network)
+            self._end_extra_repositories()
             return Installed(time.monotonic() - start)
 
         cache = DepCache()
-        extra_sums = [sha256_file(p) for p in self.extras]
+        extra_sums = [sha256_file(p) for p in self.extras] + identity
         # apt's answer is a function of the question and of what it knows:
         # when both are as in an earlier build, so is the answer (its layer).
         status, lists = backend.check_output(["sh", "-c", apt.LISTS_STATE], network=network)
@@ -120,6 +144,8 @@ class DepsPhase:
         if self._use(stack, cache, key, known=False):
             return Installed(time.monotonic() - start, LayerUse(key, cached=True))
         self._install(satisfy, network)
+        # Not in the layer: its key covers them, and the build goes without.
+        self._end_extra_repositories()
         took = time.monotonic() - start
         meta: dict[str, object] = {
             "environment": self.environment,
@@ -127,6 +153,8 @@ class DepsPhase:
             "architecture": self.arch,
             "packages": resolution,
             "extra_packages": [p.name for p in self.extras],
+            "profiles": list(self.req.profiles),
+            "extra_repositories": list(self.req.extra_repositories),
         }
         pending = PendingLayer.keep(backend, cache, key, meta)
         stack.callback(pending.drop, backend)
@@ -134,17 +162,48 @@ class DepsPhase:
         return Installed(took, LayerUse(key, cached=False), pending)
 
     def _relations(self) -> tuple[str, str]:
-        """The build dependencies and conflicts of what is built."""
-        pkg = self.pkg
-        deps = ["build-essential", "fakeroot", pkg.build_depends]
-        conflicts = [pkg.build_conflicts]
-        if self.req.arch_any:
-            deps.append(pkg.build_depends_arch)
-            conflicts.append(pkg.build_conflicts_arch)
-        if self.req.arch_all:
-            deps.append(pkg.build_depends_indep)
-            conflicts.append(pkg.build_conflicts_indep)
+        """The build dependencies and conflicts of what is built, each with
+        the request's additions appended (sbuild's --add-depends and kin)."""
+        pkg, req = self.pkg, self.req
+        deps = ["build-essential", "fakeroot", pkg.build_depends, *req.add_depends]
+        conflicts = [pkg.build_conflicts, *req.add_conflicts]
+        if req.arch_any:
+            deps += [pkg.build_depends_arch, *req.add_depends_arch]
+            conflicts += [pkg.build_conflicts_arch, *req.add_conflicts_arch]
+        if req.arch_all:
+            deps += [pkg.build_depends_indep, *req.add_depends_indep]
+            conflicts += [pkg.build_conflicts_indep, *req.add_conflicts_indep]
         return ", ".join(filter(None, deps)), ", ".join(filter(None, conflicts))
+
+    def _extra_repositories(self, stack: ExitStack) -> list[str]:
+        """Put the extra repositories' source entry and keys in the session,
+        from what was checked on the host; what the layer keys must cover."""
+        repos = [extrarepo.parse(line) for line in self.req.extra_repositories]
+        keys = extrarepo.keys(self.req)
+        log, backend = self.steps.log, self.steps.backend
+        text = extrarepo.sources(repos, keys)
+        log.line(f"Extra repositories ({extrarepo.SOURCES}):")
+        for line in text.splitlines():
+            log.line(f"  {line}")
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsbuild-extra-")))
+        for key in keys:
+            (tmp / key.name).write_bytes(key.data)
+            backend.copy_in(tmp / key.name, f"{extrarepo.KEYRINGS}/{key.name}",
+                            limit=len(key.data))  # fmt: skip
+        name = Path(extrarepo.SOURCES).name
+        (tmp / name).write_text(text)
+        backend.copy_in(tmp / name, extrarepo.SOURCES, limit=len(text.encode()))
+        return extrarepo.identity(repos, keys)
+
+    def _end_extra_repositories(self) -> None:
+        """The extra repositories serve the dependency phase alone."""
+        if not self.req.extra_repositories:
+            return
+        keys = [f"{extrarepo.KEYRINGS}/nsbuild-extra-{i}.{ext}"
+                for i in range(1, len(self.req.extra_repository_keys) + 1)
+                for ext in ("asc", "gpg")]  # fmt: skip
+        if self.steps.run(["rm", "-f", "--", extrarepo.SOURCES, *keys]) != 0:
+            raise NsbuildError("cannot remove the extra repositories from the session")
 
     def _use(self, stack: ExitStack, cache: DepCache, key: str, *, known: bool) -> bool:
         if not use_layer(stack, self.steps.backend, cache, key, self.steps.log, known):
