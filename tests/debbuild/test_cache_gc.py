@@ -51,16 +51,22 @@ def test_gc_keeps_current_layers_and_removes_stale_ones(home: Path) -> None:
     unused = _layer("c" * 64, _base(home), age_days=40)
     errors: list[str] = []
 
+    stale = [
+        f"dependency layer {'b' * 16} (bookworm: its environment's base changed or is gone)",
+        f"dependency layer {'c' * 16} (bookworm: unused for 40 days)",
+    ]
     dry = gc(dry_run=True, errors=errors)
-    assert len(dry) == 2 and all(line.endswith("(dry run)") for line in dry)
+    assert sorted(dry) == stale
+    assert old_base.exists() and unused.exists()
+    # As the user reads it: what would go, and nothing said to be gone.
+    cli = subprocess.run([sys.executable, "-m", "nsbuild", "gc", "--dry-run"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert cli.stdout.splitlines() == [f"would remove {line}" for line in dry]
     assert old_base.exists() and unused.exists()
 
     removed = gc(errors=errors)
     assert errors == []
-    assert sorted(removed) == [
-        f"dependency layer {'b' * 16} (bookworm: its environment's base changed or is gone)",
-        f"dependency layer {'c' * 16} (bookworm: unused for 40 days)",
-    ]
+    assert sorted(removed) == stale
     assert current.exists() and not old_base.exists() and not unused.exists()
     # The age limit is the caller's.
     two_days_ago = time.time() - 2 * 86400

@@ -148,6 +148,8 @@ def test_gc_removes_a_base_no_environment_refers_to(xdg: Path) -> None:
     (digest,) = os.listdir(bases)
     assert nsbuild("gc").stdout == "nothing to remove\n"  # still configured
     (chroot_d(xdg) / "t").unlink()
+    assert nsbuild("gc", "--dry-run").stdout == f"would remove unused base {digest[:12]}\n"
+    assert os.listdir(bases) == [digest]
     assert nsbuild("gc").stdout == f"removed unused base {digest[:12]}\n"
     assert os.listdir(bases) == []
 

@@ -101,8 +101,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _sandbox_options(p)
     p.set_defaults(func=cmd_shell)
 
-    p = sub.add_parser("gc", help="remove what crashed runs left behind")
-    p.add_argument("--dry-run", action="store_true", help="only say what would go")
+    p = sub.add_parser(
+        "gc",
+        help="remove what crashed runs left behind",
+        description="Remove sessions and half-made files of runs that are gone, unpacked "
+        "bases no environment uses, stale dependency layers and apt caches, old logs of "
+        "failed builds, and (root) nftables tables and cgroups of dead runs.",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only say what would be removed (nftables tables and cgroups are not looked at)",
+    )
     p.set_defaults(func=cmd_gc)
 
 
@@ -304,8 +314,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 removed += collect()
             except OSError as e:
                 errors.append(f"{what} leftovers: {e}")
+    done = "would remove" if args.dry_run else "removed"
     for line in removed:
-        print(f"removed {line}")
+        print(f"{done} {line}")
     for line in errors:
         print(f"nsbuild: gc: {line}", file=sys.stderr)
     if not removed:

@@ -50,8 +50,9 @@ def gc(
     and the kept logs of failed builds older than that. Layers in use by a
     running build are kept.
 
-    Returns one line per removal ("dependency layer 3f2a... (...)"); problems
-    are appended to `errors` (or ignored when it is None)."""
+    Returns one line per removal ("dependency layer 3f2a... (...)"), or per
+    removal it would make when `dry_run`; problems are appended to `errors`
+    (or ignored when it is None)."""
     errs: list[str] = errors if errors is not None else []
     config = load_config()
     bases, untold = _current_bases(config, errs)
@@ -104,10 +105,7 @@ def _gc_logs(max_age_days: float, dry_run: bool, errs: list[str]) -> list[str]:
                 errs.append(_error_line(d, e))
     if not old:
         return []
-    return [
-        f"{len(old)} logs of failed builds older than {max_age_days:.0f} days"
-        + (" (dry run)" if dry_run else "")
-    ]
+    return [f"{len(old)} logs of failed builds older than {max_age_days:.0f} days"]
 
 
 def _current_bases(config: Config, errs: list[str]) -> tuple[set[str], set[str]]:
@@ -184,7 +182,7 @@ class _LayerSweep:
         shown = printable(environment, 100) if isinstance(environment, str) else "?"
         what = f"dependency layer {name[:16]} ({shown}: {why})"
         if self.dry_run:
-            self.removed.append(what + " (dry run)")
+            self.removed.append(what)
             return
         try:
             with _try_exclusive(cache.lock_path(name)):
@@ -200,7 +198,7 @@ class _LayerSweep:
 
     def _discard(self, path: Path, what: str) -> None:
         if self.dry_run:
-            self.removed.append(f"{what} (dry run)")
+            self.removed.append(what)
             return
         try:
             self.cache.discard(path)
@@ -254,7 +252,6 @@ def _gc_apt_caches(
     root = apt_cache_root()
     if not root.is_dir():
         return removed
-    suffix = " (dry run)" if dry_run else ""
     limit = time.time() - max_age_days * 86400
     for env_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
         try:
@@ -264,7 +261,7 @@ def _gc_apt_caches(
                     what = f"build apt cache of {env_dir.name!r} (no such environment)"
                     if not dry_run:
                         remove_tree(env_dir)
-                    removed.append(what + suffix)
+                    removed.append(what)
                     continue
                 old = [
                     deb
@@ -277,7 +274,7 @@ def _gc_apt_caches(
                 if old:
                     removed.append(
                         f"{len(old)} cached .deb files of {env_dir.name!r} "
-                        f"unused for {max_age_days:.0f} days{suffix}"
+                        f"unused for {max_age_days:.0f} days"
                     )
         except BlockingIOError:
             continue  # a build is installing with it right now

@@ -35,7 +35,8 @@ from nsbuild.printable import printable
 
 @dataclass
 class GcReport:
-    removed: list[str] = field(default_factory=list)  # human descriptions
+    # Human descriptions of what went (or, in a dry run, would go).
+    removed: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -65,7 +66,7 @@ def _dead_tmp(name: str) -> bool:
 
 def _remove(path: Path, what: str, report: GcReport, dry_run: bool) -> None:
     if dry_run:
-        report.removed.append(f"{what} (dry run)")
+        report.removed.append(what)
         return
     with _each(report, path):
         remove_tree(path)
@@ -140,7 +141,7 @@ def _base(layout: Layout, name: str, report: GcReport, dry_run: bool) -> None:
             if _still_used(layout, name) or not base_complete(layout, name):
                 return
             if dry_run:
-                report.removed.append(f"unused base {path} (dry run)")
+                report.removed.append(f"unused base {name[:12]}")
                 return
             doomed = layout.bases / tmp_name()
             os.rename(path, doomed)
