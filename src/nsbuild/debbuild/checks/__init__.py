@@ -1,31 +1,107 @@
-"""Checks after a successful build: lintian, autopkgtest, an install check.
+"""Checks after a successful build: lintian, an install check, autopkgtest.
 
 Each runs in a fresh session of the build's environment, after the results
-were delivered, with its own section in the .build log. A stub until filled in.
+were delivered, with its own section in the .build log; its outcome is a
+CheckResult: "pass", "fail" (it found a problem in the package) or "error"
+(it could not run). A check never undoes the build: as sbuild does by
+default, the build stays successful and its results stay in --out; the
+checks' outcomes are said on the terminal, in the log and in --json.
+
+    lintian.py      --run-lintian: lintian on the .changes (kept as a layer)
+    install.py      --run-piuparts: install, configure, purge; files left behind
+    autopkgtest.py  --run-autopkgtest: the host's autopkgtest, nsbuild's virt server
 """
 
 from __future__ import annotations
 
+import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
-from nsbuild.debbuild.log import BuildLog
+from nsbuild.debbuild.checks.inputs import CheckInputs
 from nsbuild.debbuild.result import BuildRequest, CheckResult
+from nsbuild.errors import NsbuildError
+from nsbuild.printable import printable
+
+__all__ = ["CheckInputs", "run_checks", "summary_fields", "summary_lines", "terminal_line"]
 
 
-@dataclass(frozen=True)
-class CheckInputs:
-    req: BuildRequest
-    environment: str  # the build's environment name
-    architecture: str
-    changes: Path  # the delivered .changes, in --out
-    artifacts: tuple[Path, ...]  # every delivered file, in --out
-    log: BuildLog  # the build's .build log, still open
-    say: Callable[[str], None]  # a progress line on the terminal
+def _checks(req: BuildRequest) -> list[tuple[str, Callable[[CheckInputs], CheckResult]]]:
+    """The checks asked for, in sbuild's order, each as (name, run)."""
+    from nsbuild.debbuild.checks import autopkgtest, install, lintian
+
+    chosen: list[tuple[str, Callable[[CheckInputs], CheckResult]]] = []
+    if req.run_lintian:
+        chosen.append((lintian.NAME, lintian.run))
+    if req.run_piuparts:
+        chosen.append((install.NAME, install.run))
+    if req.run_autopkgtest:
+        chosen.append((autopkgtest.NAME, autopkgtest.run))
+    return chosen
 
 
 def run_checks(inputs: CheckInputs) -> list[CheckResult]:
     """Run the checks the request asks for, in sbuild's order (lintian,
     piuparts, autopkgtest); never raises for a check's own failure."""
-    return []
+    results: list[CheckResult] = []
+    checks = _checks(inputs.req)
+    if not checks:
+        return results
+    with ExitStack() as stack:
+        inputs = _with_source(stack, inputs)
+        for name, check in checks:
+            results.append(_run_one(inputs, name, check))
+    return results
+
+
+def _run_one(
+    inputs: CheckInputs, name: str, check: Callable[[CheckInputs], CheckResult]
+) -> CheckResult:
+    inputs.say(f"      check: {name}")
+    start = time.monotonic()
+    try:
+        result = check(inputs)
+    except NsbuildError as e:
+        # It could not run: said in its section, and the next check runs.
+        inputs.log.line(f"{name}: error: {e}")
+        result = CheckResult(name, "error", str(e), seconds=time.monotonic() - start)
+    inputs.say(f"      check: {terminal_line(result)}")
+    return result
+
+
+def _with_source(stack: ExitStack, inputs: CheckInputs) -> CheckInputs:
+    """`inputs`, with the source package when the .changes lists none and
+    the build was given a .dsc: checked and copied as a build takes it."""
+    req = inputs.req
+    if inputs.source_files or inputs.source_in_changes() or not req.input.is_file():
+        return inputs
+    from nsbuild.debbuild.dsc import load_dsc
+
+    keep = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsbuild-checks-")))
+    return replace(inputs, source_files=load_dsc(req.input, keep=keep).paths())
+
+
+def terminal_line(check: CheckResult) -> str:
+    """One line for the terminal: name, status, summary (escaped: the
+    summary may quote what the package made)."""
+    text = f"{check.name}: {check.status}"
+    if check.summary:
+        text += f" ({printable(check.summary, 300)})"
+    return text
+
+
+def summary_lines(checks: list[CheckResult]) -> list[str]:
+    """The lines `nsbuild build` prints on stderr once the build is over, a
+    failing check first so that it is not missed under the others."""
+    order = {"fail": 0, "error": 1}
+    ranked = sorted(checks, key=lambda c: order.get(c.status, 2))
+    return [f"check {terminal_line(c)}" for c in ranked]
+
+
+def summary_fields(checks: list[CheckResult]) -> list[tuple[str, str]]:
+    """The .build log summary's fields of the checks, as sbuild's: Lintian:
+    pass, Autopkgtest: fail, ..."""
+    return [(c.name.capitalize(), c.status) for c in checks]
