@@ -3,8 +3,9 @@
 A child (the helper, init, the joiner of enter.py) reports on a
 close-on-exec SEQPACKET channel: a setup failure ("ERR" or "MSG", or "GONE"
 when the sandbox to enter ended), the command's exec error ("EXEC"), sockets
-made inside the sandbox ("SOCK", SCM_RIGHTS). EOF on it means the command
-was exec'd. The parent turns a failure into a raised SetupError or
+made inside the sandbox ("SOCK", SCM_RIGHTS), the host end of a pipe that
+stands for one of the command's standard streams ("PIPE", streams.py). EOF on
+it means the command was exec'd. The parent turns a failure into a raised SetupError or
 SandboxError (NotRunning for "GONE").
 """
 
@@ -54,27 +55,44 @@ def recv_with_fds(sock: _socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def reports(sock: _socket.socket, pid: int) -> tuple[list[_socket.socket], str | None]:
+def reports(sock: _socket.socket, pid: int
+            ) -> tuple[list[_socket.socket], str | None, list[tuple[int, int]]]:
     """What the sandbox sends until the command was exec'd (EOF): inside
-    sockets and the command's exec error; a setup failure is raised."""
+    sockets, the command's exec error, and (stream index, pipe end) for each
+    stream relayed; a setup failure is raised."""
     sockets: list[_socket.socket] = []
     exec_error = None
-    while True:
-        data, fds = recv_with_fds(sock)
-        if not data:
-            return sockets, exec_error
-        kind = data.split(b"\t", 1)[0]
-        if kind == b"SOCK":
-            # The C-level socket type (the run path, cli/main.py); callers
-            # may wrap it: socket.socket(fileno=s.detach()).
-            sockets += [_socket.socket(fileno=fd) for fd in fds]
-        elif kind == b"EXEC":
-            _, err, name = data.decode(errors="replace").split("\t", 2)
-            code = int(err)
-            exec_error = (f"{name}: command not found" if code == errno.ENOENT
-                          else f"{name}: cannot execute: {os.strerror(code)}")
-        else:
-            raise_report(data, fds, pid)
+    pipes: list[tuple[int, int]] = []
+    try:
+        while True:
+            data, fds = recv_with_fds(sock)
+            if not data:
+                return sockets, exec_error, pipes
+            exec_error = _report(data, fds, pid, sockets, pipes) or exec_error
+    except BaseException:
+        for _, fd in pipes:
+            os.close(fd)
+        raise
+
+
+def _report(data: bytes, fds: list[int], pid: int, sockets: list[_socket.socket],
+            pipes: list[tuple[int, int]]) -> str | None:
+    """One report: a socket or a pipe kept, an exec error returned."""
+    kind, _, rest = data.partition(b"\t")
+    if kind == b"SOCK":
+        # The C-level socket type (the run path, cli/main.py); callers
+        # may wrap it: socket.socket(fileno=s.detach()).
+        sockets += [_socket.socket(fileno=fd) for fd in fds]
+    elif kind == b"PIPE" and len(fds) == 1 and rest in (b"0", b"1", b"2"):
+        pipes.append((int(rest), fds[0]))
+    elif kind == b"EXEC":
+        _, err, name = data.decode(errors="replace").split("\t", 2)
+        code = int(err)
+        return (f"{name}: command not found" if code == errno.ENOENT
+                else f"{name}: cannot execute: {os.strerror(code)}")
+    else:
+        raise_report(data, fds, pid)
+    return None
 
 
 def report_failure(chan: Channel, e: BaseException) -> NoReturn:

@@ -51,6 +51,7 @@ from nsbuild.sandbox.errors import NotRunning, SandboxError
 from nsbuild.sandbox.netns import new_network
 from nsbuild.sandbox.process import Process
 from nsbuild.sandbox.spec import InsideSocket
+from nsbuild.sandbox.streams import Relay, substitute
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -182,7 +183,10 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
             _joiner(pidfd, flags, argv, env, cwd, stdio, new_net, inside_sockets, cgroup,
                     deny_setid, Channel(theirs), caller)  # fmt: skip
         theirs.close()
-        sockets, exec_error = reports(ours, joiner)
+        sockets, exec_error, pipes = reports(ours, joiner)
+        # The caller's end of each stream the command could not reopen.
+        callers = [i if fd is None else fd for i, fd in enumerate(stdio)]
+        relay = Relay([(i, callers[i], fd) for i, fd in pipes]) if pipes else None
     except BaseException as e:
         theirs.close()
         if joiner < 0 and isinstance(e, OSError):
@@ -194,7 +198,7 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
         raise
     finally:
         ours.close()
-    return Process(joiner, None, None, None, sockets, exec_error)
+    return Process(joiner, None, None, None, sockets, exec_error, relay=relay)
 
 
 # ---------------------------------------------------------------- the joiner
@@ -314,6 +318,9 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str, deny_s
         ("new session", os.setsid),
         ("new session keyring", sc.join_new_session_keyring),
         ("change directory", lambda: os.chdir(cwd)),
+        # Here, in the sandbox's PID namespace (its /proc/self), as root.
+        ("make the standard streams reopenable",
+         lambda: install_stdio(substitute([None, None, None], chan, None))),
         ("set no_new_privs", set_no_new_privs),
         ("set the parent-death signal", die_with_the_joiner),
         ("install the seccomp filter", lambda: sc.install_seccomp_filter(deny_setid=deny_setid)),

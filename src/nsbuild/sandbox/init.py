@@ -15,6 +15,7 @@ from nsbuild.sandbox.channel import FORWARDED_SIGNALS, SETUP_EXIT, Channel, repo
 from nsbuild.sandbox.command import close_stdio, harden, resolve_user, spawn_command
 from nsbuild.sandbox.netns import join_network
 from nsbuild.sandbox.spec import Sandbox
+from nsbuild.sandbox.streams import substitute
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ def run_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None]
         creds = resolve_user(spec.user) if spec.user else None
         _lock_mounts(*lock, say)
         sources = harden(spec, chan, stdio, creds, say)
+        m.Step.current = "make the standard streams reopenable"
+        sources = substitute(sources, chan, creds[:2] if creds else None)
         command = spawn_command(spec, chan, sources, creds, say)
         chan.sock.close()
         close_stdio(sources)  # the lifted copies, if any: the originals are closed

@@ -7,6 +7,7 @@ import os
 
 from nsbuild.sandbox.channel import FORWARDED_SIGNALS, SETUP_EXIT
 from nsbuild.sandbox.errors import SandboxError
+from nsbuild.sandbox.streams import Relay
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -22,11 +23,14 @@ PIPE = -1
 class Process:
     """A running sandbox. `pid` is the helper process on the host side; it
     writes the command's status on a pipe (status_fd) once init, and with it
-    every process and mount of the sandbox, is gone, then exits itself."""
+    every process and mount of the sandbox, is gone, then exits itself.
+    `relay` copies the command's streams that it could not reopen
+    (streams.py): the command has ended once it copied all its output too."""
 
     def __init__(self, pid: int, stdin: IO[bytes] | None, stdout: IO[bytes] | None,
                  stderr: IO[bytes] | None, sockets: list[_socket.socket],
-                 exec_error: str | None, status_fd: int | None = None) -> None:
+                 exec_error: str | None, status_fd: int | None = None,
+                 relay: Relay | None = None) -> None:
         self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
@@ -35,6 +39,8 @@ class Process:
         self.exec_error = exec_error
         self.returncode: int | None = None
         self._status_fd = status_fd
+        self._relay = relay
+        self._status: int | None = None  # the helper's wait status, once reaped
 
     def _set(self, status: int) -> int:
         """The command's status, from the helper's wait status."""
@@ -63,16 +69,22 @@ class Process:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self._set(status)
+            if self._status is None:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self._status = status
+            if self._status is not None and (self._relay is None or self._relay.finished()):
+                self._set(self._status)
         return self.returncode
 
     def wait(self) -> int:
-        """The command's exit status."""
+        """The command's exit status, once all its output is copied."""
         if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self._set(status)
+            if self._status is None:
+                _, self._status = os.waitpid(self.pid, 0)
+            if self._relay is not None:
+                self._relay.join()
+            self._set(self._status)
         assert self.returncode is not None
         return self.returncode
 
@@ -115,15 +127,17 @@ class Process:
 
     def send_signal(self, sig: int) -> None:
         """Deliver `sig` to the command (relayed by the helper and init)."""
-        if self.returncode is None:
+        if self._status is None:  # the helper's pid is not yet free for reuse
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
 
     def kill(self) -> None:
-        """Kill the whole sandbox: the helper's death takes init and all with it."""
-        if self.returncode is None:
+        """Kill the whole sandbox: the helper's death takes init and all with it.
+        Its output is no longer waited for (the caller may not be reading)."""
+        self._relay = None
+        if self._status is None:
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -30,7 +30,8 @@ the parent's threads).
 
 The parts, each in a module of its own: process.py (the Process handle),
 channel.py (what the children report), netns.py (the network namespace),
-init.py (PID 1), command.py (the command's hardening and start).
+init.py (PID 1), command.py (the command's hardening and start), streams.py
+(the command's standard streams, reopenable by name inside).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from nsbuild.sandbox.init import run_init
 from nsbuild.sandbox.netns import make_network
 from nsbuild.sandbox.process import PIPE, Process
 from nsbuild.sandbox.spec import IdMap, Sandbox
+from nsbuild.sandbox.streams import Relay
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -114,6 +116,7 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         if want == PIPE:
             r, w = os.pipe()
             parent_ends[i], child_ends[i] = (w, r) if i == 0 else (r, w)
+            _give_to_sandbox_root(r, spec.idmap)
         elif want is not None:
             child_ends[i] = want
 
@@ -150,12 +153,13 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     m.release(plan)  # the cloned trees live on in the child only
     if kept is not None:
         os.close(kept[0])
-    for i, fd in enumerate(child_ends):
-        if fd is not None and (stdin, stdout, stderr)[i] == PIPE:
-            os.close(fd)
     try:
-        sockets, exec_error = _parent_side(spec, pid, parent_sock,
-                                           None if kept is None else kept[1], say)
+        sockets, exec_error, pipes = _parent_side(spec, pid, parent_sock,
+                                                  None if kept is None else kept[1], say)
+        # The caller's end of each stream the command could not reopen: the
+        # descriptor given, or this process's own.
+        callers = [i if fd is None else fd for i, fd in enumerate(child_ends)]
+        relay = Relay([(i, callers[i], fd) for i, fd in pipes]) if pipes else None
     except BaseException:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -169,9 +173,28 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         raise
     finally:
         parent_sock.close()
+        for i, fd in enumerate(child_ends):
+            if fd is not None and (stdin, stdout, stderr)[i] == PIPE:
+                os.close(fd)
+    if relay is not None:
+        say(f"relay streams {', '.join(_STREAMS[i] for i, _ in pipes)}: "
+            "the command may not reopen the caller's")
     files = [None if fd is None else open(fd, "wb" if i == 0 else "rb")
              for i, fd in enumerate(parent_ends)]
-    return Process(pid, files[0], files[1], files[2], sockets, exec_error, status_r)
+    return Process(pid, files[0], files[1], files[2], sockets, exec_error, status_r, relay)
+
+
+_STREAMS = ("stdin", "stdout", "stderr")
+
+
+def _give_to_sandbox_root(fd: int, idmap: IdMap) -> None:
+    """A pipe nsbuild makes for the command belongs to the sandbox's root, as
+    the caller's own would if the caller were not root: reopenable inside
+    without a relay (streams.py). Only root may give a file away."""
+    outside = next((r.outside for r in idmap.uids if r.inside == 0), None)
+    group = next((r.outside for r in idmap.gids if r.inside == 0), None)
+    if os.geteuid() == 0 and outside is not None and group is not None and outside != 0:
+        os.fchown(fd, outside, group)
 
 
 def _relay(pid: int, sig: int) -> None:
@@ -182,7 +205,8 @@ def _relay(pid: int, sig: int) -> None:
 
 
 def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | None,
-                 say: Callable[[str], None]) -> tuple[list[_socket.socket], str | None]:
+                 say: Callable[[str], None]
+                 ) -> tuple[list[_socket.socket], str | None, list[tuple[int, int]]]:
     if spec.cgroup:
         # Before the helper forks init or makes its cgroup namespace, whose
         # root is the cgroup at that moment; it waits for the word.
