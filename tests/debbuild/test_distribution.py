@@ -67,6 +67,8 @@ def test_unreleased_and_backports_fall_back_to_their_suite(config: Path) -> None
     name, note = resolve(choose("bookworm-backports"), None)
     assert name == "bookworm"
     assert note is not None and note.startswith("bookworm-backports: building in bookworm (")
+    # The same holds for the default of an environment created for it.
+    assert choose("UNRELEASED").aliases == ("sid", "UNRELEASED")
 
 
 def test_a_distribution_that_is_no_debian_suite_exits_2(config: Path, tmp_path: Path) -> None:
@@ -79,9 +81,41 @@ def test_a_distribution_that_is_no_debian_suite_exits_2(config: Path, tmp_path: 
         text=True,
     )
     assert result.returncode == 2
-    assert "no environment for the changelog's distribution 'nsb-nowhere'" in result.stderr
-    assert "--env NAME" in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "nsbuild build: no environment for the changelog's distribution 'nsb-nowhere' and it is "
+        "not a Debian suite nsbuild can create: create one with: "
+        "nsbuild env create nsb-nowhere --suite unstable"
+    )
     assert not (tmp_path / "out").exists()
+    # With environments, they are offered by name, aliases too.
+    _declare(config, "bookworm", aliases="stable, UNRELEASED")
+    with pytest.raises(BuildInputError) as e:
+        resolve(choose("nsb-nowhere"), None)
+    assert "give --env with one of: bookworm (aliases: stable, UNRELEASED); or create" in str(
+        e.value
+    )
+
+
+@pytest.mark.parametrize(
+    ("distribution", "note"),
+    [
+        ("bookworm-backports", "bookworm-backports: building in bookworm (bookworm-backports's "
+         "own packages are not in it; add them with --extra-repository "
+         "'deb http://deb.debian.org/debian bookworm-backports main')"),
+        ("experimental", "experimental: building in unstable (experimental's own packages are "
+         "not in it; add them with --extra-repository "
+         "'deb http://deb.debian.org/debian experimental main')"),
+        # mmdebstrap puts these archives in a stable suite's environment itself.
+        ("bookworm-security", "bookworm-security: building in bookworm"),
+        ("UNRELEASED", "UNRELEASED: building in unstable"),
+    ],
+)
+def test_the_note_says_how_to_add_the_targets_archive(
+    config: Path, distribution: str, note: str
+) -> None:
+    _declare(config, "bookworm")
+    _declare(config, "unstable")
+    assert resolve(choose(distribution), None)[1] == note
 
 
 def test_no_create_refuses_and_names_the_command(config: Path) -> None:

@@ -30,23 +30,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_env_list)
 
     p = env_sub.add_parser("show", help="one environment's configuration (by name or alias)")
-    p.add_argument("name")
+    p.add_argument("name", help="environment name or alias")
     p.set_defaults(func=cmd_env_show)
 
     p = env_sub.add_parser("create", help="bootstrap a Debian environment with mmdebstrap")
-    p.add_argument("name")
+    p.add_argument("name", help="the new environment's name (letters, digits, . _ + ~ -)")
     p.add_argument("--suite", required=True, help="e.g. bookworm, trixie, unstable")
     p.add_argument("--arch", help="architecture (default: the host's)")
     p.add_argument("--mirror", help="apt mirror URL (default: deb.debian.org)")
     p.add_argument("--variant", default="buildd", help="mmdebstrap variant (default: buildd)")
     p.add_argument(
-        "--include", action="append", default=[], metavar="PKG,...", help="extra packages"
-    )
-    p.add_argument("--alias", action="append", default=[], help="another name for it")
+        "--include", action="append", default=[], metavar="PKG,...",
+        help="extra packages to install (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--alias", action="append", default=[],
+        help="another name for it, e.g. UNRELEASED for builds of work in progress (repeatable)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_env_create)
 
-    p = env_sub.add_parser("update", help="upgrade an environment's packages (apt)")
-    p.add_argument("name")
+    p = env_sub.add_parser(
+        "update",
+        help="upgrade an environment's packages (apt)",
+        description="Upgrade the packages of a tarball environment with apt, its mirrors "
+        "reachable. When nothing was upgraded, the tarball and its unpacked base stay as they "
+        "are (dependency layers stay valid); otherwise a new tarball replaces the old one.",
+    )
+    p.add_argument("name", help="environment name or alias")
     p.set_defaults(func=cmd_env_update)
 
     p = env_sub.add_parser(
@@ -78,22 +88,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_session_begin)
 
     p = s_sub.add_parser("run", help="run a command in a session")
-    p.add_argument("id")
+    p.add_argument("id", help="session id (nsbuild session list)")
     _sandbox_options(p)
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
+                   help="the command to run, after --")  # fmt: skip
     p.set_defaults(func=cmd_session_run)
 
     p = s_sub.add_parser("shell", help="interactive shell in a session")
-    p.add_argument("id")
+    p.add_argument("id", help="session id (nsbuild session list)")
     _sandbox_options(p)
     p.set_defaults(func=cmd_session_shell)
 
     p = s_sub.add_parser("end", help="end sessions and delete their files")
-    p.add_argument("ids", nargs="+", metavar="id")
+    p.add_argument("ids", nargs="+", metavar="id", help="session ids (nsbuild session list)")
     p.set_defaults(func=cmd_session_end)
 
     p = s_sub.add_parser("list", help="open sessions")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_session_list)
 
     p = sub.add_parser("shell", help="interactive shell in a throw-away environment")
@@ -134,7 +145,9 @@ def cmd_env_list(args: argparse.Namespace) -> int:
         print()
         return 0
     if not rows:
-        print("no environments; create one with: nsbuild env create NAME --suite SUITE")
+        from nsbuild.envs.suites import DEFAULT_DISTRIBUTION, create_command
+
+        print(f"no environments; create one with: {create_command(DEFAULT_DISTRIBUTION)}")
         return 0
     for r in rows:
         aliases = f" (aliases: {', '.join(r.env.aliases)})" if r.env.aliases else ""

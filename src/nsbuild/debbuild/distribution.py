@@ -2,15 +2,12 @@
 
 `nsbuild build` without `--env` builds for the distribution of the newest
 changelog entry, as sbuild does. The distribution is looked up as an
-environment name or alias; the common upload targets that are not suites of
-their own map onto the suite they build against:
-
-    UNRELEASED                      unstable (Debian's convention for work in progress)
-    sid                             unstable
-    experimental, rc-buggy          unstable (experimental's own packages not enabled)
-    bookworm-backports[-sloppy],    bookworm (the base suite; only an environment named
-    -security, -updates,              after the distribution itself brings those archives)
-    -proposed-updates, -lts
+environment name or alias (a chroot.d entry with `Aliases: UNRELEASED` takes
+work in progress, as with schroot); the common upload targets that are not
+suites of their own map onto the suite they build against (envs/suites.py):
+UNRELEASED, sid, experimental onto unstable, bookworm-backports and the like
+onto bookworm. Where the target's own archive is not in that suite's
+environment, the note says the --extra-repository that adds it.
 
 When no configured environment matches and the suite is a Debian suite
 (distro-info's list, or a built-in one), the local backend's environment is
@@ -23,7 +20,6 @@ the user is told what it makes, where, how big it gets and how to say no
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import sys
 import time
@@ -33,20 +29,11 @@ from typing import IO
 
 from nsbuild.debbuild.errors import BuildInputError
 
-DEFAULT_DISTRIBUTION = "unstable"
-_TO_UNSTABLE = ("UNRELEASED", "sid", "experimental", "rc-buggy")
-_SUFFIXES = (
-    "-backports-sloppy",
-    "-backports",
-    "-proposed-updates",
-    "-security",
-    "-updates",
-    "-lts",
-)
-_ALIASES = ("stable", "testing", "oldstable", "oldoldstable", "unstable", "sid", "experimental")
-# Used when distro-info-data is not installed.
-_KNOWN = ("buster", "bullseye", "bookworm", "trixie", "forky", "duke")
-DISTRO_INFO = "/usr/share/distro-info/debian.csv"
+# Archives an environment of the base suite lacks (mmdebstrap adds -security
+# and -updates to stable suites itself); experimental's packages sit beside
+# unstable's.
+_OWN_ARCHIVE = ("-backports-sloppy", "-backports", "-proposed-updates")
+_ARCHIVE = "http://deb.debian.org/debian"
 # What a created environment costs on disk, measured on a bookworm buildd
 # amd64 base made by `nsbuild env create` (445 MB tarball, 436 MB unpacked).
 SIZE_TEXT = "about 450 MB of tarball and as much again unpacked"
@@ -69,25 +56,30 @@ class Choice:
 
 def choose(distribution: str | None) -> Choice:
     """Map a changelog distribution onto an environment name and a suite."""
+    from nsbuild.envs.suites import DEFAULT_DISTRIBUTION, base_suite
+
     dist = (distribution or "").strip() or DEFAULT_DISTRIBUTION
-    if dist in _TO_UNSTABLE or dist == "unstable":
+    suite = base_suite(dist)
+    hint = None
+    if dist in ("experimental", "rc-buggy") or dist.endswith(_OWN_ARCHIVE):
+        archive = "experimental" if dist == "rc-buggy" else dist
+        hint = (
+            f"{archive}'s own packages are not in it; add them with "
+            f"--extra-repository 'deb {_ARCHIVE} {archive} main'"
+        )
+    if suite == "unstable":
         others = tuple(n for n in ("unstable", "sid") if n != dist)
-        return Choice(dist, "unstable", others, None, ("sid", "UNRELEASED"))
-    for suffix in _SUFFIXES:
-        if dist.endswith(suffix) and len(dist) > len(suffix):
-            base = dist[: -len(suffix)]
-            hint = f"no environment named {dist}; create one to use that archive's packages"
-            return Choice(dist, base, (base,), hint)
+        return Choice(dist, "unstable", others, hint, ("sid", "UNRELEASED"))
+    if suite != dist:
+        return Choice(dist, suite, (suite,), hint)
     return Choice(dist, dist)
 
 
 def debian_suites() -> set[str]:
     """Names mmdebstrap can bootstrap from Debian's archive."""
-    names = set(_KNOWN) | set(_ALIASES)
-    with contextlib.suppress(OSError, csv.Error):
-        with open(DISTRO_INFO, newline="", encoding="utf-8") as f:
-            names |= {row["series"] for row in csv.DictReader(f) if row.get("series")}
-    return names
+    from nsbuild.envs.suites import debian_suites as suites
+
+    return suites()
 
 
 def resolve(
@@ -104,10 +96,12 @@ def resolve(
     if found is not None:
         return found, _note(choice, found)
     if choice.suite not in debian_suites():
+        known = load_config().known()
+        instead = f"give --env with one of: {known}; or " if known != "none" else ""
         raise BuildInputError(
             f"no environment for the changelog's distribution {choice.name!r} and it is "
-            f"not a Debian suite nsbuild can create: give --env NAME, or declare "
-            f"{choice.name!r} as an alias of an environment (nsbuild env show NAME)"
+            f"not a Debian suite nsbuild can create: {instead}create one with: "
+            f"{create_command(choice)}"
         )
     if not create:
         raise BuildInputError(
@@ -129,9 +123,15 @@ def resolve(
 
 
 def create_command(choice: Choice) -> str:
-    """The command that makes the environment `resolve` would create for `choice`."""
+    """The command that makes an environment `resolve` finds for `choice`."""
     import shlex
 
+    from nsbuild.envs.suites import DEFAULT_DISTRIBUTION
+
+    if choice.suite not in debian_suites():
+        # Named after the distribution: found by that name next time.
+        return (f"nsbuild env create {shlex.quote(choice.name)} "
+                f"--suite {DEFAULT_DISTRIBUTION}")  # fmt: skip
     return f"nsbuild env create {shlex.quote(choice.suite)} --suite {shlex.quote(choice.suite)}"
 
 

@@ -176,15 +176,31 @@ class Config:
                 return env
         return None
 
+    def known(self) -> str:
+        """The environments, each with its aliases, for messages: "a (aliases: b), c"."""
+        return ", ".join(
+            env.name + (f" (aliases: {', '.join(env.aliases)})" if env.aliases else "")
+            for env in self
+        ) or "none"
+
     def get(self, name: str) -> EnvConfig:
         env = self.find(name)
         if env is None:
-            known = ", ".join(sorted({e.name for e in self._envs})) or "none"
-            raise EnvError(
-                f"no environment named {name!r} (known: {known}); "
-                f"create one with: nsbuild env create {name} --suite SUITE"
-            )
+            raise EnvError(f"no environment named {name!r} (known: {self.known()}); "
+                           + self._how_to_get(name))  # fmt: skip
         return env
+
+    def _how_to_get(self, name: str) -> str:
+        """A way to an environment found by `name`, runnable as said."""
+        from nsbuild.envs.suites import base_suite, create_command
+
+        if not NAME_RE.match(name):
+            return "environment names are letters, digits and . _ + ~ - only"
+        same = self.find(base_suite(name))
+        if same is not None:
+            file = same.source.rsplit(":", 1)[0]
+            return f"to build in {same.name!r} by that name, add {name} to its Aliases: in {file}"
+        return f"create one with: {create_command(name)}"
 
 
 @dataclass

@@ -95,9 +95,18 @@ def create_env(
     """Bootstrap `suite` with mmdebstrap, declare it as `name`, unpack it once."""
     if not NAME_RE.match(name):
         raise EnvError(f"bad environment name {name!r} (letters, digits, . _ + ~ -)")
-    existing = load_config().find(name)
+    config = load_config()
+    existing = config.find(name)
     if existing is not None:
         raise EnvError(f"environment {name!r} already exists ({existing.source})")
+    # Checked before mmdebstrap's minutes: afterwards the entry would not parse.
+    for alias in aliases:
+        if not NAME_RE.match(alias):
+            raise EnvError(f"bad alias {alias!r} (letters, digits, . _ + ~ -)")
+        existing = config.find(alias)
+        if existing is not None:
+            raise EnvError(f"{alias!r} already names environment {existing.name!r} "
+                           f"({existing.source}): choose another alias")  # fmt: skip
     if shutil.which("mmdebstrap") is None:
         raise EnvError("mmdebstrap not found: install the mmdebstrap package")
     _check_subordinate_ids()
