@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,31 @@ def test_no_create_refuses_and_names_the_command(config: Path) -> None:
     )
     # What exists is still used.
     assert resolve(choose("trixie"), None, create=False) == ("trixie", None)
+
+
+def test_creation_is_announced_and_no_create_refuses(config: Path, tmp_path: Path) -> None:
+    # Without subordinate ids the creation stops at its first check, after
+    # the announcement: no mmdebstrap runs in this test.
+    (tmp_path / "subid").write_text("")
+    env = {**os.environ, "NSBUILD_SUBUID_FILE": str(tmp_path / "subid"),
+           "NSBUILD_SUBGID_FILE": str(tmp_path / "subid")}  # fmt: skip
+    tree = make_package(tmp_path, "nsb-new", distribution="trixie")
+    argv = [sys.executable, "-m", "nsbuild", "build", "--out", str(tmp_path / "out"), str(tree)]
+    made = subprocess.run(argv, capture_output=True, text=True, env=env)
+    tarballs = tmp_path / "xdg_cache_home" / "nsbuild" / "tarballs"
+    assert (
+        "nsbuild: no environment 'trixie' yet: creating it once with mmdebstrap, Debian trixie "
+        f"from http://deb.debian.org/debian, in {tarballs}/trixie.tar (about 450 MB of tarball "
+        "and as much again unpacked; a few minutes; progress follows); --no-create refuses "
+        "instead\n"
+    ) in made.stderr
+    assert made.returncode == 2 and "needs 65536 subordinate ids" in made.stderr
+    refused = subprocess.run([*argv[:4], "--no-create", *argv[4:]], capture_output=True,
+                             text=True, env=env)  # fmt: skip
+    assert refused.returncode == 2
+    assert "creating it" not in refused.stderr
+    assert refused.stderr.splitlines()[-1] == (
+        "nsbuild build: no environment for the changelog's distribution 'trixie': "
+        "create it with: nsbuild env create trixie --suite trixie"
+    )
+    assert not (tmp_path / "out").exists()
