@@ -72,6 +72,14 @@ def test_remove_force_keeps_what_still_runs_and_says_so(xdg: Path) -> None:
     conf, tar = _made_by_nsbuild(xdg)
     busy = begin_session("t")
     with throwaway("t") as mine, busy.in_use():
+        # A throw-away session is its process's: waited for, never ended.
+        refused = nsbuild("env", "remove", "t", check=False)
+        ids = sorted((busy.id, mine.id))
+        assert refused.stderr == (
+            f"nsbuild: environment 't' is used by sessions {ids[0]}, {ids[1]}; nothing removed: "
+            f"end it with: nsbuild session end {busy.id}; wait for process {os.getpid()} "
+            "to finish (or give --force)\n"
+        )
         r = nsbuild("env", "remove", "--force", "t")
         lines = r.stdout.splitlines()
         assert sorted(lines[:2]) == sorted([

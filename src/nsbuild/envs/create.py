@@ -167,12 +167,9 @@ def remove_env(name: str, keep_tarball: bool = False, force: bool = False) -> li
     users = sorted((s for s in list_sessions() if s.config.name == env.name and s.alive()),
                    key=lambda s: s.id)  # fmt: skip
     if users and not force:
-        ids = [s.id for s in users]
-        raise EnvError(
-            f"environment {name!r} is used by session{'s' if len(ids) > 1 else ''} "
-            f"{', '.join(ids)}; nothing removed: end {'them' if len(ids) > 1 else 'it'} with: "
-            f"nsbuild session end {' '.join(ids)} (or give --force)"
-        )
+        raise EnvError(f"environment {name!r} is used by {_plural(len(users), 'session')} "
+                       f"{', '.join(s.id for s in users)}; nothing removed: "
+                       f"{_how_to_free(users)} (or give --force)")  # fmt: skip
     done = [_end_for_removal(s) for s in users]
     done.append(f"removed {remove_entry(env)}")
     layout = layout_for(env)
@@ -193,6 +190,25 @@ def remove_env(name: str, keep_tarball: bool = False, force: bool = False) -> li
                 "kept its unpacked base: sessions still use it; nsbuild gc frees it once they end"
             )
     return done
+
+
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else f"{word}s"
+
+
+def _how_to_free(users: list[Session]) -> str:
+    """What ends the sessions that hold an environment: `session end` for
+    persistent ones; a throw-away one ends with the process that made it (a
+    build, a run), which `session end` must not pull the tree from under."""
+    ended = [s.id for s in users if s.kind == "persistent"]
+    pids = sorted({str(s.owner.pid) for s in users if s.kind != "persistent" and s.owner})
+    parts = []
+    if ended:
+        them = "them" if len(ended) > 1 else "it"
+        parts.append(f"end {them} with: nsbuild session end {' '.join(ended)}")
+    if pids:
+        parts.append(f"wait for {_plural(len(pids), 'process')} {', '.join(pids)} to finish")
+    return "; ".join(parts)
 
 
 def _end_for_removal(session: Session) -> str:
