@@ -24,12 +24,16 @@ People and tools (e.g. scripts that grep `Status:`) read these, so the shape
 follows sbuild's. Commands never hold the log file: they write into a pipe
 that nsbuild copies into it as the output comes (never held in memory), so a
 build cannot seek in its log, truncate it or write over nsbuild's sections.
+With an echo stream (`-v`), all of it is also shown there as it is written,
+its control characters escaped: the build chose them, the terminal is the user's.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import email.utils
+import functools
 import os
 import select
 import threading
@@ -37,6 +41,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
+
+from nsbuild.printable import printable
 
 WIDTH = 80
 
@@ -62,26 +68,35 @@ def _box(title: str, right: str = "", rule: str = "-") -> str:
 
 
 class BuildLog:
-    """An open .build log, written by nsbuild alone."""
+    """An open .build log, written by nsbuild alone; also shown on `echo`
+    (a text stream) as it is written, when one is given."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, echo: IO[str] | None = None) -> None:
         self.path = path
         self._f: IO[bytes] = open(path, "wb", buffering=0)  # closed in close()
+        self._echo = echo
 
     @contextlib.contextmanager
-    def command_output(self) -> Iterator[int]:
+    def command_output(self, limit: int | None = None) -> Iterator[int]:
         """The write end of a pipe for one command's output (stdout and
-        stderr), copied into the log until the command is over."""
+        stderr), copied into the log until the command is over: its first
+        `limit` bytes when a limit is given, the rest read and dropped."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        copier = _Copier(read_fd, self._f)
+        copier = _Copier(read_fd, self._f, self._echo, limit)
         try:
             yield write_fd
         finally:
             os.close(write_fd)
             copier.finish()
+        if copier.dropped:
+            self.line(f"\n[nsbuild: output cut after {limit} bytes; "
+                      f"{copier.dropped} more bytes not kept]")  # fmt: skip
 
     def write(self, text: str) -> None:
-        self._f.write(text.encode(errors="replace"))
+        with contextlib.suppress(OSError):  # a full disk loses log text, never the build
+            self._f.write(text.encode(errors="replace"))
+        if self._echo is not None:
+            show(self._echo, text)
 
     def line(self, text: str = "") -> None:
         self.write(text + "\n")
@@ -105,17 +120,42 @@ class BuildLog:
 
     def close(self) -> None:
         if not self._f.closed:
-            os.fsync(self._f.fileno())
+            with contextlib.suppress(OSError):
+                os.fsync(self._f.fileno())
             self._f.close()
+
+
+@functools.cache
+def _escapes() -> dict[int, str]:
+    """What `show` puts in place of each unsafe character: printable()'s
+    escapes, but for line ends and tabs, which a stream of output needs."""
+    chars = (*range(0x206A), *range(0xDC80, 0xDD00))  # up to the last bidi control
+    return {c: printable(chr(c)) for c in chars
+            if chr(c) not in "\n\t\\" and printable(chr(c)) != chr(c)}  # fmt: skip
+
+
+def show(stream: IO[str], text: str) -> None:
+    """Write `text` (what a build printed, perhaps) on a terminal's stream,
+    each control character escaped. A stream that is gone costs the build nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        stream.write(text.translate(_escapes()))
+        stream.flush()
 
 
 class _Copier:
     """Copies a pipe into the log in a thread, so that a command never waits
     on a full pipe (no deadlock) and nothing it wrote is lost."""
 
-    def __init__(self, fd: int, out: IO[bytes]) -> None:
+    def __init__(
+        self, fd: int, out: IO[bytes], echo: IO[str] | None = None, limit: int | None = None
+    ) -> None:
         self._fd = fd
         self._out = out
+        self._echo = echo
+        # Output may end in the middle of a character: decoded as it comes.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self._left = limit
+        self.dropped = 0  # bytes read past the limit
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._copy, name="nsbuild-log", daemon=True)
         self._thread.start()
@@ -148,7 +188,17 @@ class _Copier:
                 data = os.read(self._fd, 1 << 16)
                 if not data:
                     break
-                with contextlib.suppress(OSError):  # a full disk loses output, never the build
-                    self._out.write(data)
+                self._take(data)
         finally:
             os.close(self._fd)
+
+    def _take(self, data: bytes) -> None:
+        if self._left is not None:
+            kept = data[: self._left]
+            self.dropped += len(data) - len(kept)
+            self._left -= len(kept)
+            data = kept
+        with contextlib.suppress(OSError):  # a full disk loses output, never the build
+            self._out.write(data)
+        if self._echo is not None and data:
+            show(self._echo, self._decoder.decode(data))

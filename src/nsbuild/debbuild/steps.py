@@ -22,11 +22,12 @@ class Steps:
     # Where the output of the last command run begins in the log.
     output_start: int = 0
 
-    def run(self, argv: Sequence[str], **kw: Any) -> int:
-        """Run a command with its output in the log, after a line naming it."""
+    def run(self, argv: Sequence[str], *, limit: int | None = None, **kw: Any) -> int:
+        """Run a command with its output in the log (its first `limit` bytes,
+        when given), after a line naming it."""
         start = self._said(argv)
         self.output_start = self.log.path.stat().st_size
-        with self.log.command_output() as output:
+        with self.log.command_output(limit) as output:
             status = self.backend.run(argv, stdout=output, stderr=STDOUT, **kw)
         self._exited(argv, status, start)
         return status
