@@ -16,9 +16,11 @@ The driver knows the environment only as a `Backend` picked by name from the
 registry: it never imports a backend module and never touches the
 environment by host path. Results are gathered in a temporary directory and
 moved to the output directory only when the build succeeded. The .build log
-and the network log are kept in any case (a failed build's log is the point):
-beside the results, or for a build that did not succeed, in nsbuild's cache
-(report.py), so that nothing of it lands in the output directory.
+(its path said at the start, readable there as the build runs) and the
+network log are kept in any case (a failed build's log is the point): beside
+the results, or for a build whose results did not reach the output directory
+(it failed, was interrupted, or the directory could not be written), in
+nsbuild's cache with those results (report.py). Nothing a build made is lost.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from typing import IO
 
 from nsbuild.backends import Backend, BackendOptions, open_backend
 from nsbuild.backends.base import CopyRefused
-from nsbuild.debbuild import phases
+from nsbuild.debbuild import phases, sections
 from nsbuild.debbuild.checks import CheckInputs, run_checks
 from nsbuild.debbuild.collect import Collected, ResultNames, collect
+from nsbuild.debbuild.delivery import NotDelivered, deliver
 from nsbuild.debbuild.deps import DepsPhase
 from nsbuild.debbuild.dsc import SourcePackage
 from nsbuild.debbuild.errors import (
@@ -90,19 +93,23 @@ class _Build:
         self.backend: Backend | None = None
         self.logs: Logs | None = None
         self.pending: PendingLayer | None = None
-        self.out_dir: Folder | None = None  # --out, opened once the build succeeded
+        self.results: Path | None = None  # the private folder results are collected in
+        self.out_dir: Folder | None = None  # --out, once every result reached it
         self.hooks: Hooks | None = None
         self.logs_placed = False
+        self.start = time.monotonic()
 
     # -- the whole run --
 
     def run(self) -> BuildResult:
+        self.result.started = time.time()
         with ExitStack() as stack:
             tmp = work_dir(stack)
             try:
                 inputs = check_inputs(self.req, tmp)
                 self.result.package, self.result.version = inputs.pkg.source, inputs.pkg.version
                 self._run(stack, inputs, tmp)
+                self._finish("successful", "")
             except KeyboardInterrupt:
                 self._finish("interrupted", "interrupted (SIGINT)")
                 err: NsbuildError = BuildInterrupted("interrupted; everything was torn down")
@@ -112,7 +119,8 @@ class _Build:
                 if isinstance(e, _PACKAGE_FAILED):
                     with contextlib.suppress(OSError):
                         self._publish_layer()
-                self._failed_hooks()
+                if not isinstance(e, NotDelivered):
+                    self._failed_hooks()
                 self._finish(_status(e), str(e))
                 e.result = self.result  # type: ignore[attr-defined]
                 raise
@@ -120,9 +128,15 @@ class _Build:
 
     def _run(self, stack: ExitStack, inputs: Inputs, tmp: Path) -> None:
         pkg = inputs.pkg
+        if self.req.env and self.req.backend == "local":
+            # Before anything is said of the build: an unknown name is the
+            # whole answer (naming the known ones).
+            from nsbuild.envs.config import load_config
+
+            load_config().get(self.req.env)
         env_name = self.req.env or self._default_env(pkg)
         self.result.environment = env_name
-        results = tmp / "results"
+        results = self.results = tmp / "results"
         results.mkdir()
         # SIGTERM takes the same path as Ctrl-C: tear down, then exit.
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -151,7 +165,10 @@ class _Build:
         arch = _arch(backend)
         self.result.architecture = arch
         name = f"{pkg.source}_{pkg.upstream_less_epoch}_{arch}"
-        self.logs = Logs(BuildLog(tmp / f"{name}.build"), net_log, name)
+        echo = self.progress.stream if self.req.verbose else None
+        self.logs = Logs(BuildLog(tmp / f"{name}.build", echo), net_log, name)
+        # Private until placed, but the user's to read (and follow) meanwhile.
+        self.progress.say(f"log, as the build runs: {self.logs.log.path}")
         self.logs.header(self.req, self.result, backend.describe(), self.env_note)
         steps = Steps(backend, self.logs.log)
         facts = Facts(dsc=pkg.dsc, build_dir=backend.work_dir, host_arch=arch, build_arch=arch)
@@ -177,6 +194,7 @@ class _Build:
         self.stats.install_seconds = installed.seconds
         self.result.dependency_layer = installed.layer
         self.pending = installed.pending
+        sections.build_environment(steps, user, arch)
         self._phase_done(1, t1)
 
         t2 = time.monotonic()
@@ -205,6 +223,7 @@ class _Build:
         own = ResultNames(pkg, arch, self.req.source)
         collected = collect(steps, pkg, own, results)
         self.result.artifacts = collected.artifacts
+        sections.package_contents(steps, user, (a.name for a in collected.artifacts))
         self._publish_layer()
         self._phase_done(3, t3)
         changes = next(a.name for a in collected.artifacts if a.name.endswith(".changes"))
@@ -213,7 +232,6 @@ class _Build:
         hooks.run("chroot-cleanup")
         self.result.fail_stage = "deliver"
         self._deliver(stack, inputs, collected)
-        self.result.fail_stage = None
         facts.changes = str(inputs.out / changes)
         self.result.checks = run_checks(
             CheckInputs(
@@ -222,32 +240,16 @@ class _Build:
                 self.progress.say,
             )
         )
+        self.result.fail_stage = "post-build"
         hooks.run("post-build")
+        self.result.fail_stage = None
 
     def _deliver(self, stack: ExitStack, inputs: Inputs, collected: Collected) -> None:
-        """Only now does anything reach --out, opened once for all of it."""
-        out, pkg = inputs.out, inputs.pkg
-        out.mkdir(parents=True, exist_ok=True)
-        out_dir = self.out_dir = Folder(out)
+        assert self.logs is not None  # results exist only once the log does
+        out_dir = deliver(inputs.out, inputs.pkg, collected, self.result.artifacts,
+                          self.logs.kept_dir())  # fmt: skip
         stack.callback(out_dir.close)
-        taken = sorted(n for n in collected.no_replace if out_dir.has(n))
-        if taken:
-            raise BuildFailed(
-                f"{taken[0]} is in {out} already and is not at {pkg.source}'s version "
-                f"{pkg.version}: not replaced"
-                + (f" (nor {len(taken) - 1} more)" if len(taken) > 1 else "")
-            )
-        self._finish("successful", "")
-        # The .changes goes last, so a set with its .changes is complete even
-        # when a kill comes between moves. A source file the same as the
-        # input's is not written over the input itself.
-        in_place = out_dir.same_as(pkg.directory)
-        for art in sorted(self.result.artifacts, key=lambda a: a.name.endswith(".changes")):
-            if art.name in collected.same_as_input and in_place:
-                art.path = str(out / art.name)
-                continue
-            replace = art.name not in collected.no_replace
-            art.path = str(out_dir.put(Path(art.path), art.name, replace=replace))
+        self.out_dir = out_dir
 
     def _failed_hooks(self) -> None:
         """sbuild's commands of a build that did not succeed: each stage's own
@@ -268,7 +270,7 @@ class _Build:
         # and makes of it what it can.
         if self.req.backend != "local":
             return choice.name
-        name, note = resolve(choice, self.progress.stream)
+        name, note = resolve(choice, self.progress.stream, create=self.req.create_env)
         if note:
             self.progress.say(note)
             self.env_note = note
@@ -291,6 +293,7 @@ class _Build:
     def _finish(self, status: str, message: str) -> None:
         res = self.result
         res.status, res.message = status, message
+        res.total_seconds = time.monotonic() - self.start
         if self.backend is not None:
             with contextlib.suppress(Exception):
                 res.network_records = self.backend.network_records()
@@ -302,17 +305,14 @@ class _Build:
         if self.logs is None or self.logs_placed:
             return
         self.logs_placed = True
-        if status == "interrupted":
-            # Nothing reaches --out from an interrupted build, not even its log.
-            self.logs.log.close()
-            return
         self.logs.summary(self.req, res, self.stats)
-        # A successful build's logs go to --out beside its results; a failed
-        # build writes nothing there, its logs are kept apart (and named).
-        if status == "successful" and self.out_dir is not None:
-            self.logs.put(self.out_dir, res)
-        else:
-            self.logs.keep(res)
+        try:
+            self.logs.place(res, self.out_dir, self.results)
+        except NotDelivered:
+            if status == "successful":
+                raise
+        except NsbuildError as e:
+            self.progress.say(f"cannot keep this build's logs: {e}")
 
 
 def _keep_session(purge: str, status: str) -> bool:
@@ -323,6 +323,8 @@ def _keep_session(purge: str, status: str) -> bool:
 
 def _status(e: NsbuildError) -> str:
     """The status string of a build that raised `e`."""
+    if isinstance(e, NotDelivered):
+        return "successful"  # the build did; the exit status says the rest
     if isinstance(e, _PACKAGE_FAILED):
         return "failed"
     if isinstance(e, UnsatisfiableDependencies):
