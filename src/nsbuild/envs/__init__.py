@@ -9,6 +9,7 @@ config:
     load_config() -> Config                    # system + user chroot.d, user wins
     Config.get(name_or_alias) -> EnvConfig     # EnvError naming the known ones
     Config.find(name_or_alias) -> EnvConfig | None;  iter(Config) -> EnvConfig...
+    Config.known() -> "a (aliases: b), c"      # for messages
 
 session:
     with throwaway(name_or_config, extra_lowers=(dir, ...)) as session:
@@ -32,6 +33,9 @@ create:
     remove_env(name, keep_tarball=, force=)     # refused while sessions use it
 update:
     update_env(name) -> Updated                 # .changed False: tarball and base untouched
+suites:
+    base_suite(name), debian_suites()           # UNRELEASED -> unstable, X-backports -> X
+    create_command(name) -> str                 # the `nsbuild env create` that provides `name`
 cleanup:
     gc(dry_run=False) -> GcReport
 remove:
