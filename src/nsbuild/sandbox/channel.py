@@ -84,6 +84,9 @@ def _report(data: bytes, fds: list[int], pid: int, sockets: list[_socket.socket]
         # may wrap it: socket.socket(fileno=s.detach()).
         sockets += [_socket.socket(fileno=fd) for fd in fds]
     elif kind == b"PIPE" and len(fds) == 1 and rest in (b"0", b"1", b"2"):
+        # Received without close-on-exec: a copy in a later child would keep
+        # the command's stdin from its EOF.
+        os.set_inheritable(fds[0], False)
         pipes.append((int(rest), fds[0]))
     elif kind == b"EXEC":
         _, err, name = data.decode(errors="replace").split("\t", 2)
