@@ -179,6 +179,22 @@ def test_root_reader_gone_kills_the_command_with_sigpipe(base: Path) -> None:
 
 
 @pytest.mark.root
+def test_root_relay_ends_with_the_command(base: Path) -> None:
+    """A background process holding the relayed stdout dies with the command;
+    a caller's stdin that never ends is not waited for."""
+    p = subprocess.Popen(nsbuild_argv("--", *sh("sleep 1000 & echo done")), cwd=base,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert p.stdin is not None
+    try:
+        # The stdin pipe stays open, unwritten, until the end.
+        assert p.wait(timeout=HANG_GUARD) == 0
+        assert p.stdout is not None and p.stdout.read() == b"done\n"
+    finally:
+        p.stdin.close()
+        p.wait()
+
+
+@pytest.mark.root
 def test_root_user_command_reopens_its_streams(base: Path) -> None:
     r = run(nsbuild_argv("--user", "1000:1000", "--", *sh(REOPEN)), base, input=b"in\n")
     assert (r.returncode, r.stdout, r.stderr) == (3, b"in\nout\n", b"err\n"), show(r)
