@@ -77,8 +77,6 @@ def test_options_that_contradict_each_other_are_refused(tmp_path: Path) -> None:
                     "-A cannot be used together with --no-arch-all")  # fmt: skip
     _one_line_error(_nsbuild(tmp_path, "build", "--make-binNMU", "rebuild", "-A", "x.dsc"),
                     "--arch-all cannot be used together with --make-binNMU")  # fmt: skip
-    _one_line_error(_nsbuild(tmp_path, "build", "--binNMU", "2", "x.dsc"),
-                    "--binNMU needs --make-binNMU")  # fmt: skip
     _one_line_error(_nsbuild(tmp_path, "build", "--no-arch-any", "--no-arch-all", "x.dsc"),
                     "nothing to build")  # fmt: skip
     _one_line_error(_nsbuild(tmp_path, "build", "--purge-build", "sometimes", "x.dsc"),

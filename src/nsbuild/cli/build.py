@@ -85,16 +85,12 @@ def make_request(values: dict[str, Any], input: Path, backend_args: tuple[str, .
     from nsbuild.debbuild.result import BuildRequest
 
     v = dict(values)
-    if v["binnmu"] is not None and v["make_binnmu"] is None and v["binnmu"] > 0:
-        raise BadSetting("--binNMU needs --make-binNMU (the binNMU changelog entry's text)")
-    if v["make_binnmu"] is not None and v["binnmu"] is None:
-        v["binnmu"] = 1  # sbuild's default
+    # The binNMU options and --build-path are checked with the input
+    # (debbuild.inputs), which knows the package.
     if v["make_binnmu"] is not None or v["append_to_version"] is not None:
         v["arch_all"] = False  # as sbuild: a binNMU rebuilds arch-dependent packages only
     if not (v["arch_any"] or v["arch_all"] or v["source"]):
         raise BadSetting("nothing to build: --no-arch-any and --no-arch-all without --source")
-    if v["source_only_changes"] and not v["source"]:
-        raise BadSetting("--source-only-changes needs --source")
     if v["backend"] == "local" and backend_args:
         raise BadSetting(f"the local backend takes no arguments after '--' "
                          f"(got {' '.join(backend_args)!r})")  # fmt: skip

@@ -75,7 +75,6 @@ def _word(text: str) -> str:
 
 
 _PROFILE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
-_VERSION_PART = re.compile(r"[A-Za-z0-9.+~]+")
 
 
 def profiles(text: str) -> tuple[str, ...]:
@@ -86,19 +85,6 @@ def profiles(text: str) -> tuple[str, ...]:
         if not _PROFILE.fullmatch(name):
             raise BadSetting(f"not a build profile name: {name!r}")
     return names
-
-
-def _version_part(text: str) -> str:
-    if not _VERSION_PART.fullmatch(text):
-        raise BadSetting(f"{text!r} is not a version suffix (letters, digits, . + ~)")
-    return text
-
-
-def _build_path(text: str) -> str:
-    parts = text.split("/")
-    if not text.startswith("/") or text == "/" or ".." in parts or "." in parts[1:]:
-        raise BadSetting(f"{text!r} is not an absolute path without . or .. components")
-    return _word(text)
 
 
 # -- the settings and their spellings --
@@ -144,10 +130,10 @@ SETTINGS = {s.name: s for s in (
       for rel in ("depends", "conflicts") for part in ("", "_arch", "_indep")),
     S("binnmu", None, _int_at_least(0)),
     S("make_binnmu", None, _text),
-    S("append_to_version", None, _version_part),
+    S("append_to_version", None, _word),
     S("maintainer", None, _text),
     S("uploader", None, _text),
-    S("build_path", None, _build_path),
+    S("build_path", None, _word),
     S("clean_source", True),
     S("purge_build", "always", _choice("always", "successful", "never")),
     S("verbose", False),
@@ -182,7 +168,7 @@ OPTIONS: tuple[Option, ...] = (
     Opt(("--source", "-s"), "source", "true", "build the source package too"),
     Opt(("--no-source",), "source", "false", "do not build the source package (default)"),
     Opt(("--source-only-changes",), "source_only_changes", "true",
-      "also write a .changes of the source alone (with -s)"),
+      "also write a .changes of the source alone, for a source-only upload"),
     Opt(("--no-source-only-changes",), "source_only_changes", "false", "(default)"),
     Opt(("--jobs", "-j"), "jobs", "store",
       "parallel jobs: DEB_BUILD_OPTIONS parallel=N (default: the caller's parallel=, "
@@ -215,7 +201,7 @@ OPTIONS: tuple[Option, ...] = (
     Opt(("--maintainer", "-m"), "maintainer", "store", "the .changes' Maintainer", "NAME"),
     Opt(("--uploader", "-e"), "uploader", "store", "the .changes' Changed-By", "NAME"),
     Opt(("--build-path",), "build_path", "store",
-      "the path inside where the package is built (sbuild's meaning)", "PATH"),
+      "where the package is built inside: its tree is PATH/PKG-VERSION", "PATH"),
     Opt(("--clean-source",), "clean_source", "true",
       "unpack the .dsc made from a source tree afresh (default)"),
     Opt(("--no-clean-source",), "clean_source", "false",
