@@ -123,7 +123,11 @@ def test_copies_never_follow_the_testbeds_symlinks_on_the_host(server: VirtServe
         payload.unlink()
 
 
-def test_commands_get_no_network_by_default(server: VirtServer) -> None:
+# The status of a GET through the proxy apt uses (http_proxy), and its body.
+_GET = 'my $r = HTTP::Tiny->new->get($ARGV[0]); print "$r->{status} ", substr($r->{content}, 0, 99)'
+
+
+def test_commands_reach_only_the_mirrors_by_default(server: VirtServer) -> None:
     # A service on the host's loopback: a testbed command must not reach it.
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -136,7 +140,13 @@ def test_commands_get_no_network_by_default(server: VirtServer) -> None:
         listener.settimeout(0)
         with pytest.raises(BlockingIOError):
             listener.accept()
+    # No name resolves inside; the environment's mirror answers through the
+    # proxy, any other host is refused by it.
     assert _exec(ex, "getent", "hosts", "deb.debian.org").returncode != 0
+    release = "http://deb.debian.org/debian/dists/bookworm/Release"
+    assert _exec(ex, "perl", "-MHTTP::Tiny", "-e", _GET, release).stdout.startswith("200 ")
+    other = _exec(ex, "perl", "-MHTTP::Tiny", "-e", _GET, "http://example.org/").stdout
+    assert other.startswith("403 nsbuild egress proxy:"), other
 
 
 def test_the_callers_end_closes_the_testbed(server_env: Env) -> None:
@@ -363,7 +373,7 @@ def test_per_command_network_modes(server_env: Env) -> None:
             assert _exec(ex, "test", "-e", "/etc/from-none").returncode == 0
         finally:
             srv.stop()
-        srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
+        srv = VirtServer(["autopkgtest-virt-nsbuild", "--net", "none", "bookworm"])
         try:
             srv.open()
             ex = srv.execute_command()

@@ -42,6 +42,11 @@ id -u "$1" >/dev/null 2>&1 && exit 0
 command -v useradd >/dev/null 2>&1 || { echo "no useradd in the environment" >&2; exit 1; }
 exec useradd --create-home --shell /bin/bash "$1"
 """
+# Status 0 when apt has the package lists of some archive (a Release file).
+_HAS_LISTS = """
+for f in /var/lib/apt/lists/*Release; do [ -f "$f" ] && exit 0; done
+exit 1
+"""
 # Arguments each command takes (`shell`: a directory and any environment).
 _ARITY = {"capabilities": 0, "open": 0, "revert": 0, "close": 0, "quit": 0,
           "print-execute-command": 0, "copydown": 2, "copyup": 2,
@@ -57,9 +62,14 @@ class Signalled(BaseException):
 class Server:
     def __init__(self, config: EnvConfig, policy: NetPolicy,
                  tmpfs_size: str | None = DEFAULT_TMPFS, apt_cache: bool = True,
-                 debug: bool = False, copy_limit: int | None = None) -> None:  # fmt: skip
+                 debug: bool = False, copy_limit: int | None = None,
+                 by_default: bool = False) -> None:  # fmt: skip
         self.config = config
         self.policy = policy
+        # No network option given: the mirrors (`policy`, as --net allow),
+        # and the package lists fetched at open when none are cached, so that
+        # a test's dependencies install as on a machine.
+        self.by_default = by_default
         self.tmpfs_size = tmpfs_size
         self.copy_limit = copy_limit if copy_limit is not None else parse_size(DEFAULT_COPY_LIMIT)
         # A `Type: host` environment's apt folders are the host's own.
@@ -69,6 +79,8 @@ class Server:
         self.inside = Inside()
         self.normal_user: str | None = None
         self._stack = ExitStack()
+        # Tests already told that they need --net host (once per server).
+        self._told: set[str] = set()
 
     def dispatch(self, words: list[str]) -> list[str]:
         """Run one command; return the words after `ok`, each already URL-encoded."""
@@ -102,8 +114,11 @@ class Server:
             return [",".join(quote(a) for a in self.execute_command())]
         if name in ("copydown", "copyup"):
             assert self.testbed is not None
-            copies = Copies(self.inside, str(self.testbed.downtmp_host), self.copy_limit, say)
+            downtmp = str(self.testbed.downtmp_host)
+            copies = Copies(self.inside, downtmp, self.copy_limit, say)
             copies.copy(args[0], args[1], up=name == "copyup")
+            if args[0].endswith("/"):
+                self._tell_needs_internet(args[1] if name == "copyup" else args[0], downtmp)
         elif name == "shell":
             self.shell(args[0], args[1:])
         return []
@@ -129,7 +144,7 @@ class Server:
         from nsbuild.envs.session import throwaway
         from nsbuild.sandbox import caller_idmap
         from nsbuild.virtserver.live import LiveSandbox
-        from nsbuild.virtserver.testbed import DOWNTMP, NORMAL_USER, Testbed
+        from nsbuild.virtserver.testbed import DOWNTMP, NORMAL_USER, NetPolicy, Testbed
 
         stack = ExitStack()
         try:
@@ -138,7 +153,13 @@ class Server:
             # is open to every user of the testbed, and holds what they made
             # (setuid programs too), so no user of the host may reach it.
             os.chmod(session.dir, 0o700)
-            testbed = Testbed(str(session.dir), self.policy, session.mirrors(), self.tmpfs_size,
+            mirrors = session.mirrors()
+            policy = self.policy
+            if self.by_default and not mirrors:
+                # Nothing to allow: the default is then no network at all.
+                say(f"{self.config.name} names no mirror or apt source: commands get no network")
+                policy = NetPolicy(log=policy.log)
+            testbed = Testbed(str(session.dir), policy, mirrors, self.tmpfs_size,
                               self.apt_cache, session.config.mirrors)  # fmt: skip
             testbed.downtmp_host.mkdir(mode=0o700)
             # Writable by the test user too, as autopkgtest's own downtmp is.
@@ -164,6 +185,8 @@ class Server:
                         f"cannot create the test user {NORMAL_USER} (status {status})"
                     )
                 self.normal_user = NORMAL_USER
+            if self.by_default and self.apt_cache and policy.mode == "allow":
+                self._fetch_lists()
             testbed.save()
         except BaseException:
             self.testbed = self.inside.live = None
@@ -171,6 +194,44 @@ class Server:
             stack.close()
             raise
         return DOWNTMP
+
+    def _fetch_lists(self) -> None:
+        """apt-get update when the testbed has no package lists. Only with the
+        shared apt cache: the lists are then fetched once, for every later
+        testbed; a failure is said and leaves the testbed as it is."""
+        try:
+            if self.inside.run(["sh", "-c", _HAS_LISTS], timeout=SETUP_TIMEOUT) == 0:
+                return
+            say(f"no package lists of {self.config.name} cached yet: apt-get update "
+                "from its mirrors")  # fmt: skip
+            status = self.inside.run(["apt-get", "-q", "-q", "update"], timeout=SETUP_TIMEOUT)
+        except CommandFailed as e:
+            status, why = 1, str(e)
+        else:
+            why = f"status {status}"
+        if status != 0:
+            say(f"warning: apt-get update failed ({why}): the tests' dependencies may not "
+                "install")  # fmt: skip
+
+    def _tell_needs_internet(self, host: str, downtmp: str) -> None:
+        """Say once which tests of a tree just copied need the internet the
+        testbed does not give them, and what to pass."""
+        from nsbuild.printable import printable
+        from nsbuild.virtserver import internet
+
+        assert self.testbed is not None
+        policy = self.testbed.net
+        if policy.mode == "host":
+            return
+        try:
+            found = internet.declaring(host, downtmp)
+        except Exception as e:  # a hint: it never fails the copy
+            say(f"warning: debian/tests/control not read: {printable(str(e), 200)}")
+            return
+        names = [n for n in found if n not in self._told]
+        if names:
+            self._told.update(names)
+            say(internet.advice(names, policy, self.config.name))
 
     def _harvest(self, cache: AptCache) -> None:
         try:
@@ -219,14 +280,17 @@ class Server:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from nsbuild import net
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="autopkgtest virtualisation server over an nsbuild environment: each "
         "testbed is a rootless sandbox over a fresh copy-on-write session, which every "
-        "command enters. "
-        "Commands get no network unless --net says otherwise.",
+        "command enters.",
+        epilog="Network: with no network option, commands reach the environment's mirrors "
+        "and nothing else (as --net allow does), and a testbed that finds no package lists "
+        "in the shared apt cache runs apt-get update at open, so that the tests' "
+        "dependencies install. A test that declares Restrictions: needs-internet needs "
+        "--net host (the server says so when it sees one); --net none takes every network "
+        "away.",
     )
     parser.add_argument("-d", "--debug", action="store_true", help="log the protocol on stderr")
     parser.add_argument(
@@ -258,7 +322,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         f"default {DEFAULT_COPY_LIMIT}): every folder and file counts, {size_text(ENTRY_COST)} "
         "besides its bytes, and a sparse file of the testbed counts whole",
     )
-    net.add_arguments(parser)
+    _network_arguments(parser)
     parser.add_argument("env", metavar="ENV", help="nsbuild environment name or alias")
     args = parser.parse_args(argv)
     try:
@@ -276,8 +340,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The network options of nsbuild.net, with this server's own default."""
+    from nsbuild.net.options import NET_OPTIONS
+
+    group = parser.add_argument_group("network")
+    for name, (kind, default, choices, metavar, text) in NET_OPTIONS.items():
+        if name == "--net":
+            text = ("network: none (loopback only), allow (only the --allow list, through an "
+                    "egress engine), host (the host's network: explicit opt-in); default: "
+                    "the environment's mirrors, as --net allow --allow-from-env")  # fmt: skip
+        if kind == "flag":
+            group.add_argument(name, action="store_true", help=text)
+        else:
+            group.add_argument(name, action="append" if kind == "append" else "store",
+                               default=list(default) if isinstance(default, list) else default,
+                               choices=choices, metavar=metavar, help=text)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    by_default = args.net is None and not args.allow and not args.allow_from_env
+    if by_default:
+        args.net, args.allow_from_env = "allow", True
     from nsbuild.envs.config import load_config
     from nsbuild.errors import NsbuildError
     from nsbuild.net import options_from_args
@@ -298,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     if policy.mode == "host":
         sys.stderr.write(f"{PROG}: warning: --net host: commands share the host's network, "
                          "its loopback services and abstract sockets\n")  # fmt: skip
-    server = Server(config, policy, args.tmpfs, args.apt_cache, args.debug, args.copy_limit)
+    server = Server(config, policy, args.tmpfs, args.apt_cache, args.debug, args.copy_limit,
+                    by_default)  # fmt: skip
 
     def on_signal(signum: int, _frame: object) -> None:
         raise Signalled(signum)
