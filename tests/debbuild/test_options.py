@@ -294,6 +294,19 @@ def test_an_extra_repository_with_its_key_serves_a_build_dependency(
     log = Path(doc["log"]).read_text()
     assert f"signed-by={extrarepo.KEYRINGS}/nsbuild-extra-1.asc" in log
     assert any(ln.startswith("  install nsbtest-extra-dep 1.0 all") for ln in log.splitlines())
+    first = doc["dependency_layer"]
+    assert first is not None and first["cached"] is False
+    # The same key, binary: the same packages, but a layer of another key's word.
+    r = _build(bookworm, tree, tmp_path / "binary", "--extra-repository", line,
+               "--extra-repository-key", str(extra_repo.binary))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    layer = json.loads(r.stdout)["dependency_layer"]
+    assert layer is not None and layer["cached"] is False and layer["key"] != first["key"]
+    # The same repository and key again: the layer is reused.
+    r = _build(bookworm, tree, tmp_path / "again", "--extra-repository", line,
+               "--extra-repository-key", str(extra_repo.armoured))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["dependency_layer"] == {"key": first["key"], "cached": True}
 
 
 @pytest.mark.slow
