@@ -66,7 +66,7 @@ def parse(line: str) -> Repository:
     if len(line) > MAX_LINE or any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in line):
         raise ExtraRepoError(f"{where}: too long, or holds a control character")
     words = line.split()
-    if "[" in line or "]" in line:
+    if len(words) > 1 and words[1].startswith("["):
         raise ExtraRepoError(f"{where}: options in [...] are not taken; give the key "
                              "with --extra-repository-key")  # fmt: skip
     if len(words) < 3 or words[0] != "deb":
