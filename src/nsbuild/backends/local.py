@@ -29,6 +29,7 @@ import hashlib
 import mmap
 import os
 import re
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -312,6 +313,46 @@ class LocalBackend(Backend):
         if spawn(spec).wait() != 0:
             raise BackendError(f"local backend: cannot copy layer {src} to {dest}")
 
+    def keep_session(self) -> str | None:
+        """sbuild's --purge-build: the session outlives the build as a
+        persistent session (`nsbuild session list`, `shell`, `end`), renamed
+        so that the build's own clean-up finds nothing to delete. The build
+        directory moves into the session's tree, at /build as the build saw
+        it; the apt caches' overlays are the build's alone and go."""
+        from dataclasses import replace
+
+        from nsbuild.envs.owner import give_to_sandbox_root
+        from nsbuild.envs.records import write_record
+        from nsbuild.envs.remove import remove_tree
+        from nsbuild.envs.session import RECORD
+
+        session, build = self._session, self._build_dir
+        if session is None or build is None or session.config.type == "host":
+            return None
+        inside = session.upper / WORK_DIR.lstrip("/")
+        if os.path.lexists(inside):
+            return None  # something inside wrote /build under the bind: not merged
+        # Moving a directory to another parent needs its owner's rights on
+        # it: the sandbox's root, which the host caller is or may act as.
+        if self.run(["chown", "0:0", WORK_DIR]) != 0:
+            return None
+        os.rename(build, inside)
+        remove_tree(session.dir / "cache")
+        # A throwaway session's overlay is volatile, which leaves a mark in
+        # its work directory that a later (persistent) mount refuses.
+        remove_tree(session.work)
+        session.work.mkdir()
+        give_to_sandbox_root(session.work)
+        kept = replace(session, id=f"{session.config.name}-{secrets.token_hex(4)}",
+                       kind="persistent", owner=None)  # fmt: skip
+        kept = replace(kept, dir=session.dir.parent / kept.id)
+        os.rename(session.dir, kept.dir)
+        # Until this record is written the session is still throwaway, of
+        # this (live, then dead) process: a crash here leaves what gc removes.
+        write_record(kept.dir / RECORD, kept.to_json())
+        self._session, self._build_dir = kept, None
+        return f"nsbuild session shell {kept.id}"
+
     def describe(self) -> str:
         base = (self._session.base or "")[:12]
         return f"local (environment {self.config.name}, base {base or 'directory'})"
@@ -364,7 +405,7 @@ class LocalBackend(Backend):
         from nsbuild.net.launch import run_under
         from nsbuild.sandbox import Bind, Mount, Overlay
 
-        assert self._session is not None and self._build_dir is not None
+        assert self._session is not None
         trusted = user == "root" and network != "none"
         mirrors: tuple[str, ...] = ()
         if network == "allow":
@@ -378,7 +419,10 @@ class LocalBackend(Backend):
         )
         # The build directory is nsbuild's own, under the private cache: the
         # build may make setuid files there (debian/tmp), no one else reaches them.
-        mounts: list[Mount] = [Bind(str(self._build_dir), WORK_DIR, private=True)]
+        # Once keep_session() moved it into the session, it is there as is.
+        mounts: list[Mount] = []
+        if self._build_dir is not None:
+            mounts.append(Bind(str(self._build_dir), WORK_DIR, private=True))
         caches = self._caches if trusted and self._cache_uppers else {}
         for name, host in caches.items():
             upper = self._cache_uppers[name]

@@ -14,6 +14,7 @@ from nsbuild.debbuild.dsc import SourcePackage
 from nsbuild.debbuild.errors import BuildFailed
 from nsbuild.debbuild.result import Artifact
 from nsbuild.debbuild.steps import Steps
+from nsbuild.printable import printable
 
 # A .changes is a few KiB; one larger than this was not made by dpkg-genchanges.
 MAX_CHANGES = 16 << 20
@@ -58,15 +59,27 @@ class ResultNames:
     -dbgsym), and with --source its own source files. Not nsbuild's logs
     (`.build`, `.network.jsonl`), not another package's files."""
 
-    def __init__(self, pkg: SourcePackage, arch: str, source: bool) -> None:
-        self.prefix = f"{pkg.source}_{pkg.upstream_less_epoch}_"
+    def __init__(
+        self,
+        pkg: SourcePackage,
+        arch: str,
+        source: bool,
+        version: str | None = None,
+        source_only_changes: str | None = None,
+    ) -> None:
+        # A binary-only upload's results carry its version (+bN, an
+        # appended text): that version exactly, never the source's.
+        self.version = version or pkg.upstream_less_epoch
+        self.prefix = f"{pkg.source}_{self.version}_"
         arches = (arch, "all", "source")
         self.changes = {f"{self.prefix}{a}.changes" for a in arches}
         self.buildinfo = {f"{self.prefix}{a}.buildinfo" for a in arches}
         self.binaries = {*pkg.binaries, *(f"{b}-dbgsym" for b in pkg.binaries)}
         self.deb_arches = {arch, "all"}
         self.sources = {p.name for p in pkg.paths()} if source else set()
-        self.version = re.compile(re.escape(pkg.upstream_less_epoch) + r"(\+b[0-9]+)?")
+        # --source-only-changes: a second .changes, of the source alone.
+        self.source_only = source_only_changes
+        self.source_names = {p.name for p in pkg.paths()}
 
     def result(self, name: str) -> bool:
         if not _FILE_NAME.fullmatch(name):
@@ -78,29 +91,40 @@ class ResultNames:
         return bool(m and m.group(1) in self.binaries and m.group(3) in self.deb_arches)
 
     def own_version(self, name: str) -> bool:
-        """Whether a result is at this source's own version (a .deb may add a
-        binNMU's +bN): only such a file may replace one of its name in --out.
-        A .deb at another version may be another source's, the user's own."""
+        """Whether a result is at the build's own version (the source's, or a
+        binary-only upload's): only such a file may replace one of its name
+        in --out. A .deb at another version may be another source's, the
+        user's own."""
         m = _DEB_NAME.fullmatch(name)
-        return m is None or bool(self.version.fullmatch(m.group(2)))
+        return m is None or m.group(2) == self.version
 
 
-def collect(steps: Steps, pkg: SourcePackage, own: ResultNames, results: Path) -> Collected:
+def collect(
+    steps: Steps, pkg: SourcePackage, own: ResultNames, results: Path, where: str | None = None
+) -> Collected:
     """Copy out the .changes and what it lists into `results`. The .changes
     is the build's own word: only names that are this package's results are
     taken (never another file of --out, nor nsbuild's logs), each bounded by
-    the size the .changes gives and checked against its checksum."""
+    the size the .changes gives and checked against its checksum. `where` is
+    the build directory (default: the backend's work directory; else a
+    --build-path, which place() made with no symbolic link in it): nothing
+    is taken from elsewhere, and no link under it is followed."""
     backend, log = steps.backend, steps.log
     log.section("Collect")
-    work = backend.work_dir
-    status, text = backend.check_output(["ls", "-1", work])
+    work = where or backend.work_dir
+    status, text = backend.check_output(["ls", "-1", "--", work])
     found = [n for n in text.splitlines() if n in own.changes]
+    extra = own.source_only if own.source_only in found and len(found) > 1 else None
+    if extra is not None:
+        found.remove(extra)
     if status != 0 or len(found) != 1:
         raise BuildFailed(
             f"no single {own.prefix}*.changes after the build (found: {', '.join(found)})"
         )
+    if own.source_only is not None and extra is None:
+        raise BuildFailed(f"no {own.source_only} after the build (--source-only-changes)")
     changes = found[0]
-    backend.copy_out(f"{work}/{changes}", results / changes, limit=MAX_CHANGES)
+    backend.copy_out(f"{work}/{changes}", results / changes, within=work, limit=MAX_CHANGES)
     listed = changes_files(results / changes)
     _check_listed(changes, listed, own, pkg)
     names = [changes]
@@ -109,7 +133,7 @@ def collect(steps: Steps, pkg: SourcePackage, own: ResultNames, results: Path) -
         if fname in names:
             continue
         got = results / fname
-        backend.copy_out(f"{work}/{fname}", got, limit=size)
+        backend.copy_out(f"{work}/{fname}", got, within=work, limit=size)
         if got.stat().st_size != size or (sha and sha256_file(got) != sha):
             raise BuildFailed(f"{fname}: does not match its checksum in {changes}")
         if _DEB_NAME.fullmatch(fname) and not _is_deb(got):
@@ -118,12 +142,30 @@ def collect(steps: Steps, pkg: SourcePackage, own: ResultNames, results: Path) -
         if not own.own_version(fname):
             done.no_replace.add(fname)
     done.same_as_input = _same_as_input(pkg, results, names)
+    if extra is not None:
+        # The source-only .changes alone, as sbuild: what it lists is the
+        # source, which is the input (or, with --source, collected above).
+        backend.copy_out(f"{work}/{extra}", results / extra, within=work, limit=MAX_CHANGES)
+        _check_source_only(extra, changes_files(results / extra), own)
+        names.append(extra)
     for n in names:
         p = results / n
         art = Artifact(n, str(p), p.stat().st_size, sha256_file(p))
         done.artifacts.append(art)
         log.line(f"{n} {art.size} {art.sha256}")
     return done
+
+
+def _check_source_only(changes: str, listed: list[Listed], own: ResultNames) -> None:
+    """A source-only .changes lists the source package's files (and a
+    .buildinfo of the build's): nothing else is delivered beside it."""
+    allowed = own.source_names | own.buildinfo
+    refused = [fname for fname, _size, _sha in listed if fname not in allowed]
+    if refused:
+        raise BuildFailed(
+            f"{changes} lists files that are not {own.prefix.rstrip('_')}'s source, refused: "
+            + ", ".join(f"'{printable(n, 80)}'" for n in refused[:10])
+        )
 
 
 def _check_listed(changes: str, listed: list[Listed], own: ResultNames, pkg: SourcePackage) -> None:
