@@ -54,7 +54,11 @@ class Env:
             check=check,
         )
 
-    def popen(self, *args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    def popen(
+        self, *args: str, stdin: int | None = subprocess.DEVNULL, new_session: bool = False
+    ) -> subprocess.Popen[str]:
+        """`nsbuild ARGS` started; with new_session, without the test's
+        controlling terminal (a shell it opens reads stdin, not the terminal)."""
         return subprocess.Popen(
             [sys.executable, "-m", "nsbuild", *args],
             env=self.vars,
@@ -65,6 +69,7 @@ class Env:
             # As from a terminal: a test runner started in the background
             # inherits SIGINT ignored, and Python would keep it so.
             preexec_fn=_default_sigint,
+            start_new_session=new_session,
         )
 
 

@@ -155,14 +155,16 @@ def test_failing_build_exits_1_keeps_only_its_log_and_opens_a_shell(
         build_depends="bc",
     )
     out = tmp_path / "out"
-    # --shell-on-failure: the shell reads its commands from stdin, here a pipe.
+    # --shell-on-failure: with no terminal, the shell reads its commands from
+    # stdin, here a pipe, and answers on stderr: stdout may carry --json.
     proc = bookworm.popen(
         "build", "--env", "bookworm", "--out", str(out), "--shell-on-failure", str(tree),
-        stdin=subprocess.PIPE,
+        stdin=subprocess.PIPE, new_session=True,
     )  # fmt: skip
     stdout, stderr = proc.communicate('echo "in shell: $(pwd): $(cat failed-marker)"\nexit\n')
     assert proc.returncode == 1, stderr
-    assert "in shell: /build/nsb-fails-1.0: left by the failed build" in stdout
+    assert "in shell: /build/nsb-fails-1.0: left by the failed build" in stderr
+    assert stdout == ""
     # The step that failed, and the last thing it said.
     said = "dpkg-buildpackage failed: debian/rules binary subprocess returned exit status 2"
     assert said in stderr
