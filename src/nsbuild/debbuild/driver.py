@@ -110,8 +110,9 @@ class _Build:
                 self.result.package, self.result.version = inputs.pkg.source, inputs.pkg.version
                 self._run(stack, inputs, tmp)
                 self._finish("successful", "")
-            except KeyboardInterrupt:
-                self._finish("interrupted", "interrupted (SIGINT)")
+            except KeyboardInterrupt as e:
+                which = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
+                self._finish("interrupted", f"interrupted ({which})")
                 err: NsbuildError = BuildInterrupted("interrupted; everything was torn down")
                 err.result = self.result  # type: ignore[attr-defined]
                 raise err from None
@@ -340,5 +341,9 @@ def _arch(backend: Backend) -> str:
     return arch
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, which ends a build as Ctrl-C does."""
+
+
 def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+    raise _Terminated
