@@ -157,3 +157,35 @@ def test_creation_is_announced_and_no_create_refuses(config: Path, tmp_path: Pat
         "create it with: nsbuild env create trixie --suite trixie"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+def test_unreleased_and_env_build_through_aliases(tmp_path: Path) -> None:
+    # As schroot users declare it: work in progress builds in the
+    # environment that takes UNRELEASED as an alias.
+    from inputs import tarball
+
+    home = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+            "XDG_CACHE_HOME": str(tmp_path / "cache")}  # fmt: skip
+    chroot_d = tmp_path / "config" / "nsbuild" / "chroot.d"
+    chroot_d.mkdir(parents=True)
+    (chroot_d / "bookworm").write_text(
+        f"Name: bookworm\nPath: {tarball()}\nAliases: UNRELEASED, nsb-alias\n"
+    )
+    tree = make_package(tmp_path, "nsb-wip", distribution="UNRELEASED")
+    try:
+        for extra, out in (((), "one"), (("--env", "nsb-alias"), "two")):
+            r = subprocess.run(
+                [sys.executable, "-m", "nsbuild", "build", *extra, "--out",
+                 str(tmp_path / out), str(tree)],
+                capture_output=True, text=True, env=home,
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert list((tmp_path / out).glob("nsb-wip_1.0_*.changes")), r.stderr
+            if not extra:
+                assert "UNRELEASED: building in bookworm" in r.stderr
+    finally:
+        from nsbuild.envs.remove import remove_tree
+
+        remove_tree(tmp_path / "cache")
