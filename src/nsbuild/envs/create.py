@@ -108,7 +108,8 @@ def create_env(
             raise EnvError(f"{alias!r} already names environment {existing.name!r} "
                            f"({existing.source}): choose another alias")  # fmt: skip
     if shutil.which("mmdebstrap") is None:
-        raise EnvError("mmdebstrap not found: install the mmdebstrap package")
+        sudo = "" if os.getuid() == 0 else "sudo "
+        raise EnvError(f"mmdebstrap not found: install it with '{sudo}apt install mmdebstrap'")
     _check_subordinate_ids()
     arch = architecture or host_architecture()
     layout = Layout.default()

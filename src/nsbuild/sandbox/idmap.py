@@ -132,7 +132,8 @@ def _start_helper(tool: str, pid: int, ranges: tuple[IdRange, ...]) -> int:
     path = next((f"{d}/{tool}" for d in ("/usr/bin", "/usr/local/bin", "/bin")
                  if os.access(f"{d}/{tool}", os.X_OK)), None)
     if path is None:
-        raise SandboxError(f"{tool} not found; hint: install it with 'apt install uidmap'")
+        sudo = "" if os.getuid() == 0 else "sudo "
+        raise SandboxError(f"{tool} not found; hint: install it with '{sudo}apt install uidmap'")
     args = [tool, str(pid)]
     for r in ranges:
         args += [str(r.inside), str(r.outside), str(r.count)]
