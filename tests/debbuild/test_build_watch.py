@@ -48,10 +48,12 @@ def _sleeping(proc: subprocess.Popen[str], cmdline: bytes) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.userns
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_log_is_named_at_the_start_and_kept_when_the_build_is_interrupted(
-    bookworm: Env, tmp_path: Path
+    bookworm: Env, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    tree = make_package(tmp_path, "nsb-watch", build="echo nsb-watch: compiling\nsleep 86423")
+    pause = f"sleep 864{23 if sig == signal.SIGINT else 29}"
+    tree = make_package(tmp_path, "nsb-watch", build=f"echo nsb-watch: compiling\n{pause}")
     out = tmp_path / "out"
     proc = bookworm.popen("build", "--env", "bookworm", "--out", str(out), str(tree))
     assert proc.stderr is not None
@@ -65,20 +67,21 @@ def test_log_is_named_at_the_start_and_kept_when_the_build_is_interrupted(
     live = Path(said[-1].removeprefix(SAID_LOG))
     assert live.name == "nsb-watch_1.0_amd64.build"
 
-    wait_for(lambda: _sleeping(proc, b"sleep\x0086423\x00"), "the package's build runs",
-             timeout=900)  # fmt: skip
+    cmdline = pause.replace(" ", "\0").encode() + b"\0"
+    wait_for(lambda: _sleeping(proc, cmdline), "the package's build runs", timeout=900)
     # The user reads what the build said so far, while it runs.
     text = live.read_text()
     assert "nsb-watch: compiling" in text
     assert "| Build environment" in text
 
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, stderr  # either way: interrupted
     assert "Traceback" not in stderr
     assert not out.exists()
     kept = kept_log(bookworm, stderr, "nsb-watch_1.0_amd64.build").read_text()
     assert "nsb-watch: compiling" in kept
+    assert f"interrupted ({sig.name})" in kept
     assert "Status: interrupted" in kept
     assert "Fail-Stage: build" in kept
     assert not live.exists()
