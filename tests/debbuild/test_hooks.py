@@ -7,9 +7,12 @@ also on its own, on a session of the local backend, as a host script uses it.
 from __future__ import annotations
 
 import array
+import contextlib
+import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,8 @@ import pytest
 from nsbuild.backends import Backend
 from nsbuild.debbuild.chrootexec import MAGIC, NOT_RUN, ExecServer
 from nsbuild.debbuild.hooks import INSIDE_ENV, Facts, escapes, substitute
+
+from .conftest import Env, kept_log, make_package
 
 pytestmark = pytest.mark.userns
 
@@ -148,3 +153,233 @@ def test_exec_escape_bounds_what_a_client_sends(server: ExecServer, tmp_path: Pa
                                       array.array("i", [0, 1, 2]))])  # fmt: skip
         assert sock.recv(4096).startswith(b"Erefused: a malformed request")
     assert _sh(f"{e} test ! -e /hacked", tmp_path).returncode == 0
+
+
+# -- the stages, in real builds --
+
+
+def _cmd(*pairs: tuple[str, str]) -> list[str]:
+    return [arg for stage, text in pairs for arg in (f"--{stage}-commands", text)]
+
+
+def _sections(log: str) -> list[str]:
+    """The titles of the log's sections, in order."""
+    lines = log.splitlines()
+    return [lines[i + 1].strip("| ").strip() for i, ln in enumerate(lines[:-2])
+            if ln.startswith("+---") and lines[i + 2].startswith("+---")]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_stage_runs_in_its_place_in_order_with_its_escapes(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    tree = make_package(tmp_path, "nsb-hooks")
+    out = tmp_path / "out dir"  # a path the escapes must quote
+    trace, inside = tmp_path / "trace", tmp_path / "inside"
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out), *_cmd(
+        ("pre-build", f'echo "pre-build $(id -u) $(pwd) %a %SBUILD_BUILD_ARCH %b %c" >> {trace}'),
+        ("pre-build", '%e sh -c "echo pre-build-inside \\$(id -u) \\$(pwd) >> /build/trace"'),
+        ("chroot-setup", 'echo "chroot-setup $(id -u) $(pwd) %b %e" >> /build/trace'),
+        ("starting-build", 'echo "starting-build $(id -u) %p $(test -d %p && echo tree)"'
+                           " >> /build/trace"),
+        ("finished-build", 'echo "finished-build $(ls %b/*.deb)" >> /build/trace'),
+        ("chroot-cleanup", 'echo "chroot-cleanup %c $(test -f %c && echo found)" >> /build/trace'),
+        ("post-build", f"%e cat /build/trace > {inside}"),
+        ("post-build", 'echo "post-build $(id -u) $(pwd) $(basename %c) '
+                       f'$(test -f %c && echo found)" >> {trace}'),
+        ("post-build-failed", f"touch {tmp_path / 'never'}"),
+    ), str(tree))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    uid, home = os.getuid(), os.environ["HOME"]
+    assert trace.read_text().splitlines() == [
+        f"pre-build {uid} {home} amd64 amd64 /build %c",
+        f"post-build {uid} {home} nsb-hooks_1.0_amd64.changes found",
+    ]
+    assert inside.read_text().splitlines() == [
+        "pre-build-inside 0 /",
+        "chroot-setup 0 /build /build %e",
+        "starting-build 0 /build/nsb-hooks-1.0 tree",
+        "finished-build /build/nsb-hooks_1.0_all.deb",
+        "chroot-cleanup /build/nsb-hooks_1.0_amd64.changes found",
+    ]
+    assert not (tmp_path / "never").exists()
+    log = (out / "nsb-hooks_1.0_amd64.build").read_text()
+    titles = [t for t in _sections(log) if t.endswith("Commands")]
+    assert titles == ["Pre Build Commands", "Chroot Setup Commands",
+                      "Starting Timed Build Commands", "Finished Timed Build Commands",
+                      "Chroot Cleanup Commands", "Post Build Commands"]  # fmt: skip
+    assert log.count("Exit status: 0 (") == 8
+    # Each command's line as run, escapes replaced.
+    assert '\necho "chroot-setup $(id -u) $(pwd) /build %e" >> /build/trace\n' in log
+    assert "/chrootexec.py " in log and "\n%e cat" not in log  # %e replaced outside
+
+
+@pytest.mark.slow
+def test_a_failing_command_ends_its_stage_and_the_build(bookworm: Env, tmp_path: Path) -> None:
+    tree = make_package(tmp_path, "nsb-hookfail")
+    trace = tmp_path / "trace"
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path / "out"), "--json",
+                            *_cmd(
+        ("chroot-setup", "echo first ran"),
+        ("chroot-setup", "exit 3"),
+        ("chroot-setup", "touch /build/never"),
+        ("post-build-failed", f'%e sh -c "test -e /build/never && echo ran || echo never ran"'
+                              f" > {trace}; echo %c >> {trace}"),
+        ("post-build", f"touch {tmp_path / 'no-post-build'}"),
+    ), str(tree))  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "chroot-setup command failed (exit status 3): exit 3" in done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "failed"
+    assert "chroot-setup" in summary["fail_stage"]
+    # The rest of the stage did not run; the failed build's own commands did,
+    # with the session still there and no .changes made.
+    assert trace.read_text() == "never ran\n%c\n"
+    assert not (tmp_path / "no-post-build").exists()
+    log = kept_log(bookworm, done.stderr, "nsb-hookfail_1.0_amd64.build").read_text()
+    assert "\nfirst ran\n" in log
+    assert "Exit status: 3 (" in log
+    assert "E: Command 'exit 3' failed to run." in log
+    assert f"Fail-Stage: {summary['fail_stage']}\n" in log
+    assert "Post Build Failed Commands" in _sections(log)
+
+
+@pytest.mark.slow
+def test_a_failed_build_runs_its_commands_inside_then_outside(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    # Build-Depends of this test alone: its build stores a new dependency layer.
+    tree = make_package(tmp_path, "nsb-hookbf", build="echo broken >&2; false", build_depends="dc")
+    trace = tmp_path / "trace"
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path / "out"), *_cmd(
+        ("build-failed", 'echo "build-failed $(id -u) $(pwd) %p $(test -d %p && echo tree)"'
+                         " > /build/bf"),
+        ("post-build-failed", f"%e cat /build/bf > {trace}"),
+        ("post-build", f"touch {tmp_path / 'no-post-build'}"),
+    ), str(tree))  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert trace.read_text() == "build-failed 0 /build /build/nsb-hookbf-1.0 tree\n"
+    assert not (tmp_path / "no-post-build").exists()
+
+
+@pytest.mark.slow
+def test_commands_after_the_collect_reach_a_session_whose_layer_is_stored(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    # Build-Depends of this test alone: its build stores a new dependency layer.
+    tree = make_package(tmp_path, "nsb-hooklate", build_depends="ed")
+    trace = tmp_path / "trace"
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path / "out"), *_cmd(
+        ("chroot-cleanup", "echo cleanup ran > /build/cleanup"),
+        ("post-build", f"%e cat /build/cleanup > {trace}"),
+    ), str(tree))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert trace.read_text() == "cleanup ran\n"
+
+
+@pytest.mark.slow
+def test_sbuild_shell_is_a_root_shell_inside_on_the_terminal(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    import pty
+
+    tree = make_package(tmp_path, "nsb-hookshell", build="false")
+    argv = [sys.executable, "-m", "nsbuild", "build", "--env", "bookworm",
+            "--out", str(tmp_path / "out"), "--build-failed-commands", "%SBUILD_SHELL",
+            str(tree)]  # fmt: skip
+    pid, terminal = pty.fork()
+    if pid == 0:
+        try:
+            os.execve(sys.executable, argv, bookworm.vars)
+        finally:
+            os._exit(127)
+    # Typed ahead: the shell is the only reader of the terminal.
+    os.write(terminal, b"echo shell-$((6 * 7)) $(id -u) $(pwd)\nexit 0\n")
+    seen = b""
+    with contextlib.suppress(OSError):  # EIO: the build ended
+        while chunk := os.read(terminal, 4096):
+            seen += chunk
+    os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    text = seen.decode(errors="replace")
+    assert "shell-42 0 /build\r\n" in text, text
+    assert os.waitstatus_to_exitcode(status) == 1, text
+
+
+@pytest.mark.slow
+def test_a_dependency_layer_never_keeps_what_commands_did_to_the_session(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    # Build-Depends of this test alone: no earlier build kept their layer.
+    deps = "bc"
+    marked = make_package(tmp_path / "a", "nsb-hooklayer", build_depends=deps)
+    one = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path / "one"), *_cmd(
+        ("pre-build", "%e touch /etc/nsb-pre-marker"),
+        ("chroot-setup", "touch /etc/nsb-setup-marker"),
+        # What the commands did holds for the build they are part of.
+        ("starting-build", "test -e /etc/nsb-pre-marker && test -e /etc/nsb-setup-marker"),
+    ), str(marked))  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    clean = make_package(tmp_path / "b", "nsb-hooklayer", build_depends=deps)
+    for out in ("two", "three"):  # the second may use a layer the first kept
+        again = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path / out),
+                                 *_cmd(("starting-build", "test ! -e /etc/nsb-pre-marker && "
+                                                          "test ! -e /etc/nsb-setup-marker")),
+                                 str(clean))  # fmt: skip
+        assert again.returncode == 0, again.stderr
+
+
+# -- another user --
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_exec_escape_refuses_root_at_another_users_build() -> None:
+    """Root passes the socket folder's mode; the peer check refuses it."""
+    import pwd
+    import shutil
+
+    from inputs import tarball
+    from waiting import wait_for
+
+    user = pwd.getpwnam("nsbtest")
+    top = Path(tempfile.mkdtemp(prefix="nsbt-hooks-", dir="/var/tmp"))
+    try:
+        (top / "config" / "nsbuild" / "chroot.d").mkdir(parents=True)
+        (top / "config" / "nsbuild" / "chroot.d" / "bookworm").write_text(
+            f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
+            "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
+        )
+        tree = make_package(top, "nsb-hookroot")
+        announced, go = top / "exec.txt", top / "go"
+        os.mkfifo(go)
+        for path in (top, *top.rglob("*")):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        hook = f"echo %e > {announced}; read answer < {go}"
+        build = subprocess.Popen(
+            ["runuser", "-u", "nsbtest", "--", "env", "-i", f"PATH={os.environ['PATH']}",
+             f"HOME={user.pw_dir}", "LANG=C.UTF-8", f"XDG_CONFIG_HOME={top / 'config'}",
+             f"XDG_CACHE_HOME={top / 'cache'}", sys.executable, "-m", "nsbuild", "build",
+             "--env", "bookworm", "--out", str(top / "out"), "--pre-build-commands", hook,
+             str(tree)],
+            cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: (announced.exists() and announced.read_text().endswith("--\n"))
+                     or build.poll() is not None, "the pre-build command to say %e")  # fmt: skip
+            assert build.poll() is None, build.communicate()
+            e = announced.read_text().strip()
+            as_root = _sh(f"{e} touch /build/by-root", top)
+            mine = _sh(f"runuser -u nsbtest -- {e} test ! -e /build/by-root", top)
+        finally:
+            with contextlib.suppress(OSError):  # the hook waits to read it
+                fd = os.open(go, os.O_WRONLY | os.O_NONBLOCK)
+                os.write(fd, b"go\n")
+                os.close(fd)
+            _, err = build.communicate()
+        assert as_root.returncode == NOT_RUN
+        assert as_root.stderr == "nsbuild chroot-exec: refused: uid 0 did not start this build\n"
+        assert mine.returncode == 0, mine.stderr  # its owner's, and nothing done by root
+        assert build.returncode == 0, err
+    finally:
+        shutil.rmtree(top)

@@ -70,6 +70,9 @@ INSIDE_ENV = {"LC_ALL": "C.UTF-8", "SHELL": "/bin/sh", "HOME": "/sbuild-nonexist
 # sbuild's %s: the shell reads and writes the terminal, whatever the
 # command's own streams are.
 SHELL_ON_TTY = "bash -i </dev/tty >/dev/tty 2>/dev/tty"
+# sbuild's escapes of the session's path, which nsbuild never gives (%% is
+# matched too, so that %%r is not taken for one).
+_CHROOT_DIR = re.compile(r"%(?:%|(SBUILD_CHROOT_DIR|r))")
 
 
 class CommandFailed(BuildFailed):
@@ -184,6 +187,9 @@ class Hooks:
                 # No terminal: sbuild's text, whose shell says so where it fails.
                 text, _ = substitute(command, {**values, "s": SHELL_ON_TTY,
                                                "SBUILD_SHELL": SHELL_ON_TTY})  # fmt: skip
+        if any(m.group(1) for m in _CHROOT_DIR.finditer(command)):
+            log.line("W: %SBUILD_CHROOT_DIR and %r are not available (the session has no "
+                     "path on the host): use %SBUILD_CHROOT_EXEC (%e)")
         shown = printable(text, 4096)
         log.line(shown)
         log.line("-" * min(len(shown), 80))
