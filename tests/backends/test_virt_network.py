@@ -104,6 +104,8 @@ def test_autopkgtest_with_no_options_installs_test_dependencies_from_the_mirrors
     # Anything but the mirrors is refused.
     refused = (out / "online-stdout").read_text()
     assert refused.startswith("403 nsbuild egress proxy:"), refused
+    # ...and said when the testbed closes.
+    assert "autopkgtest-virt-nsbuild: network: 1 attempt denied: example.org:80" in proc.stderr
     # The needs-internet test is told what to pass, once, in autopkgtest's output.
     told = [line for line in proc.stderr.splitlines() if "needs-internet" in line]
     assert told == [ADVICE], tail

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from nsbuild.envs.session import Session
+    from nsbuild.net.plan import NetPlan
     from nsbuild.sandbox import Process
     from nsbuild.virtserver.testbed import Testbed
 
@@ -62,6 +63,9 @@ class LiveSandbox:
             trusted = self.testbed.trusted_mirrors if allow else ()
             plan = stack.enter_context(net.network(opts, mirrors=mirrors,
                                                    trusted_mirrors=trusted))
+            # Once the sandbox is gone (callbacks run last to first): what its
+            # commands were refused, so that a test that failed for it says why.
+            stack.callback(_say_denied, plan)
             resolver = host_resolver_mounts() if plan.share_net else ()
             spec = planned(self.testbed.sandbox(self.session, WAITER, extra_mounts=resolver),
                            plan)  # fmt: skip
@@ -101,6 +105,13 @@ class LiveSandbox:
         """What the execute helper needs to find this sandbox (see execute.py)."""
         return [str(self.pid), str(self.start_time), self.testbed.net.mode, self.cgroup or "-",
                 "deny-setid" if self.deny_setid else "-"]  # fmt: skip
+
+
+def _say_denied(plan: NetPlan) -> None:
+    line = plan.denied_summary()  # escaped for a terminal
+    if line:
+        sys.stderr.write(f"autopkgtest-virt-nsbuild: {line}\n")
+        sys.stderr.flush()
 
 
 def _stop(proc: Process, init: int, init_fd: int) -> None:
