@@ -8,8 +8,9 @@ commands in the testbed), testbed (a session and what its commands share),
 live (the testbed's one long-lived sandbox, which every command enters),
 execute (the per-command program handed out by `print-execute-command`),
 aptcache and aptformats (the apt caches the testbeds share), hostfs and untar
-(the host side's access to what a testbed made). Nothing heavy loads before
-the greeting.
+(the host side's access to what a testbed made), internet (the tests that
+declare needs-internet, told what to pass). Nothing heavy loads before the
+greeting.
 """
 
 from __future__ import annotations

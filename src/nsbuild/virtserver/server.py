@@ -9,6 +9,11 @@ The testbed is a throwaway copy-on-write session (owned by this process, so
 sandbox on it that every command enters (live.py); `revert` kills that
 sandbox and swaps in a fresh session and sandbox at the same scratch path.
 See testbed.py for what the session holds.
+
+With no network option the testbed reaches the environment's mirrors and
+nothing else, and fetches the package lists at open when the shared apt
+cache has none: `autopkgtest PKG.dsc -- nsbuild ENV` installs the tests'
+dependencies as autopkgtest-virt-unshare's testbeds do.
 """
 
 from __future__ import annotations
