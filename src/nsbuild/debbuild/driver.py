@@ -36,7 +36,7 @@ from typing import IO
 
 from nsbuild.backends import Backend, BackendOptions, open_backend
 from nsbuild.backends.base import CopyRefused
-from nsbuild.debbuild import phases, sections
+from nsbuild.debbuild import binnmu, phases, sections
 from nsbuild.debbuild.checks import CheckInputs, run_checks
 from nsbuild.debbuild.collect import Collected, ResultNames, collect
 from nsbuild.debbuild.delivery import NotDelivered, deliver
@@ -165,7 +165,9 @@ class _Build:
         self.result.limitations = backend.capabilities.limitations()
         arch = _arch(backend)
         self.result.architecture = arch
-        name = f"{pkg.source}_{pkg.upstream_less_epoch}_{arch}"
+        # Named after the version the results carry (a binNMU's), as sbuild's.
+        version = binnmu.version(pkg.version, self.req).split(":", 1)[-1]
+        name = f"{pkg.source}_{version}_{arch}"
         echo = self.progress.stream if self.req.verbose else None
         self.logs = Logs(BuildLog(tmp / f"{name}.build", echo), net_log, name)
         # Private until placed, but the user's to read (and follow) meanwhile.
@@ -173,7 +175,7 @@ class _Build:
         self.logs.header(self.req, self.result, backend.describe(), self.env_note)
         steps = Steps(backend, self.logs.log)
         facts = Facts(dsc=pkg.dsc, build_dir=backend.work_dir, host_arch=arch, build_arch=arch)
-        hooks = self.hooks = Hooks(self.req, steps, facts)
+        hooks = self.hooks = Hooks(self.req, steps, facts, tmp)
         stack.callback(hooks.close)
         self.result.fail_stage = "pre-build"
         hooks.run("pre-build")
@@ -181,6 +183,10 @@ class _Build:
         hooks.run("chroot-setup")
         self.result.fail_stage = "prepare"
         user = phases.prepare(steps, pkg, inputs.extras)
+        # Before any dependency is installed: a source that does not unpack
+        # is the input's fault, found in seconds.
+        self.result.fail_stage = "unpack"
+        tree = phases.unpack(steps, pkg, user, self.req)
         self._phase_done(0, t0)
 
         t1 = time.monotonic()
@@ -200,11 +206,14 @@ class _Build:
 
         t2 = time.monotonic()
         self.progress.say(f"[3/4] {PHASES[2]}: dpkg-buildpackage")
-        facts.pkgbuild_dir = f"{backend.work_dir}/{pkg.source}-{pkg.upstream_less_epoch}"
+        self.result.fail_stage = "build"
+        # At its --build-path before the commands that may name it (%b, %p).
+        tree = phases.place(steps, pkg, tree, user, self.req)
+        facts.build_dir, facts.pkgbuild_dir = tree.dir, tree.path
         self.result.fail_stage = "starting-build"
         hooks.run("starting-build")
         self.result.fail_stage = "build"
-        built = phases.build(steps, pkg, user, self.req)
+        built = phases.build(steps, pkg, user, self.req, tree)
         self.stats.build_seconds, self.stats.space = built.seconds, built.space
         self._phase_done(2, t2)
         if built.failed is not None:
@@ -213,7 +222,7 @@ class _Build:
                 self.progress.say(
                     f"build failed: opening a shell in {built.tree} (exit it to clean up)"
                 )
-                phases.shell(steps, user, built.tree)
+                phases.shell(steps, user, built.tree, built.env)
             raise BuildFailed(f"{pkg.source} {pkg.version}: {built.failed}")
         self.result.fail_stage = "finished-build"
         hooks.run("finished-build")
@@ -221,14 +230,15 @@ class _Build:
         t3 = time.monotonic()
         self.progress.say(f"[4/4] {PHASES[3]}")
         self.result.fail_stage = "collect"
-        own = ResultNames(pkg, arch, self.req.source)
-        collected = collect(steps, pkg, own, results)
+        own = ResultNames(pkg, arch, self.req.source, tree.version,
+                          phases.source_only_changes(pkg, tree, self.req))  # fmt: skip
+        collected = collect(steps, pkg, own, results, built.dir)
         self.result.artifacts = collected.artifacts
-        sections.package_contents(steps, user, (a.name for a in collected.artifacts))
+        sections.package_contents(steps, user, built.dir, (a.name for a in collected.artifacts))
         self._publish_layer()
         self._phase_done(3, t3)
         changes = next(a.name for a in collected.artifacts if a.name.endswith(".changes"))
-        facts.changes = f"{backend.work_dir}/{changes}"
+        facts.changes = f"{built.dir}/{changes}"
         self.result.fail_stage = "chroot-cleanup"
         hooks.run("chroot-cleanup")
         self.result.fail_stage = "deliver"
@@ -238,7 +248,7 @@ class _Build:
             CheckInputs(
                 self.req, env_name, arch, inputs.out / changes,
                 tuple(Path(a.path) for a in self.result.artifacts), self.logs.log,
-                self.progress.say,
+                self.progress.say, pkg.paths(),
             )
         )
         self.result.fail_stage = "post-build"

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nsbuild.debbuild import binnmu
+from nsbuild.debbuild.checks import summary_fields
 from nsbuild.debbuild.delivery import NotDelivered
 from nsbuild.debbuild.log import BuildLog, kept_logs_dir
 from nsbuild.debbuild.outdir import Folder
@@ -41,14 +43,14 @@ class Logs:
             f"{res.package} {res.version} ({res.architecture})",
             [
                 ("Package", res.package),
-                ("Version", res.version),
+                ("Version", binnmu.version(res.version, req)),
                 ("Source Version", res.version),
-                ("Distribution", res.environment),
+                ("Distribution", req.dist or res.environment),
                 *((("Distribution Note", note),) if note else ()),
                 ("Machine Architecture", os.uname().machine),
                 ("Host Architecture", res.architecture),
                 ("Build Architecture", res.architecture),
-                ("Build Type", req.build_type()),
+                ("Build Type", binnmu.build_type(req)),
                 ("Backend", backend),
                 *(("Limitation", text) for text in res.limitations),
             ],
@@ -64,10 +66,10 @@ class Logs:
         space = str(stats.space // 1024) if stats.space else "n/a"
         fields = [
             ("Build Architecture", res.architecture),
-            ("Build Type", req.build_type()),
+            ("Build Type", binnmu.build_type(req)),
             ("Build-Space", space),
             ("Build-Time", str(int(stats.build_seconds))),
-            ("Distribution", res.environment),
+            ("Distribution", req.dist or res.environment),
             ("Host Architecture", res.architecture),
             ("Install-Time", str(int(stats.install_seconds))),
             ("Job", req.input.name),
@@ -77,13 +79,11 @@ class Logs:
             ("Source-Version", res.version),
             ("Space", space),
             ("Status", res.status),
-            ("Version", res.version),
+            ("Version", binnmu.version(res.version, req)),
         ]
         if res.status != "successful" and res.fail_stage:
             fields.append(("Fail-Stage", res.fail_stage))
-        for check in res.checks:
-            said = f" ({printable(check.summary, 300)})" if check.summary else ""
-            fields.append((check.name.capitalize(), check.status + said))
+        fields.extend(summary_fields(res.checks))
         if res.dependency_layer:
             state = "cached" if res.dependency_layer.cached else "stored"
             fields.append(("Dependency-Layer", f"{state} {res.dependency_layer.key[:16]}"))

@@ -70,9 +70,10 @@ def _installed(lines: Iterable[str]) -> tuple[list[str], int]:
     return sorted(found), odd
 
 
-def package_contents(steps: Steps, user: str, names: Iterable[str]) -> None:
-    """`dpkg-deb -I` and `dpkg-deb -c` of each result .deb, in the session
-    (the names were checked when the results were collected)."""
+def package_contents(steps: Steps, user: str, where: str, names: Iterable[str]) -> None:
+    """`dpkg-deb -I` and `dpkg-deb -c` of each result .deb in the build
+    directory `where`, in the session (the names were checked when the
+    results were collected)."""
     debs = sorted(n for n in names if n.endswith((".deb", ".udeb")))
     if not debs:
         return
@@ -81,6 +82,6 @@ def package_contents(steps: Steps, user: str, names: Iterable[str]) -> None:
     # No line naming the command: the section reads as sbuild's.
     with log.command_output(CONTENTS_LIMIT) as output:
         status = steps.backend.run(["sh", "-c", _CONTENTS, "contents", *debs], user=user,
-                                   cwd=steps.backend.work_dir, stdout=output, stderr=STDOUT)
+                                   cwd=where, stdout=output, stderr=STDOUT)
     if status != 0:
         log.line(f"[nsbuild: listing the packages' contents exited {status}]")
