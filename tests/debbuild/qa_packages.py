@@ -29,8 +29,10 @@ def clean_package(parent: Path, name: str = "qa-clean") -> Path:
     return tree
 
 
-# What the bad package's postinst makes and its postrm does not remove.
+# What the bad package's postinst makes and its postrm does not remove: a
+# file, and one whose name would clear the terminal of whoever prints it.
 LEFT_BEHIND = "/var/lib/qa-bad/state"
+HOSTILE_NAME = "/var/lib/qa-bad/\x1b[2Jcleared"
 # The lintian error the bad package has on purpose: an ELF program in an
 # arch:all package.
 LINTIAN_ERROR = "arch-independent-package-contains-binary-or-object"
@@ -52,6 +54,7 @@ def bad_package(parent: Path, name: str = "qa-bad") -> Path:
         if [ "$1" = configure ]; then
             mkdir -p {Path(LEFT_BEHIND).parent}
             echo made by postinst > {LEFT_BEHIND}
+            touch "$(printf '{HOSTILE_NAME.replace(chr(27), chr(92) + "033")}')"
         fi
         #DEBHELPER#
         """))

@@ -24,7 +24,14 @@ from nsbuild.debbuild.checks.snapshot import IGNORED, Entry, compare
 from nsbuild.debbuild.result import BuildRequest, CheckResult
 
 from .conftest import Env
-from .qa_packages import LEFT_BEHIND, LINTIAN_ERROR, as_dsc, bad_package, clean_package
+from .qa_packages import (
+    HOSTILE_NAME,
+    LEFT_BEHIND,
+    LINTIAN_ERROR,
+    as_dsc,
+    bad_package,
+    clean_package,
+)
 
 CHECKS = ("--run-lintian", "--run-piuparts", "--run-autopkgtest")
 
@@ -102,8 +109,12 @@ def test_checks_report_a_lintian_error_a_failing_test_and_a_file_left_behind(
 
     install = checks["install"]
     assert LEFT_BEHIND in install["details"]["left_behind"]
-    assert install["summary"].startswith("2 file(s) left after purge: ")
+    assert install["summary"].startswith("3 file(s) left after purge: ")
     assert f"{LEFT_BEHIND}" in _section(Path(doc["log"]), "install check")
+    # A name the package chose is escaped wherever nsbuild shows it.
+    assert HOSTILE_NAME.replace("\x1b", "\\x1b") in install["details"]["left_behind"]
+    assert HOSTILE_NAME.replace("\x1b", "\\x1b") in _section(Path(doc["log"]), "install check")
+    assert "\x1b" not in stderr
 
     tests = checks["autopkgtest"]
     assert tests["details"] == {"exit_status": 4, "tests": {"command1": "FAIL"}}
@@ -185,7 +196,7 @@ def test_files_left_removed_or_changed_are_found_and_logs_and_caches_ignored() -
 
 def test_terminal_lines_escape_the_summary_and_put_failures_first() -> None:
     checks = [
-        CheckResult("lintian", "pass", "1 warning"),
+        CheckResult("lintian", "pass", "1 warning", {"tags": {"warning": 1}}),
         CheckResult("install", "fail", "1 file(s) left after purge: /etc/\x1b[2Jx"),
         CheckResult("autopkgtest", "error", "autopkgtest exit status 16, no test ran"),
     ]
@@ -194,6 +205,9 @@ def test_terminal_lines_escape_the_summary_and_put_failures_first() -> None:
     )
     assert [line.split(":")[0] for line in summary_lines(checks)] == [
         "check install", "check autopkgtest", "check lintian"]  # fmt: skip
+    # In the .build log's summary, sbuild's words.
     assert summary_fields(checks) == [
-        ("Lintian", "pass"), ("Install", "fail"), ("Autopkgtest", "error")]  # fmt: skip
+        ("Lintian", "warn"), ("Install", "fail"), ("Autopkgtest", "error")]  # fmt: skip
+    no_tests = CheckResult("autopkgtest", "pass", "", {"exit_status": 8})
+    assert summary_fields([no_tests]) == [("Autopkgtest", "no tests")]
 

@@ -102,6 +102,18 @@ def summary_lines(checks: list[CheckResult]) -> list[str]:
 
 
 def summary_fields(checks: list[CheckResult]) -> list[tuple[str, str]]:
-    """The .build log summary's fields of the checks, as sbuild's: Lintian:
-    pass, Autopkgtest: fail, ..."""
-    return [(c.name.capitalize(), c.status) for c in checks]
+    """The .build log summary's fields of the checks, in sbuild's words:
+    `Lintian: warn` for a pass with warnings (`info` with infos only),
+    `Autopkgtest: no tests`, else the status (`Install: fail`)."""
+    return [(c.name.capitalize(), _sbuild_word(c)) for c in checks]
+
+
+def _sbuild_word(check: CheckResult) -> str:
+    if check.status != "pass":
+        return check.status
+    tags = check.details.get("tags", {})
+    if check.name == "lintian" and isinstance(tags, dict):
+        return "warn" if tags.get("warning") else "info" if tags.get("info") else "pass"
+    if check.name == "autopkgtest" and check.details.get("exit_status") == 8:
+        return "no tests"
+    return "pass"

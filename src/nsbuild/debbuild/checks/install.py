@@ -23,11 +23,11 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from nsbuild.backends import Network
 from nsbuild.debbuild import apt
 from nsbuild.debbuild.checks import snapshot
 from nsbuild.debbuild.checks.inputs import CheckInputs
 from nsbuild.debbuild.checks.session import CheckError, copy_results_in, open_session
+from nsbuild.debbuild.checks.tools import apt_install, apt_network, apt_update
 from nsbuild.debbuild.result import CheckResult
 from nsbuild.debbuild.steps import Steps
 from nsbuild.printable import printable
@@ -69,17 +69,13 @@ Outcome = tuple[str | None, dict[str, object]]  # what failed (None: nothing), d
 def _check(steps: Steps, debs: list[Path], names: list[str]) -> Outcome:
     """The steps above, in order; the first that fails ends the check."""
     backend, log = steps.backend, steps.log
-    network: Network = "allow" if backend.capabilities.network_per_phase else "host"
+    network = apt_network(steps)
     inside = copy_results_in(backend, debs, f"{backend.work_dir}/install")
     before = snapshot.take(steps)
     selection = _selection(steps)
     log.line(f"{len(before)} files, {len(selection)} packages before the install")
-    update = ["apt-get", *apt.APT_OPTS, "-o", "pkgCacheFile::Generate=false", "update"]
-    if steps.run(update, network=network, env=apt.APT_ENV) != 0:
-        raise CheckError("apt-get update failed; see the log")
-    steps.run(["sh", "-c", apt.MAN_DB_OFF])
-    status = steps.run(["apt-get", *apt.APT_OPTS, "install", *inside], network=network,
-                       env=apt.APT_ENV)  # fmt: skip
+    apt_update(steps, network)
+    status = apt_install(steps, ["apt-get", *apt.APT_OPTS, "install", *inside], network)
     if status != 0:
         return f"installing failed (apt-get exit status {status}); see the log", {
             "stage": "install"}

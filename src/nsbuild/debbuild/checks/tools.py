@@ -47,11 +47,8 @@ def install_tools(
     if status == 0 and all(ln.startswith("ii") for ln in text.splitlines()):
         log.line(f"Already installed in the environment: {' '.join(packages)}")
         return Tools()
-    network: Network = "allow" if caps.network_per_phase else "host"
-    update = ["apt-get", *apt.APT_OPTS, "-o", "pkgCacheFile::Generate=false", "update"]
-    if steps.run(update, network=network, env=apt.APT_ENV) != 0:
-        raise CheckError("apt-get update failed; see the log")
-    _take_downloads(steps)
+    network = apt_network(steps)
+    apt_update(steps, network)
     install = ["apt-get", *apt.APT_OPTS, "install", *packages]
     base = backend.base_id()
     layers = bool(caps.dependency_layers and base and use_cache)
@@ -92,14 +89,32 @@ def install_tools(
     return Tools(LayerUse(key, cached=False), pending)
 
 
-def _install(steps: Steps, install: list[str], network: Network) -> None:
+def apt_network(steps: Steps) -> Network:
+    """The environment's mirrors alone, where the backend can say so."""
+    return "allow" if steps.backend.capabilities.network_per_phase else "host"
+
+
+def apt_update(steps: Steps, network: Network) -> None:
+    """apt's package lists, shared with the environment's later runs."""
+    update = ["apt-get", *apt.APT_OPTS, "-o", "pkgCacheFile::Generate=false", "update"]
+    if steps.run(update, network=network, env=apt.APT_ENV) != 0:
+        raise CheckError("apt-get update failed; see the log")
+    _take_downloads(steps)
+
+
+def apt_install(steps: Steps, install: list[str], network: Network) -> int:
+    """Run `apt-get ... install ...`; its exit status."""
     steps.run(["sh", "-c", apt.MAN_DB_OFF])
     # Downloads first, by apt alone (checked against the signed indexes):
     # those may go to the shared cache, before any maintainer script runs.
     download = [install[0], "--download-only", *install[1:]]
     if steps.run(download, network=network, env=apt.APT_ENV) == 0:
         _take_downloads(steps)
-    status = steps.run(install, network=network, env=apt.APT_ENV)
+    return steps.run(install, network=network, env=apt.APT_ENV)
+
+
+def _install(steps: Steps, install: list[str], network: Network) -> None:
+    status = apt_install(steps, install, network)
     if status != 0:
         raise CheckError(f"installing {' '.join(install[len(apt.APT_OPTS) + 2:])} failed "
                          f"(exit status {status}); see the log")  # fmt: skip
