@@ -26,7 +26,6 @@ nsbuild's cache with those results (report.py). Nothing a build made is lost.
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import sys
 import time
@@ -41,7 +40,7 @@ from nsbuild.debbuild.checks import CheckInputs, run_checks
 from nsbuild.debbuild.collect import Collected, ResultNames, collect
 from nsbuild.debbuild.delivery import NotDelivered, deliver
 from nsbuild.debbuild.deps import DepsPhase
-from nsbuild.debbuild.dsc import SourcePackage
+from nsbuild.debbuild.environment import architecture, environment
 from nsbuild.debbuild.errors import (
     BuildFailed,
     BuildInterrupted,
@@ -129,13 +128,10 @@ class _Build:
 
     def _run(self, stack: ExitStack, inputs: Inputs, tmp: Path) -> None:
         pkg = inputs.pkg
-        if self.req.env and self.req.backend == "local":
-            # Before anything is said of the build: an unknown name is the
-            # whole answer (naming the known ones).
-            from nsbuild.envs.config import load_config
-
-            load_config().get(self.req.env)
-        env_name = self.req.env or self._default_env(pkg)
+        # Before anything is said of the build: an unknown --env is the
+        # whole answer.
+        env_name, self.env_note = environment(self.req, pkg, self.progress.stream,
+                                              self.progress.say)  # fmt: skip
         self.result.environment = env_name
         results = self.results = tmp / "results"
         results.mkdir()
@@ -163,7 +159,7 @@ class _Build:
         stack.callback(backend.close)
         self.backend = backend
         self.result.limitations = backend.capabilities.limitations()
-        arch = _arch(backend)
+        arch = architecture(backend)
         self.result.architecture = arch
         # Named after the version the results carry (a binNMU's), as sbuild's.
         version = binnmu.version(pkg.version, self.req).split(":", 1)[-1]
@@ -271,22 +267,6 @@ class _Build:
             with contextlib.suppress(NsbuildError):
                 self.hooks.run(stage)
 
-    def _default_env(self, pkg: SourcePackage) -> str:
-        """The environment named after the changelog's distribution; for the
-        local backend, created on first use."""
-        from nsbuild.debbuild.distribution import choose, resolve
-
-        choice = choose(self.req.dist or pkg.distribution())
-        # Environments are the local backend's: another backend gets the name
-        # and makes of it what it can.
-        if self.req.backend != "local":
-            return choice.name
-        name, note = resolve(choice, self.progress.stream, create=self.req.create_env)
-        if note:
-            self.progress.say(note)
-            self.env_note = note
-        return name
-
     def _publish_layer(self) -> None:
         """Publish the layer this build kept, if any (see PendingLayer)."""
         pending, self.pending = self.pending, None
@@ -341,14 +321,6 @@ def _status(e: NsbuildError) -> str:
     if isinstance(e, UnsatisfiableDependencies):
         return "dependency-failed"
     return "error"
-
-
-def _arch(backend: Backend) -> str:
-    status, text = backend.check_output(["dpkg", "--print-architecture"])
-    arch = text.strip()
-    if status != 0 or not re.fullmatch(r"[a-z0-9-]+", arch):
-        raise NsbuildError(f"cannot learn the environment's architecture: {text.strip()}")
-    return arch
 
 
 class _Terminated(KeyboardInterrupt):

@@ -1,0 +1,49 @@
+"""Which environment a build runs in, and what it is: settled before the
+build says anything else."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import IO
+
+from nsbuild.backends import Backend
+from nsbuild.debbuild.dsc import SourcePackage
+from nsbuild.debbuild.result import BuildRequest
+from nsbuild.errors import NsbuildError
+
+
+def environment(
+    req: BuildRequest, pkg: SourcePackage, stream: IO[str] | None, say: Callable[[str], None]
+) -> tuple[str, str | None]:
+    """(name, note): the environment --env names, refused at once when the
+    local backend has none of that name (naming the known ones); else the one
+    named after the distribution (-d, else the changelog's), for the local
+    backend created on first use (`stream` shows mmdebstrap's progress).
+    The note says which environment serves another distribution."""
+    from nsbuild.debbuild.distribution import choose, resolve
+
+    if req.env:
+        if req.backend == "local":
+            from nsbuild.envs.config import load_config
+
+            load_config().get(req.env)
+        return req.env, None
+    choice = choose(req.dist or pkg.distribution())
+    # Environments are the local backend's: another backend gets the name
+    # and makes of it what it can.
+    if req.backend != "local":
+        return choice.name, None
+    name, note = resolve(choice, stream, create=req.create_env)
+    if note:
+        say(note)
+    return name, note
+
+
+def architecture(backend: Backend) -> str:
+    """The environment's architecture, as dpkg inside says it."""
+    status, text = backend.check_output(["dpkg", "--print-architecture"])
+    arch = text.strip()
+    if status != 0 or not re.fullmatch(r"[a-z0-9-]+", arch):
+        raise NsbuildError(f"cannot learn the environment's architecture: {text.strip()}")
+    return arch
