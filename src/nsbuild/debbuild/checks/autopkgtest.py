@@ -75,9 +75,9 @@ def with_server(req: BuildRequest, environment: str) -> list[str]:
     if "--" in opts:
         return opts
     if req.backend == "local":
-        # The mirrors reachable (and nothing else): autopkgtest installs
-        # the tests' dependencies and its own apt-utils with apt.
-        return [*opts, "--", server_program(), "--net", "allow", environment]
+        # The server's default network: the environment's mirrors and
+        # nothing else, for apt to install the tests' dependencies.
+        return [*opts, "--", server_program(), environment]
     if req.backend == "autopkgtest" and req.backend_args:
         return [*opts, "--", *req.backend_args]
     raise CheckError(f"autopkgtest: no virt server for backend {req.backend}: "
