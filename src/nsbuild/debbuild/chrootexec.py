@@ -19,7 +19,10 @@ nsbuild import, so it starts fast and whatever nsbuild's install is. The
 server serves only while an outside stage runs (`started`), and only the
 user who runs the build: the socket lives in a folder of mode 0700, and a
 peer of another uid (root passes the folder's mode) is refused by its
-credentials. A client that goes away (Ctrl-C) takes its inside command with it.
+credentials. One command runs at a time (the session's runs cannot overlap);
+a second is refused while one runs, rather than left waiting. A client that
+goes away (Ctrl-C) takes its inside command with it, and the end of the
+stage takes whatever still runs.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
     from pathlib import Path
 
     from nsbuild.backends import Backend
 
 MAGIC = b"NSBUILD-EXEC 1\0"
+ESCAPE = "%SBUILD_CHROOT_EXEC"
 # One SEQPACKET message carries the whole request: kept well under the
 # socket's default send buffer (~208 KiB), which an unprivileged sender
 # cannot raise.
@@ -76,12 +80,18 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         return _fail(f"cannot reach the build's session: {e.strerror}")
     with sock:
+        unsent = None
         try:
             sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                       array.array("i", (0, 1, 2)))])  # fmt: skip
+        except OSError as e:
+            unsent = e  # a refusal may have come first: it is read below
+        try:
             reply = sock.recv(4096)
         except OSError as e:
-            return _fail(f"the build's session went away: {e.strerror}")
+            reply, unsent = b"", unsent or e
+    if not reply and unsent is not None:
+        return _fail(f"the build's session went away: {unsent.strerror}")
     if reply.startswith(b"S") and reply[1:].isdigit():
         return min(int(reply[1:]), 255)
     if reply.startswith(b"E"):
@@ -109,60 +119,6 @@ def _fail(message: str, status: int = NOT_RUN) -> int:
 
 # -- the server --
 
-# The descriptors each connection thread holds (its socket, the client's
-# three), by thread id. A sandbox is started by fork(): a child forked for one
-# connection would keep another's descriptors (a pipe's write end, say) for
-# its whole run, and the reader of that pipe would wait for ever. Every child
-# forked while a server runs closes the ones that are not its thread's.
-_HELD: dict[int, tuple[int, ...]] = {}
-_HELD_LOCK = threading.Lock()
-_HOOKED = False
-
-
-def _close_others() -> None:
-    me = threading.get_ident()
-    for ident, fds in list(_HELD.items()):
-        if ident != me:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            # Forgotten too: this child may reuse the numbers, and fork again.
-            del _HELD[ident]
-    _HELD_LOCK.release()
-
-
-def _hook_fork() -> None:
-    global _HOOKED
-    if not _HOOKED:
-        # The lock is held across fork(): no descriptor is added or closed
-        # (and its number reused) while a child takes its copy of the table.
-        os.register_at_fork(before=_HELD_LOCK.acquire, after_in_parent=_HELD_LOCK.release,
-                            after_in_child=_close_others)  # fmt: skip
-        _HOOKED = True
-
-
-@contextlib.contextmanager
-def _held(fds: tuple[int, ...], sock: socket.socket | None = None) -> Iterator[None]:
-    """Own `fds` (and `sock`) in this thread until the block ends, then close
-    them: forgotten first, under the lock, so no child closes a number reused."""
-    me = threading.get_ident()
-    mine = fds + ((sock.fileno(),) if sock is not None else ())
-    with _HELD_LOCK:
-        _HELD[me] = _HELD.get(me, ()) + mine
-    try:
-        yield
-    finally:
-        with _HELD_LOCK:
-            left = tuple(fd for fd in _HELD.pop(me, ()) if fd not in mine)
-            if left:
-                _HELD[me] = left
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            if sock is not None:
-                sock.close()
-
-
 class ExecServer:
     """Serves the exec escape on `folder`/exec.sock while started, running
     each request in `backend` as root, cwd /, with `env` and no network."""
@@ -178,6 +134,12 @@ class ExecServer:
         # Each connection's thread, and its id in /proc once it runs.
         self._conns: dict[threading.Thread, int | None] = {}
         self._stopping = False
+        self._busy = False  # a request runs
+
+    @property
+    def busy(self) -> bool:
+        """Whether a command runs inside through the escape now."""
+        return self._busy
 
     def command(self) -> str:
         """The %e text: the client with the socket, ready for arguments."""
@@ -188,7 +150,6 @@ class ExecServer:
         """Listen; a no-op when listening already."""
         if self._listener is not None:
             return
-        _hook_fork()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a previous stage's, gone with its server
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -252,7 +213,7 @@ class ExecServer:
     def _serve(self, conn: socket.socket) -> None:
         with self._lock:
             self._conns[threading.current_thread()] = threading.get_native_id()
-        with _held((), conn):
+        with conn:
             try:
                 reply = self._handle(conn)
             except Exception as e:  # the client hears why; nsbuild goes on
@@ -264,25 +225,48 @@ class ExecServer:
     def _handle(self, conn: socket.socket) -> bytes:
         """The reply to one connection: b"S" and the status, b"E" and why
         not, or b"" when the server stops before the request came."""
-        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  struct.calcsize("3i")))[1]  # fmt: skip
-        if uid != os.getuid():
-            return b"E" + f"refused: uid {uid} did not start this build".encode()
         poller = select.poll()
         poller.register(conn, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         if self._wake_r in dict(poller.poll()):
             return b""
+        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  struct.calcsize("3i")))[1]  # fmt: skip
+        refusal = None
+        with self._lock:
+            if uid != os.getuid():
+                refusal = f"refused: uid {uid} did not start this build"
+            elif self._stopping:
+                refusal = "the build's session is not available: not run"
+            elif self._busy:
+                # The session's runs cannot overlap (each mounts its overlay);
+                # waiting instead would hang a pipeline of two forever.
+                refusal = (f"refused: another command runs inside through {ESCAPE}; "
+                           "they run one at a time (a pipeline of two: run it all "
+                           "inside, %e sh -c 'a | b')")  # fmt: skip
+            else:
+                self._busy = True
+        if refusal is not None:
+            # Taken off the socket unread, its descriptors dropped by the
+            # kernel (no room given for them): a socket closed on unread data
+            # would reset the connection, and the refusal be lost.
+            with contextlib.suppress(OSError):
+                conn.recvmsg(1)
+            return b"E" + refusal.encode()
+        try:
+            return self._run(conn)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _run(self, conn: socket.socket) -> bytes:
         data, fds = _receive(conn)
-        with _held(fds):
+        try:
             if len(fds) != 3:
                 return b"E" + b"refused: the request must carry exactly 3 descriptors"
             argv = _parse(data)
             if argv is None:
                 return b"E" + f"refused: a malformed request (at most {MAX_REQUEST} bytes)".encode()
-            with self._lock:
-                if self._stopping:
-                    return b"E" + b"the build's session is not available: not run"
             watch = _Watch(conn, threading.get_native_id())
             try:
                 status = self.backend.run(argv, user="root", network="none", cwd="/",
@@ -290,6 +274,10 @@ class ExecServer:
                                           stderr=fds[2])  # fmt: skip
             finally:
                 watch.stop()
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         return b"S" + str(status).encode()
 
 
@@ -297,17 +285,13 @@ def _receive(conn: socket.socket) -> tuple[bytes, tuple[int, ...]]:
     """One request: its bytes (b"" if larger than the bound) and the
     descriptors it carried, whatever they are (the caller closes them)."""
     space = socket.CMSG_SPACE(3 * array.array("i").itemsize)
+    wanted = socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT  # poll said it is there
+    data, ancdata, flags, _ = conn.recvmsg(MAX_REQUEST, space, wanted)
     fds = array.array("i")
-    # Under the lock: no child is forked between their arrival and their
-    # entry in the table (the data is there: poll said so).
-    with _HELD_LOCK:
-        data, ancdata, flags, _ = conn.recvmsg(MAX_REQUEST, space,
-                                               socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        _HELD[threading.get_ident()] = _HELD.get(threading.get_ident(), ()) + tuple(fds)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    if flags & socket.MSG_TRUNC:
         data = b""
     if flags & socket.MSG_CTRUNC:
         fds.append(-1)  # not exactly three, whatever arrived
