@@ -64,7 +64,7 @@ def test_autopkgtest_reports_a_failing_test_as_failing(tools: Env, tmp_path: Pat
     )
     out = tmp_path / "out"
     # -B: nothing to build; the tests run from the unbuilt tree (`//`), with
-    # the default network (none).
+    # the default network (the mirrors).
     proc = run(tools, ["autopkgtest", "-B", f"{tree}//", "-o", str(out),
                        "--", "nsbuild", "bookworm"])  # fmt: skip
     assert proc.returncode == 4, _tail(proc)  # autopkgtest: at least one test failed

@@ -169,7 +169,7 @@ def test_commands_beside_a_shared_writable_bind_make_no_setuid_file(
     shared = tmp_path / "shared"
     shared.mkdir()
     _env_with_shared_bind(tmp_path, shared, monkeypatch)
-    srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
+    srv = VirtServer(["autopkgtest-virt-nsbuild", "--net", "none", "bookworm"])
     try:
         srv.open()
         ex = srv.execute_command()
