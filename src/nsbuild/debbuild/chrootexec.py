@@ -119,6 +119,7 @@ def _fail(message: str, status: int = NOT_RUN) -> int:
 
 # -- the server --
 
+
 class ExecServer:
     """Serves the exec escape on `folder`/exec.sock while started, running
     each request in `backend` as root, cwd /, with `env` and no network."""
@@ -207,6 +208,8 @@ class ExecServer:
             thread = threading.Thread(target=self._serve, args=(conn,),
                                       name="nsbuild-exec-run", daemon=True)  # fmt: skip
             with self._lock:
+                for done in [t for t in self._conns if not t.is_alive() and t.ident]:
+                    del self._conns[done]
                 self._conns[thread] = None
             thread.start()
 
