@@ -136,6 +136,18 @@ def test_exec_escape_ends_a_command_left_behind_when_the_stage_ends(
     assert client.returncode == 137, err
 
 
+def test_exec_escape_client_gone_ends_its_command(server: ExecServer) -> None:
+    # Killed as Ctrl-C kills it: what it ran inside does not run on.
+    client = subprocess.Popen(["/bin/sh", "-c", f"exec {server.command()} cat"],
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert client.stdin is not None
+    with client.stdin:
+        wait_for(lambda: server.busy, "the command to run inside")
+        client.kill()
+        client.wait()
+        wait_for(lambda: not server.busy, "the command inside to end with its client")
+
+
 def test_exec_escape_bounds_what_a_client_sends(server: ExecServer, tmp_path: Path) -> None:
     e = server.command()
     # 200 words of 1000 bytes (one argument has at most 128 KiB).
@@ -179,10 +191,14 @@ def test_every_stage_runs_in_its_place_in_order_with_its_escapes(
     tree = make_package(tmp_path, "nsb-hooks")
     out = tmp_path / "out dir"  # a path the escapes must quote
     trace, inside = tmp_path / "trace", tmp_path / "inside"
-    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out), *_cmd(
-        ("pre-build", f'echo "pre-build $(id -u) $(pwd) %a %SBUILD_BUILD_ARCH %b %c" >> {trace}'),
+    # The user's own variables reach the commands outside, never inside.
+    env = Env({**bookworm.vars, "NSB_HOOK_VAR": "mine"}, bookworm.cache)
+    done = env.nsbuild("build", "--env", "bookworm", "--out", str(out), *_cmd(
+        ("pre-build", 'echo "pre-build $(id -u) $(pwd) %a %SBUILD_BUILD_ARCH %b %c '
+                      f'$NSB_HOOK_VAR" >> {trace}'),
+        ("pre-build", "true %SBUILD_CHROOT_DIR"),
         ("pre-build", '%e sh -c "echo pre-build-inside \\$(id -u) \\$(pwd) >> /build/trace"'),
-        ("chroot-setup", 'echo "chroot-setup $(id -u) $(pwd) %b %e" >> /build/trace'),
+        ("chroot-setup", 'echo "chroot-setup $(id -u) $(pwd) %b %e$NSB_HOOK_VAR" >> /build/trace'),
         ("starting-build", 'echo "starting-build $(id -u) %p $(test -d %p && echo tree)"'
                            " >> /build/trace"),
         ("finished-build", 'echo "finished-build $(ls %b/*.deb)" >> /build/trace'),
@@ -195,7 +211,7 @@ def test_every_stage_runs_in_its_place_in_order_with_its_escapes(
     assert done.returncode == 0, done.stderr
     uid, home = os.getuid(), os.environ["HOME"]
     assert trace.read_text().splitlines() == [
-        f"pre-build {uid} {home} amd64 amd64 /build %c",
+        f"pre-build {uid} {home} amd64 amd64 /build %c mine",
         f"post-build {uid} {home} nsb-hooks_1.0_amd64.changes found",
     ]
     assert inside.read_text().splitlines() == [
@@ -211,9 +227,10 @@ def test_every_stage_runs_in_its_place_in_order_with_its_escapes(
     assert titles == ["Pre Build Commands", "Chroot Setup Commands",
                       "Starting Timed Build Commands", "Finished Timed Build Commands",
                       "Chroot Cleanup Commands", "Post Build Commands"]  # fmt: skip
-    assert log.count("Exit status: 0 (") == 8
+    assert log.count("Exit status: 0 (") == 9
     # Each command's line as run, escapes replaced.
-    assert '\necho "chroot-setup $(id -u) $(pwd) /build %e" >> /build/trace\n' in log
+    assert '\necho "chroot-setup $(id -u) $(pwd) /build %e$NSB_HOOK_VAR" >> /build/trace\n' in log
+    assert "\nW: %SBUILD_CHROOT_DIR and %r are not available" in log
     assert "/chrootexec.py " in log and "\n%e cat" not in log  # %e replaced outside
 
 
