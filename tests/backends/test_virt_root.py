@@ -1,0 +1,119 @@
+"""autopkgtest-virt-nsbuild run by host root, with its defaults.
+
+Root's sandboxes run on root's subordinate range, never as host root: the
+sandbox's root must reach the session folder the server made (mode 0700,
+no other user of the host may) to mount the testbed's overlays from it. With
+the defaults (the environment's apt cache, the mirrors reachable) a testbed
+opens, apt updates and installs, and a later testbed finds the lists the
+first one fetched; without the tmpfs the testbed's writes land in the
+session folder, and the testbed opens as well.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from inputs import tarball
+from virt_helpers import SYSTEM_PATH, VENV_BIN
+
+from nsbuild.backends.virtproto import VirtServer
+
+pytestmark = pytest.mark.root
+
+LISTS = "/var/lib/apt/lists"
+MAIN_PACKAGES = "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages"
+APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-o", "APT::Install-Recommends=false"]
+
+
+@pytest.fixture
+def root_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Root's own config and cache, with the test tarball as `bookworm`.
+    Not pytest's tmp_path: for root that is below a 0700 folder, which the
+    subordinate ids cannot walk (a case of its own, not this one's)."""
+    d = Path(tempfile.mkdtemp(prefix="nsbuild-root-virt-", dir="/var/tmp"))
+    d.chmod(0o755)
+    chroot_d = d / "config" / "nsbuild" / "chroot.d"
+    chroot_d.mkdir(parents=True)
+    (chroot_d / "bookworm").write_text(
+        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
+        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
+    )
+    # Made here, open to walk: one nsbuild makes itself is private (0700),
+    # and closed to the subordinate ids too.
+    (d / "cache").mkdir(mode=0o755)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(d / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(d / "cache"))
+    monkeypatch.setenv("PATH", f"{VENV_BIN}:{SYSTEM_PATH}")
+    yield d
+    from nsbuild.envs.remove import remove_tree
+
+    remove_tree(d / "cache")
+    shutil.rmtree(d)
+
+
+def _run(cmd: list[str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cmd, *argv], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=600)  # fmt: skip
+
+
+def _ok(cmd: list[str], *argv: str) -> str:
+    done = _run(cmd, *argv)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _fetched_indexes(apt_output: str) -> list[str]:
+    return [ln for ln in apt_output.splitlines()
+            if re.match(r"Get:\d+ ", ln) and "Packages" in ln]  # fmt: skip
+
+
+def test_roots_testbed_with_the_defaults_runs_apt_and_keeps_its_lists(root_xdg: Path) -> None:
+    srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
+    try:
+        srv.open()
+        ex = srv.execute_command()
+        assert _ok(ex, "id", "-u").strip() == "0"
+        cold = _ok(ex, *APT, "update")
+        assert _fetched_indexes(cold), cold
+        _ok(ex, *APT, "install", "-y", "m4")
+        assert _run(ex, "m4", "--version").returncode == 0
+        # The testbed's writes stay its own: the cache is not writable inside.
+        _ok(ex, "sh", "-c", f"echo forged > {LISTS}/forged_Packages")
+
+        srv.revert()  # what apt fetched, once checked, goes into the cache
+        ex = srv.execute_command()
+        assert _run(ex, "dpkg", "-s", "m4").returncode != 0  # pristine again
+        assert _run(ex, "test", "-e", f"{LISTS}/forged_Packages").returncode != 0
+        assert "Candidate: (none)" not in _ok(ex, "apt-cache", "policy", "m4")
+        warm = _ok(ex, *APT, "update")
+        assert not _fetched_indexes(warm), warm
+        srv.close()
+    finally:
+        srv.stop()
+    cache = root_xdg / "cache" / "nsbuild" / "apt" / "bookworm"
+    assert (cache / "apt-lists" / MAIN_PACKAGES).is_file()
+    assert not (cache / "apt-lists" / "forged_Packages").exists()
+    # Nothing of the session is left behind for gc.
+    assert os.listdir(root_xdg / "cache" / "nsbuild" / "sessions") == []
+
+
+def test_roots_testbed_without_the_tmpfs_writes_in_its_session(root_xdg: Path) -> None:
+    srv = VirtServer(["autopkgtest-virt-nsbuild", "--no-tmpfs", "bookworm"])
+    try:
+        srv.open()
+        ex = srv.execute_command()
+        _ok(ex, "sh", "-c", "echo made > /etc/made && echo list > /var/lib/apt/lists/made")
+        assert _ok(ex, "cat", "/etc/made", "/var/lib/apt/lists/made") == "made\nlist\n"
+        srv.revert()
+        ex = srv.execute_command()
+        assert _run(ex, "test", "-e", "/etc/made").returncode != 0
+        srv.close()
+    finally:
+        srv.stop()
