@@ -20,47 +20,76 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nsbuild.debbuild.checks.inputs import CheckInputs
 from nsbuild.debbuild.result import BuildRequest, CheckResult
 from nsbuild.errors import NsbuildError
 from nsbuild.printable import printable
 
+if TYPE_CHECKING:
+    from nsbuild.debbuild.checks.autopkgtest import Running
+
 __all__ = ["CheckInputs", "run_checks", "summary_fields", "summary_lines", "terminal_line"]
 
 
-def _checks(req: BuildRequest) -> list[tuple[str, Callable[[CheckInputs], CheckResult]]]:
-    """The checks asked for, in sbuild's order, each as (name, run)."""
-    from nsbuild.debbuild.checks import autopkgtest, install, lintian
+def _in_session(req: BuildRequest) -> list[tuple[str, Callable[[CheckInputs], CheckResult]]]:
+    """The checks asked for that run in a session of their own, in sbuild's
+    order, each as (name, run)."""
+    from nsbuild.debbuild.checks import install, lintian
 
     chosen: list[tuple[str, Callable[[CheckInputs], CheckResult]]] = []
     if req.run_lintian:
         chosen.append((lintian.NAME, lintian.run))
     if req.run_piuparts:
         chosen.append((install.NAME, install.run))
-    if req.run_autopkgtest:
-        chosen.append((autopkgtest.NAME, autopkgtest.run))
     return chosen
 
 
 def run_checks(inputs: CheckInputs) -> list[CheckResult]:
-    """Run the checks the request asks for, in sbuild's order (lintian,
-    piuparts, autopkgtest); never raises for a check's own failure."""
+    """Run the checks the request asks for, reported in sbuild's order
+    (lintian, piuparts, autopkgtest); never raises for a check's own failure.
+
+    autopkgtest, a host program with testbeds of its own, starts first and
+    runs beside the others, which wait on lintian and apt in their sessions:
+    the checks take about the time of the longest, not of all together."""
+    from nsbuild.debbuild.checks import autopkgtest
+
     results: list[CheckResult] = []
-    checks = _checks(inputs.req)
-    if not checks:
+    in_session = _in_session(inputs.req)
+    if not in_session and not inputs.req.run_autopkgtest:
         return results
     with ExitStack() as stack:
         inputs = _with_source(stack, inputs)
-        for name, check in checks:
+        started: Running | NsbuildError | None = None
+        if inputs.req.run_autopkgtest:
+            inputs.say(f"      check: {autopkgtest.NAME} (beside the others)")
+            try:
+                started = autopkgtest.Running(inputs)
+                stack.callback(started.stop)
+            except NsbuildError as e:
+                started = e  # said in its place, after the others
+        for name, check in in_session:
+            inputs.say(f"      check: {name}")
             results.append(_run_one(inputs, name, check))
+        if started is not None:
+            results.append(_run_one(inputs, autopkgtest.NAME, _finisher(started)))
     return results
+
+
+def _finisher(started: Running | NsbuildError) -> Callable[[CheckInputs], CheckResult]:
+    def finish(inputs: CheckInputs) -> CheckResult:
+        if isinstance(started, NsbuildError):
+            inputs.log.section("autopkgtest")
+            raise started
+        return started.finish()
+
+    return finish
 
 
 def _run_one(
     inputs: CheckInputs, name: str, check: Callable[[CheckInputs], CheckResult]
 ) -> CheckResult:
-    inputs.say(f"      check: {name}")
     start = time.monotonic()
     try:
         result = check(inputs)

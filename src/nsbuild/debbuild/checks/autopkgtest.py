@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from nsbuild.debbuild.checks.inputs import CheckInputs
@@ -41,30 +42,66 @@ _RESULT = re.compile(r"^(\S+) +(PASS|FAIL|SKIP|FLAKY|NEUTRAL)\b", re.M)
 _VERDICTS = {0: "pass", 2: "pass", 8: "pass", 4: "fail", 6: "fail", 12: "fail", 14: "fail"}
 
 
+class Running:
+    """autopkgtest, started: it runs on the host beside the checks that run
+    in a session of their own (lintian, the install check), its output kept
+    apart until `finish()` puts it in its section of the log."""
+
+    def __init__(self, inputs: CheckInputs) -> None:
+        program = shutil.which("autopkgtest")
+        if program is None:
+            raise CheckError("autopkgtest is not installed on this machine (package autopkgtest)")
+        dsc = inputs.dsc()
+        if dsc is None:
+            raise CheckError("no source package to take the tests from: the .changes lists none")
+        sources = [] if inputs.source_in_changes() else [str(dsc)]
+        self.inputs = inputs
+        self.start = time.monotonic()
+        self._stack = ExitStack()
+        tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="nsbuild-ap-")))
+        self.summary_file = tmp / "summary"
+        self.argv = [program, *sources, str(inputs.changes), f"--summary-file={self.summary_file}",
+                     *with_server(inputs.req, inputs.environment)]  # fmt: skip
+        self.output = self._stack.enter_context(tempfile.TemporaryFile(dir=tmp))
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.output,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+        except OSError as e:
+            self._stack.close()
+            raise CheckError(f"cannot run {program}: {e.strerror}") from None
+
+    def finish(self) -> CheckResult:
+        """Wait for autopkgtest, then say in the log what it did."""
+        try:
+            status = self.proc.wait()
+            took = time.monotonic() - self.start
+            log = self.inputs.log
+            log.section("autopkgtest")
+            log.line(f"$ {' '.join(self.argv)}")
+            self.output.seek(0)
+            with log.command_output() as fd, os.fdopen(os.dup(fd), "wb") as out:
+                shutil.copyfileobj(self.output, out)
+            log.line(f"[nsbuild: autopkgtest exited {status} after {took:.1f}s]")
+            tests = read_summary(self.summary_file)
+        finally:
+            self.stop()
+        verdict = _VERDICTS.get(status, "error")
+        summary = describe(status, tests)
+        log.line(f"autopkgtest: {verdict} ({summary})")
+        details: dict[str, object] = {"exit_status": status, "tests": tests}
+        return CheckResult(NAME, verdict, summary, details, took)
+
+    def stop(self) -> None:
+        """End autopkgtest if it still runs (it tears its testbed down on
+        SIGTERM), and drop what it left; idempotent."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+        self._stack.close()
+
+
 def run(inputs: CheckInputs) -> CheckResult:
-    log = inputs.log
-    log.section("autopkgtest")
-    start = time.monotonic()
-    program = shutil.which("autopkgtest")
-    if program is None:
-        raise CheckError("autopkgtest is not installed on this machine (package autopkgtest)")
-    dsc = inputs.dsc()
-    if dsc is None:
-        raise CheckError("no source package to take the tests from: the .changes lists none")
-    sources = [] if inputs.source_in_changes() else [str(dsc)]
-    with tempfile.TemporaryDirectory(prefix="nsbuild-autopkgtest-") as tmp:
-        summary_file = Path(tmp) / "summary"
-        argv = [program, *sources, str(inputs.changes), f"--summary-file={summary_file}",
-                *with_server(inputs.req, inputs.environment)]  # fmt: skip
-        log.line(f"$ {' '.join(argv)}")
-        status = _run(argv, inputs)
-        log.line(f"[nsbuild: autopkgtest exited {status} after {time.monotonic() - start:.1f}s]")
-        tests = read_summary(summary_file)
-    verdict = _VERDICTS.get(status, "error")
-    summary = describe(status, tests)
-    log.line(f"autopkgtest: {verdict} ({summary})")
-    details: dict[str, object] = {"exit_status": status, "tests": tests}
-    return CheckResult(NAME, verdict, summary, details, time.monotonic() - start)
+    return Running(inputs).finish()
 
 
 def with_server(req: BuildRequest, environment: str) -> list[str]:
@@ -94,18 +131,6 @@ def server_program() -> str:
     if found is None:
         raise CheckError(f"{SERVER} not found beside {sys.executable} nor on PATH")
     return found
-
-
-def _run(argv: list[str], inputs: CheckInputs) -> int:
-    with inputs.log.command_output() as output:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
-        try:
-            return proc.wait()
-        except BaseException:
-            # Interrupted: autopkgtest tears its testbed down on SIGTERM.
-            proc.terminate()
-            proc.wait()
-            raise
 
 
 def read_summary(path: Path) -> dict[str, str]:

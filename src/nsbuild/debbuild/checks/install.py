@@ -20,7 +20,6 @@ Status "fail" on the first step that goes wrong, naming it and the files.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from nsbuild.debbuild import apt
@@ -49,9 +48,7 @@ def run(inputs: CheckInputs) -> CheckResult:
     if not debs:
         return CheckResult(NAME, "pass", "no .deb to install", {}, time.monotonic() - start)
     names = sorted({p.name.split("_", 1)[0] for p in debs})
-    with ExitStack() as stack:
-        backend = open_session(inputs.req, inputs.environment)
-        stack.callback(backend.close)
+    with open_session(inputs.req, inputs.environment) as backend:
         if not backend.capabilities.root_inside:
             raise CheckError("the backend has no root inside: nothing can be installed")
         steps = Steps(backend, log)
