@@ -24,7 +24,7 @@ from nsbuild.debbuild.driver import build
 from nsbuild.debbuild.dsc import load_dsc
 from nsbuild.debbuild.errors import BuildInputError
 from nsbuild.debbuild.inputs import check_build_path, check_out
-from nsbuild.debbuild.result import BuildRequest, BuildResult
+from nsbuild.debbuild.result import BuildRequest
 from nsbuild.errors import NsbuildError
 
 from .conftest import Env, make_package
@@ -95,25 +95,25 @@ def _sessions(env: Env) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.userns
-def test_a_binnmu_with_sbuilds_options(
-    bookworm_here: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_binnmu_with_sbuilds_options(bookworm: Env, tmp_path: Path) -> None:
     tree = _package(tmp_path, "nsb-nmu", arch="any")
     out = tmp_path / "out"
     # The user's own parallel=1 is kept when no --jobs is given (as sbuild).
-    monkeypatch.setenv("DEB_BUILD_OPTIONS", "parallel=1 nodoc")
-    request = BuildRequest(
-        input=tree, env="bookworm", out=out,
-        make_binnmu="Rebuild against libnsb2.\nSecond line.", binnmu=3,
-        maintainer="Build Daemon <buildd@nsbuild.invalid>",
-        uploader="An Uploader <uploader@nsbuild.invalid>",
-        dist="bookworm-backports", profiles=("nocheck,nsb.one", "nsb-two"),
-        # In order: the later one wins.
-        debbuildopts=("--changes-option=-DUrgency=low", "--changes-option=-DUrgency=high"),
+    env = dict(bookworm.vars, DEB_BUILD_OPTIONS="parallel=1 nodoc")
+    done = subprocess.run(
+        [*_nsbuild(), "build", "--env", "bookworm", "--out", str(out), "--json",
+         "--make-binNMU", "Rebuild against libnsb2.", "--binNMU", "3",
+         "-m", "Build Daemon <buildd@nsbuild.invalid>",
+         "-e", "An Uploader <uploader@nsbuild.invalid>",
+         "-d", "bookworm-backports", "-P", "nocheck,nsb.one,nsb-two",
+         # In order: the later one wins.
+         "--debbuildopt=--changes-option=-DUrgency=low",
+         "--debbuildopts=--changes-option=-DUrgency=high", str(tree)],
+        env=env, capture_output=True, text=True,
     )  # fmt: skip
-    result = build(request, progress=None)
-    assert result.status == "successful", result.message
-    names = sorted(a.name for a in result.artifacts)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    names = sorted(a["name"] for a in result["artifacts"])
     # --make-binNMU implies --no-arch-all; the results carry +b3, exactly.
     assert names == ["nsb-nmu_1.0+b3_amd64.buildinfo", "nsb-nmu_1.0+b3_amd64.changes",
                      "nsb-nmu_1.0+b3_amd64.deb"]  # fmt: skip
@@ -132,7 +132,7 @@ def test_a_binnmu_with_sbuilds_options(
     assert head == (
         "nsb-nmu (1.0+b3) bookworm-backports; urgency=low, binary-only=yes\n\n"
         "  * Binary-only non-maintainer upload for amd64; no source changes.\n"
-        "  * Rebuild against libnsb2.    Second line.\n"
+        "  * Rebuild against libnsb2.\n"
     )
     assert re.match(
         r"Build Daemon <buildd@nsbuild.invalid>  [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} "
@@ -143,7 +143,7 @@ def test_a_binnmu_with_sbuilds_options(
     # dpkg-buildpackage adds nocheck for the nocheck profile.
     assert seen["options"] == "parallel=1 nodoc nocheck"
     assert seen["pwd"] == "/build/nsb-nmu-1.0"
-    log = Path(result.log or "").read_text()
+    log = Path(result["log"]).read_text()
     assert "-Pnocheck,nsb.one,nsb-two" in log
 
 
@@ -176,24 +176,23 @@ def test_append_to_version_and_jobs(
 
 @pytest.mark.slow
 @pytest.mark.userns
-def test_tree_as_it_is_at_a_build_path_kept_to_enter(
-    bookworm_here: Env, tmp_path: Path
-) -> None:
+def test_tree_as_it_is_at_a_build_path_kept_to_enter(bookworm: Env, tmp_path: Path) -> None:
     tree = _package(tmp_path, "nsb-kept")
     # dpkg-source leaves *.o out of a source package: only the tree has it.
     (tree / "prebuilt.o").write_text("present\n")
     out = tmp_path / "out"
-    request = BuildRequest(
-        input=tree, env="bookworm", out=out, clean_source=False,
-        build_path="/srv/nsb/place", source_only_changes=True, purge_build="never",
+    done = bookworm.nsbuild(
+        "build", "--env", "bookworm", "--out", str(out), "--json", "--no-clean-source",
+        "--build-path", "/srv/nsb/place", "--source-only-changes", "--purge-build", "never",
+        str(tree),
     )  # fmt: skip
-    result = build(request, progress=None)
-    assert result.status == "successful", result.message
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
     seen = _record(out / "nsb-kept_1.0_all.deb", "nsb-kept")
     assert seen["marker"] == "present"
     assert seen["pwd"] == "/srv/nsb/place/nsb-kept-1.0"
     # The source-only .changes, as dpkg-genchanges -S makes it, beside the other.
-    names = sorted(a.name for a in result.artifacts)
+    names = sorted(a["name"] for a in result["artifacts"])
     assert "nsb-kept_1.0_source.changes" in names
     assert "nsb-kept_1.0_amd64.changes" in names
     source_only = _fields(out / "nsb-kept_1.0_source.changes")
@@ -201,13 +200,12 @@ def test_tree_as_it_is_at_a_build_path_kept_to_enter(
     assert "nsb-kept_1.0.dsc" in source_only["Files"]
     assert ".deb" not in source_only["Files"]
     # The session is kept, listed, entered by the command given, and ended.
-    assert result.session is not None
-    assert result.session.startswith("nsbuild session shell ")
-    session_id = result.session.split()[-1]
-    assert session_id in _sessions(bookworm_here)
-    listed = bookworm_here.nsbuild("session", "list")
+    assert result["session"].startswith("nsbuild session shell ")
+    session_id = result["session"].split()[-1]
+    assert session_id in _sessions(bookworm)
+    listed = bookworm.nsbuild("session", "list")
     assert session_id in listed.stdout, listed.stderr
-    inside = bookworm_here.nsbuild(
+    inside = bookworm.nsbuild(
         "session", "run", session_id, "--", "sh", "-c",
         "cat /srv/nsb/place/nsb-kept-1.0/record.txt; ls /srv/nsb/place /build",
     )  # fmt: skip
@@ -215,9 +213,9 @@ def test_tree_as_it_is_at_a_build_path_kept_to_enter(
     assert "pwd=/srv/nsb/place/nsb-kept-1.0" in inside.stdout
     assert "nsb-kept_1.0_all.deb" in inside.stdout
     assert "nsb-kept_1.0.dsc" in inside.stdout
-    ended = bookworm_here.nsbuild("session", "end", session_id)
+    ended = bookworm.nsbuild("session", "end", session_id)
     assert ended.returncode == 0, ended.stderr
-    assert session_id not in _sessions(bookworm_here)
+    assert session_id not in _sessions(bookworm)
 
 
 @pytest.mark.slow
@@ -231,6 +229,24 @@ def test_a_build_path_that_is_not_empty_is_refused(bookworm_here: Env, tmp_path:
     assert str(info.value) == said
     assert exit_status(info.value) == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+def test_a_build_path_swapped_for_a_link_is_not_collected(bookworm: Env, tmp_path: Path) -> None:
+    """/var/tmp lets the build user rename the build directory it owns: the
+    results are looked for there, never through the link left in its place."""
+    tree = make_package(
+        tmp_path, "nsb-swapdir",
+        builddeb="mv /var/tmp/nsb-p /var/tmp/nsb-q && ln -s nsb-q /var/tmp/nsb-p",
+    )  # fmt: skip
+    out = tmp_path / "out"
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out),
+                            "--build-path", "/var/tmp/nsb-p", str(tree))  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    said = "refusing to collect from /var/tmp/nsb-p: /var/tmp/nsb-p is not a plain directory"
+    assert said in done.stderr
+    assert not out.exists()
 
 
 # -- dpkg-source fails: named, in Prepare, before any dependency ----------------
@@ -257,23 +273,25 @@ def _truncate_orig(dsc: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.userns
 def test_a_source_that_does_not_unpack_is_named_before_dependencies(
-    bookworm_here: Env, hello_copy: Path
+    bookworm: Env, hello_copy: Path
 ) -> None:
     name = _truncate_orig(hello_copy)
     load_dsc(hello_copy)  # the sums match: only unpacking finds it out
     out = hello_copy.parent / "out"
-    with pytest.raises(BuildInputError) as info:
-        build(BuildRequest(input=hello_copy, env="bookworm", out=out), progress=None)
-    assert exit_status(info.value) == 2
-    said = str(info.value)
-    assert said.startswith(f"hello 2.10-3: dpkg-source -x failed on {name}: "), said
-    assert "dpkg-buildpackage" not in said
-    result: BuildResult = info.value.result  # type: ignore[attr-defined]
-    assert result.fail_stage == "unpack"
-    assert [p for p, _ in result.phases] == []
-    log = Path(result.log or "").read_text()
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out), "--json",
+                            str(hello_copy))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    said = [line for line in done.stderr.splitlines() if "dpkg-source" in line]
+    assert len(said) == 1, done.stderr
+    assert f"hello 2.10-3: dpkg-source -x failed on {name}: " in said[0]
+    assert "dpkg-buildpackage" not in done.stderr
+    result = json.loads(done.stdout)
+    assert result["fail_stage"] == "unpack"
+    assert result["phases"] == []
+    log = Path(result["log"]).read_text()
     assert "Fail-Stage: unpack" in log
     assert "Install build dependencies" not in log and "apt-get" not in log
+    assert not out.exists()
 
 
 # -- --shell-on-failure: the terminal or stderr, the build's environment --------
@@ -398,6 +416,19 @@ def test_binnmu_versions_and_build_type() -> None:
     req = BuildRequest(input=Path("x.dsc"), make_binnmu="r", binnmu=0, append_to_version="~x1")
     assert binnmu.version("2.0-1", req) == "2.0-1~x1"
     assert binnmu.version("2.0-1", BuildRequest(input=Path("x.dsc"))) == "2.0-1"
+
+
+def test_binnmu_entry_as_sbuild_writes_it() -> None:
+    req = BuildRequest(input=Path("x.dsc"), make_binnmu="Rebuild.\nSecond line.",
+                       append_to_version="~x1", maintainer="A B <a@b.invalid>")  # fmt: skip
+    # 2024-02-29 13:05:09 UTC, a Thursday.
+    assert binnmu.entry("nsb", "1.0~x1+b1", "sid", "arm64", req, when=1709211909) == (
+        "nsb (1.0~x1+b1) sid; urgency=low, binary-only=yes\n\n"
+        "  * Append ~x1 to version number; no source changes\n"
+        "  * Binary-only non-maintainer upload for arm64; no source changes.\n"
+        "  * Rebuild.    Second line.\n\n"
+        " -- A B <a@b.invalid>  Thu, 29 Feb 2024 13:05:09 +0000\n\n"
+    )
 
 
 def test_results_are_taken_at_exactly_the_builds_version(hello_copy: Path) -> None:

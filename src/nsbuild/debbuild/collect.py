@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from nsbuild.backends.base import MAX_COPY_OUT
+from nsbuild.backends.base import MAX_COPY_OUT, STDOUT
 from nsbuild.debbuild.dsc import SourcePackage
 from nsbuild.debbuild.errors import BuildFailed
 from nsbuild.debbuild.result import Artifact
@@ -30,6 +30,15 @@ _ORIG = re.compile(r"\.orig(-[A-Za-z0-9][A-Za-z0-9-]*)?\.tar\.[a-z0-9]+(\.asc)?$
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_-]{0,254}")
 _DEB_NAME = re.compile(
     r"([a-z0-9][a-z0-9.+-]*)_([0-9][A-Za-z0-9.+~-]*)_([a-z0-9-]+)\.(deb|udeb|ddeb)"
+)
+
+
+# Every component of the build directory a directory, none a symbolic link
+# (a --build-path in a world-writable place can be renamed by its owner).
+_PLAIN_DIR = (
+    'set -f; p=""; IFS=/; for part in ${1#/}; do p="$p/$part"; '
+    'if [ -L "$p" ] || [ ! -d "$p" ]; then echo "$p is not a plain directory" >&2; exit 3; fi; '
+    "done"
 )
 
 
@@ -112,6 +121,11 @@ def collect(
     backend, log = steps.backend, steps.log
     log.section("Collect")
     work = where or backend.work_dir
+    # Nothing of the build runs any more (each command's processes end with
+    # it): a build directory found plain now stays so while it is read.
+    status, why = backend.check_output(["sh", "-c", _PLAIN_DIR, "collect", work], stderr=STDOUT)
+    if status != 0:
+        raise BuildFailed(f"refusing to collect from {work}: {printable(why.strip(), 300)}")
     status, text = backend.check_output(["ls", "-1", "--", work])
     found = [n for n in text.splitlines() if n in own.changes]
     extra = own.source_only if own.source_only in found and len(found) > 1 else None
