@@ -116,11 +116,11 @@ class _Build:
                 err.result = self.result  # type: ignore[attr-defined]
                 raise err from None
             except NsbuildError as e:
-                if isinstance(e, _PACKAGE_FAILED):
-                    with contextlib.suppress(OSError):
-                        self._publish_layer()
                 if not isinstance(e, NotDelivered):
                     self._failed_hooks()
+                if isinstance(e, (*_PACKAGE_FAILED, NotDelivered)):
+                    with contextlib.suppress(OSError):
+                        self._publish_layer()
                 self._finish(_status(e), str(e))
                 e.result = self.result  # type: ignore[attr-defined]
                 raise
@@ -231,7 +231,6 @@ class _Build:
         collected = collect(steps, pkg, own, results, built.dir)
         self.result.artifacts = collected.artifacts
         sections.package_contents(steps, user, built.dir, (a.name for a in collected.artifacts))
-        self._publish_layer()
         self._phase_done(3, t3)
         changes = next(a.name for a in collected.artifacts if a.name.endswith(".changes"))
         facts.changes = f"{built.dir}/{changes}"
@@ -250,6 +249,9 @@ class _Build:
         self.result.fail_stage = "post-build"
         hooks.run("post-build")
         self.result.fail_stage = None
+        # Last: publishing moves the directory the session has as a lower,
+        # and the commands above may still run inside (the exec escape).
+        self._publish_layer()
 
     def _deliver(self, stack: ExitStack, inputs: Inputs, collected: Collected) -> None:
         assert self.logs is not None  # results exist only once the log does
