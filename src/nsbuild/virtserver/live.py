@@ -57,6 +57,7 @@ class LiveSandbox:
 
         stack = self._stack
         try:
+            _let_sandbox_root_walk(self.testbed.session_dir)
             opts = self.testbed.net.options()
             allow = opts.mode == "allow"
             mirrors = self.testbed.mirrors if allow else ()
@@ -105,6 +106,27 @@ class LiveSandbox:
         """What the execute helper needs to find this sandbox (see execute.py)."""
         return [str(self.pid), str(self.start_time), self.testbed.net.mode, self.cgroup or "-",
                 "deny-setid" if self.deny_setid else "-"]  # fmt: skip
+
+
+def _let_sandbox_root_walk(folder: str) -> None:
+    """Let the sandbox's root walk into the session folder, where the
+    testbed's overlays have their upper and work dirs (the apt cache's, and
+    the root's without a tmpfs): run by host root, the sandbox's root is the
+    first id of root's subordinate range, for which a folder of host root's
+    of mode 0700 is closed. Its group gets search permission only: it cannot
+    list or change the folder, and no other user of the host gets anything."""
+    from nsbuild.envs.owner import sandbox_root_ids
+
+    ids = sandbox_root_ids()
+    if ids is None:
+        return  # the sandbox's root is the caller: the folder is its own
+    fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        here = f"/proc/self/fd/{fd}"
+        os.chown(here, -1, ids[1])
+        os.chmod(here, 0o710)
+    finally:
+        os.close(fd)
 
 
 def _say_denied(plan: NetPlan) -> None:
