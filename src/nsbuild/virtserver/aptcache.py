@@ -125,7 +125,7 @@ class AptCache:
     def snapshot(self, lowers: Sequence[str]) -> None:
         """Hard links of the cached files, for the testbed to see; and the
         apt keys of the environment's pristine layers `lowers` (top first)."""
-        from nsbuild.envs.owner import give_to_sandbox_root
+        from nsbuild.envs.owner import give_to_sandbox_root, sandbox_root_ids
 
         for name in MOUNTS:
             parts = [self.dir / name / sub for sub in ("lower", "upper", "work")]
@@ -135,6 +135,7 @@ class AptCache:
         self._keyring(lowers)
         # The owner's alone: another user must not plant a .deb or a list here.
         self.cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ids = sandbox_root_ids()
         with _locked(self.cache / ".lock", fcntl.LOCK_SH, self.notice):
             for name, pattern in ((LISTS, _LIST_RE), (ARCHIVES, DEB_RE)):
                 for fname, src in _files(self.cache / name, pattern).items():
@@ -145,6 +146,13 @@ class AptCache:
                         # Another filesystem, or a file of another owner where
                         # hard links are protected: a copy does as well.
                         shutil.copy2(src, dst)
+                    if ids is not None:
+                        # Run by root: a file of host root's is nobody's in
+                        # the testbed, and apt cannot hand it to _apt and
+                        # back. The sandbox's root may own the cache's file
+                        # too (the link's): it reaches no cache by path, and
+                        # the overlay never writes to its lower layer.
+                        os.chown(dst, *ids, follow_symlinks=False)
 
     def _keyring(self, lowers: Sequence[str]) -> None:
         """One binary keyring of the layers' apt keys (armoured ones decoded):
