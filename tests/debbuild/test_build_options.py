@@ -220,6 +220,30 @@ def test_tree_as_it_is_at_a_build_path_kept_to_enter(bookworm: Env, tmp_path: Pa
 
 @pytest.mark.slow
 @pytest.mark.userns
+def test_purge_build_successful_keeps_a_failed_builds_session(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    tree = make_package(tmp_path, "nsb-keepfail",
+                        build="echo left by the failed build > failed-marker\nfalse")  # fmt: skip
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path / "out"),
+                            "--json", "--purge-build", "successful", str(tree))  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    session_id = json.loads(done.stdout)["session"].split()[-1]
+    inside = bookworm.nsbuild("session", "run", session_id, "--",
+                              "cat", "/build/nsb-keepfail-1.0/failed-marker")  # fmt: skip
+    assert inside.stdout == "left by the failed build\n", inside.stderr
+    assert bookworm.nsbuild("session", "end", session_id).returncode == 0
+    # A successful build's session goes, as with sbuild.
+    tree = make_package(tmp_path / "ok", "nsb-keepok")
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path / "out2"),
+                            "--json", "--purge-build", "successful", str(tree))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["session"] is None
+    assert _sessions(bookworm) == []
+
+
+@pytest.mark.slow
+@pytest.mark.userns
 def test_a_build_path_that_is_not_empty_is_refused(bookworm_here: Env, tmp_path: Path) -> None:
     tree = _package(tmp_path, "nsb-full")
     request = BuildRequest(input=tree, env="bookworm", out=tmp_path / "out", build_path="/etc/apt")

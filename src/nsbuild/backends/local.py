@@ -318,7 +318,9 @@ class LocalBackend(Backend):
         persistent session (`nsbuild session list`, `shell`, `end`), renamed
         so that the build's own clean-up finds nothing to delete. The build
         directory moves into the session's tree, at /build as the build saw
-        it; the apt caches' overlays are the build's alone and go."""
+        it; the dependency layers it runs on are linked into it (the store
+        may move or drop them once the build ends); the apt caches' overlays
+        are the build's alone and go. Call it before the layer is published."""
         from dataclasses import replace
 
         from nsbuild.envs.owner import give_to_sandbox_root
@@ -329,29 +331,49 @@ class LocalBackend(Backend):
         session, build = self._session, self._build_dir
         if session is None or build is None or session.config.type == "host":
             return None
-        inside = session.upper / WORK_DIR.lstrip("/")
-        if os.path.lexists(inside):
-            return None  # something inside wrote /build under the bind: not merged
-        # Moving a directory to another parent needs its owner's rights on
-        # it: the sandbox's root, which the host caller is or may act as.
-        if self.run(["chown", "0:0", WORK_DIR]) != 0:
-            return None
-        os.rename(build, inside)
+        if os.path.lexists(session.upper / WORK_DIR.lstrip("/")):
+            raise BackendError("cannot keep the session: its /build was written under the bind")
+        layers = [Path(p) for p in session.lowers[:-1]]  # the base is last
+        gone = [p for p in layers if not p.is_dir()]
+        if gone:
+            raise BackendError(f"cannot keep the session: its layer {gone[0]} is gone")
+        own = [session.dir / f"layer{i}" for i in range(len(layers))]
+        self._keep_in_userns(session.dir, build, layers)
         remove_tree(session.dir / "cache")
         # A throwaway session's overlay is volatile, which leaves a mark in
         # its work directory that a later (persistent) mount refuses.
         remove_tree(session.work)
         session.work.mkdir()
         give_to_sandbox_root(session.work)
-        kept = replace(session, id=f"{session.config.name}-{secrets.token_hex(4)}",
-                       kind="persistent", owner=None)  # fmt: skip
-        kept = replace(kept, dir=session.dir.parent / kept.id)
+        kept_id = f"{session.config.name}-{secrets.token_hex(4)}"
+        kept_dir = session.dir.parent / kept_id
+        kept = replace(session, id=kept_id, dir=kept_dir, kind="persistent", owner=None,
+                       lowers=(*(str(kept_dir / p.name) for p in own), *session.lowers[-1:]))
         os.rename(session.dir, kept.dir)
         # Until this record is written the session is still throwaway, of
         # this (live, then dead) process: a crash here leaves what gc removes.
         write_record(kept.dir / RECORD, kept.to_json())
         self._session, self._build_dir = kept, None
         return f"nsbuild session shell {kept.id}"
+
+    def _keep_in_userns(self, session_dir: Path, build: Path, layers: list[Path]) -> None:
+        """Move the build directory into the session's upper layer, and link
+        (else copy) each layer into the session: in a user namespace with the
+        session's id map, where the build user's files are ours to move."""
+        from nsbuild.sandbox import Bind, Sandbox, Tmpfs, host_view, spawn
+
+        # One mount for everything, so that links stay on it (no EXDEV).
+        top = Path(os.path.commonpath([session_dir, build, *layers]))
+        if top == Path("/"):
+            raise BackendError("cannot keep the session: its layers are on another tree")
+        rel = [f"/top/{p.relative_to(top)}" for p in (session_dir, build, *layers)]
+        script = 'set -e; s=$1; mv -- "$2" "$s/upper/build"; shift 2; i=0; for l; do ' \
+                 'cp -al -- "$l" "$s/layer$i" 2>/dev/null || { rm -rf -- "$s/layer$i"; ' \
+                 'cp -a -- "$l" "$s/layer$i"; }; i=$((i+1)); done'  # fmt: skip
+        spec = Sandbox(argv=("sh", "-c", script, "keep", *rel), idmap=self._idmap,
+                       root=Tmpfs("/"), mounts=(*host_view(), Bind(str(top), "/top", private=True)))
+        if spawn(spec).wait() != 0:
+            raise BackendError(f"cannot keep the session: moving {build} into it failed")
 
     def describe(self) -> str:
         base = (self._session.base or "")[:12]
