@@ -6,7 +6,9 @@ no other user of the host may) to mount the testbed's overlays from it. With
 the defaults (the environment's apt cache, the mirrors reachable) a testbed
 opens, apt updates and installs, and a later testbed finds the lists the
 first one fetched; without the tmpfs the testbed's writes land in the
-session folder, and the testbed opens as well.
+session folder, and the testbed opens as well. Under a cache folder closed
+to the subordinate ids the sessions copy their environment, and a testbed
+still opens and installs, its apt working in the session alone.
 """
 
 from __future__ import annotations
@@ -32,11 +34,10 @@ MAIN_PACKAGES = "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages
 APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-o", "APT::Install-Recommends=false"]
 
 
-@pytest.fixture
-def root_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Root's own config and cache, with the test tarball as `bookworm`.
-    Not pytest's tmp_path: for root that is below a 0700 folder, which the
-    subordinate ids cannot walk (a case of its own, not this one's)."""
+def _root_home(monkeypatch: pytest.MonkeyPatch, cache_mode: int) -> Path:
+    """Root's own config and cache (XDG_CACHE_HOME of `cache_mode`), with the
+    test tarball as `bookworm`. Not pytest's tmp_path: for root that is below
+    a 0700 folder."""
     d = Path(tempfile.mkdtemp(prefix="nsbuild-root-virt-", dir="/var/tmp"))
     d.chmod(0o755)
     chroot_d = d / "config" / "nsbuild" / "chroot.d"
@@ -45,17 +46,36 @@ def root_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
         "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
     )
-    # Made here, open to walk: one nsbuild makes itself is private (0700),
-    # and closed to the subordinate ids too.
-    (d / "cache").mkdir(mode=0o755)
+    (d / "cache").mkdir()
+    (d / "cache").chmod(cache_mode)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(d / "config"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(d / "cache"))
     monkeypatch.setenv("PATH", f"{VENV_BIN}:{SYSTEM_PATH}")
-    yield d
+    return d
+
+
+def _remove(d: Path) -> None:
     from nsbuild.envs.remove import remove_tree
 
     remove_tree(d / "cache")
     shutil.rmtree(d)
+
+
+@pytest.fixture
+def root_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An XDG_CACHE_HOME the subordinate ids may walk (mode 0755)."""
+    d = _root_home(monkeypatch, 0o755)
+    yield d
+    _remove(d)
+
+
+@pytest.fixture
+def closed_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An XDG_CACHE_HOME of root's alone (mode 0700): the subordinate ids
+    cannot walk into the cache, so sessions copy their environment."""
+    d = _root_home(monkeypatch, 0o700)
+    yield d
+    _remove(d)
 
 
 def _run(cmd: list[str], *argv: str) -> subprocess.CompletedProcess[str]:
@@ -125,6 +145,20 @@ def test_roots_testbed_without_the_tmpfs_writes_in_its_session(root_xdg: Path) -
         srv.revert()
         ex = srv.execute_command()
         assert _run(ex, "test", "-e", "/etc/made").returncode != 0
+        srv.close()
+    finally:
+        srv.stop()
+
+
+def test_roots_testbed_under_a_closed_cache_folder_opens_and_installs(closed_xdg: Path) -> None:
+    srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
+    try:
+        srv.open()
+        ex = srv.execute_command()
+        _ok(ex, *APT, "install", "-y", "m4")
+        assert _run(ex, "m4", "--version").returncode == 0
+        srv.revert()
+        assert _run(srv.execute_command(), "dpkg", "-s", "m4").returncode != 0
         srv.close()
     finally:
         srv.stop()

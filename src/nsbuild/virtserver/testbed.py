@@ -149,7 +149,10 @@ class Testbed:
         # Under the session folder, which only its owner reaches (server.py):
         # setuid programs the testbed makes there stay out of other users' way.
         mounts.append(Bind(str(self.downtmp_host), DOWNTMP, private=True))
-        if self.apt_cache:
+        # A session that copied its environment could not mount an overlay
+        # in the session folder (overlayfs refused, or a folder above closed
+        # to the sandbox's root): apt then works in the session alone.
+        if self.apt_cache and not session.copied:
             from nsbuild.virtserver.aptcache import AptCache
 
             layers = session.lowers if session.config.type != "host" else ()
