@@ -110,7 +110,12 @@ def _with_source(stack: ExitStack, inputs: CheckInputs) -> CheckInputs:
     from nsbuild.debbuild.dsc import load_dsc
 
     keep = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsbuild-checks-")))
-    return replace(inputs, source_files=load_dsc(req.input, keep=keep).paths())
+    try:
+        return replace(inputs, source_files=load_dsc(req.input, keep=keep).paths())
+    except NsbuildError as e:
+        # The checks that need it say so; the others run.
+        inputs.log.line(f"The source package is not available to the checks: {e}")
+        return inputs
 
 
 def terminal_line(check: CheckResult) -> str:
