@@ -137,7 +137,6 @@ def make_request(values: dict[str, Any], input: Path, backend_args: tuple[str, .
         run_autopkgtest=v["run_autopkgtest"],
         autopkgtest_opts=tuple(v["autopkgtest_opts"]),
         run_piuparts=v["run_piuparts"],
-        piuparts_opts=tuple(v["piuparts_opts"]),
     )  # fmt: skip
 
 

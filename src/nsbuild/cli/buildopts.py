@@ -145,8 +145,7 @@ SETTINGS = {s.name: s for s in (
     *(S(f"{stage.replace('-', '_')}_commands", [], _word, repeat=True)
       for stage in COMMAND_STAGES),
     *(S(name, False) for name in ("run_lintian", "run_autopkgtest", "run_piuparts")),
-    *(S(f"{name}_opts", [], _word, repeat=True)
-      for name in ("lintian", "autopkgtest", "piuparts")),
+    *(S(f"{name}_opts", [], _word, repeat=True) for name in ("lintian", "autopkgtest")),
 )}  # fmt: skip
 
 Opt = Option
@@ -231,7 +230,7 @@ OPTIONS: tuple[Option, ...] = (
     *(Opt((f"--{stage}-commands",), f"{stage.replace('-', '_')}_commands", "append",
         f"run this /bin/sh command at sbuild's {stage} stage (repeatable)", "CMD")
       for stage in COMMAND_STAGES),
-    *(opt for name in ("lintian", "autopkgtest", "piuparts") for opt in (
+    *(opt for name in ("lintian", "autopkgtest") for opt in (
         Opt((f"--run-{name}",), f"run_{name}", "true", f"run {name} after a successful build"),
         Opt((f"--no-run-{name}",), f"run_{name}", "false", f"do not run {name} (default)"),
         Opt((f"--{name}-opt",), f"{name}_opts", "append",
@@ -239,6 +238,10 @@ OPTIONS: tuple[Option, ...] = (
         Opt((f"--{name}-opts",), f"{name}_opts", "split",
           f"more {name} arguments, split on white space (repeatable)", "OPTS"),
     )),
+    Opt(("--run-piuparts",), "run_piuparts", "true",
+      "run nsbuild's install check after a successful build (piuparts' core: install, "
+      "configure, purge, files left behind)"),
+    Opt(("--no-run-piuparts",), "run_piuparts", "false", "do not run the install check (default)"),
 )  # fmt: skip
 del Opt, S
 
@@ -285,6 +288,8 @@ REFUSED: dict[str, tuple[bool, str]] = {
                                          "--post-build-failed-commands"),
     "--log-external-command-output": (False, "nsbuild logs external commands' output always"),
     "--log-external-command-error": (False, "nsbuild logs external commands' output always"),
+    "--piuparts-opt": (True, "nsbuild's install check takes no piuparts options"),
+    "--piuparts-opts": (True, "nsbuild's install check takes no piuparts options"),
     "--piuparts-root-arg": (True, "the checks run inside nsbuild's own sessions"),
     "--piuparts-root-args": (True, "the checks run inside nsbuild's own sessions"),
     "--autopkgtest-root-arg": (True, "the checks run inside nsbuild's own sessions"),

@@ -56,7 +56,6 @@ class BuildRequest:
     run_autopkgtest: bool = False
     autopkgtest_opts: tuple[str, ...] = ()
     run_piuparts: bool = False
-    piuparts_opts: tuple[str, ...] = ()
 
     def commands_for(self, stage: str) -> tuple[str, ...]:
         """The external commands of one stage, in the order given."""
