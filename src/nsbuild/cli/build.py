@@ -58,7 +58,8 @@ def register(sub: Any) -> None:
             "Accepted and doing nothing, as nsbuild does that anyway: "
             f"{', '.join(NO_OPS)}.",
         ) + "\n\nexit status:\n"
-        "  0    the package built\n"
+        "  0    the package built (also when a check after it failed, as sbuild: see the\n"
+        "       `check` lines on stderr and `checks` in --json)\n"
         f"  {BUILD_FAILED}    the package's own build failed, or a result it made was refused\n"
         f"  {USAGE}    bad options, configuration or input\n"
         f"  {UNSATISFIABLE}    the build dependencies cannot be installed\n"
@@ -175,6 +176,8 @@ def handler(args: argparse.Namespace) -> int:
         print(f"nsbuild build: {printable(str(e), MESSAGE_LIMIT)}", file=sys.stderr)
         if partial is not None and partial.log:
             print(f"nsbuild build: log: {printable(partial.log)}", file=sys.stderr)
+        if partial is not None:
+            _say_session(partial.session)
         return status
     if as_json:
         doc = result.to_json()
@@ -188,8 +191,23 @@ def handler(args: argparse.Namespace) -> int:
     summary = counts.denied_line() if counts is not None else _denied_line(result.network_records)
     if summary:
         print(f"nsbuild build: {summary}", file=sys.stderr)
+    from nsbuild.debbuild.checks import summary_lines
+
+    for line in summary_lines(result.checks):
+        print(f"nsbuild build: {line}", file=sys.stderr)
+    _say_session(result.session)
     print(f"nsbuild build: log: {printable(str(result.log))}", file=sys.stderr)
     return 0
+
+
+def _say_session(enter: str | None) -> None:
+    """How to enter the session --purge-build kept, and how to end it."""
+    from nsbuild.printable import printable
+
+    if enter:
+        ident = enter.split()[-1]
+        print(f"nsbuild build: session kept: {printable(enter)} "
+              f"(end it with: nsbuild session end {printable(ident)})", file=sys.stderr)
 
 
 # Long enough for a list of unmet dependencies, short enough for a terminal.

@@ -67,6 +67,13 @@ def _text(text: str) -> str:
     return text
 
 
+def _entry(text: str) -> str:
+    """A changelog entry's text: lines, as sbuild takes it (binnmu.py indents them)."""
+    if not text.strip() or any((ord(c) < 32 and c != "\n") or ord(c) == 127 for c in text):
+        raise BadSetting(f"{text!r} is empty or holds a control character other than newline")
+    return text
+
+
 def _word(text: str) -> str:
     """A name or a command line: no control characters, not empty."""
     if not text or any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
@@ -129,7 +136,7 @@ SETTINGS = {s.name: s for s in (
     *(S(f"add_{rel}{part}", [], _word, repeat=True)
       for rel in ("depends", "conflicts") for part in ("", "_arch", "_indep")),
     S("binnmu", None, _int_at_least(0)),
-    S("make_binnmu", None, _text),
+    S("make_binnmu", None, _entry),
     S("append_to_version", None, _word),
     S("maintainer", None, _text),
     S("uploader", None, _text),

@@ -3,7 +3,9 @@
 Layers raise typed errors that say what went wrong; only the command line
 turns an error into a number, here.
 
-    0      success
+    0      success (`nsbuild build`: also when a check after the build
+           failed, as sbuild by default; see the `check` lines on stderr
+           and `checks` in --json)
     1      `nsbuild build`: the package's own build failed, or a result it
            made was refused (the log is kept); `nsbuild gc`: something was
            left that could not be removed
