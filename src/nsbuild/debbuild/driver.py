@@ -46,7 +46,8 @@ from nsbuild.debbuild.errors import (
     BuildInterrupted,
     UnsatisfiableDependencies,
 )
-from nsbuild.debbuild.hooks import Facts, Hooks
+from nsbuild.debbuild.extrarepo import allowed_hosts
+from nsbuild.debbuild.hooks import CommandFailed, Facts, Hooks
 from nsbuild.debbuild.inputs import Inputs, check_inputs, work_dir
 from nsbuild.debbuild.layers import PendingLayer
 from nsbuild.debbuild.log import BuildLog
@@ -118,9 +119,11 @@ class _Build:
             except NsbuildError as e:
                 if not isinstance(e, NotDelivered):
                     self._failed_hooks()
+                if isinstance(e, CommandFailed):
+                    self.result.fail_stage = e.fail_stage  # sbuild's name for it
                 if isinstance(e, (*_PACKAGE_FAILED, NotDelivered)):
                     with contextlib.suppress(OSError):
-                        self._publish_layer()
+                        self._publish_layer(_status(e))
                 self._finish(_status(e), str(e))
                 e.result = self.result  # type: ignore[attr-defined]
                 raise
@@ -151,6 +154,8 @@ class _Build:
             BackendOptions(
                 env=env_name,
                 args=self.req.backend_args,
+                # An extra repository's host, for the dependency phase only.
+                allow=allowed_hosts(self.req),
                 caches=("apt-lists", "apt-archives") if self.req.use_cache else (),
                 net_log=str(net_log),
                 debug=self.req.debug,
@@ -191,7 +196,7 @@ class _Build:
         deps = DepsPhase(steps, self.req, pkg, arch, inputs.extras, env_name, self.progress.say)
         try:
             installed = deps.run(stack)
-        except UnsatisfiableDependencies:
+        except NsbuildError:
             hooks.run("build-deps-failed")
             raise
         self.stats.install_seconds = installed.seconds
@@ -212,7 +217,14 @@ class _Build:
         built = phases.build(steps, pkg, user, self.req, tree)
         self.stats.build_seconds, self.stats.space = built.seconds, built.space
         self._phase_done(2, t2)
+        # sbuild's order: finished-build whatever dpkg-buildpackage did; after
+        # a failure, chroot-cleanup, then build-failed.
+        self.result.fail_stage = "finished-build"
+        hooks.run("finished-build")
         if built.failed is not None:
+            self.result.fail_stage = "chroot-cleanup"
+            hooks.run("chroot-cleanup")
+            self.result.fail_stage = "build"
             hooks.run("build-failed")
             if self.req.shell_on_failure:
                 self.progress.say(
@@ -220,8 +232,6 @@ class _Build:
                 )
                 phases.shell(steps, user, built.tree, built.env)
             raise BuildFailed(f"{pkg.source} {pkg.version}: {built.failed}")
-        self.result.fail_stage = "finished-build"
-        hooks.run("finished-build")
 
         t3 = time.monotonic()
         self.progress.say(f"[4/4] {PHASES[3]}")
@@ -251,7 +261,7 @@ class _Build:
         self.result.fail_stage = None
         # Last: publishing moves the directory the session has as a lower,
         # and the commands above may still run inside (the exec escape).
-        self._publish_layer()
+        self._publish_layer("successful")
 
     def _deliver(self, stack: ExitStack, inputs: Inputs, collected: Collected) -> None:
         assert self.logs is not None  # results exist only once the log does
@@ -261,20 +271,32 @@ class _Build:
         self.out_dir = out_dir
 
     def _failed_hooks(self) -> None:
-        """sbuild's commands of a build that did not succeed: each stage's own
-        failure is the one reported, whatever these do."""
+        """sbuild's post-build-failed commands: the build's own failure is the
+        one reported, whatever they do."""
         if self.hooks is None:
             return
-        for stage in ("chroot-cleanup", "post-build-failed"):
-            with contextlib.suppress(NsbuildError):
-                self.hooks.run(stage)
+        with contextlib.suppress(NsbuildError):
+            self.hooks.run("post-build-failed")
 
-    def _publish_layer(self) -> None:
-        """Publish the layer this build kept, if any (see PendingLayer)."""
+    def _publish_layer(self, status: str) -> None:
+        """Publish the layer this build kept, if any (see PendingLayer); a
+        session kept for --purge-build is kept first, as publishing moves
+        the layer it runs on."""
+        self._keep(status)
         pending, self.pending = self.pending, None
         if pending is not None and self.logs is not None:
             if not pending.publish(self.logs.log):
                 self.result.dependency_layer = None
+
+    def _keep(self, status: str) -> None:
+        """--purge-build: keep the session (once), and say why when it cannot be."""
+        if self.backend is None or self.result.session is not None:
+            return
+        if _keep_session(self.req.purge_build, status):
+            try:
+                self.result.session = self.backend.keep_session()
+            except (NsbuildError, OSError) as e:
+                self.progress.say(f"the session is not kept: {e}")
 
     def _phase_done(self, index: int, start: float) -> None:
         took = time.monotonic() - start
@@ -292,9 +314,7 @@ class _Build:
                 res.network_records = self.backend.network_records()
             with contextlib.suppress(Exception):
                 res.network_summary = self.backend.network_summary()
-        if self.backend is not None and _keep_session(self.req.purge_build, status):
-            with contextlib.suppress(Exception):
-                res.session = self.backend.keep_session()
+        self._keep(status)
         if self.logs is None or self.logs_placed:
             return
         self.logs_placed = True

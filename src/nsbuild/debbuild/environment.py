@@ -27,7 +27,8 @@ def environment(
         if req.backend == "local":
             from nsbuild.envs.config import load_config
 
-            load_config().get(req.env)
+            # An alias names the environment: results and logs say its name.
+            return load_config().get(req.env).name, None
         return req.env, None
     choice = choose(req.dist or pkg.distribution())
     # Environments are the local backend's: another backend gets the name
