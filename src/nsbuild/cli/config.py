@@ -84,6 +84,7 @@ def _read(path: Path) -> dict[str, Any] | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{path}: not a regular file")
+        _check_owner(path, st)
         data = os.read(fd, MAX_FILE + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
@@ -95,8 +96,11 @@ def _read(path: Path) -> dict[str, Any] | None:
         doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        # ValueError: an integer of more digits than Python converts.
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deep") from None
     for name in doc:
         if name != TABLE:
             raise ConfigError(f"{path}: {name}: unknown table or key (settings go in [{TABLE}])")
@@ -104,6 +108,21 @@ def _read(path: Path) -> dict[str, Any] | None:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: {TABLE}: not a table")
     return table
+
+
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """The file's commands run as the caller, and its keys and repositories
+    are trusted: it must be the caller's (or root's) and writable by no one
+    else, as ssh wants of ~/.ssh/config. The caller's own primary group may
+    write it (a private group, where umask is 002)."""
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise ConfigError(f"{path}: owned by uid {st.st_uid}, not by you (uid {me}) or root: "
+                          "not used")  # fmt: skip
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o002 or (mode & 0o020 and st.st_gid != os.getegid()):
+        raise ConfigError(f"{path}: writable by others (mode {mode:04o}): not used; "
+                          f"chmod go-w {path}")  # fmt: skip
 
 
 def _strings(value: object) -> list[str] | None:
