@@ -18,7 +18,9 @@
 
 The top folder is private (mode 0700, see `ensure_private`): below it lie
 unpacked bases with world-writable directories and setuid files, and open
-sessions' trees; no other local user may walk into them.
+sessions' trees; no other local user may walk into them. Folders above it
+that nsbuild makes are 0700 too, but 0711 for root, whose sandboxes (its
+subordinate ids, owners of its cache) must walk through them to mount there.
 
 Everything being created is first made under a `.tmp-PID-START-RANDOM` name
 and renamed into place when complete, so a crash leaves only names that say
@@ -147,13 +149,23 @@ def _judge_ancestor(root: Path, path: str, st: os.stat_result) -> None:
     )
 
 
+def _new_folder_mode() -> int:
+    """0700 as XDG asks; for root 0711, so that its sandboxes, which own the
+    cache but not the folders above, may walk through (none may list them):
+    a folder closed to them forces every session to copy its environment."""
+    from nsbuild.envs.owner import sandbox_root_ids
+
+    return 0o700 if sandbox_root_ids() is None else 0o711
+
+
 def _make_ancestors(root: Path) -> None:
     """Walk to `root`'s parent as the kernel would, making missing folders
-    (mode 0700, as XDG asks), and refuse it (CacheNotPrivate) if another user
+    (see `_new_folder_mode`), and refuse it (CacheNotPrivate) if another user
     could change any folder or symlink on the way: a check of the cache
     folder alone holds only while no one else can swap it, or a folder above
     it, between the check and every later use by path."""
     todo = [part for part in reversed(str(root.parent).split("/")) if part]
+    new_mode: int | None = None
     here, links = "/", 0
     _judge_ancestor(root, here, os.lstat(here))
     while todo:
@@ -168,7 +180,10 @@ def _make_ancestors(root: Path) -> None:
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
-                os.mkdir(path, 0o700)
+                if new_mode is None:
+                    new_mode = _new_folder_mode()
+                os.mkdir(path, new_mode)
+                os.chmod(path, new_mode)  # whatever the umask: root's sandboxes walk it
                 st = os.lstat(path)
         except OSError as e:
             raise CacheNotPrivate(f"{root}: cannot make or reach {path}: {e.strerror}") from None
