@@ -80,6 +80,13 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         return _fail(f"cannot reach the build's session: {e.strerror}")
     with sock:
+        # The descriptors are the caller's terminal or files: only the
+        # build's own server gets them, not whoever listens at the path (a
+        # folder another user could move is not enough to take them).
+        uid = _peer_uid(sock)
+        if uid != os.getuid():
+            return _fail(f"refused: {path} is served by uid {uid}, not by this user's "
+                         "build: not run")  # fmt: skip
         unsent = None
         try:
             sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -97,6 +104,12 @@ def main(argv: list[str]) -> int:
     if reply.startswith(b"E"):
         return _fail(reply[1:].decode(errors="replace"))
     return _fail("the build's session ended before the command did")
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end (its listener's, for a client)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
 
 
 def _ensure_open(fd: int) -> None:
@@ -233,8 +246,7 @@ class ExecServer:
         poller.register(self._wake_r, select.POLLIN)
         if self._wake_r in dict(poller.poll()):
             return b""
-        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  struct.calcsize("3i")))[1]  # fmt: skip
+        uid = _peer_uid(conn)
         refusal = None
         with self._lock:
             if uid != os.getuid():

@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nsbuild.backends import STDOUT
-from nsbuild.debbuild.errors import BuildFailed
+from nsbuild.debbuild.errors import BuildFailed, BuildInputError
 from nsbuild.debbuild.result import BuildRequest
 from nsbuild.debbuild.steps import Steps
 from nsbuild.printable import printable
@@ -73,6 +74,14 @@ SHELL_ON_TTY = "bash -i </dev/tty >/dev/tty 2>/dev/tty"
 # sbuild's escapes of the session's path, which nsbuild never gives (%% is
 # matched too, so that %%r is not taken for one).
 _CHROOT_DIR = re.compile(r"%(?:%|(SBUILD_CHROOT_DIR|r))")
+# What a shell reads even inside double quotes, where sbuild's users put
+# "%d" and "%c": a path holding one (a folder named by whoever made the
+# tarball it came in) would run as code there, whatever quoting it gets.
+_DOUBLE_QUOTED = re.compile(r'[$`"\\]')
+
+
+class _Unsafe(str):
+    """An escape's value no quoting makes safe in every place of a command."""
 
 
 class CommandFailed(BuildFailed):
@@ -113,7 +122,10 @@ def escapes(facts: Facts, shell: str, chroot_exec: str | None) -> dict[str, str]
         "c": facts.changes, "SBUILD_CHANGES": facts.changes,
         **facts.extra,
     }  # fmt: skip
-    values = {key: shlex.quote(value) for key, value in plain.items() if value}
+    values: dict[str, str] = {
+        key: _Unsafe(value) if _DOUBLE_QUOTED.search(value) else shlex.quote(value)
+        for key, value in plain.items() if value
+    }  # fmt: skip
     values.update({"%": "%", "s": shell, "SBUILD_SHELL": shell})
     if chroot_exec is not None:
         values.update({"e": chroot_exec, "SBUILD_CHROOT_EXEC": chroot_exec})
@@ -128,8 +140,16 @@ def substitute(command: str, values: dict[str, str]) -> tuple[str, set[str]]:
     used: set[str] = set()
 
     def one(match: re.Match[str]) -> str:
-        used.add(match.group(1))
-        return values[match.group(1)]
+        name, value = match.group(1), values[match.group(1)]
+        if isinstance(value, _Unsafe):
+            bad = _DOUBLE_QUOTED.search(value)
+            assert bad is not None
+            raise BuildInputError(
+                f"%{name} is {printable(value, 200)}, which holds {printable(bad.group())!r}: "
+                "a shell would run it inside double quotes; not used (rename it)"
+            )
+        used.add(name)
+        return value
 
     return pattern.sub(one, command), used
 
@@ -251,9 +271,7 @@ class Hooks:
     def _private_dir(self) -> Path:
         """A folder of mode 0700 with a short path, for the exec socket."""
         if self._tmp is None:
-            runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-            where = runtime if runtime.startswith("/") and os.path.isdir(runtime) else None
-            self._tmp = Path(tempfile.mkdtemp(prefix="nsbuild-exec-", dir=where))
+            self._tmp = socket_folder()
         return self._tmp
 
     def _stop(self) -> None:
@@ -274,3 +292,22 @@ def _home() -> str:
     """sbuild's working directory for outside commands: $HOME (else /)."""
     home = os.environ.get("HOME") or os.path.expanduser("~")
     return home if os.path.isdir(home) else "/"
+
+
+def socket_folder() -> Path:
+    """A new folder of mode 0700 with a short path: in $XDG_RUNTIME_DIR when
+    it is the user's own private folder, else in the system's temporary
+    folder (sticky). Never in a folder another user may write (su keeps the
+    first user's $XDG_RUNTIME_DIR): they could move ours away and listen in
+    its place."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    where = None
+    if runtime.startswith("/"):
+        try:
+            st = os.lstat(runtime)
+        except OSError:
+            st = None
+        if (st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                and not st.st_mode & 0o022):  # fmt: skip
+            where = runtime
+    return Path(tempfile.mkdtemp(prefix="nsbuild-exec-", dir=where))

@@ -1,0 +1,138 @@
+"""Attacks on what sbuild's options hand to nsbuild's own process: the paths
+the percent escapes carry into a shell, the exec escape's socket as another
+user sees it, and what a build leaves beside its results."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from nsbuild.debbuild import chrootexec
+from nsbuild.debbuild.errors import BuildInputError
+from nsbuild.debbuild.hooks import Facts, escapes, socket_folder, substitute
+
+# -- the percent escapes: a path is a value, never shell code --
+
+
+@pytest.mark.parametrize("name", ["$(touch pwned)", "`touch pwned`", 'a"; touch pwned; "b'])
+def test_a_path_an_escape_carries_never_runs_inside_double_quotes(
+    tmp_path: Path, name: str
+) -> None:
+    # sbuild's users write "%d" and "%c" in double quotes; the folder of a
+    # .dsc (or --out) may be named by whoever made the tarball it came in.
+    facts = Facts(dsc=tmp_path / name / "p_1.dsc", changes=f"{tmp_path / name}/p_1_amd64.changes")
+    values = escapes(facts, "bash -i", None)
+    for command in ('echo "%d"', "echo %SBUILD_CHANGES"):
+        with pytest.raises(BuildInputError) as refused:
+            substitute(command, values)
+        said = str(refused.value)
+        assert "\n" not in said and said.startswith("%"), said
+        assert "double quotes" in said
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_plain_path_with_spaces_is_one_word_unquoted(tmp_path: Path) -> None:
+    where = tmp_path / "my src"
+    where.mkdir()
+    (where / "p_1.dsc").write_text("x")
+    text, _ = substitute("cat %d", escapes(Facts(dsc=where / "p_1.dsc"), "bash -i", None))
+    done = subprocess.run(["/bin/sh", "-c", text], capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout) == (0, "x")
+
+
+# -- the exec escape's socket, as another user may place it --
+
+
+def test_the_socket_folder_is_never_in_a_runtime_dir_others_can_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # as a runtime dir another user gave (su keeps it)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared))
+    folder = socket_folder()
+    try:
+        assert shared not in folder.parents
+        st = folder.lstat()
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+        assert st.st_uid == os.getuid()
+    finally:
+        folder.rmdir()
+    # A link to a private folder is not taken either: its target may change.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(private)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "link"))
+    folder = socket_folder()
+    try:
+        assert tmp_path not in folder.parents
+    finally:
+        folder.rmdir()
+    # The user's own private runtime dir is taken.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(private))
+    folder = socket_folder()
+    assert folder.parent == private
+    folder.rmdir()
+
+
+@pytest.mark.root
+def test_the_client_gives_its_descriptors_to_no_other_users_server() -> None:
+    """A socket path another user could swap (a folder in their runtime dir):
+    root's %e must not hand its terminal to whoever listens there."""
+    user = pwd.getpwnam("nsbtest")
+    top = Path(tempfile.mkdtemp(prefix="nsbt-fake-", dir="/tmp"))
+    try:
+        os.chown(top, user.pw_uid, user.pw_gid)
+        path, said = top / "exec.sock", top / "said"
+        # nsbtest's listener: answers "it ran" and says how many fds it got.
+        fake = (
+            "import array, socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+            f"s.bind({str(path)!r}); s.listen(1); print('ready', flush=True)\n"
+            "c, _ = s.accept()\n"
+            "data, anc, _, _ = c.recvmsg(1 << 17, socket.CMSG_SPACE(64))\n"
+            "fds = array.array('i')\n"
+            "for _l, _k, p in anc: fds.frombytes(p[: len(p) - len(p) % 4])\n"
+            f"open({str(said)!r}, 'w').write(str(len(fds)))\n"
+            "c.send(b'S0')\n"
+        )
+        server = subprocess.Popen(["runuser", "-u", "nsbtest", "--", sys.executable, "-c", fake],
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert server.stdout is not None
+        assert server.stdout.readline() == "ready\n"
+        client = subprocess.run(
+            [sys.executable, "-I", chrootexec.__file__, str(path), "--", "true"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+        server.kill()
+        server.wait()
+        assert client.returncode == chrootexec.NOT_RUN
+        assert client.stderr == (
+            f"nsbuild chroot-exec: refused: {path} is served by uid {user.pw_uid}, "
+            "not by this user's build: not run\n"
+        )
+        assert not said.exists() or said.read_text() == "0"
+    finally:
+        for p in top.iterdir():
+            p.unlink()
+        top.rmdir()
+
+
+def test_the_client_sends_nothing_over_a_path_that_is_no_socket(tmp_path: Path) -> None:
+    # Not a server of ours at all (a file, a folder): said in one line.
+    (tmp_path / "file").write_text("")
+    for target in (tmp_path / "file", tmp_path):
+        done = subprocess.run(
+            [sys.executable, "-I", chrootexec.__file__, str(target), "--", "true"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+        assert done.returncode == chrootexec.NOT_RUN
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+        assert done.stderr.startswith("nsbuild chroot-exec: "), done.stderr
