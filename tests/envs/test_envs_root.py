@@ -61,7 +61,7 @@ def test_roots_default_cache_is_the_system_one(monkeypatch: pytest.MonkeyPatch) 
 
 # -- root's cache folders and the overlay probe ---------------------------------------
 
-ROOT_FS = ["awk", "$2 == \"/\" { print $3 }", "/proc/mounts"]
+ROOT_FS = ["awk", '$2 == "/" { print $3 }', "/proc/mounts"]
 
 
 @pytest.fixture
@@ -171,3 +171,27 @@ def test_a_refusal_remembered_for_want_of_access_is_probed_again(root_home: Path
     why = "mount overlay root /newroot: EACCES (Permission denied)"
     write_record(layout.root / PROBE, {"key": key, "usable": False, "why": why})
     assert overlay_usable(layout)
+
+
+def test_a_testbed_that_copied_its_environment_takes_no_snapshot_of_the_apt_cache(
+    root_home: Path,
+) -> None:
+    """Such a testbed cannot mount the apt cache's overlays: linking the
+    cached files into its session on every open would cost for nothing."""
+    from nsbuild.backends.virtproto import VirtServer
+    from nsbuild.envs.paths import apt_cache_dir
+
+    (root_home / "cache").mkdir(mode=0o700)
+    lists = apt_cache_dir("bookworm") / "apt-lists"
+    cached = lists / "deb.debian.org_debian_dists_bookworm_InRelease"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("cached\n")
+    srv = VirtServer(["autopkgtest-virt-nsbuild", "bookworm"])
+    try:
+        srv.open()
+        assert os.stat(cached).st_nlink == 1
+        assert os.stat(cached).st_uid == 0
+        srv.close()
+    finally:
+        srv.stop()
+    assert cached.read_text() == "cached\n"

@@ -169,7 +169,9 @@ class Server:
             testbed.downtmp_host.mkdir(mode=0o700)
             # Writable by the test user too, as autopkgtest's own downtmp is.
             testbed.downtmp_host.chmod(0o1777)
-            if self.apt_cache:
+            # A session that copied its environment mounts no apt cache
+            # (testbed.py): its snapshot would only cost links on every open.
+            if self.apt_cache and not session.copied:
                 from nsbuild.virtserver.aptcache import AptCache
 
                 cache = AptCache(self.config.name, session.dir, notice=say)
