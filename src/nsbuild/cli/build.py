@@ -77,12 +77,11 @@ def register(sub: Any) -> None:
 # -- from settings to a request --
 
 
-# -- from settings to a request --
-
-
 def make_request(values: dict[str, Any], input: Path, backend_args: tuple[str, ...],
                  debug: bool) -> Any:  # fmt: skip
     """The BuildRequest of effective settings; BadSetting when they make no sense."""
+    import dataclasses
+
     from nsbuild.debbuild.result import BuildRequest
 
     v = dict(values)
@@ -100,45 +99,14 @@ def make_request(values: dict[str, Any], input: Path, backend_args: tuple[str, .
         for stage in COMMAND_STAGES
         if v[f"{stage.replace('-', '_')}_commands"]
     )
-    return BuildRequest(
-        input=input,
-        env=v["env"],
-        out=v["out"],
-        arch_any=v["arch_any"],
-        arch_all=v["arch_all"],
-        source=v["source"],
-        jobs=v["jobs"],
-        extra_packages=tuple(v["extra_packages"]),
-        use_cache=v["use_cache"],
-        shell_on_failure=v["shell_on_failure"],
-        backend=v["backend"],
-        backend_args=backend_args,
-        debug=debug,
-        dist=v["dist"],
-        create_env=v["create_env"],
-        verbose=v["verbose"],
-        source_only_changes=v["source_only_changes"],
-        profiles=tuple(v["profiles"]),
-        debbuildopts=tuple(v["debbuildopts"]),
-        extra_repositories=tuple(v["extra_repositories"]),
-        extra_repository_keys=tuple(v["extra_repository_keys"]),
-        **{f"add_{rel}{part}": tuple(v[f"add_{rel}{part}"])
-           for rel in ("depends", "conflicts") for part in ("", "_arch", "_indep")},
-        binnmu=v["binnmu"],
-        make_binnmu=v["make_binnmu"],
-        append_to_version=v["append_to_version"],
-        maintainer=v["maintainer"],
-        uploader=v["uploader"],
-        build_path=v["build_path"],
-        clean_source=v["clean_source"],
-        purge_build=v["purge_build"],
-        commands=commands,
-        run_lintian=v["run_lintian"],
-        lintian_opts=tuple(v["lintian_opts"]),
-        run_autopkgtest=v["run_autopkgtest"],
-        autopkgtest_opts=tuple(v["autopkgtest_opts"]),
-        run_piuparts=v["run_piuparts"],
-    )  # fmt: skip
+    # Settings are named as the request's fields; lists become tuples.
+    fields: dict[str, Any] = {
+        f.name: tuple(v[f.name]) if isinstance(v[f.name], list) else v[f.name]
+        for f in dataclasses.fields(BuildRequest)
+        if f.name in v
+    }
+    return BuildRequest(**fields, input=input, backend_args=backend_args, debug=debug,
+                        commands=commands)  # fmt: skip
 
 
 def handler(args: argparse.Namespace) -> int:
