@@ -307,6 +307,15 @@ def test_an_extra_repository_with_its_key_serves_a_build_dependency(
                "--extra-repository-key", str(extra_repo.armoured))  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["dependency_layer"] == {"key": first["key"], "cached": True}
+    # Nothing the repository served is in the environment's shared apt
+    # caches: checked against its key alone, a package there would stand in
+    # for the archive's of the same name and size in the next builds.
+    caches = bookworm.cache / "nsbuild" / "apt" / "bookworm"
+    assert (caches / "apt-lists").is_dir()
+    taken = [p.name for p in (caches / "apt-archives").iterdir()]
+    assert not [n for n in taken if n.startswith("nsbtest-extra-dep")], taken
+    lists = [p.name for p in (caches / "apt-lists").iterdir()]
+    assert not [n for n in lists if n.startswith("127.0.0.1")], lists
 
 
 @pytest.mark.slow
