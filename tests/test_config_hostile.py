@@ -5,6 +5,7 @@ naming the file, exit status 2, before any work."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,15 @@ def test_another_users_file_is_not_used(tmp_path: Path) -> None:
     path.chmod(0o644)
     r = _nsbuild(tmp_path, "config")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x1b"])
+def test_a_line_break_python_sees_in_a_name_is_refused(tmp_path: Path, char: str) -> None:
+    # python-debian (and any splitlines()) would read "Files: ..." as a field
+    # of the .changes that dpkg-genchanges wrote with this Maintainer.
+    value = f"Mallory{char}Files: 0 0 evil.deb"
+    r = _nsbuild(tmp_path, "build", "--maintainer", value, str(tmp_path / "x.dsc"))
+    assert r.returncode == 2, r.stderr
+    assert "--maintainer" in r.stderr and "line separator" in r.stderr, r.stderr
+    path = _write(tmp_path, f"[build]\nuploader = {json.dumps(value)}\n")
+    _refused(tmp_path, path, "uploader", "line separator")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,24 +61,33 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return convert
 
 
+def _breaks(text: str, allowed: str = "") -> bool:
+    """Whether `text` holds a control character (C0, DEL, C1) or a Unicode
+    line or paragraph separator, other than those `allowed`: Python's
+    splitlines(), and so python-debian reading a .changes, ends a line at
+    U+0085 and U+2028, where dpkg does not."""
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") and c not in allowed for c in text)
+
+
 def _text(text: str) -> str:
     """A line of text that lands in a Debian file (.changes, changelog)."""
-    if not text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise BadSetting(f"{text!r} is empty or holds a control character")
+    if not text.strip() or _breaks(text):
+        raise BadSetting(f"{text!r} is empty or holds a control character or line separator")
     return text
 
 
 def _entry(text: str) -> str:
     """A changelog entry's text: lines, as sbuild takes it (binnmu.py indents them)."""
-    if not text.strip() or any((ord(c) < 32 and c != "\n") or ord(c) == 127 for c in text):
-        raise BadSetting(f"{text!r} is empty or holds a control character other than newline")
+    if not text.strip() or _breaks(text, "\n"):
+        raise BadSetting(f"{text!r} is empty or holds a control character or line separator "
+                         "other than newline")  # fmt: skip
     return text
 
 
 def _word(text: str) -> str:
     """A name or a command line: no control characters, not empty."""
-    if not text or any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
-        raise BadSetting(f"{text!r} is empty or holds a control character")
+    if not text or _breaks(text, "\t"):
+        raise BadSetting(f"{text!r} is empty or holds a control character or line separator")
     return text
 
 
