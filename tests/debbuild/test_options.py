@@ -125,6 +125,13 @@ def test_values_may_begin_with_a_dash_as_in_sbuild(tmp_path: Path) -> None:
         ("deb-src http://example.org/debian bookworm main", ("expected 'deb URL SUITE",)),
         ("deb http://user:pw@example.org/debian bookworm main", ("no user, password",)),
         ("deb http://2130706433/debian bookworm main", ("numeric host name",)),
+        ("deb http://[::1/debian bookworm main", ("not a valid URL",)),
+        ("deb http://[example.org]/debian bookworm main", ("not a valid URL",)),
+        ("deb http://example.org:0/debian bookworm main", ("port 0",)),
+        # str.split() takes U+2028 for a space: a second line for a reader
+        # of the line that splits it as Python does.
+        ("deb http://example.org/debian bookworm main\u2028deb http://evil.example/ ./",
+         ("line separator",)),
     ],
 )
 def test_a_bad_extra_repository_is_refused_before_any_work(
@@ -140,8 +147,14 @@ def test_a_bad_extra_repository_key_is_refused_before_any_work(tmp_path: Path) -
     bad.write_text("not a key\n")
     big = tmp_path / "big.gpg"
     big.write_bytes(b"\x99" * (extrarepo.MAX_KEY + 1))
+    # A FIFO no one writes would block a plain open; a link to a device reads forever.
+    fifo = tmp_path / "fifo.asc"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.gpg"
+    zero.symlink_to("/dev/zero")
     for key, why in ((bad, "not an OpenPGP public key"), (big, "larger than"),
-                     (tmp_path, "not a regular file"), (tmp_path / "nosuch", "No such file")):
+                     (tmp_path, "not a regular file"), (tmp_path / "nosuch", "No such file"),
+                     (fifo, "not a regular file"), (zero, "not a regular file")):
         r = _nsbuild(tmp_path, "build", "--extra-repository", repo,
                      "--extra-repository-key", str(key), "x.dsc")  # fmt: skip
         _one_line_error(r, f"--extra-repository-key {key}", why)

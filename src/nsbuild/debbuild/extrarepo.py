@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -63,8 +64,11 @@ def parse(line: str) -> Repository:
     from nsbuild.net.allowlist import canonical_host
 
     where = f"--extra-repository {line[:200]!r}"
-    if len(line) > MAX_LINE or any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in line):
-        raise ExtraRepoError(f"{where}: too long, or holds a control character")
+    # str.split() below would take U+0085 or U+2028 for white space.
+    if len(line) > MAX_LINE or any(
+        unicodedata.category(c) in ("Cc", "Zl", "Zp") and c != "\t" for c in line
+    ):
+        raise ExtraRepoError(f"{where}: too long, or holds a control character or line separator")
     words = line.split()
     if len(words) > 1 and words[1].startswith("["):
         raise ExtraRepoError(f"{where}: options in [...] are not taken; give the key "
@@ -75,7 +79,10 @@ def parse(line: str) -> Repository:
     if suite.endswith("/") != (not components):
         raise ExtraRepoError(f"{where}: a suite ending in '/' takes no components, "
                              "any other suite needs at least one")  # fmt: skip
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # a bracketed host that is not an IPv6 address
+        raise ExtraRepoError(f"{where}: not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ExtraRepoError(f"{where}: the URL must be http:// or https:// with a host")
     if parts.username or parts.password or parts.query or parts.fragment:
@@ -85,6 +92,8 @@ def parse(line: str) -> Repository:
         port = parts.port
     except ValueError as e:
         raise ExtraRepoError(f"{where}: {e}") from None
+    if port == 0:
+        raise ExtraRepoError(f"{where}: port 0 is no port to reach")
     text = f"[{host}]" if ":" in str(host) else str(host)
     if port is not None:
         text += f":{port}"
