@@ -18,6 +18,8 @@ from nsbuild.debbuild import chrootexec
 from nsbuild.debbuild.errors import BuildInputError
 from nsbuild.debbuild.hooks import Facts, escapes, socket_folder, substitute
 
+from .conftest import Env, make_package
+
 # -- the percent escapes: a path is a value, never shell code --
 
 
@@ -136,3 +138,27 @@ def test_the_client_sends_nothing_over_a_path_that_is_no_socket(tmp_path: Path) 
         assert done.returncode == chrootexec.NOT_RUN
         assert len(done.stderr.splitlines()) == 1, done.stderr
         assert done.stderr.startswith("nsbuild chroot-exec: "), done.stderr
+
+
+# -- what a build leaves beside its results --
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+def test_a_source_only_changes_must_list_the_source_as_it_is(bookworm: Env, tmp_path: Path) -> None:
+    # The build owns the build directory: after dpkg-buildpackage it puts a
+    # .dsc of its own beside the tree, which dpkg-genchanges -S then lists.
+    forge = "cp ../nsb-forged_1.0.dsc f && echo >> f && mv -f f ../nsb-forged_1.0.dsc"
+    tree = make_package(tmp_path / "src", "nsb-forged", builddeb=forge)
+    subprocess.run(["dpkg-source", "-b", tree.name], cwd=tree.parent, check=True,
+                   capture_output=True)  # fmt: skip
+    dsc = tree.parent / "nsb-forged_1.0.dsc"
+    mine = dsc.read_bytes()
+    out = tmp_path / "out"
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out),
+                            "--source-only-changes", str(dsc))  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert ("nsb-forged_1.0_source.changes lists nsb-forged_1.0.dsc, which is not the "
+            "source's (size or checksum differ)") in done.stderr  # fmt: skip
+    assert not (out / "nsb-forged_1.0_source.changes").exists()
+    assert dsc.read_bytes() == mine

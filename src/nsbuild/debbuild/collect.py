@@ -160,7 +160,7 @@ def collect(
         # The source-only .changes alone, as sbuild: what it lists is the
         # source, which is the input (or, with --source, collected above).
         backend.copy_out(f"{work}/{extra}", results / extra, within=work, limit=MAX_CHANGES)
-        _check_source_only(extra, changes_files(results / extra), own)
+        _check_source_only(extra, changes_files(results / extra), own, pkg, results, names)
         names.append(extra)
     for n in names:
         p = results / n
@@ -170,9 +170,12 @@ def collect(
     return done
 
 
-def _check_source_only(changes: str, listed: list[Listed], own: ResultNames) -> None:
+def _check_source_only(changes: str, listed: list[Listed], own: ResultNames, pkg: SourcePackage,
+                       results: Path, collected: list[str]) -> None:  # fmt: skip
     """A source-only .changes lists the source package's files (and a
-    .buildinfo of the build's): nothing else is delivered beside it."""
+    .buildinfo of the build's): nothing else is delivered beside it. Each
+    as it is: the one collected, else the input's. The build owns the
+    directory dpkg-genchanges reads them from, and may have put its own there."""
     allowed = own.source_names | own.buildinfo
     refused = [fname for fname, _size, _sha in listed if fname not in allowed]
     if refused:
@@ -180,6 +183,14 @@ def _check_source_only(changes: str, listed: list[Listed], own: ResultNames) -> 
             f"{changes} lists files that are not {own.prefix.rstrip('_')}'s source, refused: "
             + ", ".join(f"'{printable(n, 80)}'" for n in refused[:10])
         )
+    inputs = {p.name: p for p in pkg.paths()}
+    for fname, size, sha in listed:
+        have = results / fname if fname in collected else inputs.get(fname)
+        if (have is None or sha is None or have.stat().st_size != size
+                or sha256_file(have) != sha):  # fmt: skip
+            raise BuildFailed(
+                f"{changes} lists {fname}, which is not the source's (size or checksum differ)"
+            )
 
 
 def _check_listed(changes: str, listed: list[Listed], own: ResultNames, pkg: SourcePackage) -> None:
