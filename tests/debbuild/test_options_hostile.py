@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 import sys
@@ -162,3 +163,55 @@ def test_a_source_only_changes_must_list_the_source_as_it_is(bookworm: Env, tmp_
             "source's (size or checksum differ)") in done.stderr  # fmt: skip
     assert not (out / "nsb-forged_1.0_source.changes").exists()
     assert dsc.read_bytes() == mine
+
+
+# -- a tree's neighbours --
+
+
+@pytest.mark.root
+def test_an_upstream_tarball_another_user_put_beside_the_tree_is_not_taken() -> None:
+    """dpkg-source takes PKG_VERSION.orig.tar.* from the tree's folder: in a
+    shared one (/tmp), anyone may have put it there, with files of theirs."""
+    # Where root's sandbox (a subordinate uid) may read the tree.
+    tmp_path = Path(tempfile.mkdtemp(prefix="nsbt-planted-", dir="/tmp"))
+    tmp_path.chmod(0o755)
+    try:
+        _planted_orig(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _planted_orig(tmp_path: Path) -> None:
+    from nsbuild.debbuild.srctree import source_from_tree
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    tree = make_package(shared, "nsb-planted")
+    (tree / "debian" / "source" / "format").write_text("3.0 (quilt)\n")
+    changelog = tree / "debian" / "changelog"
+    changelog.write_text(changelog.read_text().replace("(1.0)", "(1.0-1)", 1))
+    other = pwd.getpwnam("nsbtest")
+    planted = shared / "nsb-planted_1.0.orig.tar.gz"
+    subprocess.run(["tar", "-czf", str(planted), "-C", str(shared), tree.name], check=True)
+    os.chown(planted, other.pw_uid, other.pw_gid)
+    made = tmp_path / "made"
+    made.mkdir()
+    with pytest.raises(BuildInputError) as refused:
+        source_from_tree(tree, made)
+    assert str(refused.value) == (
+        f"{planted}: owned by uid {other.pw_uid}, not by you or the owner of {tree}: "
+        "not taken as the upstream tarball (move it away, or build a .dsc)"
+    )
+    # A link of theirs to a tarball of ours is theirs too.
+    planted.unlink()
+    ours = tmp_path / "nsb-planted_1.0.orig.tar.gz"
+    subprocess.run(["tar", "-czf", str(ours), "-C", str(shared), tree.name], check=True)
+    planted.symlink_to(ours)
+    os.chown(planted, other.pw_uid, other.pw_gid, follow_symlinks=False)
+    with pytest.raises(BuildInputError, match="owned by uid"):
+        source_from_tree(tree, made)
+    # Our own is taken.
+    planted.unlink()
+    ours.rename(planted)
+    assert source_from_tree(tree, made).version == "1.0-1"

@@ -52,11 +52,28 @@ def source_from_tree(tree: str | os.PathLike[str], workdir: Path) -> SourcePacka
     origs = sorted(
         p for p in tree.parent.glob(f"{source}_{upstream}.orig*.tar.*") if p.is_file()
     )
+    for orig in origs:
+        _check_owner(orig, tree)
     err = _run_dpkg_source(tree, workdir, origs)
     if err is not None:
         raise BuildInputError(f"{tree}: dpkg-source -b failed: {err}")
     dsc = workdir / f"{source}_{version.split(':', 1)[-1]}.dsc"
     return _take_in(tree, dsc, origs)
+
+
+def _check_owner(orig: Path, tree: Path) -> None:
+    """An upstream tarball beside the tree becomes the package's upstream
+    source (files the tree lacks included: dpkg-source ignores deletions).
+    The tree's folder may be shared (/tmp): only a tarball of the caller,
+    of the tree's owner or of root is taken, and a link to one only if the
+    link is theirs too."""
+    trusted = {os.getuid(), tree.stat().st_uid, 0}
+    for st in (orig.lstat(), orig.stat()):
+        if st.st_uid not in trusted:
+            raise BuildInputError(
+                f"{orig}: owned by uid {st.st_uid}, not by you or the owner of {tree}: "
+                "not taken as the upstream tarball (move it away, or build a .dsc)"
+            )
 
 
 def _changelog_head(changelog: Path) -> tuple[str, str]:
