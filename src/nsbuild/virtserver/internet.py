@@ -61,7 +61,9 @@ def needing(text: str) -> list[str]:
     Features: test-name=)."""
     from debian.deb822 import Deb822
 
-    names: list[str] = []
+    # Ordered and without repeats; a dict, as a list's `in` would make a
+    # control file of many names (a testbed may write it) take minutes.
+    names: dict[str, None] = {}
     commands = 0
     for para in Deb822.iter_paragraphs(text.splitlines()):
         if "Tests" in para:
@@ -77,8 +79,8 @@ def needing(text: str) -> list[str]:
         else:
             continue
         if RESTRICTION in _words(para.get("Restrictions", "")):
-            names.extend(n for n in found if n not in names)
-    return names
+            names.update(dict.fromkeys(found))
+    return list(names)
 
 
 def _words(value: str) -> list[str]:
