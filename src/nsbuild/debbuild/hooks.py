@@ -74,10 +74,11 @@ SHELL_ON_TTY = "bash -i </dev/tty >/dev/tty 2>/dev/tty"
 # sbuild's escapes of the session's path, which nsbuild never gives (%% is
 # matched too, so that %%r is not taken for one).
 _CHROOT_DIR = re.compile(r"%(?:%|(SBUILD_CHROOT_DIR|r))")
-# What a shell reads even inside double quotes, where sbuild's users put
-# "%d" and "%c": a path holding one (a folder named by whoever made the
-# tarball it came in) would run as code there, whatever quoting it gets.
-_DOUBLE_QUOTED = re.compile(r'[$`"\\]')
+# What a shell reads as code in one quoting or another: sbuild's users put
+# %d and %c bare, in "..." and in '...' (where a quoted value's own quotes
+# end the command's). A path holding one (a folder named by whoever made
+# the tarball it came in) is refused: no quoting is safe in all three.
+_SHELL_SPECIAL = re.compile(r"""[\x00-\x1f\x7f$`\\"';&|<>()*?\[\]{}#]""")
 
 
 class _Unsafe(str):
@@ -123,7 +124,7 @@ def escapes(facts: Facts, shell: str, chroot_exec: str | None) -> dict[str, str]
         **facts.extra,
     }  # fmt: skip
     values: dict[str, str] = {
-        key: _Unsafe(value) if _DOUBLE_QUOTED.search(value) else shlex.quote(value)
+        key: _Unsafe(value) if _SHELL_SPECIAL.search(value) else shlex.quote(value)
         for key, value in plain.items() if value
     }  # fmt: skip
     values.update({"%": "%", "s": shell, "SBUILD_SHELL": shell})
@@ -142,11 +143,11 @@ def substitute(command: str, values: dict[str, str]) -> tuple[str, set[str]]:
     def one(match: re.Match[str]) -> str:
         name, value = match.group(1), values[match.group(1)]
         if isinstance(value, _Unsafe):
-            bad = _DOUBLE_QUOTED.search(value)
+            bad = _SHELL_SPECIAL.search(value)
             assert bad is not None
             raise BuildInputError(
-                f"%{name} is {printable(value, 200)}, which holds {printable(bad.group())!r}: "
-                "a shell would run it inside double quotes; not used (rename it)"
+                f"%{name} is {printable(value, 200)}, which holds {printable(bad.group())!r}, "
+                "special to a shell in some quoting: not used (rename it)"
             )
         used.add(name)
         return value
