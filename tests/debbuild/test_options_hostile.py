@@ -215,3 +215,27 @@ def _planted_orig(tmp_path: Path) -> None:
     planted.unlink()
     ours.rename(planted)
     assert source_from_tree(tree, made).version == "1.0-1"
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+def test_a_tree_as_it_is_keeps_its_links_and_pipes_as_they_are(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    # --no-clean-source copies the user's tree in: its links stay links
+    # (never the user's file they point at), a pipe stays a pipe (never
+    # opened: that would wait for a writer for ever).
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the user's own\n")
+    checks = "test -p pipe\ntest -L secret\ntest ! -e secret\ntest -L up\ntest ! -e secret.txt"
+    tree = make_package(tmp_path / "src", "nsb-astree", build=checks)
+    os.mkfifo(tree / "pipe")
+    (tree / "secret").symlink_to(secret)
+    (tree / "up").symlink_to("..")
+    # The tree named through a link, as a user's shortcut may name it.
+    (tmp_path / "shortcut").symlink_to(tree)
+    out = tmp_path / "out"
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(out), "--no-clean-source",
+                            str(tmp_path / "shortcut"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "nsb-astree_1.0_all.deb").is_file()

@@ -96,8 +96,10 @@ def unpack(steps: Steps, pkg: SourcePackage, user: str, req: BuildRequest) -> Tr
     if not req.clean_source and req.input.is_dir():
         # The tree as it is, built files and all (dpkg-source -b made the
         # .dsc beside it only to learn its name and dependencies).
-        backend.copy_in(req.input.absolute(), tree)
-        log.line(f"Copied the source tree {req.input.absolute()} to {tree} (--no-clean-source)")
+        # The tree a link names, not the link: links inside it stay links.
+        given = req.input.resolve()
+        backend.copy_in(given, tree)
+        log.line(f"Copied the source tree {printable(str(given))} to {tree} (--no-clean-source)")
         if user != "root" and steps.run(["chown", "-R", f"{user}:{user}", tree]) != 0:
             raise NsbuildError("cannot hand the source tree to the build user")
     else:

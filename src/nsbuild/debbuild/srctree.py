@@ -42,7 +42,9 @@ def source_from_tree(tree: str | os.PathLike[str], workdir: Path) -> SourcePacka
     the lower layer of a throw-away overlay (patches may be applied; the tree
     itself is never written), and only `workdir` writable. What it leaves there
     is taken in only as the .dsc and the regular files it lists."""
-    tree = Path(tree).absolute()
+    # Named through a link (a user's shortcut): the tree it leads to, whose
+    # folder holds the upstream tarballs; links inside it stay links.
+    tree = Path(tree).resolve()
     if not (tree / "debian" / "control").is_file():
         raise BuildInputError(f"{tree}: not a source tree (no debian/control or debian/changelog)")
     source, version = _changelog_head(tree / "debian" / "changelog")
