@@ -239,3 +239,21 @@ def test_a_tree_as_it_is_keeps_its_links_and_pipes_as_they_are(
                             str(tmp_path / "shortcut"))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (out / "nsb-astree_1.0_all.deb").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.userns
+def test_a_build_whose_escape_would_run_its_path_stops_in_one_line(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pkg;touch ran;"
+    tree = make_package(folder, "nsb-quoted")
+    subprocess.run(["dpkg-source", "-b", tree.name], cwd=folder, check=True, capture_output=True)
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path / "out"),
+                            "--pre-build-commands", "ls '%d'",
+                            str(folder / "nsb-quoted_1.0.dsc"))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    said = [line for line in done.stderr.splitlines() if "special to a shell" in line]
+    assert said == [f"nsbuild build: %d is {folder}/nsb-quoted_1.0.dsc, which holds ';', "
+                    "special to a shell in some quoting: not used (rename it)"], done.stderr
+    assert not (tmp_path / "ran").exists() and not (Path.home() / "ran").exists()
