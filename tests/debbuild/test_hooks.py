@@ -10,6 +10,7 @@ import array
 import contextlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -388,7 +389,15 @@ def test_exec_escape_refuses_root_at_another_users_build() -> None:
                      or build.poll() is not None, "the pre-build command to say %e")  # fmt: skip
             assert build.poll() is None, build.communicate()
             e = announced.read_text().strip()
+            sock = shlex.split(e)[3]
+            # The client gives root's descriptors to no other user's server.
             as_root = _sh(f"{e} touch /build/by-root", top)
+            # A hand-made request: the server refuses it by its credentials.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as raw:
+                raw.connect(sock)
+                raw.sendmsg([MAGIC + b"touch\0/build/by-root"], [(
+                    socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+                refused = raw.recv(4096)
             mine = _sh(f"runuser -u nsbtest -- {e} test ! -e /build/by-root", top)
         finally:
             with contextlib.suppress(OSError):  # the hook waits to read it
@@ -397,7 +406,11 @@ def test_exec_escape_refuses_root_at_another_users_build() -> None:
                 os.close(fd)
             _, err = build.communicate()
         assert as_root.returncode == NOT_RUN
-        assert as_root.stderr == "nsbuild chroot-exec: refused: uid 0 did not start this build\n"
+        assert as_root.stderr == (
+            f"nsbuild chroot-exec: refused: {sock} is served by uid {user.pw_uid}, "
+            "not by this user's build: not run\n"
+        )
+        assert refused == b"Erefused: uid 0 did not start this build"
         assert mine.returncode == 0, mine.stderr  # its owner's, and nothing done by root
         assert build.returncode == 0, err
     finally:

@@ -25,7 +25,9 @@ from .conftest import Env, make_package
 
 
 @pytest.mark.parametrize(
-    "name", ["$(touch pwned)", "`touch pwned`", 'a"; touch pwned; "b', "a b;touch pwned;'"]
+    "name",
+    ["$(touch pwned)", "`touch pwned`", 'a"; touch pwned; "b', "a b;touch pwned;'",
+     "a\ntouch pwned"],  # fmt: skip
 )
 def test_a_path_an_escape_carries_never_runs_in_any_quoting(tmp_path: Path, name: str) -> None:
     # sbuild's users write %d, "%d" or '%d'; the folder of a .dsc (or
