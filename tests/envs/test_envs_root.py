@@ -157,6 +157,23 @@ def test_a_closed_folder_is_said_once_per_process(
     assert not (layout.root / PROBE).exists()
 
 
+def test_a_closed_folder_inside_the_cache_is_named_without_the_cache_home_advice(
+    root_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nsbuild.envs.overlay import overlay_usable
+    from nsbuild.envs.paths import Layout
+
+    layout = Layout.default()
+    layout.sessions.mkdir(mode=0o700)  # as under root's umask 077
+    layout.sessions.chmod(0o700)
+    assert not overlay_usable(layout)
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.endswith(
+        f"cannot walk into {layout.sessions} (mode 0700): sessions fall back to a full "
+        f"copy of their environment; chmod o+x {layout.sessions}"
+    ), err
+
+
 def test_a_refusal_remembered_for_want_of_access_is_probed_again(root_home: Path) -> None:
     """A record written when a closed folder made the probe fail (EACCES)
     would otherwise outlive the chmod that fixed it, as long as the kernel."""

@@ -70,7 +70,8 @@ def _name_closed(layout: Layout, uid: int, folder: str, mode: int) -> None:
     _named.add(folder)
     shown = printable(folder)
     advice = f"chmod o+x {shown}"
-    if os.environ.get("XDG_CACHE_HOME") and layout.root == cache_dir():
+    above = not folder.startswith(f"{os.path.realpath(layout.root)}/")
+    if above and os.environ.get("XDG_CACHE_HOME") and layout.root == cache_dir():
         advice += (", or leave XDG_CACHE_HOME unset (root's cache is "
                    "/var/cache/nsbuild)")  # fmt: skip
     print(
