@@ -24,11 +24,11 @@ from .conftest import Env, make_package
 # -- the percent escapes: a path is a value, never shell code --
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["$(touch pwned)", "`touch pwned`", 'a"; touch pwned; "b', "a b;touch pwned;'",
-     "a\ntouch pwned"],  # fmt: skip
-)
+_HOSTILE_NAMES = ["$(touch pwned)", "`touch pwned`", 'a"; touch pwned; "b', "a b;touch pwned;'",
+                  "a\ntouch pwned"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", _HOSTILE_NAMES)
 def test_a_path_an_escape_carries_never_runs_in_any_quoting(tmp_path: Path, name: str) -> None:
     # sbuild's users write %d, "%d" or '%d'; the folder of a .dsc (or
     # --out) may be named by whoever made the tarball it came in.
