@@ -7,9 +7,12 @@ logs, caches, apt's and dpkg's own state, the user databases.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from dataclasses import dataclass
 
+from nsbuild.backends.base import MAX_OUTPUT
 from nsbuild.debbuild.checks.session import CheckError
 from nsbuild.debbuild.steps import Steps
 
@@ -54,12 +57,20 @@ class Entry:
 Snapshot = dict[str, Entry]
 
 
-def take(steps: Steps) -> Snapshot:
+class TooMany(CheckError):
+    """The listing is larger than what is read of it: it was cut."""
+
+
+def take(steps: Steps, limit: int = MAX_OUTPUT) -> Snapshot:
     """The session's files now (run as root, no network); find's complaints
-    go to the log."""
+    go to the log. TooMany when their names pass `limit` bytes."""
     steps.log.line("$ find / -xdev ... (the session's files)")
-    with steps.log.command_output() as err:
-        status, text = steps.backend.check_output(["sh", "-c", FIND], stderr=err)
+    status, data, cut = _listing(steps, limit)
+    if cut:
+        # Told apart from a failure: after an install and purge, the
+        # package's doing (a cut listing would read as files removed).
+        raise TooMany(f"more than {limit >> 20} MiB of file names")
+    text = data.decode(errors="replace")
     fields = text.split("\0")
     if status != 0 or len(fields) % _FIELDS != 1:
         raise CheckError(f"cannot list the session's files (find exit status {status})")
@@ -69,6 +80,34 @@ def take(steps: Steps) -> Snapshot:
         if not IGNORED.match(path):
             snap[path] = Entry(kind, mode, f"{uid}:{gid}", size, mtime, target)
     return snap
+
+
+def _listing(steps: Steps, limit: int) -> tuple[int, bytes, bool]:
+    """find's status, the first `limit` bytes of its output, and whether
+    there was more. The rest is read and dropped, never refused: find's
+    output ends with the session's files, and a pipe closed early leaves it
+    blocked wherever another process still holds the pipe's read end."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    kept = bytearray()
+    cut = False
+
+    def drain() -> None:
+        nonlocal cut
+        with open(read_fd, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(1 << 16):
+                room = limit - len(kept)
+                cut = cut or len(chunk) > room
+                kept.extend(chunk[: max(room, 0)])
+
+    reader = threading.Thread(target=drain, name="nsbuild-listing", daemon=True)
+    reader.start()
+    try:
+        with steps.log.command_output() as err:
+            status = steps.backend.run(["sh", "-c", FIND], stdout=write_fd, stderr=err)
+    finally:
+        os.close(write_fd)
+        reader.join()
+    return status, bytes(kept), cut
 
 
 @dataclass(frozen=True)
