@@ -19,7 +19,8 @@ nsbuild import, so it starts fast and whatever nsbuild's install is. The
 server serves only while an outside stage runs (`started`), and only the
 user who runs the build: the socket lives in a folder of mode 0700, and a
 peer of another uid (root passes the folder's mode) is refused by its
-credentials. One command runs at a time (the session's runs cannot overlap);
+credentials; the client, in turn, sends its descriptors only to a server
+of its own uid. One command runs at a time (the session's runs cannot overlap);
 a second is refused while one runs, rather than left waiting. A client that
 goes away (Ctrl-C) takes its inside command with it, and the end of the
 stage takes whatever still runs.
