@@ -112,7 +112,8 @@ class Facts:
 
 def escapes(facts: Facts, shell: str, chroot_exec: str | None) -> dict[str, str]:
     """Each escape defined now (without its '%') and its text: paths and
-    names shell-quoted, %s and %e command text as they are."""
+    names shell-quoted (one no quoting makes safe is refused where used:
+    substitute), %s and %e command text as they are."""
     plain = {
         "a": facts.host_arch, "SBUILD_HOST_ARCH": facts.host_arch,
         "SBUILD_BUILD_ARCH": facts.build_arch,
