@@ -375,6 +375,11 @@ MESSAGE_LIMIT = 4096
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if os.geteuid() == 0:
+        # Root's sandboxes run as a subordinate uid that must walk into the
+        # folders nsbuild makes (a umask of 077 shuts it out, and every
+        # session copies its base); the cache's top stays 0700 regardless.
+        os.umask(0o022)
     args_list = list(sys.argv[1:] if argv is None else argv)
     args: argparse.Namespace | _Args | None = _fast_run_args(args_list)
     plain_run = args is not None and not getattr(args, "env_name", None)
