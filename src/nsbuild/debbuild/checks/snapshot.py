@@ -26,6 +26,8 @@ FIND = (
     "-printf '%y\\0%m\\0%U\\0%G\\0%s\\0%T@\\0%l\\0%p\\0'"
 )
 _FIELDS = 8
+# How much of a listing past its limit is read and dropped before the pipe is closed.
+DRAINED = 8
 IGNORED = re.compile(
     r"^/(?:"
     r"var/log/.+|var/cache/.+|var/lib/apt/.+|var/lib/dpkg/.+|var/lib/ucf/.+"
@@ -84,17 +86,21 @@ def take(steps: Steps, limit: int = MAX_OUTPUT) -> Snapshot:
 
 def _listing(steps: Steps, limit: int) -> tuple[int, bytes, bool]:
     """find's status, the first `limit` bytes of its output, and whether
-    there was more. The rest is read and dropped, never refused: find's
-    output ends with the session's files, and a pipe closed early leaves it
-    blocked wherever another process still holds the pipe's read end."""
+    there was more. The rest is read and dropped, up to DRAINED times the
+    limit, and only then is the pipe closed: find's output ends with the
+    session's files, and a pipe closed early leaves the writer blocked
+    wherever another process still holds its read end. (A find replaced
+    inside that never ends is stopped by the close alone.)"""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     kept = bytearray()
     cut = False
 
     def drain() -> None:
         nonlocal cut
+        seen = 0
         with open(read_fd, "rb", buffering=0) as pipe:
-            while chunk := pipe.read(1 << 16):
+            while seen <= DRAINED * limit and (chunk := pipe.read(1 << 16)):
+                seen += len(chunk)
                 room = limit - len(kept)
                 cut = cut or len(chunk) > room
                 kept.extend(chunk[: max(room, 0)])
