@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. A module may import its own package and the ones before it.
 LAYERS = (
-    ("nsbuild", "nsbuild.printable", "nsbuild.errors"),
+    ("nsbuild", "nsbuild.printable", "nsbuild.errors", "nsbuild.userfile"),
     ("nsbuild.sandbox",),
     ("nsbuild.net",),
     ("nsbuild.envs",),

@@ -74,24 +74,16 @@ def _read(path: Path) -> dict[str, Any] | None:
     """The [build] table of the file, None when there is no file."""
     import tomllib
 
+    from nsbuild.userfile import NotSmallFile, read_small
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        data = read_small(path, MAX_FILE, lambda st: _check_owner(path, st))
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot open: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: not a regular file")
-        _check_owner(path, st)
-        data = os.read(fd, MAX_FILE + 1)
-    except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE:
-        raise ConfigError(f"{path}: larger than {MAX_FILE} bytes")
+    except NotSmallFile as e:
+        raise ConfigError(f"{path}: {e}") from None
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:

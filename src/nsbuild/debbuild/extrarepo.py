@@ -16,8 +16,6 @@ when the dependency phase ends.
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from urllib.parse import urlsplit
 
 from nsbuild.debbuild.result import BuildRequest
 from nsbuild.errors import NsbuildError
+from nsbuild.userfile import NotSmallFile, read_small
 
 MAX_KEY = 256 << 10  # a public key with its signatures is a few KiB
 MAX_LINE = 4096
@@ -105,20 +104,11 @@ def load_key(path: Path, index: int) -> Key:
     size holding an OpenPGP public key, armoured or binary."""
     where = f"--extra-repository-key {path}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        data = read_small(path, MAX_KEY)
     except OSError as e:
         raise ExtraRepoError(f"{where}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ExtraRepoError(f"{where}: not a regular file")
-        data = os.read(fd, MAX_KEY + 1)
-    except OSError as e:
-        raise ExtraRepoError(f"{where}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_KEY:
-        raise ExtraRepoError(f"{where}: larger than {MAX_KEY} bytes, not a key")
+    except NotSmallFile as e:
+        raise ExtraRepoError(f"{where}: {e}, not a key") from None
     if data.lstrip().startswith(_ARMOUR_BEGIN):
         if _ARMOUR_END not in data or not data.isascii():
             raise ExtraRepoError(f"{where}: an armoured key without its end line, "
