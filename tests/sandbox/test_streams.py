@@ -5,14 +5,14 @@ Root's pipes belong to host uid 0, which is not mapped in root's sandbox; a
 `runuser` pipeline hands an unprivileged caller pipes of another uid; a
 command run as a non-root user inside cannot open its caller's mode-0600
 pipes. Those streams reach the command through pipes of its own, relayed by
-nsbuild; the streams it can reopen reach it untouched.
+nsbuild; the streams it can reopen reach it untouched. (A terminal it cannot
+reopen: test_streams_tty.py.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pty
 import pwd
 import shutil
 import signal
@@ -256,24 +256,6 @@ def test_root_pipes_of_nsbuilds_own_reach_the_command_untouched(base: Path) -> N
     out = proc.stdout.read().split()
     assert proc.wait() == 0
     assert out == [str(inode).encode()] * 2
-
-
-@pytest.mark.root
-def test_root_terminal_stays_the_commands_terminal(base: Path) -> None:
-    """Root's terminal (root:tty, 0620) cannot be reopened inside, yet it is
-    passed as it is: behind a pipe, an interactive shell would lose it."""
-    master, slave = pty.openpty()
-    try:
-        code = ("import os; print([os.isatty(fd) for fd in (0, 1, 2)], "
-                "os.access('/dev/stdout', os.W_OK))")
-        r = subprocess.run(nsbuild_argv("--", *py(code)), cwd=base, stdin=slave, stdout=slave,
-                           stderr=slave, timeout=HANG_GUARD, check=False)
-        assert r.returncode == 0
-        os.set_blocking(master, False)
-        assert os.read(master, 4096) == b"[True, True, True] False\r\n"
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 # ------------------------------------------- run by an unprivileged user

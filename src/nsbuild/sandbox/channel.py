@@ -4,9 +4,11 @@ A child (the helper, init, the joiner of enter.py) reports on a
 close-on-exec SEQPACKET channel: a setup failure ("ERR" or "MSG", or "GONE"
 when the sandbox to enter ended), the command's exec error ("EXEC"), sockets
 made inside the sandbox ("SOCK", SCM_RIGHTS), the host end of a pipe that
-stands for one of the command's standard streams ("PIPE", streams.py). EOF on
-it means the command was exec'd. The parent turns a failure into a raised SetupError or
-SandboxError (NotRunning for "GONE").
+stands for one of the command's standard streams ("PIPE", streams.py), the
+master of a pty that stands for the caller's terminal ("PTY", answered "T"
+once the terminal is set up). EOF on it means the command was exec'd. The
+parent turns a failure into a raised SetupError or SandboxError (NotRunning
+for "GONE").
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from nsbuild.sandbox.errors import NotRunning, SandboxError, SetupError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
+    from collections.abc import Callable
     from typing import NoReturn
 else:
     import _signal as signal
@@ -55,11 +58,14 @@ def recv_with_fds(sock: _socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def reports(sock: _socket.socket, pid: int
+def reports(sock: _socket.socket, pid: int,
+            on_terminal: Callable[[str, int], None] | None = None
             ) -> tuple[list[_socket.socket], str | None, list[tuple[int, int]]]:
     """What the sandbox sends until the command was exec'd (EOF): inside
     sockets, the command's exec error, and (stream index, pipe end) for each
-    stream relayed; a setup failure is raised."""
+    stream relayed; a setup failure is raised. A pty's master, with the
+    indices of the streams it stands for, goes to `on_terminal` (which takes
+    it), and the sandbox is told to go on."""
     sockets: list[_socket.socket] = []
     exec_error = None
     pipes: list[tuple[int, int]] = []
@@ -68,11 +74,32 @@ def reports(sock: _socket.socket, pid: int
             data, fds = recv_with_fds(sock)
             if not data:
                 return sockets, exec_error, pipes
+            if data.startswith(b"PTY\t") and len(fds) == 1 and _stream_set(data[4:]):
+                _terminal(sock, data[4:].decode(), fds[0], on_terminal)
+                continue
             exec_error = _report(data, fds, pid, sockets, pipes) or exec_error
     except BaseException:
         for _, fd in pipes:
             os.close(fd)
         raise
+
+
+def _stream_set(indices: bytes) -> bool:
+    return 0 < len(indices) <= 3 and all(c in b"012" for c in indices) \
+        and len(set(indices)) == len(indices)
+
+
+def _terminal(sock: _socket.socket, indices: str, master: int,
+              on_terminal: Callable[[str, int], None] | None) -> None:
+    os.set_inheritable(master, False)
+    if not os.isatty(master):
+        os.close(master)
+        raise SandboxError("the sandbox sent a pseudo-terminal that is not one")
+    if on_terminal is None:
+        os.close(master)  # nothing to relay to: the command's terminal shows nothing
+    else:
+        on_terminal(indices, master)
+    sock.send(b"T")
 
 
 def _report(data: bytes, fds: list[int], pid: int, sockets: list[_socket.socket],

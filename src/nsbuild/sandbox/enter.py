@@ -51,7 +51,7 @@ from nsbuild.sandbox.errors import NotRunning, SandboxError
 from nsbuild.sandbox.netns import new_network
 from nsbuild.sandbox.process import Process
 from nsbuild.sandbox.spec import InsideSocket
-from nsbuild.sandbox.streams import Relay, substitute
+from nsbuild.sandbox.streams import Relay, TerminalSlot, substitute
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -176,6 +176,9 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     caller = os.getpid()
     joiner = -1
+    # The caller's end of each stream the command could not reopen.
+    callers = [i if fd is None else fd for i, fd in enumerate(stdio)]
+    slot = TerminalSlot(callers)
     try:
         joiner = os.fork()
         if joiner == 0:
@@ -183,11 +186,11 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
             _joiner(pidfd, flags, argv, env, cwd, stdio, new_net, inside_sockets, cgroup,
                     deny_setid, Channel(theirs), caller)  # fmt: skip
         theirs.close()
-        sockets, exec_error, pipes = reports(ours, joiner)
-        # The caller's end of each stream the command could not reopen.
-        callers = [i if fd is None else fd for i, fd in enumerate(stdio)]
-        relay = Relay([(i, callers[i], fd) for i, fd in pipes]) if pipes else None
+        sockets, exec_error, pipes = reports(ours, joiner, slot)
+        relay = (Relay([(i, callers[i], fd) for i, fd in pipes], slot.terminal)
+                 if pipes or slot.terminal else None)  # fmt: skip
     except BaseException as e:
+        slot.restore()
         theirs.close()
         if joiner < 0 and isinstance(e, OSError):
             raise SandboxError(f"fork the joiner: {e.strerror}") from None
@@ -300,6 +303,16 @@ def _quiet(_msg: str) -> None:
     pass
 
 
+def _streams(chan: Channel) -> None:
+    """The command's streams (streams.py); a pty in place of the caller's
+    terminal becomes its controlling terminal: opened by path in the new
+    session it leads."""
+    sources, tty = substitute([None, None, None], chan, None)
+    install_stdio(sources)
+    if tty is not None:
+        os.close(os.open(tty, os.O_RDWR))
+
+
 def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str, deny_setid: bool,
              chan: Channel) -> NoReturn:  # fmt: skip
     def set_no_new_privs() -> None:
@@ -319,8 +332,7 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str, deny_s
         ("new session keyring", sc.join_new_session_keyring),
         ("change directory", lambda: os.chdir(cwd)),
         # Here, in the sandbox's PID namespace (its /proc/self), as root.
-        ("make the standard streams reopenable",
-         lambda: install_stdio(substitute([None, None, None], chan, None))),
+        ("make the standard streams reopenable", lambda: _streams(chan)),
         ("set no_new_privs", set_no_new_privs),
         ("set the parent-death signal", die_with_the_joiner),
         ("install the seccomp filter", lambda: sc.install_seccomp_filter(deny_setid=deny_setid)),

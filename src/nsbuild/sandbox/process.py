@@ -135,7 +135,10 @@ class Process:
 
     def kill(self) -> None:
         """Kill the whole sandbox: the helper's death takes init and all with it.
-        Its output is no longer waited for (the caller may not be reading)."""
+        Its output is no longer waited for (the caller may not be reading),
+        and the caller's terminal, if relayed, is given back as it was."""
+        if self._relay is not None:
+            self._relay.abandon()
         self._relay = None
         if self._status is None:
             try:

@@ -31,7 +31,8 @@ the parent's threads).
 The parts, each in a module of its own: process.py (the Process handle),
 channel.py (what the children report), netns.py (the network namespace),
 init.py (PID 1), command.py (the command's hardening and start), streams.py
-(the command's standard streams, reopenable by name inside).
+(the command's standard streams, reopenable by name inside), ptyrelay.py (the
+caller's terminal while a pty made inside stands for it).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from nsbuild.sandbox.init import run_init
 from nsbuild.sandbox.netns import make_network
 from nsbuild.sandbox.process import PIPE, Process
 from nsbuild.sandbox.spec import IdMap, Sandbox
-from nsbuild.sandbox.streams import Relay
+from nsbuild.sandbox.streams import Relay, TerminalSlot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -153,14 +154,17 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
     m.release(plan)  # the cloned trees live on in the child only
     if kept is not None:
         os.close(kept[0])
+    # The caller's end of each stream the command could not reopen: the
+    # descriptor given, or this process's own.
+    callers = [i if fd is None else fd for i, fd in enumerate(child_ends)]
+    slot = TerminalSlot(callers)
     try:
         sockets, exec_error, pipes = _parent_side(spec, pid, parent_sock,
-                                                  None if kept is None else kept[1], say)
-        # The caller's end of each stream the command could not reopen: the
-        # descriptor given, or this process's own.
-        callers = [i if fd is None else fd for i, fd in enumerate(child_ends)]
-        relay = Relay([(i, callers[i], fd) for i, fd in pipes]) if pipes else None
+                                                  None if kept is None else kept[1], say, slot)
+        relay = (Relay([(i, callers[i], fd) for i, fd in pipes], slot.terminal)
+                 if pipes or slot.terminal else None)  # fmt: skip
     except BaseException:
+        slot.restore()
         try:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -176,9 +180,11 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         for i, fd in enumerate(child_ends):
             if fd is not None and (stdin, stdout, stderr)[i] == PIPE:
                 os.close(fd)
-    if relay is not None:
+    if pipes:
         say(f"relay streams {', '.join(_STREAMS[i] for i, _ in pipes)}: "
             "the command may not reopen the caller's")
+    if slot.terminal is not None:
+        say("relay the terminal: the command may not reopen it, and has a pty of its own")
     files = [None if fd is None else open(fd, "wb" if i == 0 else "rb")
              for i, fd in enumerate(parent_ends)]
     return Process(pid, files[0], files[1], files[2], sockets, exec_error, status_r, relay)
@@ -205,7 +211,7 @@ def _relay(pid: int, sig: int) -> None:
 
 
 def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | None,
-                 say: Callable[[str], None]
+                 say: Callable[[str], None], terminal: TerminalSlot
                  ) -> tuple[list[_socket.socket], str | None, list[tuple[int, int]]]:
     if spec.cgroup:
         # Before the helper forks init or makes its cgroup namespace, whose
@@ -243,7 +249,7 @@ def _parent_side(spec: Sandbox, pid: int, sock: _socket.socket, keeper: int | No
             userns.publish(new_keeper, spec.idmap)
     else:
         raise_report(ready, [], pid)
-    return reports(sock, pid)
+    return reports(sock, pid, terminal)
 
 
 def _describe_idmap(pid: int, idmap: IdMap) -> str:
