@@ -24,13 +24,14 @@ import tarfile
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from nsbuild.errors import NsbuildError
 from nsbuild.net.netlog import NetSummary
+from nsbuild.printable import printable
 
 Network = Literal["none", "allow", "host"]
 # A stream argument: None inherits nsbuild's own, an int is a host fd, or an
@@ -164,9 +165,10 @@ class Backend(ABC):
 
     def copy_in(self, host_path: Path, guest_path: str, *, limit: int = MAX_COPY_IN) -> None:
         """Copy a host file or directory tree to `guest_path` (parents are made).
-        Symlinks in the tree are copied as symlinks, never followed; a file is
-        read from one descriptor, refused unless it is a regular file of at
-        most `limit` bytes (in a tree: each file). The tar stream goes straight
+        In a tree, symlinks and FIFOs are copied as such, never followed nor
+        opened, sockets are left out and a device refused; a file is read from
+        one descriptor, refused unless it is a regular file of at most `limit`
+        bytes (in a tree: each file). The tar stream goes straight
         into the command that unpacks it: nothing is spooled on the host, where
         a sparse file would grow to its full size."""
         guest_path = absolute_path(guest_path)
@@ -407,9 +409,11 @@ class _TarFeeder:
         self.error: NsbuildError | None = None
         self._limit = limit
         self._what = str(host_path)
-        # The file is opened (and checked) now: a refusal comes before any run.
-        self._file = open_regular(host_path, limit) if not host_path.is_dir() else None
-        self._path, self._name = host_path, name
+        # The file or folder is opened (and checked) now: a refusal comes
+        # before any run.
+        self._dir = _open_dir(host_path) if host_path.is_dir() else None
+        self._file = open_regular(host_path, limit) if self._dir is None else None
+        self._name = name
         self.fd, self._write_fd = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._feed, name="nsbuild-copy-in", daemon=True)
         self._thread.start()
@@ -423,38 +427,147 @@ class _TarFeeder:
         self._thread.join()
         if self._file is not None:
             self._file.close()
+        if self._dir is not None:
+            os.close(self._dir)
 
     def _feed(self) -> None:
         try:
             with open(self._write_fd, "wb") as pipe, tarfile.open(
                 fileobj=pipe, mode="w|", format=tarfile.PAX_FORMAT
             ) as tar:
-                if self._file is not None:
-                    tar.addfile(self._info(), self._file)
-                else:
-                    tar.add(str(self._path), arcname=self._name, filter=self._bounded)
-        except NsbuildError as e:
-            self.error = e
+                try:
+                    if self._file is not None:
+                        tar.addfile(self._info(), _Padded(self._file, self._fail, self._what))
+                    else:
+                        self._add_tree(tar)
+                except BrokenPipeError:
+                    raise
+                except (NsbuildError, OSError, tarfile.TarError) as e:
+                    self._fail(e)
+                # The archive is ended even after a refusal: the reader stops
+                # there, where waiting for EOF would wait on every copy of the
+                # pipe's write end (a process forked meanwhile holds one).
         except (OSError, tarfile.TarError) as e:
             # EPIPE: the command stopped reading; its status says why.
             if not isinstance(e, BrokenPipeError):
-                self.error = BackendError(f"copying {self._what} in: {e}")
+                self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        if self.error is None:
+            wrapped = BackendError(f"copying {self._what} in: {e}")
+            self.error = e if isinstance(e, NsbuildError) else wrapped
 
     def _info(self) -> tarfile.TarInfo:
         assert self._file is not None
         st = os.fstat(self._file.fileno())
-        info = tarfile.TarInfo(self._name)
         if st.st_size > self._limit:  # grown since it was opened
             raise CopyRefused(f"refusing to copy {self._what}: larger than {self._limit} bytes")
-        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), st.st_mode & 0o777
-        return info
+        return _tar_info(self._name, st, tarfile.REGTYPE)
 
-    def _bounded(self, member: tarfile.TarInfo) -> tarfile.TarInfo:
-        if member.size > self._limit:
-            raise CopyRefused(
-                f"refusing to copy {self._what}: {member.name} is larger than {self._limit} bytes"
-            )
-        return member
+    def _add_tree(self, tar: tarfile.TarFile) -> None:
+        """The folder opened in __init__ and all below it, walked by descriptor:
+        each entry is pinned by an O_PATH descriptor (which opens nothing: a
+        FIFO cannot block, a device cannot act) before its type is looked at,
+        and what is read is that very inode. A writer of the tree swapping an
+        entry for a link to one of the user's files, or for a FIFO, meanwhile
+        gets a link stored as a link, a FIFO as a FIFO."""
+        assert self._dir is not None
+        top = self._dir
+        tar.addfile(_tar_info(self._name, os.fstat(top), tarfile.DIRTYPE))
+        stack = [(top, self._name, iter(sorted(os.listdir(top))))]
+        try:
+            while stack:
+                folder, arcname, names = stack[-1]
+                name = next(names, None)
+                if name is None:
+                    stack.pop()
+                    if folder != top:
+                        os.close(folder)
+                    continue
+                child = self._add_entry(tar, folder, f"{arcname}/{name}", name)
+                if child is not None:
+                    stack.append((child, f"{arcname}/{name}", iter(sorted(os.listdir(child)))))
+        finally:
+            for folder, _, _ in stack:
+                if folder != top:
+                    os.close(folder)
+
+    def _add_entry(self, tar: tarfile.TarFile, folder: int, arcname: str, name: str) -> int | None:
+        """Add `name` of the open `folder` as `arcname`; a subfolder's open
+        descriptor is returned, for the caller to walk and close."""
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+        try:
+            st = os.fstat(handle)
+            if stat.S_ISLNK(st.st_mode):
+                info = _tar_info(arcname, st, tarfile.SYMTYPE)
+                info.linkname = os.readlink("", dir_fd=handle)
+                tar.addfile(info)
+                return None
+            if stat.S_ISDIR(st.st_mode):
+                tar.addfile(_tar_info(arcname, st, tarfile.DIRTYPE))
+                # Through /proc: the inode just looked at, not the name again.
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                return os.open(f"/proc/self/fd/{handle}", flags)
+            if stat.S_ISFIFO(st.st_mode):  # stays a FIFO, never opened
+                tar.addfile(_tar_info(arcname, st, tarfile.FIFOTYPE))
+                return None
+            shown = printable(arcname[len(self._name) + 1 :])
+            if stat.S_ISSOCK(st.st_mode):  # as tar: nothing a copy can carry
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                raise CopyRefused(f"refusing to copy {self._what}: {shown} is a device")
+            if st.st_size > self._limit:
+                raise CopyRefused(
+                    f"refusing to copy {self._what}: {shown} is larger than {self._limit} bytes"
+                )
+            # The size looked at is what is sent: a file grown since is cut
+            # there, one shrunk is padded and fails the copy.
+            with open(f"/proc/self/fd/{handle}", "rb") as data:
+                padded = _Padded(data, self._fail, f"{self._what}: {shown}")
+                tar.addfile(_tar_info(arcname, st, tarfile.REGTYPE), padded)
+            return None
+        finally:
+            os.close(handle)
+
+
+class _Padded:
+    """A file read as a tar member of a size fixed beforehand: what it lacks (it shrank,
+    a read failed) is sent as zeros, the archive kept whole, and `fail` is told."""
+
+    def __init__(self, file: IO[bytes], fail: Callable[[Exception], None], what: str) -> None:
+        self._file, self._fail, self._what = file, fail, what
+        self._short = False
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:  # tar always asks for its size
+            return self._file.read()
+        data = b""
+        if not self._short:
+            try:
+                data = self._file.read(size)
+            except OSError as e:
+                self._fail(BackendError(f"copying {self._what} in: {e.strerror}"))
+            if len(data) == size:
+                return data
+            self._short = True
+            self._fail(BackendError(f"copying {self._what} in: it shrank as it was read"))
+        return data + bytes(size - len(data))
+
+
+def _tar_info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+    """A tar member `name` of type `kind`: time, mode (no setid bit) and size of `st`."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mtime, info.mode = st.st_mtime, st.st_mode & 0o777
+    info.size = st.st_size if kind == tarfile.REGTYPE else 0
+    return info
+
+
+def _open_dir(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CopyRefused(f"refusing to copy {path}: {e.strerror}") from None
 
 
 def open_regular(path: Path, limit: int) -> IO[bytes]:
