@@ -149,6 +149,22 @@ def test_root_interactive_shell_reads_a_typed_line_and_answers(
 
 
 @pytest.mark.root
+def test_root_interrupt_key_reaches_the_commands_foreground_job(
+        base: Path, terminal: Terminal) -> None:
+    """^C is a key like any other for nsbuild: the command's terminal makes it
+    SIGINT for its foreground job, and the shell goes on."""
+    terminal.start(nsbuild_argv("--", "/bin/sh", "-i"), base)
+    terminal.read_until(b"# ")
+    terminal.type(b"sh -c 'echo sta''rted; exec sleep infinity'\n")
+    terminal.read_until(b"\r\nstarted\r\n")
+    terminal.type(b"\x03")
+    terminal.type(b"echo af''ter\n")
+    terminal.read_until(b"after\r\n")  # the typed line shows "af''ter"
+    terminal.type(b"exit\n")
+    assert terminal.wait() == 0
+
+
+@pytest.mark.root
 def test_root_terminal_mode_is_raw_while_relaying_and_restored_after(
         base: Path, terminal: Terminal) -> None:
     before = stty_g(terminal.slave)
@@ -171,6 +187,25 @@ def test_root_terminal_mode_is_restored_when_nsbuild_is_terminated(
     assert terminal.proc is not None
     terminal.proc.send_signal(signal.SIGTERM)  # passed on: the command ends
     assert terminal.wait() == 128 + signal.SIGTERM
+    assert stty_g(terminal.slave) == before
+
+
+@pytest.mark.root
+def test_root_terminal_mode_is_restored_when_the_sandbox_is_killed(
+        base: Path, terminal: Terminal) -> None:
+    """A caller of the library that gives up on the sandbox (an exception in
+    its `with` block) gets its terminal back as it was."""
+    before = stty_g(terminal.slave)
+    spec = Sandbox(argv=("sh", "-c", "echo ready; exec sleep infinity"), idmap=caller_idmap(),
+                   mounts=host_view(str(base)), cwd=str(base),
+                   env=(("PATH", "/usr/bin:/bin"),))  # fmt: skip
+    proc = spawn(spec, stdin=terminal.slave, stdout=terminal.slave, stderr=terminal.slave)
+    try:
+        terminal.read_until(b"ready\r\n")
+        assert stty_g(terminal.slave) != before
+    finally:
+        proc.kill()
+        assert proc.wait() == 128 + signal.SIGKILL
     assert stty_g(terminal.slave) == before
 
 

@@ -13,6 +13,7 @@ Imported only when a pty was made: termios is kept off the run path.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import fcntl
 import os
@@ -45,6 +46,7 @@ class Terminal:
         self._output = callers[next((i for i in streams if i), 0)]
         self._saved: list[Any] | None = None
         self._handlers: dict[int, Any] = {}
+        self._wakeup: tuple[int, int] | None = None  # (write end, the wakeup fd before)
         self._done = False
         try:
             self._set_up()
@@ -53,22 +55,71 @@ class Terminal:
             raise
 
     def _set_up(self) -> None:
-        master = self.master
         try:
             mode = termios.tcgetattr(self._tty)
         except termios.error:
             mode = None  # not a terminal after all (gone): the pty's own mode
         if mode is not None:
-            termios.tcsetattr(master, termios.TCSANOW, mode)
-        self._copy_size()
-        self._handle(_signal.SIGWINCH, lambda _s, _f: self._copy_size())
+            termios.tcsetattr(self.master, termios.TCSANOW, mode)
+        _copy_size(self._tty, self.master)
+        self._watch_signals()
         if self._input is not None and mode is not None and self._foreground():
             for sig in _ENDING:
-                if _signal.getsignal(sig) == _signal.SIG_DFL:
+                # Main thread only: where the wakeup fd could be set.
+                if self._wakeup is not None and _signal.getsignal(sig) == _signal.SIG_DFL:
                     self._handle(sig, self._end)
             atexit.register(self.restore)
             termios.tcsetattr(self._tty, termios.TCSADRAIN, _raw(mode))
             self._saved = mode
+
+    def _watch_signals(self) -> None:
+        """Follow SIGWINCH from a thread of its own, woken through Python's
+        signal wakeup fd: the kernel may give a signal to any thread that
+        does not block it (another part of nsbuild may have started one),
+        while Python runs handlers in the main thread only, which may be
+        waiting for the command. Main thread only (the others cannot)."""
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            before = _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            return
+        self._wakeup = (w, before)
+        # A handler of Python's, which writes the number to the wakeup fd.
+        self._handle(_signal.SIGWINCH, _nothing)
+        mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+        try:
+            _thread.start_new_thread(self._watch, (r, os.dup(self.master)))
+        finally:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+
+    def _watch(self, wakeup: int, master: int) -> None:
+        """Until the wakeup fd is given back: pass on each window size, and
+        restore the mode at once on a signal that will end nsbuild."""
+        import select
+
+        poller = select.poll()
+        poller.register(wakeup, select.POLLIN)
+        try:
+            while True:
+                poller.poll()
+                try:
+                    signals = os.read(wakeup, 64)
+                except BlockingIOError:
+                    continue
+                if not signals:
+                    break  # restore() closed the write end
+                if _signal.SIGWINCH in signals:
+                    _copy_size(self._tty, master)
+                if any(sig in signals and _signal.getsignal(sig) == self._end
+                       for sig in _ENDING):  # fmt: skip
+                    self._restore_mode()
+        except OSError:
+            pass
+        finally:
+            os.close(wakeup)
+            os.close(master)
 
     def pairs(self) -> list[tuple[int, int, int]]:
         """Relay pairs (streams.Relay): keys to the master, and what the
@@ -79,16 +130,13 @@ class Terminal:
         return pairs
 
     def restore(self) -> None:
-        """The terminal's mode and nsbuild's signal handlers as they were
+        """The terminal's mode and nsbuild's signal handling as they were
         (idempotent)."""
         if self._done:
             return
         self._done = True
         try:
-            if self._saved is not None:
-                termios.tcsetattr(self._tty, termios.TCSADRAIN, self._saved)
-        except termios.error:
-            pass  # the terminal is gone: nothing left to restore
+            self._restore_mode()
         finally:
             atexit.unregister(self.restore)
             for sig, handler in self._handlers.items():
@@ -96,7 +144,22 @@ class Terminal:
                     _signal.signal(sig, handler)
                 except ValueError:
                     pass  # not the main thread: the handler stays, and does nothing
+            if self._wakeup is not None:
+                w, before = self._wakeup
+                try:
+                    _signal.set_wakeup_fd(before)
+                    os.close(w)  # the watcher ends
+                except ValueError:
+                    pass  # not the main thread: Python keeps writing to w
             os.close(self.master)
+
+    def _restore_mode(self) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            try:
+                termios.tcsetattr(self._tty, termios.TCSADRAIN, saved)
+            except termios.error:
+                pass  # the terminal is gone: nothing left to restore
 
     def _foreground(self) -> bool:
         """Whether nsbuild is in the terminal's foreground: a job in the
@@ -106,29 +169,27 @@ class Terminal:
         except OSError:
             return True  # not nsbuild's controlling terminal: no job control on it
 
-    def _copy_size(self) -> None:
-        if self._done:
-            return
-        try:
-            size = fcntl.ioctl(self._tty, termios.TIOCGWINSZ, _WINSIZE)
-            # The kernel sends the command's foreground SIGWINCH.
-            fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
-        except OSError:
-            pass
-
     def _handle(self, sig: int, handler: Any) -> None:
-        """Install `handler` for `sig`, the main thread only (the others
-        cannot: no window size changes are followed then)."""
-        try:
-            self._handlers[sig] = _signal.signal(sig, handler)
-        except ValueError:
-            pass
+        self._handlers[sig] = _signal.signal(sig, handler)
 
     def _end(self, sig: int, _frame: FrameType | None) -> None:
         """A signal that ends nsbuild: restore the mode, then end as it would have."""
         self.restore()
         _signal.signal(sig, _signal.SIG_DFL)
         os.kill(os.getpid(), sig)
+
+
+def _nothing(_sig: int, _frame: FrameType | None) -> None:
+    pass
+
+
+def _copy_size(tty: int, master: int) -> None:
+    try:
+        size = fcntl.ioctl(tty, termios.TIOCGWINSZ, _WINSIZE)
+        # The kernel sends the command's foreground SIGWINCH.
+        fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+    except OSError:
+        pass
 
 
 def _raw(mode: list[Any]) -> list[Any]:

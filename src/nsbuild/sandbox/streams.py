@@ -178,7 +178,7 @@ class Relay:
             pairs = [*pairs, *terminal.pairs()]
         # The threads start with every signal blocked: the kernel then gives
         # signals to the main thread, where Python runs the handlers (the ones
-        # passed on to the command, SIGWINCH) at once, even while it waits.
+        # passed on to the command) at once, even while it waits.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             for i, caller, pipe in pairs:
