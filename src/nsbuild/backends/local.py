@@ -116,7 +116,7 @@ class LocalBackend(Backend):
 
     def __init__(self, options: BackendOptions) -> None:
         from nsbuild.envs.config import load_config
-        from nsbuild.envs.owner import give_to_sandbox_root
+        from nsbuild.envs.owner import give_to_sandbox_root, sandbox_root_ids
         from nsbuild.envs.paths import apt_cache_dir
         from nsbuild.sandbox import caller_idmap
 
@@ -141,6 +141,10 @@ class LocalBackend(Backend):
             host.mkdir(parents=True, exist_ok=True)
             give_to_sandbox_root(host)
             self._caches[name] = host
+        if (ids := sandbox_root_ids()) is not None:
+            with _cache_lock(self._caches):
+                for host in self._caches.values():
+                    _give_files_to(host, ids)
         self._records: list[dict[str, Any]] = []
         self._net_summary: NetSummary | None = None
         self._stack = ExitStack()
@@ -484,6 +488,15 @@ class LocalBackend(Backend):
         self._build_dir = None
 
 
+def _give_files_to(folder: Path, ids: tuple[int, int]) -> None:
+    """Hand the files of host root in a shared cache (put there by an older
+    nsbuild) to the sandbox's root `ids`, as _put does now."""
+    for entry in os.scandir(folder):
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
+            os.chown(entry.path, *ids, follow_symlinks=False)
+
+
 def _put(fd: int, st: os.stat_result, dest: Path) -> None:
     """Copy the open file `fd` into a shared cache as a new file of nsbuild's
     own (never through a name something else planted), mode 0644, with the
@@ -498,6 +511,12 @@ def _put(fd: int, st: os.stat_result, dest: Path) -> None:
                 raise OSError(f"{dest.name}: shorter than its size")
             left -= sent
         os.fchmod(out_fd, 0o644)
+        # Run by root, a file of host root is nobody's inside: apt there could
+        # not chown or chmod its own lists.
+        from nsbuild.envs.owner import sandbox_root_ids
+
+        if (ids := sandbox_root_ids()) is not None:
+            os.fchown(out_fd, *ids)
         os.utime(out_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.close(out_fd)
         out_fd = -1
