@@ -256,6 +256,28 @@ def test_root_piped_stdin_with_terminal_output(base: Path, terminal: Terminal) -
 
 
 @pytest.mark.root
+def test_root_terminal_as_stdin_only(base: Path, terminal: Terminal) -> None:
+    """Output to a file: the command reads its terminal, whose echo (and
+    /dev/tty) shows on the caller's, and writes the file."""
+    before = stty_g(terminal.slave)
+    out = base / "out"
+    script = "echo ready > /dev/tty; read line; echo got $line; test -t 1 || echo file"
+    with out.open("wb") as f:
+        def take_terminal() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        terminal.proc = subprocess.Popen(
+            nsbuild_argv("--", *sh(script)), cwd=base, stdin=terminal.slave, stdout=f,
+            stderr=f, start_new_session=True, preexec_fn=take_terminal)
+        terminal.read_until(b"ready\r\n")
+        terminal.type(b"hi\n")
+        assert terminal.read_until(b"hi\r\n") == b"ready\r\nhi\r\n"
+        assert terminal.wait() == 0
+    assert out.read_bytes() == b"got hi\nfile\n"
+    assert stty_g(terminal.slave) == before
+
+
+@pytest.mark.root
 def test_root_runuser_at_roots_terminal_gets_a_terminal(
         base: Path, terminal: Terminal) -> None:
     """`runuser` keeps root's terminal: the unprivileged caller's sandbox
