@@ -52,7 +52,7 @@ from nsbuild.sandbox.channel import (
     report_failure,
     reports,
 )
-from nsbuild.sandbox.command import close_stdio
+from nsbuild.sandbox.command import close_fds, close_stdio
 from nsbuild.sandbox.errors import SandboxError, SetupError
 from nsbuild.sandbox.idmap import write_maps
 from nsbuild.sandbox.init import run_init
@@ -141,11 +141,14 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
                 os.close(fd)
         raise
     if pid == 0:
-        parent_sock.close()
-        os.close(status_r)
-        for fd in parent_ends:
-            if fd is not None:
-                os.close(fd)
+        # Only what the sandbox needs: any other descriptor of nsbuild's
+        # (the read end of another command's bounded output, say) held open
+        # here for the sandbox's whole life would keep its writer blocked.
+        parent_sock.close()  # closed as an object: the child never closes it again
+        trees = (plan.root_tree, *(p.tree for p in plan.mounts))
+        close_fds(keep={child_sock.fileno(), status_w, *spec.pass_fds,
+                        *(fd for fd in (*child_ends, *trees) if fd is not None),
+                        *(() if kept is None else (kept[0],))})  # fmt: skip
         _helper(spec, plan, Channel(child_sock), child_ends, parent_pid,
                 None if kept is None else kept[0], keep, status_w, say)
 
