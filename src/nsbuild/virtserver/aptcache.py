@@ -47,6 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nsbuild.envs.owner import sandbox_root_ids
 from nsbuild.envs.paths import apt_cache_dir
 from nsbuild.virtserver import aptformats
 from nsbuild.virtserver.aptformats import DEB_RE
@@ -380,6 +381,10 @@ def _put(src: Path, dst: Path) -> None:
               open(data_fd, "rb", closefd=False) as data):  # fmt: skip
             shutil.copyfileobj(data, out, 1024 * 1024)
             os.fchmod(out.fileno(), 0o644)
+            # Run by root, a file of host root's is nobody's in the sandbox:
+            # apt could not chown it to _apt and back (a warning a list).
+            if (ids := sandbox_root_ids()) is not None:
+                os.fchown(out.fileno(), *ids)
         os.replace(tmp, dst)
     except BaseException:
         os.unlink(tmp)
