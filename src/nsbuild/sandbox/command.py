@@ -117,17 +117,26 @@ def harden(spec: Sandbox, chan: Channel, stdio: list[int | None],
 
 def spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
                   creds: tuple[int, int, list[int], str] | None,
-                  say: Callable[[str], None]) -> int:
+                  say: Callable[[str], None], tty: str | None = None) -> int:
     """Start the command with posix_spawn (vfork and exec: no copy of this
     Python process, which costs a fork and its page faults on every run) in a
     new session, so that TIOCSTI cannot reach the caller's terminal. (glibc's
     posix_spawn leaves its own two internal signals, 32 and 33, ignored in
-    the command: no glibc program can use them.)"""
+    the command: no glibc program can use them.)
+
+    `tty`: the path of the sandbox's own pty, whose slave is among `stdio`.
+    Those streams are opened by path in the command, after its setsid: a
+    session leader's first terminal opened becomes its controlling terminal
+    (a dup2 does not make one). Always a new session then."""
     env = dict(spec.env)
     if creds and "HOME" not in env:
         env["HOME"] = creds[3]
-    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)
-               if fd is not None and fd != i]
+    device = os.stat(tty).st_rdev if tty else None
+    actions: list[tuple[object, ...]] = [
+        (os.POSIX_SPAWN_OPEN, i, tty, os.O_RDWR, 0)
+        if tty and os.fstat(fd).st_rdev == device
+        else (os.POSIX_SPAWN_DUP2, fd, i)
+        for i, fd in enumerate(stdio) if fd is not None and (fd != i or tty)]  # fmt: skip
     m.Step.current = "exec"
     if spec.new_session:
         say("new session: no controlling terminal, so TIOCSTI cannot reach yours")
@@ -135,7 +144,7 @@ def spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
     argv = list(spec.argv)
     try:
         return _first_on_path(argv[0], env, lambda path: os.posix_spawn(
-            path, argv, env, file_actions=actions, setsid=spec.new_session,
+            path, argv, env, file_actions=actions, setsid=spec.new_session or bool(tty),
             setsigdef=_DEFAULT_IN_COMMAND, resetids=creds is not None),
             probe=creds is None)  # init's stat sees as root: only when the command is root
     except OSError as e:

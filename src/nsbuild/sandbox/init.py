@@ -7,14 +7,11 @@ it; when it dies the kernel kills every process of the PID namespace.
 from __future__ import annotations
 
 import _socket
-import errno
 import os
 
 from nsbuild.sandbox import mounts as m
 from nsbuild.sandbox import syscalls as sc
 from nsbuild.sandbox.channel import FORWARDED_SIGNALS, SETUP_EXIT, Channel, report_failure
-from nsbuild.sandbox.command import _DEFAULT_IN_COMMAND as DEFAULT_IN_COMMAND
-from nsbuild.sandbox.command import _first_on_path as first_on_path
 from nsbuild.sandbox.command import close_stdio, harden, resolve_user, spawn_command
 from nsbuild.sandbox.netns import join_network
 from nsbuild.sandbox.spec import Sandbox
@@ -78,46 +75,14 @@ def run_init(spec: Sandbox, plan: m.Plan, chan: Channel, stdio: list[int | None]
         sources = harden(spec, chan, stdio, creds, say)
         m.Step.current = "make the standard streams reopenable"
         sources, tty = substitute(sources, chan, creds[:2] if creds else None)
-        if tty is None:
-            command = spawn_command(spec, chan, sources, creds, say)
-        else:
+        if tty is not None:
             say(f"the caller's terminal is out of the command's reach: it gets {tty}")
-            command = _spawn_at_terminal(spec, chan, sources, tty, creds, say)
+        command = spawn_command(spec, chan, sources, creds, say, tty)
         chan.sock.close()
         close_stdio(sources)  # the lifted copies, if any: the originals are closed
         _reap(command, early, say)
     except BaseException as e:
         report_failure(chan, e)
-
-
-def _spawn_at_terminal(spec: Sandbox, chan: Channel, stdio: list[int | None], tty: str,
-                       creds: tuple[int, int, list[int], str] | None,
-                       say: Callable[[str], None]) -> int:
-    """spawn_command, with the streams that are the pty's slave opened by
-    path in the command, after its setsid: a session leader's first terminal
-    opened becomes its controlling terminal (a dup2 does not make one). A
-    new session whatever the spec says: the pty is the sandbox's own."""
-    device = os.stat(tty).st_rdev
-    slave = next(fd for fd in stdio if fd is not None and os.fstat(fd).st_rdev == device)
-    env = dict(spec.env)
-    if creds and "HOME" not in env:
-        env["HOME"] = creds[3]
-    actions: list[tuple[object, ...]] = [
-        (os.POSIX_SPAWN_OPEN, i, tty, os.O_RDWR, 0) if fd == slave
-        else (os.POSIX_SPAWN_DUP2, fd, i)
-        for i, fd in enumerate(stdio) if fd is not None and fd != i]  # fmt: skip
-    m.Step.current = "exec"
-    say(f"exec {' '.join(spec.argv)}")
-    argv = list(spec.argv)
-    try:
-        return first_on_path(argv[0], env, lambda path: os.posix_spawn(
-            path, argv, env, file_actions=actions, setsid=True,
-            setsigdef=DEFAULT_IN_COMMAND, resetids=creds is not None),
-            probe=creds is None)
-    except OSError as e:
-        code = e.errno or errno.ENOENT
-        chan.send("EXEC", str(code), argv[0])
-        os._exit(127 if code == errno.ENOENT else 126)
 
 
 def _check_lifeline(life_r: int) -> None:
