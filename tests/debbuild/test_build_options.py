@@ -178,8 +178,11 @@ def test_append_to_version_and_jobs(
 @pytest.mark.userns
 def test_tree_as_it_is_at_a_build_path_kept_to_enter(bookworm: Env, tmp_path: Path) -> None:
     tree = _package(tmp_path, "nsb-kept")
-    # dpkg-source leaves *.o out of a source package: only the tree has it.
+    # dpkg-source leaves *.o out of a source package: only the tree has it;
+    # and the package's clean removes it: only a build without clean keeps it.
     (tree / "prebuilt.o").write_text("present\n")
+    rules = tree / "debian" / "rules"
+    rules.write_text(rules.read_text() + "\noverride_dh_clean:\n\tdh_clean\n\trm -f prebuilt.o\n")
     out = tmp_path / "out"
     done = bookworm.nsbuild(
         "build", "--env", "bookworm", "--out", str(out), "--json", "--no-clean-source",

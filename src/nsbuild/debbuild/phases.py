@@ -29,7 +29,7 @@ from nsbuild.debbuild import binnmu
 from nsbuild.debbuild.dsc import SourcePackage
 from nsbuild.debbuild.errors import BuildInputError
 from nsbuild.debbuild.result import BuildRequest
-from nsbuild.debbuild.steps import Steps
+from nsbuild.debbuild.steps import Steps, open_terminal
 from nsbuild.errors import NsbuildError
 from nsbuild.printable import printable
 
@@ -276,6 +276,8 @@ def dpkg_buildpackage_argv(req: BuildRequest) -> list[str]:
     """dpkg-buildpackage's command line: nsbuild's, sbuild's options
     (-P, -m, -e, -d), then --debbuildopts in the order given."""
     argv = ["dpkg-buildpackage", "-us", "-uc", f"--build={binnmu.build_type(req)}"]
+    if not req.clean_source and req.input.is_dir():
+        argv.append("--no-pre-clean")  # the tree as it is: what clean would remove too
     profiles = build_profiles(req)
     if profiles:
         argv.append("-P" + ",".join(profiles))
@@ -345,9 +347,8 @@ def shell(steps: Steps, user: str, tree: str, env: Mapping[str, str] | None = No
 def _terminal() -> Iterator[tuple[int, int]]:
     """(input, output) of an interactive shell: the controlling terminal,
     else nsbuild's stdin and stderr."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
+    fd = open_terminal()
+    if fd is None:
         sys.stderr.flush()
         yield 0, 2
         return
