@@ -33,7 +33,7 @@ pytestmark = pytest.mark.userns
 # -- the percent escapes --
 
 
-def test_escapes_are_replaced_longest_first_quoted_and_only_when_defined() -> None:
+def test_escapes_are_replaced_longest_first_as_they_are_and_only_when_defined() -> None:
     facts = Facts(dsc=Path("/home/u/my src/p_1.dsc"), build_dir="/build", host_arch="amd64",
                   build_arch="amd64")  # fmt: skip
     values = escapes(facts, "bash -i", None)
@@ -42,8 +42,9 @@ def test_escapes_are_replaced_longest_first_quoted_and_only_when_defined() -> No
         values,
     )
     # %c, %e, %p are not known yet: left as they are, as sbuild leaves them.
-    assert text == ("% amd64/amd64 amd64 /build '/home/u/my src/p_1.dsc' "
-                    "'/home/u/my src/p_1.dsc' %c %SBUILD_CHANGES %e %p %x")  # fmt: skip
+    # As sbuild: the value as it is ("%d" for a path with a space).
+    assert text == ("% amd64/amd64 amd64 /build /home/u/my src/p_1.dsc "
+                    "/home/u/my src/p_1.dsc %c %SBUILD_CHANGES %e %p %x")  # fmt: skip
     assert used == {"%", "a", "SBUILD_HOST_ARCH", "SBUILD_BUILD_ARCH", "b", "d", "SBUILD_DSC"}
     # %%c is a percent and a c, never the .changes.
     facts.changes = "/out/p_1_amd64.changes"
@@ -190,7 +191,7 @@ def test_every_stage_runs_in_its_place_in_order_with_its_escapes(
     bookworm: Env, tmp_path: Path
 ) -> None:
     tree = make_package(tmp_path, "nsb-hooks")
-    out = tmp_path / "out dir"  # a path the escapes must quote
+    out = tmp_path / "out dir"  # a path with a space: "%c", as with sbuild
     trace, inside = tmp_path / "trace", tmp_path / "inside"
     # The user's own variables reach the commands outside, never inside.
     env = Env({**bookworm.vars, "NSB_HOOK_VAR": "mine"}, bookworm.cache)
@@ -205,8 +206,8 @@ def test_every_stage_runs_in_its_place_in_order_with_its_escapes(
         ("finished-build", 'echo "finished-build $(ls %b/*.deb)" >> /build/trace'),
         ("chroot-cleanup", 'echo "chroot-cleanup %c $(test -f %c && echo found)" >> /build/trace'),
         ("post-build", f"%e cat /build/trace > {inside}"),
-        ("post-build", 'echo "post-build $(id -u) $(pwd) $(basename %c) '
-                       f'$(test -f %c && echo found)" >> {trace}'),
+        ("post-build", 'echo "post-build $(id -u) $(pwd) $(basename "%c") '
+                       f'$(test -f "%c" && echo found)" >> {trace}'),
         ("post-build-failed", f"touch {tmp_path / 'never'}"),
     ), str(tree))  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -348,6 +349,24 @@ def test_a_dependency_layer_never_keeps_what_commands_did_to_the_session(
                                                           "test ! -e /etc/nsb-setup-marker")),
                                  str(clean))  # fmt: skip
         assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.slow
+def test_the_shared_apt_cache_takes_nothing_after_commands_touched_the_session(
+    bookworm: Env, tmp_path: Path
+) -> None:
+    # A repository nobody signed, planted before apt runs: its list must not
+    # reach the environment's cache, where later builds would trust it.
+    plant = ("mkdir -p /srv/nsbplanted && : > /srv/nsbplanted/Packages && "
+             "echo 'deb [trusted=yes] file:/srv/nsbplanted ./' "
+             "> /etc/apt/sources.list.d/nsbplanted.list")  # fmt: skip
+    tree = make_package(tmp_path, "nsb-hookcache")
+    done = bookworm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path / "out"),
+                            *_cmd(("chroot-setup", plant)), str(tree))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "out" / "nsb-hookcache_1.0_amd64.build").read_text()
+    assert "nsbplanted" in log  # apt did read the planted repository
+    assert not [p for p in bookworm.cache.rglob("*nsbplanted*")]
 
 
 # -- another user --

@@ -238,8 +238,12 @@ class DepsPhase:
         # alone: in the environment's shared cache, a package of an archive
         # package's name and size would stand in for it in later builds
         # (apt takes a cached .deb on its size), and its lists would vouch
-        # for that in the next take.
-        if self.req.extra_repositories:
+        # for that in the next take. Commands that ran as root in the session
+        # before apt (pre-build's %e, chroot-setup) may have planted lists,
+        # sources or packages: nothing of such a session is shared either.
+        if self.req.extra_repositories or any(
+            self.req.commands_for(s) for s in ("pre-build", "chroot-setup")
+        ):
             return
         for line in self.steps.backend.take_downloads():
             self.steps.log.line(line)
