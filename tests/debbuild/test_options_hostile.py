@@ -43,13 +43,16 @@ def test_a_path_an_escape_carries_never_runs_in_any_quoting(tmp_path: Path, name
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_plain_path_with_spaces_is_one_word_unquoted(tmp_path: Path) -> None:
+def test_a_plain_path_with_spaces_is_one_word_quoted_as_with_sbuild(tmp_path: Path) -> None:
     where = tmp_path / "my src, é"
     where.mkdir()
     (where / "p_1.dsc").write_text("x")
-    text, _ = substitute("cat %d", escapes(Facts(dsc=where / "p_1.dsc"), "bash -i", None))
-    done = subprocess.run(["/bin/sh", "-c", text], capture_output=True, text=True, check=False)
-    assert (done.returncode, done.stdout) == (0, "x")
+    values = escapes(Facts(dsc=where / "p_1.dsc"), "bash -i", None)
+    for command in ('cat "%d"', "cat '%d'"):
+        text, _ = substitute(command, values)
+        done = subprocess.run(["/bin/sh", "-c", text], capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        assert (done.returncode, done.stdout) == (0, "x"), command
 
 
 # -- the exec escape's socket, as another user may place it --

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import stat
 import subprocess
@@ -34,7 +33,7 @@ from pathlib import Path
 from nsbuild.backends import STDOUT
 from nsbuild.debbuild.errors import BuildFailed, BuildInputError
 from nsbuild.debbuild.result import BuildRequest
-from nsbuild.debbuild.steps import Steps
+from nsbuild.debbuild.steps import Steps, open_terminal
 from nsbuild.printable import printable
 
 TYPE_CHECKING = False
@@ -74,10 +73,10 @@ SHELL_ON_TTY = "bash -i </dev/tty >/dev/tty 2>/dev/tty"
 # sbuild's escapes of the session's path, which nsbuild never gives (%% is
 # matched too, so that %%r is not taken for one).
 _CHROOT_DIR = re.compile(r"%(?:%|(SBUILD_CHROOT_DIR|r))")
-# What a shell reads as code in one quoting or another: sbuild's users put
-# %d and %c bare, in "..." and in '...' (where a quoted value's own quotes
-# end the command's). A path holding one (a folder named by whoever made
-# the tarball it came in) is refused: no quoting is safe in all three.
+# What a shell reads as code in one quoting or another. Values go in as
+# they are, as sbuild puts them (users write %d bare, "%d" for a path with
+# a space, or '%d'); a path holding one of these (a folder named by whoever
+# made the tarball it came in) is refused rather than run as code.
 _SHELL_SPECIAL = re.compile(r"""[\x00-\x1f\x7f$`\\"';&|<>()*?\[\]{}#]""")
 
 
@@ -111,9 +110,9 @@ class Facts:
 
 
 def escapes(facts: Facts, shell: str, chroot_exec: str | None) -> dict[str, str]:
-    """Each escape defined now (without its '%') and its text: paths and
-    names shell-quoted (one no quoting makes safe is refused where used:
-    substitute), %s and %e command text as they are."""
+    """Each escape defined now (without its '%') and its text, as it is (one
+    a shell would read as code is refused where used: substitute); %s and %e
+    are command text."""
     plain = {
         "a": facts.host_arch, "SBUILD_HOST_ARCH": facts.host_arch,
         "SBUILD_BUILD_ARCH": facts.build_arch,
@@ -125,7 +124,7 @@ def escapes(facts: Facts, shell: str, chroot_exec: str | None) -> dict[str, str]
         **facts.extra,
     }  # fmt: skip
     values: dict[str, str] = {
-        key: _Unsafe(value) if _SHELL_SPECIAL.search(value) else shlex.quote(value)
+        key: _Unsafe(value) if _SHELL_SPECIAL.search(value) else value
         for key, value in plain.items() if value
     }  # fmt: skip
     values.update({"%": "%", "s": shell, "SBUILD_SHELL": shell})
@@ -204,7 +203,7 @@ class Hooks:
         text, used = substitute(command, values)
         tty = None
         if not outside and used & {"s", "SBUILD_SHELL"}:
-            tty = _terminal()
+            tty = open_terminal()
             if tty is None:
                 # No terminal: sbuild's text, whose shell says so where it fails.
                 text, _ = substitute(command, {**values, "s": SHELL_ON_TTY,
@@ -280,14 +279,6 @@ class Hooks:
         server, self._server = self._server, None
         if server is not None:
             server.stop()
-
-
-def _terminal() -> int | None:
-    """The user's terminal, open for a shell; None without one."""
-    try:
-        return os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return None
 
 
 def _home() -> str:

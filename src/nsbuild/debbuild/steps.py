@@ -13,6 +13,14 @@ from nsbuild.debbuild.log import BuildLog
 from nsbuild.printable import printable
 
 
+def open_terminal() -> int | None:
+    """The user's terminal, open for an interactive shell inside; None without one."""
+    try:
+        return os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 @dataclass
 class Steps:
     """The session as the phases use it: its backend and the build's log."""
