@@ -221,7 +221,8 @@ OPTIONS: tuple[Option, ...] = (
     Opt(("--clean-source",), "clean_source", "true",
       "unpack the .dsc made from a source tree afresh (default)"),
     Opt(("--no-clean-source",), "clean_source", "false",
-      "build a source tree as it is, without dpkg-buildpackage's clean first"),
+      "build a source tree as it is, with dpkg-buildpackage --no-pre-clean (sbuild's "
+      "skips only the host's clean before dpkg-source -b; nsbuild never runs one there)"),
     Opt(("--purge-build", "--purge", "-p", "--purge-session"), "purge_build", "store",
       "remove the session after the build: always (default), successful (only a "
       "successful build's), never (keep it, and say how to enter it); the session holds "
@@ -265,6 +266,7 @@ del Opt, S
 # sbuild's options that nsbuild has no use for: each refused in one line.
 # name -> (takes a value, why).
 REFUSED: dict[str, tuple[bool, str]] = {
+    "-a": (True, "nsbuild builds for the environment's architecture (pick it with -c)"),
     "--arch": (True, "nsbuild builds for the environment's architecture (pick it with -c)"),
     "--host": (True, "cross-building is not supported"),
     "--build": (True, "nsbuild builds for the environment's architecture (pick it with -c)"),
@@ -280,7 +282,8 @@ REFUSED: dict[str, tuple[bool, str]] = {
     "--apt-clean": (False, "the session and its apt cache are thrown away anyway"),
     "--no-apt-update": (False, "the dependency phase always updates the package lists"),
     "--apt-upgrade": (False, "nsbuild never upgrades a session; use `nsbuild env update`"),
-    "--apt-distupgrade": (False, "nsbuild never upgrades a session; use `nsbuild env update`"),
+    "--apt-distupgrade": (False, "nsbuild never upgrades a session (dependency layers are "
+                                 "keyed on the base); use `nsbuild env update`"),
     "--force-orig-source": (False, "not supported"),
     "--mailfrom": (True, "nsbuild sends no mail"),
     "--mail-log-to": (True, "nsbuild sends no mail"),
@@ -299,7 +302,8 @@ REFUSED: dict[str, tuple[bool, str]] = {
     "--use-snapshot": (False, "not supported"),
     "--build-dep-resolver": (True, "nsbuild resolves build dependencies with apt"),
     "--aspcud-criteria": (True, "nsbuild resolves build dependencies with apt"),
-    "--no-resolve-alternatives": (False, "apt considers every alternative"),
+    "--no-resolve-alternatives": (False, "apt chooses among every alternative (sbuild's "
+                                         "--resolve-alternatives), never only the first"),
     "--chroot-update-failed-commands": (True, "nsbuild does not update the session"),
     "--anything-failed-commands": (True, "use --build-failed-commands and "
                                          "--post-build-failed-commands"),
@@ -367,7 +371,8 @@ class _Refused(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:  # fmt: skip
         why = REFUSED[self.option_strings[0]][1]
-        parser.error(f"sbuild's {option_string} is not supported: {why}")
+        parser.error(f"sbuild's {option_string} is not supported"
+                     + ("" if why == "not supported" else f": {why}"))
 
 
 class _NoOp(argparse.Action):

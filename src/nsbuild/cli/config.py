@@ -252,8 +252,10 @@ def handler(args: argparse.Namespace) -> int:
         check_conflicts(given, getattr(args, "flags", []))
         settings = effective(given, os.environ, path)
     except (BadSetting, ConfigError) as e:
+        from nsbuild.cli.exits import USAGE
+
         print(f"nsbuild config: {printable(str(e))}", file=sys.stderr)
-        return 2
+        return USAGE
     if args.as_json:
         doc = {
             "file": str(path),

@@ -395,8 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if trailing is not None:
             args.backend_args = trailing
         if not getattr(args, "func", None):
+            from nsbuild.cli.exits import USAGE
+
             parser.print_help(sys.stderr)
-            return 2
+            return USAGE
     if not plain_run:
         _complete_site()
     from nsbuild.errors import NsbuildError

@@ -52,6 +52,8 @@ class Choice:
     hint: str | None = None
     # Aliases to give an environment created for it.
     aliases: tuple[str, ...] = ()
+    # Where the name came from, for messages: the changelog, or -d.
+    origin: str = "the changelog's distribution"
 
 
 def choose(distribution: str | None) -> Choice:
@@ -99,13 +101,13 @@ def resolve(
         known = load_config().known()
         instead = f"give --env with one of: {known}; or " if known != "none" else ""
         raise BuildInputError(
-            f"no environment for the changelog's distribution {choice.name!r} and it is "
+            f"no environment for {choice.origin} {choice.name!r} and it is "
             f"not a Debian suite nsbuild can create: {instead}create one with: "
             f"{create_command(choice)}"
         )
     if not create:
         raise BuildInputError(
-            f"no environment for the changelog's distribution {choice.name!r}: create it "
+            f"no environment for {choice.origin} {choice.name!r}: create it "
             f"with: {create_command(choice)}"
         )
     # The created environment is named after the suite: a backports upload

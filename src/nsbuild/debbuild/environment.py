@@ -3,6 +3,7 @@ build says anything else."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import IO
@@ -31,6 +32,8 @@ def environment(
             return load_config().get(req.env).name, None
         return req.env, None
     choice = choose(req.dist or pkg.distribution())
+    if req.dist:
+        choice = dataclasses.replace(choice, origin="-d's distribution")
     # Environments are the local backend's: another backend gets the name
     # and makes of it what it can.
     if req.backend != "local":
