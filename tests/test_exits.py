@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nsbuild.backends import UnknownBackend
-from nsbuild.backends.base import BackendError, CopyRefused
+from nsbuild.backends.errors import BackendError, CopyRefused
 from nsbuild.backends.virtproto import VirtServerError
 from nsbuild.cli.exits import exit_status
 from nsbuild.debbuild.errors import (

@@ -17,7 +17,7 @@ from debbuild.conftest import backend, bookworm
 from waiting import HANG_GUARD
 
 from nsbuild.backends import Backend
-from nsbuild.backends.base import CopyRefused
+from nsbuild.backends.errors import CopyRefused
 
 __all__ = ["backend", "bookworm"]
 

@@ -14,12 +14,11 @@ import importlib
 from nsbuild.backends.base import (
     STDOUT,
     Backend,
-    BackendError,
     BackendOptions,
     Capabilities,
-    CopyRefused,
     Network,
 )
+from nsbuild.backends.errors import BackendError, CopyRefused
 
 # name -> "module:class", the class taking the BackendOptions.
 _REGISTRY = {

@@ -37,16 +37,15 @@ from nsbuild.backends.base import (
     REFUSED,
     STDOUT,
     Backend,
-    BackendError,
     BackendOptions,
     Capabilities,
-    CopyRefused,
     Network,
     Sink,
     Stream,
     absolute_path,
     copy_bounded,
 )
+from nsbuild.backends.errors import BackendError, CopyRefused
 from nsbuild.backends.virtproto import VirtServer
 
 WORK_DIR = "/build"

@@ -40,12 +40,12 @@ from typing import TYPE_CHECKING, Any
 from nsbuild.backends.base import (
     STDOUT,
     Backend,
-    BackendError,
     BackendOptions,
     Capabilities,
     Network,
     Stream,
 )
+from nsbuild.backends.errors import BackendError
 
 if TYPE_CHECKING:
     from nsbuild.net.netlog import NetSummary

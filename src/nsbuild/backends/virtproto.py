@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 from urllib.parse import quote, unquote
 
-from nsbuild.backends.base import BackendError
+from nsbuild.backends.errors import BackendError
 from nsbuild.printable import printable
 
 # Seconds to wait for an answer, by kind of command. `open` and `revert` may

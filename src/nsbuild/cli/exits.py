@@ -27,7 +27,7 @@ before it could say why); the rest from the errors below.
 from __future__ import annotations
 
 from nsbuild.backends import UnknownBackend
-from nsbuild.backends.base import BackendError, CopyRefused
+from nsbuild.backends.errors import BackendError, CopyRefused
 from nsbuild.debbuild.errors import BuildFailed, BuildInterrupted, UnsatisfiableDependencies
 from nsbuild.errors import NsbuildError
 from nsbuild.sandbox.errors import SandboxError

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO
 
 from nsbuild.backends import Backend, BackendOptions, open_backend
-from nsbuild.backends.base import CopyRefused
+from nsbuild.backends.errors import CopyRefused
 from nsbuild.debbuild import binnmu, phases, sections
 from nsbuild.debbuild.checks import CheckInputs, run_checks
 from nsbuild.debbuild.collect import Collected, ResultNames, collect

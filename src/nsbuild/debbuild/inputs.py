@@ -11,7 +11,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from nsbuild.backends.base import CopyRefused, open_regular
+from nsbuild.backends.errors import CopyRefused
+from nsbuild.backends.tarfeed import open_regular
 from nsbuild.debbuild import binnmu
 from nsbuild.debbuild.dsc import SourcePackage, load_dsc
 from nsbuild.debbuild.errors import BuildInputError
