@@ -111,6 +111,20 @@ def bookworm_here(bookworm: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
     return bookworm
 
 
+def processes(cmdline: bytes) -> list[int]:
+    """The processes whose command line starts with `cmdline`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(cmdline):
+                        found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
 def kept_log(env: Env, stderr: str, name: str) -> Path:
     """The log a failed build names on stderr: kept under the cache, not in --out."""
     paths = [

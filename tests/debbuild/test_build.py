@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from waiting import wait_for
 
-from .conftest import Env, fixture_dsc, kept_log, make_package
+from .conftest import Env, fixture_dsc, kept_log, make_package, processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.userns]
 
@@ -197,20 +197,6 @@ die "never released\\n";
 """
 
 
-def _processes(cmdline: bytes) -> list[int]:
-    """The processes whose command line starts with `cmdline`."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().startswith(cmdline):
-                        found.append(int(pid))
-            except OSError:
-                continue
-    return found
-
-
 def test_two_builds_at_once_listen_on_the_same_port(bookworm: Env, tmp_path: Path) -> None:
     # A test suite on a fixed port: each build has its own network namespace,
     # so both bind 127.0.0.1:47613 at the same time. No --env: the changelog
@@ -224,10 +210,10 @@ def test_two_builds_at_once_listen_on_the_same_port(bookworm: Env, tmp_path: Pat
         def both_listen() -> bool:
             finished = [p for p in procs if p.poll() is not None]
             assert not finished, finished[0].communicate()[1]
-            return len(_processes(b"nsb-port-listening")) >= 2
+            return len(processes(b"nsb-port-listening")) >= 2
 
         wait_for(both_listen, "both builds listen on 127.0.0.1:47613", timeout=900)
-        for pid in _processes(b"nsb-port-listening"):
+        for pid in processes(b"nsb-port-listening"):
             os.kill(pid, signal.SIGUSR1)
         results = [p.communicate(timeout=600) for p in procs]
     finally:
@@ -285,7 +271,7 @@ def test_sigint_during_build_exits_130_and_leaves_nothing(bookworm: Env, tmp_pat
 
     def building() -> bool:
         assert proc.poll() is None, proc.communicate()[1]
-        return bool(_processes(b"sleep\x0086417\x00"))
+        return bool(processes(b"sleep\x0086417\x00"))
 
     # Interrupted in the middle of the package's own build (debian/rules runs).
     wait_for(building, "the package's build runs", timeout=900)

@@ -19,28 +19,14 @@ from waiting import wait_for
 
 from nsbuild.debbuild.log import BuildLog
 
-from .conftest import Env, kept_log, make_package
+from .conftest import Env, kept_log, make_package, processes
 
 SAID_LOG = "nsbuild: log, as the build runs: "
 
 
-def _processes(cmdline: bytes) -> list[int]:
-    """The processes whose command line starts with `cmdline`."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().startswith(cmdline):
-                        found.append(int(pid))
-            except OSError:
-                continue
-    return found
-
-
 def _sleeping(proc: subprocess.Popen[str], cmdline: bytes) -> bool:
     assert proc.poll() is None, proc.communicate()[1]
-    return bool(_processes(cmdline))
+    return bool(processes(cmdline))
 
 
 # -- the log, as the build runs and once it is interrupted ---------------------
@@ -182,7 +168,7 @@ def test_results_that_out_cannot_take_are_kept_and_named(
         wait_for(lambda: _sleeping(proc, cmdline), "the package's build runs", timeout=900)
         # --out goes bad while the package builds (checked fine at the start).
         spoil(out)
-        for pid in _processes(cmdline):
+        for pid in processes(cmdline):
             os.kill(pid, signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=600)
     finally:

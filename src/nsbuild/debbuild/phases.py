@@ -39,6 +39,19 @@ BUILD_UID = 2000
 BUILD_HOME = "/nonexistent"
 
 
+def add_build_user(steps: Steps, description: str) -> bool:
+    """Add the build user, with no home (as sbuild does: nothing leaks in
+    from one), by hand: the environment need not have useradd."""
+    user = BUILD_USER
+    script = (
+        f"grep -q '^{user}:' /etc/passwd || {{ "
+        f"echo '{user}:x:{BUILD_UID}:{BUILD_UID}:{description}:"
+        f"{BUILD_HOME}:/bin/sh' >> /etc/passwd && "
+        f"echo '{user}:x:{BUILD_UID}:' >> /etc/group; }}"
+    )
+    return steps.run(["sh", "-c", script]) == 0
+
+
 def prepare(steps: Steps, pkg: SourcePackage, extras: tuple[Path, ...]) -> str:
     """Make the build user and copy the source in; returns the user to build as."""
     backend, log = steps.backend, steps.log
@@ -46,17 +59,9 @@ def prepare(steps: Steps, pkg: SourcePackage, extras: tuple[Path, ...]) -> str:
     work = backend.work_dir
     user = "root"
     if backend.capabilities.unprivileged_user:
-        user = BUILD_USER
-        # A build user with no home (as sbuild does: nothing leaks in from
-        # one), added by hand: the environment need not have useradd.
-        script = (
-            f"grep -q '^{user}:' /etc/passwd || {{ "
-            f"echo '{user}:x:{BUILD_UID}:{BUILD_UID}:nsbuild build user:"
-            f"{BUILD_HOME}:/bin/sh' >> /etc/passwd && "
-            f"echo '{user}:x:{BUILD_UID}:' >> /etc/group; }}"
-        )
-        if steps.run(["sh", "-c", script]) != 0:
+        if not add_build_user(steps, "nsbuild build user"):
             raise NsbuildError("cannot create the build user inside; see the log")
+        user = BUILD_USER
     else:
         log.line("Warning: the backend cannot give an unprivileged user; building as root")
     # Private copies of what was checked (never links), each bounded by

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from nsbuild.backends import Backend, BackendOptions, open_backend
-from nsbuild.debbuild.phases import BUILD_UID, BUILD_USER
+from nsbuild.debbuild.phases import BUILD_USER, add_build_user
 from nsbuild.debbuild.result import BuildRequest
 from nsbuild.debbuild.steps import Steps
 from nsbuild.errors import NsbuildError
@@ -46,16 +46,9 @@ def check_user(steps: Steps) -> str:
     sbuild runs lintian as its build user; root where the backend has no other."""
     if not steps.backend.capabilities.unprivileged_user:
         return "root"
-    user = BUILD_USER
-    script = (
-        f"grep -q '^{user}:' /etc/passwd || {{ "
-        f"echo '{user}:x:{BUILD_UID}:{BUILD_UID}:nsbuild check user:"
-        f"/nonexistent:/bin/sh' >> /etc/passwd && "
-        f"echo '{user}:x:{BUILD_UID}:' >> /etc/group; }}"
-    )
-    if steps.run(["sh", "-c", script]) != 0:
+    if not add_build_user(steps, "nsbuild check user"):
         raise CheckError("cannot create the check user inside; see the log")
-    return user
+    return BUILD_USER
 
 
 def read_output(steps: Steps, limit: int = 16 << 20) -> str:
