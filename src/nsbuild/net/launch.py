@@ -100,7 +100,10 @@ def run_under(plan: NetPlan, spec: Sandbox, *, stdin: int | None = None,
             return spawn(spec, stdin=stdin, stdout=stdout, stderr=stderr)
         limits.join()
         try:
-            return spawn(spec, stdin=stdin, stdout=stdout, stderr=stderr, leave_keeper=False)
+            # Out again as soon as the sandbox is forked: the threads that
+            # relay its streams must not count against its process limit.
+            return spawn(spec, stdin=stdin, stdout=stdout, stderr=stderr, leave_keeper=False,
+                         forked=limits.leave)  # fmt: skip
         finally:
             limits.leave()
 

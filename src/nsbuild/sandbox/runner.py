@@ -91,11 +91,14 @@ def run(spec: Sandbox) -> int:
 
 
 def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
-          stderr: int | None = None, leave_keeper: bool = True) -> Process:
+          stderr: int | None = None, leave_keeper: bool = True,
+          forked: Callable[[], None] | None = None) -> Process:
     """Start the sandbox; return once the command was exec'd (or raise SetupError).
     leave_keeper=False: if this run makes its user namespace, it leaves no
     keeper in it (userns.py), as for a run whose caller sits in a cgroup of
-    the run's own (resource limits), which must be empty when the run ends."""
+    the run's own (resource limits), which must be empty when the run ends.
+    forked: called in this process once the sandbox's first process exists
+    (to leave such a cgroup before this process starts any thread of its own)."""
     spec.validate()
     lifetime = userns.lifetime()  # a bad setting fails first, whoever runs
     if not spec.idmap.helper:
@@ -152,6 +155,8 @@ def spawn(spec: Sandbox, *, stdin: int | None = None, stdout: int | None = None,
         _helper(spec, plan, Channel(child_sock), child_ends, parent_pid,
                 None if kept is None else kept[0], keep, status_w, say)
 
+    if forked is not None:
+        forked()
     child_sock.close()
     os.close(status_w)
     m.release(plan)  # the cloned trees live on in the child only
