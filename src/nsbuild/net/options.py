@@ -56,9 +56,12 @@ NET_OPTIONS: dict[str, tuple[str, object, tuple[str, ...] | None, str, str]] = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, helps: dict[str, str] | None = None) -> None:
+    """The network options in `parser`; `helps` replaces an option's help
+    text (a tool whose default differs says so)."""
     group = parser.add_argument_group("network")
     for name, (kind, default, choices, metavar, text) in NET_OPTIONS.items():
+        text = (helps or {}).get(name, text)
         if kind == "flag":
             group.add_argument(name, action="store_true", help=text)
         else:

@@ -349,20 +349,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _network_arguments(parser: argparse.ArgumentParser) -> None:
     """The network options of nsbuild.net, with this server's own default."""
-    from nsbuild.net.options import NET_OPTIONS
+    from nsbuild.net.options import add_arguments
 
-    group = parser.add_argument_group("network")
-    for name, (kind, default, choices, metavar, text) in NET_OPTIONS.items():
-        if name == "--net":
-            text = ("network: none (loopback only), allow (only the --allow list, through an "
-                    "egress engine), host (the host's network: explicit opt-in); default: "
-                    "the environment's mirrors, as --net allow --allow-from-env")  # fmt: skip
-        if kind == "flag":
-            group.add_argument(name, action="store_true", help=text)
-        else:
-            group.add_argument(name, action="append" if kind == "append" else "store",
-                               default=list(default) if isinstance(default, list) else default,
-                               choices=choices, metavar=metavar, help=text)  # fmt: skip
+    add_arguments(parser, {"--net": (
+        "network: none (loopback only), allow (only the --allow list, through an "
+        "egress engine), host (the host's network: explicit opt-in); default: "
+        "the environment's mirrors, as --net allow --allow-from-env")})
 
 
 def main(argv: list[str] | None = None) -> int:
