@@ -56,6 +56,9 @@ class BuildRequest:
     run_autopkgtest: bool = False
     autopkgtest_opts: tuple[str, ...] = ()
     run_piuparts: bool = False
+    # --host-arch (sbuild's --host): cross-build for this architecture; None
+    # builds for the environment's own.
+    host_arch: str | None = None
 
     def commands_for(self, stage: str) -> tuple[str, ...]:
         """The external commands of one stage, in the order given."""
@@ -117,7 +120,9 @@ class Stats:
 class BuildResult:
     package: str = ""
     version: str = ""
-    architecture: str = ""
+    architecture: str = ""  # the host architecture: what the packages are for
+    build_architecture: str = ""  # where they were built (the environment's dpkg)
+    environment_architecture: str = ""  # the environment's, as dpkg inside says
     environment: str = ""
     backend: str = ""
     status: str = "error"
@@ -155,6 +160,9 @@ class BuildResult:
             "package": self.package,
             "version": self.version,
             "architecture": self.architecture,
+            "host_architecture": self.architecture,
+            "build_architecture": self.build_architecture,
+            "environment_architecture": self.environment_architecture,
             "environment": self.environment,
             "backend": self.backend,
             "phases": [{"name": n, "seconds": round(s, 3)} for n, s in self.phases],
