@@ -54,6 +54,10 @@ def register(sub: Any) -> None:
             "DEB_BUILD_OPTIONS inside is the caller's, with parallel= from --jobs, else the "
             "caller's parallel= as given, else the number of CPUs. DEB_BUILD_PROFILES is "
             "-P's, else the caller's.",
+            "Cross-building (--host-arch ARCH, sbuild's --host) runs on an environment of "
+            "the machine's own architecture, as sbuild: profiles `cross nocheck` unless -P "
+            "or DEB_BUILD_PROFILES gives them, DEB_BUILD_OPTIONS gains nocheck unless the "
+            "caller set it, and arch-all packages are built only with -A.",
             "sbuild's options that nsbuild has no use for are refused, each in one line. "
             "Accepted and doing nothing, as nsbuild does that anyway: "
             f"{', '.join(NO_OPS)}.",
@@ -110,7 +114,7 @@ def make_request(values: dict[str, Any], input: Path, backend_args: tuple[str, .
 
 
 def handler(args: argparse.Namespace) -> int:
-    from nsbuild.cli.config import ConfigError, effective
+    from nsbuild.cli.config import DEFAULT, ConfigError, effective
     from nsbuild.cli.exits import USAGE, exit_status
     from nsbuild.debbuild.driver import build
     from nsbuild.debbuild.extrarepo import check_request
@@ -120,7 +124,10 @@ def handler(args: argparse.Namespace) -> int:
     given: dict[str, object] = getattr(args, "given", {})
     try:
         check_conflicts(given, getattr(args, "flags", []))
-        values = {name: value for name, (value, _) in effective(given, os.environ).items()}
+        settings = effective(given, os.environ)
+        values = {name: value for name, (value, _) in settings.items()}
+        # A cross build leaves arch-all out unless it was chosen (sbuild's default).
+        values["arch_all_given"] = settings["arch_all"][1] != DEFAULT
         request = make_request(values, args.input, tuple(args.backend_args),
                                bool(getattr(args, "debug", False)))  # fmt: skip
         check_request(request)

@@ -94,6 +94,15 @@ def _word(text: str) -> str:
 _PROFILE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
 
 
+def _arch(text: str) -> str:
+    """A Debian architecture name (whether dpkg knows it is asked inside)."""
+    from nsbuild.envs.arches import ARCH_RE
+
+    if not ARCH_RE.match(text):
+        raise BadSetting(f"bad architecture name {text!r} (e.g. amd64, arm64, armhf, i386)")
+    return text
+
+
 def profiles(text: str) -> tuple[str, ...]:
     """sbuild's -P: profile names separated by commas (or, as in
     DEB_BUILD_PROFILES, by white space)."""
@@ -138,6 +147,8 @@ SETTINGS = {s.name: s for s in (
     S("source", False),
     S("source_only_changes", False),
     S("jobs", None, _int_at_least(1)),
+    S("host_arch", None, _arch),
+    S("build_arch", None, _arch),
     S("profiles", (), profiles),
     S("debbuildopts", [], _word, repeat=True),
     S("extra_packages", [], Path, repeat=True, path=True),
@@ -186,6 +197,14 @@ OPTIONS: tuple[Option, ...] = (
     Opt(("--source-only-changes",), "source_only_changes", "true",
       "also write a .changes of the source alone, for a source-only upload"),
     Opt(("--no-source-only-changes",), "source_only_changes", "false", "(default)"),
+    Opt(("--host-arch", "--host"), "host_arch", "store",
+      "cross-build for ARCH on an environment of another architecture: dpkg-buildpackage "
+      "-aARCH, build dependencies for ARCH, crossbuild-essential-ARCH; as sbuild, "
+      "profiles `cross nocheck` and no arch-all packages unless asked for "
+      "(--host is sbuild's spelling)", "ARCH"),
+    Opt(("--build",), "build_arch", "store",
+      "the build architecture: only the environment's own (for another, make an "
+      "environment of it: nsbuild env create NAME --arch ARCH)", "ARCH"),
     Opt(("--jobs", "-j"), "jobs", "store",
       "parallel jobs: DEB_BUILD_OPTIONS parallel=N (default: the caller's parallel=, "
       "else the CPUs)", "N"),
@@ -263,13 +282,14 @@ OPTIONS: tuple[Option, ...] = (
 )  # fmt: skip
 del Opt, S
 
+_ARCH_REFUSED = ("nsbuild builds on the environment's architecture: to cross-build, use "
+                 "--host-arch ARCH; to build natively for ARCH, use an environment of it "
+                 "(nsbuild env create NAME --arch ARCH, then -c NAME)")
 # sbuild's options that nsbuild has no use for: each refused in one line.
 # name -> (takes a value, why).
 REFUSED: dict[str, tuple[bool, str]] = {
-    "-a": (True, "nsbuild builds for the environment's architecture (pick it with -c)"),
-    "--arch": (True, "nsbuild builds for the environment's architecture (pick it with -c)"),
-    "--host": (True, "cross-building is not supported"),
-    "--build": (True, "nsbuild builds for the environment's architecture (pick it with -c)"),
+    "-a": (True, _ARCH_REFUSED),
+    "--arch": (True, _ARCH_REFUSED),
     "--batch": (False, "nsbuild writes no build-progress file"),
     "-b": (False, "nsbuild writes no build-progress file"),
     "--binNMU-timestamp": (True, "the binNMU entry is dated by SOURCE_DATE_EPOCH"),

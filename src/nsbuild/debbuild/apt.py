@@ -20,6 +20,11 @@ APT_OPTS = (
     "-o", "APT::Get::Assume-Yes=true",
     "-o", "Dpkg::Use-Pty=false",
     "-o", "quiet=1",
+    # update would delete the lists of every architecture dpkg lacks: a
+    # native build (or a check's session) would take a cross build's lists
+    # out of the shared cache, and the next cross build fetch them again.
+    # apt reads only the lists of the architectures it is given.
+    "-o", "APT::Get::List-Cleanup=false",
 )  # fmt: skip
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "DEBCONF_NONINTERACTIVE_SEEN": "true"}
 # Nothing a build reads comes from man-db's index of manual pages, which

@@ -8,6 +8,9 @@ runs of apt alone, before any maintainer script.
 The question asked of apt is sbuild's: the source's relations for what is
 built, with --add-depends/--add-conflicts (-arch, -indep) appended, and
 restriction formulas (`<!nocheck>`) read for the build profiles (-P).
+A cross build asks it for the host architecture, as sbuild does: the host
+architecture added to dpkg, `apt-get -a HOST`, and the cross core
+dependencies (cross.core_depends); `:native` and Multi-Arch are apt's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from nsbuild.backends import Network
 from nsbuild.debbuild import apt, extrarepo
 from nsbuild.debbuild.cache import DepCache, answer_key, layer_key
 from nsbuild.debbuild.collect import sha256_file
+from nsbuild.debbuild.cross import Arches, core_depends
 from nsbuild.debbuild.dsc import SourcePackage
 from nsbuild.debbuild.errors import UnsatisfiableDependencies
 from nsbuild.debbuild.layers import PendingLayer, use_layer
@@ -45,7 +49,7 @@ class DepsPhase:
     steps: Steps
     req: BuildRequest
     pkg: SourcePackage
-    arch: str
+    arch: Arches
     extras: tuple[Path, ...]  # private copies of the --extra-package files
     environment: str
     say: Callable[[str], None]  # a progress line
@@ -66,6 +70,13 @@ class DepsPhase:
         if self.req.profiles:
             log.line(f"Build profiles: {' '.join(self.req.profiles)}")
         network: Network = "allow" if caps.network_per_phase else "host"
+        if self.arch.cross:
+            log.line(f"Host architecture: {self.arch.host} (build architecture {self.arch.build})")
+            # Before apt reads its lists: it fetches those of dpkg's architectures.
+            add = ["dpkg", "--add-architecture", self.arch.host]
+            if self.steps.run(add) != 0:
+                raise NsbuildError(f"cannot add the architecture {self.arch.host} to dpkg; "
+                                   "see the log")  # fmt: skip
         # What the layer keys must cover besides apt's answer.
         identity = [f"profiles {','.join(self.req.profiles)}"] if self.req.profiles else []
         if self.req.extra_repositories:
@@ -86,6 +97,8 @@ class DepsPhase:
             log.line("The apt caches are not updated: an extra repository's lists and "
                      "packages are for this build alone")  # fmt: skip
         satisfy = ["apt-get", *apt.APT_OPTS]
+        if self.arch.cross:
+            satisfy += ["-a", self.arch.host]
         if self.req.profiles:
             satisfy += ["-o", f"APT::Build-Profiles={','.join(self.req.profiles)}"]
         for p in self.extras:
@@ -130,7 +143,7 @@ class DepsPhase:
         # when both are as in an earlier build, so is the answer (its layer).
         status, lists = backend.check_output(["sh", "-c", apt.LISTS_STATE], network=network)
         question = (
-            answer_key(base, self.arch, satisfy, extra_sums, lists)
+            answer_key(base, self._arch_key(), satisfy, extra_sums, lists)
             if status == 0 and lists.strip()
             else None
         )
@@ -141,7 +154,7 @@ class DepsPhase:
         log.line(f"Resolved: {len(resolution)} package actions")
         for line in resolution:
             log.line(f"  {line}")
-        key = layer_key(base, self.arch, resolution, extra_sums)
+        key = layer_key(base, self._arch_key(), resolution, extra_sums)
         if question:
             cache.remember(question, key)
         if self._use(stack, cache, key, known=False):
@@ -153,7 +166,8 @@ class DepsPhase:
         meta: dict[str, object] = {
             "environment": self.environment,
             "base": base,
-            "architecture": self.arch,
+            "architecture": self.arch.build,
+            "host_architecture": self.arch.host,
             "packages": resolution,
             "extra_packages": [p.name for p in self.extras],
             "profiles": list(self.req.profiles),
@@ -168,7 +182,7 @@ class DepsPhase:
         """The build dependencies and conflicts of what is built, each with
         the request's additions appended (sbuild's --add-depends and kin)."""
         pkg, req = self.pkg, self.req
-        deps = ["build-essential", "fakeroot", pkg.build_depends, *req.add_depends]
+        deps = [*core_depends(self.arch), pkg.build_depends, *req.add_depends]
         conflicts = [pkg.build_conflicts, *req.add_conflicts]
         if req.arch_any:
             deps += [pkg.build_depends_arch, *req.add_depends_arch]
@@ -177,6 +191,11 @@ class DepsPhase:
             deps += [pkg.build_depends_indep, *req.add_depends_indep]
             conflicts += [pkg.build_conflicts_indep, *req.add_conflicts_indep]
         return ", ".join(filter(None, deps)), ", ".join(filter(None, conflicts))
+
+    def _arch_key(self) -> str:
+        """The architectures the keys name: a native build's as before, a
+        cross build's both (its layer holds the host's packages)."""
+        return f"{self.arch.build} host {self.arch.host}" if self.arch.cross else self.arch.build
 
     def _extra_repositories(self, stack: ExitStack) -> list[str]:
         """Put the extra repositories' source entry and keys in the session,

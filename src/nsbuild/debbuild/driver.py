@@ -35,7 +35,7 @@ from typing import IO
 
 from nsbuild.backends import Backend, BackendOptions, open_backend
 from nsbuild.backends.errors import CopyRefused
-from nsbuild.debbuild import binnmu, phases, sections
+from nsbuild.debbuild import binnmu, cross, phases, sections
 from nsbuild.debbuild.checks import CheckInputs, run_checks
 from nsbuild.debbuild.collect import Collected, ResultNames, collect
 from nsbuild.debbuild.delivery import NotDelivered, deliver
@@ -164,8 +164,13 @@ class _Build:
         stack.callback(backend.close)
         self.backend = backend
         self.result.limitations = backend.capabilities.limitations()
-        arch = architecture(backend)
-        self.result.architecture = arch
+        env_arch = architecture(backend)
+        arches = cross.arches(self.req, env_arch, env_name)
+        self.req = cross.adjust(self.req, arches)
+        res = self.result
+        res.architecture, res.build_architecture = arches.host, arches.build
+        res.environment_architecture = env_arch
+        arch = arches.host
         # Named after the version the results carry (a binNMU's), as sbuild's.
         version = binnmu.version(pkg.version, self.req).split(":", 1)[-1]
         name = f"{pkg.source}_{version}_{arch}"
@@ -175,7 +180,13 @@ class _Build:
         self.progress.say(f"log, as the build runs: {self.logs.log.path}")
         self.logs.header(self.req, self.result, backend.describe(), self.env_note)
         steps = Steps(backend, self.logs.log)
-        facts = Facts(dsc=pkg.dsc, build_dir=backend.work_dir, host_arch=arch, build_arch=arch)
+        if arches.cross:
+            self.progress.say(arches.describe())
+            # Before anything is installed: a name dpkg does not know is the
+            # request's fault, found in a second.
+            cross.check_known(steps, arches.host)
+        facts = Facts(dsc=pkg.dsc, build_dir=backend.work_dir, host_arch=arches.host,
+                      build_arch=arches.build)  # fmt: skip
         hooks = self.hooks = Hooks(self.req, steps, facts, tmp)
         stack.callback(hooks.close)
         self.result.fail_stage = "pre-build"
@@ -187,13 +198,14 @@ class _Build:
         # Before any dependency is installed: a source that does not unpack
         # is the input's fault, found in seconds.
         self.result.fail_stage = "unpack"
-        tree = phases.unpack(steps, pkg, user, self.req)
+        tree = phases.unpack(steps, pkg, user, self.req, arches.host)
         self._phase_done(0, t0)
 
         t1 = time.monotonic()
         self.progress.say(f"[2/4] {PHASES[1]}")
         self.result.fail_stage = "install-deps"
-        deps = DepsPhase(steps, self.req, pkg, arch, inputs.extras, env_name, self.progress.say)
+        deps = DepsPhase(steps, self.req, pkg, arches, inputs.extras, env_name,
+                         self.progress.say)  # fmt: skip
         try:
             installed = deps.run(stack)
         except NsbuildError:
@@ -202,7 +214,7 @@ class _Build:
         self.stats.install_seconds = installed.seconds
         self.result.dependency_layer = installed.layer
         self.pending = installed.pending
-        sections.build_environment(steps, user, arch)
+        sections.build_environment(steps, user, arches.build, arches.cross)
         self._phase_done(1, t1)
 
         t2 = time.monotonic()
@@ -214,7 +226,7 @@ class _Build:
         self.result.fail_stage = "starting-build"
         hooks.run("starting-build")
         self.result.fail_stage = "build"
-        built = phases.build(steps, pkg, user, self.req, tree)
+        built = phases.build(steps, pkg, user, self.req, tree, arches)
         self.stats.build_seconds, self.stats.space = built.seconds, built.space
         self._phase_done(2, t2)
         # sbuild's order: finished-build whatever dpkg-buildpackage did; after
@@ -251,9 +263,9 @@ class _Build:
         facts.changes = str(inputs.out / changes)
         self.result.checks = run_checks(
             CheckInputs(
-                self.req, env_name, arch, inputs.out / changes,
+                self.req, env_name, arches.build, inputs.out / changes,
                 tuple(Path(a.path) for a in self.result.artifacts), self.logs.log,
-                self.progress.say, pkg.paths(),
+                self.progress.say, pkg.paths(), arches.host,
             )
         )
         self.result.fail_stage = "post-build"

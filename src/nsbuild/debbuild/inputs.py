@@ -18,6 +18,7 @@ from nsbuild.debbuild.dsc import SourcePackage, load_dsc
 from nsbuild.debbuild.errors import BuildInputError
 from nsbuild.debbuild.result import BuildRequest
 from nsbuild.debbuild.srctree import source_from_tree
+from nsbuild.envs.arches import ARCH_RE
 from nsbuild.printable import printable
 
 # dpkg's build profile names and Debian's suite names.
@@ -100,6 +101,10 @@ def check_options(req: BuildRequest) -> None:
         raise BuildInputError("nothing to build: give --arch-any, --arch-all or --source")
     if req.build_path is not None:
         check_build_path(req.build_path)
+    for given, what in ((req.host_arch, "--host-arch"), (req.build_arch, "--build")):
+        if given is not None and not ARCH_RE.match(given):
+            raise BuildInputError(f"{what}: bad architecture name {printable(given, 40)} "
+                                  "(e.g. amd64, arm64, armhf, i386)")  # fmt: skip
     for profile in (p for item in req.profiles for p in item.replace(",", " ").split()):
         if not _PROFILE.fullmatch(profile):
             raise BuildInputError(f"--profiles: {printable(profile, 80)!s}: not a build profile "

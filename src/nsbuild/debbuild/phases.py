@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nsbuild.debbuild import binnmu
+from nsbuild.debbuild.cross import Arches
+from nsbuild.debbuild.cross import build_env as cross_env
 from nsbuild.debbuild.dsc import SourcePackage
 from nsbuild.debbuild.errors import BuildInputError
 from nsbuild.debbuild.result import BuildRequest
@@ -85,10 +87,12 @@ class Tree:
     placed: bool = False  # at its final place (--build-path): place() done
 
 
-def unpack(steps: Steps, pkg: SourcePackage, user: str, req: BuildRequest) -> Tree:
+def unpack(steps: Steps, pkg: SourcePackage, user: str, req: BuildRequest,
+           host_arch: str | None = None) -> Tree:  # fmt: skip
     """Unpack the source in the work directory (a tree given with
     --no-clean-source: copied in as it is), then make the binary-only
-    changelog entry the request asks for. A source dpkg-source cannot
+    changelog entry the request asks for (for `host_arch`, else the
+    environment's architecture). A source dpkg-source cannot
     unpack is the input's fault: BuildInputError, naming dpkg-source and
     the file."""
     backend, log = steps.backend, steps.log
@@ -117,8 +121,10 @@ def unpack(steps: Steps, pkg: SourcePackage, user: str, req: BuildRequest) -> Tr
     new_version = binnmu.version(pkg.version, req)
     if binnmu.wanted(req):
         dist = req.dist or pkg.distribution() or "unstable"
-        status, arch = backend.check_output(["dpkg", "--print-architecture"])
-        arch = arch.strip()
+        status, arch = 0, host_arch or ""
+        if not arch:
+            status, arch = backend.check_output(["dpkg", "--print-architecture"])
+            arch = arch.strip()
         if status != 0 or not re.fullmatch(r"[a-z0-9-]{1,64}", arch):
             raise NsbuildError("cannot learn the environment's architecture for the binNMU entry")
         text = binnmu.entry(pkg.source, new_version, dist, arch, req)
@@ -197,10 +203,16 @@ class Built:
 
 
 def build(
-    steps: Steps, pkg: SourcePackage, user: str, req: BuildRequest, tree: Tree | None = None
+    steps: Steps,
+    pkg: SourcePackage,
+    user: str,
+    req: BuildRequest,
+    tree: Tree | None = None,
+    arch: Arches | None = None,
 ) -> Built:
     """Run dpkg-buildpackage in the tree unpack() made (unpacked here for a
-    caller that did not), at its --build-path; then --source-only-changes."""
+    caller that did not), at its --build-path; then --source-only-changes.
+    `arch`: a cross build's architectures (None: a native build)."""
     backend, log = steps.backend, steps.log
     if tree is None:
         tree = unpack(steps, pkg, user, req)
@@ -218,11 +230,11 @@ def build(
         log.line(f"cannot read the changelog's date: {text.strip()}")
         return Built(tree.path, f"cannot read the changelog's date (exit status {status}); "
                      "see the log", dir=tree.dir)  # fmt: skip
-    env = build_env(epoch, user, req)
-    for name in ("SOURCE_DATE_EPOCH", "DEB_BUILD_OPTIONS", "DEB_BUILD_PROFILES"):
+    env = build_env(epoch, user, req, arch)
+    for name in ("SOURCE_DATE_EPOCH", "DEB_BUILD_OPTIONS", "DEB_BUILD_PROFILES", "CONFIG_SITE"):
         if name in env:
             log.line(f"{name}={env[name]}")
-    argv = dpkg_buildpackage_argv(req)
+    argv = dpkg_buildpackage_argv(req, arch)
     # The package's own code runs here: unprivileged, no network.
     status = steps.run(argv, user=user, cwd=tree.path, network="none", env=env)
     took = time.monotonic() - start
@@ -277,10 +289,12 @@ def _signing_options(req: BuildRequest) -> list[str]:
     return opts
 
 
-def dpkg_buildpackage_argv(req: BuildRequest) -> list[str]:
+def dpkg_buildpackage_argv(req: BuildRequest, arch: Arches | None = None) -> list[str]:
     """dpkg-buildpackage's command line: nsbuild's, sbuild's options
-    (-P, -m, -e, -d), then --debbuildopts in the order given."""
+    (-a, -P, -m, -e, -d), then --debbuildopts in the order given."""
     argv = ["dpkg-buildpackage", "-us", "-uc", f"--build={binnmu.build_type(req)}"]
+    if arch is not None and arch.cross:
+        argv.append(f"-a{arch.host}")
     if not req.clean_source and req.input.is_dir():
         argv.append("--no-pre-clean")  # the tree as it is: what clean would remove too
     profiles = build_profiles(req)
@@ -298,9 +312,10 @@ def build_profiles(req: BuildRequest) -> list[str]:
     return [p for item in given for p in item.replace(",", " ").split()]
 
 
-def build_env(epoch: str, user: str, req: BuildRequest) -> dict[str, str]:
+def build_env(epoch: str, user: str, req: BuildRequest,
+              arch: Arches | None = None) -> dict[str, str]:  # fmt: skip
     """The build's environment: nothing of the caller's but DEB_BUILD_OPTIONS
-    and the profiles."""
+    and the profiles; a cross build's additions (cross.build_env)."""
     env = {
         "SOURCE_DATE_EPOCH": epoch,
         "DEB_BUILD_OPTIONS": build_options(req.jobs),
@@ -313,6 +328,8 @@ def build_env(epoch: str, user: str, req: BuildRequest) -> dict[str, str]:
     profiles = build_profiles(req)
     if profiles:
         env["DEB_BUILD_PROFILES"] = " ".join(profiles)
+    if arch is not None:
+        env = cross_env(arch, env, "DEB_BUILD_OPTIONS" in os.environ)
     return env
 
 

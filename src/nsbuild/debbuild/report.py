@@ -22,6 +22,11 @@ from nsbuild.errors import NsbuildError
 from nsbuild.printable import printable
 
 
+def _build_arch(res: BuildResult) -> str:
+    """Where the packages were built: the host architecture unless cross-built."""
+    return res.build_architecture or res.architecture
+
+
 @dataclass
 class Logs:
     """A build's two logs, in its private folder until placed."""
@@ -49,7 +54,7 @@ class Logs:
                 *((("Distribution Note", note),) if note else ()),
                 ("Machine Architecture", os.uname().machine),
                 ("Host Architecture", res.architecture),
-                ("Build Architecture", res.architecture),
+                ("Build Architecture", _build_arch(res)),
                 ("Build Type", binnmu.build_type(req)),
                 ("Backend", backend),
                 *(("Limitation", text) for text in res.limitations),
@@ -65,7 +70,7 @@ class Logs:
             log.line()
         space = str(stats.space // 1024) if stats.space else "n/a"
         fields = [
-            ("Build Architecture", res.architecture),
+            ("Build Architecture", _build_arch(res)),
             ("Build Type", binnmu.build_type(req)),
             ("Build-Space", space),
             ("Build-Time", str(int(stats.build_seconds))),

@@ -59,6 +59,11 @@ class BuildRequest:
     # --host-arch (sbuild's --host): cross-build for this architecture; None
     # builds for the environment's own.
     host_arch: str | None = None
+    # sbuild's --build: must be the environment's architecture (checked once known).
+    build_arch: str | None = None
+    # Whether arch_all was chosen (-A, --no-arch-all, the file): else a cross
+    # build leaves the arch-all packages out, as sbuild's default does.
+    arch_all_given: bool = False
 
     def commands_for(self, stage: str) -> tuple[str, ...]:
         """The external commands of one stage, in the order given."""
@@ -97,7 +102,9 @@ class CheckResult:
     """The outcome of one check after the build (lintian, autopkgtest, ...)."""
 
     name: str
-    status: str  # "pass", "fail" (the check found a problem) or "error" (it could not run)
+    # "pass", "fail" (the check found a problem), "error" (it could not run)
+    # or "skipped" (it cannot apply to this build, e.g. a cross build's tests)
+    status: str
     summary: str = ""  # one line for the terminal and the log's summary
     details: dict[str, Any] = field(default_factory=dict)  # e.g. lintian's tag counts
     seconds: float = 0.0

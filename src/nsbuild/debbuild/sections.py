@@ -33,14 +33,16 @@ _CONTENTS = (
 )
 
 
-def build_environment(steps: Steps, user: str, arch: str) -> None:
+def build_environment(steps: Steps, user: str, arch: str, qualified: bool = False) -> None:
     """The kernel and the installed packages with their versions, as
-    sbuild's log has them once the build dependencies are in."""
+    sbuild's log has them once the build dependencies are in; `qualified`
+    (a cross build): the packages named with their architecture."""
     log = steps.log
     log.section("Build environment")
     u = os.uname()
     log.line(f"Kernel: {u.sysname} {u.release} {u.version} {arch} ({u.machine})")
-    fmt = "${db:Status-Abbrev} ${Package} ${Version}\\n"
+    name = "${binary:Package}" if qualified else "${Package}"
+    fmt = f"${{db:Status-Abbrev}} {name} ${{Version}}\\n"
     # Its output bounded by check_output; the section shows only what it says.
     status, text = steps.backend.check_output(["dpkg-query", "-W", "-f", fmt], user=user)
     if status != 0:

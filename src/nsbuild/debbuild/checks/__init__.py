@@ -59,10 +59,12 @@ def run_checks(inputs: CheckInputs) -> list[CheckResult]:
     in_session = _in_session(inputs.req)
     if not in_session and not inputs.req.run_autopkgtest:
         return results
+    skipped = _not_for_cross(inputs) if inputs.cross() else []
+    in_session = [(n, c) for n, c in in_session if n not in {s.name for s in skipped}]
     with ExitStack() as stack:
         inputs = _with_source(stack, inputs)
         started: Running | NsbuildError | None = None
-        if inputs.req.run_autopkgtest:
+        if inputs.req.run_autopkgtest and not inputs.cross():
             inputs.say(f"      check: {autopkgtest.NAME} (beside the others)")
             try:
                 started = autopkgtest.Running(inputs)
@@ -74,7 +76,25 @@ def run_checks(inputs: CheckInputs) -> list[CheckResult]:
             results.append(_run_one(inputs, name, check))
         if started is not None:
             results.append(_run_one(inputs, autopkgtest.NAME, _finisher(started)))
-    return results
+    return results + skipped
+
+
+def _not_for_cross(inputs: CheckInputs) -> list[CheckResult]:
+    """The checks that install the packages, which a cross build's are not
+    for (the environment's dpkg would need the host architecture's whole
+    system): each said, in sbuild's order, as not run and why."""
+    from nsbuild.debbuild.checks import autopkgtest, install
+
+    req, host, build = inputs.req, inputs.host_architecture, inputs.architecture
+    why = f"not run: the packages are for {host}, the environment is {build} (a cross build)"
+    out = []
+    for name, asked in ((install.NAME, req.run_piuparts), (autopkgtest.NAME, req.run_autopkgtest)):
+        if asked:
+            inputs.log.section(name)
+            inputs.log.line(f"{name}: {why}")
+            inputs.say(f"      check: {name}: skipped ({why})")
+            out.append(CheckResult(name, "skipped", why))
+    return out
 
 
 def _finisher(started: Running | NsbuildError) -> Callable[[CheckInputs], CheckResult]:

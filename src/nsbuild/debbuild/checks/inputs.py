@@ -22,6 +22,11 @@ class CheckInputs:
     # The source package as the build checked it (the .dsc and its files):
     # lintian and autopkgtest need it when the .changes lists no source.
     source_files: tuple[Path, ...] = ()
+    # What the packages are for, when not `architecture` (a cross build).
+    host_architecture: str | None = None
+
+    def cross(self) -> bool:
+        return self.host_architecture not in (None, self.architecture)
 
     def source_in_changes(self) -> bool:
         return any(p.name.endswith(".dsc") for p in self.artifacts)
