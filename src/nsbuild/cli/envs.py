@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from nsbuild.envs.config import EnvConfig
     from nsbuild.envs.session import Session
 
 def _sandbox_options(p: argparse.ArgumentParser) -> None:
@@ -141,7 +142,10 @@ def cmd_env_list(args: argparse.Namespace) -> int:
 
     rows = env_usage()
     if args.json:
-        json.dump([r.to_json() for r in rows], sys.stdout, indent=1)
+        found = [_architecture(r.env, r.base if r.base_bytes else None) for r in rows]
+        out = [{**r.to_json(), "architecture": arch, "runs": runs, "cannot_run": why}
+               for r, (arch, runs, why) in zip(rows, found, strict=True)]  # fmt: skip
+        json.dump(out, sys.stdout, indent=1)
         print()
         return 0
     if not rows:
@@ -156,10 +160,34 @@ def cmd_env_list(args: argparse.Namespace) -> int:
             if r.env.type == "tarball"
             else r.env.type
         )
-        print(f"{r.env.name}{aliases}: {r.status}; {sizes}")
+        arch, runs, why = _architecture(r.env, r.base if r.base_bytes else None)
+        runs += f", cannot run here (nsbuild env show {r.env.name})" if why else ""
+        print(f"{r.env.name}{aliases}: {arch or 'architecture unknown'} ({runs}); "
+              f"{r.status}; {sizes}")  # fmt: skip
         for s in r.sessions:
             print(f"  session {s.id} ({s.kind}): {_human(s.bytes)}")
     return 0
+
+
+def _architecture(env: EnvConfig, base: str | None) -> tuple[str, str, str | None]:
+    """An environment's architecture, how it runs here (native, linux32,
+    qemu-user), and what is missing to run it (None: nothing). Without an
+    Architecture field: its dpkg's, where its tree is there to read (a
+    directory, or the unpacked `base`); "" if not known yet."""
+    from nsbuild.envs import arches
+    from nsbuild.envs.store import layout_for
+
+    arch = env.architecture
+    if env.type == "host":
+        arch = arch or arches.machine_arch()
+    elif not arch:
+        root = (env.path if env.type == "directory"
+                else layout_for(env).base_dir(base) / "root" if base else None)  # fmt: skip
+        arch = (arches.elf_arch(root) if root else None) or ""
+    if not arch or not arches.ARCH_RE.match(arch):
+        return arch, "unknown", None
+    runs = arches.run_mode(arch)
+    return arch, runs, arches.emulation_missing(arch) if runs == arches.QEMU_USER else None
 
 
 def cmd_env_show(args: argparse.Namespace) -> int:
@@ -167,6 +195,9 @@ def cmd_env_show(args: argparse.Namespace) -> int:
 
     env = load_config().get(args.name)
     print(f"# {env.source}")
+    arch, runs, why = _architecture(env, None)
+    if arch:
+        print(f"# {arch}: " + (f"cannot run here: {why}" if why else f"runs {runs}"))
     sys.stdout.write(env.to_deb822())
     return 0
 
@@ -223,6 +254,7 @@ def _run_in(session: Session, args: argparse.Namespace, argv: list[str]) -> int:
     from nsbuild.net import options_from_args
 
     opts = options_from_args(args)  # bad network options fail before anything runs
+    session.require_runnable()
     cli.warn_host_net(opts)
     with session.in_use():
         return cli.run_sandboxed(args, argv, opts, session)

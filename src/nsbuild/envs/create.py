@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nsbuild.envs.aptsources import apt_mirrors
+from nsbuild.envs.arches import check_name, require_runnable
 from nsbuild.envs.config import NAME_RE, EnvConfig, load_config, remove_entry, write_entry
 from nsbuild.envs.errors import EnvError
 from nsbuild.envs.owner import tmp_name
@@ -110,8 +111,13 @@ def create_env(
     if shutil.which("mmdebstrap") is None:
         sudo = "" if os.getuid() == 0 else "sudo "
         raise EnvError(f"mmdebstrap not found: install it with '{sudo}apt install mmdebstrap'")
-    _check_subordinate_ids()
+    if architecture is not None:
+        check_name(architecture, "--arch")
     arch = architecture or host_architecture()
+    # Before mmdebstrap's minutes: without an emulator, it would fail late
+    # with "Exec format error" in its first maintainer script.
+    require_runnable(arch, name)
+    _check_subordinate_ids()
     layout = Layout.default()
     layout.ensure()
     tarball = layout.tarballs / f"{name}.tar"

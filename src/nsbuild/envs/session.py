@@ -20,6 +20,7 @@ running command.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import secrets
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsbuild.envs.aptsources import apt_mirrors
+from nsbuild.envs.arches import elf_arch, personality_for, require_runnable
 from nsbuild.envs.config import EnvConfig, load_config
 from nsbuild.envs.errors import ConfigError, EnvError
 from nsbuild.envs.masks import cache_masks
@@ -119,6 +121,18 @@ class Session:
     def env(self) -> tuple[tuple[str, str], ...]:
         return default_env()
 
+    @property
+    def personality(self) -> int | None:
+        """The persona its commands run under (Sandbox.personality): 32-bit
+        for an i386 environment on amd64, so that uname agrees with dpkg."""
+        return None if self.config.type == "host" else personality_for(self.config.architecture)
+
+    def require_runnable(self) -> None:
+        """A one-line EnvError if this machine cannot run the environment's
+        programs (qemu-user unregistered since the session began)."""
+        if self.config.type != "host":
+            require_runnable(self.config.architecture, self.config.name)
+
     def mirrors(self) -> tuple[str, ...]:
         """The config's mirrors, then every archive in the base's apt sources:
         what `--allow-from-env` lets through. Read from the host side, never by
@@ -169,6 +183,7 @@ class Session:
             cwd=cwd,
             hostname=hostname,
             share_net=share_net,
+            personality=self.personality,
             debug=debug,
         )
 
@@ -269,6 +284,10 @@ def _no_base() -> Iterator[_HostBase]:
 def _create(
     config: EnvConfig, kind: str, extra_lowers: Sequence[str | os.PathLike[str]]
 ) -> Session:
+    if config.type != "host" and config.architecture:
+        # Before anything is made: an environment this machine cannot run
+        # would only fail later with "Exec format error".
+        require_runnable(config.architecture, config.name)
     layout = layout_for(config)
     layout.sessions.mkdir(parents=True, exist_ok=True)
     for lower in extra_lowers:
@@ -283,6 +302,7 @@ def _create(
         give_to_sandbox_root(tmp / "upper", tmp / "work")
         copied = config.type != "host" and not overlay_usable(layout)
         with use_base(config) if config.type != "host" else _no_base() as base:
+            config = _with_architecture(config, base.root)
             lowers = (*(os.fspath(x) for x in extra_lowers),
                       *((str(base.root),) if base.root else ()))  # fmt: skip
             if copied:
@@ -307,6 +327,19 @@ def _create(
         remove_tree(tmp)
         raise
     return session
+
+
+def _with_architecture(config: EnvConfig, root: Path | None) -> EnvConfig:
+    """`config`, its Architecture read from the base's dpkg if it declares
+    none (a chroot.d entry written by hand): the session then runs it as it
+    must, or says it cannot. Without a dpkg there, it runs natively."""
+    if config.architecture or root is None:
+        return config
+    found = elf_arch(root)
+    if found is None:
+        return config
+    require_runnable(found, config.name)
+    return dataclasses.replace(config, architecture=found)
 
 
 @contextlib.contextmanager

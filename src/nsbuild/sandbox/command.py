@@ -137,11 +137,18 @@ def spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
         if tty and os.fstat(fd).st_rdev == device
         else (os.POSIX_SPAWN_DUP2, fd, i)
         for i, fd in enumerate(stdio) if fd is not None and (fd != i or tty)]  # fmt: skip
-    m.Step.current = "exec"
     if spec.new_session:
         say("new session: no controlling terminal, so TIOCSTI cannot reach yours")
-    say(f"exec {' '.join(spec.argv)}")
     argv = list(spec.argv)
+    # The persona is inherited through posix_spawn: init takes it for the
+    # spawn only, so that init itself (and what it reads of uname) is unchanged.
+    persona = None
+    if spec.personality is not None:
+        m.Step.current = "set the personality"
+        say(f"personality {spec.personality:#x}: {persona_words(spec.personality)}")
+        persona = sc.personality(spec.personality)
+    m.Step.current = "exec"
+    say(f"exec {' '.join(spec.argv)}")
     try:
         return _first_on_path(argv[0], env, lambda path: os.posix_spawn(
             path, argv, env, file_actions=actions, setsid=spec.new_session or bool(tty),
@@ -151,6 +158,16 @@ def spawn_command(spec: Sandbox, chan: Channel, stdio: list[int | None],
         code = e.errno or errno.ENOENT
         chan.send("EXEC", str(code), argv[0])
         os._exit(127 if code == errno.ENOENT else 126)
+    finally:
+        if persona is not None:
+            sc.personality(persona)
+
+
+def persona_words(persona: int) -> str:
+    """What a persona changes, for --debug."""
+    if persona & sc.PER_MASK == sc.PER_LINUX32:
+        return "32-bit machine (uname says i686 on x86_64, armv8l on arm64)"
+    return "the default" if persona == sc.PER_LINUX else "as given"
 
 
 def _first_on_path(name: str, env: dict[str, str], start: Callable[[str], _T], *,

@@ -11,7 +11,9 @@ view. The entered command runs as root in that sandbox, in its PID namespace
 runtime's hardening before exec: a new session (TIOCSTI cannot reach the
 caller's terminal), a new empty session keyring and the seccomp filter
 (keyrings; setuid/setgid modes and mounts with deny_setid), no_new_privs, the
-parent-death signal, no descriptor but 0, 1 and 2.
+parent-death signal, no descriptor but 0, 1 and 2; and the persona of the
+process entered (a 32-bit one in an i386 environment: uname says i686 for
+every command of the sandbox).
 
     caller (host)                        waits, relays signals
       └─ joiner (host PID namespace)     setns() into the sandbox; [a fresh network ns]
@@ -109,6 +111,21 @@ def environ(pid: int) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, _, v in pairs)
 
 
+def persona(pid: int) -> int:
+    """The personality(2) persona of `pid`, without its flags: what a command
+    entering its sandbox runs under. Only the persona: a flag the sandbox's
+    own command may have set on itself (ADDR_NO_RANDOMIZE) is not passed on."""
+    try:
+        with open(f"/proc/{pid}/personality", "rb") as f:
+            text = f.read(32)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NotRunning(f"process {pid} is not running") from None
+    try:
+        return int(text.strip() or b"0", 16) & sc.PER_MASK
+    except ValueError:
+        raise SandboxError(f"/proc/{pid}/personality: unreadable: {text[:32]!r}") from None
+
+
 def start(
     pid: int,
     argv: Sequence[str],
@@ -123,6 +140,7 @@ def start(
     cgroup: str | None = None,
     expect_start: int | None = None,
     deny_setid: bool = False,
+    personality: int | None = None,
 ) -> Process:
     """Start `argv` in the sandbox that process `pid` runs in; return once it
     was exec'd (or raise SetupError, NotRunning).
@@ -135,7 +153,9 @@ def start(
     it in one). expect_start: refuse unless `pid` started then (see
     start_time), so that a reused PID is never entered. deny_setid: the
     command may not make setuid/setgid files nor mount, as in a sandbox with
-    writable binds others may reach (Sandbox.shared_writable(): give its value)."""
+    writable binds others may reach (Sandbox.shared_writable(): give its value).
+    personality: the command's persona (Sandbox.personality); default: that
+    of `pid`, which the sandbox's command got from its Sandbox."""
     if not argv:
         raise SandboxError("no command given")
     if inside_sockets and not new_net:
@@ -155,9 +175,10 @@ def start(
             # kernel would refuse one: the host's is not the sandbox's to give).
             flags &= ~sc.CLONE_NEWNET
         command_env = tuple(env) if env is not None else environ(pid)
+        persona_ = persona(pid) if personality is None else personality
         stdio = [stdin, stdout, stderr]
         return _fork_joiner(pidfd, flags, list(argv), command_env, cwd, stdio, new_net,
-                            tuple(inside_sockets), cgroup, deny_setid)  # fmt: skip
+                            tuple(inside_sockets), cgroup, deny_setid, persona_)  # fmt: skip
     finally:
         os.close(pidfd)
 
@@ -172,7 +193,7 @@ def _same_net(pid: int) -> bool:
 def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str], ...],
                  cwd: str, stdio: list[int | None], new_net: bool,
                  inside_sockets: tuple[InsideSocket, ...],
-                 cgroup: str | None, deny_setid: bool) -> Process:  # fmt: skip
+                 cgroup: str | None, deny_setid: bool, persona_: int) -> Process:  # fmt: skip
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     caller = os.getpid()
     joiner = -1
@@ -184,7 +205,7 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
         if joiner == 0:
             ours.close()
             _joiner(pidfd, flags, argv, env, cwd, stdio, new_net, inside_sockets, cgroup,
-                    deny_setid, Channel(theirs), caller)  # fmt: skip
+                    deny_setid, persona_, Channel(theirs), caller)  # fmt: skip
         theirs.close()
         sockets, exec_error, pipes = reports(ours, joiner, slot)
         relay = (Relay([(i, callers[i], fd) for i, fd in pipes], slot.terminal)
@@ -210,7 +231,7 @@ def _fork_joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, 
 def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str], ...],
             cwd: str, stdio: list[int | None], new_net: bool,
             inside_sockets: tuple[InsideSocket, ...], cgroup: str | None,
-            deny_setid: bool, chan: Channel, caller: int) -> NoReturn:  # fmt: skip
+            deny_setid: bool, persona_: int, chan: Channel, caller: int) -> NoReturn:  # fmt: skip
     try:
         for s in FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
@@ -271,7 +292,7 @@ def _joiner(pidfd: int, flags: int, argv: list[str], env: tuple[tuple[str, str],
                 os._exit(SETUP_EXIT)
             raise
         if command == 0:
-            _command(argv, env, cwd, deny_setid, chan)
+            _command(argv, env, cwd, deny_setid, persona_, chan)
         chan.sock.close()
         for fd in (0, 1, 2):
             os.close(fd)
@@ -314,7 +335,7 @@ def _streams(chan: Channel) -> None:
 
 
 def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str, deny_setid: bool,
-             chan: Channel) -> NoReturn:  # fmt: skip
+             persona_: int, chan: Channel) -> NoReturn:  # fmt: skip
     def set_no_new_privs() -> None:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
 
@@ -337,6 +358,8 @@ def _command(argv: list[str], env: tuple[tuple[str, str], ...], cwd: str, deny_s
         ("set the parent-death signal", die_with_the_joiner),
         ("install the seccomp filter", lambda: sc.install_seccomp_filter(deny_setid=deny_setid)),
         ("close inherited descriptors", lambda: close_fds(keep={chan.sock.fileno()})),
+        # Last: what runs before exec is nsbuild's own, as the joiner saw it.
+        ("set the personality", lambda: sc.personality(persona_)),
     )
     try:
         # Python ignores SIGPIPE and SIGXFSZ, the joiner blocked some: neither

@@ -22,6 +22,9 @@ else:
     from nsbuild.sandbox.record import dataclass, field
 
 
+PERSONA_MAX = 0xFF  # personality(2)'s PER_MASK: the bits above are flags
+
+
 class SpecError(ValueError):
     """The description of a sandbox is invalid (a usage error)."""
 
@@ -220,6 +223,10 @@ class Sandbox:
     new_session: bool = True
     # Extra host fds (besides 0, 1, 2) to keep open in the command, same numbers.
     pass_fds: tuple[int, ...] = ()
+    # personality(2) persona the command runs under (PER_LINUX32: uname says
+    # i686 in an i386 environment on amd64, as schroot's personality=linux32);
+    # None: the caller's. A persona only: no flag such as ADDR_NO_RANDOMIZE.
+    personality: int | None = None
     debug: bool = False
 
     def shared_writable(self) -> tuple[Bind, ...]:
@@ -252,6 +259,9 @@ class Sandbox:
         if not any(isinstance(m, Proc) for m in self.mounts):
             # The sandbox's own /proc: without it, none, or the host's pids.
             raise SpecError("a sandbox needs a Proc() mount")
+        if self.personality is not None and not 0 <= self.personality <= PERSONA_MAX:
+            raise SpecError(f"personality must be a persona without flags (0 to "
+                            f"{PERSONA_MAX:#x}), got {self.personality:#x}")
         if self.share_net and self.inside_sockets:
             raise SpecError("inside sockets need a private network namespace")
         return self

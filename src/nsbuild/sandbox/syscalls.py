@@ -21,6 +21,27 @@ if TYPE_CHECKING:
 # libc of the running program; errno is saved after each call (ctypes.get_errno).
 _libc = ctypes.CDLL(None, use_errno=True)
 
+# personality(2): the persona that makes uname() report a 32-bit machine
+# (i686 on x86_64, armv8l on arm64), as linux32(1) and schroot set it.
+PER_LINUX = 0x0000
+PER_LINUX32 = 0x0008
+PER_MASK = 0x00FF  # the persona; the bits above are flags (ADDR_NO_RANDOMIZE...)
+# What uname() says under PER_LINUX32, for a 64-bit process.
+_UNDER_LINUX32 = {"i686": "x86_64", "armv8l": "aarch64", "armv8b": "aarch64_be"}
+
+
+def _machine() -> str:
+    """The machine whose system call numbers this process uses: uname's,
+    unless a 32-bit personality inherited from the caller (linux32 nsbuild,
+    an i386 environment) makes a 64-bit process see a 32-bit name."""
+    name = os.uname().machine
+    if sys.maxsize > 2**32:
+        return _UNDER_LINUX32.get(name, name)
+    return name
+
+
+MACHINE = _machine()
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -89,6 +110,8 @@ _libc.mount.argtypes = [c_char_p, c_char_p, c_char_p, c_ulong, c_char_p]
 _libc.umount2.argtypes = [c_char_p, c_int]
 _libc.sethostname.argtypes = [c_char_p, c_ulong]
 _libc.prctl.argtypes = [c_int, c_ulong, c_ulong, c_ulong, c_ulong]
+_libc.personality.argtypes = [c_ulong]
+_libc.personality.restype = c_int
 _libc.syscall.restype = c_long
 _libc.memset.argtypes = [c_ulong, c_int, c_ulong]
 _libc.memset.restype = c_ulong
@@ -144,15 +167,23 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    nr = _SYS_PIVOT_ROOT.get(os.uname().machine, 155)
+    nr = _SYS_PIVOT_ROOT.get(MACHINE, 155)
     if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
         _fail(new_root)
+
+
+def personality(persona: int) -> int:
+    """Set this process's persona (kept across fork and exec); the old one is returned."""
+    old = _libc.personality(persona)
+    if old == -1:
+        _fail()
+    return int(old)
 
 
 def join_new_session_keyring() -> None:
     """Replace the session keyring with a new, empty, anonymous one: keys the
     caller keeps there (Kerberos tickets, fscrypt keys) are no longer possessed."""
-    nr = _SYS_KEYCTL.get(os.uname().machine, 250)
+    nr = _SYS_KEYCTL.get(MACHINE, 250)
     if _libc.syscall(nr, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
         err = ctypes.get_errno()
         if err != errno.ENOSYS:  # a kernel without keyrings has nothing to leak
@@ -353,7 +384,7 @@ def install_seccomp_filter(*, deny_setid: bool) -> bool:
     and no new mounts, through which the kernel would set such modes itself.
     A filter cannot tell one path from another: it applies to every path.
     Install it after the sandbox's own mounts: none can be made after it."""
-    abis = _ABIS.get(os.uname().machine)
+    abis = _ABIS.get(MACHINE)
     if abis is None:
         return False
     insns = _filter(abis, deny_setid)
