@@ -21,6 +21,7 @@ import re
 import stat
 
 from nsbuild.envs.errors import EnvError
+from nsbuild.printable import printable
 from nsbuild.sandbox.syscalls import MACHINE, PER_LINUX32
 
 # dpkg's architecture names: lower-case letters, digits and '-' (musl-linux-mips).
@@ -113,19 +114,19 @@ def require_runnable(arch: str, env_name: str) -> None:
                        f"machine cannot run: {why}")  # fmt: skip
 
 
-def emulation_missing(arch: str) -> str | None:
-    """What is missing for binfmt_misc to run programs of `arch` through
-    qemu-user, in words with the fix; None when nothing is."""
+def emulation_missing(arch: str, binfmt: str = BINFMT) -> str | None:
+    """What is missing for binfmt_misc (mounted on `binfmt`) to run programs
+    of `arch` through qemu-user, in words with the fix; None when nothing is."""
     qemu = QEMU_NAMES.get(arch)
     if qemu is None:
         return f"nsbuild knows no qemu-user emulator for {arch}"
-    status = _read(f"{BINFMT}/status")
+    status = _read(f"{binfmt}/status")
     if status is None:
-        return (f"binfmt_misc is not mounted on {BINFMT} (as root: 'mount -t binfmt_misc "
-                f"binfmt_misc {BINFMT}'); then {_INSTALL}")  # fmt: skip
+        return (f"binfmt_misc is not mounted on {binfmt} (as root: 'mount -t binfmt_misc "
+                f"binfmt_misc {binfmt}'); then {_INSTALL}")  # fmt: skip
     if status.strip() != "enabled":
-        return f"binfmt_misc is disabled (as root: 'echo 1 > {BINFMT}/status')"
-    entry = _read(f"{BINFMT}/qemu-{qemu}")
+        return f"binfmt_misc is disabled (as root: 'echo 1 > {binfmt}/status')"
+    entry = _read(f"{binfmt}/qemu-{qemu}")
     if entry is None:
         return f"no qemu-user emulator for {arch} is registered with binfmt_misc: {_INSTALL}"
     lines = entry.splitlines()
@@ -135,7 +136,7 @@ def emulation_missing(arch: str) -> str | None:
     flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("flags:")),
                  "")  # fmt: skip
     if "F" not in flags:
-        interpreter = next((line.split(" ", 1)[1] for line in lines
+        interpreter = next((printable(line.split(" ", 1)[1], 200) for line in lines
                             if line.startswith("interpreter ")), "its interpreter")  # fmt: skip
         return (f"binfmt_misc's qemu-{qemu} entry lacks the F flag, so {interpreter} would "
                 f"have to exist inside the environment: {_INSTALL}, whose entries have it")
