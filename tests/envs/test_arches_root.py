@@ -99,6 +99,7 @@ def test_an_entry_without_architecture_is_known_by_its_dpkg(
     (chroot_d(root_xdg) / "mine").write_text(f"Name: mine\nType: directory\nPath: {tree}\n")
     _refused(nsbuild("run", "--env", "mine", "--", "true", check=False, cwd=root_xdg), "mine")
     listed = nsbuild("env", "list", cwd=root_xdg).stdout
-    assert "mine: arm64 (qemu-user, cannot run here (nsbuild env show mine));" in listed
+    assert "mine: ready; directory; arm64 (qemu-user, cannot run here (nsbuild env show mine))\n" \
+        in listed
     shown = nsbuild("env", "show", "mine", cwd=root_xdg).stdout
     assert f"# arm64: cannot run here: {WHY.split(': ', 1)[1]}" in shown

@@ -162,8 +162,8 @@ def cmd_env_list(args: argparse.Namespace) -> int:
         )
         arch, runs, why = _architecture(r.env, r.base if r.base_bytes else None)
         runs += f", cannot run here (nsbuild env show {r.env.name})" if why else ""
-        print(f"{r.env.name}{aliases}: {arch or 'architecture unknown'} ({runs}); "
-              f"{r.status}; {sizes}")  # fmt: skip
+        print(f"{r.env.name}{aliases}: {r.status}; {sizes}; "
+              f"{arch or 'architecture unknown'} ({runs})")  # fmt: skip
         for s in r.sessions:
             print(f"  session {s.id} ({s.kind}): {_human(s.bytes)}")
     return 0
