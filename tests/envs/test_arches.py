@@ -182,3 +182,9 @@ def test_a_fifo_or_folder_as_dpkg_is_not_read(tmp_path: Path) -> None:
     (root / "usr" / "bin" / "dpkg").unlink()
     (root / "usr" / "bin" / "dpkg").mkdir()
     assert arches.elf_arch(root) is None
+
+
+def test_a_bad_architecture_in_a_config_names_the_environment() -> None:
+    with pytest.raises(EnvError, match=r"^environment 'x': Architecture: bad architecture name "
+                                       r"'ARM64\\x1b'"):
+        arches.require_runnable("ARM64\x1b", "x")

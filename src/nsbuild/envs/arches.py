@@ -108,6 +108,7 @@ def require_runnable(arch: str, env_name: str) -> None:
     registered with binfmt_misc with the F flag)."""
     if run_mode(arch) != QEMU_USER:
         return
+    check_name(arch, f"environment {env_name!r}: Architecture")
     why = emulation_missing(arch)
     if why:
         raise EnvError(f"environment {env_name!r} is {arch}, which this {machine_arch()} "
