@@ -198,9 +198,9 @@ OPTIONS: tuple[Option, ...] = (
       "also write a .changes of the source alone, for a source-only upload"),
     Opt(("--no-source-only-changes",), "source_only_changes", "false", "(default)"),
     Opt(("--host-arch", "--host"), "host_arch", "store",
-      "cross-build for ARCH on an environment of another architecture: dpkg-buildpackage "
-      "-aARCH, build dependencies for ARCH, crossbuild-essential-ARCH; as sbuild, "
-      "profiles `cross nocheck` and no arch-all packages unless asked for "
+      "cross-build packages for ARCH in the environment (of another architecture): "
+      "dpkg-buildpackage -aARCH, build dependencies for ARCH, crossbuild-essential-ARCH; "
+      "as sbuild, profiles `cross nocheck` and no arch-all packages unless asked for "
       "(--host is sbuild's spelling)", "ARCH"),
     Opt(("--build",), "build_arch", "store",
       "the build architecture: only the environment's own (for another, make an "
