@@ -163,15 +163,18 @@ def test_greeter_cross_built_for_armhf(bookworm: Env, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "greeter_1.0_armhf.changes").is_file()
 
 
-def test_hello_cross_built_for_arm64_with_the_profiles_given_and_the_checks(
+def test_hello_cross_built_for_arm64_as_a_binnmu_with_profiles_and_checks(
     bookworm: Env, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     built = _ok(_build(bookworm, fixture_dsc("hello_2.10-3"), out, "--host", "arm64",
-                       "-P", "cross", "--run-lintian", "--run-piuparts",
-                       "--run-autopkgtest"))  # fmt: skip
-    deb = out / "hello_2.10-3_arm64.deb"
+                       "-P", "cross", "--make-binNMU", "Rebuild.", "-m", "T <t@nsbuild.invalid>",
+                       "--run-lintian", "--run-piuparts", "--run-autopkgtest"))  # fmt: skip
+    deb = out / "hello_2.10-3+b1_arm64.deb"
     assert _field(deb, "Architecture") == "arm64"
+    # sbuild's binNMU entry names the host architecture.
+    changes = (out / "hello_2.10-3+b1_arm64.changes").read_text()
+    assert "Binary-only non-maintainer upload for arm64" in changes
     assert "ARM aarch64" in _file_of(deb, "usr/bin/hello", tmp_path)
     assert "DEB_BUILD_PROFILES=cross\n" in built.log()  # -P's alone: no nocheck profile
     # lintian reads the foreign packages; the checks that would install
