@@ -49,6 +49,7 @@ _COMMANDS = {
     "gc": ("nsbuild.cli.envs", "remove what crashed runs left behind"),
     "build": ("nsbuild.cli.build", "build a Debian source package"),
     "config": ("nsbuild.cli.config", "show `nsbuild build`'s settings and where each comes from"),
+    "farm": ("nsbuild.cli.farm", "a Buildbot build farm: master, workers, submitting"),
 }
 
 

@@ -1,0 +1,113 @@
+"""nsbuild for a Buildbot master.cfg: a build factory, builders per
+environment and architecture, the force scheduler `nsbuild farm submit`
+uses, and the whole configuration `nsbuild farm master` writes.
+
+In a master.cfg of your own:
+
+    from nsbuild.farm.buildbot import builder, force_scheduler
+    c["builders"] = [builder("bookworm/amd64", ["w1", "w2"])]
+    c["schedulers"] = [force_scheduler(c["builders"])]
+    c["collapseRequests"] = False   # else queued builds of one builder merge
+
+A build's properties: `dsc`, a .dsc under the master's sources/ (it and its
+files are sent to the worker), or `source`, `name[=version]` fetched by
+apt-get source in the worker's environment. What it sets: nsbuild_status
+(built, failed, dep-wait, error), nsbuild_package, nsbuild_version,
+nsbuild_unmet (dep-wait), nsbuild_results (its folder under the master's).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from buildbot.plugins import schedulers, steps, util, worker
+
+from nsbuild.farm import settings
+from nsbuild.farm.steps import OUT, SRC, FetchSource, NsbuildBuild
+
+BUILD_WORKDIR = "build"  # Buildbot's default: WORKER/BUILDER/build
+
+
+def factory(env: str) -> util.BuildFactory:
+    """The steps of one build in environment `env` (its name on the workers)."""
+    f = util.BuildFactory()
+    # The workdir is kept between builds: start from nothing.
+    for sub in (SRC, OUT):
+        f.addStep(steps.RemoveDirectory(dir=f"{BUILD_WORKDIR}/{sub}", name=f"clean {sub}",
+                                        haltOnFailure=True))  # fmt: skip
+    f.addStep(steps.MakeDirectory(dir=f"{BUILD_WORKDIR}/{SRC}", name=f"make {SRC}",
+                                  haltOnFailure=True))  # fmt: skip
+    f.addStep(FetchSource(env, haltOnFailure=True))
+    f.addStep(NsbuildBuild(env))
+    return f
+
+
+def _can_start(pair: str) -> Any:
+    """A worker runs a builder's builds only if it said, when it connected,
+    that it has the environment (its info/nsbuild-envs)."""
+
+    def check(_builder: Any, wfb: Any, _request: Any) -> bool:
+        said = wfb.worker.info.getProperty("nsbuild-envs") if wfb.worker else None
+        return isinstance(said, str) and pair in said.split()
+
+    return check
+
+
+def builder(pair: str, workernames: list[str]) -> util.BuilderConfig:
+    """The builder of ENV/ARCH, named ENV-ARCH, on these workers."""
+    env, arch = pair.split("/")
+    return util.BuilderConfig(
+        name=settings.builder_name(pair), workernames=workernames, factory=factory(env),
+        canStartBuild=_can_start(pair),
+        properties={"nsbuild_env": env, "nsbuild_arch": arch},
+    )  # fmt: skip
+
+
+def force_scheduler(builders: list[util.BuilderConfig], name: str = "build") -> Any:
+    """A force scheduler for these builders; each build takes the property
+    `dsc` or `source` (see the module's text), nothing of version control."""
+    fixed = {k: util.FixedParameter(k, "") for k in ("branch", "revision", "repository",
+                                                      "project")}  # fmt: skip
+    return schedulers.ForceScheduler(
+        name=name, builderNames=[b.name for b in builders], buttonName="Build",
+        codebases=[util.CodebaseParameter("", hide=True, **fixed)],
+        properties=[
+            util.StringParameter("dsc", label="a .dsc under the master's sources/", default=""),
+            util.StringParameter("source", label="or name[=version] from the archive",
+                                 default=""),
+        ],
+    )  # fmt: skip
+
+
+def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The configuration of a master `nsbuild farm master` made: its settings
+    and its workers read from the files in `basedir`."""
+    base = Path(basedir)
+    s = settings.master_settings(base)
+    entries = settings.workers(base)
+    pairs = sorted({p for w in entries for p in w.envs})
+    builders = [builder(p, [w.name for w in entries if p in w.envs]) for p in pairs]
+    c: dict[str, Any] = {
+        "title": "nsbuild farm",
+        "titleURL": s.url,
+        "buildbotURL": s.url,
+        # Buildbot's default sends usage figures to buildbot.net.
+        "buildbotNetUsageData": None,
+        "db": {"db_url": "sqlite:///state.sqlite"},
+        "protocols": {"pb": {"port": f"tcp:{s.pb_port}:interface={s.interface}"}},
+        "www": {"port": f"tcp:{s.www_port}:interface={s.interface}",
+                "plugins": {"waterfall_view": {}, "console_view": {}, "grid_view": {}}},
+        # Buildbot merges queued requests of a builder by default, whatever
+        # their properties: each submitted package must build.
+        "collapseRequests": False,
+        "workers": [worker.Worker(w.name, w.password, max_builds=1) for w in entries],
+        "builders": builders,
+        "schedulers": [force_scheduler(builders)] if builders else [],
+    }
+    if not entries:
+        # Buildbot refuses a configuration without workers or builders,
+        # except for a master of several; a new farm has none yet.
+        c["multiMaster"] = True
+    return c

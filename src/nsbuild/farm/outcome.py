@@ -1,0 +1,105 @@
+"""What a worker's `nsbuild build` said, read by the master: its exit status
+and its JSON summary. The worker, and the build on it, are not trusted: the
+summary is bounded, every field is checked for its type, and file names are
+taken only when they are plain names.
+
+Statuses follow buildd's words: built, failed, dep-wait (the build
+dependencies cannot be satisfied, a distinct state that names them), error
+(bad input, or nsbuild's own failure).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from nsbuild.cli.exits import BUILD_FAILED, INTERRUPTED, SETUP_FAILED, UNSATISFIABLE, USAGE
+
+BUILT, FAILED, DEP_WAIT, ERROR = "built", "failed", "dep-wait", "error"
+
+# `nsbuild build`'s exit statuses (nsbuild.cli.exits) as buildd states;
+# anything else (a signal's 128+N, 126, 127) is the build's failure.
+STATES = {
+    0: BUILT,
+    BUILD_FAILED: FAILED,
+    UNSATISFIABLE: DEP_WAIT,
+    USAGE: ERROR,
+    SETUP_FAILED: ERROR,
+    INTERRUPTED: ERROR,
+}
+
+# A summary is a few KiB; a worker sending more is not believed past this.
+SUMMARY_LIMIT = 1 << 20
+# How many unmet dependencies are named, and how long each may be.
+UNMET_COUNT, UNMET_LENGTH = 50, 300
+# What nsbuild's message for exit status 3 starts with, before the list.
+UNSAT_PREFIX = "unsatisfiable build dependencies: "
+
+# A file name as Debian's tools make them (.deb, .changes, .build, .dsc ...).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_-]{0,254}")
+# A package name and an optional version, as apt-get source takes them.
+_SOURCE = re.compile(r"([a-z0-9][a-z0-9+.-]{0,99})(?:=([0-9][A-Za-z0-9.+~:-]{0,99}))?")
+
+
+def state(exit_status: int) -> str:
+    return STATES.get(exit_status, FAILED)
+
+
+def plain_name(name: object) -> str | None:
+    """`name` if it is a plain file name Debian's tools would make, else None."""
+    if isinstance(name, str) and _NAME.fullmatch(name) and ".." not in name:
+        return name
+    return None
+
+
+def read_summary(data: str) -> dict[str, Any]:
+    """The JSON summary on a build's stdout; {} when there is none, it is too
+    long or it is not an object."""
+    if len(data) > SUMMARY_LIMIT:
+        return {}
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def text(summary: dict[str, Any], key: str, limit: int = 200) -> str:
+    """A string field of the summary, cut to `limit`; "" if absent or not a string."""
+    value = summary.get(key)
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def unmet(summary: dict[str, Any]) -> list[str]:
+    """The unmet build dependencies a dep-wait build names: the summary's
+    `unmet` list where it has one, else its message's list."""
+    found = summary.get("unmet")
+    if not isinstance(found, list):
+        message = text(summary, "message", UNMET_COUNT * UNMET_LENGTH)
+        found = message[len(UNSAT_PREFIX):].split("; ") if message.startswith(UNSAT_PREFIX) else []
+    return [item[:UNMET_LENGTH] for item in found[:UNMET_COUNT] if isinstance(item, str) and item]
+
+
+def files(summary: dict[str, Any]) -> dict[str, str]:
+    """Plain name -> worker path of every file the build reports: its
+    artifacts, its .build log and its network log."""
+    paths: list[object] = [summary.get("log"), summary.get("network_log")]
+    artifacts = summary.get("artifacts")
+    if isinstance(artifacts, list):
+        paths += [a.get("path") for a in artifacts if isinstance(a, dict)]
+    out: dict[str, str] = {}
+    for path in paths:
+        if isinstance(path, str) and path.startswith("/") and len(path) < 4096:
+            name = plain_name(path.rsplit("/", 1)[1])
+            if name:
+                out[name] = path
+    return out
+
+
+def split_source(spec: str) -> tuple[str, str | None]:
+    """`name[=version]` as apt-get source takes it; ValueError if it is not one."""
+    m = _SOURCE.fullmatch(spec)
+    if not m:
+        raise ValueError(f"not a package name[=version]: {spec!r}")
+    return m.group(1), m.group(2)

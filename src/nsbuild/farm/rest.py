@@ -1,0 +1,78 @@
+"""A client of a Buildbot master's REST interface (data API, /api/v2), the
+standard library's urllib only. Answers are read bounded: a master may be
+on another machine."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from nsbuild.farm.errors import FarmError
+from nsbuild.printable import printable
+
+ANSWER_LIMIT = 16 << 20
+TIMEOUT = 30.0
+
+
+class Rest:
+    def __init__(self, url: str) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise FarmError(f"not a master's URL: {url!r} (http://HOST:PORT/)")
+        self.url = url.rstrip("/") + "/"
+
+    def _open(self, req: urllib.request.Request, timeout: float = TIMEOUT) -> Any:
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                data = r.read(ANSWER_LIMIT + 1)
+        except urllib.error.HTTPError as e:
+            body = e.read(2000).decode(errors="replace")
+            raise FarmError(f"the master at {self.url} answered {e.code}: "
+                            f"{printable(body.strip(), 300)}") from None  # fmt: skip
+        except (OSError, urllib.error.URLError) as e:
+            raise FarmError(f"the master at {self.url} cannot be reached: {e}") from None
+        if len(data) > ANSWER_LIMIT:
+            raise FarmError(f"the master at {self.url} answered more than {ANSWER_LIMIT} bytes")
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise FarmError(f"the master at {self.url} answered something not JSON") from None
+
+    def get(self, path: str, **params: Any) -> Any:
+        """GET api/v2/PATH?params; a list value gives the parameter once per item."""
+        query = urllib.parse.urlencode(params, doseq=True)
+        req = urllib.request.Request(f"{self.url}api/v2/{path}" + (f"?{query}" if query else ""))
+        return self._open(req)
+
+    def items(self, path: str, key: str, **params: Any) -> list[dict[str, Any]]:
+        """The objects a collection answers (the answer's `key` list)."""
+        found = self.get(path, **params).get(key)
+        return [x for x in found if isinstance(x, dict)] if isinstance(found, list) else []
+
+    def answers(self) -> bool:
+        """True if the master's web interface answers now."""
+        try:
+            self._open(urllib.request.Request(f"{self.url}api/v2/masters"), timeout=2.0)
+        except FarmError:
+            return False
+        return True
+
+    def force(self, scheduler: str, builder: str, **props: str) -> int:
+        """Ask the force scheduler for one build on `builder`; its build request's id."""
+        body = {"jsonrpc": "2.0", "method": "force", "id": 1,
+                "params": {"builderNames": [builder], **props}}  # fmt: skip
+        req = urllib.request.Request(
+            f"{self.url}api/v2/forceschedulers/{urllib.parse.quote(scheduler)}",
+            data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        answer = self._open(req)
+        if "error" in answer:
+            message = answer["error"].get("message") if isinstance(answer["error"], dict) else ""
+            raise FarmError(f"the master refused the build: {printable(str(message), 300)}")
+        try:
+            requests = answer["result"][1]
+            return int(next(iter(requests.values())))
+        except (KeyError, IndexError, TypeError, ValueError, StopIteration, AttributeError):
+            raise FarmError("the master's answer to a build names no build request") from None

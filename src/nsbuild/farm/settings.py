@@ -1,0 +1,144 @@
+"""The files that make a farm: a master's settings and its registry of
+workers (in the master's folder), a worker's own record (in the worker's
+folder), and where the master `nsbuild farm master` runs on this machine
+(in the user's nsbuild config). JSON, written whole and atomically; the files
+holding passwords are 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nsbuild.farm.errors import FarmError
+
+MASTER_FILE = "nsbuild-master.json"  # in a master's folder: ports, web password
+WORKERS_FILE = "workers.json"  # in a master's folder: name -> password, environments
+WORKER_FILE = "nsbuild-worker.json"  # in a worker's folder: name, master, environment
+LIMIT = 1 << 20  # none of these files is near this; a bigger one is not read
+
+# Buildbot's identifiers (worker names), and at most 50 characters.
+WORKER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,49}")
+# ENV/ARCH: an environment's name (nsbuild's rule) and a dpkg architecture.
+ENV_PAIR = re.compile(r"([A-Za-z0-9][A-Za-z0-9._+~-]{0,63})/([a-z0-9][a-z0-9-]{0,31})")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file nsbuild wrote; FarmError naming it if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(LIMIT + 1)
+        if len(data) > LIMIT:
+            raise FarmError(f"{path}: larger than {LIMIT} bytes")
+        return json.loads(data)
+    except (OSError, ValueError) as e:
+        raise FarmError(f"cannot read {path}: {e}") from None
+
+
+def write_json(path: Path, doc: object, mode: int = 0o600) -> None:
+    """Write `doc` to `path` whole: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class MasterSettings:
+    www_port: int
+    pb_port: int
+    interface: str = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.interface}:{self.www_port}/"
+
+    def to_json(self) -> dict[str, object]:
+        return {"www_port": self.www_port, "pb_port": self.pb_port, "interface": self.interface}
+
+
+def master_settings(master_dir: Path) -> MasterSettings:
+    doc = read_json(master_dir / MASTER_FILE)
+    try:
+        return MasterSettings(int(doc["www_port"]), int(doc["pb_port"]), str(doc["interface"]))
+    except (KeyError, TypeError, ValueError):
+        raise FarmError(f"{master_dir / MASTER_FILE}: not a master's settings") from None
+
+
+@dataclass(frozen=True)
+class WorkerEntry:
+    name: str
+    password: str
+    envs: tuple[str, ...]  # ENV/ARCH pairs it builds for
+
+
+def workers(master_dir: Path) -> list[WorkerEntry]:
+    """The master's registered workers, sorted by name."""
+    path = master_dir / WORKERS_FILE
+    doc = read_json(path) if path.exists() else {}
+    out = []
+    for name, entry in sorted(doc.items()):
+        if not (WORKER_NAME.fullmatch(name) and isinstance(entry, dict)):
+            raise FarmError(f"{path}: bad entry {name!r}")
+        envs = tuple(e for e in entry.get("envs", [])
+                     if isinstance(e, str) and ENV_PAIR.fullmatch(e))
+        out.append(WorkerEntry(name, str(entry.get("password", "")), envs))
+    return out
+
+
+def register(master_dir: Path, entry: WorkerEntry) -> None:
+    """Add or replace a worker in the master's registry."""
+    check_worker_name(entry.name)
+    for pair in entry.envs:
+        if not ENV_PAIR.fullmatch(pair):
+            raise FarmError(f"not an ENV/ARCH pair: {pair!r}")
+    path = master_dir / WORKERS_FILE
+    doc = read_json(path) if path.exists() else {}
+    doc[entry.name] = {"password": entry.password, "envs": list(entry.envs)}
+    write_json(path, doc)
+
+
+def check_worker_name(name: str) -> str:
+    if not WORKER_NAME.fullmatch(name):
+        raise FarmError(f"bad worker name {name!r}: letters, digits, _ and -, at most 50, "
+                        "not starting with a digit or -")
+    return name
+
+
+def builder_name(pair: str) -> str:
+    """The builder of ENV/ARCH: `ENV-ARCH` (Buildbot's names cannot hold /)."""
+    env, arch = pair.split("/")
+    return f"{env}-{arch}"
+
+
+def local_master_file() -> Path:
+    """Where `nsbuild farm master` notes the master it made, for the farm
+    commands run later on this machine."""
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".config"
+    return root / "nsbuild" / "farm-master.json"
+
+
+def note_local_master(master_dir: Path) -> None:
+    path = local_master_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"dir": str(master_dir)}, mode=0o644)
+
+
+def local_master() -> Path | None:
+    """The master `nsbuild farm master` made last on this machine, if any."""
+    path = local_master_file()
+    if not path.exists():
+        return None
+    found = read_json(path).get("dir")
+    return Path(found) if isinstance(found, str) and (Path(found) / MASTER_FILE).is_file() else None

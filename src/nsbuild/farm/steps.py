@@ -1,0 +1,225 @@
+"""Buildbot steps of an nsbuild build: fetch the source, build it with
+`nsbuild build`, upload what it made.
+
+The steps' logic runs in the master; the worker runs commands and moves
+files. What a worker sends back (its stdout, the names in a build's summary)
+is read bounded and checked, and nothing it names is written anywhere on
+the master but under the build's own results folder, by a name checked here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from buildbot.process import buildstep
+from buildbot.process.results import CANCELLED, EXCEPTION, FAILURE, RETRY, SUCCESS, WARNINGS
+from buildbot.steps.transfer import FileDownload, FileUpload
+from twisted.internet import defer
+
+from nsbuild.farm import outcome
+
+SOURCES_DIR = "sources"  # under the master's folder: the .dsc files submitted
+RESULTS_DIR = "results"  # under the master's folder: BUILDER/NUMBER/ of each build
+SRC, OUT = "src", "out"  # in a build's workdir: the source, nsbuild's --out
+# The largest file a worker may upload or download (a big package's -dbgsym
+# .deb is a few hundred MiB).
+MAX_FILE = 4 << 30
+
+RESULTS = {outcome.BUILT: SUCCESS, outcome.FAILED: FAILURE, outcome.DEP_WAIT: WARNINGS,
+           outcome.ERROR: EXCEPTION}  # fmt: skip
+
+# apt-get source, inside a sandbox of the worker's environment: its apt
+# sources gain their deb-src twins (one-line and deb822 files), and the
+# .dsc fetched is named on stdout's last line.
+FETCH_SCRIPT = r"""set -e
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+  [ -f "$f" ] && sed -n 's/^deb /deb-src /p' "$f"
+done > /etc/apt/sources.list.d/nsbuild-farm-src.list
+for f in /etc/apt/sources.list.d/*.sources; do
+  [ -f "$f" ] && sed -i 's/^Types: deb$/Types: deb deb-src/' "$f"
+done
+apt-get -q update >&2
+apt-get -q source --download-only "$1" >&2
+ls -1 -- *.dsc | tail -n 1
+"""
+
+
+def nsbuild_command(step: buildstep.BuildStep) -> str:
+    """The worker's nsbuild, as it said at connection (info/nsbuild-command)."""
+    info = step.build.getWorkerInfo()
+    found = info.getProperty("nsbuild-command") if info is not None else None
+    found = found.strip() if isinstance(found, str) else ""
+    return found if found.startswith("/") else "nsbuild"
+
+
+def _master_dir(step: buildstep.BuildStep) -> Path:
+    return Path(step.master.basedir)
+
+
+class FetchSource(buildstep.BuildStep):
+    """Put the source in the workdir's src/: the .dsc and its files from the
+    master (property `dsc`, a path under its sources/), or `name[=version]`
+    (property `source`) by apt-get source in the worker's environment."""
+
+    name = "fetch source"
+
+    def __init__(self, env: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.nsbuild_env = env
+
+    @defer.inlineCallbacks
+    def run(self) -> Any:
+        dsc = str(self.getProperty("dsc") or "")
+        source = str(self.getProperty("source") or "")
+        if bool(dsc) == bool(source):
+            yield self.addCompleteLog("error", "give exactly one of the properties dsc, source\n")
+            return EXCEPTION
+        if dsc:
+            steps = self._downloads(dsc)
+            if isinstance(steps, str):
+                yield self.addCompleteLog("error", steps + "\n")
+                return EXCEPTION
+            self.build.addStepsAfterCurrentStep(steps)
+            self.setProperty("nsbuild_input", f"{SRC}/{Path(dsc).name}", "nsbuild")
+            self.descriptionDone = [f"{Path(dsc).name} from the master"]
+            return SUCCESS
+        try:
+            outcome.split_source(source)
+        except ValueError as e:
+            yield self.addCompleteLog("error", f"{e}\n")
+            return EXCEPTION
+        self.build.addStepsAfterCurrentStep([FetchFromArchive(self.nsbuild_env, source)])
+        self.descriptionDone = [f"{source} from the archive"]
+        return SUCCESS
+
+    def _downloads(self, dsc: str) -> list[buildstep.BuildStep] | str:
+        """One download per file of the .dsc, or why there is none."""
+        from nsbuild.farm.dscfiles import DscError, dsc_files
+
+        root = (_master_dir(self) / SOURCES_DIR).resolve()
+        path = (_master_dir(self) / dsc).resolve()
+        if not path.is_relative_to(root) or not outcome.plain_name(path.name):
+            return f"not a .dsc under the master's {SOURCES_DIR}/: {dsc!r}"
+        try:
+            names = [path.name, *dsc_files(path)]
+        except DscError as e:
+            return str(e)
+        return [
+            FileDownload(mastersrc=str(path.parent / n), workerdest=f"{SRC}/{n}",
+                         maxsize=MAX_FILE, mode=0o644, name=f"download {n}")
+            for n in names
+        ]  # fmt: skip
+
+
+class FetchFromArchive(buildstep.ShellMixin, buildstep.BuildStep):
+    """apt-get source, in a throw-away sandbox of the worker's environment
+    whose network reaches only the environment's mirrors."""
+
+    name = "apt-get source"
+
+    def __init__(self, env: str, source: str, **kw: Any) -> None:
+        kw = self.setupShellMixin({**kw, "logEnviron": False, "sigtermTime": 30})
+        super().__init__(**kw)
+        self.nsbuild_env, self.source = env, source
+
+    @defer.inlineCallbacks
+    def run(self) -> Any:
+        argv = [nsbuild_command(self), "run", "--env", self.nsbuild_env, "--net", "allow",
+                "--allow-from-env", "--bind", f"{SRC}:/src", "--chdir", "/src", "--",
+                "sh", "-c", FETCH_SCRIPT, "sh", self.source]  # fmt: skip
+        cmd = yield self.makeRemoteShellCommand(command=argv, collectStdout=True)
+        yield self.runCommand(cmd)
+        if cmd.didFail():
+            return FAILURE
+        # The last line names the .dsc; a name that is not a plain one is not used.
+        name = outcome.plain_name(cmd.stdout[-300:].strip().rsplit("\n", 1)[-1])
+        if not name or not name.endswith(".dsc"):
+            yield self.addCompleteLog("error", "apt-get source named no .dsc\n")
+            return FAILURE
+        self.setProperty("nsbuild_input", f"{SRC}/{name}", "nsbuild")
+        self.descriptionDone = [f"fetched {name}"]
+        return SUCCESS
+
+
+# Note: ShellMixin's `env` is the command's environment; the nsbuild
+# environment's name is `nsbuild_env` in these steps.
+
+
+class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
+    """`nsbuild build`; its output, the .build log as it is written (-v),
+    streams into the stdio log. The result is buildd's: built (SUCCESS),
+    failed (FAILURE), dep-wait (WARNINGS, naming the unmet dependencies in
+    the build's text and the property nsbuild_unmet), error (EXCEPTION).
+    Then the build's files are uploaded to the master."""
+
+    name = "nsbuild build"
+
+    def __init__(self, env: str, **kw: Any) -> None:
+        kw = self.setupShellMixin({**kw, "logEnviron": False, "sigtermTime": 30,
+                                   "warnOnWarnings": True})  # fmt: skip
+        super().__init__(**kw)
+        self.nsbuild_env = env
+        self.summary_text = ""
+        self.stdout_text = ""
+
+    @defer.inlineCallbacks
+    def run(self) -> Any:
+        argv = [nsbuild_command(self), "build", "-v", "--json", "--env", self.nsbuild_env,
+                "--out", OUT, str(self.getProperty("nsbuild_input"))]  # fmt: skip
+        cmd = yield self.makeRemoteShellCommand(command=argv, collectStdout=True)
+        yield self.runCommand(cmd)
+        if self.stopped and getattr(self.build, "stopped_reason", None) == "Master Shutdown":
+            # Buildbot's own shutdown: build again once the master is back
+            # (the interrupted command would otherwise make it CANCELLED).
+            return RETRY
+        if self.stopped:
+            return CANCELLED
+        self.stdout_text = cmd.stdout[: outcome.SUMMARY_LIMIT]
+        summary = outcome.read_summary(self.stdout_text)
+        yield self.addCompleteLog("summary.json", self.stdout_text)
+        state = outcome.state(cmd.rc)
+        self._properties(summary, state)
+        self._upload(summary)
+        return RESULTS[state]
+
+    def _properties(self, summary: dict[str, Any], state: str) -> None:
+        pkg, ver = outcome.text(summary, "package", 100), outcome.text(summary, "version", 100)
+        self.setProperty("nsbuild_status", state, "nsbuild")
+        self.setProperty("nsbuild_package", pkg, "nsbuild")
+        self.setProperty("nsbuild_version", ver, "nsbuild")
+        what = f"{pkg} {ver}".strip() or "the package"
+        if state == outcome.DEP_WAIT:
+            unmet = outcome.unmet(summary)
+            self.setProperty("nsbuild_unmet", unmet, "nsbuild")
+            self.summary_text = f"dep-wait: {', '.join(unmet) or 'see the log'}"
+        elif state == outcome.BUILT:
+            self.summary_text = f"built {what}"
+        elif state == outcome.FAILED:
+            stage = outcome.text(summary, "fail_stage", 50)
+            self.summary_text = f"failed {what}" + (f" at {stage}" if stage else "")
+        else:
+            self.summary_text = f"error: {outcome.text(summary, 'message', 200) or 'see the log'}"
+
+    def _upload(self, summary: dict[str, Any]) -> None:
+        """The build's files to the master's results/BUILDER/NUMBER/."""
+        dest = f"{RESULTS_DIR}/{self.build.builder.name}/{self.build.number}"
+        self.setProperty("nsbuild_results", dest, "nsbuild")
+        found = outcome.files(summary)
+        folder = _master_dir(self) / dest
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").write_text(self.stdout_text)
+        self.setProperty("nsbuild_files", sorted(found), "nsbuild")
+        self.build.addStepsAfterCurrentStep([
+            FileUpload(workersrc=path, masterdest=f"{dest}/{name}", maxsize=MAX_FILE,
+                       mode=0o644, alwaysRun=True, flunkOnFailure=False,
+                       name=f"upload {name}")
+            for name, path in sorted(found.items())
+        ])  # fmt: skip
+
+    def getResultSummary(self) -> dict[str, str]:
+        if not self.summary_text:
+            return super().getResultSummary()  # type: ignore[no-any-return]
+        if self.results == SUCCESS:
+            return {"step": self.summary_text}
+        return {"step": self.summary_text, "build": self.summary_text}

@@ -1,0 +1,207 @@
+"""`nsbuild farm submit` and `nsbuild farm status`: builds handed to the
+master's force scheduler over its REST interface, watched by polling, and
+their results fetched.
+
+A .dsc travels with its files into the master's sources/ folder, so the
+master must be on this machine; `--from-archive` needs nothing but the
+master's URL. Results are read from the master's results/ folder (on this
+machine too).
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nsbuild.farm import settings
+from nsbuild.farm.dscfiles import dsc_files
+from nsbuild.farm.errors import FarmError
+from nsbuild.farm.outcome import plain_name, split_source
+from nsbuild.farm.rest import Rest
+from nsbuild.printable import printable
+
+SCHEDULER = "build"
+POLL = 1.0  # seconds between two looks at the master
+
+
+@dataclass
+class Submitted:
+    label: str  # what was asked: a .dsc's name, or name[=version]
+    builder: str
+    request: int
+    build: dict[str, Any] | None = None
+    properties: dict[str, Any] | None = None
+
+
+def choose_builder(rest: Rest, env: str | None, arch: str | None) -> str:
+    """The builder of --env/--arch; without them, the master's only one."""
+    names = sorted(str(b["name"]) for b in rest.items("builders", "builders") if "name" in b)
+    wanted = [n for n in names
+              if (env is None or n.rsplit("-", 1)[0] == env)
+              and (arch is None or n.rsplit("-", 1)[-1] == arch)]  # fmt: skip
+    if len(wanted) == 1:
+        return wanted[0]
+    have = ", ".join(names) or "none: no worker registered yet"
+    if not wanted:
+        raise FarmError(f"no builder for {env or 'any environment'}/{arch or 'any architecture'}"
+                        f" on the master (its builders: {have})")  # fmt: skip
+    raise FarmError(f"several builders fit; choose with --env and --arch (builders: {have})")
+
+
+def stage_dsc(master_dir: Path, dsc: Path) -> str:
+    """Copy a .dsc and its files into the master's sources/; the path to give it."""
+    from nsbuild.farm.steps import SOURCES_DIR
+
+    names = dsc_files(dsc)
+    if not plain_name(dsc.name) or not dsc.name.endswith(".dsc"):
+        raise FarmError(f"not a .dsc: {dsc}")
+    for n in names:
+        if not (dsc.parent / n).is_file():
+            raise FarmError(f"{dsc.parent / n} is missing (the .dsc lists it)")
+    folder = master_dir / SOURCES_DIR / secrets.token_hex(8)
+    folder.mkdir(parents=True)
+    for n in [dsc.name, *names]:
+        shutil.copyfile(dsc.parent / n, folder / n)
+    return f"{SOURCES_DIR}/{folder.name}/{dsc.name}"
+
+
+def submit(rest: Rest, builder: str, master_dir: Path | None, dscs: list[Path],
+           sources: list[str]) -> list[Submitted]:  # fmt: skip
+    out = []
+    for dsc in dscs:
+        if master_dir is None:
+            raise FarmError("a .dsc is sent through the master's folder: the master must be "
+                            "on this machine (`nsbuild farm master`); else use --from-archive")
+        staged = stage_dsc(master_dir, dsc)
+        out.append(Submitted(dsc.name, builder, rest.force(SCHEDULER, builder, dsc=staged)))
+    for spec in sources:
+        split_source(spec)
+        out.append(Submitted(spec, builder, rest.force(SCHEDULER, builder, source=spec)))
+    return out
+
+
+def wait(rest: Rest, jobs: list[Submitted], say: Any) -> None:
+    """Poll until every request is complete; say what changes."""
+    seen: dict[int, str] = {}
+    pending = list(jobs)
+    workers = {w.get("workerid"): w.get("name") for w in rest.items("workers", "workers")}
+    while pending:
+        for job in list(pending):
+            req = rest.items(f"buildrequests/{job.request}", "buildrequests")
+            builds = rest.items(f"buildrequests/{job.request}/builds", "builds")
+            now = "queued"
+            if builds:
+                job.build = builds[-1]  # after a retry, the last build is the one
+                wid = job.build.get("workerid")
+                if wid not in workers:
+                    workers = {w.get("workerid"): w.get("name")
+                               for w in rest.items("workers", "workers")}  # fmt: skip
+                now = f"building on {workers.get(wid, '?')}"
+            if req and req[0].get("complete"):
+                now = "done"
+                pending.remove(job)
+                if job.build is not None:
+                    props = rest.get(f"builds/{job.build['buildid']}/properties")
+                    job.properties = (props.get("properties") or [{}])[0]
+                    job.build["worker"] = workers.get(job.build.get("workerid"), "?")
+            if seen.get(job.request) != now:
+                seen[job.request] = now
+                say(f"{job.label}: {now}")
+        if pending:
+            time.sleep(POLL)
+
+
+def _prop(job: Submitted, name: str) -> Any:
+    value = (job.properties or {}).get(name)
+    return value[0] if isinstance(value, list) and value else None
+
+
+def status_of(job: Submitted) -> str:
+    """buildd's word for how the build ended."""
+    from nsbuild.farm.outcome import DEP_WAIT
+
+    said = _prop(job, "nsbuild_status")
+    if said == DEP_WAIT:
+        unmet = _prop(job, "nsbuild_unmet") or []
+        return f"dep-wait: {', '.join(str(u) for u in unmet)}"
+    if isinstance(said, str) and said:
+        return said
+    results = (job.build or {}).get("results")
+    names = ["success", "warnings", "failure", "skipped", "exception", "retry", "cancelled"]
+    return names[results] if isinstance(results, int) and 0 <= results < len(names) else "?"
+
+
+def fetch(master_dir: Path, job: Submitted, out: Path) -> list[Path]:
+    """Copy a finished build's files from the master's results/ into `out`."""
+    where = _prop(job, "nsbuild_results")
+    names = _prop(job, "nsbuild_files") or []
+    if not isinstance(where, str):
+        return []
+    folder = (master_dir / where).resolve()
+    if not folder.is_relative_to(master_dir.resolve()):
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in names:
+        name = plain_name(name)
+        if name and (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
+            copied.append(out / name)
+    return copied
+
+
+def table(jobs: list[Submitted]) -> str:
+    """package, version, worker, status, duration: one row per build."""
+    rows = [("package", "version", "worker", "status", "duration")]
+    for job in jobs:
+        b = job.build or {}
+        start, end = b.get("started_at"), b.get("complete_at")
+        took = f"{end - start}s" if isinstance(start, int) and isinstance(end, int) else "-"
+        rows.append((printable(str(_prop(job, "nsbuild_package") or job.label), 60),
+                     printable(str(_prop(job, "nsbuild_version") or "-"), 40),
+                     printable(str(b.get("worker", "-")), 50),
+                     printable(status_of(job), 300), took))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)), r[4]])
+                     for r in rows)  # fmt: skip
+
+
+def queue(rest: Rest) -> str:
+    """The requests not complete yet: queued, or building on which worker."""
+    builders = {b.get("builderid"): b.get("name") for b in rest.items("builders", "builders")}
+    workers = {w.get("workerid"): w.get("name") for w in rest.items("workers", "workers")}
+    lines = []
+    for req in rest.items("buildrequests", "buildrequests", complete="false"):
+        brid = req.get("buildrequestid")
+        builds = rest.items(f"buildrequests/{brid}/builds", "builds")
+        where = f"building on {workers.get(builds[-1].get('workerid'), '?')}" if builds \
+            else "queued"  # fmt: skip
+        props = rest.get(f"buildrequests/{brid}", property=["dsc", "source"])
+        got = (props.get("buildrequests") or [{}])[0].get("properties") or {}
+        what = (got.get("source") or got.get("dsc") or ["?"])[0]
+        lines.append(f"{brid}  {builders.get(req.get('builderid'), '?')}  "
+                     f"{printable(str(what), 200)}  {where}")  # fmt: skip
+    return "\n".join(lines) if lines else "no builds queued or running"
+
+
+def say(line: str) -> None:
+    sys.stderr.write(f"nsbuild farm: {line}\n")
+
+
+def master_for(url: str | None) -> tuple[Rest, Path | None]:
+    """The master to talk to: --master URL, else the one `nsbuild farm
+    master` made on this machine; and its folder when it is that one."""
+    local = settings.local_master()
+    local_url = settings.master_settings(local).url if local is not None else None
+    if url is None:
+        if local_url is None:
+            raise FarmError("no master on this machine (nsbuild farm master DIR); "
+                            "or name one with --master URL")
+        url = local_url
+    same = local_url is not None and url.rstrip("/") == local_url.rstrip("/")
+    return Rest(url), (local if same else None)

@@ -1,0 +1,130 @@
+"""`nsbuild farm worker`: a Buildbot worker made, registered with its master,
+and started, as the calling (unprivileged) user.
+
+The worker says what it can build in its info files, sent at every
+connection: info/nsbuild-envs (ENV/ARCH pairs from `nsbuild env list`) and
+info/nsbuild-command (the nsbuild its builds run). It starts with a clean,
+explicit environment, which every build command inherits, and `nsbuild gc`
+runs first, so a crashed predecessor leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from nsbuild.farm import master, settings
+from nsbuild.farm.errors import FarmError
+from nsbuild.printable import printable
+
+
+def nsbuild_command() -> str:
+    """The nsbuild installed with the running one (a venv's), else PATH's."""
+    beside = Path(sys.executable).parent / "nsbuild"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("nsbuild")
+    if not found:
+        raise FarmError("no nsbuild command beside this Python or on PATH")
+    return os.path.abspath(found)
+
+
+def environments(env: dict[str, str]) -> list[str]:
+    """The ENV/ARCH pairs this user's nsbuild can build in here."""
+    proc = subprocess.run([nsbuild_command(), "env", "list", "--json"], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise FarmError(f"nsbuild env list failed: {printable(proc.stderr.strip(), 300)}")
+    pairs = []
+    for row in json.loads(proc.stdout):
+        pair = f"{row.get('name')}/{row.get('architecture')}"
+        if not row.get("cannot_run") and settings.ENV_PAIR.fullmatch(pair):
+            pairs.append(pair)
+    return sorted(set(pairs))
+
+
+def split_master(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FarmError(f"bad --master {spec!r}: expected HOST:PORT (the master's worker port)")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    folder: Path
+    name: str
+    master: str  # HOST:PORT
+    password: str
+    envs: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "master": self.master, "password": self.password,
+                "envs": list(self.envs)}  # fmt: skip
+
+
+def create(folder: Path, master_spec: str, name: str) -> WorkerSetup:
+    """Make the worker (or read the one there) and note its environments."""
+    folder = folder.absolute()
+    settings.check_worker_name(name)
+    split_master(master_spec)
+    record = folder / settings.WORKER_FILE
+    env = master.clean_environment()
+    envs = tuple(environments(env))
+    if not envs:
+        raise FarmError("no environment to build in: create one first "
+                        "(nsbuild env create bookworm --suite bookworm)")
+    if record.is_file():
+        old = settings.read_json(record)
+        if old.get("name") != name or old.get("master") != master_spec:
+            raise FarmError(f"{folder} is the worker {old.get('name')!r} of "
+                            f"{old.get('master')!r}; remove it to make another")
+        password = str(old["password"])
+    else:
+        if folder.exists() and any(folder.iterdir()):
+            raise FarmError(f"{folder} exists and is not an nsbuild farm worker")
+        password = secrets.token_urlsafe(24)
+        master.run_tool([master.tool("buildbot-worker"), "create-worker", "--quiet",
+                         "--umask=0o22", "--maxdelay=10", str(folder), master_spec, name,
+                         password], env=env)  # fmt: skip
+        # It holds the password.
+        os.chmod(folder / "buildbot.tac", 0o600)
+    setup = WorkerSetup(folder, name, master_spec, password, envs)
+    info = folder / "info"
+    info.mkdir(exist_ok=True)
+    (info / "nsbuild-envs").write_text(" ".join(envs) + "\n")
+    (info / "nsbuild-command").write_text(nsbuild_command() + "\n")
+    (info / "admin").write_text(f"{env.get('USER', os.getuid())} (nsbuild farm worker)\n")
+    (info / "host").write_text(socket.gethostname() + "\n")
+    settings.write_json(record, setup.to_json())
+    return setup
+
+
+def register_locally(setup: WorkerSetup, master_dir: Path) -> None:
+    """Add the worker to a master on this machine and make it read its workers again."""
+    settings.register(master_dir, settings.WorkerEntry(setup.name, setup.password, setup.envs))
+    master.reconfig(master_dir)
+
+
+def register_line(setup: WorkerSetup) -> str:
+    """What to run on the master's machine, for a master elsewhere."""
+    return (f"echo {setup.password} | nsbuild farm add-worker MASTER-DIR {setup.name} "
+            + " ".join(setup.envs))
+
+
+def start(folder: Path) -> None:
+    """`nsbuild gc`, then the worker, both with the clean environment."""
+    env = master.clean_environment()
+    gc = subprocess.run([nsbuild_command(), "gc"], env=env, stdin=subprocess.DEVNULL,
+                        capture_output=True, text=True)  # fmt: skip
+    if gc.returncode != 0:
+        sys.stderr.write(f"nsbuild farm: nsbuild gc: {printable(gc.stderr.strip(), 500)}\n")
+    if master.pid_of(folder) is None:
+        master.run_tool([master.tool("buildbot-worker"), "start", str(folder)], env=env)
