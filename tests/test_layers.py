@@ -20,7 +20,9 @@ LAYERS = (
     ("nsbuild.backends",),
     ("nsbuild.debbuild",),
     ("nsbuild.virtserver",),
-    ("nsbuild.cli", "nsbuild.__main__"),
+    # The farm sits beside the command line: it runs `nsbuild build` as a
+    # command, and takes only the exit statuses' names from nsbuild.cli.exits.
+    ("nsbuild.cli", "nsbuild.__main__", "nsbuild.farm"),
 )
 
 

@@ -1,0 +1,198 @@
+"""The farm end to end: `nsbuild farm submit` to a real master with two real
+workers, real `nsbuild build`s on them, and what the user sees: the table,
+the files fetched, the states in Buildbot's REST interface."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from debbuild.conftest import make_package
+from inputs import fixture_dsc
+
+from .conftest import WORKERS, Farm
+
+pytestmark = [pytest.mark.slow, pytest.mark.userns]
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nsbuild-greeting"
+UNMET = "nsbuild-no-such-package (>= 1)"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _dsc(tree: Path) -> Path:
+    """A source package of an unpacked tree, made beside it by dpkg-source."""
+    subprocess.run(["dpkg-source", "-b", tree.name], cwd=tree.parent, check=True,
+                   capture_output=True)  # fmt: skip
+    name = tree.name.rsplit("-", 1)[0]
+    (dsc,) = tree.parent.glob(f"{name}_*.dsc")
+    return dsc
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """package -> [version, worker, status, duration] of `farm submit --wait`'s table."""
+    lines = table.strip().splitlines()
+    assert lines[0].split() == ["package", "version", "worker", "status", "duration"]
+    rows = {}
+    for line in lines[1:]:
+        package, version, worker, rest = line.split(None, 3)
+        status, duration = rest.rsplit(None, 1)
+        rows[package] = [version, worker, status, duration]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The four source packages: the example, hello, one whose build fails,
+    one whose build dependency no archive has."""
+    root = tmp_path_factory.mktemp("sources")
+    shutil.copytree(EXAMPLE, root / "nsbuild-greeting-1.0")
+    fails = make_package(root, "nsb-farm-fails", build="echo this build fails on purpose; exit 1")
+    unsat = make_package(root, "nsb-farm-unsat", build_depends=UNMET)
+    return {
+        "nsbuild-greeting": _dsc(root / "nsbuild-greeting-1.0"),
+        "hello": fixture_dsc("hello_2.10-3"),
+        "nsb-farm-fails": _dsc(fails),
+        "nsb-farm-unsat": _dsc(unsat),
+    }
+
+
+Submitted = tuple[subprocess.CompletedProcess[str], Path]
+
+
+@pytest.fixture(scope="module")
+def submitted(farm: Farm, sources: dict[str, Path],
+              tmp_path_factory: pytest.TempPathFactory) -> Submitted:  # fmt: skip
+    out = tmp_path_factory.mktemp("farm-out")
+    proc = farm.nsbuild("farm", "submit", *map(str, sources.values()), "--wait", "--out", str(out))
+    return proc, out
+
+
+def test_workers_register_with_their_environment_and_secrets(farm: Farm) -> None:
+    builders = farm.get("builders?field=name")
+    assert isinstance(builders, dict)
+    assert [b["name"] for b in builders["builders"]] == ["bookworm-amd64"]
+    assert (farm.master / "workers.json").stat().st_mode & 0o777 == 0o600
+    passwords = set()
+    for name in WORKERS:
+        tac = farm.root / name / "buildbot.tac"
+        assert tac.stat().st_mode & 0o777 == 0o600
+        assert (farm.root / name / "info" / "nsbuild-envs").read_text().split() == [
+            "bookworm/amd64"]
+        line = next(ln for ln in tac.read_text().splitlines() if ln.startswith("passwd"))
+        passwords.add(line)
+    assert len(passwords) == 2
+
+
+def test_four_builds_end_in_buildd_states(submitted: Submitted) -> None:
+    proc, _ = submitted
+    # Not all built: the command says so.
+    assert proc.returncode == 1, proc.stderr
+    rows = _rows(proc.stdout)
+    states = {p: r[2] for p, r in rows.items()}
+    # apt's words follow the name ("... but it is not installable").
+    assert states.pop("nsb-farm-unsat").startswith(f"dep-wait: {UNMET}")
+    assert states == {"nsbuild-greeting": "built", "hello": "built", "nsb-farm-fails": "failed"}
+    assert rows["hello"][0] == "2.10-3"
+    assert {r[1] for r in rows.values()} <= set(WORKERS)
+    assert "building on w" in proc.stderr
+
+
+def test_buildbot_shows_the_states(farm: Farm, submitted: object) -> None:
+    found = farm.get("builds?field=results&field=state_string&field=buildid&field=properties"
+                     "&property=nsbuild_package&property=nsbuild_status&property=nsbuild_unmet")
+    assert isinstance(found, dict)
+    by_package = {b["properties"]["nsbuild_package"][0]: b for b in found["builds"]
+                  if "nsbuild_package" in b["properties"]}  # fmt: skip
+    # Buildbot's own results: SUCCESS 0, WARNINGS 1, FAILURE 2.
+    assert by_package["hello"]["results"] == 0
+    assert by_package["nsb-farm-fails"]["results"] == 2
+    unsat = by_package["nsb-farm-unsat"]
+    assert unsat["results"] == 1
+    assert unsat["state_string"].startswith(f"warnings dep-wait: {UNMET}")
+    assert unsat["properties"]["nsbuild_status"][0] == "dep-wait"
+    (unmet,) = unsat["properties"]["nsbuild_unmet"][0]
+    assert unmet.startswith(UNMET)
+
+
+def test_the_build_log_is_in_buildbot_and_the_files_are_fetched(
+    farm: Farm, submitted: Submitted
+) -> None:
+    _, out = submitted
+    for name in ("hello_2.10-3_amd64.deb", "hello_2.10-3_amd64.changes",
+                 "hello_2.10-3_amd64.build", "nsbuild-greeting_1.0_amd64.deb",
+                 "nsb-farm-fails_1.0_amd64.build", "nsb-farm-unsat_1.0_amd64.build"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert not list(out.glob("nsb-farm-fails*.deb"))
+    log = (out / "nsb-farm-fails_1.0_amd64.build").read_text()
+    assert "this build fails on purpose" in log
+    # The .build log, as nsbuild wrote it, in the step's stdio log.
+    builds = farm.get("builds?field=buildid&field=properties&property=nsbuild_package")
+    assert isinstance(builds, dict)
+    (hello,) = [b["buildid"] for b in builds["builds"]
+                if b["properties"].get("nsbuild_package", [""])[0] == "hello"]  # fmt: skip
+    steps = farm.get(f"builds/{hello}/steps?field=stepid&field=name")
+    assert isinstance(steps, dict)
+    (step,) = [s["stepid"] for s in steps["steps"] if s["name"] == "nsbuild build"]
+    logs = farm.get(f"steps/{step}/logs?field=logid&field=name")
+    assert isinstance(logs, dict)
+    (stdio,) = [x["logid"] for x in logs["logs"] if x["name"] == "stdio"]
+    import urllib.request
+
+    with urllib.request.urlopen(f"{farm.url}api/v2/logs/{stdio}/raw", timeout=30) as r:
+        text = r.read().decode()
+    assert "dpkg-buildpackage" in text
+    assert "Build: dpkg-buildpackage" in text
+
+
+@pytest.mark.parametrize("package", ["nsbuild-greeting", "hello"])
+def test_the_farm_builds_the_same_deb_as_a_local_build(
+    farm: Farm, sources: dict[str, Path], submitted: Submitted,
+    package: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    _, out = submitted
+    local = farm.nsbuild("build", "--env", "bookworm", "--out", str(tmp_path),
+                         str(sources[package]))  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    debs = sorted(p.name for p in tmp_path.glob("*.deb"))
+    assert debs
+    for name in debs:
+        assert _sha256(out / name) == _sha256(tmp_path / name), name
+
+
+def test_a_package_from_the_archive(farm: Farm, tmp_path: Path) -> None:
+    proc = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "hello=2.10-3", "--wait",
+                        "--out", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert _rows(proc.stdout)["hello"][:1] == ["2.10-3"]
+    assert _rows(proc.stdout)["hello"][2] == "built"
+    assert (tmp_path / "hello_2.10-3_amd64.deb").is_file()
+
+
+def test_status_when_idle(farm: Farm, submitted: object) -> None:
+    proc = farm.nsbuild("farm", "status")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "no builds queued or running"
+
+
+def test_bad_input_is_one_line_and_exit_2(farm: Farm, tmp_path: Path) -> None:
+    missing = farm.nsbuild("farm", "submit", str(tmp_path / "nope_1.0.dsc"))
+    assert missing.returncode == 2
+    assert missing.stderr.count("\n") == 1
+    assert "nope_1.0.dsc" in missing.stderr
+    env = farm.nsbuild("farm", "submit", "--env", "sid", str(fixture_dsc("hello_2.10-3")))
+    assert env.returncode == 2
+    assert "bookworm-amd64" in env.stderr
+    name = farm.nsbuild("farm", "worker", str(tmp_path / "w"), "--master",
+                        f"127.0.0.1:{farm.pb_port}", "--name", "bad name")  # fmt: skip
+    assert name.returncode == 2
+    assert "bad worker name" in name.stderr
+    assert not (tmp_path / "w").exists()
+    archive = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "hello;rm")
+    assert archive.returncode == 2
+    assert "hello;rm" in archive.stderr

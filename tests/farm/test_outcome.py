@@ -1,0 +1,77 @@
+"""What the master believes of a worker's answer: nsbuild's exit statuses as
+buildd's states, and a summary read bounded, field by field, with only plain
+file names taken. Pure functions; the worker is not trusted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nsbuild.farm import outcome
+
+
+def test_exit_statuses_are_buildd_states() -> None:
+    assert [outcome.state(s) for s in (0, 1, 2, 3, 125, 130)] == [
+        "built", "failed", "error", "dep-wait", "error", "error"]
+    # A signal's status, or a command not found on the worker: the build failed.
+    assert outcome.state(137) == "failed"
+    assert outcome.state(127) == "failed"
+
+
+def test_unmet_from_the_summary_field_or_the_message() -> None:
+    assert outcome.unmet({"unmet": ["libfoo-dev (>= 2)", 3, ""]}) == ["libfoo-dev (>= 2)"]
+    message = "unsatisfiable build dependencies: libfoo-dev (>= 2); bar"
+    assert outcome.unmet({"message": message}) == ["libfoo-dev (>= 2)", "bar"]
+    assert outcome.unmet({"message": "apt-get update failed (exit status 100); see the log"}) == []
+    many = {"unmet": ["x" * 10_000] * 1000}
+    got = outcome.unmet(many)
+    assert len(got) == outcome.UNMET_COUNT
+    assert all(len(u) == outcome.UNMET_LENGTH for u in got)
+
+
+@pytest.mark.parametrize("data", ["", "not json", "[1, 2]", '"text"',
+                                  "{" + " " * (outcome.SUMMARY_LIMIT + 1) + "}"])
+def test_a_summary_that_is_not_one_is_empty(data: str) -> None:
+    assert outcome.read_summary(data) == {}
+
+
+def test_only_plain_names_of_absolute_paths_are_taken() -> None:
+    summary = {
+        "log": "/w/out/hello_2.10-3_amd64.build",
+        "network_log": "relative/x.jsonl",
+        "artifacts": [
+            {"path": "/w/out/hello_2.10-3_amd64.deb"},
+            {"path": "/w/out/.."},
+            {"path": "/w/out/a\nb.deb"},
+            {"path": "/w/out/.hidden"},
+            {"path": "/w/out/x..y.deb"},
+            {"path": 5},
+            "not a dict",
+        ],
+    }
+    assert outcome.files(summary) == {
+        "hello_2.10-3_amd64.build": "/w/out/hello_2.10-3_amd64.build",
+        "hello_2.10-3_amd64.deb": "/w/out/hello_2.10-3_amd64.deb",
+    }
+    assert outcome.files(json.loads('{"artifacts": {"a": 1}}')) == {}
+
+
+def test_text_fields_are_strings_cut_short() -> None:
+    assert outcome.text({"package": "hello"}, "package") == "hello"
+    assert outcome.text({"package": ["x"]}, "package") == ""
+    assert outcome.text({"package": "p" * 500}, "package", 100) == "p" * 100
+
+
+@pytest.mark.parametrize("spec", ["hello", "hello=2.10-3", "libc6=2.36-9+deb12u4",
+                                  "pkg=1:2.0~rc1-1"])
+def test_archive_sources(spec: str) -> None:
+    name, _, version = spec.partition("=")
+    assert outcome.split_source(spec) == (name, version or None)
+
+
+@pytest.mark.parametrize("spec", ["", "Hello", "-x", "hello;rm -rf /", "hello=", "a b",
+                                  "hello=2.10 -3", "../x", "hello=$(id)"])
+def test_not_archive_sources(spec: str) -> None:
+    with pytest.raises(ValueError):
+        outcome.split_source(spec)
