@@ -109,3 +109,24 @@ def _clean_caches(farm: Farm) -> None:
             vars = farm.worker_vars(name) if name else farm.vars
             subprocess.run([sys.executable, "-m", "nsbuild", "gc"], env=vars, capture_output=True)
             remove_tree(cache)
+
+
+def dsc_of(tree: Path) -> Path:
+    """A source package of an unpacked tree, made beside it by dpkg-source."""
+    subprocess.run(["dpkg-source", "-b", tree.name], cwd=tree.parent, check=True,
+                   capture_output=True)  # fmt: skip
+    name = tree.name.rsplit("-", 1)[0]
+    (dsc,) = tree.parent.glob(f"{name}_*.dsc")
+    return dsc
+
+
+def table_rows(table: str) -> dict[str, list[str]]:
+    """package -> [version, worker, status, duration] of `farm submit --wait`'s table."""
+    lines = table.strip().splitlines()
+    assert lines[0].split() == ["package", "version", "worker", "status", "duration"]
+    rows = {}
+    for line in lines[1:]:
+        package, version, worker, rest = line.split(None, 3)
+        status, duration = rest.rsplit(None, 1)
+        rows[package] = [version, worker, status, duration]
+    return rows

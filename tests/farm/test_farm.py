@@ -13,7 +13,7 @@ import pytest
 from debbuild.conftest import make_package
 from inputs import fixture_dsc
 
-from .conftest import WORKERS, Farm
+from .conftest import WORKERS, Farm, dsc_of, table_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.userns]
 
@@ -25,27 +25,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _dsc(tree: Path) -> Path:
-    """A source package of an unpacked tree, made beside it by dpkg-source."""
-    subprocess.run(["dpkg-source", "-b", tree.name], cwd=tree.parent, check=True,
-                   capture_output=True)  # fmt: skip
-    name = tree.name.rsplit("-", 1)[0]
-    (dsc,) = tree.parent.glob(f"{name}_*.dsc")
-    return dsc
-
-
-def _rows(table: str) -> dict[str, list[str]]:
-    """package -> [version, worker, status, duration] of `farm submit --wait`'s table."""
-    lines = table.strip().splitlines()
-    assert lines[0].split() == ["package", "version", "worker", "status", "duration"]
-    rows = {}
-    for line in lines[1:]:
-        package, version, worker, rest = line.split(None, 3)
-        status, duration = rest.rsplit(None, 1)
-        rows[package] = [version, worker, status, duration]
-    return rows
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The four source packages: the example, hello, one whose build fails,
@@ -55,10 +34,10 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fails = make_package(root, "nsb-farm-fails", build="echo this build fails on purpose; exit 1")
     unsat = make_package(root, "nsb-farm-unsat", build_depends=UNMET)
     return {
-        "nsbuild-greeting": _dsc(root / "nsbuild-greeting-1.0"),
+        "nsbuild-greeting": dsc_of(root / "nsbuild-greeting-1.0"),
         "hello": fixture_dsc("hello_2.10-3"),
-        "nsb-farm-fails": _dsc(fails),
-        "nsb-farm-unsat": _dsc(unsat),
+        "nsb-farm-fails": dsc_of(fails),
+        "nsb-farm-unsat": dsc_of(unsat),
     }
 
 
@@ -93,7 +72,7 @@ def test_four_builds_end_in_buildd_states(submitted: Submitted) -> None:
     proc, _ = submitted
     # Not all built: the command says so.
     assert proc.returncode == 1, proc.stderr
-    rows = _rows(proc.stdout)
+    rows = table_rows(proc.stdout)
     states = {p: r[2] for p, r in rows.items()}
     # apt's words follow the name ("... but it is not installable").
     assert states.pop("nsb-farm-unsat").startswith(f"dep-wait: {UNMET}")
@@ -169,8 +148,8 @@ def test_a_package_from_the_archive(farm: Farm, tmp_path: Path) -> None:
     proc = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "hello=2.10-3", "--wait",
                         "--out", str(tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert _rows(proc.stdout)["hello"][:1] == ["2.10-3"]
-    assert _rows(proc.stdout)["hello"][2] == "built"
+    assert table_rows(proc.stdout)["hello"][:1] == ["2.10-3"]
+    assert table_rows(proc.stdout)["hello"][2] == "built"
     assert (tmp_path / "hello_2.10-3_amd64.deb").is_file()
 
 

@@ -94,6 +94,9 @@ def cmd_master(args: argparse.Namespace) -> int:
         master.start(folder)
         print(f"nsbuild farm: master running: web UI {s.url}, workers connect to "
               f"{s.interface}:{s.pb_port}", file=sys.stderr)  # fmt: skip
+    if made:
+        print(f"nsbuild farm: to start builds in the web UI, log in as {settings.WEB_USER} "
+              f"with the password in {folder / settings.MASTER_FILE}", file=sys.stderr)
     print(s.url)
     return 0
 

@@ -81,6 +81,20 @@ def force_scheduler(builders: list[util.BuilderConfig], name: str = "build") -> 
     )  # fmt: skip
 
 
+def web_login(password: str) -> dict[str, Any]:
+    """Anyone who reaches the web port may read; starting, stopping and
+    cancelling builds (Buildbot's control endpoints) needs the login
+    settings.WEB_USER with `password`."""
+    return {
+        "auth": util.UserPasswordAuth({settings.WEB_USER: password}),
+        "authz": util.Authz(
+            allowRules=[util.AnyControlEndpointMatcher(role="builders")],
+            roleMatchers=[util.RolesFromUsername(roles=["builders"],
+                                                 usernames=[settings.WEB_USER])],
+        ),
+    }  # fmt: skip
+
+
 def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
     """The configuration of a master `nsbuild farm master` made: its settings
     and its workers read from the files in `basedir`."""
@@ -98,7 +112,8 @@ def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
         "db": {"db_url": "sqlite:///state.sqlite"},
         "protocols": {"pb": {"port": f"tcp:{s.pb_port}:interface={s.interface}"}},
         "www": {"port": f"tcp:{s.www_port}:interface={s.interface}",
-                "plugins": {"waterfall_view": {}, "console_view": {}, "grid_view": {}}},
+                "plugins": {"waterfall_view": {}, "console_view": {}, "grid_view": {}},
+                **web_login(s.password)},
         # Buildbot merges queued requests of a builder by default, whatever
         # their properties: each submitted package must build.
         "collapseRequests": False,

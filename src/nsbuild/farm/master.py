@@ -6,6 +6,7 @@ files, no systemd), and Buildbot's tools found beside the running Python.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ def create(master_dir: Path, www_port: int, pb_port: int, interface: str) -> boo
         raise FarmError(f"{master_dir} exists and is not an nsbuild farm master")
     run_tool([tool("buildbot"), "create-master", "--quiet", "-r", str(master_dir)])
     (master_dir / "master.cfg.sample").unlink(missing_ok=True)
-    s = settings.MasterSettings(www_port, pb_port, interface)
+    s = settings.MasterSettings(www_port, pb_port, interface, secrets.token_urlsafe(24))
     settings.write_json(master_dir / settings.MASTER_FILE, s.to_json())
     settings.write_json(master_dir / settings.WORKERS_FILE, {})
     (master_dir / "master.cfg").write_text(
@@ -114,7 +115,7 @@ def start(master_dir: Path) -> settings.MasterSettings:
                 # of the previous master; once more, then give up.
                 if attempt == 2 or pid_of(master_dir) is not None:
                     raise
-    rest = Rest(s.url)
+    rest = Rest(s.url)  # anonymous: reading needs no login
     deadline = time.monotonic() + START_WAIT
     while not rest.answers():
         if time.monotonic() > deadline or pid_of(master_dir) is None:

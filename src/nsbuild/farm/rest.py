@@ -4,6 +4,8 @@ on another machine."""
 
 from __future__ import annotations
 
+import base64
+import http.cookiejar
 import json
 import urllib.error
 import urllib.parse
@@ -18,14 +20,37 @@ TIMEOUT = 30.0
 
 
 class Rest:
-    def __init__(self, url: str) -> None:
+    """Reading is anonymous; a build is asked for once logged in as `user`
+    with `password` (Buildbot's session cookie, got at /auth/login)."""
+
+    def __init__(self, url: str, user: str = "", password: str = "") -> None:
         if not url.startswith(("http://", "https://")):
             raise FarmError(f"not a master's URL: {url!r} (http://HOST:PORT/)")
         self.url = url.rstrip("/") + "/"
+        self.user, self.password = user, password
+        self.logged_in = False
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def login(self) -> None:
+        """Log in, for the session cookie every later request carries."""
+        if self.logged_in or not self.password:
+            return
+        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        req = urllib.request.Request(f"{self.url}auth/login",
+                                     headers={"Authorization": f"Basic {token}"})  # fmt: skip
+        try:
+            with self.opener.open(req, timeout=TIMEOUT) as r:
+                r.read(ANSWER_LIMIT)  # the UI's page, after the redirect
+        except urllib.error.HTTPError as e:
+            raise FarmError(f"the master at {self.url} refused the login: {e.code}") from None
+        except (OSError, urllib.error.URLError) as e:
+            raise FarmError(f"the master at {self.url} cannot be reached: {e}") from None
+        self.logged_in = True
 
     def _open(self, req: urllib.request.Request, timeout: float = TIMEOUT) -> Any:
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with self.opener.open(req, timeout=timeout) as r:
                 data = r.read(ANSWER_LIMIT + 1)
         except urllib.error.HTTPError as e:
             body = e.read(2000).decode(errors="replace")
@@ -61,6 +86,7 @@ class Rest:
 
     def force(self, scheduler: str, builder: str, **props: str) -> int:
         """Ask the force scheduler for one build on `builder`; its build request's id."""
+        self.login()
         body = {"jsonrpc": "2.0", "method": "force", "id": 1,
                 "params": {"builderNames": [builder], **props}}  # fmt: skip
         req = urllib.request.Request(

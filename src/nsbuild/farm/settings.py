@@ -16,7 +16,7 @@ from typing import Any
 
 from nsbuild.farm.errors import FarmError
 
-MASTER_FILE = "nsbuild-master.json"  # in a master's folder: ports, web password
+MASTER_FILE = "nsbuild-master.json"  # in a master's folder: ports, web password (0600)
 WORKERS_FILE = "workers.json"  # in a master's folder: name -> password, environments
 WORKER_FILE = "nsbuild-worker.json"  # in a worker's folder: name, master, environment
 LIMIT = 1 << 20  # none of these files is near this; a bigger one is not read
@@ -53,24 +53,30 @@ def write_json(path: Path, doc: object, mode: int = 0o600) -> None:
         raise
 
 
+WEB_USER = "nsbuild"  # the one web user, who may start and stop builds
+
+
 @dataclass(frozen=True)
 class MasterSettings:
     www_port: int
     pb_port: int
-    interface: str = "127.0.0.1"
+    interface: str
+    password: str  # WEB_USER's, generated; reading needs none
 
     @property
     def url(self) -> str:
         return f"http://{self.interface}:{self.www_port}/"
 
     def to_json(self) -> dict[str, object]:
-        return {"www_port": self.www_port, "pb_port": self.pb_port, "interface": self.interface}
+        return {"www_port": self.www_port, "pb_port": self.pb_port, "interface": self.interface,
+                "password": self.password}  # fmt: skip
 
 
 def master_settings(master_dir: Path) -> MasterSettings:
     doc = read_json(master_dir / MASTER_FILE)
     try:
-        return MasterSettings(int(doc["www_port"]), int(doc["pb_port"]), str(doc["interface"]))
+        return MasterSettings(int(doc["www_port"]), int(doc["pb_port"]), str(doc["interface"]),
+                              str(doc["password"]))  # fmt: skip
     except (KeyError, TypeError, ValueError):
         raise FarmError(f"{master_dir / MASTER_FILE}: not a master's settings") from None
 

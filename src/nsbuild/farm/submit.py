@@ -10,6 +10,7 @@ machine too).
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import sys
@@ -193,15 +194,20 @@ def say(line: str) -> None:
     sys.stderr.write(f"nsbuild farm: {line}\n")
 
 
+PASSWORD_VARIABLE = "NSBUILD_FARM_PASSWORD"
+
+
 def master_for(url: str | None) -> tuple[Rest, Path | None]:
     """The master to talk to: --master URL, else the one `nsbuild farm
-    master` made on this machine; and its folder when it is that one."""
+    master` made on this machine; and its folder when it is that one. The
+    web password is that master's, else $NSBUILD_FARM_PASSWORD's."""
     local = settings.local_master()
-    local_url = settings.master_settings(local).url if local is not None else None
+    mine = settings.master_settings(local) if local is not None else None
     if url is None:
-        if local_url is None:
+        if mine is None:
             raise FarmError("no master on this machine (nsbuild farm master DIR); "
                             "or name one with --master URL")
-        url = local_url
-    same = local_url is not None and url.rstrip("/") == local_url.rstrip("/")
-    return Rest(url), (local if same else None)
+        url = mine.url
+    if mine is not None and url.rstrip("/") == mine.url.rstrip("/"):
+        return Rest(url, settings.WEB_USER, mine.password), local
+    return Rest(url, settings.WEB_USER, os.environ.get(PASSWORD_VARIABLE, "")), None

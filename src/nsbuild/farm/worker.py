@@ -10,19 +10,26 @@ runs first, so a crashed predecessor leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from nsbuild.farm import master, settings
 from nsbuild.farm.errors import FarmError
 from nsbuild.printable import printable
+
+# How long orphaned build commands get to end after a signal (nsbuild's
+# tear-down of a build takes seconds).
+ORPHAN_WAIT = 60.0
 
 
 def nsbuild_command() -> str:
@@ -119,9 +126,48 @@ def register_line(setup: WorkerSetup) -> str:
             + " ".join(setup.envs))
 
 
+def orphans(folder: Path) -> list[int]:
+    """This user's processes working in the worker's folder: commands of
+    builds a killed worker left running (Buildbot starts each in a process
+    group of its own, with no parent-death signal)."""
+    found = []
+    inside = str(folder) + "/"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            if os.readlink(f"/proc/{entry}/cwd").startswith(inside):
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def end_orphans(folder: Path) -> None:
+    """End what a killed worker's builds left running: SIGTERM (nsbuild tears
+    its sandbox down), and SIGKILL for what is still there after a while."""
+    pids = orphans(folder)
+    if pids:
+        sys.stderr.write(f"nsbuild farm: ending what a killed worker left running: "
+                         f"processes {' '.join(map(str, pids))}\n")  # fmt: skip
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + ORPHAN_WAIT
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = orphans(folder)
+
+
 def start(folder: Path) -> None:
-    """`nsbuild gc`, then the worker, both with the clean environment."""
+    """End a predecessor's orphaned builds, `nsbuild gc`, then the worker,
+    all with the clean environment."""
     env = master.clean_environment()
+    if master.pid_of(folder) is None:
+        end_orphans(folder)
     gc = subprocess.run([nsbuild_command(), "gc"], env=env, stdin=subprocess.DEVNULL,
                         capture_output=True, text=True)  # fmt: skip
     if gc.returncode != 0:
