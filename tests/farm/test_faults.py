@@ -128,3 +128,26 @@ def test_starting_builds_needs_the_web_password(farm: Farm, tmp_path: Path) -> N
                          env={**elsewhere, "NSBUILD_FARM_PASSWORD": password})  # fmt: skip
     assert right.returncode == 0, right.stderr
     assert table_rows(right.stdout)["hello"][2] == "built"
+
+
+def test_a_master_stopped_during_a_build_builds_it_again_once_back(
+    farm: Farm, tmp_path: Path
+) -> None:
+    tree = make_package(tmp_path, "nsb-farm-restart", build="sleep 30")
+    sub = farm.nsbuild("farm", "submit", str(dsc_of(tree)))
+    assert sub.returncode == 0, sub.stderr
+    request = _request_id(sub.stderr)
+    wait_for(lambda: _building_the_package(farm, request), "the package building on a worker")
+    stop = farm.nsbuild("farm", "stop", str(farm.master))
+    assert stop.returncode == 0, stop.stderr
+    start = farm.nsbuild("farm", "master", str(farm.master))
+    assert start.returncode == 0, start.stderr
+
+    def complete() -> bool:
+        found = farm.get(f"buildrequests/{request}?field=complete")
+        assert isinstance(found, dict)
+        return bool(found["buildrequests"][0]["complete"])
+
+    wait_for(complete, "the build request to complete after the restart", timeout=900)
+    # The interrupted build is Buildbot's RETRY, not a failure; the request ran again.
+    assert [b["results"] for b in _builds(farm, request)] == [RETRY, SUCCESS]
