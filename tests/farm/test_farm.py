@@ -144,9 +144,11 @@ def test_the_farm_builds_the_same_deb_as_a_local_build(
         assert _sha256(out / name) == _sha256(tmp_path / name), name
 
 
-def test_a_package_from_the_archive(farm: Farm, tmp_path: Path) -> None:
-    proc = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "hello=2.10-3", "--wait",
-                        "--out", str(tmp_path))  # fmt: skip
+def test_a_list_of_packages_from_the_archive(farm: Farm, tmp_path: Path) -> None:
+    listing = tmp_path / "rebuild.list"
+    listing.write_text("# what to rebuild\nhello=2.10-3  # GNU hello\n\n")
+    proc = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "--list", str(listing),
+                        "--wait", "--out", str(tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert table_rows(proc.stdout)["hello"][:1] == ["2.10-3"]
     assert table_rows(proc.stdout)["hello"][2] == "built"
@@ -175,3 +177,10 @@ def test_bad_input_is_one_line_and_exit_2(farm: Farm, tmp_path: Path) -> None:
     archive = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "hello;rm")
     assert archive.returncode == 2
     assert "hello;rm" in archive.stderr
+    listing = tmp_path / "bad.list"
+    listing.write_text("hello\nhello world\n")
+    bad = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "--list", str(listing))
+    assert bad.returncode == 2
+    assert f"{listing}:2: not a package name[=version]: 'hello world'" in bad.stderr
+    # Nothing was submitted: the list is read whole first.
+    assert farm.nsbuild("farm", "status").stdout.strip() == "no builds queued or running"

@@ -61,9 +61,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "files (sent through the master's folder: a master on this "
                          "machine), or with --from-archive packages fetched by apt-get "
                          "source on the worker.")
-    p.add_argument("packages", nargs="+", metavar="PKG.dsc | PKG[=VER]")
+    p.add_argument("packages", nargs="*", metavar="PKG.dsc | PKG[=VER]")
     p.add_argument("--from-archive", metavar="SUITE",
                    help="PKG[=VER] from the archive of environment SUITE")
+    p.add_argument("--list", type=Path, metavar="FILE",
+                   help="with --from-archive: more PKG[=VER], one a line (# comments)")
     p.add_argument("--env", help="the environment to build in (default: the only builder's)")
     p.add_argument("--arch", help="the architecture to build on")
     p.add_argument("--wait", action="store_true",
@@ -147,11 +149,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from nsbuild.farm import submit
 
+    packages = list(args.packages)
+    if args.list is not None:
+        if not args.from_archive:
+            raise ValueError("submit: --list is for --from-archive")
+        packages += submit.read_list(args.list)
+    if not packages:
+        raise ValueError("submit: nothing to build (PKG.dsc..., or --from-archive SUITE PKG...)")
     rest, master_dir = submit.master_for(args.master)
     env = args.env or args.from_archive
     builder = submit.choose_builder(rest, env, args.arch)
-    dscs = [] if args.from_archive else [Path(p).absolute() for p in args.packages]
-    sources = list(args.packages) if args.from_archive else []
+    dscs = [] if args.from_archive else [Path(p).absolute() for p in packages]
+    sources = packages if args.from_archive else []
     jobs = submit.submit(rest, builder, master_dir, dscs, sources)
     for job in jobs:
         print(f"nsbuild farm: {job.label}: request {job.request} on {job.builder}",

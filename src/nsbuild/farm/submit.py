@@ -71,6 +71,31 @@ def stage_dsc(master_dir: Path, dsc: Path) -> str:
     return f"{SOURCES_DIR}/{folder.name}/{dsc.name}"
 
 
+LIST_LIMIT = 1 << 20
+
+
+def read_list(path: Path) -> list[str]:
+    """The PKG[=VER] lines of a rebuild list, checked; # starts a comment."""
+    from nsbuild.userfile import read_small
+
+    found = []
+    try:
+        text = read_small(path, LIST_LIMIT).decode(errors="replace")
+    except OSError as e:
+        raise FarmError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise FarmError(f"{path}: {e}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        spec = line.split("#", 1)[0].strip()
+        if spec:
+            try:
+                split_source(spec)
+            except ValueError as e:
+                raise FarmError(f"{path}:{number}: {e}") from None
+            found.append(spec)
+    return found
+
+
 def submit(rest: Rest, builder: str, master_dir: Path | None, dscs: list[Path],
            sources: list[str]) -> list[Submitted]:  # fmt: skip
     out = []
