@@ -174,6 +174,15 @@ def test_bad_input_is_one_line_and_exit_2(farm: Farm, tmp_path: Path) -> None:
     assert name.returncode == 2
     assert "bad worker name" in name.stderr
     assert not (tmp_path / "w").exists()
+    (tmp_path / "empty").write_text("")
+    no_range = {**farm.vars, "NSBUILD_SUBUID_FILE": str(tmp_path / "empty"),
+                "NSBUILD_SUBGID_FILE": str(tmp_path / "empty")}  # fmt: skip
+    ranges = farm.nsbuild("farm", "worker", str(tmp_path / "w"), "--master",
+                          f"127.0.0.1:{farm.pb_port}", "--name", "w3", env=no_range)  # fmt: skip
+    assert ranges.returncode == 2
+    assert "a worker's builds need a subordinate id range" in ranges.stderr
+    assert "usermod --add-subuids" in ranges.stderr
+    assert not (tmp_path / "w").exists()
     archive = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "hello;rm")
     assert archive.returncode == 2
     assert "hello;rm" in archive.stderr

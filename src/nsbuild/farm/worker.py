@@ -82,6 +82,12 @@ def create(folder: Path, master_spec: str, name: str) -> WorkerSetup:
     folder = folder.absolute()
     settings.check_worker_name(name)
     split_master(master_spec)
+    from nsbuild.sandbox.idmap import caller_idmap
+
+    lacking = caller_idmap().warning
+    if lacking:
+        # Every build installs packages as apt's _apt and builds as a user of its own.
+        raise FarmError(f"a worker's builds need a subordinate id range: {lacking}")
     record = folder / settings.WORKER_FILE
     env = master.clean_environment()
     envs = tuple(environments(env))
