@@ -146,10 +146,13 @@ def test_the_farm_builds_the_same_deb_as_a_local_build(
 
 def test_a_list_of_packages_from_the_archive(farm: Farm, tmp_path: Path) -> None:
     listing = tmp_path / "rebuild.list"
-    listing.write_text("# what to rebuild\nhello=2.10-3  # GNU hello\n\n")
+    listing.write_text("# what to rebuild\nhello=2.10-3  # GNU hello\nnsbuild-no-such-source\n")
     proc = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "--list", str(listing),
                         "--wait", "--out", str(tmp_path))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    # Not every package built.
+    assert proc.returncode == 1, proc.stderr
+    # No source, so no package name: the row is named as it was asked.
+    assert table_rows(proc.stdout)["nsbuild-no-such-source"][2] == "failed"
     assert table_rows(proc.stdout)["hello"][:1] == ["2.10-3"]
     assert table_rows(proc.stdout)["hello"][2] == "built"
     assert (tmp_path / "hello_2.10-3_amd64.deb").is_file()

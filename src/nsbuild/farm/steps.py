@@ -89,7 +89,8 @@ class FetchSource(buildstep.BuildStep):
         except ValueError as e:
             yield self.addCompleteLog("error", f"{e}\n")
             return EXCEPTION
-        self.build.addStepsAfterCurrentStep([FetchFromArchive(self.nsbuild_env, source)])
+        self.build.addStepsAfterCurrentStep([FetchFromArchive(self.nsbuild_env, source,
+                                                              haltOnFailure=True)])
         self.descriptionDone = [f"{source} from the archive"]
         return SUCCESS
 
@@ -107,7 +108,8 @@ class FetchSource(buildstep.BuildStep):
             return str(e)
         return [
             FileDownload(mastersrc=str(path.parent / n), workerdest=f"{SRC}/{n}",
-                         maxsize=MAX_FILE, mode=0o644, name=f"download {n}")
+                         maxsize=MAX_FILE, mode=0o644, name=f"download {n}",
+                         haltOnFailure=True)
             for n in names
         ]  # fmt: skip
 
@@ -131,6 +133,7 @@ class FetchFromArchive(buildstep.ShellMixin, buildstep.BuildStep):
         cmd = yield self.makeRemoteShellCommand(command=argv, collectStdout=True)
         yield self.runCommand(cmd)
         if cmd.didFail():
+            self.descriptionDone = [f"apt-get source {self.source} failed"]
             return FAILURE
         # The last line names the .dsc; a name that is not a plain one is not used.
         name = outcome.plain_name(cmd.stdout[-300:].strip().rsplit("\n", 1)[-1])

@@ -157,8 +157,10 @@ def status_of(job: Submitted) -> str:
         return f"dep-wait: {', '.join(str(u) for u in unmet)}"
     if isinstance(said, str) and said:
         return said
+    # Ended before nsbuild said anything (the source could not be fetched):
+    # Buildbot's result, in buildd's words where it has them.
     results = (job.build or {}).get("results")
-    names = ["success", "warnings", "failure", "skipped", "exception", "retry", "cancelled"]
+    names = ["built", "warnings", "failed", "skipped", "error", "retry", "cancelled"]
     return names[results] if isinstance(results, int) and 0 <= results < len(names) else "?"
 
 
