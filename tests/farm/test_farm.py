@@ -186,6 +186,9 @@ def test_bad_input_is_one_line_and_exit_2(farm: Farm, tmp_path: Path) -> None:
     assert "a worker's builds need a subordinate id range" in ranges.stderr
     assert "usermod --add-subuids" in ranges.stderr
     assert not (tmp_path / "w").exists()
+    ports = farm.nsbuild("farm", "master", str(farm.master), "--port-www", "1")
+    assert ports.returncode == 2
+    assert "to change them, make another" in ports.stderr
     archive = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "hello;rm")
     assert archive.returncode == 2
     assert "hello;rm" in archive.stderr

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+WWW_PORT, PB_PORT, INTERFACE = 8010, 9989, "127.0.0.1"
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     farm = sub.add_parser("farm", help="a Buildbot build farm: master, workers, submitting")
@@ -19,12 +21,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "start it: a sqlite database, a builder per environment and "
                          "architecture of its workers, a force scheduler, the web UI.")
     p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("--port-www", type=int, default=8010, metavar="N",
-                   help="the web UI's and REST port (default: 8010)")
-    p.add_argument("--port-pb", type=int, default=9989, metavar="N",
-                   help="the port workers connect to (default: 9989)")
-    p.add_argument("--interface", default="127.0.0.1",
-                   help="the address both listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port-www", type=int, metavar="N",
+                   help=f"the web UI's and REST port (default: {WWW_PORT})")
+    p.add_argument("--port-pb", type=int, metavar="N",
+                   help=f"the port workers connect to (default: {PB_PORT}, Buildbot's)")
+    p.add_argument("--interface",
+                   help=f"the address both listen on (default: {INTERFACE}, this machine only)")
     p.add_argument("--no-start", action="store_true", help="only write it")
     p.set_defaults(func=cmd_master)
 
@@ -85,10 +87,20 @@ def cmd_master(args: argparse.Namespace) -> int:
     from nsbuild.farm import master, settings
 
     for port in (args.port_www, args.port_pb):
-        if not 0 < port < 65536:
+        if port is not None and not 0 < port < 65536:
             raise ValueError(f"bad port {port}")
     folder = args.dir.absolute()
-    made = master.create(folder, args.port_www, args.port_pb, args.interface)
+    given = (args.port_www, args.port_pb, args.interface)
+    if master.is_master(folder):
+        have = settings.master_settings(folder)
+        if any(g is not None and g != h
+               for g, h in zip(given, (have.www_port, have.pb_port, have.interface),
+                               strict=True)):  # fmt: skip
+            raise ValueError(f"the master in {folder} listens on {have.interface}, ports "
+                             f"{have.www_port} and {have.pb_port} (its "
+                             f"{settings.MASTER_FILE}); to change them, make another")
+    made = master.create(folder, args.port_www or WWW_PORT, args.port_pb or PB_PORT,
+                         args.interface or INTERFACE)  # fmt: skip
     settings.note_local_master(folder)
     s = settings.master_settings(folder)
     print(f"nsbuild farm: master {'made' if made else 'found'} in {folder}", file=sys.stderr)
