@@ -15,6 +15,7 @@ from pathlib import Path
 from nsbuild.farm import settings
 from nsbuild.farm.errors import FarmError
 from nsbuild.printable import printable
+from nsbuild.userfile import read_small
 
 MASTER_CFG = """\
 # Written by `nsbuild farm master`. The farm's settings are in {settings},
@@ -77,24 +78,69 @@ def create(master_dir: Path, www_port: int, pb_port: int, interface: str) -> boo
         return False
     if master_dir.exists() and any(master_dir.iterdir()):
         raise FarmError(f"{master_dir} exists and is not an nsbuild farm master")
+    master_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Its files hold the web password and the workers' (and Python).
+    master_dir.chmod(0o700)
+    settings.check_private(master_dir)
     run_tool([tool("buildbot"), "create-master", "--quiet", "-r", str(master_dir)])
     (master_dir / "master.cfg.sample").unlink(missing_ok=True)
     s = settings.MasterSettings(www_port, pb_port, interface, secrets.token_urlsafe(24))
     settings.write_json(master_dir / settings.MASTER_FILE, s.to_json())
     settings.write_json(master_dir / settings.WORKERS_FILE, {})
-    (master_dir / "master.cfg").write_text(
-        MASTER_CFG.format(settings=settings.MASTER_FILE, workers=settings.WORKERS_FILE))
+    settings.write_text(master_dir / "master.cfg",
+                        MASTER_CFG.format(settings=settings.MASTER_FILE,
+                                          workers=settings.WORKERS_FILE))  # fmt: skip
     return True
+
+
+# What Buildbot runs or reads in a master's and a worker's folder.
+MASTER_FILES = ("master.cfg", "buildbot.tac", settings.MASTER_FILE, settings.WORKERS_FILE,
+                "twistd.pid")  # fmt: skip
+WORKER_FILES = ("buildbot.tac", settings.WORKER_FILE, "twistd.pid")
+
+
+def _is_daemon_of(pid: int, folder: Path) -> bool:
+    """True if `pid` is the caller's twistd working in `folder` (Buildbot's
+    start runs it there): a pid file outlives its daemon, and its number may
+    since name anything."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read(1 << 16)
+    except OSError:
+        return False
+    return cwd == str(folder.resolve()) and b"twistd" in cmdline
+
+
+def recorded_pid(folder: Path) -> int | None:
+    """The live process twistd.pid names, whatever it is."""
+    path = folder / "twistd.pid"
+    if not os.path.lexists(path):
+        return None
+    settings.check_private(path)
+    try:
+        pid = int(read_small(path, 64).decode().strip())
+        os.kill(pid, 0)
+    except PermissionError:
+        return pid  # alive, someone else's
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 else None
 
 
 def pid_of(folder: Path) -> int | None:
     """The daemon of a master's or worker's folder, if it runs."""
-    try:
-        pid = int((folder / "twistd.pid").read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
+    pid = recorded_pid(folder)
+    return pid if pid is not None and _is_daemon_of(pid, folder) else None
+
+
+def drop_stale_pid(folder: Path) -> None:
+    """Remove a twistd.pid whose process is not the folder's daemon (twistd
+    would refuse to start while its number is alive)."""
+    if recorded_pid(folder) is not None and pid_of(folder) is None:
+        (folder / "twistd.pid").unlink(missing_ok=True)
 
 
 def start(master_dir: Path) -> settings.MasterSettings:
@@ -102,8 +148,10 @@ def start(master_dir: Path) -> settings.MasterSettings:
     interface answers; a start that fails is tried once more."""
     from nsbuild.farm.rest import Rest
 
+    settings.check_folder(master_dir, *MASTER_FILES)
     s = settings.master_settings(master_dir)
     if pid_of(master_dir) is None:
+        drop_stale_pid(master_dir)
         run_tool([tool("buildbot"), "checkconfig", str(master_dir)],
                  what="the master's configuration")
         for attempt in (1, 2):
@@ -117,7 +165,7 @@ def start(master_dir: Path) -> settings.MasterSettings:
                     raise
     rest = Rest(s.url)  # anonymous: reading needs no login
     deadline = time.monotonic() + START_WAIT
-    while not rest.answers():
+    while not (serves(master_dir, s) and rest.answers()):
         if time.monotonic() > deadline or pid_of(master_dir) is None:
             raise FarmError(f"the master in {master_dir} does not answer on {s.url}; "
                             f"see {master_dir / 'twistd.log'}")
@@ -125,21 +173,41 @@ def start(master_dir: Path) -> settings.MasterSettings:
     return s
 
 
+def serves(master_dir: Path, s: settings.MasterSettings) -> bool:
+    """True if the master's own daemon holds its web port; FarmError if
+    another user holds either port (anything may answer on a port)."""
+    from nsbuild.farm import listeners
+
+    pid = pid_of(master_dir)
+    # The worker port is listened on once a worker is registered.
+    listeners.check_ours(s.pb_port, "the master's worker port")
+    return pid is not None and pid in listeners.holders(s.www_port)
+
+
 def reconfig(master_dir: Path) -> None:
     """Make a running master read its configuration (and workers) again."""
+    settings.check_folder(master_dir, *MASTER_FILES)
     if pid_of(master_dir) is not None:
         run_tool([tool("buildbot"), "reconfig", str(master_dir)], what="reconfiguring the master")
 
 
 def stop(folder: Path) -> bool:
     """Stop the master or worker in `folder`; False if it was not running."""
+    settings.check_private(folder)
     if is_master(folder):
-        command = tool("buildbot")
+        command, what = tool("buildbot"), "master"
+        settings.check_folder(folder, *MASTER_FILES)
     elif (folder / settings.WORKER_FILE).is_file():
-        command = tool("buildbot-worker")
+        command, what = tool("buildbot-worker"), "worker"
+        settings.check_folder(folder, *WORKER_FILES)
     else:
         raise FarmError(f"{folder} is neither a farm master nor a farm worker")
-    if pid_of(folder) is None:
+    recorded = recorded_pid(folder)
+    if recorded is None:
         return False
+    if pid_of(folder) is None:
+        # Buildbot's stop signals whatever the pid file names.
+        raise FarmError(f"{folder / 'twistd.pid'} names process {recorded}, which is not "
+                        f"the {what} of {folder}: not signalling it (remove the stale file)")
     run_tool([command, "stop", str(folder)])
     return True

@@ -36,6 +36,7 @@ class Rest:
         """Log in, for the session cookie every later request carries."""
         if self.logged_in or not self.password:
             return
+        self.check_listener()
         token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
         req = urllib.request.Request(f"{self.url}auth/login",
                                      headers={"Authorization": f"Basic {token}"})  # fmt: skip
@@ -47,6 +48,20 @@ class Rest:
         except (OSError, urllib.error.URLError) as e:
             raise FarmError(f"the master at {self.url} cannot be reached: {e}") from None
         self.logged_in = True
+
+    def check_listener(self) -> None:
+        """On this machine, the master's web port must be held by the
+        caller: any local user may bind it while the master is down."""
+        from nsbuild.farm import listeners
+
+        parts = urllib.parse.urlsplit(self.url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise FarmError(f"not a master's URL: {self.url!r}") from None
+        if parts.hostname and listeners.resolve_local(parts.hostname):
+            if not listeners.check_ours(port, f"the master at {self.url}"):
+                raise FarmError(f"nothing listens on {self.url}: is the master running?")
 
     def _open(self, req: urllib.request.Request, timeout: float = TIMEOUT) -> Any:
         try:
@@ -62,7 +77,7 @@ class Rest:
             raise FarmError(f"the master at {self.url} answered more than {ANSWER_LIMIT} bytes")
         try:
             return json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise FarmError(f"the master at {self.url} answered something not JSON") from None
 
     def get(self, path: str, **params: Any) -> Any:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nsbuild.farm.errors import FarmError
+from nsbuild.printable import printable
+from nsbuild.userfile import read_small
 
 MASTER_FILE = "nsbuild-master.json"  # in a master's folder: ports, web password (0600)
 WORKERS_FILE = "workers.json"  # in a master's folder: name -> password, environments
@@ -27,26 +30,55 @@ WORKER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,49}")
 ENV_PAIR = re.compile(r"([A-Za-z0-9][A-Za-z0-9._+~-]{0,63})/([a-z0-9][a-z0-9-]{0,31})")
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file nsbuild wrote; FarmError naming it if it cannot be read."""
+def check_private(path: Path) -> None:
+    """FarmError unless `path` is the caller's, writable by no one else and
+    not a symbolic link: the farm's folders hold Python (master.cfg,
+    buildbot.tac) that Buildbot runs as the caller, and passwords."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(LIMIT + 1)
-        if len(data) > LIMIT:
-            raise FarmError(f"{path}: larger than {LIMIT} bytes")
+        st = path.lstat()
+    except OSError as e:
+        raise FarmError(f"cannot read {path}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise FarmError(f"{path} is a symbolic link: name the farm's folder itself")
+    if st.st_uid != os.getuid():
+        raise FarmError(f"{path} belongs to uid {st.st_uid}, not to you")
+    if st.st_mode & 0o022:
+        raise FarmError(f"{path} is group- or world-writable: chmod go-w it")
+
+
+def check_folder(folder: Path, *names: str) -> Path:
+    """`folder` and those of its files `names` that exist, checked private."""
+    check_private(folder)
+    for name in names:
+        if os.path.lexists(folder / name):
+            check_private(folder / name)
+    return folder
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file nsbuild wrote (checked private); FarmError naming it if
+    it cannot be read."""
+    check_private(path)
+    try:
+        data = read_small(path, LIMIT)
         return json.loads(data)
-    except (OSError, ValueError) as e:
-        raise FarmError(f"cannot read {path}: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise FarmError(f"cannot read {path}: {printable(str(e), 200)}") from None
 
 
 def write_json(path: Path, doc: object, mode: int = 0o600) -> None:
     """Write `doc` to `path` whole: a reader sees the old file or the new one."""
+    write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n", mode)
+
+
+def write_text(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write `text` to `path` whole, created with `mode` (never wider first)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a stale one of a crashed writer with this pid
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -73,7 +105,7 @@ class MasterSettings:
 
 
 def master_settings(master_dir: Path) -> MasterSettings:
-    doc = read_json(master_dir / MASTER_FILE)
+    doc = read_json(check_folder(master_dir) / MASTER_FILE)
     try:
         return MasterSettings(int(doc["www_port"]), int(doc["pb_port"]), str(doc["interface"]),
                               str(doc["password"]))  # fmt: skip

@@ -77,6 +77,19 @@ class WorkerSetup:
                 "envs": list(self.envs)}  # fmt: skip
 
 
+# The password create-worker is given; never one a master accepts.
+PLACEHOLDER = "nsbuild-placeholder-replaced-at-once"
+
+
+def set_password(tac: Path, password: str) -> None:
+    """Put the worker's password in its buildbot.tac (Python, 0600), whole."""
+    text = tac.read_text()
+    line = f"passwd = {PLACEHOLDER!r}\n"
+    if text.count(line) != 1:
+        raise FarmError(f"{tac}: not the buildbot.tac create-worker writes")
+    settings.write_text(tac, text.replace(line, f"passwd = {password!r}\n"))
+
+
 def create(folder: Path, master_spec: str, name: str) -> WorkerSetup:
     """Make the worker (or read the one there) and note its environments."""
     folder = folder.absolute()
@@ -95,6 +108,7 @@ def create(folder: Path, master_spec: str, name: str) -> WorkerSetup:
         raise FarmError("no environment to build in: create one first "
                         "(nsbuild env create bookworm --suite bookworm)")
     if record.is_file():
+        settings.check_folder(folder, *master.WORKER_FILES)
         old = settings.read_json(record)
         if old.get("name") != name or old.get("master") != master_spec:
             raise FarmError(f"{folder} is the worker {old.get('name')!r} of "
@@ -103,12 +117,14 @@ def create(folder: Path, master_spec: str, name: str) -> WorkerSetup:
     else:
         if folder.exists() and any(folder.iterdir()):
             raise FarmError(f"{folder} exists and is not an nsbuild farm worker")
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         password = secrets.token_urlsafe(24)
+        # A command line is readable by every local user (/proc/PID/cmdline):
+        # the worker is made with a placeholder, its .tac then rewritten.
         master.run_tool([master.tool("buildbot-worker"), "create-worker", "--quiet",
                          "--umask=0o22", "--maxdelay=10", str(folder), master_spec, name,
-                         password], env=env)  # fmt: skip
-        # It holds the password.
-        os.chmod(folder / "buildbot.tac", 0o600)
+                         PLACEHOLDER], env=env)  # fmt: skip
+        set_password(folder / "buildbot.tac", password)
     setup = WorkerSetup(folder, name, master_spec, password, envs)
     info = folder / "info"
     info.mkdir(exist_ok=True)
@@ -126,10 +142,17 @@ def register_locally(setup: WorkerSetup, master_dir: Path) -> None:
     master.reconfig(master_dir)
 
 
+REGISTER_FILE = "register-on-master"  # in a worker's folder, 0600
+
+
 def register_line(setup: WorkerSetup) -> str:
-    """What to run on the master's machine, for a master elsewhere."""
-    return (f"echo {setup.password} | nsbuild farm add-worker MASTER-DIR {setup.name} "
-            + " ".join(setup.envs))
+    """What to run on the master's machine, for a master elsewhere: the
+    password stays in a file of the user's alone (a terminal, a CI log or a
+    shell history would keep it), which the command reads."""
+    path = setup.folder / REGISTER_FILE
+    settings.write_text(path, setup.password + "\n")
+    return (f"nsbuild farm add-worker MASTER-DIR {setup.name} {' '.join(setup.envs)} "
+            f"< {path}")
 
 
 def orphans(folder: Path) -> list[int]:
@@ -171,8 +194,18 @@ def end_orphans(folder: Path) -> None:
 def start(folder: Path) -> None:
     """End a predecessor's orphaned builds, `nsbuild gc`, then the worker,
     all with the clean environment."""
+    from nsbuild.farm import listeners
+
+    settings.check_folder(folder, *master.WORKER_FILES)
+    record = settings.read_json(folder / settings.WORKER_FILE)
+    host, port = split_master(str(record.get("master", "")) if isinstance(record, dict) else "")
+    if listeners.resolve_local(host):
+        # A PB login proves the worker to the master, not the master to the
+        # worker: on this machine, what holds the port must be the user's.
+        listeners.check_ours(port, "the master's worker port")
     env = master.clean_environment()
     if master.pid_of(folder) is None:
+        master.drop_stale_pid(folder)
         end_orphans(folder)
     gc = subprocess.run([nsbuild_command(), "gc"], env=env, stdin=subprocess.DEVNULL,
                         capture_output=True, text=True)  # fmt: skip

@@ -1,0 +1,164 @@
+"""Local trust of the farm, without a running farm: the worker's password
+kept off command lines and terminals, listeners on the master's ports proved
+ours before a password goes to them, farm folders and pid files checked
+before anything in them runs or is signalled. Real commands and sockets."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from inputs import tarball
+
+from nsbuild.farm import listeners, master, settings, worker
+from nsbuild.farm.errors import FarmError
+from nsbuild.farm.rest import Rest
+
+# Every command this process starts, as audit events see it: what
+# /proc/PID/cmdline shows every local user.
+ARGVS: list[str] = []
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event in ("subprocess.Popen", "os.exec", "os.posix_spawn"):
+        ARGVS.append(repr(args))
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user's nsbuild config with the bookworm test environment."""
+    chroot_d = tmp_path / "config" / "nsbuild" / "chroot.d"
+    chroot_d.mkdir(parents=True)
+    (chroot_d / "bookworm").write_text(
+        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
+        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
+    )
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "config"
+
+
+def test_the_worker_password_is_on_no_command_line_and_never_printed(
+    config: Path, tmp_path: Path
+) -> None:
+    ARGVS.clear()
+    setup = worker.create(tmp_path / "w1", "127.0.0.1:9989", "w1")
+    assert len(setup.password) >= 16
+    assert not [a for a in ARGVS if setup.password in a]
+    tac = setup.folder / "buildbot.tac"
+    assert f"passwd = {setup.password!r}\n" in tac.read_text()
+    assert tac.stat().st_mode & 0o777 == 0o600
+    # For a master elsewhere: a file of the user's alone, named, not shown.
+    line = worker.register_line(setup)
+    assert setup.password not in line
+    saved = Path(line.split()[-1])
+    assert setup.password in saved.read_text()
+    assert saved.stat().st_mode & 0o777 == 0o600
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """Whatever squats on a master's port: JSON to every request."""
+
+    seen: list[str] = []
+
+    def do_GET(self) -> None:
+        _Answer.seen.append(self.headers.get("Authorization") or "")
+        body = b'{"masters": [{"name": "x"}], "meta": {}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def squatter() -> Iterator[int]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _root_listener() -> int | None:
+    """A loopback-reachable TCP port another user (root) listens on, if any."""
+    for found in listeners.listening():
+        if found.uid != os.getuid() and found.host in ("0.0.0.0", "127.0.0.1"):
+            return found.port
+    return None
+
+
+def test_the_web_password_goes_only_to_a_listener_of_ours(squatter: int) -> None:
+    port = _root_listener()
+    if port is None:
+        pytest.skip("no port of another user's listens here")
+    with pytest.raises(FarmError, match="not yours"):
+        Rest(f"http://127.0.0.1:{port}/", "nsbuild", "secret-secret-secret").login()
+    # Ours (this process's) passes.
+    assert [x.uid for x in listeners.listening() if x.port == squatter] == [os.getuid()]
+
+
+def _master(tmp_path: Path, www: int) -> Path:
+    folder = tmp_path / "m"
+    assert master.create(folder, www, 1, "127.0.0.1")
+    return folder
+
+
+def test_a_squatter_on_the_web_port_is_not_a_started_master(tmp_path: Path,
+                                                             squatter: int) -> None:  # fmt: skip
+    folder = _master(tmp_path, squatter)
+    # A pid file naming a live process that is not the folder's twistd.
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (folder / "twistd.pid").write_text(f"{sleeper.pid}\n")
+        # `farm stop` signals only the folder's own daemon.
+        with pytest.raises(FarmError, match="not the master"):
+            master.stop(folder)
+        assert sleeper.poll() is None
+        # The stale pid file is dropped, and whatever answers on the web
+        # port is not taken for the master started.
+        with pytest.raises(FarmError):
+            master.start(folder)
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_master_folder_is_private(tmp_path: Path) -> None:
+    folder = _master(tmp_path, 1)
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("what", ["folder-mode", "cfg-mode", "symlink"])
+def test_a_farm_folder_others_could_change_is_refused(tmp_path: Path, what: str) -> None:
+    folder = _master(tmp_path, 1)
+    target = folder
+    if what == "folder-mode":
+        folder.chmod(0o777)
+    elif what == "cfg-mode":
+        (folder / "master.cfg").chmod(0o666)
+    else:
+        target = tmp_path / "link"
+        target.symlink_to(folder)
+    for act in (master.start, master.stop, master.reconfig):
+        with pytest.raises(FarmError, match=r"writable|symbolic"):
+            act(target)
+    if what != "cfg-mode":
+        with pytest.raises(FarmError, match=r"writable|symbolic"):
+            settings.master_settings(target)
