@@ -41,7 +41,7 @@ def test_only_plain_names_of_absolute_paths_are_taken() -> None:
         "log": "/w/out/hello_2.10-3_amd64.build",
         "network_log": "relative/x.jsonl",
         "artifacts": [
-            {"path": "/w/out/hello_2.10-3_amd64.deb"},
+            {"path": "/w/out/hello_2.10-3_amd64.deb", "size": 10},
             {"path": "/w/out/.."},
             {"path": "/w/out/a\nb.deb"},
             {"path": "/w/out/.hidden"},
@@ -50,7 +50,7 @@ def test_only_plain_names_of_absolute_paths_are_taken() -> None:
             "not a dict",
         ],
     }
-    assert outcome.files(summary) == {
+    assert {k: v.path for k, v in outcome.files(summary).items()} == {
         "hello_2.10-3_amd64.build": "/w/out/hello_2.10-3_amd64.build",
         "hello_2.10-3_amd64.deb": "/w/out/hello_2.10-3_amd64.deb",
     }
@@ -75,3 +75,44 @@ def test_archive_sources(spec: str) -> None:
 def test_not_archive_sources(spec: str) -> None:
     with pytest.raises(ValueError):
         outcome.split_source(spec)
+
+
+DEEP = ["[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000]
+
+
+@pytest.mark.parametrize("data", DEEP)
+def test_a_deeply_nested_summary_is_empty_not_a_traceback(data: str) -> None:
+    assert outcome.read_summary(data) == {}
+
+
+def _artifact(name: str, size: object = 10) -> dict[str, object]:
+    return {"path": f"/w/out/{name}", "size": size, "sha256": "0" * 64}
+
+
+def test_uploads_are_bounded_in_count_and_bytes() -> None:
+    many = {"artifacts": [_artifact(f"p_{i}_all.deb") for i in range(outcome.FILES_LIMIT * 2)]}
+    with pytest.raises(ValueError, match="files"):
+        outcome.files(many)
+    big = {"artifacts": [_artifact(f"p_{i}_all.deb", outcome.MAX_FILE) for i in range(10)]}
+    with pytest.raises(ValueError, match="bytes"):
+        outcome.files(big)
+    # Each upload is allowed the size the summary claims, and no more.
+    got = outcome.files({"artifacts": [_artifact("a_1_all.deb", 1234),
+                                       _artifact("b_1_all.deb", "x")],
+                         "log": "/w/out/a_1_amd64.build"})  # fmt: skip
+    assert got["a_1_all.deb"].maxsize == 1234
+    assert got["a_1_all.deb"].sha256 == "0" * 64
+    assert "b_1_all.deb" not in got
+    assert got["a_1_amd64.build"].maxsize == outcome.LOG_FILE_MAX
+
+
+def test_a_worker_cannot_name_the_masters_own_summary() -> None:
+    assert outcome.files({"artifacts": [_artifact("summary.json")]}) == {}
+
+
+def test_a_stream_is_kept_up_to_its_limit_and_said_cut_once() -> None:
+    kept = outcome.Budget(10)
+    assert kept.take("12345") == "12345"
+    assert kept.take("67890abc") == "67890" + outcome.Budget.NOTE.format(limit=10)
+    assert kept.take("more") == ""
+    assert kept.cut

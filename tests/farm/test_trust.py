@@ -162,3 +162,24 @@ def test_a_farm_folder_others_could_change_is_refused(tmp_path: Path, what: str)
     if what != "cfg-mode":
         with pytest.raises(FarmError, match=r"writable|symbolic"):
             settings.master_settings(target)
+
+
+class _Deep(_Answer):
+    def do_GET(self) -> None:
+        body = b"[" * 100_000 + b"]" * 100_000
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_deeply_nested_answer_is_one_line_not_a_traceback() -> None:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Deep)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(FarmError, match="not JSON"):
+            Rest(f"http://127.0.0.1:{server.server_address[1]}/").get("masters")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from nsbuild.cli.exits import BUILD_FAILED, INTERRUPTED, SETUP_FAILED, UNSATISFIABLE, USAGE
@@ -60,7 +61,7 @@ def read_summary(data: str) -> dict[str, Any]:
         return {}
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting exhausts the parser's stack
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -81,20 +82,74 @@ def unmet(summary: dict[str, Any]) -> list[str]:
     return [item[:UNMET_LENGTH] for item in found[:UNMET_COUNT] if isinstance(item, str) and item]
 
 
-def files(summary: dict[str, Any]) -> dict[str, str]:
-    """Plain name -> worker path of every file the build reports: its
-    artifacts, its .build log and its network log."""
-    paths: list[object] = [summary.get("log"), summary.get("network_log")]
+# The largest file a worker may upload or download (a big package's -dbgsym
+# .deb is a few hundred MiB); a build's uploads all together; how many.
+MAX_FILE = 4 << 30
+MAX_TOTAL = 16 << 30
+FILES_LIMIT = 500
+# The .build and network logs have no size in the summary: this much each.
+LOG_FILE_MAX = 256 << 20
+# Names the master writes in a build's results folder itself.
+RESERVED = frozenset({"summary.json"})
+
+
+@dataclass(frozen=True)
+class Upload:
+    path: str  # on the worker
+    maxsize: int  # what the summary claims (artifacts), or LOG_FILE_MAX
+    sha256: str | None  # what the summary claims, checked after the upload
+
+
+def _sha256(value: object) -> str | None:
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
+def files(summary: dict[str, Any]) -> dict[str, Upload]:
+    """Plain name -> upload of every file the build reports: its artifacts
+    (each allowed the size the summary claims, no more), its .build log and
+    its network log. ValueError if it names more files or bytes than a
+    master takes from one build."""
+    found: list[tuple[object, int, str | None]] = [
+        (summary.get(k), LOG_FILE_MAX, None) for k in ("log", "network_log")]
     artifacts = summary.get("artifacts")
     if isinstance(artifacts, list):
-        paths += [a.get("path") for a in artifacts if isinstance(a, dict)]
-    out: dict[str, str] = {}
-    for path in paths:
+        if len(artifacts) > FILES_LIMIT:
+            raise ValueError(f"the summary names more than {FILES_LIMIT} files")
+        for a in artifacts:
+            size = a.get("size") if isinstance(a, dict) else None
+            if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_FILE:
+                found.append((a.get("path"), size, _sha256(a.get("sha256"))))
+    out: dict[str, Upload] = {}
+    for path, size, sha256 in found:
         if isinstance(path, str) and path.startswith("/") and len(path) < 4096:
             name = plain_name(path.rsplit("/", 1)[1])
-            if name:
-                out[name] = path
+            if name and name not in RESERVED:
+                out[name] = Upload(path, size, sha256)
+    if sum(u.maxsize for u in out.values()) > MAX_TOTAL:
+        raise ValueError(f"the summary's files are more than {MAX_TOTAL} bytes")
     return out
+
+
+class Budget:
+    """A stream the master keeps (a build's output in its database, a
+    worker's stdout in memory): the first `limit` characters, then a note
+    once, then nothing. Buildbot 4 accepts logMaxSize but no longer applies
+    it, and a build's output is under the source's control."""
+
+    NOTE = "\n[nsbuild farm: output cut here, after {limit} characters]\n"
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.cut = limit, 0, False
+
+    def take(self, data: str) -> str:
+        room = self.limit - self.used
+        if len(data) <= room:
+            self.used += len(data)
+            return data
+        if self.cut:
+            return ""
+        self.used, self.cut = self.limit, True
+        return data[:max(room, 0)] + self.NOTE.format(limit=self.limit)
 
 
 def split_source(spec: str) -> tuple[str, str | None]:

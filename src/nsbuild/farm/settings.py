@@ -22,6 +22,8 @@ from nsbuild.userfile import read_small
 MASTER_FILE = "nsbuild-master.json"  # in a master's folder: ports, web password (0600)
 WORKERS_FILE = "workers.json"  # in a master's folder: name -> password, environments
 WORKER_FILE = "nsbuild-worker.json"  # in a worker's folder: name, master, environment
+SOURCES_DIR = "sources"  # under a master's folder: the .dsc files submitted
+RESULTS_DIR = "results"  # under a master's folder: BUILDER/NUMBER/ of each build
 LIMIT = 1 << 20  # none of these files is near this; a bigger one is not read
 
 # Buildbot's identifiers (worker names), and at most 50 characters.

@@ -9,22 +9,26 @@ the master but under the build's own results folder, by a name checked here.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
-from buildbot.process import buildstep
+from buildbot.process import buildstep, remotecommand
 from buildbot.process.results import CANCELLED, EXCEPTION, FAILURE, RETRY, SUCCESS, WARNINGS
 from buildbot.steps.transfer import FileDownload, FileUpload
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from nsbuild.farm import outcome
+from nsbuild.farm.settings import RESULTS_DIR, SOURCES_DIR
 
-SOURCES_DIR = "sources"  # under the master's folder: the .dsc files submitted
-RESULTS_DIR = "results"  # under the master's folder: BUILDER/NUMBER/ of each build
 SRC, OUT = "src", "out"  # in a build's workdir: the source, nsbuild's --out
-# The largest file a worker may upload or download (a big package's -dbgsym
-# .deb is a few hundred MiB).
-MAX_FILE = 4 << 30
+MAX_FILE = outcome.MAX_FILE
+# What of a command's stderr (a build's -v output, under the source's
+# control) goes into the master's database, and of its stdout (the summary,
+# a .dsc's name) is kept.
+LOG_LIMIT = 64 << 20
+STDOUT_LIMIT = outcome.SUMMARY_LIMIT
 
 RESULTS = {outcome.BUILT: SUCCESS, outcome.FAILED: FAILURE, outcome.DEP_WAIT: WARNINGS,
            outcome.ERROR: EXCEPTION}  # fmt: skip
@@ -55,6 +59,46 @@ def nsbuild_command(step: buildstep.BuildStep) -> str:
 
 def _master_dir(step: buildstep.BuildStep) -> Path:
     return Path(step.master.basedir)
+
+
+class BoundedShellCommand(remotecommand.RemoteShellCommand):  # type: ignore[misc]
+    """A shell command whose stdout and stderr the master keeps (in memory,
+    in the stdio log) only up to a budget each: a worker, and a build's own
+    output, decide how much they send."""
+
+    budgets: dict[str, outcome.Budget]
+
+    def _take(self, stream: str, data: Any) -> str:
+        if not isinstance(data, str):
+            data = bytes(data).decode(errors="replace")
+        return self.budgets[stream].take(data)
+
+    def addStdout(self, data: Any) -> Any:
+        kept = self._take("stdout", data)
+        return super().addStdout(kept) if kept else defer.succeed(None)
+
+    def addStderr(self, data: Any) -> Any:
+        kept = self._take("stderr", data)
+        return super().addStderr(kept) if kept else defer.succeed(None)
+
+    def add_stdout_lines(self, data: Any, is_flushed: bool) -> Any:
+        kept = self._take("stdout", data)
+        return super().add_stdout_lines(kept, is_flushed) if kept else defer.succeed(None)
+
+    def add_stderr_lines(self, data: Any, is_flushed: bool) -> Any:
+        kept = self._take("stderr", data)
+        return super().add_stderr_lines(kept, is_flushed) if kept else defer.succeed(None)
+
+
+@defer.inlineCallbacks
+def bounded_command(step: Any, argv: list[str]) -> Any:
+    """ShellMixin's remote command for `argv`, stdout collected, both
+    streams bounded (ShellMixin builds a RemoteShellCommand itself, with
+    nothing to choose the class: it is given the bounded one's methods)."""
+    cmd = yield step.makeRemoteShellCommand(command=argv, collectStdout=True)
+    cmd.__class__ = BoundedShellCommand
+    cmd.budgets = {"stdout": outcome.Budget(STDOUT_LIMIT), "stderr": outcome.Budget(LOG_LIMIT)}
+    return cmd
 
 
 class FetchSource(buildstep.BuildStep):
@@ -130,7 +174,7 @@ class FetchFromArchive(buildstep.ShellMixin, buildstep.BuildStep):
         argv = [nsbuild_command(self), "run", "--env", self.nsbuild_env, "--net", "allow",
                 "--allow-from-env", "--bind", f"{SRC}:/src", "--chdir", "/src", "--",
                 "sh", "-c", FETCH_SCRIPT, "sh", self.source]  # fmt: skip
-        cmd = yield self.makeRemoteShellCommand(command=argv, collectStdout=True)
+        cmd = yield bounded_command(self, argv)
         yield self.runCommand(cmd)
         if cmd.didFail():
             self.descriptionDone = [f"apt-get source {self.source} failed"]
@@ -170,7 +214,7 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
     def run(self) -> Any:
         argv = [nsbuild_command(self), "build", "-v", "--json", "--env", self.nsbuild_env,
                 "--out", OUT, str(self.getProperty("nsbuild_input"))]  # fmt: skip
-        cmd = yield self.makeRemoteShellCommand(command=argv, collectStdout=True)
+        cmd = yield bounded_command(self, argv)
         yield self.runCommand(cmd)
         if self.stopped and getattr(self.build, "stopped_reason", None) == "Master Shutdown":
             # Buildbot's own shutdown: build again once the master is back
@@ -182,8 +226,13 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
         summary = outcome.read_summary(self.stdout_text)
         yield self.addCompleteLog("summary.json", self.stdout_text)
         state = outcome.state(cmd.rc)
+        try:
+            found = outcome.files(summary)
+        except ValueError as e:
+            found, state = {}, outcome.ERROR
+            summary = {**summary, "message": str(e)}
         self._properties(summary, state)
-        self._upload(summary)
+        yield self._upload(found)
         return RESULTS[state]
 
     def _properties(self, summary: dict[str, Any], state: str) -> None:
@@ -204,21 +253,28 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
         else:
             self.summary_text = f"error: {outcome.text(summary, 'message', 200) or 'see the log'}"
 
-    def _upload(self, summary: dict[str, Any]) -> None:
-        """The build's files to the master's results/BUILDER/NUMBER/."""
+    @defer.inlineCallbacks
+    def _upload(self, found: dict[str, outcome.Upload]) -> Any:
+        """The build's files to the master's results/BUILDER/NUMBER/, each
+        no larger than its summary claims, then their sha256 checked."""
         dest = f"{RESULTS_DIR}/{self.build.builder.name}/{self.build.number}"
         self.setProperty("nsbuild_results", dest, "nsbuild")
-        found = outcome.files(summary)
         folder = _master_dir(self) / dest
-        folder.mkdir(parents=True, exist_ok=True)
+        # A folder of this number from before a database reset holds
+        # another build's files.
+        yield threads.deferToThread(shutil.rmtree, folder, True)
+        folder.mkdir(parents=True)
         (folder / "summary.json").write_text(self.stdout_text)
         self.setProperty("nsbuild_files", sorted(found), "nsbuild")
-        self.build.addStepsAfterCurrentStep([
-            FileUpload(workersrc=path, masterdest=f"{dest}/{name}", maxsize=MAX_FILE,
-                       mode=0o644, alwaysRun=True, flunkOnFailure=False,
+        uploads: list[buildstep.BuildStep] = [
+            FileUpload(workersrc=u.path, masterdest=f"{dest}/{name}", maxsize=u.maxsize,
+                       mode=0o644, alwaysRun=True, flunkOnFailure=True,
                        name=f"upload {name}")
-            for name, path in sorted(found.items())
-        ])  # fmt: skip
+            for name, u in sorted(found.items())
+        ]  # fmt: skip
+        if found:
+            uploads.append(CheckUploads(folder, found))
+        self.build.addStepsAfterCurrentStep(uploads)
 
     def getResultSummary(self) -> dict[str, str]:
         if not self.summary_text:
@@ -226,3 +282,43 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
         if self.results == SUCCESS:
             return {"step": self.summary_text}
         return {"step": self.summary_text, "build": self.summary_text}
+
+
+class CheckUploads(buildstep.BuildStep):
+    """The uploaded files against the sha256 the summary claims: a failed,
+    cut or swapped upload makes the build an error, not a success."""
+
+    name = "check uploads"
+    alwaysRun = True
+
+    def __init__(self, folder: Path, found: dict[str, outcome.Upload], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.folder, self.found = folder, found
+
+    @defer.inlineCallbacks
+    def run(self) -> Any:
+        bad = yield threads.deferToThread(_mismatches, self.folder, self.found)
+        if not bad:
+            return SUCCESS
+        self.setProperty("nsbuild_status", outcome.ERROR, "nsbuild")
+        yield self.addCompleteLog("error", "".join(f"{n}: missing or not as the summary "
+                                                   "says\n" for n in bad))  # fmt: skip
+        self.descriptionDone = [f"uploads wrong: {', '.join(bad)[:200]}"]
+        return EXCEPTION
+
+
+def _mismatches(folder: Path, found: dict[str, outcome.Upload]) -> list[str]:
+    bad = []
+    for name, u in sorted(found.items()):
+        path = folder / name
+        if not path.is_file() or path.is_symlink():
+            bad.append(name)
+            continue
+        if u.sha256 is not None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            if digest.hexdigest() != u.sha256:
+                bad.append(name)
+    return bad

@@ -56,19 +56,17 @@ def choose_builder(rest: Rest, env: str | None, arch: str | None) -> str:
 
 def stage_dsc(master_dir: Path, dsc: Path) -> str:
     """Copy a .dsc and its files into the master's sources/; the path to give it."""
-    from nsbuild.farm.steps import SOURCES_DIR
-
     names = dsc_files(dsc)
     if not plain_name(dsc.name) or not dsc.name.endswith(".dsc"):
         raise FarmError(f"not a .dsc: {dsc}")
     for n in names:
         if not (dsc.parent / n).is_file():
             raise FarmError(f"{dsc.parent / n} is missing (the .dsc lists it)")
-    folder = master_dir / SOURCES_DIR / secrets.token_hex(8)
+    folder = master_dir / settings.SOURCES_DIR / secrets.token_hex(8)
     folder.mkdir(parents=True)
     for n in [dsc.name, *names]:
         shutil.copyfile(dsc.parent / n, folder / n)
-    return f"{SOURCES_DIR}/{folder.name}/{dsc.name}"
+    return f"{settings.SOURCES_DIR}/{folder.name}/{dsc.name}"
 
 
 LIST_LIMIT = 1 << 20
