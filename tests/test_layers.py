@@ -21,7 +21,7 @@ LAYERS = (
     ("nsbuild.debbuild",),
     ("nsbuild.virtserver",),
     # The farm sits beside the command line: it runs `nsbuild build` as a
-    # command, and takes only the exit statuses' names from nsbuild.cli.exits.
+    # command, and neither imports the other (test below).
     ("nsbuild.cli", "nsbuild.__main__", "nsbuild.farm"),
 )
 
@@ -103,3 +103,16 @@ def test_the_rule_sees_an_upward_import(tmp_path: Path) -> None:
     known = {"nsbuild.sandbox.m": module, "nsbuild.cli": module, "nsbuild.cli.main": module}
     assert imports("nsbuild.sandbox.m", module, known) == {"nsbuild.cli.main"}
     assert layer_of("nsbuild.cli.main") > layer_of("nsbuild.sandbox.m")
+
+
+def test_the_farm_and_the_command_line_do_not_import_each_other() -> None:
+    """Beside each other at the top: the farm takes nothing from nsbuild.cli
+    (what it needs of it is duplicated, with a test that they agree)."""
+    crossing = [
+        f"{a} imports {b}"
+        for a, targets in sorted(graph().items())
+        if a.startswith("nsbuild.farm")
+        for b in sorted(targets)
+        if b.startswith("nsbuild.cli")
+    ]
+    assert not crossing, "\n".join(crossing)

@@ -14,9 +14,18 @@ from nsbuild.farm import outcome
 def test_exit_statuses_are_buildd_states() -> None:
     assert [outcome.state(s) for s in (0, 1, 2, 3, 125, 130)] == [
         "built", "failed", "error", "dep-wait", "error", "error"]
-    # A signal's status, or a command not found on the worker: the build failed.
-    assert outcome.state(137) == "failed"
-    assert outcome.state(127) == "failed"
+    # nsbuild itself killed (OOM, a signal), not found or not executable on
+    # the worker, or a status it never gives: the farm's error, not the package's.
+    for status in (137, 143, 127, 126, 4, -1):
+        assert outcome.state(status) == "error"
+
+
+def test_the_farm_knows_nsbuilds_exit_statuses() -> None:
+    from nsbuild.cli import exits
+
+    assert (outcome.BUILD_FAILED, outcome.USAGE, outcome.UNSATISFIABLE, outcome.SETUP_FAILED,
+            outcome.INTERRUPTED) == (exits.BUILD_FAILED, exits.USAGE, exits.UNSATISFIABLE,
+                                     exits.SETUP_FAILED, exits.INTERRUPTED)  # fmt: skip
 
 
 def test_unmet_from_the_summary_field_or_the_message() -> None:

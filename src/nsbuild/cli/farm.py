@@ -159,6 +159,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from nsbuild.cli import exits
     from nsbuild.farm import submit
 
     packages = list(args.packages)
@@ -184,7 +185,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         for job in jobs:
             submit.fetch(master_dir, job, args.out)
     print(submit.table(jobs))
-    return 0 if all(submit.status_of(j) == "built" for j in jobs) else 1
+    return 0 if all(submit.status_of(j) == "built" for j in jobs) else exits.BUILD_FAILED
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Errors of the farm: one line each, exit status 2 (nsbuild.cli.exits)."""
+"""Errors of the farm: one line each, exit status 2 (as every NsbuildError)."""
 
 from __future__ import annotations
 

@@ -15,12 +15,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from nsbuild.cli.exits import BUILD_FAILED, INTERRUPTED, SETUP_FAILED, UNSATISFIABLE, USAGE
-
 BUILT, FAILED, DEP_WAIT, ERROR = "built", "failed", "dep-wait", "error"
 
-# `nsbuild build`'s exit statuses (nsbuild.cli.exits) as buildd states;
-# anything else (a signal's 128+N, 126, 127) is the build's failure.
+# `nsbuild build`'s exit statuses, the numbers of nsbuild.cli.exits: the
+# farm sits beside the command line and does not import it
+# (tests/farm/test_outcome.py checks that they agree).
+BUILD_FAILED, USAGE, UNSATISFIABLE, SETUP_FAILED, INTERRUPTED = 1, 2, 3, 125, 130
+
+# Those statuses as buildd states. Anything else is the farm's error, not the
+# package's: 126/127 (no nsbuild to run on the worker), 128+N (nsbuild
+# itself killed: out of memory, the orphan killer), a status nsbuild never gives.
 STATES = {
     0: BUILT,
     BUILD_FAILED: FAILED,
@@ -44,7 +48,7 @@ _SOURCE = re.compile(r"([a-z0-9][a-z0-9+.-]{0,99})(?:=([0-9][A-Za-z0-9.+~:-]{0,9
 
 
 def state(exit_status: int) -> str:
-    return STATES.get(exit_status, FAILED)
+    return STATES.get(exit_status, ERROR)
 
 
 def plain_name(name: object) -> str | None:
