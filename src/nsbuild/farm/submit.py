@@ -11,6 +11,7 @@ machine too).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -39,9 +40,33 @@ class Submitted:
     properties: dict[str, Any] | None = None
 
 
+# Every field of a REST answer is the master's to choose (and a worker's,
+# for its name): these readers take a field of the expected type or nothing,
+# and make text printable before it reaches a terminal.
+_BUILDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
+
+
+def _id(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _name(value: object, limit: int = 60) -> str:
+    return printable(value, limit) if isinstance(value, str) and value else "?"
+
+
+def _first(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return items[0] if items else {}
+
+
+def _workers(rest: Rest) -> dict[int | None, str]:
+    return {_id(w.get("workerid")): _name(w.get("name"), 50)
+            for w in rest.items("workers", "workers")}  # fmt: skip
+
+
 def choose_builder(rest: Rest, env: str | None, arch: str | None) -> str:
     """The builder of --env/--arch; without them, the master's only one."""
-    names = sorted(str(b["name"]) for b in rest.items("builders", "builders") if "name" in b)
+    names = sorted(str(b["name"]) for b in rest.items("builders", "builders")
+                   if isinstance(b.get("name"), str) and _BUILDER.fullmatch(b["name"]))  # fmt: skip
     wanted = [n for n in names
               if (env is None or n.rsplit("-", 1)[0] == env)
               and (arch is None or n.rsplit("-", 1)[-1] == arch)]  # fmt: skip
@@ -113,26 +138,27 @@ def wait(rest: Rest, jobs: list[Submitted], say: Any) -> None:
     """Poll until every request is complete; say what changes."""
     seen: dict[int, str] = {}
     pending = list(jobs)
-    workers = {w.get("workerid"): w.get("name") for w in rest.items("workers", "workers")}
+    workers = _workers(rest)
     while pending:
         for job in list(pending):
-            req = rest.items(f"buildrequests/{job.request}", "buildrequests")
+            req = _first(rest.items(f"buildrequests/{job.request}", "buildrequests"))
             builds = rest.items(f"buildrequests/{job.request}/builds", "builds")
             now = "queued"
             if builds:
                 job.build = builds[-1]  # after a retry, the last build is the one
-                wid = job.build.get("workerid")
+                wid = _id(job.build.get("workerid"))
                 if wid not in workers:
-                    workers = {w.get("workerid"): w.get("name")
-                               for w in rest.items("workers", "workers")}  # fmt: skip
+                    workers = _workers(rest)
                 now = f"building on {workers.get(wid, '?')}"
-            if req and req[0].get("complete"):
+            if req.get("complete") is True:
                 now = "done"
                 pending.remove(job)
                 if job.build is not None:
-                    props = rest.get(f"builds/{job.build['buildid']}/properties")
-                    job.properties = (props.get("properties") or [{}])[0]
-                    job.build["worker"] = workers.get(job.build.get("workerid"), "?")
+                    bid = _id(job.build.get("buildid"))
+                    props = _first(rest.items(f"builds/{bid}/properties", "properties")) \
+                        if bid is not None else {}  # fmt: skip
+                    job.properties = props
+                    job.build["worker"] = workers.get(_id(job.build.get("workerid")), "?")
             if seen.get(job.request) != now:
                 seen[job.request] = now
                 say(f"{job.label}: {now}")
@@ -199,19 +225,24 @@ def table(jobs: list[Submitted]) -> str:
 
 def queue(rest: Rest) -> str:
     """The requests not complete yet: queued, or building on which worker."""
-    builders = {b.get("builderid"): b.get("name") for b in rest.items("builders", "builders")}
-    workers = {w.get("workerid"): w.get("name") for w in rest.items("workers", "workers")}
+    builders = {_id(b.get("builderid")): _name(b.get("name"))
+                for b in rest.items("builders", "builders")}  # fmt: skip
+    workers = _workers(rest)
     lines = []
     for req in rest.items("buildrequests", "buildrequests", complete="false"):
-        brid = req.get("buildrequestid")
+        brid = _id(req.get("buildrequestid"))
+        if brid is None:
+            continue
         builds = rest.items(f"buildrequests/{brid}/builds", "builds")
-        where = f"building on {workers.get(builds[-1].get('workerid'), '?')}" if builds \
+        where = f"building on {workers.get(_id(builds[-1].get('workerid')), '?')}" if builds \
             else "queued"  # fmt: skip
-        props = rest.get(f"buildrequests/{brid}", property=["dsc", "source"])
-        got = (props.get("buildrequests") or [{}])[0].get("properties") or {}
-        what = (got.get("source") or got.get("dsc") or ["?"])[0]
-        lines.append(f"{brid}  {builders.get(req.get('builderid'), '?')}  "
-                     f"{printable(str(what), 200)}  {where}")  # fmt: skip
+        got = _first(rest.items(f"buildrequests/{brid}", "buildrequests",
+                                property=["dsc", "source"])).get("properties")  # fmt: skip
+        got = got if isinstance(got, dict) else {}
+        value = got.get("source") or got.get("dsc")
+        what = value[0] if isinstance(value, list) and value else "?"
+        lines.append(f"{brid}  {builders.get(_id(req.get('builderid')), '?')}  "
+                     f"{_name(what, 200)}  {where}")  # fmt: skip
     return "\n".join(lines) if lines else "no builds queued or running"
 
 

@@ -1,0 +1,81 @@
+"""`farm submit --wait` and `farm status` against a master that answers
+with escape sequences and malformed JSON: one line of text, escaped, or a
+one-line error; never a traceback, never a raw escape on the terminal.
+A real HTTP server in the test plays the master."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from nsbuild.farm import submit
+from nsbuild.farm.errors import FarmError
+from nsbuild.farm.rest import Rest
+
+ESC = "\x1b]0;owned\x07\x1b[2J"
+
+ANSWERS: dict[str, object] = {
+    "builders": {"builders": [{"builderid": 1, "name": "bookworm-amd64"},
+                              {"builderid": 2, "name": "x" + ESC}]},
+    "workers": {"workers": [{"workerid": 7, "name": "w" + ESC}]},
+    "buildrequests/5": {"buildrequests": [{"buildrequestid": 5, "complete": True,
+                                           "builderid": 2}]},
+    "buildrequests/5/builds": {"builds": [{"workerid": 7, "buildid": "not a number"}]},
+    "buildrequests/6": {"buildrequests": [{"buildrequestid": 6, "complete": True}]},
+    "buildrequests/6/builds": {"builds": [{"workerid": 7}]},
+    "buildrequests": {"buildrequests": [{"buildrequestid": ESC, "builderid": 2}]},
+    f"buildrequests/{ESC}": ["not", "an", "object"],
+    f"buildrequests/{ESC}/builds": {"builds": [{"workerid": 7}]},
+}
+
+
+class _Master(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        from urllib.parse import unquote, urlsplit
+
+        path = unquote(urlsplit(self.path).path).removeprefix("/api/v2/")
+        body = json.dumps(ANSWERS.get(path, {})).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def rest() -> Iterator[Rest]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Master)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield Rest(f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_waiting_on_a_hostile_master_prints_no_escape(rest: Rest) -> None:
+    said: list[str] = []
+    jobs = [submit.Submitted("a.dsc", "bookworm-amd64", 5),
+            submit.Submitted("b.dsc", "bookworm-amd64", 6)]  # fmt: skip
+    submit.wait(rest, jobs, said.append)
+    text = "\n".join(said) + submit.table(jobs)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "building on w" in text or "done" in text
+
+
+def test_status_of_a_hostile_master_prints_no_escape(rest: Rest) -> None:
+    text = submit.queue(rest)
+    assert "\x1b" not in text and "\x07" not in text
+
+
+def test_a_builder_name_with_escapes_is_not_taken(rest: Rest) -> None:
+    assert submit.choose_builder(rest, "bookworm", None) == "bookworm-amd64"
+    with pytest.raises(FarmError) as e:
+        submit.choose_builder(rest, "x", None)
+    assert "\x1b" not in str(e.value)
