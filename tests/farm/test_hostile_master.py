@@ -9,6 +9,7 @@ import http.server
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,30 @@ def test_a_builder_name_with_escapes_is_not_taken(rest: Rest) -> None:
     with pytest.raises(FarmError) as e:
         submit.choose_builder(rest, "x", None)
     assert "\x1b" not in str(e.value)
+
+
+def test_results_fetched_are_debian_names_and_write_over_nothing_of_the_users(
+    tmp_path: Path,
+) -> None:
+    master = tmp_path / "master"
+    results = master / "results" / "bookworm-amd64" / "1"
+    results.mkdir(parents=True)
+    for name in ("Makefile", "conftest.py", "x_1_all.deb", "x_1_amd64.changes"):
+        (results / name).write_text(f"from the worker: {name}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "Makefile").write_text("the user's own\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("the user's own\n")
+    (out / "x_1_all.deb").symlink_to(elsewhere)
+    job = submit.Submitted("x.dsc", "bookworm-amd64", 1, properties={
+        "nsbuild_results": ["results/bookworm-amd64/1", "nsbuild"],
+        "nsbuild_files": [["Makefile", "conftest.py", "x_1_all.deb", "x_1_amd64.changes"],
+                          "nsbuild"]})  # fmt: skip
+    got = submit.fetch(master, job, out)
+    assert sorted(p.name for p in got) == ["x_1_all.deb", "x_1_amd64.changes"]
+    assert (out / "Makefile").read_text() == "the user's own\n"
+    assert not (out / "conftest.py").exists()
+    assert elsewhere.read_text() == "the user's own\n"
+    assert not (out / "x_1_all.deb").is_symlink()
+    assert (out / "x_1_all.deb").read_text() == "from the worker: x_1_all.deb\n"

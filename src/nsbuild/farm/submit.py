@@ -188,11 +188,20 @@ def status_of(job: Submitted) -> str:
     return names[results] if isinstance(results, int) and 0 <= results < len(names) else "?"
 
 
+# What a build's results are called (name_version_..., Debian's suffixes):
+# nothing else a worker names is copied into the user's --out (by default
+# the current folder, where a Makefile or a conftest.py would be run).
+RESULT_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]*_[^/]+\.(deb|udeb|ddeb|changes|buildinfo|build"
+                         r"|network\.jsonl|dsc|tar\.(gz|xz|bz2|zst)|diff\.gz)")  # fmt: skip
+
+
 def fetch(master_dir: Path, job: Submitted, out: Path) -> list[Path]:
-    """Copy a finished build's files from the master's results/ into `out`."""
+    """Copy a finished build's files from the master's results/ into `out`:
+    each through a new file renamed into place, so a symbolic link at the
+    name is replaced, never written through."""
     where = _prop(job, "nsbuild_results")
     names = _prop(job, "nsbuild_files") or []
-    if not isinstance(where, str):
+    if not isinstance(where, str) or not isinstance(names, list):
         return []
     folder = (master_dir / where).resolve()
     if not folder.is_relative_to(master_dir.resolve()):
@@ -201,10 +210,24 @@ def fetch(master_dir: Path, job: Submitted, out: Path) -> list[Path]:
     copied = []
     for name in names:
         name = plain_name(name)
-        if name and (folder / name).is_file():
-            shutil.copyfile(folder / name, out / name)
+        if not (name and RESULT_NAME.fullmatch(name)):
+            continue
+        src = folder / name
+        if src.is_file() and not src.is_symlink():
+            _copy_in(src, out / name)
             copied.append(out / name)
     return copied
+
+
+def _copy_in(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}")
+    try:
+        with open(src, "rb") as f, open(tmp, "xb") as g:
+            shutil.copyfileobj(f, g)
+        os.replace(tmp, dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FarmError(f"cannot write {dest}: {e.strerror}") from None
 
 
 def table(jobs: list[Submitted]) -> str:
