@@ -20,8 +20,10 @@ from nsbuild.farm.rest import Rest
 ESC = "\x1b]0;owned\x07\x1b[2J"
 
 ANSWERS: dict[str, object] = {
-    "builders": {"builders": [{"builderid": 1, "name": "bookworm-amd64"},
-                              {"builderid": 2, "name": "x" + ESC}]},
+    "builders": {"builders": [
+        {"builderid": 1, "name": "bookworm-amd64", "tags": ["env=bookworm", "arch=amd64"]},
+        {"builderid": 2, "name": "x" + ESC, "tags": ["env=x"]},
+        {"builderid": 3, "name": "foo-hurd-i386", "tags": ["env=foo", "arch=hurd-i386"]}]},
     "workers": {"workers": [{"workerid": 7, "name": "w" + ESC}]},
     "buildrequests/5": {"buildrequests": [{"buildrequestid": 5, "complete": True,
                                            "builderid": 2}]},
@@ -77,6 +79,8 @@ def test_status_of_a_hostile_master_prints_no_escape(rest: Rest) -> None:
 
 def test_a_builder_name_with_escapes_is_not_taken(rest: Rest) -> None:
     assert submit.choose_builder(rest, "bookworm", None) == "bookworm-amd64"
+    # Chosen by its tags: "foo-hurd-i386" split at its last "-" is not foo/hurd-i386.
+    assert submit.choose_builder(rest, "foo", "hurd-i386") == "foo-hurd-i386"
     with pytest.raises(FarmError) as e:
         submit.choose_builder(rest, "x", None)
     assert "\x1b" not in str(e.value)

@@ -25,6 +25,7 @@ from typing import Any
 from buildbot.plugins import schedulers, steps, util, worker
 
 from nsbuild.farm import settings
+from nsbuild.farm.errors import FarmError
 from nsbuild.farm.steps import OUT, SRC, FetchSource, NsbuildBuild
 
 BUILD_WORKDIR = "build"  # Buildbot's default: WORKER/BUILDER/build
@@ -60,7 +61,7 @@ def builder(pair: str, workernames: list[str]) -> util.BuilderConfig:
     env, arch = pair.split("/")
     return util.BuilderConfig(
         name=settings.builder_name(pair), workernames=workernames, factory=factory(env),
-        canStartBuild=_can_start(pair),
+        canStartBuild=_can_start(pair), tags=settings.builder_tags(pair),
         properties={"nsbuild_env": env, "nsbuild_arch": arch},
     )  # fmt: skip
 
@@ -102,6 +103,14 @@ def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
     s = settings.master_settings(base)
     entries = settings.workers(base)
     pairs = sorted({p for w in entries for p in w.envs})
+    named: dict[str, str] = {}
+    for p in pairs:
+        # ENV and ARCH may both hold "-": foo-hurd/i386 and foo/hurd-i386
+        # would be one builder, which Buildbot refuses as a duplicate.
+        other = named.setdefault(settings.builder_name(p), p)
+        if other != p:
+            raise FarmError(f"{other} and {p} would both be the builder "
+                            f"{settings.builder_name(p)}: register one of them only")
     builders = [builder(p, [w.name for w in entries if p in w.envs]) for p in pairs]
     c: dict[str, Any] = {
         "title": "nsbuild farm",

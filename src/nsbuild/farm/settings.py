@@ -161,6 +161,13 @@ def builder_name(pair: str) -> str:
     return f"{env}-{arch}"
 
 
+def builder_tags(pair: str) -> list[str]:
+    """What a builder builds, for a client to choose it by (its name, with
+    "-" in both parts, cannot be split back)."""
+    env, arch = pair.split("/")
+    return [f"env={env}", f"arch={arch}"]
+
+
 def local_master_file() -> Path:
     """Where `nsbuild farm master` notes the master it made, for the farm
     commands run later on this machine."""

@@ -65,11 +65,15 @@ def _workers(rest: Rest) -> dict[int | None, str]:
 
 def choose_builder(rest: Rest, env: str | None, arch: str | None) -> str:
     """The builder of --env/--arch; without them, the master's only one."""
-    names = sorted(str(b["name"]) for b in rest.items("builders", "builders")
-                   if isinstance(b.get("name"), str) and _BUILDER.fullmatch(b["name"]))  # fmt: skip
+    found: dict[str, list[Any]] = {
+        str(b["name"]): b["tags"] if isinstance(b.get("tags"), list) else []
+        for b in rest.items("builders", "builders")
+        if isinstance(b.get("name"), str) and _BUILDER.fullmatch(b["name"])}  # fmt: skip
+    names = sorted(found)
+    # By the tags nsbuild's builders carry (settings.builder_tags).
     wanted = [n for n in names
-              if (env is None or n.rsplit("-", 1)[0] == env)
-              and (arch is None or n.rsplit("-", 1)[-1] == arch)]  # fmt: skip
+              if (env is None or f"env={env}" in found[n])
+              and (arch is None or f"arch={arch}" in found[n])]  # fmt: skip
     if len(wanted) == 1:
         return wanted[0]
     have = ", ".join(names) or "none: no worker registered yet"
