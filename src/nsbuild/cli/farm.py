@@ -26,7 +26,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port-pb", type=int, metavar="N",
                    help=f"the port workers connect to (default: {PB_PORT}, Buildbot's)")
     p.add_argument("--interface",
-                   help=f"the address both listen on (default: {INTERFACE}, this machine only)")
+                   help=f"the address the web UI listens on (default: {INTERFACE}, this "
+                   "machine only)")
+    p.add_argument("--pb-interface", metavar="ADDRESS",
+                   help="the address the worker port listens on (default: the web's; "
+                   "0.0.0.0 for workers on other machines, the web staying local)")
     p.add_argument("--no-start", action="store_true", help="only write it")
     p.set_defaults(func=cmd_master)
 
@@ -90,24 +94,25 @@ def cmd_master(args: argparse.Namespace) -> int:
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"bad port {port}")
     folder = args.dir.absolute()
-    given = (args.port_www, args.port_pb, args.interface)
+    given = (args.port_www, args.port_pb, args.interface, args.pb_interface)
     if master.is_master(folder):
         have = settings.master_settings(folder)
         if any(g is not None and g != h
-               for g, h in zip(given, (have.www_port, have.pb_port, have.interface),
-                               strict=True)):  # fmt: skip
-            raise ValueError(f"the master in {folder} listens on {have.interface}, ports "
-                             f"{have.www_port} and {have.pb_port} (its "
-                             f"{settings.MASTER_FILE}); to change them, make another")
+               for g, h in zip(given, (have.www_port, have.pb_port, have.interface,
+                                       have.pb_address), strict=True)):  # fmt: skip
+            raise ValueError(f"the master in {folder} listens on {have.interface} port "
+                             f"{have.www_port} (web) and {have.pb_address} port "
+                             f"{have.pb_port} (workers) (its {settings.MASTER_FILE}); to "
+                             "change them, make another")  # fmt: skip
     made = master.create(folder, args.port_www or WWW_PORT, args.port_pb or PB_PORT,
-                         args.interface or INTERFACE)  # fmt: skip
+                         args.interface or INTERFACE, args.pb_interface or "")  # fmt: skip
     settings.note_local_master(folder)
     s = settings.master_settings(folder)
     print(f"nsbuild farm: master {'made' if made else 'found'} in {folder}", file=sys.stderr)
     if not args.no_start:
         master.start(folder)
         print(f"nsbuild farm: master running: web UI {s.url}, workers connect to "
-              f"{s.interface}:{s.pb_port}", file=sys.stderr)  # fmt: skip
+              f"{s.pb_address}:{s.pb_port}", file=sys.stderr)  # fmt: skip
     if made:
         print(f"nsbuild farm: to start builds in the web UI, log in as {settings.WEB_USER} "
               f"with the password in {folder / settings.MASTER_FILE}", file=sys.stderr)

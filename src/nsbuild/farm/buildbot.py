@@ -119,7 +119,7 @@ def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
         # Buildbot's default sends usage figures to buildbot.net.
         "buildbotNetUsageData": None,
         "db": {"db_url": "sqlite:///state.sqlite"},
-        "protocols": {"pb": {"port": f"tcp:{s.pb_port}:interface={s.interface}"}},
+        "protocols": {"pb": {"port": f"tcp:{s.pb_port}:interface={s.pb_address}"}},
         "www": {"port": f"tcp:{s.www_port}:interface={s.interface}",
                 "plugins": {"waterfall_view": {}, "console_view": {}, "grid_view": {}},
                 **web_login(s.password)},

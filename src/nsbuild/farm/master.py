@@ -71,7 +71,8 @@ def is_master(path: Path) -> bool:
     return (path / settings.MASTER_FILE).is_file()
 
 
-def create(master_dir: Path, www_port: int, pb_port: int, interface: str) -> bool:
+def create(master_dir: Path, www_port: int, pb_port: int, interface: str,
+           pb_interface: str = "") -> bool:  # fmt: skip
     """Make a master in `master_dir` unless one is there; True if made."""
     master_dir = master_dir.absolute()
     if is_master(master_dir):
@@ -84,7 +85,8 @@ def create(master_dir: Path, www_port: int, pb_port: int, interface: str) -> boo
     settings.check_private(master_dir)
     run_tool([tool("buildbot"), "create-master", "--quiet", "-r", str(master_dir)])
     (master_dir / "master.cfg.sample").unlink(missing_ok=True)
-    s = settings.MasterSettings(www_port, pb_port, interface, secrets.token_urlsafe(24))
+    s = settings.MasterSettings(www_port, pb_port, interface, secrets.token_urlsafe(24),
+                                pb_interface)  # fmt: skip
     settings.write_json(master_dir / settings.MASTER_FILE, s.to_json())
     settings.write_json(master_dir / settings.WORKERS_FILE, {})
     settings.write_text(master_dir / "master.cfg",

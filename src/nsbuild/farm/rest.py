@@ -19,6 +19,14 @@ ANSWER_LIMIT = 16 << 20
 TIMEOUT = 30.0
 
 
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_: Any) -> None:
+        return None
+
+
 class Rest:
     """Reading is anonymous; a build is asked for once logged in as `user`
     with `password` (Buildbot's session cookie, got at /auth/login)."""
@@ -29,8 +37,11 @@ class Rest:
         self.url = url.rstrip("/") + "/"
         self.user, self.password = user, password
         self.logged_in = False
+        # No redirect is followed: urllib would send the login's
+        # Authorization header on to another host; the session cookie is in
+        # the first answer.
         self.opener = urllib.request.build_opener(
-            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), _NoRedirect())
 
     def login(self) -> None:
         """Log in, for the session cookie every later request carries."""
@@ -44,7 +55,8 @@ class Rest:
             with self.opener.open(req, timeout=TIMEOUT) as r:
                 r.read(ANSWER_LIMIT)  # the UI's page, after the redirect
         except urllib.error.HTTPError as e:
-            raise FarmError(f"the master at {self.url} refused the login: {e.code}") from None
+            if e.code not in REDIRECTS:  # /auth/login's answer: to the UI
+                raise FarmError(f"the master at {self.url} refused the login: {e.code}") from None
         except (OSError, urllib.error.URLError) as e:
             raise FarmError(f"the master at {self.url} cannot be reached: {e}") from None
         self.logged_in = True
@@ -62,6 +74,10 @@ class Rest:
         if parts.hostname and listeners.resolve_local(parts.hostname):
             if not listeners.check_ours(port, f"the master at {self.url}"):
                 raise FarmError(f"nothing listens on {self.url}: is the master running?")
+        elif parts.scheme != "https":
+            # Basic credentials over plain HTTP are anyone's on the way.
+            raise FarmError(f"not sending the web password over plain http to "
+                            f"{printable(parts.hostname or '', 100)}: use https://")
 
     def _open(self, req: urllib.request.Request, timeout: float = TIMEOUT) -> Any:
         try:

@@ -94,8 +94,15 @@ WEB_USER = "nsbuild"  # the one web user, who may start and stop builds
 class MasterSettings:
     www_port: int
     pb_port: int
-    interface: str
+    interface: str  # the web's
     password: str  # WEB_USER's, generated; reading needs none
+    # The workers' port may listen wider than the web (remote workers, the
+    # web on loopback); "" is the web's interface.
+    pb_interface: str = ""
+
+    @property
+    def pb_address(self) -> str:
+        return self.pb_interface or self.interface
 
     @property
     def url(self) -> str:
@@ -103,14 +110,14 @@ class MasterSettings:
 
     def to_json(self) -> dict[str, object]:
         return {"www_port": self.www_port, "pb_port": self.pb_port, "interface": self.interface,
-                "password": self.password}  # fmt: skip
+                "password": self.password, "pb_interface": self.pb_interface}  # fmt: skip
 
 
 def master_settings(master_dir: Path) -> MasterSettings:
     doc = read_json(check_folder(master_dir) / MASTER_FILE)
     try:
         return MasterSettings(int(doc["www_port"]), int(doc["pb_port"]), str(doc["interface"]),
-                              str(doc["password"]))  # fmt: skip
+                              str(doc["password"]), str(doc.get("pb_interface") or ""))  # fmt: skip
     except (KeyError, TypeError, ValueError):
         raise FarmError(f"{master_dir / MASTER_FILE}: not a master's settings") from None
 
