@@ -183,3 +183,23 @@ def test_a_deeply_nested_answer_is_one_line_not_a_traceback() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_orphan_killer_ends_only_a_workers_own_commands(tmp_path: Path) -> None:
+    real = tmp_path / "real-w1"
+    (real / "build").mkdir(parents=True)
+    link = tmp_path / "w1"
+    link.symlink_to(real)
+    marked = master.clean_environment(worker.marker(link))
+    # A build command the killed worker left, and the user's shell in there.
+    orphan = subprocess.Popen(["sleep", "60"], cwd=real / "build", env=marked)
+    shell = subprocess.Popen(["sleep", "60"], cwd=real / "build")
+    try:
+        assert worker.orphans(link) == [orphan.pid]
+        worker.end_orphans(link)
+        assert orphan.wait(timeout=10) != 0
+        assert shell.poll() is None
+    finally:
+        for p in (orphan, shell):
+            p.kill()
+            p.wait()

@@ -155,23 +155,55 @@ def register_line(setup: WorkerSetup) -> str:
             f"< {path}")
 
 
-def orphans(folder: Path) -> list[int]:
-    """This user's processes working in the worker's folder: commands of
-    builds a killed worker left running (Buildbot starts each in a process
-    group of its own, with no parent-death signal)."""
-    found = []
+MARKER = "NSBUILD_FARM_WORKER"  # in a worker's environment: its folder
+
+
+def marker(folder: Path) -> dict[str, str]:
+    """The variable a worker, and so every command it runs, carries: what
+    tells its commands from the user's own processes in its folder."""
+    return {MARKER: str(folder.resolve())}
+
+
+def _is_orphan(pid: int, folder: Path) -> bool:
     inside = str(folder) + "/"
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
+    want = f"{MARKER}={folder}".encode()
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        if not os.readlink(f"/proc/{pid}/cwd").startswith(inside):
+            return False
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read(1 << 20)
+    except OSError:
+        return False
+    return want in environ.split(b"\0")
+
+
+def orphans(folder: Path) -> list[int]:
+    """This user's processes a worker of `folder` started and that still
+    work in it: commands of builds a killed worker left running (Buildbot
+    starts each in a process group of its own, with no parent-death
+    signal). A shell or an editor of the user's in there is not one: it
+    lacks the worker's variable."""
+    folder = folder.resolve()  # /proc/PID/cwd is the real path
+    return [int(e) for e in os.listdir("/proc")
+            if e.isdigit() and int(e) != os.getpid() and _is_orphan(int(e), folder)]  # fmt: skip
+
+
+def _pin(pids: list[int], folder: Path) -> list[int]:
+    """pidfds of those still orphans once pinned: a pid freed and reused
+    between the scan and the signal gets none."""
+    fds = []
+    for pid in pids:
         try:
-            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
-                continue
-            if os.readlink(f"/proc/{entry}/cwd").startswith(inside):
-                found.append(int(entry))
+            fd = os.pidfd_open(pid)
         except OSError:
             continue
-    return found
+        if _is_orphan(pid, folder.resolve()):
+            fds.append(fd)
+        else:
+            os.close(fd)
+    return fds
 
 
 def end_orphans(folder: Path) -> None:
@@ -182,9 +214,14 @@ def end_orphans(folder: Path) -> None:
         sys.stderr.write(f"nsbuild farm: ending what a killed worker left running: "
                          f"processes {' '.join(map(str, pids))}\n")  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
+        fds = _pin(pids, folder)
+        try:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, sig)
+        finally:
+            for fd in fds:
+                os.close(fd)
         deadline = time.monotonic() + ORPHAN_WAIT
         while pids and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -203,7 +240,7 @@ def start(folder: Path) -> None:
         # A PB login proves the worker to the master, not the master to the
         # worker: on this machine, what holds the port must be the user's.
         listeners.check_ours(port, "the master's worker port")
-    env = master.clean_environment()
+    env = master.clean_environment(marker(folder))
     if master.pid_of(folder) is None:
         master.drop_stale_pid(folder)
         end_orphans(folder)
