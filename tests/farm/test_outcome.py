@@ -125,3 +125,17 @@ def test_a_stream_is_kept_up_to_its_limit_and_said_cut_once() -> None:
     assert kept.take("67890abc") == "67890" + outcome.Budget.NOTE.format(limit=10)
     assert kept.take("more") == ""
     assert kept.cut
+
+
+def test_the_summary_must_agree_with_the_exit_status() -> None:
+    ok = {"status": "successful", "exit_status": 0}
+    assert outcome.judge(0, ok) == "built"
+    assert outcome.judge(1, {"status": "failed", "exit_status": 1}) == "failed"
+    # The worker's summary and its command's status disagree, or a success
+    # came with no summary at all: not believed.
+    assert outcome.judge(0, {"status": "failed", "exit_status": 1}) == "error"
+    assert outcome.judge(1, ok) == "error"
+    assert outcome.judge(0, {}) == "error"
+    assert outcome.judge(0, {"status": "successful", "exit_status": "0"}) == "error"
+    # A failure's summary may be missing (nsbuild died early): the status says.
+    assert outcome.judge(3, {}) == "dep-wait"

@@ -51,6 +51,18 @@ def state(exit_status: int) -> str:
     return STATES.get(exit_status, ERROR)
 
 
+def judge(exit_status: int, summary: dict[str, Any]) -> str:
+    """The buildd state of a build from its exit status, if its summary
+    agrees: a success needs a summary that says so, and a summary's own
+    exit status must be the command's."""
+    said = summary.get("exit_status")
+    if summary and (not isinstance(said, int) or isinstance(said, bool) or said != exit_status):
+        return ERROR
+    if exit_status == 0 and summary.get("status") != "successful":
+        return ERROR
+    return state(exit_status)
+
+
 def plain_name(name: object) -> str | None:
     """`name` if it is a plain file name Debian's tools would make, else None."""
     if isinstance(name, str) and _NAME.fullmatch(name) and ".." not in name:

@@ -225,7 +225,10 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
         self.stdout_text = cmd.stdout[: outcome.SUMMARY_LIMIT]
         summary = outcome.read_summary(self.stdout_text)
         yield self.addCompleteLog("summary.json", self.stdout_text)
-        state = outcome.state(cmd.rc)
+        state = outcome.judge(cmd.rc, summary)
+        if state == outcome.ERROR and outcome.state(cmd.rc) != outcome.ERROR:
+            summary = {**summary, "message": f"the build's summary does not agree with its "
+                                             f"exit status {cmd.rc}"}  # fmt: skip
         try:
             found = outcome.files(summary)
         except ValueError as e:
