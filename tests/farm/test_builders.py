@@ -55,3 +55,34 @@ def test_the_web_password_never_goes_over_plain_http_to_another_machine() -> Non
 
     with pytest.raises(FarmError, match="https"):
         Rest("http://nsbuild-no-such-host.invalid:8010/", "nsbuild", "p" * 32).login()
+
+
+def test_a_second_worker_of_a_name_does_not_replace_the_first(tmp_path: Path) -> None:
+    folder = _master(tmp_path, ("bookworm/amd64",))
+    settings.register(folder, settings.WorkerEntry("w0", "q" * 32, ("bookworm/arm64",)))
+    with pytest.raises(FarmError, match="w0"):
+        settings.register(folder, settings.WorkerEntry("w0", "r" * 32, ("bookworm/amd64",)))
+    assert [w.envs for w in settings.workers(folder)] == [("bookworm/arm64",)]
+
+
+def test_workers_are_registered_only_in_a_masters_folder(tmp_path: Path) -> None:
+    with pytest.raises(FarmError, match="not a farm master"):
+        settings.register(tmp_path, settings.WorkerEntry("w0", "q" * 32, ("bookworm/amd64",)))
+
+
+@pytest.mark.parametrize("doc", ["[1]", '{"w0": {"envs": []}}', '{"w0": {"password": 5}}'])
+def test_a_bad_registry_is_one_line(tmp_path: Path, doc: str) -> None:
+    folder = _master(tmp_path)
+    (folder / settings.WORKERS_FILE).write_text(doc)
+    with pytest.raises(FarmError, match=settings.WORKERS_FILE):
+        settings.workers(folder)
+
+
+def test_a_bad_note_of_the_local_master_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    (tmp_path / "nsbuild").mkdir()
+    (tmp_path / "nsbuild" / "farm-master.json").write_text("[]")
+    with pytest.raises(FarmError, match=r"farm-master\.json"):
+        settings.local_master()

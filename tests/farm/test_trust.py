@@ -203,3 +203,13 @@ def test_the_orphan_killer_ends_only_a_workers_own_commands(tmp_path: Path) -> N
         for p in (orphan, shell):
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("doc", ['{"name": "w1", "master": "127.0.0.1:9989"}', "[]"])
+def test_a_bad_worker_record_is_one_line(config: Path, tmp_path: Path, doc: str) -> None:
+    folder = tmp_path / "w1"
+    folder.mkdir()
+    (folder / settings.WORKER_FILE).write_text(doc)
+    (folder / settings.WORKER_FILE).chmod(0o600)
+    with pytest.raises(FarmError, match=settings.WORKER_FILE):
+        worker.create(folder, "127.0.0.1:9989", "w1")

@@ -7,6 +7,7 @@ holding passwords are 0600.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -132,27 +133,48 @@ class WorkerEntry:
 def workers(master_dir: Path) -> list[WorkerEntry]:
     """The master's registered workers, sorted by name."""
     path = master_dir / WORKERS_FILE
-    doc = read_json(path) if path.exists() else {}
+    doc = read_json(path) if os.path.lexists(path) else {}
+    if not isinstance(doc, dict):
+        raise FarmError(f"{path}: not a registry of workers")
     out = []
     for name, entry in sorted(doc.items()):
-        if not (WORKER_NAME.fullmatch(name) and isinstance(entry, dict)):
-            raise FarmError(f"{path}: bad entry {name!r}")
-        envs = tuple(e for e in entry.get("envs", [])
-                     if isinstance(e, str) and ENV_PAIR.fullmatch(e))
-        out.append(WorkerEntry(name, str(entry.get("password", "")), envs))
+        password = entry.get("password") if isinstance(entry, dict) else None
+        envs = entry.get("envs", []) if isinstance(entry, dict) else None
+        # A worker without its password would be one anybody could be.
+        if not (WORKER_NAME.fullmatch(name) and isinstance(password, str) and password
+                and isinstance(envs, list)):  # fmt: skip
+            raise FarmError(f"{path}: bad entry {printable(name, 60)}")
+        out.append(WorkerEntry(name, password, tuple(
+            e for e in envs if isinstance(e, str) and ENV_PAIR.fullmatch(e))))  # fmt: skip
     return out
 
 
 def register(master_dir: Path, entry: WorkerEntry) -> None:
-    """Add or replace a worker in the master's registry."""
+    """Add a worker to the master's registry, or its environments anew; a
+    second worker of a name (another password) is refused, not put in the
+    first one's place. One registration at a time (a lock beside it)."""
     check_worker_name(entry.name)
     for pair in entry.envs:
         if not ENV_PAIR.fullmatch(pair):
             raise FarmError(f"not an ENV/ARCH pair: {pair!r}")
+    if not os.path.lexists(master_dir / MASTER_FILE):
+        raise FarmError(f"{master_dir} is not a farm master (no {MASTER_FILE})")
+    check_folder(master_dir, MASTER_FILE, WORKERS_FILE)
     path = master_dir / WORKERS_FILE
-    doc = read_json(path) if path.exists() else {}
-    doc[entry.name] = {"password": entry.password, "envs": list(entry.envs)}
-    write_json(path, doc)
+    fd = os.open(master_dir / ".workers.lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        have = {w.name: w for w in workers(master_dir)}
+        old = have.get(entry.name)
+        if old is not None and old.password != entry.password:
+            raise FarmError(f"a worker {entry.name} is registered with {master_dir} already; "
+                            "choose another name, or remove it from "
+                            f"{WORKERS_FILE} first")  # fmt: skip
+        have[entry.name] = entry
+        write_json(path, {w.name: {"password": w.password, "envs": list(w.envs)}
+                          for w in have.values()})  # fmt: skip
+    finally:
+        os.close(fd)
 
 
 def check_worker_name(name: str) -> str:
@@ -194,5 +216,8 @@ def local_master() -> Path | None:
     path = local_master_file()
     if not path.exists():
         return None
-    found = read_json(path).get("dir")
+    doc = read_json(path)
+    found = doc.get("dir") if isinstance(doc, dict) else None
+    if not isinstance(found, str):
+        raise FarmError(f"{path}: names no master's folder")
     return Path(found) if isinstance(found, str) and (Path(found) / MASTER_FILE).is_file() else None

@@ -110,6 +110,9 @@ def create(folder: Path, master_spec: str, name: str) -> WorkerSetup:
     if record.is_file():
         settings.check_folder(folder, *master.WORKER_FILES)
         old = settings.read_json(record)
+        if not (isinstance(old, dict) and isinstance(old.get("password"), str)
+                and old["password"]):  # fmt: skip
+            raise FarmError(f"{record}: not a worker's record (remove the folder to make one)")
         if old.get("name") != name or old.get("master") != master_spec:
             raise FarmError(f"{folder} is the worker {old.get('name')!r} of "
                             f"{old.get('master')!r}; remove it to make another")
