@@ -86,3 +86,43 @@ def test_a_bad_note_of_the_local_master_is_one_line(
     (tmp_path / "nsbuild" / "farm-master.json").write_text("[]")
     with pytest.raises(FarmError, match=r"farm-master\.json"):
         settings.local_master()
+
+
+def test_a_worker_of_another_hosts_master_is_not_registered_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nsbuild.farm import worker
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    folder = _master(tmp_path)
+    settings.note_local_master(folder)
+    assert worker.local_master_for("127.0.0.1:9989") == folder
+    assert worker.local_master_for("localhost:9989") == folder
+    assert worker.local_master_for("build-master.invalid:9989") is None
+    assert worker.local_master_for("127.0.0.1:9990") is None
+
+
+def test_a_dsc_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    from nsbuild.farm.dscfiles import dsc_files
+
+    fifo = tmp_path / "x_1.dsc"
+    os.mkfifo(fifo)
+    said: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            dsc_files(fifo)
+        except BaseException as e:
+            said.append(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # unblock it, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("reading a FIFO .dsc blocked")
+    assert said and isinstance(said[0], FarmError)

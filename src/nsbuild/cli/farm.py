@@ -121,15 +121,10 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from nsbuild.farm import settings, worker
+    from nsbuild.farm import worker
 
     setup = worker.create(args.dir, args.master, args.name)
-    master_dir = args.master_dir
-    if master_dir is None:
-        local = settings.local_master()
-        _, port = worker.split_master(args.master)
-        if local is not None and settings.master_settings(local).pb_port == port:
-            master_dir = local
+    master_dir = args.master_dir or worker.local_master_for(args.master)
     if master_dir is not None:
         worker.register_locally(setup, master_dir.absolute())
         print(f"nsbuild farm: worker {setup.name} registered with {master_dir}: "

@@ -20,13 +20,15 @@ def dsc_files(dsc: Path) -> list[str]:
     """The names of the files `dsc` lists (Files, Checksums-Sha256)."""
     from debian.deb822 import Dsc
 
+    from nsbuild.userfile import read_small
+
     try:
-        with open(dsc, "rb") as f:
-            data = f.read(DSC_LIMIT + 1)
+        # Not a plain open: a FIFO would block (in the master, its reactor).
+        data = read_small(dsc, DSC_LIMIT)
     except OSError as e:
         raise DscError(f"cannot read {dsc}: {e.strerror}") from None
-    if len(data) > DSC_LIMIT:
-        raise DscError(f"{dsc}: larger than {DSC_LIMIT} bytes")
+    except ValueError as e:
+        raise DscError(f"{dsc}: {e}") from None
     doc = Dsc(data)
     names: list[str] = []
     for field in ("Files", "Checksums-Sha256"):

@@ -139,6 +139,19 @@ def create(folder: Path, master_spec: str, name: str) -> WorkerSetup:
     return setup
 
 
+def local_master_for(master_spec: str) -> Path | None:
+    """The master `nsbuild farm master` made here, if `master_spec` names
+    it: this machine, and its worker port (another host's master of the
+    same port is not this one)."""
+    from nsbuild.farm import listeners
+
+    host, port = split_master(master_spec)
+    local = settings.local_master()
+    if local is None or not listeners.resolve_local(host):
+        return None
+    return local if settings.master_settings(local).pb_port == port else None
+
+
 def register_locally(setup: WorkerSetup, master_dir: Path) -> None:
     """Add the worker to a master on this machine and make it read its workers again."""
     settings.register(master_dir, settings.WorkerEntry(setup.name, setup.password, setup.envs))
