@@ -111,3 +111,20 @@ def test_results_fetched_are_debian_names_and_write_over_nothing_of_the_users(
     assert elsewhere.read_text() == "the user's own\n"
     assert not (out / "x_1_all.deb").is_symlink()
     assert (out / "x_1_all.deb").read_text() == "from the worker: x_1_all.deb\n"
+
+
+def test_input_is_checked_whole_before_anything_is_submitted(tmp_path: Path) -> None:
+    good = tmp_path / "a_1.dsc"
+    good.write_text("Format: 1.0\nSource: a\nFiles:\n 00 1 a_1.tar.gz\n")
+    (tmp_path / "a_1.tar.gz").write_text("x")
+    bad = tmp_path / "b_1.dsc"
+    bad.write_text("Format: 1.0\nSource: b\nFiles:\n 00 1 b_1.tar.gz\n")
+    master = tmp_path / "master"
+    master.mkdir(mode=0o700)
+    # No master answers at this URL: a request would be a connection error.
+    rest = Rest("http://127.0.0.1:9/")
+    with pytest.raises(FarmError, match=r"b_1\.tar\.gz is missing"):
+        submit.submit(rest, "bookworm-amd64", master, [good, bad], [])
+    with pytest.raises(FarmError, match="not a package"):
+        submit.submit(rest, "bookworm-amd64", None, [], ["hello", "Bad Name"])
+    assert not (master / "sources").exists()

@@ -83,18 +83,27 @@ def choose_builder(rest: Rest, env: str | None, arch: str | None) -> str:
     raise FarmError(f"several builders fit; choose with --env and --arch (builders: {have})")
 
 
-def stage_dsc(master_dir: Path, dsc: Path) -> str:
-    """Copy a .dsc and its files into the master's sources/; the path to give it."""
+def check_dsc(dsc: Path) -> list[str]:
+    """The files of a .dsc to send, all present; FarmError if not."""
     names = dsc_files(dsc)
     if not plain_name(dsc.name) or not dsc.name.endswith(".dsc"):
         raise FarmError(f"not a .dsc: {dsc}")
     for n in names:
         if not (dsc.parent / n).is_file():
             raise FarmError(f"{dsc.parent / n} is missing (the .dsc lists it)")
+    return names
+
+
+def stage_dsc(master_dir: Path, dsc: Path) -> str:
+    """Copy a .dsc and its files into the master's sources/; the path to give it."""
+    names = check_dsc(dsc)
     folder = master_dir / settings.SOURCES_DIR / secrets.token_hex(8)
-    folder.mkdir(parents=True)
-    for n in [dsc.name, *names]:
-        shutil.copyfile(dsc.parent / n, folder / n)
+    try:
+        folder.mkdir(parents=True)
+        for n in [dsc.name, *names]:
+            shutil.copyfile(dsc.parent / n, folder / n)
+    except OSError as e:
+        raise FarmError(f"cannot copy {dsc.name} into {folder}: {e.strerror}") from None
     return f"{settings.SOURCES_DIR}/{folder.name}/{dsc.name}"
 
 
@@ -125,15 +134,24 @@ def read_list(path: Path) -> list[str]:
 
 def submit(rest: Rest, builder: str, master_dir: Path | None, dscs: list[Path],
            sources: list[str]) -> list[Submitted]:  # fmt: skip
-    out = []
+    # All checked before the first is submitted: a bad one in the middle
+    # would leave the ones before it queued.
+    if dscs and master_dir is None:
+        raise FarmError("a .dsc is sent through the master's folder: the master must be "
+                        "on this machine (`nsbuild farm master`); else use --from-archive")
     for dsc in dscs:
-        if master_dir is None:
-            raise FarmError("a .dsc is sent through the master's folder: the master must be "
-                            "on this machine (`nsbuild farm master`); else use --from-archive")
-        staged = stage_dsc(master_dir, dsc)
-        out.append(Submitted(dsc.name, builder, rest.force(SCHEDULER, builder, dsc=staged)))
+        check_dsc(dsc)
     for spec in sources:
-        split_source(spec)
+        try:
+            split_source(spec)
+        except ValueError as e:
+            raise FarmError(str(e)) from None
+    out = []
+    if master_dir is not None:
+        for dsc in dscs:
+            staged = stage_dsc(master_dir, dsc)
+            out.append(Submitted(dsc.name, builder, rest.force(SCHEDULER, builder, dsc=staged)))
+    for spec in sources:
         out.append(Submitted(spec, builder, rest.force(SCHEDULER, builder, source=spec)))
     return out
 
