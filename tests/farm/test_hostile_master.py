@@ -128,3 +128,30 @@ def test_input_is_checked_whole_before_anything_is_submitted(tmp_path: Path) -> 
     with pytest.raises(FarmError, match="not a package"):
         submit.submit(rest, "bookworm-amd64", None, [], ["hello", "Bad Name"])
     assert not (master / "sources").exists()
+
+
+def test_waiting_outlasts_a_master_restart() -> None:
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    servers: list[http.server.HTTPServer] = []
+
+    def come_back() -> None:
+        time.sleep(2)
+        server = http.server.HTTPServer(("127.0.0.1", port), _Master)
+        servers.append(server)
+        server.serve_forever()
+
+    threading.Thread(target=come_back, daemon=True).start()
+    said: list[str] = []
+    try:
+        submit.wait(Rest(f"http://127.0.0.1:{port}/"),
+                    [submit.Submitted("b.dsc", "bookworm-amd64", 6)], said.append)  # fmt: skip
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert said[-1] == "b.dsc: done"

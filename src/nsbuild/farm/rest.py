@@ -19,6 +19,10 @@ ANSWER_LIMIT = 16 << 20
 TIMEOUT = 30.0
 
 
+class Unreachable(FarmError):
+    """No answer at all (the master stopped, restarting, or gone)."""
+
+
 REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -88,7 +92,7 @@ class Rest:
             raise FarmError(f"the master at {self.url} answered {e.code}: "
                             f"{printable(body.strip(), 300)}") from None  # fmt: skip
         except (OSError, urllib.error.URLError) as e:
-            raise FarmError(f"the master at {self.url} cannot be reached: {e}") from None
+            raise Unreachable(f"the master at {self.url} cannot be reached: {e}") from None
         if len(data) > ANSWER_LIMIT:
             raise FarmError(f"the master at {self.url} answered more than {ANSWER_LIMIT} bytes")
         try:

@@ -24,11 +24,12 @@ from nsbuild.farm import settings
 from nsbuild.farm.dscfiles import dsc_files
 from nsbuild.farm.errors import FarmError
 from nsbuild.farm.outcome import plain_name, split_source
-from nsbuild.farm.rest import Rest
+from nsbuild.farm.rest import Rest, Unreachable
 from nsbuild.printable import printable
 
 SCHEDULER = "build"
 POLL = 1.0  # seconds between two looks at the master
+RESTART_WAIT = 300.0  # how long --wait waits for a master that stopped answering
 
 
 @dataclass
@@ -157,9 +158,27 @@ def submit(rest: Rest, builder: str, master_dir: Path | None, dscs: list[Path],
 
 
 def wait(rest: Rest, jobs: list[Submitted], say: Any) -> None:
-    """Poll until every request is complete; say what changes."""
+    """Poll until every request is complete; say what changes. A master
+    that stops answering is waited for (RESTART_WAIT): its queued builds run
+    once it is back."""
+    gone: float | None = None
+    while True:
+        try:
+            _wait(rest, jobs, say)
+            return
+        except Unreachable as e:
+            now = time.monotonic()
+            if gone is None:
+                gone = now
+                say(f"{e}; waiting up to {RESTART_WAIT:.0f}s for it to come back")
+            elif now - gone > RESTART_WAIT:
+                raise
+            time.sleep(POLL)
+
+
+def _wait(rest: Rest, jobs: list[Submitted], say: Any) -> None:
     seen: dict[int, str] = {}
-    pending = list(jobs)
+    pending = [j for j in jobs if j.properties is None]
     workers = _workers(rest)
     while pending:
         for job in list(pending):
