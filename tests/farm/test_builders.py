@@ -126,3 +126,12 @@ def test_a_dsc_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
             pass
         pytest.fail("reading a FIFO .dsc blocked")
     assert said and isinstance(said[0], FarmError)
+
+
+def test_a_root_worker_needs_saying_so() -> None:
+    from nsbuild.farm import worker
+
+    with pytest.raises(FarmError, match="--as-root"):
+        worker.check_user(0, as_root=False)
+    worker.check_user(0, as_root=True)
+    worker.check_user(1000, as_root=False)

@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="the master's folder on this machine (default: the one "
                    "`nsbuild farm master` made, if its worker port is PORT)")
     p.add_argument("--no-start", action="store_true", help="only write and register it")
+    p.add_argument("--as-root", action="store_true",
+                   help="allow running it as root (its master's commands then run as root)")
     p.set_defaults(func=cmd_worker)
 
     p = f_sub.add_parser("add-worker", help="register a worker made on another machine",
@@ -123,7 +125,7 @@ def cmd_master(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from nsbuild.farm import worker
 
-    setup = worker.create(args.dir, args.master, args.name)
+    setup = worker.create(args.dir, args.master, args.name, args.as_root)
     master_dir = args.master_dir or worker.local_master_for(args.master)
     if master_dir is not None:
         worker.register_locally(setup, master_dir.absolute())

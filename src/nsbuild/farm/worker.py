@@ -90,8 +90,17 @@ def set_password(tac: Path, password: str) -> None:
     settings.write_text(tac, text.replace(line, f"passwd = {password!r}\n"))
 
 
-def create(folder: Path, master_spec: str, name: str) -> WorkerSetup:
+def check_user(euid: int, as_root: bool) -> None:
+    """A worker runs whatever its master (or whatever holds the master's
+    port) sends: as root only when asked for (kernel firewall engines)."""
+    if euid == 0 and not as_root:
+        raise FarmError("farm worker as root runs the master's commands as root: run it as "
+                        "an unprivileged user, or pass --as-root if that is meant")  # fmt: skip
+
+
+def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> WorkerSetup:
     """Make the worker (or read the one there) and note its environments."""
+    check_user(os.geteuid(), as_root)
     folder = folder.absolute()
     settings.check_worker_name(name)
     split_master(master_spec)
