@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from inputs import tarball
 
-from nsbuild.farm import listeners, master, settings, worker
+from nsbuild.farm import daemons, listeners, master, settings, worker
 from nsbuild.farm.errors import FarmError
 from nsbuild.farm.rest import Rest
 
@@ -128,7 +128,7 @@ def test_a_squatter_on_the_web_port_is_not_a_started_master(tmp_path: Path,
         (folder / "twistd.pid").write_text(f"{sleeper.pid}\n")
         # `farm stop` signals only the folder's own daemon.
         with pytest.raises(FarmError, match="not the master"):
-            master.stop(folder)
+            daemons.stop(folder)
         assert sleeper.poll() is None
         # The stale pid file is dropped, and whatever answers on the web
         # port is not taken for the master started.
@@ -156,7 +156,7 @@ def test_a_farm_folder_others_could_change_is_refused(tmp_path: Path, what: str)
     else:
         target = tmp_path / "link"
         target.symlink_to(folder)
-    for act in (master.start, master.stop, master.reconfig):
+    for act in (master.start, daemons.stop, master.reconfig):
         with pytest.raises(FarmError, match=r"writable|symbolic"):
             act(target)
     if what != "cfg-mode":
@@ -190,7 +190,7 @@ def test_the_orphan_killer_ends_only_a_workers_own_commands(tmp_path: Path) -> N
     (real / "build").mkdir(parents=True)
     link = tmp_path / "w1"
     link.symlink_to(real)
-    marked = master.clean_environment(worker.marker(link))
+    marked = daemons.clean_environment(worker.marker(link))
     # A build command the killed worker left, and the user's shell in there.
     orphan = subprocess.Popen(["sleep", "60"], cwd=real / "build", env=marked)
     shell = subprocess.Popen(["sleep", "60"], cwd=real / "build")

@@ -90,14 +90,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_master(args: argparse.Namespace) -> int:
-    from nsbuild.farm import master, settings
+    from nsbuild.farm import daemons, master, settings
 
     for port in (args.port_www, args.port_pb):
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"bad port {port}")
     folder = args.dir.absolute()
     given = (args.port_www, args.port_pb, args.interface, args.pb_interface)
-    if master.is_master(folder):
+    if daemons.is_master(folder):
         have = settings.master_settings(folder)
         if any(g is not None and g != h
                for g, h in zip(given, (have.www_port, have.pb_port, have.interface,
@@ -153,9 +153,9 @@ def cmd_add_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from nsbuild.farm import master
+    from nsbuild.farm import daemons
 
-    if not master.stop(args.dir.absolute()):
+    if not daemons.stop(args.dir.absolute()):
         print(f"nsbuild farm: {args.dir} was not running", file=sys.stderr)
     return 0
 

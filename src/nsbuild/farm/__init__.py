@@ -9,7 +9,9 @@ user's own builds are.
     steps.py     the Buildbot steps (fetch the source, build, upload)
     outcome.py   a build's JSON summary read, and what Buildbot is told of it
     settings.py  a master's settings and its registry of workers (files)
-    master.py    `nsbuild farm master` and `stop`: a master made and run
+    daemons.py   Buildbot's tools run, and a folder's twistd known and stopped
+    listeners.py who holds a TCP port here (/proc/net/tcp): ours or not
+    master.py    `nsbuild farm master`: a master made and run
     worker.py    `nsbuild farm worker`: a worker made, registered and run
     rest.py      the master's REST interface, as a client
     submit.py    `nsbuild farm submit` and `status`

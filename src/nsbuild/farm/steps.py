@@ -49,7 +49,7 @@ ls -1 -- *.dsc | tail -n 1
 """
 
 
-def nsbuild_command(step: buildstep.BuildStep) -> str:
+def worker_nsbuild(step: buildstep.BuildStep) -> str:
     """The worker's nsbuild, as it said at connection (info/nsbuild-command)."""
     info = step.build.getWorkerInfo()
     found = info.getProperty("nsbuild-command") if info is not None else None
@@ -171,7 +171,7 @@ class FetchFromArchive(buildstep.ShellMixin, buildstep.BuildStep):
 
     @defer.inlineCallbacks
     def run(self) -> Any:
-        argv = [nsbuild_command(self), "run", "--env", self.nsbuild_env, "--net", "allow",
+        argv = [worker_nsbuild(self), "run", "--env", self.nsbuild_env, "--net", "allow",
                 "--allow-from-env", "--bind", f"{SRC}:/src", "--chdir", "/src", "--",
                 "sh", "-c", FETCH_SCRIPT, "sh", self.source]  # fmt: skip
         cmd = yield bounded_command(self, argv)
@@ -212,7 +212,7 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
 
     @defer.inlineCallbacks
     def run(self) -> Any:
-        argv = [nsbuild_command(self), "build", "-v", "--json", "--env", self.nsbuild_env,
+        argv = [worker_nsbuild(self), "build", "-v", "--json", "--env", self.nsbuild_env,
                 "--out", OUT, str(self.getProperty("nsbuild_input"))]  # fmt: skip
         cmd = yield bounded_command(self, argv)
         yield self.runCommand(cmd)

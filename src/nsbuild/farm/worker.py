@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nsbuild.farm import master, settings
+from nsbuild.farm import daemons, master, settings
 from nsbuild.farm.errors import FarmError
 from nsbuild.printable import printable
 
@@ -111,13 +111,13 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> 
         # Every build installs packages as apt's _apt and builds as a user of its own.
         raise FarmError(f"a worker's builds need a subordinate id range: {lacking}")
     record = folder / settings.WORKER_FILE
-    env = master.clean_environment()
+    env = daemons.clean_environment()
     envs = tuple(environments(env))
     if not envs:
         raise FarmError("no environment to build in: create one first "
                         "(nsbuild env create bookworm --suite bookworm)")
     if record.is_file():
-        settings.check_folder(folder, *master.WORKER_FILES)
+        settings.check_folder(folder, *daemons.WORKER_FILES)
         old = settings.read_json(record)
         if not (isinstance(old, dict) and isinstance(old.get("password"), str)
                 and old["password"]):  # fmt: skip
@@ -133,7 +133,7 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> 
         password = secrets.token_urlsafe(24)
         # A command line is readable by every local user (/proc/PID/cmdline):
         # the worker is made with a placeholder, its .tac then rewritten.
-        master.run_tool([master.tool("buildbot-worker"), "create-worker", "--quiet",
+        daemons.run_tool([daemons.tool("buildbot-worker"), "create-worker", "--quiet",
                          "--umask=0o22", "--maxdelay=10", str(folder), master_spec, name,
                          PLACEHOLDER], env=env)  # fmt: skip
         set_password(folder / "buildbot.tac", password)
@@ -258,20 +258,20 @@ def start(folder: Path) -> None:
     all with the clean environment."""
     from nsbuild.farm import listeners
 
-    settings.check_folder(folder, *master.WORKER_FILES)
+    settings.check_folder(folder, *daemons.WORKER_FILES)
     record = settings.read_json(folder / settings.WORKER_FILE)
     host, port = split_master(str(record.get("master", "")) if isinstance(record, dict) else "")
     if listeners.resolve_local(host):
         # A PB login proves the worker to the master, not the master to the
         # worker: on this machine, what holds the port must be the user's.
         listeners.check_ours(port, "the master's worker port")
-    env = master.clean_environment(marker(folder))
-    if master.pid_of(folder) is None:
-        master.drop_stale_pid(folder)
+    env = daemons.clean_environment(marker(folder))
+    if daemons.pid_of(folder) is None:
+        daemons.drop_stale_pid(folder)
         end_orphans(folder)
     gc = subprocess.run([nsbuild_command(), "gc"], env=env, stdin=subprocess.DEVNULL,
                         capture_output=True, text=True)  # fmt: skip
     if gc.returncode != 0:
         sys.stderr.write(f"nsbuild farm: nsbuild gc: {printable(gc.stderr.strip(), 500)}\n")
-    if master.pid_of(folder) is None:
-        master.run_tool([master.tool("buildbot-worker"), "start", str(folder)], env=env)
+    if daemons.pid_of(folder) is None:
+        daemons.run_tool([daemons.tool("buildbot-worker"), "start", str(folder)], env=env)
