@@ -5,6 +5,7 @@ before anything in them runs or is signalled. Real commands and sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import subprocess
@@ -213,3 +214,30 @@ def test_a_bad_worker_record_is_one_line(config: Path, tmp_path: Path, doc: str)
     (folder / settings.WORKER_FILE).chmod(0o600)
     with pytest.raises(FarmError, match=settings.WORKER_FILE):
         worker.create(folder, "127.0.0.1:9989", "w1")
+
+
+def test_a_running_worker_does_not_connect_to_another_users_port(
+    config: Path, tmp_path: Path
+) -> None:
+    """The worker reconnects by itself: what holds the master's port then
+    is checked by the worker too, not only by `farm worker` at its start."""
+    import time
+
+    port = _root_listener()
+    if port is None:
+        pytest.skip("no port of another user's listens here")
+    setup = worker.create(tmp_path / "w1", f"127.0.0.1:{port}", "w1")
+    # Started as `farm worker` would, without its own check at the start
+    # (buildbot-worker start fails when no master answers in 10 s; the
+    # daemon stays and keeps trying).
+    with contextlib.suppress(FarmError):
+        daemons.run_tool([daemons.tool("buildbot-worker"), "start", str(setup.folder)],
+                         env=daemons.clean_environment(worker.marker(setup.folder)))  # fmt: skip
+    try:
+        log = setup.folder / "twistd.log"
+        deadline = time.monotonic() + 20
+        while "not yours" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "not yours" in log.read_text()
+    finally:
+        daemons.stop(setup.folder)

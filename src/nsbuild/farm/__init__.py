@@ -16,5 +16,8 @@ user's own builds are.
     rest.py      the master's REST interface, as a client
     submit.py    `nsbuild farm submit` and `status`
 
-Everything but buildbot.py and steps.py runs without Buildbot imported.
+    pbguard.py   in a worker's twistd: connect only to a port the master's user holds
+
+Everything but buildbot.py, steps.py and pbguard.py runs without Buildbot
+(or Twisted) imported.
 """

@@ -66,10 +66,14 @@ def _is_daemon_of(pid: int, folder: Path) -> bool:
             return False
         cwd = os.readlink(f"/proc/{pid}/cwd")
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read(1 << 16)
+            argv = f.read(1 << 16).split(b"\0")
     except OSError:
         return False
-    return cwd == str(folder.resolve()) and b"twistd" in cmdline
+    # buildbot start execs a Python running twistd; buildbot-worker start
+    # forks into twistd with its own command line kept.
+    daemon = any(b"twistd" in a for a in argv) or (
+        len(argv) > 2 and argv[1].endswith(b"/buildbot-worker") and argv[2] == b"start")
+    return cwd == str(folder.resolve()) and daemon
 
 
 def recorded_pid(folder: Path) -> int | None:

@@ -81,13 +81,25 @@ class WorkerSetup:
 PLACEHOLDER = "nsbuild-placeholder-replaced-at-once"
 
 
+GUARD = """
+# Added by `nsbuild farm worker`: to a master on this machine, connect only
+# while its port is held by the master's user (nsbuild.farm.pbguard).
+from nsbuild.farm.pbguard import guard
+guard(s, buildmaster_host, port, {uid})
+"""
+
+
 def set_password(tac: Path, password: str) -> None:
-    """Put the worker's password in its buildbot.tac (Python, 0600), whole."""
+    """Put the worker's password in its buildbot.tac (Python, 0600), whole,
+    and the guard of its connection."""
     text = tac.read_text()
     line = f"passwd = {PLACEHOLDER!r}\n"
-    if text.count(line) != 1:
+    if text.count(line) != 1 or "s.setServiceParent(application)\n" not in text:
         raise FarmError(f"{tac}: not the buildbot.tac create-worker writes")
-    settings.write_text(tac, text.replace(line, f"passwd = {password!r}\n"))
+    # The master's user: the worker's own (a master of another user here
+    # is not supported by the guard).
+    text = text.replace(line, f"passwd = {password!r}\n") + GUARD.format(uid=os.getuid())
+    settings.write_text(tac, text)
 
 
 def check_user(euid: int, as_root: bool) -> None:
