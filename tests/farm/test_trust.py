@@ -241,3 +241,17 @@ def test_a_running_worker_does_not_connect_to_another_users_port(
         assert "not yours" in log.read_text()
     finally:
         daemons.stop(setup.folder)
+
+
+def test_a_worker_keeps_the_environment_it_was_made_with(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-w1"))
+    setup = worker.create(tmp_path / "w1", "127.0.0.1:9989", "w1")
+    # Started again later from another shell: its cache is still its own.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    env = worker.environment(setup.folder)
+    assert env["XDG_CACHE_HOME"] == str(tmp_path / "cache-w1")
+    assert env["XDG_CONFIG_HOME"] == str(config)
+    assert env[worker.MARKER] == str(setup.folder.resolve())

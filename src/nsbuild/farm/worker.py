@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nsbuild.farm import daemons, master, settings
 from nsbuild.farm.errors import FarmError
@@ -72,9 +73,26 @@ class WorkerSetup:
     password: str
     envs: tuple[str, ...]
 
+    environment: tuple[tuple[str, str], ...] = ()  # KEPT's values at its making
+
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "master": self.master, "password": self.password,
-                "envs": list(self.envs)}  # fmt: skip
+                "envs": list(self.envs), "environment": dict(self.environment)}  # fmt: skip
+
+
+# What of the caller's environment a worker keeps from its making: its
+# builds' config and cache are its own, whichever shell starts it again.
+KEPT = ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR")
+
+
+def environment(folder: Path) -> dict[str, str]:
+    """The environment the worker in `folder` runs with: the clean one,
+    the variables it was made with, and its marker."""
+    record = settings.read_json(folder / settings.WORKER_FILE)
+    kept = record.get("environment") if isinstance(record, dict) else None
+    kept = {k: v for k, v in kept.items() if k in KEPT and isinstance(v, str)} \
+        if isinstance(kept, dict) else {}  # fmt: skip
+    return daemons.clean_environment({**kept, **marker(folder)})
 
 
 # The password create-worker is given; never one a master accepts.
@@ -128,6 +146,7 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> 
     if not envs:
         raise FarmError("no environment to build in: create one first "
                         "(nsbuild env create bookworm --suite bookworm)")
+    old: dict[str, Any] = {}
     if record.is_file():
         settings.check_folder(folder, *daemons.WORKER_FILES)
         old = settings.read_json(record)
@@ -149,7 +168,10 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> 
                          "--umask=0o22", "--maxdelay=10", str(folder), master_spec, name,
                          PLACEHOLDER], env=env)  # fmt: skip
         set_password(folder / "buildbot.tac", password)
-    setup = WorkerSetup(folder, name, master_spec, password, envs)
+    made = old.get("environment")
+    kept = {k: v for k, v in made.items() if k in KEPT and isinstance(v, str)} \
+        if isinstance(made, dict) else {k: env[k] for k in KEPT if k in env}  # fmt: skip
+    setup = WorkerSetup(folder, name, master_spec, password, envs, tuple(sorted(kept.items())))
     info = folder / "info"
     info.mkdir(exist_ok=True)
     (info / "nsbuild-envs").write_text(" ".join(envs) + "\n")
@@ -277,7 +299,7 @@ def start(folder: Path) -> None:
         # A PB login proves the worker to the master, not the master to the
         # worker: on this machine, what holds the port must be the user's.
         listeners.check_ours(port, "the master's worker port")
-    env = daemons.clean_environment(marker(folder))
+    env = environment(folder)
     if daemons.pid_of(folder) is None:
         daemons.drop_stale_pid(folder)
         end_orphans(folder)
