@@ -255,3 +255,13 @@ def test_a_worker_keeps_the_environment_it_was_made_with(
     assert env["XDG_CACHE_HOME"] == str(tmp_path / "cache-w1")
     assert env["XDG_CONFIG_HOME"] == str(config)
     assert env[worker.MARKER] == str(setup.folder.resolve())
+
+
+def test_a_worker_folder_that_cannot_be_written_is_one_line(config: Path, tmp_path: Path) -> None:
+    setup = worker.create(tmp_path / "w1", "127.0.0.1:9989", "w1")
+    import shutil
+
+    shutil.rmtree(setup.folder / "info")
+    (setup.folder / "info").write_text("not a folder\n")
+    with pytest.raises(FarmError, match="info"):
+        worker.create(setup.folder, "127.0.0.1:9989", "w1")

@@ -173,12 +173,15 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> 
         if isinstance(made, dict) else {k: env[k] for k in KEPT if k in env}  # fmt: skip
     setup = WorkerSetup(folder, name, master_spec, password, envs, tuple(sorted(kept.items())))
     info = folder / "info"
-    info.mkdir(exist_ok=True)
-    (info / "nsbuild-envs").write_text(" ".join(envs) + "\n")
-    (info / "nsbuild-command").write_text(nsbuild_command() + "\n")
-    (info / "admin").write_text(f"{env.get('USER', os.getuid())} (nsbuild farm worker)\n")
-    (info / "host").write_text(socket.gethostname() + "\n")
-    settings.write_json(record, setup.to_json())
+    try:
+        info.mkdir(exist_ok=True)
+        (info / "nsbuild-envs").write_text(" ".join(envs) + "\n")
+        (info / "nsbuild-command").write_text(nsbuild_command() + "\n")
+        (info / "admin").write_text(f"{env.get('USER', os.getuid())} (nsbuild farm worker)\n")
+        (info / "host").write_text(socket.gethostname() + "\n")
+        settings.write_json(record, setup.to_json())
+    except OSError as e:
+        raise FarmError(f"cannot write the worker's {e.filename or info}: {e.strerror}") from None
     return setup
 
 
