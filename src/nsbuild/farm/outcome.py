@@ -112,7 +112,7 @@ RESERVED = frozenset({"summary.json"})
 @dataclass(frozen=True)
 class Upload:
     path: str  # on the worker
-    maxsize: int  # what the summary claims (artifacts), or LOG_FILE_MAX
+    maxsize: int  # what the summary claims + 1 (artifacts), or LOG_FILE_MAX
     sha256: str | None  # what the summary claims, checked after the upload
 
 
@@ -134,7 +134,10 @@ def files(summary: dict[str, Any]) -> dict[str, Upload]:
         for a in artifacts:
             size = a.get("size") if isinstance(a, dict) else None
             if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_FILE:
-                found.append((a.get("path"), size, _sha256(a.get("sha256"))))
+                # A worker's upload of exactly maxsize bytes fails (Buildbot
+                # 4.3 says "maximum filesize reached" before it sees the end):
+                # one byte more, which the sha256 check then catches.
+                found.append((a.get("path"), size + 1, _sha256(a.get("sha256"))))
     out: dict[str, Upload] = {}
     for path, size, sha256 in found:
         if isinstance(path, str) and path.startswith("/") and len(path) < 4096:
