@@ -199,3 +199,49 @@ def test_bad_input_is_one_line_and_exit_2(farm: Farm, tmp_path: Path) -> None:
     assert f"{listing}:2: not a package name[=version]: 'hello world'" in bad.stderr
     # Nothing was submitted: the list is read whole first.
     assert farm.nsbuild("farm", "status").stdout.strip() == "no builds queued or running"
+
+
+def test_a_builds_output_is_kept_bounded_on_the_master(farm: Farm, tmp_path: Path) -> None:
+    """A source decides how much its build prints; the master keeps
+    steps.LOG_LIMIT characters of it, then says it cut."""
+    from nsbuild.farm.steps import LOG_LIMIT
+
+    loud = make_package(tmp_path, "nsb-farm-loud",
+                        build=f"head -c {LOG_LIMIT + (8 << 20)} /dev/zero | tr '\\0' x "
+                        "| fold -w 99")  # fmt: skip
+    proc = farm.nsbuild("farm", "submit", str(dsc_of(loud)), "--wait", "--out",
+                        str(tmp_path / "out"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    builds = farm.get("builds?field=buildid&field=properties&property=nsbuild_package")
+    assert isinstance(builds, dict)
+    buildid = max(b["buildid"] for b in builds["builds"]
+                  if b["properties"].get("nsbuild_package", [""])[0] == "nsb-farm-loud")
+    steps = farm.get(f"builds/{buildid}/steps?field=stepid&field=name")
+    assert isinstance(steps, dict)
+    (step,) = [s["stepid"] for s in steps["steps"] if s["name"] == "nsbuild build"]
+    logs = farm.get(f"steps/{step}/logs")
+    assert isinstance(logs, dict)
+    (stdio,) = [x for x in logs["logs"] if x["name"] == "stdio"]
+    lines = stdio["num_lines"]
+    assert lines < LOG_LIMIT // 99
+    tail = farm.get(f"logs/{stdio['logid']}/contents?offset={max(lines - 5, 0)}&limit=5")
+    assert isinstance(tail, dict)
+    assert "output cut here" in str(tail)
+
+
+def test_a_dsc_whose_files_the_master_lacks_is_an_error(farm: Farm, tmp_path: Path) -> None:
+    """Bad input (EXCEPTION, buildd's error), not a package that failed."""
+    import json
+
+    from nsbuild.farm import submit
+    from nsbuild.farm.rest import Rest
+
+    staged = farm.master / "sources" / "lacking"
+    staged.mkdir(parents=True)
+    shutil.copy(fixture_dsc("hello_2.10-3"), staged)
+    password = json.loads((farm.master / "nsbuild-master.json").read_text())["password"]
+    rest = Rest(farm.url, "nsbuild", password)
+    job = submit.Submitted("hello", "bookworm-amd64", rest.force(
+        "build", "bookworm-amd64", dsc="sources/lacking/hello_2.10-3.dsc"))
+    submit.wait(rest, [job], lambda _: None)
+    assert submit.status_of(job) == "error"

@@ -150,6 +150,10 @@ class FetchSource(buildstep.BuildStep):
             names = [path.name, *dsc_files(path)]
         except DscError as e:
             return str(e)
+        # Bad input, not a build that failed: said before any download.
+        lacking = [n for n in names if not (path.parent / n).is_file()]
+        if lacking:
+            return f"the master lacks files the .dsc lists: {', '.join(lacking)[:300]}"
         return [
             FileDownload(mastersrc=str(path.parent / n), workerdest=f"{SRC}/{n}",
                          maxsize=MAX_FILE, mode=0o644, name=f"download {n}",
