@@ -42,8 +42,10 @@ def create(master_dir: Path, www_port: int, pb_port: int, interface: str,
     master_dir = master_dir.absolute()
     if is_master(master_dir):
         return False
-    if master_dir.exists() and any(master_dir.iterdir()):
-        raise FarmError(f"{master_dir} exists and is not an nsbuild farm master")
+    if master_dir.exists():
+        settings.check_private(master_dir)  # before chmod: someone else's is refused
+        if any(master_dir.iterdir()):
+            raise FarmError(f"{master_dir} exists and is not an nsbuild farm master")
     master_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Its files hold the web password and the workers' (and Python).
     master_dir.chmod(0o700)
