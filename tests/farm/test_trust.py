@@ -96,21 +96,17 @@ def squatter() -> Iterator[int]:
         server.server_close()
 
 
-def _root_listener() -> int | None:
-    """A loopback-reachable TCP port another user (root) listens on, if any."""
-    for found in listeners.listening():
-        if found.uid != os.getuid() and found.host in ("0.0.0.0", "127.0.0.1"):
-            return found.port
-    return None
+# Another user's listener, played by one of ours: the check is told the
+# master's user is someone else (no port of a real other user is touched).
+OTHER = os.getuid() + 1
 
 
-def test_the_web_password_goes_only_to_a_listener_of_ours(squatter: int) -> None:
-    port = _root_listener()
-    if port is None:
-        pytest.skip("no port of another user's listens here")
-    with pytest.raises(FarmError, match="not yours"):
-        Rest(f"http://127.0.0.1:{port}/", "nsbuild", "secret-secret-secret").login()
-    # Ours (this process's) passes.
+def test_the_web_password_goes_only_to_the_masters_users_listener(squatter: int) -> None:
+    _Answer.seen.clear()
+    with pytest.raises(FarmError, match="held by uid"):
+        Rest(f"http://127.0.0.1:{squatter}/", "nsbuild", "secret-secret-secret",
+             owner=OTHER).login()  # fmt: skip
+    assert _Answer.seen == []  # nothing was sent
     assert [x.uid for x in listeners.listening() if x.port == squatter] == [os.getuid()]
 
 
@@ -221,26 +217,37 @@ def test_a_running_worker_does_not_connect_to_another_users_port(
 ) -> None:
     """The worker reconnects by itself: what holds the master's port then
     is checked by the worker too, not only by `farm worker` at its start."""
+    import socket
     import time
 
-    port = _root_listener()
-    if port is None:
-        pytest.skip("no port of another user's listens here")
-    setup = worker.create(tmp_path / "w1", f"127.0.0.1:{port}", "w1")
-    # Started as `farm worker` would, without its own check at the start
-    # (buildbot-worker start fails when no master answers in 10 s; the
-    # daemon stays and keeps trying).
-    with contextlib.suppress(FarmError):
-        daemons.run_tool([daemons.tool("buildbot-worker"), "start", str(setup.folder)],
-                         env=daemons.clean_environment(worker.marker(setup.folder)))  # fmt: skip
-    try:
-        log = setup.folder / "twistd.log"
-        deadline = time.monotonic() + 20
-        while "not yours" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert "not yours" in log.read_text()
-    finally:
-        daemons.stop(setup.folder)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(5)
+        port = int(srv.getsockname()[1])
+        setup = worker.create(tmp_path / "w1", f"127.0.0.1:{port}", "w1")
+        tac = setup.folder / "buildbot.tac"
+        text = tac.read_text()
+        mine = f"guard(s, buildmaster_host, port, {os.getuid()})"
+        assert mine in text
+        # The master's user is another: this listener, ours, is not its.
+        settings.write_text(tac, text.replace(mine, f"guard(s, buildmaster_host, port, {OTHER})"))
+        # Started as `farm worker` would, without its own check at the start
+        # (buildbot-worker start fails when no master answers in 10 s; the
+        # daemon stays and keeps trying).
+        with contextlib.suppress(FarmError):
+            daemons.run_tool([daemons.tool("buildbot-worker"), "start", str(setup.folder)],
+                             env=worker.environment(setup.folder))  # fmt: skip
+        try:
+            srv.settimeout(5)
+            with pytest.raises(TimeoutError):
+                srv.accept()
+            log = setup.folder / "twistd.log"
+            deadline = time.monotonic() + 20
+            while "held by uid" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert "held by uid" in log.read_text()
+        finally:
+            daemons.stop(setup.folder)
 
 
 def test_a_worker_keeps_the_environment_it_was_made_with(

@@ -62,14 +62,16 @@ def is_local(host: str) -> bool:
         return False
 
 
-def check_ours(port: int, what: str) -> list[Listener]:
-    """The listeners on `port`; FarmError if one is not the caller's (any
-    address: a wildcard listener answers loopback too)."""
+def check_ours(port: int, what: str, owner: int | None = None) -> list[Listener]:
+    """The listeners on `port`; FarmError if one is not `owner`'s (the
+    caller by default; any address: a wildcard listener answers loopback
+    too)."""
+    owner = os.getuid() if owner is None else owner
     found = [x for x in listening() if x.port == port]
     for x in found:
-        if x.uid != os.getuid():
-            raise FarmError(f"{what}: port {port} is held by uid {x.uid}, not yours: "
-                            "not sending it anything")  # fmt: skip
+        if x.uid != owner:
+            raise FarmError(f"{what}: port {port} is held by uid {x.uid}, not the master's "
+                            f"user (uid {owner}): not sending it anything")  # fmt: skip
     return found
 
 

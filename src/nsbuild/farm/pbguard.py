@@ -40,7 +40,8 @@ class OwnedEndpoint:
             for x in found:
                 if x.uid != self.uid:
                     raise FarmError(f"the master's port {self.port} is held by uid {x.uid}, "
-                                    f"not yours (uid {self.uid}): not connecting")  # fmt: skip
+                                    f"not the master's user (uid {self.uid}): "
+                                    "not connecting")  # fmt: skip
         except FarmError as e:
             log.msg(f"nsbuild farm: {e}")
             refused: Any = error.ConnectError

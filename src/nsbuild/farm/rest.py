@@ -35,11 +35,13 @@ class Rest:
     """Reading is anonymous; a build is asked for once logged in as `user`
     with `password` (Buildbot's session cookie, got at /auth/login)."""
 
-    def __init__(self, url: str, user: str = "", password: str = "") -> None:
+    def __init__(self, url: str, user: str = "", password: str = "",
+                 owner: int | None = None) -> None:  # fmt: skip
         if not url.startswith(("http://", "https://")):
             raise FarmError(f"not a master's URL: {url!r} (http://HOST:PORT/)")
         self.url = url.rstrip("/") + "/"
         self.user, self.password = user, password
+        self.owner = owner  # the uid a master on this machine runs as (default: the caller)
         self.logged_in = False
         # No redirect is followed: urllib would send the login's
         # Authorization header on to another host; the session cookie is in
@@ -76,7 +78,7 @@ class Rest:
         except ValueError:
             raise FarmError(f"not a master's URL: {self.url!r}") from None
         if parts.hostname and listeners.resolve_local(parts.hostname):
-            if not listeners.check_ours(port, f"the master at {self.url}"):
+            if not listeners.check_ours(port, f"the master at {self.url}", self.owner):
                 raise FarmError(f"nothing listens on {self.url}: is the master running?")
         elif parts.scheme != "https":
             # Basic credentials over plain HTTP are anyone's on the way.
