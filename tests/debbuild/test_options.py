@@ -52,7 +52,6 @@ def _one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> str:
         (("--chroot-mode=schroot",), "--chroot-mode", "--backend"),
         (("--chroot-mode", "unshare"), "--chroot-mode", "--backend"),
         (("--arch=arm64",), "--arch", "environment's architecture"),
-        (("--host", "arm64"), "--host", "cross"),
         (("-b",), "-b", "build-progress"),
         (("--batch",), "--batch", "build-progress"),
         (("--purge-deps=never",), "--purge-deps", "session"),
