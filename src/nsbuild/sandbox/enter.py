@@ -120,6 +120,10 @@ def persona(pid: int) -> int:
             text = f.read(32)
     except (FileNotFoundError, ProcessLookupError):
         raise NotRunning(f"process {pid} is not running") from None
+    except OSError as e:
+        # A process that made itself non-dumpable: its persona is not ours to read.
+        raise SandboxError(f"read the persona of process {pid}: {e.strerror} "
+                           "(give the command's personality instead)") from None
     try:
         return int(text.strip() or b"0", 16) & sc.PER_MASK
     except ValueError:
