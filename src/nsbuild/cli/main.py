@@ -322,7 +322,8 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: NetOptions,
     mounts += cache_masks([root, *mounts])
     spec = Sandbox(argv=tuple(argv), idmap=caller_idmap(), root=root, mounts=tuple(mounts),
                    cwd=workdir, env=_environment(args, base_env), user=args.user,
-                   hostname=args.hostname, debug=args.debug)  # fmt: skip
+                   hostname=args.hostname, debug=args.debug,
+                   personality=session.personality if session is not None else None)  # fmt: skip
     with network(opts, mirrors=mirrors, trusted_mirrors=trusted, debug=args.debug) as plan, \
             _limits(args, plan.cgroup) as lim:
         status = run_under(plan, spec, limits=lim, relay_signals=True)
