@@ -111,3 +111,27 @@ def test_nsbuild_run_under_linux32_keeps_its_seccomp_filter(tmp_path: Path) -> N
                        cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                        timeout=HANG_GUARD)  # fmt: skip
     assert (r.returncode, r.stdout) == (0, f"{THIRTY_TWO}\nSeccomp:2\n"), r.stderr
+
+
+PER_BSD = 0x0006
+
+
+def test_a_persona_the_command_gave_itself_does_not_pass_to_commands_entering(
+        tmp_path: Path) -> None:  # fmt: skip
+    """The sandbox's command is the sandbox's: a persona it took on itself
+    (PER_BSD here) is nothing the sandbox's owner asked for."""
+    script = (f"import ctypes, os; ctypes.CDLL(None).personality({PER_BSD}); "
+              "os.execvp('sleep', ['sleep', 'infinity'])")  # fmt: skip
+    spec = _spec(tmp_path, ("python3", "-c", script), None)
+    with open(os.devnull, "rb") as null:
+        proc = spawn(spec, stdin=null.fileno(), stdout=null.fileno())
+    try:
+        _init, pid = sandbox_pids(proc)
+        wait_for(lambda: Path(f"/proc/{pid}/personality").read_text() == f"{PER_BSD:08x}\n",
+                 "the command to take PER_BSD")
+        status, out = _output(tmp_path, lambda i, o: start(pid, ("cat", "/proc/self/personality"),
+                                                            stdin=i, stdout=o))  # fmt: skip
+        assert (status, out) == (0, "00000000\n")
+    finally:
+        proc.kill()
+        proc.wait()
