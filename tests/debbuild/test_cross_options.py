@@ -109,6 +109,25 @@ def test_sbuilds_arch_option_points_to_both_ways(tmp_path: Path, option: str) ->
     assert "--host-arch ARCH" in r.stderr and "nsbuild env create NAME --arch ARCH" in r.stderr
 
 
+@pytest.mark.parametrize("where", ["command line", "file"])
+def test_an_odd_or_huge_architecture_is_one_bounded_line(tmp_path: Path, where: str) -> None:
+    """A value of the user's own, but echoed to a terminal: its escape
+    sequence shown, not obeyed, and 100 kB of it cut to a line."""
+    value = "arm\x1b]0;title\x07" + "a" * 100_000
+    args = ["build", "x.dsc"]
+    if where == "file":
+        (tmp_path / "config" / "nsbuild").mkdir(parents=True)
+        text = '[build]\nhost-arch = "' + value.replace("\x1b", "\\u001b").replace(
+            "\x07", "\\u0007") + '"\n'
+        (tmp_path / "config" / "nsbuild" / "config.toml").write_text(text)
+    else:
+        args[1:1] = ["--host", value]
+    r = _nsbuild(tmp_path, *args)
+    assert r.returncode == 2, r.stderr[:300]
+    assert len(r.stderr.splitlines()) == 1 and len(r.stderr) < 5000, r.stderr[:300]
+    assert "bad architecture name" in r.stderr and "\x1b" not in r.stderr, r.stderr[:300]
+
+
 def test_a_cross_builds_results_are_of_the_host_architecture_only(hello_copy: Path) -> None:
     """What the .changes of a cross build (arch-all left out) may list: its
     host architecture's .debs, never another's, nor an _all.deb it was not

@@ -213,8 +213,12 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
 
     class _Parser(argparse.ArgumentParser):
         def error(self, message: str) -> None:  # type: ignore[override]
-            # One line, exit 2 (argparse would print the whole usage first).
-            sys.stderr.write(f"nsbuild: {message} (see '{self.prog} --help')\n")
+            # One line, exit 2 (argparse would print the whole usage first);
+            # the message may quote a value as given (an escape sequence, 100 kB).
+            from nsbuild.printable import printable
+
+            sys.stderr.write(f"nsbuild: {printable(message, MESSAGE_LIMIT)} "
+                             f"(see '{self.prog} --help')\n")  # fmt: skip
             raise SystemExit(2)
 
     parser = _Parser(prog="nsbuild", description="Rootless, hermetic builds in Linux "
