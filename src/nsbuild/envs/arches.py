@@ -195,15 +195,22 @@ def elf_arch(root: str | os.PathLike[str]) -> str | None:
     except OSError:
         return None
     try:
-        fd = sc.openat2(dirfd, DPKG, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC,
-                        sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS)  # fmt: skip
+        # O_PATH first: opening a device node for reading may act on it.
+        path_fd = sc.openat2(dirfd, DPKG, os.O_PATH | os.O_CLOEXEC,
+                             sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS)  # fmt: skip
     except OSError:
         return None
     finally:
         os.close(dirfd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
             return None
+        fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    finally:
+        os.close(path_fd)
+    try:
         head = os.pread(fd, _ELF_HEADER, 0)
     except OSError:
         return None
