@@ -215,7 +215,7 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
         def error(self, message: str) -> None:  # type: ignore[override]
             # One line, exit 2 (argparse would print the whole usage first);
             # the message may quote a value as given (an escape sequence, 100 kB).
-            from nsbuild.printable import printable
+            from nsbuild.printable import MESSAGE_LIMIT, printable
 
             sys.stderr.write(f"nsbuild: {printable(message, MESSAGE_LIMIT)} "
                              f"(see '{self.prog} --help')\n")  # fmt: skip
@@ -375,9 +375,6 @@ def _usage(msg: str) -> Exception:
     return NsbuildError(msg)
 
 
-# Long enough for a list of unmet dependencies, short enough for a terminal.
-MESSAGE_LIMIT = 4096
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() == 0:
@@ -407,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not plain_run:
         _complete_site()
     from nsbuild.errors import NsbuildError
-    from nsbuild.printable import printable
+    from nsbuild.printable import MESSAGE_LIMIT, printable
 
     # Messages may quote names a sandbox made (files, hosts, paths): one
     # line, escaped, whatever they hold.
