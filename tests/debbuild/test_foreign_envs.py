@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,6 +122,34 @@ def test_a_session_of_i386_says_i686(home: Env, i386: str) -> None:
         assert out == "i686\ni386\n"
     finally:
         _run(home, "session", "end", session)
+
+
+def test_the_virt_servers_testbed_of_i386_says_i686(home: Env, i386: str) -> None:
+    """autopkgtest's commands enter the testbed through the virt server's
+    execute command: they take the environment's persona too."""
+    proc = subprocess.Popen(["autopkgtest-virt-nsbuild", i386], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=home.vars)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def say(line: str) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(f"{line}\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    try:
+        assert proc.stdout.readline() == "ok\n"
+        assert say("open").startswith("ok ")
+        answer = say("print-execute-command")
+        assert answer.startswith("ok "), answer
+        execute = [urllib.parse.unquote(a) for a in answer[3:].split(",")]
+        r = subprocess.run([*execute, "sh", "-c", "uname -m; dpkg --print-architecture"],
+                           capture_output=True, text=True, env=home.vars)  # fmt: skip
+        assert r.stdout == "i686\ni386\n", r.stderr
+        assert say("close") == "ok"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
 
 
 def test_i386_programs_meet_the_seccomp_filter_of_their_abi(home: Env, i386: str) -> None:
