@@ -76,7 +76,8 @@ def check_name(arch: str, what: str = "architecture") -> str:
     """`arch` if it can be a Debian architecture name, else a one-line EnvError
     naming `what` (e.g. "--host-arch")."""
     if not ARCH_RE.match(arch):
-        raise EnvError(f"{what}: bad architecture name {arch!r} (e.g. amd64, arm64, armhf, i386)")
+        raise EnvError(f"{what}: bad architecture name '{printable(arch, 40)}' "
+                       "(e.g. amd64, arm64, armhf, i386)")
     return arch
 
 
