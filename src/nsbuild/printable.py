@@ -14,6 +14,11 @@ from __future__ import annotations
 _BIDI = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
 
 
+# The longest error message nsbuild prints: long enough for a list of unmet
+# dependencies, short enough for a terminal.
+MESSAGE_LIMIT = 4096
+
+
 def _unsafe(ch: str) -> bool:
     code = ord(ch)
     return code < 0x20 or 0x7F <= code < 0xA0 or ch in _BIDI or 0xDC80 <= code <= 0xDCFF

@@ -14,6 +14,7 @@ Modes:
     hang             never answers `open`, and ignores SIGTERM
     silent           never even greets
     false-exec       every command in the testbed fails (exit 1)
+    huge-arch        every command in the testbed prints one name of 100 000 letters
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def main() -> int:
         elif verb == "capabilities":
             print("ok isolation-machine", flush=True)
         elif verb == "print-execute-command":
-            program = ["/bin/false"] if mode == "false-exec" else ["env"]
+            program = {"false-exec": ["/bin/false"],
+                       "huge-arch": ["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' a; echo"],
+                       }.get(mode, ["env"])  # fmt: skip
             print("ok " + ",".join(quote(p) for p in program), flush=True)
         elif verb == "copydown":
             if mode == "die-mid-copy":

@@ -82,6 +82,20 @@ def test_a_failure_inside_closes_the_testbed_and_quits(
     assert [pid for pid in _server_pids(state) if alive(pid)] == []
 
 
+def test_a_huge_architecture_name_from_the_testbed_is_refused_in_one_line(
+    fake_server: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """dpkg inside names the environment's architecture: 100 000 letters
+    of it are no Debian architecture, and the line saying so is bounded."""
+    program, state = fake_server
+    proc = _build(program, "huge-arch", state, tmp_path / "out")
+    assert proc.returncode != 0
+    line = _error_line(proc)
+    assert "cannot learn the environment's architecture" in line, line[:300]
+    assert len(line) < 300, line[:300]
+    assert [pid for pid in _server_pids(state) if alive(pid)] == []
+
+
 def test_a_missing_server_is_named(tmp_path: Path) -> None:
     # The documented form: options after the input, the server after `--`.
     argv = [sys.executable, "-m", "nsbuild", "build", str(fixture_dsc("hello_2.10-3")),

@@ -90,6 +90,12 @@ def bookworm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         # A second name whose tarball does not exist: touching it would fail.
         "\nName: missing\nType: tarball\nPath: /nonexistent/missing.tar\nSuite: bookworm\n"
     )
+    yield from private_home(root)
+
+
+def private_home(root: Path) -> Iterator[Env]:
+    """nsbuild with its config and cache folders under `root`, its cache
+    cleaned up after (for a fixture to yield from)."""
     env = dict(os.environ)
     env["XDG_CONFIG_HOME"] = str(root / "config")
     env["XDG_CACHE_HOME"] = str(root / "cache")

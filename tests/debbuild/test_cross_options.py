@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nsbuild.debbuild import cross
+from nsbuild.debbuild import binnmu, cross
+from nsbuild.debbuild.collect import ResultNames
+from nsbuild.debbuild.dsc import load_dsc
 from nsbuild.debbuild.errors import BuildInputError
 from nsbuild.debbuild.phases import build_env, dpkg_buildpackage_argv
 from nsbuild.debbuild.result import BuildRequest
@@ -105,3 +107,37 @@ def test_sbuilds_arch_option_points_to_both_ways(tmp_path: Path, option: str) ->
     assert r.returncode == 2
     assert len(r.stderr.splitlines()) == 1, r.stderr
     assert "--host-arch ARCH" in r.stderr and "nsbuild env create NAME --arch ARCH" in r.stderr
+
+
+@pytest.mark.parametrize("where", ["command line", "file"])
+def test_an_odd_or_huge_architecture_is_one_bounded_line(tmp_path: Path, where: str) -> None:
+    """A value of the user's own, but echoed to a terminal: its escape
+    sequence shown, not obeyed, and 100 kB of it cut to a line."""
+    value = "arm\x1b]0;title\x07" + "a" * 100_000
+    args = ["build", "x.dsc"]
+    if where == "file":
+        (tmp_path / "config" / "nsbuild").mkdir(parents=True)
+        text = '[build]\nhost-arch = "' + value.replace("\x1b", "\\u001b").replace(
+            "\x07", "\\u0007") + '"\n'
+        (tmp_path / "config" / "nsbuild" / "config.toml").write_text(text)
+    else:
+        args[1:1] = ["--host", value]
+    r = _nsbuild(tmp_path, *args)
+    assert r.returncode == 2, r.stderr[:300]
+    assert len(r.stderr.splitlines()) == 1 and len(r.stderr) < 5000, r.stderr[:300]
+    assert "bad architecture name" in r.stderr and "\x1b" not in r.stderr, r.stderr[:300]
+
+
+def test_a_cross_builds_results_are_of_the_host_architecture_only(hello_copy: Path) -> None:
+    """What the .changes of a cross build (arch-all left out) may list: its
+    host architecture's .debs, never another's, nor an _all.deb it was not
+    asked to build."""
+    pkg = load_dsc(hello_copy)
+    req = cross.adjust(_req(host_arch="arm64"), CROSS)
+    own = ResultNames(pkg, "arm64", req.source, build=binnmu.build_type(req))
+    assert own.result("hello_2.10-3_arm64.deb")
+    assert own.result("hello-dbgsym_2.10-3_arm64.deb")
+    for other in ("hello_2.10-3_amd64.deb", "hello_2.10-3_all.deb", "hello_2.10-3_armhf.deb"):
+        assert not own.result(other), other
+    with_all = ResultNames(pkg, "arm64", False, build="any,all")
+    assert with_all.result("hello_2.10-3_all.deb")

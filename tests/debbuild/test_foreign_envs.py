@@ -13,7 +13,7 @@ import json
 import os
 import re
 import subprocess
-import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from inputs import emulation
 
 from nsbuild.envs import arches
 
-from .conftest import Env, fixture_dsc
+from .conftest import Env, fixture_dsc, private_home
 from .cpackage import PACKAGES, c_package
 
 pytestmark = [pytest.mark.slow, pytest.mark.userns]
@@ -38,15 +38,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """nsbuild with config and cache folders of this module's own."""
     if os.geteuid() == 0:
         pytest.skip("build tests run as an unprivileged user (the sandbox maps subuids)")
-    root = tmp_path_factory.mktemp("foreign-home")
-    env = dict(os.environ)
-    env["XDG_CONFIG_HOME"] = str(root / "config")
-    env["XDG_CACHE_HOME"] = str(root / "cache")
-    yield Env(env, root / "cache")
-    subprocess.run([sys.executable, "-m", "nsbuild", "gc"], env=env, capture_output=True)
-    from nsbuild.envs.remove import remove_tree
-
-    remove_tree(root / "cache")
+    yield from private_home(tmp_path_factory.mktemp("foreign-home"))
 
 
 def _create(home: Env, name: str, arch: str) -> str:
@@ -132,6 +124,34 @@ def test_a_session_of_i386_says_i686(home: Env, i386: str) -> None:
         _run(home, "session", "end", session)
 
 
+def test_the_virt_servers_testbed_of_i386_says_i686(home: Env, i386: str) -> None:
+    """autopkgtest's commands enter the testbed through the virt server's
+    execute command: they take the environment's persona too."""
+    proc = subprocess.Popen(["autopkgtest-virt-nsbuild", i386], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=home.vars)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def say(line: str) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(f"{line}\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    try:
+        assert proc.stdout.readline() == "ok\n"
+        assert say("open").startswith("ok ")
+        answer = say("print-execute-command")
+        assert answer.startswith("ok "), answer
+        execute = [urllib.parse.unquote(a) for a in answer[3:].split(",")]
+        r = subprocess.run([*execute, "sh", "-c", "uname -m; dpkg --print-architecture"],
+                           capture_output=True, text=True, env=home.vars)  # fmt: skip
+        assert r.stdout == "i686\ni386\n", r.stderr
+        assert say("close") == "ok"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
 def test_i386_programs_meet_the_seccomp_filter_of_their_abi(home: Env, i386: str) -> None:
     """The filter has a branch for the i386 ABI: a 32-bit program's keyctl
     (288 there; 250 on x86_64) fails with ENOSYS as a 64-bit one's does,
@@ -141,6 +161,31 @@ def test_i386_programs_meet_the_seccomp_filter_of_their_abi(home: Env, i386: str
     script = 'my $r = syscall(288, 0, -3, 0); print "$r ", $! + 0, "\\n"'
     out = _run(home, "run", "--env", i386, "--", "perl", "-e", script)
     assert out == f"-1 {errno.ENOSYS}\n"
+
+
+# setuid in a host folder bound writable: the seccomp filter's branch for the
+# program's ABI must refuse it as on the machine's own, for coreutils' chmod
+# (fchmodat) and for perl_chmod (the old chmod call, where the ABI has one).
+SETID_SCRIPT = ("cp /bin/true /w/x && cp /bin/true /w/y; chmod 4755 /w/x; "
+                "perl -e '{} or print \"perl: $!\\n\"'; "
+                "test -u /w/x || test -u /w/y || echo no setuid")
+
+
+def _setid_refused(home: Env, env: str, tmp: Path, perl_chmod: str) -> None:
+    folder = tmp / "w"
+    folder.mkdir()
+    r = home.nsbuild("run", "--env", env, "--bind", f"{folder}:/w", "--",
+                     "sh", "-c", SETID_SCRIPT.format(perl_chmod))  # fmt: skip
+    assert "Operation not permitted" in r.stderr, r.stderr
+    assert r.stdout == "perl: Operation not permitted\nno setuid\n", (r.stdout, r.stderr)
+    for name in ("x", "y"):
+        assert (folder / name).stat().st_mode & 0o6000 == 0, name
+
+
+def test_i386_programs_cannot_make_setuid_files_in_a_shared_bind(
+        home: Env, i386: str, tmp_path: Path) -> None:  # fmt: skip
+    # 15: chmod in i386's table (on x86_64, 90).
+    _setid_refused(home, i386, tmp_path, 'my $p = "/w/y"; syscall(15, $p, 04755) == 0')
 
 
 def test_i386_builds_hello_as_32_bit_intel(home: Env, i386: str, tmp_path: Path) -> None:
@@ -162,6 +207,13 @@ def test_run_in_arm64_is_emulated(home: Env, arm64: str) -> None:
     out = _run(home, "run", "--env", arm64, "--", "sh", "-c", "uname -m; dpkg --print-architecture")
     assert out == "aarch64\narm64\n"
     assert _listed(home, arm64).endswith(" MiB; arm64 (qemu-user)")
+
+
+def test_emulated_programs_cannot_make_setuid_files_in_a_shared_bind(
+        home: Env, arm64: str, tmp_path: Path) -> None:  # fmt: skip
+    """qemu-user makes the host's system calls for the arm64 program: the
+    machine's own filter applies to what it asks for."""
+    _setid_refused(home, arm64, tmp_path, 'chmod(04755, "/w/y")')
 
 
 def test_arm64_builds_greeter_natively(home: Env, arm64: str, tmp_path: Path) -> None:

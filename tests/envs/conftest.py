@@ -6,6 +6,8 @@ base lives in one cache folder shared by the whole run, so it is unpacked once.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,23 @@ def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     from nsbuild.envs.remove import remove_tree
 
     remove_tree(tmp_path / "cache")
+
+
+@pytest.fixture
+def root_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Private config and cache folders for tests run as root: not pytest's
+    tmp_path, which for root is below a 0700 directory the sandbox's root
+    (a subordinate id) cannot enter."""
+    d = Path(tempfile.mkdtemp(prefix="nsbuild-root-env-", dir="/var/tmp"))
+    d.chmod(0o755)
+    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache")):
+        (d / sub).mkdir()
+        monkeypatch.setenv(var, str(d / sub))
+    yield d
+    from nsbuild.envs.remove import remove_tree
+
+    remove_tree(d / "cache")
+    shutil.rmtree(d)
 
 
 @pytest.fixture(scope="session")

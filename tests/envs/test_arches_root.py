@@ -6,10 +6,8 @@ exit 2, before anything starts. The entry is enabled again afterwards."""
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,20 +33,6 @@ def aarch64_disabled() -> Iterator[None]:
     finally:
         ENTRY.write_text("1")
 
-
-@pytest.fixture
-def root_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    # Not pytest's tmp_path: for root that is below a 0700 directory.
-    d = Path(tempfile.mkdtemp(prefix="nsbuild-arches-root-", dir="/var/tmp"))
-    d.chmod(0o755)
-    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache")):
-        (d / sub).mkdir()
-        monkeypatch.setenv(var, str(d / sub))
-    yield d
-    from nsbuild.envs.remove import remove_tree
-
-    remove_tree(d / "cache")
-    shutil.rmtree(d)
 
 
 def _refused(r: subprocess.CompletedProcess[str], name: str) -> None:

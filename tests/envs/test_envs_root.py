@@ -20,20 +20,6 @@ from envs_helpers import chroot_d
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
-@pytest.fixture
-def root_xdg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    # Not pytest's tmp_path: for root that is below a 0700 directory.
-    d = Path(tempfile.mkdtemp(prefix="nsbuild-root-env-", dir="/var/tmp"))
-    d.chmod(0o755)
-    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache")):
-        (d / sub).mkdir()
-        monkeypatch.setenv(var, str(d / sub))
-    yield d
-    from nsbuild.envs.remove import remove_tree
-
-    remove_tree(d / "cache")
-    shutil.rmtree(d)
-
 
 def test_root_runs_an_environment_on_its_subordinate_range(
     root_xdg: Path, bookworm_tarball: Path

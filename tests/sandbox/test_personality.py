@@ -84,22 +84,43 @@ def test_commands_entering_take_the_sandboxs_persona(linux32_sandbox: Process,
     assert (status, out) == (0, f"{MACHINE}\n")
 
 
-def test_a_flag_the_command_set_on_itself_does_not_pass_to_commands_entering(
-        tmp_path: Path) -> None:  # fmt: skip
-    # setarch -R: ADDR_NO_RANDOMIZE on the sandbox's own command.
-    spec = _spec(tmp_path, ("setarch", MACHINE, "-R", "sleep", "infinity"), None)
+def _entered_persona(tmp: Path, argv: tuple[str, ...], taken: int, what: str) -> str:
+    """The persona a command entering the sandbox of `argv` runs under, once
+    `argv` has taken the persona `taken` on itself."""
+    spec = _spec(tmp, argv, None)
     with open(os.devnull, "rb") as null:
         proc = spawn(spec, stdin=null.fileno(), stdout=null.fileno())
     try:
         _init, pid = sandbox_pids(proc)
-        wait_for(lambda: Path(f"/proc/{pid}/personality").read_text() == "00040000\n",
-                 "setarch -R to set ADDR_NO_RANDOMIZE on itself")
-        status, out = _output(tmp_path, lambda i, o: start(pid, ("cat", "/proc/self/personality"),
-                                                            stdin=i, stdout=o))  # fmt: skip
-        assert (status, out) == (0, "00000000\n")
+        wait_for(lambda: Path(f"/proc/{pid}/personality").read_text() == f"{taken:08x}\n", what)
+        status, out = _output(tmp, lambda i, o: start(pid, ("cat", "/proc/self/personality"),
+                                                       stdin=i, stdout=o))  # fmt: skip
+        assert status == 0
+        return out
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_flag_the_command_set_on_itself_does_not_pass_to_commands_entering(
+        tmp_path: Path) -> None:  # fmt: skip
+    # setarch -R: ADDR_NO_RANDOMIZE on the sandbox's own command.
+    argv = ("setarch", MACHINE, "-R", "sleep", "infinity")
+    out = _entered_persona(tmp_path, argv, 0x0040000, "setarch -R to set ADDR_NO_RANDOMIZE")
+    assert out == "00000000\n"
+
+
+PER_BSD = 0x0006
+
+
+def test_a_persona_the_command_gave_itself_does_not_pass_to_commands_entering(
+        tmp_path: Path) -> None:  # fmt: skip
+    """The sandbox's command is the sandbox's: a persona it took on itself
+    (PER_BSD here) is nothing the sandbox's owner asked for."""
+    script = (f"import ctypes, os; ctypes.CDLL(None).personality({PER_BSD}); "
+              "os.execvp('sleep', ['sleep', 'infinity'])")  # fmt: skip
+    out = _entered_persona(tmp_path, ("python3", "-c", script), PER_BSD, "PER_BSD taken")
+    assert out == "00000000\n"
 
 
 @needs_32
@@ -111,3 +132,4 @@ def test_nsbuild_run_under_linux32_keeps_its_seccomp_filter(tmp_path: Path) -> N
                        cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                        timeout=HANG_GUARD)  # fmt: skip
     assert (r.returncode, r.stdout) == (0, f"{THIRTY_TWO}\nSeccomp:2\n"), r.stderr
+

@@ -119,7 +119,7 @@ def handler(args: argparse.Namespace) -> int:
     from nsbuild.debbuild.driver import build
     from nsbuild.debbuild.extrarepo import check_request
     from nsbuild.errors import NsbuildError
-    from nsbuild.printable import printable
+    from nsbuild.printable import MESSAGE_LIMIT, printable
 
     given: dict[str, object] = getattr(args, "given", {})
     try:
@@ -184,9 +184,6 @@ def _say_session(enter: str | None) -> None:
         print(f"nsbuild build: session kept: {printable(enter)} "
               f"(end it with: nsbuild session end {printable(ident)})", file=sys.stderr)
 
-
-# Long enough for a list of unmet dependencies, short enough for a terminal.
-MESSAGE_LIMIT = 4096
 
 
 def _denied_line(records: list[dict[str, Any]]) -> str | None:

@@ -97,9 +97,11 @@ _PROFILE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
 def _arch(text: str) -> str:
     """A Debian architecture name (whether dpkg knows it is asked inside)."""
     from nsbuild.envs.arches import ARCH_RE
+    from nsbuild.printable import printable
 
     if not ARCH_RE.match(text):
-        raise BadSetting(f"bad architecture name {text!r} (e.g. amd64, arm64, armhf, i386)")
+        raise BadSetting(f"bad architecture name '{printable(text, 40)}' "
+                         "(e.g. amd64, arm64, armhf, i386)")  # fmt: skip
     return text
 
 

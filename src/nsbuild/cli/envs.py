@@ -197,7 +197,9 @@ def cmd_env_show(args: argparse.Namespace) -> int:
     print(f"# {env.source}")
     arch, runs, why = _architecture(env, None)
     if arch:
-        print(f"# {arch}: " + (f"cannot run here: {why}" if why else f"runs {runs}"))
+        how = {"native": "runs natively", "linux32": "runs natively, under the 32-bit "
+               "personality (linux32)", "qemu-user": "runs under qemu-user emulation"}
+        print(f"# {arch}: " + (f"cannot run here: {why}" if why else how.get(runs, runs)))
     sys.stdout.write(env.to_deb822())
     return 0
 

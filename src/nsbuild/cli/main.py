@@ -214,8 +214,12 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
 
     class _Parser(argparse.ArgumentParser):
         def error(self, message: str) -> None:  # type: ignore[override]
-            # One line, exit 2 (argparse would print the whole usage first).
-            sys.stderr.write(f"nsbuild: {message} (see '{self.prog} --help')\n")
+            # One line, exit 2 (argparse would print the whole usage first);
+            # the message may quote a value as given (an escape sequence, 100 kB).
+            from nsbuild.printable import MESSAGE_LIMIT, printable
+
+            sys.stderr.write(f"nsbuild: {printable(message, MESSAGE_LIMIT)} "
+                             f"(see '{self.prog} --help')\n")  # fmt: skip
             raise SystemExit(2)
 
     parser = _Parser(prog="nsbuild", description="Rootless, hermetic builds in Linux "
@@ -323,7 +327,8 @@ def run_sandboxed(args: argparse.Namespace, argv: list[str], opts: NetOptions,
     mounts += cache_masks([root, *mounts])
     spec = Sandbox(argv=tuple(argv), idmap=caller_idmap(), root=root, mounts=tuple(mounts),
                    cwd=workdir, env=_environment(args, base_env), user=args.user,
-                   hostname=args.hostname, debug=args.debug)  # fmt: skip
+                   hostname=args.hostname, debug=args.debug,
+                   personality=session.personality if session is not None else None)  # fmt: skip
     with network(opts, mirrors=mirrors, trusted_mirrors=trusted, debug=args.debug) as plan, \
             _limits(args, plan.cgroup) as lim:
         status = run_under(plan, spec, limits=lim, relay_signals=True)
@@ -371,9 +376,6 @@ def _usage(msg: str) -> Exception:
     return NsbuildError(msg)
 
 
-# Long enough for a list of unmet dependencies, short enough for a terminal.
-MESSAGE_LIMIT = 4096
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() == 0:
@@ -403,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not plain_run:
         _complete_site()
     from nsbuild.errors import NsbuildError
-    from nsbuild.printable import printable
+    from nsbuild.printable import MESSAGE_LIMIT, printable
 
     # Messages may quote names a sandbox made (files, hosts, paths): one
     # line, escaped, whatever they hold.

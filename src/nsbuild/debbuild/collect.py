@@ -65,7 +65,7 @@ class Collected:
 class ResultNames:
     """The names a build of `pkg` may leave as results: its .changes and
     .buildinfo, the .debs of the binary packages its .dsc declares (and their
-    -dbgsym), and with --source its own source files. Not nsbuild's logs
+    -dbgsym) for the architectures built, and with --source its own source files. Not nsbuild's logs
     (`.build`, `.network.jsonl`), not another package's files."""
 
     def __init__(
@@ -75,6 +75,7 @@ class ResultNames:
         source: bool,
         version: str | None = None,
         source_only_changes: str | None = None,
+        build: str = "any,all",
     ) -> None:
         # A binary-only upload's results carry its version (+bN, an
         # appended text): that version exactly, never the source's.
@@ -84,7 +85,11 @@ class ResultNames:
         self.changes = {f"{self.prefix}{a}.changes" for a in arches}
         self.buildinfo = {f"{self.prefix}{a}.buildinfo" for a in arches}
         self.binaries = {*pkg.binaries, *(f"{b}-dbgsym" for b in pkg.binaries)}
-        self.deb_arches = {arch, "all"}
+        # Only the kinds dpkg-buildpackage was asked for (`build`, its
+        # --build): a cross build leaves out arch-all packages, and an
+        # _all.deb its .changes lists anyway is no result of it.
+        kinds = build.split(",")
+        self.deb_arches = {a for a, kind in ((arch, "any"), ("all", "all")) if kind in kinds}
         self.sources = {p.name for p in pkg.paths()} if source else set()
         # --source-only-changes: a second .changes, of the source alone.
         self.source_only = source_only_changes

@@ -73,12 +73,8 @@ def adjust(req: BuildRequest, arch: Arches) -> BuildRequest:
     build's is unchanged."""
     if not arch.cross:
         return req
-    changes: dict[str, object] = {}
-    if not req.arch_all_given:
-        changes["arch_all"] = False
-    if not req.profiles:
-        changes["profiles"] = DEFAULT_PROFILES
-    new = dataclasses.replace(req, **changes)  # type: ignore[arg-type]
+    new = dataclasses.replace(req, arch_all=req.arch_all and req.arch_all_given,
+                              profiles=req.profiles or DEFAULT_PROFILES)  # fmt: skip
     if not (new.arch_any or new.arch_all or new.source):
         raise BuildInputError(
             "nothing to build: a cross build leaves out arch-all packages unless -A is "

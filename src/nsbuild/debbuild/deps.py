@@ -87,9 +87,7 @@ class DepsPhase:
         update = ["apt-get", *apt.APT_OPTS, "-o", "pkgCacheFile::Generate=false", "update"]
         status = self.steps.run(update, network=network, env=apt.APT_ENV)
         if status != 0:
-            raise UnsatisfiableDependencies(
-                f"apt-get update failed (exit status {status}); see the log"
-            )
+            raise UnsatisfiableDependencies(self.steps.failure("apt-get update", status, "E: "))
         # Only apt has run in the session so far: its package lists may go
         # to the environment's shared cache.
         self._take_downloads()

@@ -249,7 +249,8 @@ class _Build:
         self.progress.say(f"[4/4] {PHASES[3]}")
         self.result.fail_stage = "collect"
         own = ResultNames(pkg, arch, self.req.source, tree.version,
-                          phases.source_only_changes(pkg, tree, self.req))  # fmt: skip
+                          phases.source_only_changes(pkg, tree, self.req),
+                          binnmu.build_type(self.req))  # fmt: skip
         collected = collect(steps, pkg, own, results, built.dir)
         self.result.artifacts = collected.artifacts
         sections.package_contents(steps, user, built.dir, (a.name for a in collected.artifacts))

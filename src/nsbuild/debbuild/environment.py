@@ -4,14 +4,15 @@ build says anything else."""
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from typing import IO
 
 from nsbuild.backends import Backend
 from nsbuild.debbuild.dsc import SourcePackage
 from nsbuild.debbuild.result import BuildRequest
+from nsbuild.envs.arches import ARCH_RE
 from nsbuild.errors import NsbuildError
+from nsbuild.printable import printable
 
 
 def environment(
@@ -45,9 +46,11 @@ def environment(
 
 
 def architecture(backend: Backend) -> str:
-    """The environment's architecture, as dpkg inside says it."""
+    """The environment's architecture, as dpkg inside says it: a name dpkg
+    could give, never longer (it names the build's files)."""
     status, text = backend.check_output(["dpkg", "--print-architecture"])
     arch = text.strip()
-    if status != 0 or not re.fullmatch(r"[a-z0-9-]+", arch):
-        raise NsbuildError(f"cannot learn the environment's architecture: {text.strip()}")
+    if status != 0 or not ARCH_RE.match(arch):
+        raise NsbuildError("cannot learn the environment's architecture: dpkg --print-architecture"
+                           f" said '{printable(arch, 80)}' (exit status {status})")  # fmt: skip
     return arch

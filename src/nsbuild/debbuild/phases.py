@@ -32,6 +32,7 @@ from nsbuild.debbuild.dsc import SourcePackage
 from nsbuild.debbuild.errors import BuildInputError
 from nsbuild.debbuild.result import BuildRequest
 from nsbuild.debbuild.steps import Steps, open_terminal
+from nsbuild.envs.arches import ARCH_RE
 from nsbuild.errors import NsbuildError
 from nsbuild.printable import printable
 
@@ -125,7 +126,7 @@ def unpack(steps: Steps, pkg: SourcePackage, user: str, req: BuildRequest,
         if not arch:
             status, arch = backend.check_output(["dpkg", "--print-architecture"])
             arch = arch.strip()
-        if status != 0 or not re.fullmatch(r"[a-z0-9-]{1,64}", arch):
+        if status != 0 or not ARCH_RE.match(arch):
             raise NsbuildError("cannot learn the environment's architecture for the binNMU entry")
         text = binnmu.entry(pkg.source, new_version, dist, arch, req)
         script = ('{ printf "%s" "$1" && cat debian/changelog; } > debian/changelog.nsbuild '

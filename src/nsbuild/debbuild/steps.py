@@ -55,10 +55,11 @@ class Steps:
         # Each step's duration: where a phase's time goes, read from the log.
         self.log.line(f"[nsbuild: {argv[0]} exited {status} after {time.monotonic() - start:.1f}s]")
 
-    def failure(self, step: str, status: int) -> str:
+    def failure(self, step: str, status: int, first: str | None = None) -> str:
         """What a failed step says: its name, and the last line of output of
-        the last command (where dpkg's tools say why they stop), escaped: the
-        package chose it."""
+        the last command (where dpkg's tools say why they stop), or the first
+        line starting with `first` (apt's first "E: " names the cause, its
+        last sums up), escaped: the package or the mirror chose it."""
         tool = step.split()[0]
         with open(self.log.path, "rb") as f:
             start = max(self.output_start, f.seek(0, os.SEEK_END) - 4096)
@@ -68,5 +69,6 @@ class Steps:
         said = [ln for ln in lines if ln.strip() and not ln.startswith("[nsbuild: ")]
         if not said:
             return f"{step} failed (exit status {status}); see the log"
-        last = said[-1].strip().removeprefix(f"{tool}: error: ")
+        chosen = [ln for ln in said if first and ln.startswith(first)] or said[-1:]
+        last = chosen[0].strip().removeprefix(f"{tool}: error: ")
         return f"{step} failed: {printable(last, 300)}"

@@ -76,7 +76,8 @@ def check_name(arch: str, what: str = "architecture") -> str:
     """`arch` if it can be a Debian architecture name, else a one-line EnvError
     naming `what` (e.g. "--host-arch")."""
     if not ARCH_RE.match(arch):
-        raise EnvError(f"{what}: bad architecture name {arch!r} (e.g. amd64, arm64, armhf, i386)")
+        raise EnvError(f"{what}: bad architecture name '{printable(arch, 40)}' "
+                       "(e.g. amd64, arm64, armhf, i386)")
     return arch
 
 
@@ -195,15 +196,22 @@ def elf_arch(root: str | os.PathLike[str]) -> str | None:
     except OSError:
         return None
     try:
-        fd = sc.openat2(dirfd, DPKG, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC,
-                        sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS)  # fmt: skip
+        # O_PATH first: opening a device node for reading may act on it.
+        path_fd = sc.openat2(dirfd, DPKG, os.O_PATH | os.O_CLOEXEC,
+                             sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS)  # fmt: skip
     except OSError:
         return None
     finally:
         os.close(dirfd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
             return None
+        fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    finally:
+        os.close(path_fd)
+    try:
         head = os.pread(fd, _ELF_HEADER, 0)
     except OSError:
         return None

@@ -112,18 +112,24 @@ def environ(pid: int) -> tuple[tuple[str, str], ...]:
 
 
 def persona(pid: int) -> int:
-    """The personality(2) persona of `pid`, without its flags: what a command
-    entering its sandbox runs under. Only the persona: a flag the sandbox's
-    own command may have set on itself (ADDR_NO_RANDOMIZE) is not passed on."""
+    """The personality(2) persona of `pid` as a command entering its sandbox
+    runs under it: PER_LINUX32 if `pid` runs under it (what a Sandbox gives),
+    else PER_LINUX. Nothing else the sandbox's own command may have set on
+    itself (a flag such as ADDR_NO_RANDOMIZE, PER_BSD) is passed on."""
     try:
         with open(f"/proc/{pid}/personality", "rb") as f:
             text = f.read(32)
     except (FileNotFoundError, ProcessLookupError):
         raise NotRunning(f"process {pid} is not running") from None
+    except OSError as e:
+        # A process that made itself non-dumpable: its persona is not ours to read.
+        raise SandboxError(f"read the persona of process {pid}: {e.strerror} "
+                           "(give the command's personality instead)") from None
     try:
-        return int(text.strip() or b"0", 16) & sc.PER_MASK
+        found = int(text.strip() or b"0", 16) & sc.PER_MASK
     except ValueError:
         raise SandboxError(f"/proc/{pid}/personality: unreadable: {text[:32]!r}") from None
+    return sc.PER_LINUX32 if found == sc.PER_LINUX32 else sc.PER_LINUX
 
 
 def start(

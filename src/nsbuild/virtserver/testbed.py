@@ -169,5 +169,6 @@ class Testbed:
             mounts=(*mounts, *extra_mounts),
             env=(*session.env, *extra_env),
             share_net=share_net,
+            personality=session.personality,
             **kw,
         )
