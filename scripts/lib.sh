@@ -55,7 +55,7 @@ ensure_venv() {
         die "$src is not writable by $(id -un): pip installs it in place (editable); clone it yourself, or run this as root"
     fi
     say "installing nsbuild from $src into $venv"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$src[test]" </dev/null
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$src[test,farm]" </dev/null
     # pip drops interpreter options from a script's #! line; the command
     # starts without `site` and isolated (-IS, see bin/nsbuild): a quarter of
     # the interpreter's start-up.
