@@ -171,6 +171,8 @@ SETTINGS = {s.name: s for s in (
     S("use_cache", True),
     S("shell_on_failure", False),
     S("json", False),
+    S("log_file", None, Path, path=True),
+    S("egress_engine", "proxy", _choice("proxy", "nftables")),
     S("backend", "local", _word),
     *(S(f"{stage.replace('-', '_')}_commands", [], _word, repeat=True)
       for stage in COMMAND_STAGES),
@@ -262,6 +264,13 @@ OPTIONS: tuple[Option, ...] = (
     Opt(("--shell-on-failure",), "shell_on_failure", "true",
       "open a shell in the failed build tree before cleaning up", sbuild=False),
     Opt(("--json",), "json", "true", "print a JSON summary on stdout", sbuild=False),
+    Opt(("--log-file",), "log_file", "store",
+      "also write the .build log to FILE as the build runs (a build farm follows it)",
+      "FILE", sbuild=False),
+    Opt(("--egress-engine",), "egress_engine", "store",
+      "what limits the dependency phase's network to the mirror: proxy (rootless, "
+      "default) or nftables (root: a kernel firewall matching the build's cgroup)",
+      "proxy|nftables", sbuild=False),
     Opt(("--backend",), "backend", "store",
       "where to build (default: local); what follows a final `--` goes to the "
       "backend, e.g. `--backend autopkgtest -- autopkgtest-virt-unshare ...`", "NAME",

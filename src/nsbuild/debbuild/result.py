@@ -64,6 +64,10 @@ class BuildRequest:
     # Whether arch_all was chosen (-A, --no-arch-all, the file): else a cross
     # build leaves the arch-all packages out, as sbuild's default does.
     arch_all_given: bool = False
+    # --log-file: the .build log is also written here as the build runs.
+    log_file: Path | None = None
+    # --egress-engine: proxy (rootless) or nftables (root) for the dependency phase.
+    egress_engine: str = "proxy"
 
     def commands_for(self, stage: str) -> tuple[str, ...]:
         """The external commands of one stage, in the order given."""
