@@ -176,32 +176,52 @@ def wait(rest: Rest, jobs: list[Submitted], say: Any) -> None:
             time.sleep(POLL)
 
 
+# What --wait reads of a finished build, asked for with its builds.
+PROPERTIES = ["nsbuild_status", "nsbuild_unmet", "nsbuild_package", "nsbuild_version",
+              "nsbuild_results", "nsbuild_files"]  # fmt: skip
+CHUNK = 100  # build requests asked about in one request
+
+
+def _last(builds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The build with the highest id: after a retry, the last is the one."""
+    known = [b for b in builds if _id(b.get("buildid")) is not None]
+    return max(known, key=lambda b: int(b["buildid"])) if known else None
+
+
 def _wait(rest: Rest, jobs: list[Submitted], say: Any) -> None:
+    """One look at the master is a request for the running builds and one
+    per CHUNK of waiting requests (the master filters both), then one per
+    build that ended, for its properties."""
     seen: dict[int, str] = {}
-    pending = [j for j in jobs if j.properties is None]
+    pending = {j.request: j for j in jobs if j.properties is None}
     workers = _workers(rest)
     while pending:
-        for job in list(pending):
-            req = _first(rest.items(f"buildrequests/{job.request}", "buildrequests"))
-            builds = rest.items(f"buildrequests/{job.request}/builds", "builds")
-            now = "queued"
-            if builds:
-                job.build = builds[-1]  # after a retry, the last build is the one
-                wid = _id(job.build.get("workerid"))
-                if wid not in workers:
+        running = {rid: b for b in rest.items("builds", "builds", complete="false")
+                   if (rid := _id(b.get("buildrequestid"))) in pending}  # fmt: skip
+        ids = sorted(pending)
+        done = {rid for i in range(0, len(ids), CHUNK)
+                for r in rest.items("buildrequests", "buildrequests",
+                                    buildrequestid=ids[i:i + CHUNK])
+                if (rid := _id(r.get("buildrequestid"))) in pending
+                and r.get("complete") is True}  # fmt: skip
+        for rid in ids:
+            job, now = pending[rid], "queued"
+            if rid in running:
+                job.build = running[rid]
+                if _id(job.build.get("workerid")) not in workers:
                     workers = _workers(rest)
-                now = f"building on {workers.get(wid, '?')}"
-            if req.get("complete") is True:
+                now = f"building on {workers.get(_id(job.build.get('workerid')), '?')}"
+            if rid in done:
                 now = "done"
-                pending.remove(job)
+                del pending[rid]
+                job.build = _last(rest.items(f"buildrequests/{rid}/builds", "builds",
+                                             property=PROPERTIES))  # fmt: skip
+                props = job.build.get("properties") if job.build is not None else None
+                job.properties = props if isinstance(props, dict) else {}
                 if job.build is not None:
-                    bid = _id(job.build.get("buildid"))
-                    props = _first(rest.items(f"builds/{bid}/properties", "properties")) \
-                        if bid is not None else {}  # fmt: skip
-                    job.properties = props
                     job.build["worker"] = workers.get(_id(job.build.get("workerid")), "?")
-            if seen.get(job.request) != now:
-                seen[job.request] = now
+            if seen.get(rid) != now:
+                seen[rid] = now
                 say(f"{job.label}: {now}")
         if pending:
             time.sleep(POLL)
