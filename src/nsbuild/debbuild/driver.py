@@ -50,7 +50,7 @@ from nsbuild.debbuild.extrarepo import allowed_hosts
 from nsbuild.debbuild.hooks import CommandFailed, Facts, Hooks
 from nsbuild.debbuild.inputs import Inputs, check_inputs, work_dir
 from nsbuild.debbuild.layers import PendingLayer
-from nsbuild.debbuild.log import BuildLog
+from nsbuild.debbuild.log import BuildLog, open_copy
 from nsbuild.debbuild.outdir import Folder
 from nsbuild.debbuild.report import Logs
 from nsbuild.debbuild.result import BuildRequest, BuildResult, Stats
@@ -59,6 +59,8 @@ from nsbuild.errors import NsbuildError
 from nsbuild.printable import printable
 
 PHASES = ("Prepare", "Install build dependencies", "Build", "Collect")
+# How many unmet dependencies the result names, and how long each may be.
+UNMET_COUNT, UNMET_LENGTH = 100, 200
 # The package's own failure (its build, or what it left), not its
 # dependencies': the next attempt reuses the layer this build kept.
 _PACKAGE_FAILED = (BuildFailed, CopyRefused)
@@ -97,6 +99,7 @@ class _Build:
         self.out_dir: Folder | None = None  # --out, once every result reached it
         self.hooks: Hooks | None = None
         self.logs_placed = False
+        self.log_copy: IO[bytes] | None = None  # --log-file, open from the start
         self.start = time.monotonic()
 
     # -- the whole run --
@@ -106,6 +109,10 @@ class _Build:
         with ExitStack() as stack:
             tmp = work_dir(stack)
             try:
+                if self.req.log_file is not None:
+                    # Before anything else: a --log-file that cannot be is bad input.
+                    self.log_copy = open_copy(self.req.log_file)
+                    stack.callback(self.log_copy.close)
                 inputs = check_inputs(self.req, tmp)
                 self.result.package, self.result.version = inputs.pkg.source, inputs.pkg.version
                 self._run(stack, inputs, tmp)
@@ -121,6 +128,9 @@ class _Build:
                     self._failed_hooks()
                 if isinstance(e, CommandFailed):
                     self.result.fail_stage = e.fail_stage  # sbuild's name for it
+                if isinstance(e, UnsatisfiableDependencies):
+                    self.result.unmet = [printable(u, UNMET_LENGTH)[:UNMET_LENGTH]
+                                         for u in e.unmet[:UNMET_COUNT]]  # fmt: skip
                 if isinstance(e, (*_PACKAGE_FAILED, NotDelivered)):
                     with contextlib.suppress(OSError):
                         self._publish_layer(_status(e))
@@ -175,7 +185,7 @@ class _Build:
         version = binnmu.version(pkg.version, self.req).split(":", 1)[-1]
         name = f"{pkg.source}_{version}_{arch}"
         echo = self.progress.stream if self.req.verbose else None
-        self.logs = Logs(BuildLog(tmp / f"{name}.build", echo), net_log, name)
+        self.logs = Logs(BuildLog(tmp / f"{name}.build", echo, self.log_copy), net_log, name)
         # Private until placed, but the user's to read (and follow) meanwhile.
         self.progress.say(f"log, as the build runs: {self.logs.log.path}")
         self.logs.header(self.req, self.result, backend.describe(), self.env_note)

@@ -26,6 +26,7 @@ that nsbuild copies into it as the output comes (never held in memory), so a
 build cannot seek in its log, truncate it or write over nsbuild's sections.
 With an echo stream (`-v`), all of it is also shown there as it is written,
 its control characters escaped: the build chose them, the terminal is the user's.
+With a copy (`--log-file`), all of it also goes there as it is written.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ import email.utils
 import functools
 import os
 import select
+import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from nsbuild.debbuild.errors import BuildInputError
 from nsbuild.printable import printable
 
 WIDTH = 80
@@ -67,14 +70,54 @@ def _box(title: str, right: str = "", rule: str = "-") -> str:
     return f"{bar}\n| {text[:inner].ljust(inner)} |\n{bar}\n"
 
 
+def open_copy(path: Path) -> IO[bytes]:
+    """`path` opened for --log-file: a new file, or a regular file of the
+    caller's, emptied; never through a symbolic link (nor a FIFO or a
+    device, which opening alone could block on or act on). BuildInputError
+    naming the path otherwise."""
+    shown = f"--log-file {printable(str(path))}"
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise BuildInputError(f"{shown}: {e.strerror}") from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise BuildInputError(f"{shown}: a symbolic link, not followed")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise BuildInputError(f"{shown}: not a regular file")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY
+                     | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)  # fmt: skip
+    except OSError as e:
+        raise BuildInputError(f"{shown}: {e.strerror}") from None
+    # Checked again on what was opened: the path may have changed meanwhile.
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise BuildInputError(f"{shown}: not a regular file of this user's")
+    os.ftruncate(fd, 0)
+    return open(fd, "wb", buffering=0)
+
+
 class BuildLog:
     """An open .build log, written by nsbuild alone; also shown on `echo`
-    (a text stream) as it is written, when one is given."""
+    (a text stream) and written to `copy` (--log-file) as it is written,
+    when they are given. The log owns the copy from then on."""
 
-    def __init__(self, path: Path, echo: IO[str] | None = None) -> None:
+    def __init__(self, path: Path, echo: IO[str] | None = None,
+                 copy: IO[bytes] | None = None) -> None:  # fmt: skip
         self.path = path
         self._f: IO[bytes] = open(path, "wb", buffering=0)  # closed in close()
+        self._copy = copy
         self._echo = echo
+
+    def _put(self, data: bytes) -> None:
+        # Each file on its own: a full disk loses log text, never the build.
+        for f in (self._f, self._copy):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.write(data)
 
     @contextlib.contextmanager
     def command_output(self, limit: int | None = None) -> Iterator[int]:
@@ -82,7 +125,7 @@ class BuildLog:
         stderr), copied into the log until the command is over: its first
         `limit` bytes when a limit is given, the rest read and dropped."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        copier = _Copier(read_fd, self._f, self._echo, limit)
+        copier = _Copier(read_fd, self._put, self._echo, limit)
         try:
             yield write_fd
         finally:
@@ -93,8 +136,7 @@ class BuildLog:
                       f"{copier.dropped} more bytes not kept]")  # fmt: skip
 
     def write(self, text: str) -> None:
-        with contextlib.suppress(OSError):  # a full disk loses log text, never the build
-            self._f.write(text.encode(errors="replace"))
+        self._put(text.encode(errors="replace"))
         if self._echo is not None:
             show(self._echo, text)
 
@@ -119,10 +161,11 @@ class BuildLog:
             self.line(f"{k}: {v}")
 
     def close(self) -> None:
-        if not self._f.closed:
-            with contextlib.suppress(OSError):
-                os.fsync(self._f.fileno())
-            self._f.close()
+        for f in (self._f, self._copy):
+            if f is not None and not f.closed:
+                with contextlib.suppress(OSError):
+                    os.fsync(f.fileno())
+                f.close()
 
 
 @functools.cache
@@ -146,9 +189,8 @@ class _Copier:
     """Copies a pipe into the log in a thread, so that a command never waits
     on a full pipe (no deadlock) and nothing it wrote is lost."""
 
-    def __init__(
-        self, fd: int, out: IO[bytes], echo: IO[str] | None = None, limit: int | None = None
-    ) -> None:
+    def __init__(self, fd: int, out: Callable[[bytes], None], echo: IO[str] | None = None,
+                 limit: int | None = None) -> None:  # fmt: skip
         self._fd = fd
         self._out = out
         self._echo = echo
@@ -198,7 +240,6 @@ class _Copier:
             self.dropped += len(data) - len(kept)
             self._left -= len(kept)
             data = kept
-        with contextlib.suppress(OSError):  # a full disk loses output, never the build
-            self._out.write(data)
+        self._out(data)
         if self._echo is not None and data:
             show(self._echo, self._decoder.decode(data))

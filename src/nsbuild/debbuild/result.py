@@ -148,6 +148,9 @@ class BuildResult:
     dependency_layer: LayerUse | None = None
     limitations: list[str] = field(default_factory=list)
     fail_stage: str | None = None  # sbuild's Fail-Stage of a build that did not succeed
+    # The build dependencies apt could not satisfy (status dependency-failed),
+    # bounded: apt's words quote the archive.
+    unmet: list[str] = field(default_factory=list)
     checks: list[CheckResult] = field(default_factory=list)
     started: float = 0.0  # time.time() when the build began
     total_seconds: float = 0.0
@@ -190,6 +193,7 @@ class BuildResult:
             "dependency_layer": layer.to_json() if layer is not None else None,
             "limitations": self.limitations,
             "fail_stage": self.fail_stage,
+            "unmet": self.unmet,
             "checks": [c.to_json() for c in self.checks],
             "started": _iso(self.started),
             "total_seconds": round(self.total_seconds, 3),
