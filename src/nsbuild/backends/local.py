@@ -5,7 +5,8 @@ environment (the session's overlay is mounted in the sandbox's private mount
 namespace, so nothing stays mounted between runs), with the network policy of
 that run alone: `none` gets loopback and a DNS responder that logs names,
 `allow` gets the egress proxy limited to the environment's mirrors and apt
-sources, `host` shares the host's network.
+sources (as root, with the option `egress-engine: nftables`, the kernel
+firewall of the run's own cgroup instead), `host` shares the host's network.
 
 Besides the session, the backend keeps on the host:
 
@@ -122,6 +123,9 @@ class LocalBackend(Backend):
 
         if not options.env:
             raise BackendError("local backend: no environment given")
+        # Before any session exists: the root engine's needs (root, nft,
+        # cgroup v2) fail as one line naming the rootless engine.
+        self._engine = egress_engine(options)
         # Unknown names fail here, before any session exists.
         self.config = load_config().get(options.env)
         self.options = options
@@ -381,7 +385,8 @@ class LocalBackend(Backend):
 
     def describe(self) -> str:
         base = (self._session.base or "")[:12]
-        return f"local (environment {self.config.name}, base {base or 'directory'})"
+        return (f"local (environment {self.config.name}, base {base or 'directory'}, "
+                f"egress engine {self._engine})")
 
     # -- running --
 
@@ -440,6 +445,7 @@ class LocalBackend(Backend):
             mode=network,
             allowlist=Allowlist.parse(self.options.allow),
             allow_from_env=network == "allow",
+            engine=self._engine,
             # Every run appends to the same file: one network log for the build.
             log_path=self.options.net_log,
         )
@@ -464,14 +470,16 @@ class LocalBackend(Backend):
         ):
             with self._session.in_use():
                 status = run_under(plan, spec, stdin=in_fd, stdout=out_fd, stderr=err_fd)
-            # Each attempt from inside is a record: a bounded number is kept,
-            # and the bounded counts of every run add up.
-            room = max(MAX_RECORDS - len(self._records), 0)
-            self._records.extend(plan.records()[:room])
-            summary = plan.summary()
-            if self._net_summary is not None:
-                summary = self._net_summary.merge(summary)
-            self._net_summary = summary
+        # Once the plan is closed: the nftables engine reports its allowed
+        # traffic and the refusals it did not log one by one at tear-down.
+        # Each attempt from inside is a record: a bounded number is kept,
+        # and the bounded counts of every run add up.
+        room = max(MAX_RECORDS - len(self._records), 0)
+        self._records.extend(plan.records()[:room])
+        summary = plan.summary()
+        if self._net_summary is not None:
+            summary = self._net_summary.merge(summary)
+        self._net_summary = summary
         return status
 
     def network_records(self) -> list[dict[str, Any]]:
@@ -486,6 +494,21 @@ class LocalBackend(Backend):
         self._stack.close()
         self._session = None
         self._build_dir = None
+
+
+def egress_engine(options: BackendOptions) -> str:
+    """What limits the trusted runs' network (BackendOptions.extra's
+    `egress-engine`): "proxy", else "nftables" once it is known usable here."""
+    from nsbuild.net.allowlist import Allowlist
+    from nsbuild.net.options import ENGINES, check_nftables_usable
+
+    engine = options.extra.get("egress-engine") or "proxy"
+    if engine not in ENGINES:
+        raise BackendError(f"local backend: egress engine {engine[:40]!r}: expected one of "
+                           f"{', '.join(ENGINES)}")  # fmt: skip
+    if engine == "nftables":
+        check_nftables_usable(Allowlist.parse(options.allow))
+    return engine
 
 
 def _give_files_to(folder: Path, ids: tuple[int, int]) -> None:
