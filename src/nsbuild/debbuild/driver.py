@@ -26,12 +26,14 @@ nsbuild's cache with those results (report.py). Nothing a build made is lost.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
 import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 from nsbuild.backends import Backend, BackendOptions, open_backend
 from nsbuild.backends.errors import CopyRefused
@@ -44,6 +46,7 @@ from nsbuild.debbuild.environment import architecture, environment
 from nsbuild.debbuild.errors import (
     BuildFailed,
     BuildInterrupted,
+    DiskFull,
     UnsatisfiableDependencies,
 )
 from nsbuild.debbuild.extrarepo import allowed_hosts
@@ -61,6 +64,9 @@ from nsbuild.printable import printable
 PHASES = ("Prepare", "Install build dependencies", "Build", "Collect")
 # How many unmet dependencies the result names, and how long each may be.
 UNMET_COUNT, UNMET_LENGTH = 100, 200
+# Free space below which the cache's disk is full: what a write that met
+# ENOSPC leaves, give or take what was freed since.
+FULL_BELOW = 16 << 20
 # The package's own failure (its build, or what it left), not its
 # dependencies': the next attempt reuses the layer this build kept.
 _PACKAGE_FAILED = (BuildFailed, CopyRefused)
@@ -124,20 +130,34 @@ class _Build:
                 err.result = self.result  # type: ignore[attr-defined]
                 raise err from None
             except NsbuildError as e:
-                if not isinstance(e, NotDelivered):
-                    self._failed_hooks()
-                if isinstance(e, CommandFailed):
-                    self.result.fail_stage = e.fail_stage  # sbuild's name for it
-                if isinstance(e, UnsatisfiableDependencies):
-                    self.result.unmet = [printable(u, UNMET_LENGTH)[:UNMET_LENGTH]
-                                         for u in e.unmet[:UNMET_COUNT]]  # fmt: skip
-                if isinstance(e, (*_PACKAGE_FAILED, NotDelivered)):
-                    with contextlib.suppress(OSError):
-                        self._publish_layer(_status(e))
-                self._finish(_status(e), str(e))
-                e.result = self.result  # type: ignore[attr-defined]
-                raise
+                self._ended(e, tmp)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                # One of nsbuild's own writes: not the package's failure.
+                self._ended(DiskFull(f"{e.strerror}: {e.filename}" if e.filename
+                                     else str(e.strerror)), tmp)  # fmt: skip
         return self.result
+
+    def _ended(self, raised: NsbuildError, tmp: Path) -> NoReturn:
+        """The end of a build that raised `raised`: what it becomes (see
+        _on_full_disk) is raised, the partial result as its `result`."""
+        e = _on_full_disk(raised, tmp)
+        if not isinstance(e, NotDelivered):
+            self._failed_hooks()
+        if isinstance(raised, CommandFailed):
+            self.result.fail_stage = raised.fail_stage  # sbuild's name for it
+        if isinstance(e, UnsatisfiableDependencies):
+            self.result.unmet = [printable(u, UNMET_LENGTH)[:UNMET_LENGTH]
+                                 for u in e.unmet[:UNMET_COUNT]]  # fmt: skip
+        if isinstance(e, (*_PACKAGE_FAILED, NotDelivered)):
+            with contextlib.suppress(OSError):
+                self._publish_layer(_status(e))
+        self._finish(_status(e), str(e))
+        e.result = self.result  # type: ignore[attr-defined]
+        if e is raised:
+            raise e
+        raise e from raised
 
     def _run(self, stack: ExitStack, inputs: Inputs, tmp: Path) -> None:
         pkg = inputs.pkg
@@ -355,6 +375,24 @@ def _keep_session(purge: str, status: str) -> bool:
     """sbuild's --purge-build: `never` keeps every session, `successful`
     purges only a successful build's."""
     return purge == "never" or (purge == "successful" and status != "successful")
+
+
+def _on_full_disk(e: NsbuildError, tmp: Path) -> NsbuildError:
+    """`e`, or when the disk of nsbuild's cache (where the session, the log
+    and the results are; `tmp` is the build's folder there) is full as the
+    build ends, an error that says so: the package's failure stays one, any
+    other (apt that could not unpack, a copy out) is DiskFull, not a
+    dependency that cannot be satisfied."""
+    if isinstance(e, (DiskFull, NotDelivered)):
+        return e
+    try:
+        fs = os.statvfs(tmp)
+    except OSError:
+        return e
+    if fs.f_bavail * fs.f_frsize >= FULL_BELOW:
+        return e
+    text = f"{e} ({os.strerror(errno.ENOSPC)}: nsbuild's cache, {tmp.parent.parent})"
+    return BuildFailed(text) if isinstance(e, _PACKAGE_FAILED) else DiskFull(text)
 
 
 def _status(e: NsbuildError) -> str:

@@ -23,5 +23,10 @@ class UnsatisfiableDependencies(NsbuildError):
         super().__init__(message)
 
 
+class DiskFull(NsbuildError):
+    """The disk of nsbuild's cache filled, and not through the package's own
+    build: nsbuild's, or apt's, writes failed."""
+
+
 class BuildInterrupted(NsbuildError):
     """SIGINT (or SIGTERM) arrived; everything was torn down before this is raised."""
