@@ -37,7 +37,7 @@ START_WAIT = 60.0
 
 
 def create(master_dir: Path, www_port: int, pb_port: int, interface: str,
-           pb_interface: str = "") -> bool:  # fmt: skip
+           pb_interface: str = "", tls: bool = False) -> bool:  # fmt: skip
     """Make a master in `master_dir` unless one is there; True if made."""
     master_dir = master_dir.absolute()
     if is_master(master_dir):
@@ -52,8 +52,12 @@ def create(master_dir: Path, www_port: int, pb_port: int, interface: str,
     settings.check_private(master_dir)
     run_tool([tool("buildbot"), "create-master", "--quiet", "-r", str(master_dir)])
     (master_dir / "master.cfg.sample").unlink(missing_ok=True)
+    if tls:
+        from nsbuild.farm.tls import make
+
+        make(master_dir)
     s = settings.MasterSettings(www_port, pb_port, interface, secrets.token_urlsafe(24),
-                                pb_interface)  # fmt: skip
+                                pb_interface, tls)  # fmt: skip
     settings.write_json(master_dir / settings.MASTER_FILE, s.to_json())
     settings.write_json(master_dir / settings.WORKERS_FILE, {})
     settings.write_text(master_dir / "master.cfg",
@@ -82,7 +86,9 @@ def start(master_dir: Path) -> settings.MasterSettings:
                 # of the previous master; once more, then give up.
                 if attempt == 2 or pid_of(master_dir) is not None:
                     raise
-    rest = Rest(s.url)  # anonymous: reading needs no login
+    from nsbuild.farm.tls import master_cert
+
+    rest = Rest(s.url, cert=master_cert(master_dir, s.tls))  # anonymous: reading needs no login
     deadline = time.monotonic() + START_WAIT
     while not (serves(master_dir, s) and rest.answers()):
         if time.monotonic() > deadline or pid_of(master_dir) is None:

@@ -1,11 +1,13 @@
 """Imported by a worker's buildbot.tac, in the worker's twistd: before each
 connection to a master on this machine, the master's port must be held by
-the master's user.
+the master's user; to a master on TLS (`farm master --tls`), the master
+must show the certificate the worker pinned (farm.tls).
 
 A PB login proves the worker to the master, never the master to the worker,
 and a worker reconnects by itself (every 10 s at most) whenever its master
-is gone: any local user who binds the port meanwhile would be sent the
-worker's password and could run commands as the worker's user.
+is gone: any local user who binds the port meanwhile, or anyone on the way
+to a master elsewhere, would be sent the worker's login and could run
+commands as the worker's user.
 """
 
 from __future__ import annotations
@@ -49,12 +51,27 @@ class OwnedEndpoint:
         return self.inner.connect(factory)
 
 
-def guard(worker: Any, host: Any, port: Any, uid: int) -> None:
-    """Put the worker's connection to a master on this machine behind
-    OwnedEndpoint; a master elsewhere is left as it is."""
-    from twisted.internet import reactor
+def pinned(cert: str) -> Any:
+    """TLS options trusting the PEM certificate in the file `cert` alone
+    (no system authority, no host name: the certificate is the master's own)."""
+    from pathlib import Path
 
-    if not (isinstance(host, str) and isinstance(port, int) and listeners.is_local(host)):
+    from twisted.internet.ssl import Certificate, CertificateOptions
+
+    from nsbuild.farm.tls import read_cert
+
+    return CertificateOptions(trustRoot=Certificate.loadPEM(read_cert(Path(cert)).encode()))
+
+
+def guard(worker: Any, host: Any, port: Any, uid: int, cert: str | None = None) -> None:
+    """Put the worker's connection behind OwnedEndpoint when the master is
+    on this machine, and on TLS pinned to `cert` when one is given; a master
+    elsewhere without a certificate is left as Buildbot made it."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import wrapClientTLS
+
+    local = isinstance(host, str) and listeners.is_local(host)
+    if not (isinstance(host, str) and isinstance(port, int) and (local or cert)):
         return
     services = [s for s in worker if isinstance(s, ClientService)]
     if len(services) != 1:
@@ -65,7 +82,11 @@ def guard(worker: Any, host: Any, port: Any, uid: int) -> None:
     address = "::1" if ":" in host else ("127.0.0.1" if host.lower() in listeners.LOCAL_NAMES
                                           else host)  # fmt: skip
     kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-    endpoint: Any = OwnedEndpoint(kind(reactor, address, port), port, uid)
+    endpoint: Any = kind(reactor, address, port)
+    if cert:
+        endpoint = wrapClientTLS(pinned(cert), endpoint)
+    if local:
+        endpoint = OwnedEndpoint(endpoint, port, uid)
     new: Any = ClientService(endpoint, worker.bf, retryPolicy=backoffPolicy(maxDelay=MAX_DELAY))
     worker.addService(new)
     worker.addService(_EndTimers(worker.bf))

@@ -36,7 +36,7 @@ class Rest:
     with `password` (Buildbot's session cookie, got at /auth/login)."""
 
     def __init__(self, url: str, user: str = "", password: str = "",
-                 owner: int | None = None) -> None:  # fmt: skip
+                 owner: int | None = None, cert: str | None = None) -> None:  # fmt: skip
         if not url.startswith(("http://", "https://")):
             raise FarmError(f"not a master's URL: {url!r} (http://HOST:PORT/)")
         self.url = url.rstrip("/") + "/"
@@ -46,8 +46,16 @@ class Rest:
         # No redirect is followed: urllib would send the login's
         # Authorization header on to another host; the session cookie is in
         # the first answer.
-        self.opener = urllib.request.build_opener(
-            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), _NoRedirect())
+        handlers: list[Any] = [urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()),
+                               _NoRedirect()]  # fmt: skip
+        if cert is not None:
+            # The master's own certificate (farm.tls), pinned: trusted alone.
+            if not self.url.startswith("https://"):
+                raise FarmError(f"a certificate is for https://, not {printable(url, 80)}")
+            from nsbuild.farm.tls import client_context
+
+            handlers.append(urllib.request.HTTPSHandler(context=client_context(cert)))
+        self.opener = urllib.request.build_opener(*handlers)
 
     def login(self) -> None:
         """Log in, for the session cookie every later request carries."""

@@ -100,6 +100,9 @@ class MasterSettings:
     # The workers' port may listen wider than the web (remote workers, the
     # web on loopback); "" is the web's interface.
     pb_interface: str = ""
+    # Both ports on TLS with the master's own certificate (farm.tls): for
+    # workers and submitters on other machines.
+    tls: bool = False
 
     @property
     def pb_address(self) -> str:
@@ -107,18 +110,20 @@ class MasterSettings:
 
     @property
     def url(self) -> str:
-        return f"http://{self.interface}:{self.www_port}/"
+        return f"{'https' if self.tls else 'http'}://{self.interface}:{self.www_port}/"
 
     def to_json(self) -> dict[str, object]:
         return {"www_port": self.www_port, "pb_port": self.pb_port, "interface": self.interface,
-                "password": self.password, "pb_interface": self.pb_interface}  # fmt: skip
+                "password": self.password, "pb_interface": self.pb_interface,
+                "tls": self.tls}  # fmt: skip
 
 
 def master_settings(master_dir: Path) -> MasterSettings:
     doc = read_json(check_folder(master_dir) / MASTER_FILE)
     try:
         return MasterSettings(int(doc["www_port"]), int(doc["pb_port"]), str(doc["interface"]),
-                              str(doc["password"]), str(doc.get("pb_interface") or ""))  # fmt: skip
+                              str(doc["password"]), str(doc.get("pb_interface") or ""),
+                              doc.get("tls") is True)  # fmt: skip
     except (KeyError, TypeError, ValueError):
         raise FarmError(f"{master_dir / MASTER_FILE}: not a master's settings") from None
 

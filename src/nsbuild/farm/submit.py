@@ -337,10 +337,13 @@ def say(line: str) -> None:
 PASSWORD_VARIABLE = "NSBUILD_FARM_PASSWORD"
 
 
-def master_for(url: str | None) -> tuple[Rest, Path | None]:
+def master_for(url: str | None, cert: Path | None = None) -> tuple[Rest, Path | None]:
     """The master to talk to: --master URL, else the one `nsbuild farm
     master` made on this machine; and its folder when it is that one. The
-    web password is that master's, else $NSBUILD_FARM_PASSWORD's."""
+    web password is that master's, else $NSBUILD_FARM_PASSWORD's. A master
+    on TLS is trusted by its own certificate: that master's, or `cert`."""
+    from nsbuild.farm.tls import master_cert, read_cert
+
     local = settings.local_master()
     mine = settings.master_settings(local) if local is not None else None
     if url is None:
@@ -348,6 +351,8 @@ def master_for(url: str | None) -> tuple[Rest, Path | None]:
             raise FarmError("no master on this machine (nsbuild farm master DIR); "
                             "or name one with --master URL")
         url = mine.url
-    if mine is not None and url.rstrip("/") == mine.url.rstrip("/"):
-        return Rest(url, settings.WEB_USER, mine.password), local
-    return Rest(url, settings.WEB_USER, os.environ.get(PASSWORD_VARIABLE, "")), None
+    pinned = read_cert(cert) if cert is not None else None
+    if local is not None and mine is not None and url.rstrip("/") == mine.url.rstrip("/"):
+        pinned = pinned or master_cert(local, mine.tls)
+        return Rest(url, settings.WEB_USER, mine.password, cert=pinned), local
+    return Rest(url, settings.WEB_USER, os.environ.get(PASSWORD_VARIABLE, ""), cert=pinned), None
