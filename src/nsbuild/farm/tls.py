@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from nsbuild.farm.errors import FarmError
-from nsbuild.userfile import read_small
+from nsbuild.userfile import NotSmallFile, read_small
 
 TLS_DIR = "tls"  # in a master's folder
 KEY = "key.pem"  # 0600
@@ -58,9 +58,16 @@ def read_cert(path: Path) -> str:
         der = ssl.PEM_cert_to_DER_cert(text)
     except OSError as e:
         raise FarmError(f"cannot read the master's certificate {path}: {e.strerror}") from None
+    except NotSmallFile as e:
+        raise FarmError(f"cannot read the master's certificate {path}: {e}") from None
     except (ValueError, UnicodeDecodeError):
         raise FarmError(f"{path}: not a PEM certificate") from None
-    return ssl.DER_cert_to_PEM_cert(der)
+    pem = ssl.DER_cert_to_PEM_cert(der)
+    try:
+        client_context(pem)  # base64 of anything passes the lines above
+    except ssl.SSLError:
+        raise FarmError(f"{path}: not a PEM certificate") from None
+    return pem
 
 
 def fingerprint(pem: str) -> str:
