@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "`nsbuild farm master` made, if its worker port is PORT)")
     p.add_argument("--no-start", action="store_true", help="only write and register it")
     p.add_argument("--as-root", action="store_true",
-                   help="allow running it as root (its master's commands then run as root)")
+                   help="allow running it as root (its master's commands then run as root); "
+                   "its builds then use --egress-engine nftables, the kernel firewall")
     p.set_defaults(func=cmd_worker)
 
     p = f_sub.add_parser("add-worker", help="register a worker made on another machine",

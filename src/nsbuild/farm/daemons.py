@@ -36,6 +36,11 @@ def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update({k: v for k, v in os.environ.items() if k.startswith("NSBUILD_")})
     env.setdefault("LANG", "C.UTF-8")
     env["PATH"] = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
+    if os.geteuid() == 0:
+        # root's own path (login.defs' ENV_SUPATH): a root worker's builds
+        # run nft, which Debian installs in /usr/sbin.
+        env["PATH"] = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:" \
+                      "/usr/sbin:/usr/bin:/sbin:/bin"  # fmt: skip
     env.update(extra or {})
     return env
 

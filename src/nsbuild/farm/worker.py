@@ -2,8 +2,12 @@
 and started, as the calling (unprivileged) user.
 
 The worker says what it can build in its info files, sent at every
-connection: info/nsbuild-envs (ENV/ARCH pairs from `nsbuild env list`) and
-info/nsbuild-command (the nsbuild its builds run). It starts with a clean,
+connection: info/nsbuild-envs (ENV/ARCH pairs from `nsbuild env list`),
+info/nsbuild-command (the nsbuild its builds run) and
+info/nsbuild-egress-engine (what limits its builds' dependency phase to the
+mirror: `proxy`, or for a worker run as root `nftables`, the kernel firewall
+matching each run's cgroup, which the build step then asks for with
+`--egress-engine nftables`). It starts with a clean,
 explicit environment, which every build command inherits, and `nsbuild gc`
 runs first, so a crashed predecessor leaves nothing behind.
 """
@@ -128,9 +132,26 @@ def check_user(euid: int, as_root: bool) -> None:
                         "an unprivileged user, or pass --as-root if that is meant")  # fmt: skip
 
 
+def egress_engine(euid: int) -> str:
+    """The egress engine of a worker's builds: as root the kernel firewall,
+    which must then be usable here (a root worker whose builds would fall
+    back to the proxy is refused, not made)."""
+    if euid != 0:
+        return "proxy"
+    from nsbuild.net import NetError
+    from nsbuild.net.options import check_nftables_usable
+
+    try:
+        check_nftables_usable(None)
+    except NetError as e:
+        raise FarmError(f"a worker run as root builds with {e}") from None
+    return "nftables"
+
+
 def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> WorkerSetup:
     """Make the worker (or read the one there) and note its environments."""
     check_user(os.geteuid(), as_root)
+    engine = egress_engine(os.geteuid())
     folder = folder.absolute()
     settings.check_worker_name(name)
     split_master(master_spec)
@@ -177,6 +198,7 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> 
         info.mkdir(exist_ok=True)
         (info / "nsbuild-envs").write_text(" ".join(envs) + "\n")
         (info / "nsbuild-command").write_text(nsbuild_command() + "\n")
+        (info / "nsbuild-egress-engine").write_text(engine + "\n")
         (info / "admin").write_text(f"{env.get('USER', os.getuid())} (nsbuild farm worker)\n")
         (info / "host").write_text(socket.gethostname() + "\n")
         settings.write_json(record, setup.to_json())
