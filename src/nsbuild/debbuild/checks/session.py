@@ -26,6 +26,7 @@ def open_session(req: BuildRequest, environment: str) -> Backend:
             args=req.backend_args,
             caches=("apt-lists", "apt-archives") if req.use_cache else (),
             debug=req.debug,
+            extra={"egress-engine": req.egress_engine},
         ),
     )
 
