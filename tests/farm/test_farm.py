@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.userns]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nsbuild-greeting"
 UNMET = "nsbuild-no-such-package (>= 1)"
+EXCEPTION = 4  # Buildbot's result
 
 
 def _sha256(path: Path) -> str:
@@ -84,7 +85,8 @@ def test_four_builds_end_in_buildd_states(submitted: Submitted) -> None:
 
 def test_buildbot_shows_the_states(farm: Farm, submitted: object) -> None:
     found = farm.get("builds?field=results&field=state_string&field=buildid&field=properties"
-                     "&property=nsbuild_package&property=nsbuild_status&property=nsbuild_unmet")
+                     "&property=nsbuild_package&property=nsbuild_status&property=nsbuild_unmet"
+                     "&property=nsbuild_results")
     assert isinstance(found, dict)
     by_package = {b["properties"]["nsbuild_package"][0]: b for b in found["builds"]
                   if "nsbuild_package" in b["properties"]}  # fmt: skip
@@ -97,6 +99,11 @@ def test_buildbot_shows_the_states(farm: Farm, submitted: object) -> None:
     assert unsat["properties"]["nsbuild_status"][0] == "dep-wait"
     (unmet,) = unsat["properties"]["nsbuild_unmet"][0]
     assert unmet.startswith(UNMET)
+    # Read from the summary's list, not from its message.
+    import json
+
+    results = farm.master / unsat["properties"]["nsbuild_results"][0]
+    assert json.loads((results / "summary.json").read_text())["unmet"] == [unmet]
 
 
 def test_the_build_log_is_in_buildbot_and_the_files_are_fetched(
@@ -110,7 +117,8 @@ def test_the_build_log_is_in_buildbot_and_the_files_are_fetched(
     assert not list(out.glob("nsb-farm-fails*.deb"))
     log = (out / "nsb-farm-fails_1.0_amd64.build").read_text()
     assert "this build fails on purpose" in log
-    # The .build log, as nsbuild wrote it, in the step's stdio log.
+    # The .build log, as nsbuild wrote it, is the step's log "build"; its
+    # stdio has nsbuild's own lines, not the build's output again.
     builds = farm.get("builds?field=buildid&field=properties&property=nsbuild_package")
     assert isinstance(builds, dict)
     (hello,) = [b["buildid"] for b in builds["builds"]
@@ -120,13 +128,31 @@ def test_the_build_log_is_in_buildbot_and_the_files_are_fetched(
     (step,) = [s["stepid"] for s in steps["steps"] if s["name"] == "nsbuild build"]
     logs = farm.get(f"steps/{step}/logs?field=logid&field=name")
     assert isinstance(logs, dict)
-    (stdio,) = [x["logid"] for x in logs["logs"] if x["name"] == "stdio"]
+    ids = {x["name"]: x["logid"] for x in logs["logs"]}
+    build, stdio = (_raw(farm, ids[name]) for name in ("build", "stdio"))
+    for phase in ("Prepare", "Install package build dependencies", "Build", "Summary"):
+        assert f"| {phase} ".ljust(79) + "|" in build, phase
+    # The whole log: Buildbot ends a line at a carriage return or a cursor
+    # move, and cuts one longer than it takes (the list of package versions,
+    # of which it loses a part), so its other lines, and its end whole.
+    from buildbot.util.lineboundaries import LineBoundaryFinder
+
+    delivered = (out / "hello_2.10-3_amd64.build").read_text()
+    lines = LineBoundaryFinder.newline_re.sub("\n", delivered).splitlines()
+    kept = set(build.splitlines())
+    longest = LineBoundaryFinder.MAX_LINELENGTH
+    assert [ln for ln in lines if len(ln) < longest and ln not in kept] == []
+    assert build.endswith(delivered[delivered.index("| Summary "):])
+    assert "[3/4] Build: dpkg-buildpackage" in stdio
+    assert "dpkg-buildpackage: info: source package hello" in build
+    assert "dpkg-buildpackage: info" not in stdio
+
+
+def _raw(farm: Farm, logid: int) -> str:
     import urllib.request
 
-    with urllib.request.urlopen(f"{farm.url}api/v2/logs/{stdio}/raw", timeout=30) as r:
-        text = r.read().decode()
-    assert "dpkg-buildpackage" in text
-    assert "Build: dpkg-buildpackage" in text
+    with urllib.request.urlopen(f"{farm.url}api/v2/logs/{logid}/raw", timeout=30) as r:
+        return r.read().decode()
 
 
 @pytest.mark.parametrize("package", ["nsbuild-greeting", "hello"])
@@ -146,13 +172,22 @@ def test_the_farm_builds_the_same_deb_as_a_local_build(
 
 def test_a_list_of_packages_from_the_archive(farm: Farm, tmp_path: Path) -> None:
     listing = tmp_path / "rebuild.list"
-    listing.write_text("# what to rebuild\nhello=2.10-3  # GNU hello\nnsbuild-no-such-source\n")
+    listing.write_text("# what to rebuild\nhello=2.10-3  # GNU hello\nnsbuild-no-such-source\n"
+                       "pv=0.0-0\n")
     proc = farm.nsbuild("farm", "submit", "--from-archive", "bookworm", "--list", str(listing),
                         "--wait", "--out", str(tmp_path))  # fmt: skip
     # Not every package built.
     assert proc.returncode == 1, proc.stderr
-    # No source, so no package name: the row is named as it was asked.
-    assert table_rows(proc.stdout)["nsbuild-no-such-source"][2] == "failed"
+    # A name or version the archive lacks is bad input (EXCEPTION), not a
+    # failed build; no source, so no package name: the row is named as asked.
+    rows = table_rows(proc.stdout)
+    assert rows["nsbuild-no-such-source"][2] == "error"
+    assert rows["pv=0.0-0"][2] == "error"
+    builds = farm.get("builds?field=state_string&field=results")
+    assert isinstance(builds, dict)
+    said = {b["state_string"] for b in builds["builds"] if b["results"] == EXCEPTION}
+    assert "exception no source package nsbuild-no-such-source in bookworm" in said, said
+    assert "exception no source package pv=0.0-0 in bookworm" in said, said
     assert table_rows(proc.stdout)["hello"][:1] == ["2.10-3"]
     assert table_rows(proc.stdout)["hello"][2] == "built"
     assert (tmp_path / "hello_2.10-3_amd64.deb").is_file()
@@ -203,7 +238,7 @@ def test_bad_input_is_one_line_and_exit_2(farm: Farm, tmp_path: Path) -> None:
 
 def test_a_builds_output_is_kept_bounded_on_the_master(farm: Farm, tmp_path: Path) -> None:
     """A source decides how much its build prints; the master keeps
-    steps.LOG_LIMIT characters of it, then says it cut."""
+    steps.LOG_LIMIT characters of its .build log, then says it cut."""
     from nsbuild.farm.steps import LOG_LIMIT
 
     loud = make_package(tmp_path, "nsb-farm-loud",
@@ -221,14 +256,16 @@ def test_a_builds_output_is_kept_bounded_on_the_master(farm: Farm, tmp_path: Pat
     (step,) = [s["stepid"] for s in steps["steps"] if s["name"] == "nsbuild build"]
     logs = farm.get(f"steps/{step}/logs")
     assert isinstance(logs, dict)
-    (stdio,) = [x for x in logs["logs"] if x["name"] == "stdio"]
-    lines = stdio["num_lines"]
+    (build,) = [x for x in logs["logs"] if x["name"] == "build"]
+    lines = build["num_lines"]
     assert lines < LOG_LIMIT // 99
-    # The note ends stderr's part; the summary (stdout) and Buildbot's own
-    # lines follow it.
-    tail = farm.get(f"logs/{stdio['logid']}/contents?offset={max(lines - 3000, 0)}&limit=3000")
+    # The note ends what the master kept of the .build log.
+    tail = farm.get(f"logs/{build['logid']}/contents?offset={lines - 3}&limit=3")
     assert isinstance(tail, dict)
     assert "output cut here" in str(tail)
+    # The stdio log has nsbuild's own lines only.
+    (stdio,) = [x for x in logs["logs"] if x["name"] == "stdio"]
+    assert stdio["num_lines"] < 1000
 
 
 def test_a_dsc_whose_files_the_master_lacks_is_an_error(farm: Farm, tmp_path: Path) -> None:

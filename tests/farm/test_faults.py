@@ -36,7 +36,8 @@ def _builds(farm: Farm, request: int) -> list[dict[str, object]]:
 
 
 def _building_the_package(farm: Farm, request: int) -> bool:
-    """The package's own build (dpkg-buildpackage) has started."""
+    """The package's own build (dpkg-buildpackage) has started, as the
+    step's log "build" shows: the .build log streams there as it is written."""
     builds = _builds(farm, request)
     if not builds:
         return False
@@ -47,11 +48,11 @@ def _building_the_package(farm: Farm, request: int) -> bool:
         return False
     logs = farm.get(f"steps/{ids[0]}/logs?field=logid&field=name")
     assert isinstance(logs, dict)
-    stdio = [x["logid"] for x in logs["logs"] if x["name"] == "stdio"]
-    if not stdio:
+    build = [x["logid"] for x in logs["logs"] if x["name"] == "build"]
+    if not build:
         return False
-    with urllib.request.urlopen(f"{farm.url}api/v2/logs/{stdio[0]}/raw", timeout=30) as r:
-        return "Build: dpkg-buildpackage" in r.read().decode(errors="replace")
+    with urllib.request.urlopen(f"{farm.url}api/v2/logs/{build[0]}/raw", timeout=30) as r:
+        return "dpkg-buildpackage: info: source package" in r.read().decode(errors="replace")
 
 
 def _worker_names(farm: Farm) -> dict[int, str]:

@@ -39,6 +39,20 @@ def test_unmet_from_the_summary_field_or_the_message() -> None:
     assert all(len(u) == outcome.UNMET_LENGTH for u in got)
 
 
+def test_the_builds_text_names_a_full_disk() -> None:
+    said = "nsb 1.0: dpkg-buildpackage failed: exit status 2 (No space left on device: /c)"
+    failed = {"package": "nsb", "version": "1.0", "fail_stage": "build", "message": said}
+    assert outcome.describe("failed", failed) == "failed nsb 1.0 at build (No space left on device)"
+    # Past the part of the message the text shows.
+    error = {"message": "x" * 300 + " (No space left on device: /c)"}
+    assert outcome.describe("error", error) == f"error: {'x' * 200} (No space left on device)"
+    assert outcome.describe("failed", {**failed, "message": "exit status 2"}) == (
+        "failed nsb 1.0 at build")
+    assert outcome.describe("dep-wait", {"unmet": ["libfoo-dev (>= 2)"]}) == (
+        "dep-wait: libfoo-dev (>= 2)")
+    assert outcome.describe("built", {}) == "built the package"
+
+
 @pytest.mark.parametrize("data", ["", "not json", "[1, 2]", '"text"',
                                   "{" + " " * (outcome.SUMMARY_LIMIT + 1) + "}"])
 def test_a_summary_that_is_not_one_is_empty(data: str) -> None:

@@ -26,7 +26,7 @@ from buildbot.plugins import schedulers, steps, util, worker
 
 from nsbuild.farm import settings
 from nsbuild.farm.errors import FarmError
-from nsbuild.farm.steps import OUT, SRC, FetchSource, NsbuildBuild
+from nsbuild.farm.steps import LOG_FILE, OUT, SRC, FetchSource, NsbuildBuild
 
 BUILD_WORKDIR = "build"  # Buildbot's default: WORKER/BUILDER/build
 
@@ -34,8 +34,9 @@ BUILD_WORKDIR = "build"  # Buildbot's default: WORKER/BUILDER/build
 def factory(env: str) -> util.BuildFactory:
     """The steps of one build in environment `env` (its name on the workers)."""
     f = util.BuildFactory()
-    # The workdir is kept between builds: start from nothing.
-    for sub in (SRC, OUT):
+    # The workdir is kept between builds: start from nothing (the worker
+    # would take an older build's log file for this one's).
+    for sub in (SRC, OUT, LOG_FILE):
         f.addStep(steps.RemoveDirectory(dir=f"{BUILD_WORKDIR}/{sub}", name=f"clean {sub}",
                                         haltOnFailure=True))  # fmt: skip
     f.addStep(steps.MakeDirectory(dir=f"{BUILD_WORKDIR}/{SRC}", name=f"make {SRC}",

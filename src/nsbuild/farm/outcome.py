@@ -36,8 +36,9 @@ STATES = {
 
 # A summary is a few KiB; a worker sending more is not believed past this.
 SUMMARY_LIMIT = 1 << 20
-# How many unmet dependencies are named, and how long each may be.
-UNMET_COUNT, UNMET_LENGTH = 50, 300
+# How many unmet dependencies are named, and how long each may be: the
+# bounds of `nsbuild build`'s own list.
+UNMET_COUNT, UNMET_LENGTH = 100, 200
 # What nsbuild's message for exit status 3 starts with, before the list.
 UNSAT_PREFIX = "unsatisfiable build dependencies: "
 
@@ -86,6 +87,29 @@ def text(summary: dict[str, Any], key: str, limit: int = 200) -> str:
     """A string field of the summary, cut to `limit`; "" if absent or not a string."""
     value = summary.get(key)
     return value[:limit] if isinstance(value, str) else ""
+
+
+# What nsbuild's message says when the disk of its cache was full (ENOSPC).
+NO_SPACE = "No space left on device"
+
+
+def describe(state: str, summary: dict[str, Any]) -> str:
+    """The build's text, in buildd's words: built PKG VER, failed PKG VER at
+    STAGE, dep-wait: the unmet dependencies, error: the message."""
+    what = f"{text(summary, 'package', 100)} {text(summary, 'version', 100)}".strip()
+    if state == DEP_WAIT:
+        said = f"dep-wait: {', '.join(unmet(summary)) or 'see the log'}"
+    elif state == BUILT:
+        said = f"built {what or 'the package'}"
+    elif state == FAILED:
+        stage = text(summary, "fail_stage", 50)
+        said = f"failed {what or 'the package'}" + (f" at {stage}" if stage else "")
+    else:
+        said = f"error: {text(summary, 'message', 200) or 'see the log'}"
+    if NO_SPACE in text(summary, "message", 4096) and NO_SPACE not in said:
+        # The worker's state, not the package's: a farm's keeper must see it.
+        said += f" ({NO_SPACE})"
+    return said
 
 
 def unmet(summary: dict[str, Any]) -> list[str]:

@@ -23,8 +23,11 @@ from nsbuild.farm import outcome
 from nsbuild.farm.settings import RESULTS_DIR, SOURCES_DIR
 
 SRC, OUT = "src", "out"  # in a build's workdir: the source, nsbuild's --out
+# In a build's workdir: nsbuild's --log-file, the .build log as it is
+# written, which the worker streams to the master as the log BUILD_LOG.
+LOG_FILE, BUILD_LOG = "build.log", "build"
 MAX_FILE = outcome.MAX_FILE
-# What of a command's stderr (a build's -v output, under the source's
+# What of a command's stderr and of the .build log (under the source's
 # control) goes into the master's database, and of its stdout (the summary,
 # a .dsc's name) is kept.
 LOG_LIMIT = 64 << 20
@@ -35,7 +38,9 @@ RESULTS = {outcome.BUILT: SUCCESS, outcome.FAILED: FAILURE, outcome.DEP_WAIT: WA
 
 # apt-get source, inside a sandbox of the worker's environment: its apt
 # sources gain their deb-src twins (one-line and deb822 files), and the
-# .dsc fetched is named on stdout's last line.
+# .dsc fetched is named on stdout's last line. A name (or version) the
+# archive does not have is bad input, told apart by its exit status.
+NO_SUCH_SOURCE = 64
 FETCH_SCRIPT = r"""set -e
 for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
   [ -f "$f" ] && sed -n 's/^deb /deb-src /p' "$f"
@@ -44,9 +49,18 @@ for f in /etc/apt/sources.list.d/*.sources; do
   [ -f "$f" ] && sed -i 's/^Types: deb$/Types: deb deb-src/' "$f"
 done
 apt-get -q update >&2
+name=${1%%=*}
+found=$(apt-cache showsrc --only-source "$name" 2>/dev/null || true)
+if ! printf '%s\n' "$found" | grep -q '^Package: '; then
+  echo "the archive has no source package $name" >&2; exit @NO_SUCH_SOURCE@
+fi
+if [ "$name" != "$1" ] && ! printf '%s\n' "$found" | grep -qxF "Version: ${1#*=}"; then
+  echo "the archive has no version ${1#*=} of the source package $name" >&2
+  exit @NO_SUCH_SOURCE@
+fi
 apt-get -q source --download-only "$1" >&2
 ls -1 -- *.dsc | tail -n 1
-"""
+""".replace("@NO_SUCH_SOURCE@", str(NO_SUCH_SOURCE))
 
 
 def worker_nsbuild(step: buildstep.BuildStep) -> str:
@@ -89,6 +103,11 @@ class BoundedShellCommand(remotecommand.RemoteShellCommand):  # type: ignore[mis
         kept = self._take("stderr", data)
         return super().add_stderr_lines(kept, is_flushed) if kept else defer.succeed(None)
 
+    def addToLog(self, logname: str, data: Any) -> Any:
+        # A log file the worker follows (logfiles=): only those given a budget.
+        kept = self._take(logname, data) if logname in self.budgets else ""
+        return super().addToLog(logname, kept) if kept else defer.succeed(None)
+
 
 @defer.inlineCallbacks
 def bounded_command(step: Any, argv: list[str]) -> Any:
@@ -97,7 +116,8 @@ def bounded_command(step: Any, argv: list[str]) -> Any:
     nothing to choose the class: it is given the bounded one's methods)."""
     cmd = yield step.makeRemoteShellCommand(command=argv, collectStdout=True)
     cmd.__class__ = BoundedShellCommand
-    cmd.budgets = {"stdout": outcome.Budget(STDOUT_LIMIT), "stderr": outcome.Budget(LOG_LIMIT)}
+    cmd.budgets = {"stdout": outcome.Budget(STDOUT_LIMIT), "stderr": outcome.Budget(LOG_LIMIT),
+                   **{name: outcome.Budget(LOG_LIMIT) for name in step.logfiles}}  # fmt: skip
     return cmd
 
 
@@ -172,6 +192,12 @@ class FetchFromArchive(buildstep.ShellMixin, buildstep.BuildStep):
         kw = self.setupShellMixin({**kw, "logEnviron": False, "sigtermTime": 30})
         super().__init__(**kw)
         self.nsbuild_env, self.source = env, source
+        self.said = ""  # why the build ends here, for the build's own text
+
+    def getResultSummary(self) -> dict[str, str]:
+        if not self.said:
+            return super().getResultSummary()  # type: ignore[no-any-return]
+        return {"step": self.said, "build": self.said}
 
     @defer.inlineCallbacks
     def run(self) -> Any:
@@ -180,6 +206,11 @@ class FetchFromArchive(buildstep.ShellMixin, buildstep.BuildStep):
                 "sh", "-c", FETCH_SCRIPT, "sh", self.source]  # fmt: skip
         cmd = yield bounded_command(self, argv)
         yield self.runCommand(cmd)
+        if cmd.rc == NO_SUCH_SOURCE:
+            # Bad input (buildd's error), not a build that failed.
+            self.setProperty("nsbuild_status", outcome.ERROR, "nsbuild")
+            self.said = f"no source package {self.source} in {self.nsbuild_env}"
+            return EXCEPTION
         if cmd.didFail():
             self.descriptionDone = [f"apt-get source {self.source} failed"]
             return FAILURE
@@ -198,8 +229,10 @@ class FetchFromArchive(buildstep.ShellMixin, buildstep.BuildStep):
 
 
 class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
-    """`nsbuild build`; its output, the .build log as it is written (-v),
-    streams into the stdio log. The result is buildd's: built (SUCCESS),
+    """`nsbuild build`; the .build log, as it is written (--log-file), is
+    the step's log `build` (the worker follows the file, and sends what it
+    gains every few seconds); the stdio log has nsbuild's own lines, not the
+    build's output a second time. The result is buildd's: built (SUCCESS),
     failed (FAILURE), dep-wait (WARNINGS, naming the unmet dependencies in
     the build's text and the property nsbuild_unmet), error (EXCEPTION).
     Then the build's files are uploaded to the master."""
@@ -208,7 +241,8 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
 
     def __init__(self, env: str, **kw: Any) -> None:
         kw = self.setupShellMixin({**kw, "logEnviron": False, "sigtermTime": 30,
-                                   "warnOnWarnings": True})  # fmt: skip
+                                   "warnOnWarnings": True,
+                                   "logfiles": {BUILD_LOG: LOG_FILE}})  # fmt: skip
         super().__init__(**kw)
         self.nsbuild_env = env
         self.summary_text = ""
@@ -216,8 +250,9 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
 
     @defer.inlineCallbacks
     def run(self) -> Any:
-        argv = [worker_nsbuild(self), "build", "-v", "--json", "--env", self.nsbuild_env,
-                "--out", OUT, str(self.getProperty("nsbuild_input"))]  # fmt: skip
+        argv = [worker_nsbuild(self), "build", "--json", "--log-file", LOG_FILE,
+                "--env", self.nsbuild_env, "--out", OUT,
+                str(self.getProperty("nsbuild_input"))]  # fmt: skip
         cmd = yield bounded_command(self, argv)
         yield self.runCommand(cmd)
         if self.stopped and getattr(self.build, "stopped_reason", None) == "Master Shutdown":
@@ -247,18 +282,9 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
         self.setProperty("nsbuild_status", state, "nsbuild")
         self.setProperty("nsbuild_package", pkg, "nsbuild")
         self.setProperty("nsbuild_version", ver, "nsbuild")
-        what = f"{pkg} {ver}".strip() or "the package"
         if state == outcome.DEP_WAIT:
-            unmet = outcome.unmet(summary)
-            self.setProperty("nsbuild_unmet", unmet, "nsbuild")
-            self.summary_text = f"dep-wait: {', '.join(unmet) or 'see the log'}"
-        elif state == outcome.BUILT:
-            self.summary_text = f"built {what}"
-        elif state == outcome.FAILED:
-            stage = outcome.text(summary, "fail_stage", 50)
-            self.summary_text = f"failed {what}" + (f" at {stage}" if stage else "")
-        else:
-            self.summary_text = f"error: {outcome.text(summary, 'message', 200) or 'see the log'}"
+            self.setProperty("nsbuild_unmet", outcome.unmet(summary), "nsbuild")
+        self.summary_text = outcome.describe(state, summary)
 
     @defer.inlineCallbacks
     def _upload(self, found: dict[str, outcome.Upload]) -> Any:
