@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--pb-interface", metavar="ADDRESS",
                    help="the address the worker port listens on (default: the web's; "
                    "0.0.0.0 for workers on other machines, the web staying local)")
+    p.add_argument("--tls", action="store_true",
+                   help="both ports on TLS with a certificate of the master's own (in "
+                   "DIR/tls/), which workers and submitters on other machines pin "
+                   "(--master-cert)")
     p.add_argument("--no-start", action="store_true", help="only write it")
     p.set_defaults(func=cmd_master)
 
@@ -46,6 +50,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--master-dir", type=Path, metavar="DIR",
                    help="the master's folder on this machine (default: the one "
                    "`nsbuild farm master` made, if its worker port is PORT)")
+    p.add_argument("--master-cert", type=Path, metavar="FILE",
+                   help="the master's certificate to trust, alone (a copy of its "
+                   "tls/cert.pem; needed for a master on another machine)")
     p.add_argument("--no-start", action="store_true", help="only write and register it")
     p.add_argument("--as-root", action="store_true",
                    help="allow running it as root (its master's commands then run as root); "
@@ -83,11 +90,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="with --wait: where the files go (default: here)")
     p.add_argument("--master", metavar="URL", help="the master's web URL "
                    "(default: the one `nsbuild farm master` made on this machine)")
+    _master_cert(p)
     p.set_defaults(func=cmd_submit)
 
     p = f_sub.add_parser("status", help="the builds queued or running")
     p.add_argument("--master", metavar="URL", help="the master's web URL")
+    _master_cert(p)
     p.set_defaults(func=cmd_status)
+
+
+def _master_cert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--master-cert", type=Path, metavar="FILE",
+                   help="the certificate of a master on TLS to trust, alone (a copy of its "
+                   "tls/cert.pem; the local master's is found in its folder)")
 
 
 def cmd_master(args: argparse.Namespace) -> int:
@@ -100,6 +115,9 @@ def cmd_master(args: argparse.Namespace) -> int:
     given = (args.port_www, args.port_pb, args.interface, args.pb_interface)
     if daemons.is_master(folder):
         have = settings.master_settings(folder)
+        if args.tls and not have.tls:
+            raise ValueError(f"the master in {folder} was made without --tls; "
+                             "to have it, make another")  # fmt: skip
         if any(g is not None and g != h
                for g, h in zip(given, (have.www_port, have.pb_port, have.interface,
                                        have.pb_address), strict=True)):  # fmt: skip
@@ -108,7 +126,8 @@ def cmd_master(args: argparse.Namespace) -> int:
                              f"{have.pb_port} (workers) (its {settings.MASTER_FILE}); to "
                              "change them, make another")  # fmt: skip
     made = master.create(folder, args.port_www or WWW_PORT, args.port_pb or PB_PORT,
-                         args.interface or INTERFACE, args.pb_interface or "")  # fmt: skip
+                         args.interface or INTERFACE, args.pb_interface or "",
+                         args.tls)  # fmt: skip
     settings.note_local_master(folder)
     s = settings.master_settings(folder)
     print(f"nsbuild farm: master {'made' if made else 'found'} in {folder}", file=sys.stderr)
@@ -126,8 +145,9 @@ def cmd_master(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from nsbuild.farm import worker
 
-    setup = worker.create(args.dir, args.master, args.name, args.as_root)
     master_dir = args.master_dir or worker.local_master_for(args.master)
+    cert = worker.master_cert_for(args.master, master_dir, args.master_cert)
+    setup = worker.create(args.dir, args.master, args.name, args.as_root, cert)
     if master_dir is not None:
         worker.register_locally(setup, master_dir.absolute())
         print(f"nsbuild farm: worker {setup.name} registered with {master_dir}: "
@@ -172,7 +192,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         packages += submit.read_list(args.list)
     if not packages:
         raise ValueError("submit: nothing to build (PKG.dsc..., or --from-archive SUITE PKG...)")
-    rest, master_dir = submit.master_for(args.master)
+    rest, master_dir = submit.master_for(args.master, args.master_cert)
     env = args.env or args.from_archive
     builder = submit.choose_builder(rest, env, args.arch)
     dscs = [] if args.from_archive else [Path(p).absolute() for p in packages]
@@ -194,6 +214,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from nsbuild.farm import submit
 
-    rest, _ = submit.master_for(args.master)
+    rest, _ = submit.master_for(args.master, args.master_cert)
     print(submit.queue(rest))
     return 0

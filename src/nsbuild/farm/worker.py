@@ -105,22 +105,25 @@ PLACEHOLDER = "nsbuild-placeholder-replaced-at-once"
 
 GUARD = """
 # Added by `nsbuild farm worker`: to a master on this machine, connect only
-# while its port is held by the master's user (nsbuild.farm.pbguard).
+# while its port is held by the master's user; to a master on TLS, only if
+# it shows the pinned certificate (nsbuild.farm.pbguard).
 from nsbuild.farm.pbguard import guard
-guard(s, buildmaster_host, port, {uid})
+guard(s, buildmaster_host, port, {uid}, {cert!r})
 """
 
 
-def set_password(tac: Path, password: str) -> None:
+def set_password(tac: Path, password: str, cert: Path | None = None) -> None:
     """Put the worker's password in its buildbot.tac (Python, 0600), whole,
-    and the guard of its connection."""
+    and the guard of its connection (pinned to the master's certificate in
+    the file `cert`, if given)."""
     text = tac.read_text()
     line = f"passwd = {PLACEHOLDER!r}\n"
     if text.count(line) != 1 or "s.setServiceParent(application)\n" not in text:
         raise FarmError(f"{tac}: not the buildbot.tac create-worker writes")
     # The master's user: the worker's own (a master of another user here
     # is not supported by the guard).
-    text = text.replace(line, f"passwd = {password!r}\n") + GUARD.format(uid=os.getuid())
+    guard = GUARD.format(uid=os.getuid(), cert=str(cert) if cert is not None else None)
+    text = text.replace(line, f"passwd = {password!r}\n") + guard
     settings.write_text(tac, text)
 
 
@@ -148,8 +151,42 @@ def egress_engine(euid: int) -> str:
     return "nftables"
 
 
-def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> WorkerSetup:
-    """Make the worker (or read the one there) and note its environments."""
+def master_cert_for(master_spec: str, master_dir: Path | None, given: Path | None) -> str | None:
+    """The certificate the worker pins: --master-cert's, else that of the
+    master on this machine if it is on TLS. A master elsewhere must have one:
+    without it anyone on the way could pose as the master (nsbuild.farm.tls)."""
+    from nsbuild.farm import listeners, tls
+
+    if given is not None:
+        return tls.read_cert(given)
+    if master_dir is not None:
+        return tls.master_cert(master_dir, settings.master_settings(master_dir).tls)
+    host, _ = split_master(master_spec)
+    if listeners.resolve_local(host):
+        return None
+    raise FarmError(f"a master on another machine is trusted by its certificate: pass "
+                    f"--master-cert FILE, a copy of its tls/{tls.CERT} (`nsbuild farm "
+                    f"master --tls` makes one)")  # fmt: skip
+
+
+def _pin_cert(folder: Path, cert: str | None, made: bool) -> Path | None:
+    """Write the pinned certificate into the worker's folder; its path."""
+    from nsbuild.farm import tls
+
+    path = folder / tls.WORKER_CERT
+    if not made and path.exists() != (cert is not None):
+        raise FarmError(f"{folder} was made {'with' if path.exists() else 'without'} a pinned "
+                        "master certificate; remove it to make another")  # fmt: skip
+    if cert is None:
+        return None
+    settings.write_text(path, cert, mode=0o644)
+    return path
+
+
+def create(folder: Path, master_spec: str, name: str, as_root: bool = False,
+           cert: str | None = None) -> WorkerSetup:  # fmt: skip
+    """Make the worker (or read the one there) and note its environments;
+    `cert`: the master's certificate to pin (master_cert_for)."""
     check_user(os.geteuid(), as_root)
     engine = egress_engine(os.geteuid())
     folder = folder.absolute()
@@ -178,6 +215,7 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> 
             raise FarmError(f"{folder} is the worker {old.get('name')!r} of "
                             f"{old.get('master')!r}; remove it to make another")
         password = str(old["password"])
+        _pin_cert(folder, cert, made=False)
     else:
         if folder.exists() and any(folder.iterdir()):
             raise FarmError(f"{folder} exists and is not an nsbuild farm worker")
@@ -188,7 +226,7 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False) -> 
         daemons.run_tool([daemons.tool("buildbot-worker"), "create-worker", "--quiet",
                          "--umask=0o22", "--maxdelay=10", str(folder), master_spec, name,
                          PLACEHOLDER], env=env)  # fmt: skip
-        set_password(folder / "buildbot.tac", password)
+        set_password(folder / "buildbot.tac", password, _pin_cert(folder, cert, made=True))
     made = old.get("environment")
     kept = {k: v for k, v in made.items() if k in KEPT and isinstance(v, str)} \
         if isinstance(made, dict) else {k: env[k] for k in KEPT if k in env}  # fmt: skip
