@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nsbuild.cli.buildopts import (
     COMMAND_STAGES,
@@ -21,6 +21,9 @@ from nsbuild.cli.buildopts import (
     add_setting_options,
     check_conflicts,
 )
+
+if TYPE_CHECKING:  # imported when a build runs: `nsbuild build --help` stays quick
+    from nsbuild.debbuild.result import BuildRequest
 
 
 def _paragraphs(*texts: str) -> str:
@@ -113,6 +116,19 @@ def make_request(values: dict[str, Any], input: Path, backend_args: tuple[str, .
                         commands=commands)  # fmt: skip
 
 
+def check_egress_engine(request: BuildRequest) -> None:
+    """--egress-engine nftables: usable here (root, nft, cgroup v2), and a
+    firewall of nsbuild's own runs only: before anything else happens."""
+    if request.egress_engine != "nftables":
+        return
+    from nsbuild.net.options import check_nftables_usable
+
+    if request.backend != "local":
+        raise BadSetting(f"--egress-engine nftables: the {request.backend} backend's runs are "
+                         "not nsbuild's to firewall (the local backend only)")  # fmt: skip
+    check_nftables_usable(None)
+
+
 def handler(args: argparse.Namespace) -> int:
     from nsbuild.cli.config import DEFAULT, ConfigError, effective
     from nsbuild.cli.exits import USAGE, exit_status
@@ -131,6 +147,7 @@ def handler(args: argparse.Namespace) -> int:
         request = make_request(values, args.input, tuple(args.backend_args),
                                bool(getattr(args, "debug", False)))  # fmt: skip
         check_request(request)
+        check_egress_engine(request)
     except (BadSetting, ConfigError, NsbuildError) as e:
         print(f"nsbuild build: {printable(str(e), MESSAGE_LIMIT)}", file=sys.stderr)
         return USAGE

@@ -12,7 +12,8 @@ turns an error into a number, here.
     2      usage or configuration error, bad input (any other nsbuild error)
     3      `nsbuild build`: the build dependencies cannot be satisfied
     125    nsbuild's own failure setting up a sandbox or a backend, not the
-           command's (the convention of podman and docker)
+           command's (the convention of podman and docker), or the disk of
+           its cache filled
     126    the command is not executable
     127    the command was not found
     128+N  the command was killed by signal N
@@ -28,7 +29,12 @@ from __future__ import annotations
 
 from nsbuild.backends import UnknownBackend
 from nsbuild.backends.errors import BackendError, CopyRefused
-from nsbuild.debbuild.errors import BuildFailed, BuildInterrupted, UnsatisfiableDependencies
+from nsbuild.debbuild.errors import (
+    BuildFailed,
+    BuildInterrupted,
+    DiskFull,
+    UnsatisfiableDependencies,
+)
 from nsbuild.errors import NsbuildError
 from nsbuild.sandbox.errors import SandboxError
 
@@ -49,6 +55,7 @@ STATUSES: dict[type[BaseException], int] = {
     CopyRefused: BUILD_FAILED,  # what the build made, not nsbuild, is at fault
     BuildFailed: BUILD_FAILED,
     UnsatisfiableDependencies: UNSATISFIABLE,
+    DiskFull: SETUP_FAILED,
     BuildInterrupted: INTERRUPTED,
     KeyboardInterrupt: INTERRUPTED,
 }

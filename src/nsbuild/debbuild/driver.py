@@ -189,6 +189,7 @@ class _Build:
                 caches=("apt-lists", "apt-archives") if self.req.use_cache else (),
                 net_log=str(net_log),
                 debug=self.req.debug,
+                extra={"egress-engine": self.req.egress_engine},
             ),
         )
         stack.callback(backend.close)

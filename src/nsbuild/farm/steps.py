@@ -71,6 +71,15 @@ def worker_nsbuild(step: buildstep.BuildStep) -> str:
     return found if found.startswith("/") else "nsbuild"
 
 
+def worker_egress(step: buildstep.BuildStep) -> list[str]:
+    """`--egress-engine nftables` for a worker whose builds use the kernel
+    firewall (run as root: info/nsbuild-egress-engine), else nothing."""
+    info = step.build.getWorkerInfo()
+    found = info.getProperty("nsbuild-egress-engine") if info is not None else None
+    wanted = isinstance(found, str) and found.strip() == "nftables"
+    return ["--egress-engine", "nftables"] if wanted else []
+
+
 def _master_dir(step: buildstep.BuildStep) -> Path:
     return Path(step.master.basedir)
 
@@ -202,7 +211,8 @@ class FetchFromArchive(buildstep.ShellMixin, buildstep.BuildStep):
     @defer.inlineCallbacks
     def run(self) -> Any:
         argv = [worker_nsbuild(self), "run", "--env", self.nsbuild_env, "--net", "allow",
-                "--allow-from-env", "--bind", f"{SRC}:/src", "--chdir", "/src", "--",
+                "--allow-from-env", *worker_egress(self), "--bind", f"{SRC}:/src",
+                "--chdir", "/src", "--",
                 "sh", "-c", FETCH_SCRIPT, "sh", self.source]  # fmt: skip
         cmd = yield bounded_command(self, argv)
         yield self.runCommand(cmd)
@@ -251,7 +261,7 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
     @defer.inlineCallbacks
     def run(self) -> Any:
         argv = [worker_nsbuild(self), "build", "--json", "--log-file", LOG_FILE,
-                "--env", self.nsbuild_env, "--out", OUT,
+                *worker_egress(self), "--env", self.nsbuild_env, "--out", OUT,
                 str(self.getProperty("nsbuild_input"))]  # fmt: skip
         cmd = yield bounded_command(self, argv)
         yield self.runCommand(cmd)
