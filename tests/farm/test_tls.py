@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import http.server
 import os
+import socket
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +114,112 @@ def test_the_rest_client_trusts_the_pinned_certificate_alone(
 def test_a_certificate_is_refused_for_plain_http(two: tuple[Path, Path]) -> None:
     with pytest.raises(FarmError, match="https"):
         Rest("http://127.0.0.1:9/", cert=tls.read_cert(two[0]))
+
+
+# -- a farm on TLS, made with the commands --
+
+
+def _nsbuild(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nsbuild", *args], env=env, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> dict[str, str]:
+    """A user's nsbuild config with the bookworm test environment."""
+    from inputs import tarball
+
+    chroot_d = tmp_path / "config" / "nsbuild" / "chroot.d"
+    chroot_d.mkdir(parents=True)
+    (chroot_d / "bookworm").write_text(
+        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
+        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
+    )
+    return {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+            "XDG_CACHE_HOME": str(tmp_path / "cache")}  # fmt: skip
+
+
+class _FakeMaster:
+    """A TLS server on the worker port with a certificate of its own: what
+    anyone could run there. It counts handshakes the client ended (its
+    alert: it does not trust the certificate) and those it completed."""
+
+    def __init__(self, cert: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, cert.parent / tls.KEY)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = int(self.sock.getsockname()[1])
+        self.refused = 0
+        self.completed = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                try:
+                    with self.ctx.wrap_socket(conn, server_side=True) as s:
+                        # TLS 1.3: the client's Finished, or its alert, comes now.
+                        s.recv(1)
+                        self.completed += 1
+                except ssl.SSLError:
+                    self.refused += 1
+                except OSError:
+                    pass
+
+
+def test_a_worker_pins_the_masters_certificate(user: dict[str, str], tmp_path: Path) -> None:
+    from waiting import wait_for
+
+    from .conftest import free_port
+
+    master_dir, w1, w2 = tmp_path / "master", tmp_path / "w1", tmp_path / "w2"
+    www, pb = free_port(), free_port()
+    started: list[Path] = []
+    try:
+        made = _nsbuild(user, "farm", "master", str(master_dir), "--tls",
+                        "--port-www", str(www), "--port-pb", str(pb))  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        started.append(master_dir)
+        assert made.stdout.strip() == f"https://127.0.0.1:{www}/"
+        cert = master_dir / tls.TLS_DIR / tls.CERT
+        # The master of this machine: its certificate is taken from its folder.
+        proc = _nsbuild(user, "farm", "worker", str(w1), "--master", f"127.0.0.1:{pb}",
+                        "--name", "w1")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        started.append(w1)
+        assert (w1 / tls.WORKER_CERT).read_text() == tls.read_cert(cert)
+        rest = Rest(f"https://127.0.0.1:{www}/", cert=tls.read_cert(cert))
+        wait_for(lambda: [w["name"] for w in rest.items("workers", "workers")
+                          if w.get("connected_to")] == ["w1"],
+                 "the worker connected over TLS", interval=0.5)  # fmt: skip
+        status = _nsbuild(user, "farm", "status")
+        assert status.returncode == 0 and "no builds queued" in status.stdout, status.stderr
+
+        # Another TLS server on a worker's master port: the worker ends every
+        # handshake, so the PB login (which comes after it) never happens.
+        fake = _FakeMaster(_certificate(tmp_path / "fake"))
+        started.append(w2)
+        proc = _nsbuild(user, "farm", "worker", str(w2), "--master",
+                        f"127.0.0.1:{fake.port}", "--name", "w2",
+                        "--master-cert", str(cert))  # fmt: skip
+        assert proc.returncode != 0 and "start failed" in proc.stderr, proc.stderr
+        wait_for(lambda: fake.refused >= 2, "the worker refused the fake master twice")
+        assert fake.completed == 0
+    finally:
+        for folder in reversed(started):
+            _nsbuild(user, "farm", "stop", str(folder))
+
+
+def test_a_master_elsewhere_needs_its_certificate(user: dict[str, str], tmp_path: Path) -> None:
+    proc = _nsbuild(user, "farm", "worker", str(tmp_path / "w"), "--master",
+                    "build-master.invalid:9989", "--name", "w", "--no-start")  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--master-cert" in proc.stderr, proc.stderr
+    assert not (tmp_path / "w").exists()

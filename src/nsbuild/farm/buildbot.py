@@ -24,7 +24,7 @@ from typing import Any
 
 from buildbot.plugins import schedulers, steps, util, worker
 
-from nsbuild.farm import settings
+from nsbuild.farm import settings, tls
 from nsbuild.farm.errors import FarmError
 from nsbuild.farm.steps import LOG_FILE, OUT, SRC, FetchSource, NsbuildBuild
 
@@ -102,6 +102,11 @@ def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
     and its workers read from the files in `basedir`."""
     base = Path(basedir)
     s = settings.master_settings(base)
+
+    def port(description: str) -> str:
+        # On TLS (`farm master --tls`), both ports with the master's own key.
+        return tls.strport(description, base) if s.tls else description
+
     entries = settings.workers(base)
     pairs = sorted({p for w in entries for p in w.envs})
     named: dict[str, str] = {}
@@ -120,8 +125,8 @@ def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
         # Buildbot's default sends usage figures to buildbot.net.
         "buildbotNetUsageData": None,
         "db": {"db_url": "sqlite:///state.sqlite"},
-        "protocols": {"pb": {"port": f"tcp:{s.pb_port}:interface={s.pb_address}"}},
-        "www": {"port": f"tcp:{s.www_port}:interface={s.interface}",
+        "protocols": {"pb": {"port": port(f"tcp:{s.pb_port}:interface={s.pb_address}")}},
+        "www": {"port": port(f"tcp:{s.www_port}:interface={s.interface}"),
                 "plugins": {"waterfall_view": {}, "console_view": {}, "grid_view": {}},
                 **web_login(s.password)},
         # Buildbot merges queued requests of a builder by default, whatever
