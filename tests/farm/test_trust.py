@@ -227,10 +227,11 @@ def test_a_running_worker_does_not_connect_to_another_users_port(
         setup = worker.create(tmp_path / "w1", f"127.0.0.1:{port}", "w1")
         tac = setup.folder / "buildbot.tac"
         text = tac.read_text()
-        mine = f"guard(s, buildmaster_host, port, {os.getuid()})"
+        mine = f"guard(s, buildmaster_host, port, {os.getuid()}, None)"
         assert mine in text
         # The master's user is another: this listener, ours, is not its.
-        settings.write_text(tac, text.replace(mine, f"guard(s, buildmaster_host, port, {OTHER})"))
+        settings.write_text(tac, text.replace(mine, f"guard(s, buildmaster_host, port, {OTHER}, "
+                                                    "None)"))
         # Started as `farm worker` would, without its own check at the start
         # (buildbot-worker start fails when no master answers in 10 s; the
         # daemon stays and keeps trying).

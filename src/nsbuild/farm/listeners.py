@@ -52,14 +52,46 @@ def listening() -> list[Listener]:
     return found
 
 
-def is_local(host: str) -> bool:
-    """True if `host` is this machine by its loopback name or address."""
-    if host.lower() in LOCAL_NAMES:
+def _here(address: str) -> bool:
+    """True if connecting to `address` reaches this machine: a loopback or
+    wildcard address, or one of its own (it can be bound here)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.is_loopback or ip.is_unspecified:
         return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+    except OSError:
         return False
+    return True
+
+
+def local_address(host: str) -> str | None:
+    """The address by which `host` names this machine, or None. Any
+    spelling counts (the host's name, 127.1, 2130706433, 0.0.0.0, its own
+    address): a port here is free for any local user to bind while the
+    master is down."""
+    name = host.strip("[]")
+    if name.lower() in LOCAL_NAMES:
+        return "127.0.0.1"  # as the master listens by default
+    try:
+        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    for info in infos:
+        address = str(info[4][0])
+        try:
+            if _here(address):
+                return address
+        except ValueError:
+            continue
+    return None
+
+
+def is_local(host: str) -> bool:
+    """True if `host` names this machine, however spelled (local_address)."""
+    return local_address(host) is not None
 
 
 def check_ours(port: int, what: str, owner: int | None = None) -> list[Listener]:
@@ -89,14 +121,3 @@ def holders(port: int) -> set[int]:
         except OSError:
             continue
     return pids
-
-
-def resolve_local(host: str) -> bool:
-    """True if `host` names this machine's loopback (resolved)."""
-    if is_local(host):
-        return True
-    try:
-        return all(ipaddress.ip_address(str(info[4][0])).is_loopback
-                   for info in socket.getaddrinfo(host, None))  # fmt: skip
-    except (OSError, ValueError):
-        return False

@@ -70,17 +70,20 @@ def guard(worker: Any, host: Any, port: Any, uid: int, cert: str | None = None) 
     from twisted.internet import reactor
     from twisted.internet.endpoints import wrapClientTLS
 
-    local = isinstance(host, str) and listeners.is_local(host)
-    if not (isinstance(host, str) and isinstance(port, int) and (local or cert)):
+    if not (isinstance(host, str) and isinstance(port, int)):
+        return
+    # However the master is spelled, if it is this machine the port is
+    # checked, and the address checked is the one connected to.
+    address = listeners.local_address(host)
+    local = address is not None
+    if not (local or cert):
         return
     services = [s for s in worker if isinstance(s, ClientService)]
     if len(services) != 1:
         raise FarmError("the worker has not the one connection nsbuild expects: "
                         "buildbot-worker changed")  # fmt: skip
     worker.removeService(services[0])  # added with addService: it has no .parent
-    # localhost: the IPv4 loopback, as the master listens on by default.
-    address = "::1" if ":" in host else ("127.0.0.1" if host.lower() in listeners.LOCAL_NAMES
-                                          else host)  # fmt: skip
+    address = address or host.strip("[]")
     kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
     endpoint: Any = kind(reactor, address, port)
     if cert:

@@ -42,6 +42,17 @@ class Rest:
         self.url = url.rstrip("/") + "/"
         self.user, self.password = user, password
         self.owner = owner  # the uid a master on this machine runs as (default: the caller)
+        from nsbuild.farm import listeners
+
+        parts = urllib.parse.urlsplit(self.url)
+        try:
+            self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise FarmError(f"not a master's URL: {printable(url, 100)}") from None
+        self.host = parts.hostname or ""
+        # On this machine, whoever holds the port is checked before each
+        # request: any local user may bind it while the master is down.
+        self.local = bool(self.host) and listeners.is_local(self.host)
         self.logged_in = False
         # No redirect is followed: urllib would send the login's
         # Authorization header on to another host; the session cookie is in
@@ -76,24 +87,26 @@ class Rest:
         self.logged_in = True
 
     def check_listener(self) -> None:
-        """On this machine, the master's web port must be held by the
-        caller: any local user may bind it while the master is down."""
-        from nsbuild.farm import listeners
-
-        parts = urllib.parse.urlsplit(self.url)
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise FarmError(f"not a master's URL: {self.url!r}") from None
-        if parts.hostname and listeners.resolve_local(parts.hostname):
-            if not listeners.check_ours(port, f"the master at {self.url}", self.owner):
-                raise FarmError(f"nothing listens on {self.url}: is the master running?")
-        elif parts.scheme != "https":
+        """Before the login: the peer checked (check_peer); to another
+        machine, https only."""
+        self.check_peer()
+        if not self.local and not self.url.startswith("https://"):
             # Basic credentials over plain HTTP are anyone's on the way.
             raise FarmError(f"not sending the web password over plain http to "
-                            f"{printable(parts.hostname or '', 100)}: use https://")
+                            f"{printable(self.host, 100)}: use https://")
+
+    def check_peer(self) -> None:
+        """On this machine, the master's web port must be held by the
+        master's user (the caller by default): else nothing is sent to it
+        and nothing it says is believed."""
+        from nsbuild.farm import listeners
+
+        if self.local and not listeners.check_ours(self.port, f"the master at {self.url}",
+                                                   self.owner):  # fmt: skip
+            raise Unreachable(f"nothing listens on {self.url}: is the master running?")
 
     def _open(self, req: urllib.request.Request, timeout: float = TIMEOUT) -> Any:
+        self.check_peer()
         try:
             with self.opener.open(req, timeout=timeout) as r:
                 data = r.read(ANSWER_LIMIT + 1)
@@ -118,7 +131,11 @@ class Rest:
 
     def items(self, path: str, key: str, **params: Any) -> list[dict[str, Any]]:
         """The objects a collection answers (the answer's `key` list)."""
-        found = self.get(path, **params).get(key)
+        answer = self.get(path, **params)
+        if not isinstance(answer, dict):
+            raise FarmError(f"the master at {self.url} answered {printable(path, 100)} "
+                            "with no object")  # fmt: skip
+        found = answer.get(key)
         return [x for x in found if isinstance(x, dict)] if isinstance(found, list) else []
 
     def answers(self) -> bool:
@@ -139,6 +156,8 @@ class Rest:
             data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
         )  # fmt: skip
         answer = self._open(req)
+        if not isinstance(answer, dict):
+            raise FarmError(f"the master at {self.url} answered the build with no object")
         if "error" in answer:
             message = answer["error"].get("message") if isinstance(answer["error"], dict) else ""
             raise FarmError(f"the master refused the build: {printable(str(message), 300)}")
