@@ -46,6 +46,7 @@ def create(master_dir: Path, www_port: int, pb_port: int, interface: str,
         settings.check_private(master_dir)  # before chmod: someone else's is refused
         if any(master_dir.iterdir()):
             raise FarmError(f"{master_dir} exists and is not an nsbuild farm master")
+    settings.check_above(master_dir)
     master_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Its files hold the web password and the workers' (and Python).
     master_dir.chmod(0o700)

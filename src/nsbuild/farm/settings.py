@@ -33,10 +33,34 @@ WORKER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,49}")
 ENV_PAIR = re.compile(r"([A-Za-z0-9][A-Za-z0-9._+~-]{0,63})/([a-z0-9][a-z0-9-]{0,31})")
 
 
+def check_above(path: Path) -> None:
+    """FarmError unless every folder above `path` (as named, and resolved)
+    is root's or the caller's and writable by no one else, or sticky (as
+    /tmp): else its owner could put a folder of theirs in the farm's place
+    between a check and Buildbot reading it (as ssh's StrictModes)."""
+    absolute = path.absolute()
+    for folder in {*absolute.parents, *absolute.parent.resolve().parents,
+                   absolute.parent.resolve()}:  # fmt: skip
+        try:
+            st = folder.stat()
+        except FileNotFoundError:
+            continue  # made by the caller on the way (mkdir -p)
+        except OSError as e:
+            raise FarmError(f"cannot read {folder}: {e.strerror}") from None
+        if st.st_uid not in (0, os.getuid()):
+            raise FarmError(f"{path} is inside {folder}, which belongs to uid {st.st_uid}: "
+                            "put the farm's folders where only you may change them")  # fmt: skip
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise FarmError(f"{path} is inside {folder}, which others may write: put the "
+                            "farm's folders where only you may change them")  # fmt: skip
+
+
 def check_private(path: Path) -> None:
     """FarmError unless `path` is the caller's, writable by no one else and
-    not a symbolic link: the farm's folders hold Python (master.cfg,
-    buildbot.tac) that Buildbot runs as the caller, and passwords."""
+    not a symbolic link, and so are the folders above it (check_above):
+    the farm's folders hold Python (master.cfg, buildbot.tac) that
+    Buildbot runs as the caller, and passwords."""
+    check_above(path)
     try:
         st = path.lstat()
     except OSError as e:
@@ -110,7 +134,8 @@ class MasterSettings:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self.interface}:{self.www_port}/"
+        host = f"[{self.interface}]" if ":" in self.interface else self.interface
+        return f"{'https' if self.tls else 'http'}://{host}:{self.www_port}/"
 
     def to_json(self) -> dict[str, object]:
         return {"www_port": self.www_port, "pb_port": self.pb_port, "interface": self.interface,
@@ -176,10 +201,25 @@ def register(master_dir: Path, entry: WorkerEntry) -> None:
                             "choose another name, or remove it from "
                             f"{WORKERS_FILE} first")  # fmt: skip
         have[entry.name] = entry
+        builder_pairs(list(have.values()))  # refused here, not at the master's next start
         write_json(path, {w.name: {"password": w.password, "envs": list(w.envs)}
                           for w in have.values()})  # fmt: skip
     finally:
         os.close(fd)
+
+
+def builder_pairs(entries: list[WorkerEntry]) -> list[str]:
+    """The ENV/ARCH pairs of the workers, one builder each; FarmError if two
+    would get one name: ENV and ARCH may both hold "-" (foo-hurd/i386 and
+    foo/hurd-i386), and Buildbot refuses a duplicate builder."""
+    pairs = sorted({p for w in entries for p in w.envs})
+    named: dict[str, str] = {}
+    for p in pairs:
+        other = named.setdefault(builder_name(p), p)
+        if other != p:
+            raise FarmError(f"{other} and {p} would both be the builder "
+                            f"{builder_name(p)}: register one of them only")  # fmt: skip
+    return pairs
 
 
 def check_worker_name(name: str) -> str:

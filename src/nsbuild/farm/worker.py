@@ -162,7 +162,7 @@ def master_cert_for(master_spec: str, master_dir: Path | None, given: Path | Non
     if master_dir is not None:
         return tls.master_cert(master_dir, settings.master_settings(master_dir).tls)
     host, _ = split_master(master_spec)
-    if listeners.resolve_local(host):
+    if listeners.is_local(host):
         return None
     raise FarmError(f"a master on another machine is trusted by its certificate: pass "
                     f"--master-cert FILE, a copy of its tls/{tls.CERT} (`nsbuild farm "
@@ -217,9 +217,16 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False,
         password = str(old["password"])
         _pin_cert(folder, cert, made=False)
     else:
-        if folder.exists() and any(folder.iterdir()):
-            raise FarmError(f"{folder} exists and is not an nsbuild farm worker")
+        if folder.exists():
+            settings.check_private(folder)  # before chmod: someone else's is refused
+            if any(folder.iterdir()):
+                raise FarmError(f"{folder} exists and is not an nsbuild farm worker")
+        settings.check_above(folder)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Its builds' sources and results are under it (umask 022): a folder
+        # made beforehand (0755) would show them to every local user.
+        folder.chmod(0o700)
+        settings.check_private(folder)
         password = secrets.token_urlsafe(24)
         # A command line is readable by every local user (/proc/PID/cmdline):
         # the worker is made with a placeholder, its .tac then rewritten.
@@ -253,7 +260,7 @@ def local_master_for(master_spec: str) -> Path | None:
 
     host, port = split_master(master_spec)
     local = settings.local_master()
-    if local is None or not listeners.resolve_local(host):
+    if local is None or not listeners.is_local(host):
         return None
     return local if settings.master_settings(local).pb_port == port else None
 
@@ -358,7 +365,7 @@ def start(folder: Path) -> None:
     settings.check_folder(folder, *daemons.WORKER_FILES)
     record = settings.read_json(folder / settings.WORKER_FILE)
     host, port = split_master(str(record.get("master", "")) if isinstance(record, dict) else "")
-    if listeners.resolve_local(host):
+    if listeners.is_local(host):
         # A PB login proves the worker to the master, not the master to the
         # worker: on this machine, what holds the port must be the user's.
         listeners.check_ours(port, "the master's worker port")
