@@ -110,6 +110,7 @@ def test_results_fetched_are_debian_names_and_write_over_nothing_of_the_users(
     elsewhere.write_text("the user's own\n")
     (out / "x_1_all.deb").symlink_to(elsewhere)
     job = submit.Submitted("x.dsc", "bookworm-amd64", 1, properties={
+        "nsbuild_package": ["x", "nsbuild"], "nsbuild_version": ["1", "nsbuild"],
         "nsbuild_results": ["results/bookworm-amd64/1", "nsbuild"],
         "nsbuild_files": [["Makefile", "conftest.py", "x_1_all.deb", "x_1_amd64.changes"],
                           "nsbuild"]})  # fmt: skip

@@ -249,11 +249,26 @@ def status_of(job: Submitted) -> str:
     return names[results] if isinstance(results, int) and 0 <= results < len(names) else "?"
 
 
-# What a build's results are called (name_version_..., Debian's suffixes):
-# nothing else a worker names is copied into the user's --out (by default
+# What a build's results are called: binary packages (any name: a source
+# names its binaries), and the package's own .changes, .buildinfo and logs.
+# Nothing else a worker names is copied into the user's --out (by default
 # the current folder, where a Makefile or a conftest.py would be run).
-RESULT_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]*_[^/]+\.(deb|udeb|ddeb|changes|buildinfo|build"
-                         r"|network\.jsonl|dsc|tar\.(gz|xz|bz2|zst)|diff\.gz)")  # fmt: skip
+DEB_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]*_([^_/]+)_[a-z0-9-]+\.(deb|udeb|ddeb)")
+OWN_SUFFIX = re.compile(r"_[^/]+\.(changes|buildinfo|build|network\.jsonl)")
+PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]{0,99}")
+
+
+def may_write(name: str, package: str, version: str, exists: bool) -> bool:
+    """Whether a result of `package` at `version` (no epoch) may be written
+    as `name` into --out: one of its kinds, and over an existing file only
+    at the build's own version, as a local build (a .deb of another version
+    may be another source's, the user's own)."""
+    deb = DEB_NAME.fullmatch(name)
+    if deb is not None:
+        return not exists or deb.group(1) == version
+    if not (name.startswith(f"{package}_") and OWN_SUFFIX.fullmatch(name[len(package):])):
+        return False
+    return not exists or name.startswith(f"{package}_{version}_")
 
 
 def fetch(master_dir: Path, job: Submitted, out: Path) -> list[Path]:
@@ -262,8 +277,11 @@ def fetch(master_dir: Path, job: Submitted, out: Path) -> list[Path]:
     name is replaced, never written through."""
     where = _prop(job, "nsbuild_results")
     names = _prop(job, "nsbuild_files") or []
-    if not isinstance(where, str) or not isinstance(names, list):
+    package, version = _prop(job, "nsbuild_package"), _prop(job, "nsbuild_version")
+    if not (isinstance(where, str) and isinstance(names, list) and isinstance(package, str)
+            and PACKAGE.fullmatch(package) and isinstance(version, str)):  # fmt: skip
         return []
+    version = version.split(":", 1)[-1]
     folder = (master_dir / where).resolve()
     if not folder.is_relative_to(master_dir.resolve()):
         return []
@@ -271,7 +289,7 @@ def fetch(master_dir: Path, job: Submitted, out: Path) -> list[Path]:
     copied = []
     for name in names:
         name = plain_name(name)
-        if not (name and RESULT_NAME.fullmatch(name)):
+        if not (name and may_write(name, package, version, os.path.lexists(out / name))):
             continue
         src = folder / name
         if src.is_file() and not src.is_symlink():
