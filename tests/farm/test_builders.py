@@ -24,7 +24,15 @@ def _master(tmp_path: Path, *envs: tuple[str, ...]) -> Path:
 def test_two_pairs_of_one_builder_name_are_refused(tmp_path: Path) -> None:
     from nsbuild.farm.buildbot import master_config
 
-    folder = _master(tmp_path, ("foo-hurd/i386",), ("foo/hurd-i386",))
+    folder = _master(tmp_path, ("foo-hurd/i386",))
+    # Refused when registered: else the master would not start again.
+    with pytest.raises(FarmError, match="foo-hurd-i386"):
+        settings.register(folder, settings.WorkerEntry("w1", "r" * 32, ("foo/hurd-i386",)))
+    assert [w.name for w in settings.workers(folder)] == ["w0"]
+    # A registry edited by hand: the master's configuration says which.
+    doc = settings.read_json(folder / settings.WORKERS_FILE)
+    doc["w1"] = {"password": "r" * 32, "envs": ["foo/hurd-i386"]}
+    settings.write_json(folder / settings.WORKERS_FILE, doc)
     with pytest.raises(FarmError, match="foo-hurd-i386"):
         master_config(folder)
 
@@ -135,3 +143,19 @@ def test_a_root_worker_needs_saying_so() -> None:
         worker.check_user(0, as_root=False)
     worker.check_user(0, as_root=True)
     worker.check_user(1000, as_root=False)
+
+
+def test_an_ipv6_interface_is_a_listener_and_a_url(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from nsbuild.farm.buildbot import master_config
+
+    folder = tmp_path / "m"
+    folder.mkdir(mode=0o700)
+    s = settings.MasterSettings(8010, 9989, "::1", "p" * 32)
+    settings.write_json(folder / settings.MASTER_FILE, s.to_json())
+    c = master_config(folder)
+    assert c["buildbotURL"] == "http://[::1]:8010/"
+    for port in (c["www"]["port"], c["protocols"]["pb"]["port"]):
+        assert serverFromString(reactor, port)._interface == "::1"

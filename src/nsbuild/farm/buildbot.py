@@ -25,7 +25,6 @@ from typing import Any
 from buildbot.plugins import schedulers, steps, util, worker
 
 from nsbuild.farm import settings, tls
-from nsbuild.farm.errors import FarmError
 from nsbuild.farm.steps import LOG_FILE, OUT, SRC, FetchSource, NsbuildBuild
 
 BUILD_WORKDIR = "build"  # Buildbot's default: WORKER/BUILDER/build
@@ -103,20 +102,15 @@ def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
     base = Path(basedir)
     s = settings.master_settings(base)
 
-    def port(description: str) -> str:
-        # On TLS (`farm master --tls`), both ports with the master's own key.
+    def port(number: int, address: str) -> str:
+        # A strports description: ":" of an IPv6 address escaped; on TLS
+        # (`farm master --tls`), with the master's own key.
+        escaped = address.replace(":", "\\:")
+        description = f"tcp:{number}:interface={escaped}"
         return tls.strport(description, base) if s.tls else description
 
     entries = settings.workers(base)
-    pairs = sorted({p for w in entries for p in w.envs})
-    named: dict[str, str] = {}
-    for p in pairs:
-        # ENV and ARCH may both hold "-": foo-hurd/i386 and foo/hurd-i386
-        # would be one builder, which Buildbot refuses as a duplicate.
-        other = named.setdefault(settings.builder_name(p), p)
-        if other != p:
-            raise FarmError(f"{other} and {p} would both be the builder "
-                            f"{settings.builder_name(p)}: register one of them only")
+    pairs = settings.builder_pairs(entries)
     builders = [builder(p, [w.name for w in entries if p in w.envs]) for p in pairs]
     c: dict[str, Any] = {
         "title": "nsbuild farm",
@@ -125,8 +119,8 @@ def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
         # Buildbot's default sends usage figures to buildbot.net.
         "buildbotNetUsageData": None,
         "db": {"db_url": "sqlite:///state.sqlite"},
-        "protocols": {"pb": {"port": port(f"tcp:{s.pb_port}:interface={s.pb_address}")}},
-        "www": {"port": port(f"tcp:{s.www_port}:interface={s.interface}"),
+        "protocols": {"pb": {"port": port(s.pb_port, s.pb_address)}},
+        "www": {"port": port(s.www_port, s.interface),
                 "plugins": {"waterfall_view": {}, "console_view": {}, "grid_view": {}},
                 **web_login(s.password)},
         # Buildbot merges queued requests of a builder by default, whatever
