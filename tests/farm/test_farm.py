@@ -106,6 +106,13 @@ def test_buildbot_shows_the_states(farm: Farm, submitted: object) -> None:
     assert json.loads((results / "summary.json").read_text())["unmet"] == [unmet]
 
 
+def test_the_sources_sent_through_the_master_are_removed_once_built(
+    farm: Farm, submitted: Submitted
+) -> None:
+    assert submitted[0].returncode == 1
+    assert list((farm.master / "sources").iterdir()) == []
+
+
 def test_the_build_log_is_in_buildbot_and_the_files_are_fetched(
     farm: Farm, submitted: Submitted
 ) -> None:

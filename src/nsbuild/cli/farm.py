@@ -207,6 +207,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if master_dir is not None:
         for job in jobs:
             submit.fetch(master_dir, job, args.out)
+            submit.unstage(job)
     print(submit.table(jobs))
     return 0 if all(submit.status_of(j) == "built" for j in jobs) else exits.BUILD_FAILED
 

@@ -39,6 +39,7 @@ class Submitted:
     request: int
     build: dict[str, Any] | None = None
     properties: dict[str, Any] | None = None
+    staged: Path | None = None  # the copy of a .dsc in the master's sources/
 
 
 # Every field of a REST answer is the master's to choose (and a worker's,
@@ -151,7 +152,8 @@ def submit(rest: Rest, builder: str, master_dir: Path | None, dscs: list[Path],
     if master_dir is not None:
         for dsc in dscs:
             staged = stage_dsc(master_dir, dsc)
-            out.append(Submitted(dsc.name, builder, rest.force(SCHEDULER, builder, dsc=staged)))
+            out.append(Submitted(dsc.name, builder, rest.force(SCHEDULER, builder, dsc=staged),
+                                 staged=(master_dir / staged).parent))  # fmt: skip
     for spec in sources:
         out.append(Submitted(spec, builder, rest.force(SCHEDULER, builder, source=spec)))
     return out
@@ -296,6 +298,14 @@ def fetch(master_dir: Path, job: Submitted, out: Path) -> list[Path]:
             _copy_in(src, out / name)
             copied.append(out / name)
     return copied
+
+
+def unstage(job: Submitted) -> None:
+    """Remove the copy of a .dsc sent through the master's sources/ once its
+    request is complete (a retry happens before): the master's folder does
+    not grow by a source per submit."""
+    if job.staged is not None and job.properties is not None:
+        shutil.rmtree(job.staged, ignore_errors=True)
 
 
 def _copy_in(src: Path, dest: Path) -> None:
