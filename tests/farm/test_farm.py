@@ -291,3 +291,17 @@ def test_a_dsc_whose_files_the_master_lacks_is_an_error(farm: Farm, tmp_path: Pa
         "build", "bookworm-amd64", dsc="sources/lacking/hello_2.10-3.dsc"))
     submit.wait(rest, [job], lambda _: None)
     assert submit.status_of(job) == "error"
+
+
+def test_a_package_of_a_long_name_builds_and_is_fetched(farm: Farm, tmp_path: Path) -> None:
+    """Buildbot refuses a step name over 50 characters: the download and
+    upload steps of its files, named after them, must still fit."""
+    name = "nsb-farm-a-source-package-whose-name-is-long"
+    tree = make_package(tmp_path, name)
+    proc = farm.nsbuild("farm", "submit", str(dsc_of(tree)), "--wait", "--out",
+                        str(tmp_path / "out"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert table_rows(proc.stdout)[name][2] == "built"
+    fetched = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert f"{name}_1.0_amd64.network.jsonl" in fetched
+    assert [n for n in fetched if n.endswith(".deb")], fetched

@@ -165,3 +165,21 @@ def test_waiting_outlasts_a_master_restart() -> None:
             server.shutdown()
             server.server_close()
     assert said[-1] == "b.dsc: done"
+
+
+def test_a_build_whose_uploads_failed_is_not_built() -> None:
+    job = submit.Submitted("x.dsc", "bookworm-amd64", 1, build={"results": 4},
+                           properties={"nsbuild_status": ["built", "nsbuild"]})  # fmt: skip
+    assert submit.status_of(job) == "error"
+    job.build = {"results": 0}
+    assert submit.status_of(job) == "built"
+
+
+def test_step_names_fit_buildbots_limit() -> None:
+    from nsbuild.farm.steps import STEP_NAME_LIMIT, step_name
+
+    long = "python-pip_23.0.1+dfsg-1_amd64.network.jsonl"
+    name = step_name("upload", long)
+    assert len(name) == STEP_NAME_LIMIT <= 50 - len("_9")
+    assert name.startswith("upload python-pip_") and name.endswith("network.jsonl")
+    assert step_name("upload", "x.deb") == "upload x.deb"

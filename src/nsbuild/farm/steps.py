@@ -71,6 +71,20 @@ def worker_nsbuild(step: buildstep.BuildStep) -> str:
     return found if found.startswith("/") else "nsbuild"
 
 
+# Buildbot refuses a step name over 50 characters (an exception mid-build),
+# and makes a name unique by adding "_N".
+STEP_NAME_LIMIT = 47
+
+
+def step_name(verb: str, file: str) -> str:
+    """`verb file`, the file's name cut in the middle to fit Buildbot's limit."""
+    name = f"{verb} {file}"
+    if len(name) <= STEP_NAME_LIMIT:
+        return name
+    room = STEP_NAME_LIMIT - len(verb) - 2  # the space and "~"
+    return f"{verb} {file[:room // 2]}~{file[len(file) - (room - room // 2):]}"
+
+
 def worker_egress(step: buildstep.BuildStep) -> list[str]:
     """`--egress-engine nftables` for a worker whose builds use the kernel
     firewall (run as root: info/nsbuild-egress-engine), else nothing."""
@@ -185,7 +199,7 @@ class FetchSource(buildstep.BuildStep):
             return f"the master lacks files the .dsc lists: {', '.join(lacking)[:300]}"
         return [
             FileDownload(mastersrc=str(path.parent / n), workerdest=f"{SRC}/{n}",
-                         maxsize=MAX_FILE, mode=0o644, name=f"download {n}",
+                         maxsize=MAX_FILE, mode=0o644, name=step_name("download", n),
                          haltOnFailure=True)
             for n in names
         ]  # fmt: skip
@@ -312,7 +326,7 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
         uploads: list[buildstep.BuildStep] = [
             FileUpload(workersrc=u.path, masterdest=f"{dest}/{name}", maxsize=u.maxsize,
                        mode=0o644, alwaysRun=True, flunkOnFailure=True,
-                       name=f"upload {name}")
+                       name=step_name("upload", name))
             for name, u in sorted(found.items())
         ]  # fmt: skip
         if found:

@@ -242,11 +242,14 @@ def status_of(job: Submitted) -> str:
     if said == DEP_WAIT:
         unmet = _prop(job, "nsbuild_unmet") or []
         return f"dep-wait: {', '.join(str(u) for u in unmet)}"
+    results = (job.build or {}).get("results")
+    if said == "built" and results != 0:
+        # Built, but a later step (an upload, its check) failed: no results.
+        return "error"
     if isinstance(said, str) and said:
         return said
     # Ended before nsbuild said anything (the source could not be fetched):
     # Buildbot's result, in buildd's words where it has them.
-    results = (job.build or {}).get("results")
     names = ["built", "warnings", "failed", "skipped", "error", "retry", "cancelled"]
     return names[results] if isinstance(results, int) and 0 <= results < len(names) else "?"
 
