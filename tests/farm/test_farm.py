@@ -305,3 +305,28 @@ def test_a_package_of_a_long_name_builds_and_is_fetched(farm: Farm, tmp_path: Pa
     fetched = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert f"{name}_1.0_amd64.network.jsonl" in fetched
     assert [n for n in fetched if n.endswith(".deb")], fetched
+
+
+def test_the_network_log_is_attached_to_the_build(farm: Farm, submitted: Submitted) -> None:
+    import json
+
+    found = farm.get("builds?field=buildid&field=properties&property=nsbuild_package")
+    assert isinstance(found, dict)
+    (hello,) = [b["buildid"] for b in found["builds"]
+                if b["properties"].get("nsbuild_package", [""])[0] == "hello"][:1]  # fmt: skip
+    steps = farm.get(f"builds/{hello}/steps?field=stepid&field=name")
+    assert isinstance(steps, dict)
+    (check,) = [s["stepid"] for s in steps["steps"] if s["name"] == "check uploads"]
+    logs = farm.get(f"steps/{check}/logs")
+    assert isinstance(logs, dict)
+    (net,) = [x for x in logs["logs"] if x["name"] == "network"]
+    text = farm.get(f"logs/{net['logid']}/contents")
+    assert isinstance(text, dict)
+    content = "".join(c["content"] for c in text["logchunks"])
+    props = farm.get(f"builds/{hello}/properties")
+    assert isinstance(props, dict)
+    results = farm.master / props["properties"][0]["nsbuild_results"][0]
+    (uploaded,) = results.glob("hello_*.network.jsonl")
+    # The network log as uploaded and checked: a JSON record a line.
+    assert content == uploaded.read_text()
+    assert all(json.loads(ln) for ln in content.splitlines())

@@ -343,7 +343,8 @@ class NsbuildBuild(buildstep.ShellMixin, buildstep.BuildStep):
 
 class CheckUploads(buildstep.BuildStep):
     """The uploaded files against the sha256 the summary claims: a failed,
-    cut or swapped upload makes the build an error, not a success."""
+    cut or swapped upload makes the build an error, not a success. The
+    network log, once checked, is attached as the log `network`."""
 
     name = "check uploads"
     alwaysRun = True
@@ -356,12 +357,26 @@ class CheckUploads(buildstep.BuildStep):
     def run(self) -> Any:
         bad = yield threads.deferToThread(_mismatches, self.folder, self.found)
         if not bad:
+            for name in sorted(n for n in self.found if n.endswith(".network.jsonl"))[:1]:
+                text = yield threads.deferToThread(_head, self.folder / name, NET_LOG_LIMIT)
+                yield self.addCompleteLog("network", text)
             return SUCCESS
         self.setProperty("nsbuild_status", outcome.ERROR, "nsbuild")
         yield self.addCompleteLog("error", "".join(f"{n}: missing or not as the summary "
                                                    "says\n" for n in bad))  # fmt: skip
         self.descriptionDone = [f"uploads wrong: {', '.join(bad)[:200]}"]
         return EXCEPTION
+
+
+NET_LOG_LIMIT = 1 << 20  # of the network log, in the master's database
+
+
+def _head(path: Path, limit: int) -> str:
+    """The start of a file as text (JSON lines: escaped already), said cut."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    cut = f"[nsbuild farm: cut at {limit} bytes; the whole file is with the results]\n"
+    return data[:limit].decode(errors="replace") + (cut if len(data) > limit else "")
 
 
 def _mismatches(folder: Path, found: dict[str, outcome.Upload]) -> list[str]:
