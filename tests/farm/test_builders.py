@@ -159,3 +159,12 @@ def test_an_ipv6_interface_is_a_listener_and_a_url(tmp_path: Path) -> None:
     assert c["buildbotURL"] == "http://[::1]:8010/"
     for port in (c["www"]["port"], c["protocols"]["pb"]["port"]):
         assert serverFromString(reactor, port)._interface == "::1"
+
+
+def test_a_build_error_idles_a_worker_seconds_not_an_hour(tmp_path: Path) -> None:
+    from nsbuild.farm.buildbot import master_config
+
+    folder = _master(tmp_path, ("bookworm/amd64",))
+    (w,) = master_config(folder)["workers"]
+    # Buildbot doubles the pause from the initial one up to the maximum.
+    assert w.quarantine_initial_timeout == w.quarantine_max_timeout == 5

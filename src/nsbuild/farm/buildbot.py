@@ -96,6 +96,16 @@ def web_login(password: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+class NsbuildWorker(worker.Worker):  # type: ignore[misc]
+    """Buildbot keeps a worker idle after a build that ended EXCEPTION (10 s,
+    doubling up to an hour), taking it for the worker's fault. A build's
+    error here is mostly its input's (buildd's error: a name the archive
+    lacks, a .dsc the master lacks): a rebuild list with a few of those in
+    a row would idle its workers for minutes. A short pause stays."""
+
+    quarantine_initial_timeout = quarantine_max_timeout = 5
+
+
 def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
     """The configuration of a master `nsbuild farm master` made: its settings
     and its workers read from the files in `basedir`."""
@@ -126,7 +136,7 @@ def master_config(basedir: str | os.PathLike[str]) -> dict[str, Any]:
         # Buildbot merges queued requests of a builder by default, whatever
         # their properties: each submitted package must build.
         "collapseRequests": False,
-        "workers": [worker.Worker(w.name, w.password, max_builds=1) for w in entries],
+        "workers": [NsbuildWorker(w.name, w.password, max_builds=1) for w in entries],
         "builders": builders,
         "schedulers": [force_scheduler(builders)] if builders else [],
     }

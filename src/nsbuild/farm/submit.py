@@ -28,7 +28,7 @@ from nsbuild.farm.rest import Rest, Unreachable
 from nsbuild.printable import printable
 
 SCHEDULER = "build"
-POLL = 1.0  # seconds between two looks at the master
+POLL = 0.5  # seconds between two looks at the master (two requests each)
 RESTART_WAIT = 300.0  # how long --wait waits for a master that stopped answering
 
 
