@@ -42,15 +42,7 @@ def create(master_dir: Path, www_port: int, pb_port: int, interface: str,
     master_dir = master_dir.absolute()
     if is_master(master_dir):
         return False
-    if master_dir.exists():
-        settings.check_private(master_dir)  # before chmod: someone else's is refused
-        if any(master_dir.iterdir()):
-            raise FarmError(f"{master_dir} exists and is not an nsbuild farm master")
-    settings.check_above(master_dir)
-    master_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Its files hold the web password and the workers' (and Python).
-    master_dir.chmod(0o700)
-    settings.check_private(master_dir)
+    settings.make_private_folder(master_dir, "master")
     run_tool([tool("buildbot"), "create-master", "--quiet", "-r", str(master_dir)])
     (master_dir / "master.cfg.sample").unlink(missing_ok=True)
     if tls:

@@ -73,6 +73,24 @@ def check_private(path: Path) -> None:
         raise FarmError(f"{path} is group- or world-writable: chmod go-w it")
 
 
+def make_private_folder(folder: Path, kind: str) -> None:
+    """Make `folder` (new, or empty) the caller's alone, 0700: a master's
+    holds passwords and Python Buildbot runs, a worker's its builds'
+    sources and results (made with umask 022), so a folder made beforehand
+    at 0755 is closed too."""
+    if folder.exists():
+        check_private(folder)  # before chmod: someone else's is refused
+        if any(folder.iterdir()):
+            raise FarmError(f"{folder} exists and is not an nsbuild farm {kind}")
+    check_above(folder)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+    except OSError as e:
+        raise FarmError(f"cannot make {folder}: {e.strerror}") from None
+    check_private(folder)
+
+
 def check_folder(folder: Path, *names: str) -> Path:
     """`folder` and those of its files `names` that exist, checked private."""
     check_private(folder)

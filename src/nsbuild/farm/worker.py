@@ -217,16 +217,7 @@ def create(folder: Path, master_spec: str, name: str, as_root: bool = False,
         password = str(old["password"])
         _pin_cert(folder, cert, made=False)
     else:
-        if folder.exists():
-            settings.check_private(folder)  # before chmod: someone else's is refused
-            if any(folder.iterdir()):
-                raise FarmError(f"{folder} exists and is not an nsbuild farm worker")
-        settings.check_above(folder)
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Its builds' sources and results are under it (umask 022): a folder
-        # made beforehand (0755) would show them to every local user.
-        folder.chmod(0o700)
-        settings.check_private(folder)
+        settings.make_private_folder(folder, "worker")
         password = secrets.token_urlsafe(24)
         # A command line is readable by every local user (/proc/PID/cmdline):
         # the worker is made with a placeholder, its .tac then rewritten.
