@@ -45,6 +45,18 @@ def tarball() -> Path:
     return TARBALL
 
 
+def bookworm_config(config_home: Path) -> Path:
+    """An XDG_CONFIG_HOME with the environment `bookworm`: the test tarball,
+    the main archive as its mirror. Returns `config_home`."""
+    chroot_d = config_home / "nsbuild" / "chroot.d"
+    chroot_d.mkdir(parents=True)
+    (chroot_d / "bookworm").write_text(
+        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
+        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
+    )
+    return config_home
+
+
 def fixture_dsc(name: str) -> Path:
     """The .dsc of a fetched source package (`hello_2.10-3`); the calling test
     fails without it."""

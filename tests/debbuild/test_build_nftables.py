@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from inputs import tarball
+from inputs import bookworm_config
 
 from .conftest import Env, make_package
 
@@ -38,12 +38,7 @@ def root_home() -> Iterator[Path]:
     # subordinate ids cannot walk.
     top = Path(tempfile.mkdtemp(prefix="nsbuild-nft-build-", dir="/var/tmp"))
     top.chmod(0o755)
-    chroot_d = top / "config" / "nsbuild" / "chroot.d"
-    chroot_d.mkdir(parents=True)
-    (chroot_d / "bookworm").write_text(
-        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
-        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
-    )
+    bookworm_config(top / "config")
     yield top
     subprocess.run([sys.executable, "-m", "nsbuild", "gc"], env=_env(top), capture_output=True)
     from nsbuild.envs.remove import remove_tree

@@ -18,10 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from inputs import tarball
+from inputs import bookworm_config
 from waiting import wait_for
 
 WORKERS = ("w1", "w2")
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user's nsbuild config with the bookworm test environment, in this
+    test's environment variables (for farm code called in-process)."""
+    bookworm_config(tmp_path / "config")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "config"
 
 
 def free_port() -> int:
@@ -66,12 +76,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     if os.geteuid() == 0:
         pytest.skip("farm tests run as an unprivileged user (the workers' builds map subuids)")
     root = tmp_path_factory.mktemp("farm")
-    chroot_d = root / "config" / "nsbuild" / "chroot.d"
-    chroot_d.mkdir(parents=True)
-    (chroot_d / "bookworm").write_text(
-        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
-        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
-    )
+    bookworm_config(root / "config")
     env = dict(os.environ)
     env["XDG_CONFIG_HOME"] = str(root / "config")
     env["XDG_CACHE_HOME"] = str(root / "cache")

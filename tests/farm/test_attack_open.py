@@ -18,25 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from inputs import tarball
 
 from nsbuild.farm import daemons, master, settings, submit, worker
 from nsbuild.farm.errors import FarmError
 from nsbuild.farm.rest import Rest
 
 OTHER = os.getuid() + 1  # another user's listener, played by one of ours
-
-
-@pytest.fixture
-def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    chroot_d = tmp_path / "config" / "nsbuild" / "chroot.d"
-    chroot_d.mkdir(parents=True)
-    (chroot_d / "bookworm").write_text(
-        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
-        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n")
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return tmp_path / "config"
 
 
 # 127.1 and the host's name (127.0.0.1 in its /etc/hosts here) are this

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from debbuild.conftest import make_package
-from inputs import tarball
+from inputs import bookworm_config
 from waiting import wait_for
 
 from .conftest import dsc_of, free_port, table_rows
@@ -52,12 +52,7 @@ def root_farm() -> Iterator[RootFarm]:
     # subordinate ids of the builds cannot walk.
     top = Path(tempfile.mkdtemp(prefix="nsbuild-root-farm-", dir="/var/tmp"))
     top.chmod(0o755)
-    chroot_d = top / "config" / "nsbuild" / "chroot.d"
-    chroot_d.mkdir(parents=True)
-    (chroot_d / "bookworm").write_text(
-        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
-        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
-    )
+    bookworm_config(top / "config")
     env = dict(os.environ)
     env["XDG_CONFIG_HOME"] = str(top / "config")
     env["XDG_CACHE_HOME"] = str(top / "cache")

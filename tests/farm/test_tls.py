@@ -127,14 +127,9 @@ def _nsbuild(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
 @pytest.fixture
 def user(tmp_path: Path) -> dict[str, str]:
     """A user's nsbuild config with the bookworm test environment."""
-    from inputs import tarball
+    from inputs import bookworm_config
 
-    chroot_d = tmp_path / "config" / "nsbuild" / "chroot.d"
-    chroot_d.mkdir(parents=True)
-    (chroot_d / "bookworm").write_text(
-        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
-        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
-    )
+    bookworm_config(tmp_path / "config")
     return {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
             "XDG_CACHE_HOME": str(tmp_path / "cache")}  # fmt: skip
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from inputs import tarball
 
 from nsbuild.farm import daemons, listeners, master, settings, worker
 from nsbuild.farm.errors import FarmError
@@ -32,20 +31,6 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
 
 
 sys.addaudithook(_audit)
-
-
-@pytest.fixture
-def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A user's nsbuild config with the bookworm test environment."""
-    chroot_d = tmp_path / "config" / "nsbuild" / "chroot.d"
-    chroot_d.mkdir(parents=True)
-    (chroot_d / "bookworm").write_text(
-        f"Name: bookworm\nType: tarball\nPath: {tarball()}\nSuite: bookworm\n"
-        "Architecture: amd64\nMirror: http://deb.debian.org/debian\n"
-    )
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return tmp_path / "config"
 
 
 def test_the_worker_password_is_on_no_command_line_and_never_printed(

@@ -376,7 +376,6 @@ def _usage(msg: str) -> Exception:
     return NsbuildError(msg)
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() == 0:
         # Root's sandboxes run as a subordinate uid that must walk into the
